@@ -1,0 +1,1 @@
+"""effcompile: a JIT compiler and pass framework for efficient transformer inference."""

@@ -1,0 +1,317 @@
+"""The IR: a torch.fx GraphModule whose nodes carry tensor metadata and transformer sublayer tags.
+
+Every pass and the code generator read the same two node.meta keys:
+
+* ``meta["val"]``  - a (fake) tensor describing the node's output: shape (maybe symbolic), dtype, device.
+* ``meta["ec_tag"]`` - a :class:`Sublayer`: which block and which part of it (``layers.3.attn``) the node
+  belongs to, plus its kind (``norm``, ``residual`` or ``op``). Tags are computed from module paths and
+  graph structure only, so they are the same every time the same model is traced.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections import Counter
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+
+TAG = "ec_tag"
+VAL = "val"
+
+_ATTN_WORDS = ("attn", "attention")
+_FFN_WORDS = ("mlp", "ffn", "feed_forward", "feedforward", "intermediate", "output", "fc1", "fc2")
+_NORM_TARGETS = {"layer_norm", "rms_norm", "group_norm", "batch_norm"}
+
+
+@dataclass(frozen=True)
+class Sublayer:
+    """Where a node sits in a transformer: ``part`` is embedding/attn/ffn/head/other."""
+
+    part: str
+    block: int | None = None
+    kind: str = "op"  # "op", "norm" or "residual"
+    module: str = ""  # module path the node was traced under ("" when none)
+
+    def __str__(self) -> str:
+        return f"layers.{self.block}.{self.part}" if self.block is not None else self.part
+
+
+def node_val(node: fx.Node):
+    """The node's (fake) output value, or None."""
+    return node.meta.get(VAL, node.meta.get("example_value"))
+
+
+def tensor_val(node) -> torch.Tensor | None:
+    val = node_val(node) if isinstance(node, fx.Node) else None
+    return val if isinstance(val, torch.Tensor) else None
+
+
+def target_name(node: fx.Node) -> str:
+    """A short, stable name for what a node computes ("linear", "add", "view", ...)."""
+    t = node.target
+    if isinstance(t, str):
+        return t
+    name = getattr(t, "__name__", None) or str(t)
+    return name.rstrip("_") if name in ("and_", "or_") else name
+
+
+def qualified_target(node: fx.Node) -> str:
+    t = node.target
+    if isinstance(t, str):
+        return t
+    if isinstance(t, torch._ops.OpOverload | torch._ops.OpOverloadPacket):
+        return f"torch.ops.{t}"
+    mod = getattr(t, "__module__", None) or ""
+    if mod == "_operator":
+        mod = "operator"
+    return f"{mod}.{getattr(t, '__qualname__', getattr(t, '__name__', repr(t)))}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Module paths and sublayer tags
+# ---------------------------------------------------------------------------------------------
+
+_GETATTR = re.compile(r"getattr\((.*), ['\"]([^'\"]+)['\"]\)")
+
+
+def _normalize_path(path: str) -> str:
+    """Turn dynamo's module source strings (L['self'].encoder.layer[0]) into dotted paths."""
+    while True:
+        new = _GETATTR.sub(r"\1.\2", path)
+        if new == path:
+            break
+        path = new
+    path = re.sub(r"\._modules\[['\"]([^'\"]+)['\"]\]", r".\1", path)
+    path = re.sub(r"\[['\"]?([^\]'\"]+)['\"]?\]", r".\1", path)
+    path = re.sub(r"^L\.self\.?|^self\.?|^L\['self'\]\.?", "", path)
+    return path.strip(".")
+
+
+def module_path(node: fx.Node) -> str:
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return ""
+    path = list(stack.values())[-1][0]
+    return _normalize_path(path if isinstance(path, str) else str(path))
+
+
+def _module_type(node: fx.Node) -> str:
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return ""
+    typ = list(stack.values())[-1][1]
+    return getattr(typ, "__name__", str(typ))
+
+
+def _find_block_container(paths: list[str]) -> str | None:
+    """The module list whose integer-indexed children hold the transformer blocks."""
+    counts: Counter[str] = Counter()
+    children: dict[str, set[str]] = {}
+    for p in paths:
+        parts = p.split(".")
+        for i, comp in enumerate(parts):
+            if comp.isdigit() and i > 0:
+                prefix = ".".join(parts[:i])
+                counts[prefix] += 1
+                children.setdefault(prefix, set()).add(comp)
+                break  # only the outermost indexed container counts
+    candidates = [p for p in counts if len(children[p]) >= 2]
+    return max(candidates, key=lambda p: counts[p]) if candidates else None
+
+
+def _part_of(rest: str) -> str | None:
+    first = rest.split(".")[0].lower() if rest else ""
+    if not first:
+        return None
+    if any(w in first for w in _ATTN_WORDS):
+        return "attn"
+    if any(w in first for w in _FFN_WORDS):
+        return "ffn"
+    return None
+
+
+def _is_norm(node: fx.Node) -> bool:
+    return target_name(node) in _NORM_TARGETS or "norm" in _module_type(node).lower()
+
+
+def _is_residual_add(node: fx.Node, tags: dict[fx.Node, Sublayer | None]) -> bool:
+    if node.op != "call_function" or target_name(node) not in ("add", "iadd"):
+        return False
+    a, b = (node.args + (None, None))[:2]
+    ta, tb, out = tensor_val(a), tensor_val(b), tensor_val(node)
+    if ta is None or tb is None or out is None or ta.shape != tb.shape or ta.shape != out.shape:
+        return False
+    sa, sb = tags.get(a), tags.get(b)
+    # A residual joins a value computed inside a sublayer with one that bypassed it.
+    return sa is None or sb is None or (sa.block, sa.part) != (sb.block, sb.part)
+
+
+def tag_sublayers(gm: fx.GraphModule) -> dict[str, int]:
+    """Set ``meta["ec_tag"]`` on every node; returns how many nodes each sublayer holds."""
+    nodes = list(gm.graph.nodes)
+    paths = {n: module_path(n) for n in nodes}
+    container = _find_block_container([p for p in paths.values() if p])
+    tags: dict[fx.Node, Sublayer | None] = {}
+    block_of: dict[fx.Node, int | None] = {}
+    for n in nodes:
+        p = paths[n]
+        block = None
+        part = None
+        if container and p.startswith(container + "."):
+            idx, _, rest = p[len(container) + 1 :].partition(".")
+            if idx.isdigit():
+                block = int(idx)
+                part = _part_of(rest)
+        block_of[n] = block
+        tags[n] = Sublayer(part, block, "op", p) if part else None
+
+    blocks = [i for i, n in enumerate(nodes) if block_of[n] is not None]
+    first, last = (blocks[0], blocks[-1]) if blocks else (len(nodes), len(nodes))
+    for i, n in enumerate(nodes):
+        if block_of[n] is not None or n.op in ("output",):
+            continue
+        if i < first:
+            part = "embedding" if "embed" in paths[n].lower() or n.op == "placeholder" else "other"
+        elif i > last:
+            part = "head"
+        else:
+            part = "other"
+        tags[n] = Sublayer(part, None, "op", paths[n])
+
+    # Nodes inside a block but outside attn/ffn modules (pre-norms, residual adds of Llama/GPT-2
+    # blocks) belong to the sublayer they feed (pre-norm) or, failing that, the one they read.
+    for _ in range(2):
+        for n in nodes:
+            if tags.get(n) is not None or block_of[n] is None:
+                continue
+            near = [tags.get(u) for u in n.users] + [tags.get(a) for a in n.all_input_nodes]
+            same = [t for t in near if t is not None and t.block == block_of[n] and t.part in ("attn", "ffn")]
+            if same:
+                tags[n] = Sublayer(same[0].part, block_of[n], "op", paths[n])
+    for n in nodes:
+        if tags.get(n) is None and n.op != "output":
+            tags[n] = Sublayer("other", block_of[n], "op", paths[n])
+
+    # Residual adds first look at where their operands came from, so decide them on the final tags.
+    kinds = {}
+    for n in nodes:
+        if n.op == "output":
+            continue
+        if _is_norm(n) and n.op == "call_function":
+            kinds[n] = "norm"
+        elif _is_residual_add(n, tags):
+            kinds[n] = "residual"
+    for n in nodes:
+        if n.op == "output":
+            continue
+        t = tags[n]
+        if n in kinds:
+            if kinds[n] == "residual":
+                # The residual add closes the sublayer whose output it adds (the non-bypass operand).
+                inner = [tags.get(a) for a in n.args[:2] if isinstance(a, fx.Node)]
+                inner = [x for x in inner if x is not None and x.block == t.block and x.part in ("attn", "ffn")]
+                if inner and t.part not in ("attn", "ffn"):
+                    t = Sublayer(inner[-1].part, t.block, t.kind, t.module)
+            t = Sublayer(t.part, t.block, kinds[n], t.module)
+        n.meta[TAG] = t
+    return dict(Counter(str(n.meta[TAG]) for n in nodes if TAG in n.meta))
+
+
+def sublayer(node: fx.Node) -> Sublayer | None:
+    return node.meta.get(TAG)
+
+
+# ---------------------------------------------------------------------------------------------
+# Metadata propagation, invariants, fingerprint
+# ---------------------------------------------------------------------------------------------
+
+
+def fake_mode_for(gm: fx.GraphModule, example_inputs=()):
+    """The fake-tensor mode the graph was traced under (dynamo's), or a fresh one."""
+    from torch._guards import detect_fake_mode
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    fakes = [node_val(n) for n in gm.graph.nodes if n.op == "placeholder"]
+    mode = detect_fake_mode([v for v in fakes if isinstance(v, torch.Tensor)] or list(example_inputs))
+    return mode or FakeTensorMode(allow_non_fake_inputs=True)
+
+
+def propagate_meta(gm: fx.GraphModule, example_inputs=()) -> None:
+    """Recompute ``meta["val"]`` for every node (after a pass changed the graph)."""
+    from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    mode = fake_mode_for(gm, example_inputs)
+    args = []
+    for i, p in enumerate(placeholders):
+        v = node_val(p)
+        if v is None and i < len(example_inputs):
+            v = example_inputs[i]
+        if isinstance(v, torch.Tensor) and not isinstance(v, torch._subclasses.FakeTensor):
+            v = mode.from_tensor(v)
+        args.append(v)
+    with mode:
+        FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*args)
+
+
+def annotate(gm: fx.GraphModule, example_inputs=()) -> dict[str, int]:
+    """Make a freshly captured graph into IR: fill ``meta["val"]`` and sublayer tags."""
+    missing = False
+    for n in gm.graph.nodes:
+        if VAL not in n.meta and "example_value" in n.meta:
+            n.meta[VAL] = n.meta["example_value"]
+        if VAL not in n.meta and n.op not in ("output",):
+            missing = True
+    if missing:
+        propagate_meta(gm, example_inputs)
+    return tag_sublayers(gm)
+
+
+class InvariantError(RuntimeError):
+    """The IR broke one of the rules every pass must keep (see passes/README.md)."""
+
+
+def check_invariants(gm: fx.GraphModule) -> None:
+    """Lint the graph and check that every value-producing node has metadata and a tag."""
+    gm.graph.lint()
+    for n in gm.graph.nodes:
+        if n.op == "output":
+            continue
+        if VAL not in n.meta:
+            raise InvariantError(f"node {n.name} ({n.op} {target_name(n)}) has no meta['val']")
+        if TAG not in n.meta:
+            raise InvariantError(f"node {n.name} ({n.op} {target_name(n)}) has no sublayer tag")
+        if n.op == "call_module":
+            raise InvariantError(f"node {n.name}: call_module is not part of the IR (targets are functions)")
+
+
+def _canon_arg(a, index: dict) -> str:
+    if isinstance(a, fx.Node):
+        return f"%{index[a]}"
+    if isinstance(a, list | tuple):
+        inner = ",".join(_canon_arg(x, index) for x in a)
+        return f"[{inner}]" if isinstance(a, list) else f"({inner})"
+    if isinstance(a, dict):
+        return "{" + ",".join(f"{k}:{_canon_arg(v, index)}" for k, v in sorted(a.items())) + "}"
+    return repr(a)
+
+
+def fingerprint(gm: fx.GraphModule) -> str:
+    """A hash of the graph's structure and constants (not of tensor values fed as inputs)."""
+    h = hashlib.sha256()
+    index: dict[fx.Node, int] = {}
+    for i, n in enumerate(gm.graph.nodes):
+        index[n] = i
+        target = n.target if n.op == "placeholder" else qualified_target(n)
+        line = f"{n.op}|{target}|{_canon_arg(n.args, index)}|{_canon_arg(n.kwargs, index)}"
+        if n.op == "get_attr":
+            t = getattr(gm, n.target, None)
+            if isinstance(t, torch.Tensor):
+                # Constants baked into the graph are part of what it computes.
+                line += "|" + hashlib.sha256(t.detach().cpu().contiguous().view(torch.uint8).numpy()).hexdigest()
+        h.update(line.encode())
+        h.update(b"\n")
+    return h.hexdigest()[:32]
