@@ -1,1 +1,23 @@
-"""effcompile: a JIT compiler and pass framework for efficient transformer inference."""
+"""effcompile: a JIT compiler and pass framework for efficient transformer inference.
+
+    fast = effcompile.effcompile(model)              # or @effcompile.effcompile(passes=[...])
+    fast = torch.compile(model, backend="effcompile")
+    print(effcompile.explain(fast))
+"""
+
+from effcompile.compiler.api import effcompile, explain
+from effcompile.compiler.pass_manager import PassConfig, PassResult
+from effcompile.passes import RemoveDropout, register_pass, rewrite
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "PassConfig",
+    "PassResult",
+    "RemoveDropout",
+    "__version__",
+    "effcompile",
+    "explain",
+    "register_pass",
+    "rewrite",
+]

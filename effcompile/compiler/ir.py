@@ -86,7 +86,8 @@ def _normalize_path(path: str) -> str:
         path = new
     path = re.sub(r"\._modules\[['\"]([^'\"]+)['\"]\]", r".\1", path)
     path = re.sub(r"\[['\"]?([^\]'\"]+)['\"]?\]", r".\1", path)
-    path = re.sub(r"^L\.self\.?|^self\.?|^L\['self'\]\.?", "", path)
+    # Drop the frame-local root: L['self'], L['args'][0] (wrapped forwards), L['kwargs']['m'], G['model'].
+    path = re.sub(r"^(?:[LG]\.)?(?:args\.\d+|kwargs\.[^.]+|self|[^.]+)(?:\.|$)", "", path, count=1)
     return path.strip(".")
 
 
@@ -124,8 +125,8 @@ def _find_block_container(paths: list[str]) -> str | None:
 
 def _part_of(rest: str) -> str | None:
     first = rest.split(".")[0].lower() if rest else ""
-    if not first:
-        return None
+    if not first or "norm" in first or re.fullmatch(r"ln_?\d*", first):
+        return None  # a block-level norm belongs to the sublayer it feeds: decided from the data flow
     if any(w in first for w in _ATTN_WORDS):
         return "attn"
     if any(w in first for w in _FFN_WORDS):
@@ -168,31 +169,39 @@ def tag_sublayers(gm: fx.GraphModule) -> dict[str, int]:
         block_of[n] = block
         tags[n] = Sublayer(part, block, "op", p) if part else None
 
-    blocks = [i for i, n in enumerate(nodes) if block_of[n] is not None]
+    # Placeholders (inputs, parameters) come first whatever they feed, so positions count only ops.
+    blocks = [i for i, n in enumerate(nodes) if block_of[n] is not None and n.op != "placeholder"]
     first, last = (blocks[0], blocks[-1]) if blocks else (len(nodes), len(nodes))
     for i, n in enumerate(nodes):
-        if block_of[n] is not None or n.op in ("output",):
+        if block_of[n] is not None or n.op in ("output", "placeholder"):
             continue
         if i < first:
-            part = "embedding" if "embed" in paths[n].lower() or n.op == "placeholder" else "other"
+            part = "embedding" if "embed" in paths[n].lower() or target_name(n) == "embedding" else "other"
         elif i > last:
             part = "head"
         else:
             part = "other"
         tags[n] = Sublayer(part, None, "op", paths[n])
+    module_tags = dict(tags)  # before data-flow inheritance: what the module paths alone say
 
     # Nodes inside a block but outside attn/ffn modules (pre-norms, residual adds of Llama/GPT-2
     # blocks) belong to the sublayer they feed (pre-norm) or, failing that, the one they read.
-    for _ in range(2):
-        for n in nodes:
-            if tags.get(n) is not None or block_of[n] is None:
-                continue
-            near = [tags.get(u) for u in n.users] + [tags.get(a) for a in n.all_input_nodes]
-            same = [t for t in near if t is not None and t.block == block_of[n] and t.part in ("attn", "ffn")]
+    def inherit(n: fx.Node, near: list[fx.Node]) -> None:
+        if tags.get(n) is None and block_of[n] is not None:
+            same = [tags.get(m) for m in near]
+            same = [t for t in same if t is not None and t.block == block_of[n] and t.part in ("attn", "ffn")]
             if same:
                 tags[n] = Sublayer(same[0].part, block_of[n], "op", paths[n])
+
+    for n in reversed(nodes):
+        inherit(n, list(n.users))
     for n in nodes:
-        if tags.get(n) is None and n.op != "output":
+        inherit(n, n.all_input_nodes)
+    for n in nodes:
+        if tags.get(n) is None and n.op == "placeholder":
+            user = next((u for u in n.users if tags.get(u) is not None), None)
+            tags[n] = Sublayer(tags[user].part, tags[user].block, "op", paths[n]) if user else Sublayer("input")
+        elif tags.get(n) is None and n.op != "output":
             tags[n] = Sublayer("other", block_of[n], "op", paths[n])
 
     # Residual adds first look at where their operands came from, so decide them on the final tags.
@@ -200,21 +209,23 @@ def tag_sublayers(gm: fx.GraphModule) -> dict[str, int]:
     for n in nodes:
         if n.op == "output":
             continue
-        if _is_norm(n) and n.op == "call_function":
+        if _is_norm(n) and n.op in ("call_function", "call_method"):
             kinds[n] = "norm"
-        elif _is_residual_add(n, tags):
+        elif _is_residual_add(n, module_tags):
             kinds[n] = "residual"
+    order = {n: i for i, n in enumerate(nodes)}
     for n in nodes:
         if n.op == "output":
             continue
         t = tags[n]
+        if kinds.get(n) == "residual":
+            # The residual add closes the sublayer whose output it adds: of its two operands, the one
+            # computed last (the bypassed stream was produced earlier).
+            inner = max((a for a in n.args[:2] if isinstance(a, fx.Node)), key=order.__getitem__)
+            it = tags.get(inner)
+            if it is not None and it.part in ("attn", "ffn") and (it.block == t.block or t.block is None):
+                t = Sublayer(it.part, it.block, t.kind, t.module)
         if n in kinds:
-            if kinds[n] == "residual":
-                # The residual add closes the sublayer whose output it adds (the non-bypass operand).
-                inner = [tags.get(a) for a in n.args[:2] if isinstance(a, fx.Node)]
-                inner = [x for x in inner if x is not None and x.block == t.block and x.part in ("attn", "ffn")]
-                if inner and t.part not in ("attn", "ffn"):
-                    t = Sublayer(inner[-1].part, t.block, t.kind, t.module)
             t = Sublayer(t.part, t.block, kinds[n], t.module)
         n.meta[TAG] = t
     return dict(Counter(str(n.meta[TAG]) for n in nodes if TAG in n.meta))

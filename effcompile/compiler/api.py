@@ -1,0 +1,221 @@
+"""``effcompile(model)``: the call and decorator forms, and ``explain(compiled)``.
+
+The compiled object is a drop-in replacement: same call signature and outputs. Under the hood the
+model's forward is captured by dynamo with effcompile's backend; every graph dynamo produces becomes
+a :class:`~effcompile.compiler.backend.CompiledGraph`. Graph breaks are counted on the first call and
+shown by ``explain()``; ``fullgraph=True`` turns them into errors instead.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+
+from effcompile.compiler.backend import _BACKEND_REPORTS, CompiledGraph, Settings
+from effcompile.runtime.report import Report
+
+log = logging.getLogger("effcompile")
+
+
+class _Compiler:
+    """The state shared by a compiled module or function: settings, dynamo wrapper, report."""
+
+    def __init__(self, fn, settings: Settings, dynamic: bool | None, fullgraph: bool):
+        self.settings = settings
+        self.report = Report()
+        self.calls = 0
+        self.recording = False  # True while calibration batches run through the captured graphs
+
+        def backend(gm, example_inputs):
+            if settings.calibration is None:
+                return self._compile(gm, example_inputs, None)
+            return _CalibratingGraph(self, gm, example_inputs)
+
+        self.compiled = torch.compile(fn, backend=backend, dynamic=dynamic, fullgraph=fullgraph)
+
+    def _compile(self, gm, example_inputs, calibration_inputs):
+        graph = CompiledGraph(gm, example_inputs, self.settings, calibration_inputs, index=len(self.report.graphs))
+        self.report.graphs.append(graph.report)
+        return graph
+
+    def _calibrate(self) -> None:
+        """Run the calibration batches through the captured graphs, recording each graph's inputs."""
+        from tqdm.auto import tqdm
+
+        self.recording = True
+        try:
+            with torch.no_grad():
+                for batch in tqdm(self.settings.calibration, desc="effcompile calibration", leave=False):
+                    if isinstance(batch, dict):
+                        self.compiled(**batch)
+                    elif isinstance(batch, list | tuple):
+                        self.compiled(*batch)
+                    else:
+                        self.compiled(batch)
+        finally:
+            self.recording = False
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        if self.calls > 1:
+            return self.compiled(*args, **kwargs)
+        from torch._dynamo.utils import counters
+
+        before = dict(counters["graph_break"])
+        if self.settings.calibration is not None:
+            self._calibrate()
+        out = self.compiled(*args, **kwargs)
+        for reason, n in counters["graph_break"].items():
+            if n > before.get(reason, 0):
+                self.report.graph_breaks.append(str(reason).strip().splitlines()[0][:200])
+                log.warning("effcompile: graph break: %s", self.report.graph_breaks[-1])
+        return out
+
+
+class _CalibratingGraph:
+    """A captured graph that records its inputs during calibration and compiles on its first real call."""
+
+    def __init__(self, owner: _Compiler, gm, example_inputs):
+        self.owner, self.gm, self.example_inputs = owner, gm, list(example_inputs)
+        self.recorded: list[list] = []
+        self.graph: CompiledGraph | None = None
+
+    def __call__(self, *args):
+        if self.owner.recording:
+            self.recorded.append(list(args))
+            return self.gm(*args)
+        if self.graph is None:
+            self.graph = self.owner._compile(self.gm, self.example_inputs, self.recorded or None)
+            self.recorded = []
+        return self.graph(*args)
+
+
+class CompiledModule(nn.Module):
+    """An nn.Module compiled by effcompile; attributes and parameters are the original module's."""
+
+    def __init__(self, module: nn.Module, compiler_args: dict):
+        super().__init__()
+        self._orig_mod = module
+        self._ec = _Compiler(module, **compiler_args)
+
+    def forward(self, *args, **kwargs):
+        return self._ec(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._orig_mod, name)
+
+
+def _make_settings(passes, calibration, cache_dir, cache, opt_level, use_triton) -> Settings:
+    from effcompile.compiler.pipeline import default_passes
+
+    if passes is not None:
+        if not isinstance(passes, list | tuple):
+            raise TypeError(f"passes must be a list of pass configs, got {type(passes).__name__}")
+        user_types = {type(p) for p in passes}
+        passes = [p for p in default_passes() if type(p) not in user_types] + list(passes)
+    settings = Settings.make(passes=passes, opt_level=opt_level, cache_dir=cache_dir, cache=cache,
+                             use_triton=use_triton, calibration=calibration)
+    needing = [type(p).__name__ for p in settings.passes if getattr(p, "needs_calibration", False)]
+    if needing and calibration is None:
+        raise ValueError(f"calibration= is required by pass(es) {needing}: give an iterable of example batches")
+    return settings
+
+
+def effcompile(
+    obj: Any = None,
+    *,
+    passes: list | None = None,
+    calibration: Any = None,
+    dynamic: bool | None = None,
+    cache_dir: str | None = None,
+    cache: bool = True,
+    opt_level: int = 1,
+    use_triton: bool | None = None,
+    fullgraph: bool = False,
+):
+    """Compile a model or function for inference; usable as a call or a decorator.
+
+    Args:
+        obj: an ``nn.Module``, an ``nn.Module`` subclass (decorator on a class) or a function.
+        passes: pass configs run after the default exact ones (e.g. ``[RemoveDropout()]``);
+            ``None`` means the default exact pipeline (canonicalize + fused kernels).
+        calibration: example batches (tuples of args or dicts of kwargs) for calibrated lossy passes.
+        dynamic: passed to dynamo (``None`` = specialise first, generalise on the first size change).
+        cache_dir: compiled-graph cache directory (default ``$EFFCOMPILE_CACHE_DIR`` or the per-user one).
+        cache: ``False`` keeps compiled graphs in memory only.
+        opt_level: 0 runs the captured graph as is; 1 (default) runs passes and codegen.
+        use_triton: ``None`` runs Triton where it can (CUDA, or CPU under ``TRITON_INTERPRET=1``),
+            ``False`` always runs the generated kernels' torch path.
+        fullgraph: raise on graph breaks instead of compiling the pieces.
+
+    Example::
+
+        fast = effcompile(model)
+        y = fast(**batch)
+        print(explain(fast))
+    """
+    settings = _make_settings(passes, calibration, cache_dir, cache, opt_level, use_triton)
+    compiler_args = {"settings": settings, "dynamic": dynamic, "fullgraph": fullgraph}
+    if obj is None:
+        return functools.partial(_wrap, compiler_args=compiler_args)
+    return _wrap(obj, compiler_args)
+
+
+def _wrap(obj, compiler_args):
+    if isinstance(obj, type) and issubclass(obj, nn.Module):
+        return _wrap_class(obj, compiler_args)
+    if isinstance(obj, nn.Module):
+        return CompiledModule(obj, compiler_args)
+    if callable(obj):
+        compiler = _Compiler(obj, **compiler_args)
+
+        @functools.wraps(obj)
+        def compiled(*args, **kwargs):
+            return compiler(*args, **kwargs)
+
+        compiled._ec = compiler
+        return compiled
+    raise TypeError(f"effcompile() needs an nn.Module, an nn.Module class or a callable, got {type(obj).__name__}")
+
+
+def _wrap_class(cls: type, compiler_args: dict) -> type:
+    """Decorating an nn.Module class compiles each instance's forward on its first call."""
+    orig_forward = cls.forward
+
+    def forward(self, *args, **kwargs):
+        ec = self.__dict__.get("_ec")
+        if ec is None:
+            ec = _Compiler(functools.partial(orig_forward, self), **compiler_args)
+            self.__dict__["_ec"] = ec
+        return ec(*args, **kwargs)
+
+    return type(cls.__name__, (cls,), {"forward": forward, "__module__": cls.__module__,
+                                       "__qualname__": cls.__qualname__, "__doc__": cls.__doc__})
+
+
+def explain(compiled: Any) -> Report:
+    """What effcompile did to ``compiled``: passes, kernels, cache outcome, graph breaks, fallbacks.
+
+    Works on what ``effcompile()`` returned and on ``torch.compile(model, backend="effcompile")``
+    (after its first call). ``str(report)`` is a readable table.
+    """
+    ec = getattr(compiled, "_ec", None) or (compiled.__dict__.get("_ec") if hasattr(compiled, "__dict__") else None)
+    if isinstance(ec, _Compiler):
+        return ec.report
+    orig = getattr(compiled, "_orig_mod", None)
+    if isinstance(orig, nn.Module):
+        # A torch.compile(..., backend="effcompile") module: find its graphs by the parameters they read.
+        ids = {id(p) for p in orig.parameters()} | {id(b) for b in orig.buffers()}
+        graphs = [g for g in _BACKEND_REPORTS if g.param_ids & ids]
+        if graphs:
+            return Report(graphs=graphs)
+        raise ValueError("no effcompile graphs found for this module: call it once before explain()")
+    raise TypeError(f"explain() needs an object returned by effcompile() or torch.compile(backend='effcompile'), "
+                    f"got {type(compiled).__name__}")

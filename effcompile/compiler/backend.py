@@ -1,0 +1,301 @@
+"""The dynamo backend: one captured graph -> IR -> passes -> Triton codegen -> cached, guarded callable.
+
+``torch.compile(model, backend="effcompile", options={...})`` reaches :func:`effcompile_backend`
+through the ``torch_dynamo_backends`` entry point; ``effcompile(model)`` uses the same machinery with
+its own settings. Each graph dynamo hands us becomes a :class:`CompiledGraph`:
+
+* its cache key is computed before any pass runs, so a warm start (memory or disk) skips passes,
+  calibration and codegen, and only redoes dynamo's capture;
+* dims that dynamo made symbolic are bucketed (powers of two); a call whose sizes stay inside the
+  bucket runs the compiled variant, a new bucket compiles one more variant (and says so in explain()).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from effcompile import config
+from effcompile.compiler import ir
+from effcompile.compiler.pass_manager import PassContext, PassManager, lookup
+from effcompile.runtime.report import GraphReport
+
+log = logging.getLogger("effcompile")
+
+BACKEND_OPTIONS = {
+    "passes": "list of pass configs (default: the exact pipeline)",
+    "opt_level": "0 = no rewrites or kernels, 1 = default",
+    "cache_dir": "directory of the compiled-graph cache (default: per-user cache dir)",
+    "cache": "False turns the on-disk cache off",
+    "use_triton": "None = Triton where it can run, False = always the torch path",
+}
+
+
+@dataclass
+class Settings:
+    """Validated compile settings shared by the call form and the backend form."""
+
+    passes: tuple = ()
+    opt_level: int = 1
+    cache_dir: str | None = None
+    cache: bool = True
+    use_triton: bool | None = None
+    calibration: Any = None
+    reports: list[GraphReport] = field(default_factory=list)
+
+    @classmethod
+    def from_options(cls, options: dict | None) -> Settings:
+        options = dict(options or {})
+        unknown = sorted(set(options) - set(BACKEND_OPTIONS))
+        if "calibration" in unknown:
+            raise ValueError(
+                "options['calibration'] is not supported by the torch.compile backend (it cannot run the "
+                "model on your batches); use effcompile.effcompile(model, calibration=...) instead"
+            )
+        if unknown:
+            valid = ", ".join(f"{k} ({v})" for k, v in BACKEND_OPTIONS.items())
+            raise ValueError(f"unknown effcompile option(s) {unknown}; valid options: {valid}")
+        return cls.make(**options)
+
+    @classmethod
+    def make(cls, passes=None, opt_level=1, cache_dir=None, cache=True, use_triton=None, calibration=None):
+        from effcompile.compiler.pipeline import default_passes
+
+        if passes is None:
+            passes = default_passes()
+        if not isinstance(passes, list | tuple):
+            raise TypeError(f"passes must be a list of pass configs, got {type(passes).__name__}")
+        for p in passes:
+            lookup(p)  # raises a clear error for unregistered configs or classes passed by mistake
+        if opt_level not in (0, 1, 2):
+            raise ValueError(f"opt_level must be 0, 1 or 2, got {opt_level!r}")
+        if use_triton not in (None, True, False):
+            raise ValueError(f"use_triton must be None, True or False, got {use_triton!r}")
+        return cls(tuple(passes), opt_level, None if cache_dir is None else str(cache_dir), bool(cache),
+                   use_triton, calibration)
+
+
+def effcompile_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], *, mode=None, options=None):
+    """``torch.compile(model, backend="effcompile", options={...})``. Returns a callable like gm.forward."""
+    settings = Settings.from_options(options)
+    compiled = CompiledGraph(gm, example_inputs, settings)
+    _BACKEND_REPORTS.append(compiled.report)
+    return compiled
+
+
+_BACKEND_REPORTS: list[GraphReport] = []  # explain() finds a torch.compile'd model's graphs here
+
+
+def _store(settings: Settings):
+    if not settings.cache or not config.cache_enabled() or settings.opt_level == 0:
+        return None
+    from effcompile.runtime.cache import CacheStore
+
+    return CacheStore(settings.cache_dir)
+
+
+def _dynamic_dims(gm: fx.GraphModule) -> list[tuple[int, int]]:
+    """(input index, dim) pairs that dynamo traced as symbolic."""
+    dims = []
+    for i, node in enumerate(n for n in gm.graph.nodes if n.op == "placeholder"):
+        val = ir.node_val(node)
+        if isinstance(val, torch.Tensor):
+            dims.extend((i, d) for d, s in enumerate(val.shape) if isinstance(s, torch.SymInt))
+    return dims
+
+
+def _params(gm: fx.GraphModule, example_inputs) -> dict[str, torch.Tensor]:
+    """Placeholder name -> real parameter/buffer tensor, for passes that transform weights."""
+    out = {}
+    for node, value in zip((n for n in gm.graph.nodes if n.op == "placeholder"), example_inputs, strict=False):
+        source = getattr(node.meta.get("grapharg"), "source", None)
+        name = source.name() if source is not None else node.name
+        if isinstance(value, torch.nn.Parameter) or "_parameters" in name or "_buffers" in name:
+            out[node.name] = value
+    return out
+
+
+class CompiledGraph:
+    """A compiled dynamo graph: guarded by shape bucket, one compiled variant per bucket."""
+
+    def __init__(self, gm: fx.GraphModule, example_inputs: Sequence[Any], settings: Settings,
+                 calibration_inputs: list | None = None, index: int = 0):
+        self.settings = settings
+        self.pristine = gm
+        self.example_inputs = list(example_inputs)
+        ir.annotate(gm, example_inputs)
+        self.dynamic = _dynamic_dims(gm)
+        self.calibration_inputs = calibration_inputs
+        params = _params(gm, example_inputs)
+        self.report = GraphReport(
+            index=index, fingerprint=ir.fingerprint(gm), nodes=len(gm.graph.nodes),
+            sublayers=ir.tag_sublayers(gm),
+            param_ids=frozenset(id(p) for p in params.values()),
+        )
+        self.params = params
+        self.variants: dict[tuple, Any] = {}
+        self._compile_variant(self._bucket_of(example_inputs))
+
+    def _bucket_of(self, args) -> tuple:
+        from effcompile.runtime.key import bucket
+
+        return tuple(bucket(int(args[i].shape[d])) for i, d in self.dynamic)
+
+    def __call__(self, *args):
+        self.report.calls += 1
+        if self.dynamic:
+            sig = self._bucket_of(args)
+            run = self.variants.get(sig)
+            if run is None:
+                self.report.recompiles.append(f"new shape bucket {sig} (have {list(self.variants)})")
+                run = self._compile_variant(sig)
+        else:
+            run = next(iter(self.variants.values()))
+        with torch.no_grad():
+            return run(*args)
+
+    # -- compile one variant ---------------------------------------------------------------------
+
+    def _key(self, sig: tuple):
+        from effcompile.runtime import key as K
+
+        dyn = {}
+        for (i, d) in self.dynamic:
+            dyn.setdefault(i, []).append(d)
+        specs = [K.input_spec(x, dynamic_dims=dyn.get(i, ())) for i, x in enumerate(self.example_inputs)]
+        passes = []
+        for cfg in self.settings.passes:
+            entry = lookup(cfg)
+            passes.append(K.pass_identity(entry.name, type(cfg).version, entry.fn, cfg))
+        device = next((x.device for x in self.example_inputs if isinstance(x, torch.Tensor)), torch.device("cpu"))
+        return K.make_key(
+            graph=self.report.fingerprint, inputs=specs, buckets=[str(s) for s in sig], passes=passes,
+            opt_level=self.settings.opt_level, use_triton=str(self.settings.use_triton),
+            versions=K.versions(), device=K.device_capability(device),
+        )
+
+    def _compile_variant(self, sig: tuple):
+        start = time.perf_counter()
+        store = _store(self.settings)
+        key = self._key(sig)
+        self.report.key_digest, self.report.key_fields = key.digest, key.fields
+        self.report.buckets.append(str(sig) if sig else "static")
+        run = self._load(store, key) if store is not None else None
+        if run is None:
+            run = self._build(store, key)
+        self.report.compile_seconds += time.perf_counter() - start
+        self.variants[sig] = run
+        return run
+
+    def _load(self, store, key):
+        from effcompile.codegen import load_kernels
+        from effcompile.runtime.serialize import graph_from_json
+
+        entry = store.get(key)
+        if entry is None:
+            return None
+        try:
+            kernel_dir = Path(store.root) / "kernels"
+            paths = _write_sources(kernel_dir, {n: s for n, s in entry.sources.items() if n.endswith(".py")})
+            load_kernels(paths)
+            gm = graph_from_json(entry.meta["graph"], entry.tensors)
+        except Exception as e:  # a bad entry is a miss, never a crash
+            log.warning("effcompile cache entry %s unusable (%s); recompiling", key.digest[:16], e)
+            self.report.cache_note = f"entry unusable: {e}"
+            return None
+        self.report.cache = entry.meta.get("_hit", "disk hit")
+        self.report.passes = [_record_from_json(p) for p in entry.meta["passes"]]
+        self.report.kernels = [_kernel_from_json(k, kernel_dir) for k in entry.meta["kernels"]]
+        self.report.fallbacks = [tuple(f) for f in entry.meta["fallbacks"]]
+        return gm.forward
+
+    def _build(self, store, key):
+        from effcompile.codegen import lower
+
+        gm = copy.deepcopy(self.pristine)
+        ir.annotate(gm, self.example_inputs)
+        ctx = PassContext(self.example_inputs, self.calibration_inputs, self.params, self.settings.opt_level)
+        if self.settings.opt_level == 0:
+            self.report.cache = "off"
+            return gm.forward
+        self.report.passes = PassManager(self.settings.passes, opt_level=self.settings.opt_level).run(gm, ctx)
+        kernel_dir = Path(store.root) / "kernels" if store is not None else Path(tempfile.mkdtemp(prefix="effcompile-"))
+        lowered = lower(gm, kernel_dir, use_triton=self.settings.use_triton)
+        self.report.kernels, self.report.fallbacks = list(lowered.kernels), list(lowered.fallbacks)
+        if config.debug_level() >= 3:
+            for k in lowered.kernels:
+                log.info("kernel %s (%s): %s <- %s", k.name, k.kind, "+".join(k.ops), ", ".join(k.sublayers))
+        if config.debug_level() >= 4:
+            for k in lowered.kernels:
+                log.info("source of %s:\n%s", k.name, Path(k.source_path).read_text())
+        if store is None:
+            self.report.cache = "off"
+        else:
+            self.report.cache = "miss"
+            self._save(store, key, gm)
+        return gm.forward
+
+    def _save(self, store, key, gm):
+        from effcompile.runtime.cache import CacheEntry
+        from effcompile.runtime.serialize import NotSerializable, graph_to_json
+
+        try:
+            graph, tensors = graph_to_json(gm)
+        except NotSerializable as e:
+            self.report.cache, self.report.cache_note = "not cacheable", str(e)
+            log.info("effcompile: graph %s not cached: %s", self.report.fingerprint[:12], e)
+            return
+        sources = {Path(k.source_path).name: Path(k.source_path).read_text() for k in self.report.kernels}
+        meta = {
+            "graph": graph,
+            "passes": [_record_to_json(p) for p in self.report.passes],
+            "kernels": [_kernel_to_json(k) for k in self.report.kernels],
+            "fallbacks": [list(f) for f in self.report.fallbacks],
+        }
+        store.put(key, CacheEntry(meta=meta, sources=sources, tensors=tensors))
+
+
+def _write_sources(kernel_dir: Path, sources: dict[str, str]) -> list[Path]:
+    kernel_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    paths = []
+    for name, text in sources.items():
+        path = kernel_dir / name
+        if not path.exists() or path.read_text() != text:
+            tmp = path.with_suffix(f".tmp{id(text)}")
+            tmp.write_text(text)
+            tmp.replace(path)
+        paths.append(path)
+    return paths
+
+
+def _record_to_json(p) -> dict:
+    return {"name": p.name, "phase": p.phase, "config": repr(p.config), "ran": p.ran, "modified": p.modified,
+            "count": p.count, "where": list(p.where), "seconds": p.seconds, "note": p.note}
+
+
+def _record_from_json(d: dict):
+    from effcompile.compiler.pass_manager import PassRecord
+
+    return PassRecord(d["name"], d["phase"], d["config"], d["ran"], d["modified"], d["count"], d["where"],
+                      d["seconds"], d["note"])
+
+
+def _kernel_to_json(k) -> dict:
+    return {"name": k.name, "op": k.op, "source": Path(k.source_path).name, "kind": k.kind, "ops": list(k.ops),
+            "nodes": list(k.nodes), "sublayers": list(k.sublayers)}
+
+
+def _kernel_from_json(d: dict, kernel_dir: Path):
+    from effcompile.codegen import KernelRecord
+
+    return KernelRecord(name=d["name"], op=d["op"], source_path=str(kernel_dir / d["source"]), kind=d["kind"],
+                        ops=tuple(d["ops"]), nodes=tuple(d["nodes"]), sublayers=tuple(d["sublayers"]))

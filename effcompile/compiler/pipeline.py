@@ -1,0 +1,15 @@
+"""The default pipeline: the exact passes every compile runs, in phase order, before codegen.
+
+Phases (see compiler/pass_manager.py): canonicalize -> semantic (layer skipping, token pruning,
+channel thresholding) -> quantize -> fuse. Codegen then partitions what is left into fused Triton
+kernels. Lossy passes are never default: the user asks for them by config.
+"""
+
+from __future__ import annotations
+
+
+def default_passes() -> list:
+    """The exact pipeline used when ``passes=None``."""
+    from effcompile.passes import RemoveDropout
+
+    return [RemoveDropout()]
