@@ -1,0 +1,316 @@
+"""The compiled-graph cache key: every input that can change what we compile, hashed canonically."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import functools
+import hashlib
+import inspect
+import json
+import math
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+KEY_SCHEMA = 1  # bump when the meaning of a field changes, so old digests can never match
+REQUIRED_FIELDS = ("graph", "inputs", "passes")
+
+
+class UnkeyableValue(TypeError):
+    """A value has no stable canonical form, so it cannot be part of a key (the graph is not cached)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Canonical JSON: the digest is only stable if equal values always serialize to the same bytes.
+# ---------------------------------------------------------------------------------------------
+
+
+def canon(v: Any) -> Any:
+    """A JSON-ready, deterministic form of ``v`` (tuples -> lists, nan/inf tagged, sets sorted)."""
+    if v is None or isinstance(v, bool | str):
+        return v
+    if isinstance(v, int):
+        return int(v)
+    if isinstance(v, float):
+        # json would write NaN/Infinity (not JSON); tag them so allow_nan=False can stay on.
+        return v if math.isfinite(v) else {"$float": repr(v)}
+    if isinstance(v, torch.dtype | torch.device | torch.layout | torch.memory_format):
+        return str(v)
+    if isinstance(v, enum.Enum):
+        return f"{type(v).__qualname__}.{v.name}"
+    if dataclasses.is_dataclass(v) and not isinstance(v, type):
+        return config_json(v)
+    if isinstance(v, list | tuple):
+        return [canon(x) for x in v]
+    if isinstance(v, set | frozenset):
+        return sorted((canon(x) for x in v), key=lambda x: json.dumps(x, sort_keys=True))
+    if isinstance(v, dict):
+        return {str(k): canon(x) for k, x in sorted(v.items(), key=lambda kv: str(kv[0]))}
+    # repr() of arbitrary objects often embeds a memory address: refusing beats a key that never hits
+    # (or, worse, one that hits for a different value).
+    raise UnkeyableValue(f"cannot put a {type(v).__qualname__} into a cache key: {v!r:.80}")
+
+
+def dumps(v: Any) -> str:
+    return json.dumps(canon(v), sort_keys=True, separators=(",", ":"), allow_nan=False)
+
+
+def digest_of(fields: dict) -> str:
+    return hashlib.sha256(dumps({"schema": KEY_SCHEMA, **fields}).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class CacheKey:
+    """``fields`` is the canonical JSON-ready dict (stored in meta.json); ``digest`` its sha256."""
+
+    fields: dict
+    digest: str
+
+    def __hash__(self) -> int:
+        return hash(self.digest)
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, CacheKey) and other.digest == self.digest
+
+
+def make_key(**fields: Any) -> CacheKey:
+    """Build a key from ``graph`` (fingerprint str), ``inputs`` (list of :func:`input_spec`),
+    ``passes`` (list of :func:`pass_identity`) and optionally ``device`` / ``versions`` / extras.
+    ``versions`` and ``numerics`` default to this process's values so callers cannot forget them."""
+    missing = [f for f in REQUIRED_FIELDS if f not in fields]
+    if missing:
+        raise TypeError(f"make_key() missing fields: {', '.join(missing)}")
+    fields.setdefault("versions", versions())
+    fields.setdefault("device", "cpu")
+    fields.setdefault("numerics", numerics_flags())
+    fields = canon(fields)
+    return CacheKey(fields, digest_of(fields))
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs
+# ---------------------------------------------------------------------------------------------
+
+
+def bucket_bounds(n: int) -> tuple[int, int]:
+    """The power-of-two range holding ``n``: (2^(k-1), 2^k], so 100 -> (65, 128); 0 -> (0, 0)."""
+    n = int(n)
+    if n <= 1:
+        return (n, n)
+    hi = 1 << (n - 1).bit_length()
+    return (hi // 2 + 1, hi)
+
+
+def bucket(n: int) -> str:
+    lo, hi = bucket_bounds(n)
+    return f"{lo}-{hi}"
+
+
+def stride_class(t: torch.Tensor) -> str:
+    """contiguous / channels_last / other: kernels are generated for one memory layout."""
+    if t.is_contiguous():
+        return "contiguous"
+    if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last):
+        return "channels_last"
+    if t.dim() == 5 and t.is_contiguous(memory_format=torch.channels_last_3d):
+        return "channels_last"
+    return "other"
+
+
+def _size_hint(d) -> int:
+    if isinstance(d, torch.SymInt):
+        # The helper was renamed across torch releases (hint_int -> optimization_hint).
+        from torch.fx.experimental import symbolic_shapes as ss
+
+        hint = getattr(ss, "optimization_hint", None) or getattr(ss, "hint_int", None)
+        return int(hint(d)) if hint is not None else int(d.node.hint)
+    return int(d)
+
+
+def input_spec(x: Any, dynamic_dims=()) -> dict:
+    """One call argument's part of the key. Dynamic dims (listed, or SymInt in a fake tensor)
+    are replaced by their bucket so all lengths in one bucket share an entry."""
+    if isinstance(x, torch.Tensor):
+        dyn = {int(d) % max(x.dim(), 1) for d in dynamic_dims}
+        shape = []
+        for i, d in enumerate(x.shape):
+            if i in dyn or isinstance(d, torch.SymInt):
+                shape.append(bucket(_size_hint(d)))
+            else:
+                shape.append(int(d))
+        return {"kind": "tensor", "shape": shape, "dtype": str(x.dtype), "device": x.device.type,
+                "stride": stride_class(x)}
+    if isinstance(x, torch.SymInt):
+        return {"kind": "symint", "bucket": bucket(_size_hint(x))}
+    return {"kind": type(x).__qualname__, "value": canon(x)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Passes
+# ---------------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=512)
+def _file_sha(path: str, mtime_ns: int, size: int) -> str:
+    # mtime/size are part of the lru key so an edited file is re-hashed in a long-lived process.
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def source_hash(fn: Any) -> str:
+    """sha256 of the source file defining ``fn`` (a whole file: helpers it calls change the key too)."""
+    fn = inspect.unwrap(fn)
+    while isinstance(fn, functools.partial):
+        fn = fn.func
+    try:
+        path = inspect.getsourcefile(fn)
+    except TypeError as e:
+        raise UnkeyableValue(f"{fn!r} has no Python source file to hash") from e
+    if path is None or not Path(path).is_file():
+        raise UnkeyableValue(f"source file of {fn!r} not found ({path})")
+    st = Path(path).stat()
+    return _file_sha(str(Path(path).resolve()), st.st_mtime_ns, st.st_size)
+
+
+def config_json(cfg: Any) -> str:
+    """Canonical JSON of a (frozen dataclass) pass config, with its type name, sorted keys."""
+    if cfg is None:
+        return "null"
+    if dataclasses.is_dataclass(cfg) and not isinstance(cfg, type):
+        body = {"type": f"{type(cfg).__module__}.{type(cfg).__qualname__}", "fields": dataclasses.asdict(cfg)}
+    elif isinstance(cfg, dict):
+        body = {"type": "dict", "fields": cfg}
+    else:
+        raise UnkeyableValue(f"pass config must be a dataclass or dict, got {type(cfg).__qualname__}")
+    return dumps(body)
+
+
+def _tensor_bytes(t: torch.Tensor) -> bytes:
+    t = t.detach().to("cpu").contiguous().reshape(-1)
+    return t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
+
+
+def _feed(h, v: Any) -> None:
+    if isinstance(v, torch.Tensor):
+        h.update(f"T|{v.dtype}|{list(v.shape)}|".encode())
+        h.update(_tensor_bytes(v))
+    elif isinstance(v, dict):
+        h.update(f"D{len(v)}|".encode())
+        for k in sorted(v, key=str):
+            h.update(f"K{len(str(k))}|{k}|".encode())
+            _feed(h, v[k])
+    elif isinstance(v, list | tuple):
+        h.update(f"L{len(v)}|".encode())
+        for x in v:
+            _feed(h, x)
+    else:
+        s = dumps(v)
+        h.update(f"J{len(s)}|{s}".encode())
+
+
+def calibration_hash(artifacts: dict | None) -> str | None:
+    """sha256 over sorted names + dtype + shape + bytes of calibration tensors (JSON for the rest)."""
+    if artifacts is None:
+        return None
+    h = hashlib.sha256()
+    _feed(h, dict(artifacts))
+    return h.hexdigest()
+
+
+def pass_identity(name: str, version: Any, fn: Any, config: Any, calibration: dict | None = None) -> dict:
+    return {"name": name, "version": canon(version), "source": source_hash(fn),
+            "config": config_json(config), "calibration": calibration_hash(calibration)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Environment
+# ---------------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=1)
+def _effcompile_version() -> str:
+    import effcompile
+
+    ver = getattr(effcompile, "__version__", None)
+    if ver is None:
+        try:
+            from importlib.metadata import version
+
+            ver = version("effcompile")
+        except Exception:
+            ver = "unknown"
+    # The version string alone does not move while developing; a hash of our own source does (the
+    # stale-hit class of pytorch#174747 comes from exactly such unversioned changes).
+    h = hashlib.sha256()
+    root = Path(effcompile.__file__).parent
+    for p in sorted(root.rglob("*.py")):
+        h.update(p.relative_to(root).as_posix().encode() + b"\0" + p.read_bytes() + b"\0")
+    return f"{ver}+src.{h.hexdigest()[:12]}"
+
+
+@functools.lru_cache(maxsize=1)
+def _triton_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    for dist in ("triton", "pytorch-triton", "triton-xpu"):
+        try:
+            return version(dist)
+        except PackageNotFoundError:
+            continue
+    return "none"
+
+
+def versions() -> dict:
+    return {"effcompile": _effcompile_version(), "torch": torch.__version__, "triton": _triton_version(),
+            "python": platform.python_version()}
+
+
+def numerics_flags() -> dict:
+    """Global switches that change results of the same graph (TF32, reduced-precision reductions)."""
+    return {
+        "float32_matmul_precision": torch.get_float32_matmul_precision(),
+        "deterministic": torch.are_deterministic_algorithms_enabled(),
+        "fp16_reduced_reduction": bool(torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction),
+        "bf16_reduced_reduction": bool(torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction),
+    }
+
+
+def device_capability(device: Any) -> str:
+    """``cuda:sm90``-style for CUDA (kernels are tuned per architecture), else the device type."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(dev)
+        return f"cuda:sm{major}{minor}"
+    return dev.type
+
+
+# ---------------------------------------------------------------------------------------------
+# Explaining misses
+# ---------------------------------------------------------------------------------------------
+
+
+def _diff(a: Any, b: Any, path: str, out: list[str]) -> None:
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in sorted(set(a) | set(b)):
+            sub = f"{path}.{k}" if path else str(k)
+            if k not in a or k not in b:
+                out.append(sub)
+            else:
+                _diff(a[k], b[k], sub, out)
+    elif isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            _diff(x, y, f"{path}[{i}]", out)
+    elif a != b:
+        out.append(path or "<root>")
+
+
+def diff(key_a: CacheKey | dict, key_b: CacheKey | dict) -> list[str]:
+    """Dotted paths of the fields that differ, e.g. ``["inputs[0].shape[1]", "versions.torch"]``."""
+    fa = key_a.fields if isinstance(key_a, CacheKey) else canon(key_a)
+    fb = key_b.fields if isinstance(key_b, CacheKey) else canon(key_b)
+    out: list[str] = []
+    _diff(fa, fb, "", out)
+    return out

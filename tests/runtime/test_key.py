@@ -1,0 +1,137 @@
+"""Cache-key sensitivity: every field changes the digest, bucket-mates share it, digests are stable."""
+
+import dataclasses
+import importlib.util
+
+import pytest
+import torch
+from conftest import run_python
+
+from effcompile.runtime import key as K
+
+
+@dataclasses.dataclass(frozen=True)
+class Cfg:
+    sparsity: float = 0.5
+    targets: tuple = ("q", "k")
+
+
+def _pass_fn(gm, cfg, ctx):
+    return gm
+
+
+def _key(x=None, dyn=(1,), cfg=Cfg(), calib=None, fn=_pass_fn, version=1, **over):
+    x = torch.randn(2, 100, 8) if x is None else x
+    fields = dict(graph="g" * 32, inputs=[K.input_spec(x, dynamic_dims=dyn), K.input_spec(3)],
+                  passes=[K.pass_identity("threshold", version, fn, cfg, calib or {"t": torch.ones(4)})],
+                  device=K.device_capability(x.device))
+    fields.update(over)
+    return K.make_key(**fields)
+
+
+def test_bucket():
+    assert K.bucket(100) == "65-128"
+    assert K.bucket(128) == "65-128" and K.bucket(129) == "129-256"
+    assert [K.bucket(n) for n in (0, 1, 2, 3, 4, 5)] == ["0-0", "1-1", "2-2", "3-4", "3-4", "5-8"]
+
+
+def test_same_bucket_same_key():
+    base = _key()
+    for seq in (65, 90, 128):
+        assert _key(torch.randn(2, seq, 8)).digest == base.digest
+    assert _key(torch.randn(2, 129, 8)).digest != base.digest
+    assert _key(torch.randn(2, 100, 8), dyn=()).digest != base.digest  # static dims are exact
+
+
+@pytest.mark.parametrize("change", [
+    "config", "version", "calibration_value", "calibration_dtype", "calibration_name", "dtype", "shape_bucket",
+    "static_dim", "stride", "channels_last", "device_input", "device_capability", "graph", "scalar_input",
+    "numerics",
+])
+def test_each_field_changes_key(change):
+    base = _key()
+    x = torch.randn(2, 100, 8)
+    other = {
+        "config": lambda: _key(cfg=Cfg(sparsity=0.6)),
+        "version": lambda: _key(version=2),
+        "calibration_value": lambda: _key(calib={"t": torch.tensor([1.0, 1, 1, 1.0001])}),
+        "calibration_dtype": lambda: _key(calib={"t": torch.ones(4, dtype=torch.float64)}),
+        "calibration_name": lambda: _key(calib={"u": torch.ones(4)}),
+        "dtype": lambda: _key(x.half()),
+        "shape_bucket": lambda: _key(torch.randn(2, 300, 8)),
+        "static_dim": lambda: _key(torch.randn(3, 100, 8)),
+        "stride": lambda: _key(torch.randn(2, 8, 100).transpose(1, 2)),
+        "channels_last": lambda: (_key(torch.randn(2, 3, 4, 5), dyn=()),
+                                  _key(torch.randn(2, 3, 4, 5).to(memory_format=torch.channels_last), dyn=())),
+        "device_input": lambda: _key(torch.empty(2, 100, 8, device="meta"), device="cpu"),
+        "device_capability": lambda: _key(device="cuda:sm90"),
+        "graph": lambda: _key(graph="h" * 32),
+        "scalar_input": lambda: _key(inputs=[K.input_spec(x, (1,)), K.input_spec(4)]),
+        "numerics": lambda: _key(numerics={**K.numerics_flags(), "float32_matmul_precision": "high"}),
+    }[change]()
+    if isinstance(other, tuple):
+        base, other = other
+    assert other.digest != base.digest
+    assert K.diff(base, other), "diff() must name the changed field"
+
+
+@pytest.mark.parametrize("name", ["effcompile", "torch", "triton", "python"])
+def test_each_version_changes_key(name):
+    v = K.versions()
+    a, b = _key(versions=v), _key(versions={**v, name: v[name] + "x"})
+    assert a.digest != b.digest
+    assert K.diff(a, b) == [f"versions.{name}"]
+
+
+def test_pass_source_file_changes_key(tmp_path):
+    src = tmp_path / "my_pass.py"
+
+    def load():
+        spec = importlib.util.spec_from_file_location("my_pass", src)
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return mod.run
+
+    src.write_text("def run(gm, cfg, ctx):\n    return gm\n")
+    a = _key(fn=load())
+    src.write_text("def helper():\n    return 1\n\ndef run(gm, cfg, ctx):\n    return gm\n")
+    b = _key(fn=load())
+    assert a.digest != b.digest
+    assert K.diff(a, b) == ["passes[0].source"]
+
+
+def test_diff_names_fields():
+    a, b = _key(), _key(torch.randn(2, 300, 8).half())
+    assert K.diff(a, b) == ["inputs[0].dtype", "inputs[0].shape[1]"]
+    assert K.diff(a, a) == []
+
+
+def test_unkeyable_values_refused():
+    with pytest.raises(K.UnkeyableValue):
+        K.input_spec(object())
+    with pytest.raises(K.UnkeyableValue):
+        K.pass_identity("p", 1, _pass_fn, object())
+    with pytest.raises(TypeError):
+        K.make_key(graph="g", inputs=[])
+
+
+def test_nan_config_is_stable():
+    a = K.config_json(Cfg(sparsity=float("nan")))
+    assert a == K.config_json(Cfg(sparsity=float("nan"))) and "nan" in a
+
+
+CODE = """
+import torch
+from effcompile.runtime import key as K
+x = torch.randn(2, 100, 8)
+k = K.make_key(graph="abc", inputs=[K.input_spec(x, (1,)), K.input_spec(2.5)],
+               passes=[K.pass_identity("p", 3, K.bucket, {"a": (1, 2)}, {"s": torch.arange(6.).reshape(2, 3)})],
+               device=K.device_capability("cpu"))
+print(k.digest)
+"""
+
+
+def test_digest_stable_across_processes():
+    ns = {}
+    exec(CODE.replace("print(k.digest)", "out = k.digest"), ns)
+    assert run_python(CODE).strip() == ns["out"]
