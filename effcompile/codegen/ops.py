@@ -1,0 +1,115 @@
+"""Write generated kernel modules to disk, import them as custom ops, and pick Triton vs eager per call."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+import tempfile
+import threading
+from collections import Counter, defaultdict
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+# Which implementation ran, per op name: PATH_COUNTS[name]["triton" | "torch"]. explain() reads it.
+PATH_COUNTS: defaultdict[str, Counter] = defaultdict(Counter)
+MODE_AUTO, MODE_TRITON, MODE_TORCH = 0, 1, 2
+
+_LOADED: dict[str, ModuleType] = {}
+_JIT: dict[tuple[int, bool], object] = {}
+_LOCK = threading.Lock()
+_TRUE = ("1", "true", "yes", "on", "y")
+
+
+def env_interpret() -> bool:
+    """TRITON_INTERPRET as triton reads it; read at call time, so setting it late still works."""
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in _TRUE
+
+
+def interpreting(device: torch.device) -> bool:
+    # CPU tensors can only run through the interpreter; CUDA ones unless the user asked for it.
+    return device.type != "cuda" or env_interpret()
+
+
+def use_triton(mode: int, device: torch.device) -> bool:
+    if mode == MODE_TRITON:
+        return True
+    if mode == MODE_TORCH:
+        return False
+    return device.type == "cuda" or env_interpret()
+
+
+def jit_variant(kernel, interpret: bool):
+    """The kernel compiled for the GPU or wrapped for the interpreter, whatever it was decorated as.
+
+    triton.jit picks JITFunction vs InterpretedFunction when the module is imported (triton 3.6-3.9
+    read TRITON_INTERPRET at decoration time), so a module imported before the variable was set would
+    otherwise never interpret. We rebuild from the raw function instead of trusting import order.
+    """
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    if isinstance(kernel, InterpretedFunction) == interpret:
+        return kernel
+    key = (id(kernel), interpret)
+    with _LOCK:
+        if key not in _JIT:
+            _JIT[key] = InterpretedFunction(kernel.fn) if interpret else JITFunction(kernel.fn)
+        return _JIT[key]
+
+
+def count(name: str, path: str) -> None:
+    PATH_COUNTS[name][path] += 1
+
+
+def no_alias(outs: tuple, inputs: tuple) -> tuple:
+    """Custom ops may not return their inputs: a no-op cast in the eager reference would, so copy it."""
+    ptrs = {t.untyped_storage().data_ptr() for t in inputs if t.numel()}
+    return tuple(o.clone() if o.numel() and o.untyped_storage().data_ptr() in ptrs else o for o in outs)
+
+
+def op_exists(name: str) -> bool:
+    return hasattr(torch.ops.effcompile, name)
+
+
+def op_for(name: str):
+    return getattr(torch.ops.effcompile, name).default
+
+
+def write_source(kernel_dir: str | os.PathLike, name: str, source: str) -> Path:
+    """Atomically write <kernel_dir>/<name>.py (temp file + rename), skipping an identical file."""
+    d = Path(kernel_dir)
+    d.mkdir(parents=True, exist_ok=True)
+    path = d / f"{name}.py"
+    if path.exists() and path.read_text() == source:
+        return path
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=d)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(source)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_module(path: str | os.PathLike) -> ModuleType:
+    """Import a generated kernel file by path (tracebacks point at it); the op registers once per name."""
+    path = Path(path)
+    name = path.stem
+    with _LOCK:
+        if name in _LOADED:
+            return _LOADED[name]
+        spec = importlib.util.spec_from_file_location(f"effcompile._generated.{name}", path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        try:
+            spec.loader.exec_module(module)
+        except BaseException:
+            sys.modules.pop(spec.name, None)
+            raise
+        _LOADED[name] = module
+        return module
