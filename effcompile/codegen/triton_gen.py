@@ -90,9 +90,7 @@ def _triton_lines(group: FusionGroup, ref: dict) -> list[str]:
         elif op == "pow":
             body.append(f"{v} = " + _POW_TL[params["exponent"]].format(a=a[0]))
         elif op == "cast":
-            dt = tensor_val(node).dtype
-            # An explicit down-cast rounds in eager; emulate it so later math sees the same values.
-            body.append(f"{v} = {a[0]}" + ("" if dt == torch.float32 else f".to({_TL[dt]}).to(tl.float32)"))
+            body.append(f"{v} = {a[0]}")
         elif op in ("sum", "mean"):
             # Masked lanes hold other=0 loads pushed through the chain; reset them to the sum identity.
             body.append(f"{v} = " + _SUM.format(x=f"tl.where(mask, {a[0]}, 0.0)") + (" / N" if op == "mean" else ""))
@@ -114,6 +112,10 @@ def _triton_lines(group: FusionGroup, ref: dict) -> list[str]:
             body += [f"{v} = {v} * {a[1]}"] if a[1] != "None" else []
         else:
             raise NotImplementedError(op)
+        dt = tensor_val(node).dtype
+        if dt != torch.float32:
+            # Eager rounds every fp16/bf16 result; do the same so later math sees the same values.
+            body.append(f"{v} = {v}.to({_TL[dt]}).to(tl.float32)")
     return body
 
 
