@@ -95,12 +95,16 @@ def effcompile_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], *, mod
 _BACKEND_REPORTS: list[GraphReport] = []  # explain() finds a torch.compile'd model's graphs here
 
 
+_STORES: dict[str, Any] = {}  # one store per cache root, so its in-memory layer is shared
+
+
 def _store(settings: Settings):
     if not settings.cache or not config.cache_enabled() or settings.opt_level == 0:
         return None
     from effcompile.runtime.cache import CacheStore
 
-    return CacheStore(settings.cache_dir)
+    store = CacheStore(settings.cache_dir)
+    return _STORES.setdefault(str(store.root), store)
 
 
 def _dynamic_dims(gm: fx.GraphModule) -> list[tuple[int, int]]:
@@ -118,7 +122,8 @@ def _params(gm: fx.GraphModule, example_inputs) -> dict[str, torch.Tensor]:
     out = {}
     for node, value in zip((n for n in gm.graph.nodes if n.op == "placeholder"), example_inputs, strict=False):
         source = getattr(node.meta.get("grapharg"), "source", None)
-        name = source.name() if source is not None else node.name
+        name = getattr(source, "name", node.name)
+        name = name() if callable(name) else name  # a method before torch 2.13, a property since
         if isinstance(value, torch.nn.Parameter) or "_parameters" in name or "_buffers" in name:
             out[node.name] = value
     return out
@@ -177,7 +182,16 @@ class CompiledGraph:
             entry = lookup(cfg)
             passes.append(K.pass_identity(entry.name, type(cfg).version, entry.fn, cfg))
         device = next((x.device for x in self.example_inputs if isinstance(x, torch.Tensor)), torch.device("cpu"))
-        return K.make_key(
+        data = {}
+        if any(getattr(c, "needs_calibration", False) or getattr(c, "reads_weights", False)
+               for c in self.settings.passes):
+            # Calibrated decisions depend on the data and on the weights: both belong in the key,
+            # or a fine-tuned model would silently reuse the old thresholds.
+            param_ids = {id(p) for p in self.params.values()}
+            calib = {f"{b}.{i}": x for b, args in enumerate(self.calibration_inputs or [])
+                     for i, x in enumerate(args) if isinstance(x, torch.Tensor) and id(x) not in param_ids}
+            data = {"calibration": K.calibration_hash(calib), "weights": K.calibration_hash(self.params)}
+        return K.make_key(**data,
             graph=self.report.fingerprint, inputs=specs, buckets=[str(s) for s in sig], passes=passes,
             opt_level=self.settings.opt_level, use_triton=str(self.settings.use_triton),
             versions=K.versions(), device=K.device_capability(device),
@@ -197,9 +211,10 @@ class CompiledGraph:
         return run
 
     def _load(self, store, key):
-        from effcompile.codegen import load_kernels
+        from effcompile.codegen.lower import load_kernels
         from effcompile.runtime.serialize import graph_from_json
 
+        memory_hits = store.stats.memory_hits
         entry = store.get(key)
         if entry is None:
             return None
@@ -212,14 +227,14 @@ class CompiledGraph:
             log.warning("effcompile cache entry %s unusable (%s); recompiling", key.digest[:16], e)
             self.report.cache_note = f"entry unusable: {e}"
             return None
-        self.report.cache = entry.meta.get("_hit", "disk hit")
+        self.report.cache = "memory hit" if store.stats.memory_hits > memory_hits else "disk hit"
         self.report.passes = [_record_from_json(p) for p in entry.meta["passes"]]
         self.report.kernels = [_kernel_from_json(k, kernel_dir) for k in entry.meta["kernels"]]
         self.report.fallbacks = [tuple(f) for f in entry.meta["fallbacks"]]
         return gm.forward
 
     def _build(self, store, key):
-        from effcompile.codegen import lower
+        from effcompile.codegen.lower import lower
 
         gm = copy.deepcopy(self.pristine)
         ir.annotate(gm, self.example_inputs)
@@ -295,7 +310,7 @@ def _kernel_to_json(k) -> dict:
 
 
 def _kernel_from_json(d: dict, kernel_dir: Path):
-    from effcompile.codegen import KernelRecord
+    from effcompile.codegen.lower import KernelRecord
 
     return KernelRecord(name=d["name"], op=d["op"], source_path=str(kernel_dir / d["source"]), kind=d["kind"],
                         ops=tuple(d["ops"]), nodes=tuple(d["nodes"]), sublayers=tuple(d["sublayers"]))

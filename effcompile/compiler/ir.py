@@ -274,7 +274,7 @@ def annotate(gm: fx.GraphModule, example_inputs=()) -> dict[str, int]:
     for n in gm.graph.nodes:
         if VAL not in n.meta and "example_value" in n.meta:
             n.meta[VAL] = n.meta["example_value"]
-        if VAL not in n.meta and n.op not in ("output",):
+        if VAL not in n.meta and n.op != "output" and n.users:
             missing = True
     if missing:
         propagate_meta(gm, example_inputs)
@@ -291,7 +291,7 @@ def check_invariants(gm: fx.GraphModule) -> None:
     for n in gm.graph.nodes:
         if n.op == "output":
             continue
-        if VAL not in n.meta:
+        if VAL not in n.meta and n.users:  # unused results (e.g. a logging call's None) need none
             raise InvariantError(f"node {n.name} ({n.op} {target_name(n)}) has no meta['val']")
         if TAG not in n.meta:
             raise InvariantError(f"node {n.name} ({n.op} {target_name(n)}) has no sublayer tag")

@@ -1,0 +1,93 @@
+"""Calibration: statistics of chosen activations, gathered by running the graph over calibration data.
+
+``effcompile(model, calibration=batches)`` first runs every batch through the captured graphs and
+records each graph's inputs; a calibrated pass then calls :func:`collect_stats` with the nodes it cares
+about and gets per-node :class:`ActivationStats` (per-channel abs-max, mean |x|, a sample of |x| for
+quantiles). Its decisions go into ``PassResult.artifacts`` so explain() and the cache key see them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+
+from effcompile.compiler.pass_manager import PassContext
+
+
+@dataclass
+class ActivationStats:
+    """Running statistics of one activation over all calibration batches (last dim = channels)."""
+
+    count: int = 0
+    absmax: torch.Tensor | None = None  # per channel
+    abs_sum: torch.Tensor | None = None  # per channel
+    sample: list[torch.Tensor] = field(default_factory=list)  # |x| values, for quantiles
+    sample_size: int = 65536
+
+    def update(self, x: torch.Tensor) -> None:
+        a = x.detach().abs().float().reshape(-1, x.shape[-1])
+        amax, asum = a.amax(0), a.sum(0)
+        self.absmax = amax if self.absmax is None else torch.maximum(self.absmax, amax)
+        self.abs_sum = asum if self.abs_sum is None else self.abs_sum + asum
+        self.count += a.shape[0]
+        have = sum(s.numel() for s in self.sample)
+        if have < self.sample_size:
+            flat = a.flatten()
+            # A fixed-seed subsample keeps calibration deterministic (the result is a cache-key part).
+            g = torch.Generator().manual_seed(self.count)
+            take = flat[torch.randperm(flat.numel(), generator=g)[: self.sample_size - have]]
+            self.sample.append(take)
+
+    @property
+    def mean_abs(self) -> torch.Tensor:
+        return self.abs_sum / max(self.count, 1)
+
+    def quantile(self, q: float) -> float:
+        """The q-quantile of |x| over the sample (q in [0, 1])."""
+        if not self.sample:
+            raise ValueError("no calibration data was recorded for this activation")
+        return float(torch.quantile(torch.cat(self.sample)[:16_000_000], q))
+
+
+class _Recorder(fx.Interpreter):
+    def __init__(self, gm: fx.GraphModule, watch: set[str], stats: dict[str, ActivationStats]):
+        super().__init__(gm)
+        self.watch, self.stats = watch, stats
+
+    def run_node(self, n: fx.Node):
+        out = super().run_node(n)
+        if n.name in self.watch and isinstance(out, torch.Tensor):
+            self.stats.setdefault(n.name, ActivationStats()).update(out)
+        return out
+
+
+def collect_stats(
+    gm: fx.GraphModule,
+    ctx: PassContext,
+    select: Callable[[fx.Node], bool] | Iterable[fx.Node],
+    *,
+    desc: str = "calibrating",
+) -> dict[str, ActivationStats]:
+    """Run ``gm`` over the recorded calibration inputs; return stats of the selected nodes' outputs.
+
+    ``select`` is a node predicate or a list of nodes. Raises ValueError when the graph saw no
+    calibration data (the message says how to give some).
+    """
+    from tqdm.auto import tqdm
+
+    if not ctx.calibration:
+        raise ValueError(
+            "this pass needs calibration data, but this graph received none: pass "
+            "effcompile(model, calibration=[batch, ...]) with batches shaped like real inputs"
+        )
+    nodes = [n for n in gm.graph.nodes if select(n)] if callable(select) else list(select)
+    watch = {n.name for n in nodes}
+    stats: dict[str, ActivationStats] = {}
+    batches = list(ctx.calibration)
+    with torch.no_grad():
+        for args in tqdm(batches, desc=desc, leave=False):
+            _Recorder(gm, watch, stats).run(*args)
+    return stats

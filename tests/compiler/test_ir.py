@@ -1,0 +1,83 @@
+"""IR: metadata and sublayer tags on real HF graphs (MiniLM, Llama, GPT-2), stable across retraces."""
+
+import collections
+
+import pytest
+import torch
+
+from effcompile.compiler import ir
+from effcompile.testing import capture, tiny_hf
+
+
+def _tags(gm):
+    return collections.Counter((str(n.meta[ir.TAG]), n.meta[ir.TAG].kind) for n in gm.graph.nodes if n.op != "output")
+
+
+def _annotated(model, **inputs):
+    graphs = capture(model, **inputs)
+    assert len(graphs) == 1, "these HF models capture as one graph"
+    gm, example = graphs[0]
+    ir.annotate(gm, example)
+    return gm
+
+
+@pytest.mark.parametrize("kind,layers", [("llama", 3), ("gpt2", 2), ("bert", 2)])
+def test_every_block_has_attn_ffn_norms_and_two_residuals(kind, layers):
+    model = tiny_hf(kind, layers=layers)
+    gm = _annotated(model, input_ids=torch.randint(0, 128, (2, 9)))
+    tags = _tags(gm)
+    for i in range(layers):
+        for part in ("attn", "ffn"):
+            assert tags[(f"layers.{i}.{part}", "op")] > 0, (kind, i, part)
+            assert tags[(f"layers.{i}.{part}", "residual")] == 1, (kind, i, part, tags)
+            assert tags[(f"layers.{i}.{part}", "norm")] >= 1, (kind, i, part, tags)
+    assert not any(k[0].startswith(f"layers.{layers}") for k in tags)
+    ir.check_invariants(gm)
+
+
+def test_minilm_tags_embedding_blocks_and_head(minilm, minilm_batch):
+    model, _ = minilm
+    gm = _annotated(model, **minilm_batch)
+    names = {k[0] for k in _tags(gm)}
+    assert {f"layers.{i}.{p}" for i in range(6) for p in ("attn", "ffn")} <= names
+    assert "embedding" in names and "head" in names
+    # Post-LN BERT: the residual add and the LayerNorm after it close each sublayer.
+    residuals = [n for n in gm.graph.nodes if n.op != "output" and n.meta[ir.TAG].kind == "residual"]
+    assert len(residuals) == 12
+    assert all(ir.target_name(n) == "add" for n in residuals)
+
+
+def test_tags_are_stable_across_retraces():
+    model = tiny_hf("llama", layers=2)
+    ids = torch.randint(0, 128, (1, 7))
+    runs = []
+    for _ in range(2):
+        torch._dynamo.reset()
+        gm = _annotated(model, input_ids=ids)
+        runs.append([(n.name, str(n.meta.get(ir.TAG)), getattr(n.meta.get(ir.TAG), "kind", None))
+                     for n in gm.graph.nodes])
+    assert runs[0] == runs[1]
+
+
+def test_fingerprint_changes_with_structure_not_with_weights():
+    def f(x, w):
+        return torch.nn.functional.gelu(x @ w)
+
+    def g(x, w):
+        return torch.relu(x @ w)
+
+    x, w = torch.randn(3, 4), torch.randn(4, 4)
+    fa = ir.fingerprint(capture(f, x, w)[0][0])
+    assert fa == ir.fingerprint(capture(f, x, torch.randn(4, 4))[0][0])
+    assert fa != ir.fingerprint(capture(g, x, w)[0][0])
+
+
+def test_meta_val_present_after_annotate_and_invariants_catch_missing():
+    gm, example = capture(lambda x: torch.softmax(x * 2, -1), torch.randn(2, 5))[0]
+    ir.annotate(gm, example)
+    ir.check_invariants(gm)
+    node = next(n for n in gm.graph.nodes if n.op == "call_function")
+    del node.meta["val"]
+    node.meta.pop("example_value", None)
+    with pytest.raises(ir.InvariantError, match=node.name):
+        ir.check_invariants(gm)

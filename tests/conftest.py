@@ -1,0 +1,37 @@
+"""Test-wide setup: IR checks on, a private cache dir, `gpu` tests skipped without CUDA, shared models."""
+
+import os
+import tempfile
+
+import pytest
+import torch
+
+# Every pass in the suite runs with IR invariant checks (as CI does), and never touches ~/.cache.
+os.environ.setdefault("EFFCOMPILE_CHECKS", "1")
+os.environ.setdefault("EFFCOMPILE_CACHE_DIR", tempfile.mkdtemp(prefix="effcompile-test-cache-"))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def minilm():
+    """(model, tokenizer) of the real MiniLM-L6 weights."""
+    from effcompile.testing import load_minilm
+
+    return load_minilm()
+
+
+@pytest.fixture(scope="session")
+def minilm_batch(minilm):
+    _, tok = minilm
+    texts = ["The quick brown fox jumps over the lazy dog.", "effcompile fuses kernels.", "Short."]
+    return dict(tok(texts, padding=True, return_tensors="pt"))
