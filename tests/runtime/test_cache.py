@@ -1,0 +1,243 @@
+"""Disk cache: round trips, fresh-process hits, corrupt entries are warned misses, atomic concurrent writes."""
+
+import json
+import os
+import re
+import stat
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO, run_python
+
+from effcompile.runtime.cache import CacheDirError, CacheEntry, CacheStore, CacheWarning, default_root
+from effcompile.runtime.key import make_key
+
+
+# Fixed versions: the real ones hash effcompile's source, which other work may edit while tests run.
+VERSIONS = {"effcompile": "test", "torch": "t", "triton": "t", "python": "t"}
+
+
+def _key(name="g"):
+    return make_key(graph=name, inputs=[{"kind": "tensor", "shape": [2, "65-128"]}], passes=[], versions=VERSIONS)
+
+
+def _entry():
+    w = torch.arange(12.0).reshape(3, 4)
+    return CacheEntry(meta={"graph": {"nodes": []}, "name": "test"}, sources={"kernel_abc.py": "X = 1\n"},
+                      tensors={"w": w, "tied": w, "b": torch.ones(2, dtype=torch.bfloat16)})
+
+
+def _check(e):
+    assert e is not None
+    assert e.meta["name"] == "test" and e.sources == {"kernel_abc.py": "X = 1\n"}
+    assert torch.equal(e.tensors["w"], torch.arange(12.0).reshape(3, 4)) and e.tensors["b"].dtype == torch.bfloat16
+
+
+def test_roundtrip_memory_and_disk(cache_dir):
+    store, k = CacheStore(), _key()
+    assert store.get(k) is None and store.stats.misses == 1
+    path = store.put(k, _entry())
+    assert path.parent.parent == cache_dir and path.name == k.digest and path.parent.name == k.digest[:2]
+    _check(store.get(k))
+    assert store.stats.memory_hits == 1
+    fresh = CacheStore()
+    _check(fresh.get(k))
+    assert fresh.stats.disk_hits == 1 and fresh.stats.corrupt == 0
+    info = fresh.info()
+    assert info["entries"] == 1 and info["bytes"] > 0 and info["path"] == str(cache_dir)
+    assert [e["digest"] for e in fresh.entries()] == [k.digest]
+
+
+def test_no_pickle_on_disk(cache_dir):
+    path = CacheStore().put(_key(), _entry())
+    assert sorted(p.name for p in path.iterdir()) == ["kernel_abc.py", "meta.json", "tensors.safetensors"]
+    meta = json.loads((path / "meta.json").read_text())
+    assert meta["format"] == 1 and set(meta["files"]) == {"kernel_abc.py", "tensors.safetensors"}
+
+
+def test_fresh_process_disk_hit(cache_dir):
+    k = _key()
+    CacheStore().put(k, _entry())
+    out = run_python(
+        "from effcompile.runtime.cache import CacheStore\n"
+        "from effcompile.runtime.key import make_key\n"
+        f"k = make_key(graph='g', inputs=[{{'kind': 'tensor', 'shape': [2, '65-128']}}], passes=[], "
+        f"versions={VERSIONS!r})\n"
+        "s = CacheStore(); e = s.get(k)\n"
+        "print(k.digest, e.tensors['w'].sum().item(), s.stats.disk_hits)\n")
+    assert out.split() == [k.digest, "66.0", "1"]
+
+
+def _corrupt_truncate(p):
+    f = p / "tensors.safetensors"
+    f.write_bytes(f.read_bytes()[:-7])
+
+
+def _corrupt_garbage_meta(p):
+    (p / "meta.json").write_bytes(b"\x00\xffnot json")
+
+
+def _corrupt_version(p):
+    m = json.loads((p / "meta.json").read_text())
+    m["format"] = 999
+    (p / "meta.json").write_text(json.dumps(m))
+
+
+def _corrupt_missing_file(p):
+    (p / "kernel_abc.py").unlink()
+
+
+def _corrupt_half_written(p):
+    (p / "meta.json").unlink()  # a writer that died before its last file
+
+
+def _corrupt_flip_byte(p):
+    f = p / "kernel_abc.py"
+    f.write_text("X = 2\n")
+
+
+def _corrupt_key_fields(p):
+    m = json.loads((p / "meta.json").read_text())
+    m["key"]["graph"] = "other"
+    (p / "meta.json").write_text(json.dumps(m))
+
+
+@pytest.mark.parametrize("corrupt", [_corrupt_truncate, _corrupt_garbage_meta, _corrupt_version,
+                                     _corrupt_missing_file, _corrupt_half_written, _corrupt_flip_byte,
+                                     _corrupt_key_fields])
+def test_corrupt_entry_is_a_warned_miss(cache_dir, corrupt, caplog):
+    k = _key()
+    path = CacheStore().put(k, _entry())
+    corrupt(path)
+    store = CacheStore()
+    with pytest.warns(CacheWarning, match=re.escape(str(path))):
+        assert store.get(k) is None
+    assert store.stats.corrupt == 1 and store.stats.misses == 1
+    assert str(path) in caplog.text
+    # Writing again replaces the broken entry.
+    store.put(k, _entry())
+    _check(CacheStore().get(k))
+
+
+def test_leftover_temp_dir_is_ignored(cache_dir):
+    store, k = CacheStore(), _key()
+    store.put(k, _entry())
+    tmp = cache_dir / ".tmp-deadbeef-x"
+    tmp.mkdir()
+    (tmp / "tensors.safetensors").write_bytes(b"half")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _check(CacheStore().get(k))
+        assert CacheStore().get(_key("other")) is None
+    assert len(CacheStore().entries()) == 1
+    os.utime(tmp, (0, 0))  # stale: clear() removes it, a recent one may belong to a live writer
+    assert CacheStore().clear() == 1
+    assert sorted(p.name for p in cache_dir.iterdir() if p.name.startswith(".")) == []
+
+
+def test_clear(cache_dir):
+    store = CacheStore()
+    for i in range(3):
+        store.put(_key(f"g{i}"), _entry())
+    assert store.clear() == 3
+    assert store.entries() == [] and store.get(_key("g0")) is None
+
+
+def test_dir_created_private(tmp_path, monkeypatch):
+    d = tmp_path / "a" / "b"
+    monkeypatch.setenv("EFFCOMPILE_CACHE_DIR", str(d))
+    old = os.umask(0o022)
+    try:
+        CacheStore().info()
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(d.stat().st_mode) == 0o700
+
+
+def test_world_writable_dir_refused(tmp_path):
+    d = tmp_path / "shared"
+    d.mkdir()
+    os.chmod(d, 0o777)
+    with pytest.raises(CacheDirError, match=r"world-writable.*chmod 700") as e:
+        CacheStore(d).get(_key())
+    assert str(d) in str(e.value)
+
+
+def test_other_owner_refused(tmp_path, monkeypatch):
+    d = tmp_path / "theirs"
+    d.mkdir(mode=0o700)
+    monkeypatch.setattr(os, "getuid", lambda: os.stat(d).st_uid + 1)
+    with pytest.raises(CacheDirError, match="owned by uid"):
+        CacheStore(d).put(_key(), _entry())
+
+
+def test_default_root(monkeypatch, tmp_path):
+    monkeypatch.delenv("EFFCOMPILE_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert default_root() == tmp_path / "effcompile"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    assert default_root() == Path.home() / ".cache" / "effcompile"
+
+
+def test_bad_inputs_rejected(cache_dir):
+    with pytest.raises(ValueError):
+        CacheStore().put(_key(), CacheEntry(sources={"../evil.py": ""}))
+    with pytest.raises(TypeError):
+        CacheStore().put(_key(), CacheEntry(meta={"x": object()}))
+    assert not [p for p in cache_dir.rglob("*") if p.name.startswith(".tmp")]
+
+
+WRITER = """
+import sys, torch, warnings
+from effcompile.runtime.cache import CacheStore, CacheEntry
+from effcompile.runtime.key import make_key
+warnings.simplefilter("error")
+k = make_key(graph="race", inputs=[], passes=[], versions={"effcompile": "test"})
+errors = 0
+for r in range(20):
+    try:
+        s = CacheStore(memory_entries=0)
+        s.put(k, CacheEntry({"writer": sys.argv[1], "round": r}, {"k.py": "A = 1\\n" * 500},
+                            {"w": torch.arange(5000.0)}))
+        e = s.get(k)
+        assert e is not None and e.tensors["w"][-1].item() == 4999.0 and e.sources["k.py"].startswith("A = 1")
+    except Exception as ex:
+        errors += 1
+        print("ERR", repr(ex), file=sys.stderr)
+print(errors)
+"""
+
+
+def test_concurrent_writers_same_key(cache_dir):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "EFFCOMPILE_CACHE_DIR": str(cache_dir)}
+    procs = [subprocess.Popen([sys.executable, "-c", WRITER, str(i)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=env) for i in range(4)]
+    results = [p.communicate(timeout=120) for p in procs]
+    for (out, err), p in zip(results, procs):
+        assert p.returncode == 0, err[-2000:]
+        assert out.strip() == "0", err[-2000:]
+    store = CacheStore()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        e = store.get(make_key(graph="race", inputs=[], passes=[], versions={"effcompile": "test"}))
+    assert e is not None and len(store.entries()) == 1
+    assert not [p for p in cache_dir.iterdir() if p.name.startswith(".")]  # no temp dirs left behind
+
+
+_PICKLE_USE = re.compile(r"^\s*(import|from)\s+(pickle|cPickle|_pickle|dill|cloudpickle)\b|"
+                         r"\b(pickle|dill|cloudpickle)\.(loads?|dumps?|Unpickler|Pickler)\b|"
+                         r"\btorch\.load\s*\(|\bmarshal\.loads?\b", re.M)
+
+
+def test_no_pickle_or_torch_load_in_package():
+    offenders = []
+    for py in sorted((REPO / "effcompile").rglob("*.py")):
+        for m in _PICKLE_USE.finditer(py.read_text(encoding="utf-8")):
+            line = py.read_text(encoding="utf-8").count("\n", 0, m.start()) + 1
+            offenders.append(f"{py.relative_to(REPO)}:{line}: {m.group(0).strip()}")
+    assert offenders == [], "pickle / torch.load found (cache entries must be JSON + safetensors):\n" + \
+        "\n".join(offenders)
