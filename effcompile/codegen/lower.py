@@ -71,7 +71,9 @@ def _stable_toposort(graph: fx.Graph) -> None:
         cur = n
 
 
-def lower(gm: fx.GraphModule, kernel_dir: str | os.PathLike, *, use_triton: bool | None = None) -> LoweringResult:
+def lower(
+    gm: fx.GraphModule, kernel_dir: str | os.PathLike, *, use_triton: bool | None = None
+) -> LoweringResult:
     """Fuse row-wise op groups of gm into generated Triton custom ops, rewriting gm in place.
 
     use_triton: None = decide per call (CUDA tensors or TRITON_INTERPRET=1 -> Triton, else eager
@@ -116,8 +118,17 @@ def lower(gm: fx.GraphModule, kernel_dir: str | os.PathLike, *, use_triton: bool
         for n in reversed(group.nodes):
             graph.erase_node(n)
         sublayers = tuple(sorted({str(n.meta[TAG]) for n in group.nodes if TAG in n.meta}))
-        result.kernels.append(KernelRecord(gen.name, f"torch.ops.effcompile.{gen.name}.default", str(path),
-                                           gen.kind, gen.ops, names, sublayers))
+        result.kernels.append(
+            KernelRecord(
+                gen.name,
+                f"torch.ops.effcompile.{gen.name}.default",
+                str(path),
+                gen.kind,
+                gen.ops,
+                names,
+                sublayers,
+            )
+        )
     _stable_toposort(graph)
     graph.lint()
     gm.recompile()

@@ -18,14 +18,47 @@ EPILOGUE = "ec_epilogue"  # meta key marking a bias add split off a linear
 REDUCTIONS = ("mean", "sum", "amax", "layer_norm", "rms_norm", "softmax")
 ROW_REDUCTIONS = ("mean", "sum", "amax")  # produce one value per row ([..., 1])
 
-_BINARY = {operator.add: "add", torch.add: "add", operator.sub: "sub", torch.sub: "sub",
-           operator.mul: "mul", torch.mul: "mul", operator.truediv: "div", torch.div: "div",
-           "add": "add", "sub": "sub", "mul": "mul", "div": "div"}
-_UNARY = {torch.relu: "relu", F.relu: "relu", torch.sigmoid: "sigmoid", F.sigmoid: "sigmoid",
-          torch.tanh: "tanh", F.tanh: "tanh", torch.exp: "exp", torch.rsqrt: "rsqrt", torch.sqrt: "sqrt",
-          torch.erf: "erf", torch.abs: "abs", operator.neg: "neg", torch.neg: "neg", F.silu: "silu",
-          torch.square: "square", "relu": "relu", "sigmoid": "sigmoid", "tanh": "tanh", "exp": "exp",
-          "rsqrt": "rsqrt", "sqrt": "sqrt", "erf": "erf", "abs": "abs", "neg": "neg", "square": "square"}
+_BINARY = {
+    operator.add: "add",
+    torch.add: "add",
+    operator.sub: "sub",
+    torch.sub: "sub",
+    operator.mul: "mul",
+    torch.mul: "mul",
+    operator.truediv: "div",
+    torch.div: "div",
+    "add": "add",
+    "sub": "sub",
+    "mul": "mul",
+    "div": "div",
+}
+_UNARY = {
+    torch.relu: "relu",
+    F.relu: "relu",
+    torch.sigmoid: "sigmoid",
+    F.sigmoid: "sigmoid",
+    torch.tanh: "tanh",
+    F.tanh: "tanh",
+    torch.exp: "exp",
+    torch.rsqrt: "rsqrt",
+    torch.sqrt: "sqrt",
+    torch.erf: "erf",
+    torch.abs: "abs",
+    operator.neg: "neg",
+    torch.neg: "neg",
+    F.silu: "silu",
+    torch.square: "square",
+    "relu": "relu",
+    "sigmoid": "sigmoid",
+    "tanh": "tanh",
+    "exp": "exp",
+    "rsqrt": "rsqrt",
+    "sqrt": "sqrt",
+    "erf": "erf",
+    "abs": "abs",
+    "neg": "neg",
+    "square": "square",
+}
 _POW = {operator.pow, torch.pow, "pow"}
 _CASTS = {"to", "float", "half", "bfloat16", "type"}
 _POW_EXPONENTS = (-2, -1, -0.5, 0.5, 1, 2, 3)  # exponents with an exact fp32 formula in the kernel
@@ -87,7 +120,9 @@ def op_spec(node: fx.Node) -> OpSpec | str | None:
                 return "unsupported arguments (alpha/rounding_mode/out)"
             return OpSpec(_BINARY[t], tuple(node.args[:2]))
         if t in _UNARY or t in (F.gelu,):
-            inplace = node.kwargs.get("inplace", False) or (len(node.args) > 1 and t in (F.relu, F.silu) and node.args[1])
+            inplace = node.kwargs.get("inplace", False) or (
+                len(node.args) > 1 and t in (F.relu, F.silu) and node.args[1]
+            )
             if inplace:
                 return "in-place op"
             if t is F.gelu or t == "gelu":
@@ -124,7 +159,9 @@ def op_spec(node: fx.Node) -> OpSpec | str | None:
             dim = _arg(node, 1, "dim")
             if xv is None or not _is_last_dim(dim, xv.dim()):
                 return "softmax over a dim other than the last"
-            dtype = node.kwargs.get("dtype", node.args[2] if len(node.args) > 2 and t is torch.softmax else None)
+            dtype = node.kwargs.get(
+                "dtype", node.args[2] if len(node.args) > 2 and t is torch.softmax else None
+            )
             return OpSpec("softmax", (x,), (("dtype", dtype),))
         if t in (F.layer_norm, torch.layer_norm, torch.rms_norm, F.rms_norm):
             shape = _arg(node, 1, "normalized_shape")
@@ -136,7 +173,12 @@ def op_spec(node: fx.Node) -> OpSpec | str | None:
             else:
                 eps = _arg(node, 4, "eps", 1e-5)
                 name, args = "layer_norm", (x, w, _arg(node, 3, "bias"))
-            if xv is None or not isinstance(shape, list | tuple) or len(shape) != 1 or shape[0] != xv.shape[-1]:
+            if (
+                xv is None
+                or not isinstance(shape, list | tuple)
+                or len(shape) != 1
+                or shape[0] != xv.shape[-1]
+            ):
                 return f"{name} over more than the last dim"
             if not isinstance(eps, float | int):
                 return f"{name} eps is not a number"
@@ -198,7 +240,9 @@ def _node_key(node: fx.Node, spec: OpSpec, keys: dict) -> tuple | str:
         if v.dtype not in FLOAT_DTYPES:
             return f"input {a.name} has dtype {v.dtype}"
         cls = _classify(v, key[0], key[1])
-        if cls is None or (key[2] == "rowscalar" and spec.op not in ROW_REDUCTIONS and cls not in ("rowscalar", "scalar")):
+        if cls is None or (
+            key[2] == "rowscalar" and spec.op not in ROW_REDUCTIONS and cls not in ("rowscalar", "scalar")
+        ):
             return f"broadcast of {a.name} {list(v.shape)} to {list(out.shape)}"
         if cls in ("full", "rowscalar") and not v.is_contiguous():
             return f"non-contiguous input {a.name}"
@@ -327,7 +371,13 @@ def partition(gm: fx.GraphModule, *, epilogues: bool = True) -> Partition:
             continue
         epi = [m for m in gnodes if EPILOGUE in m.meta]
         keep_split.update(epi)
-        kind = "epilogue" if epi else "reduction" if any(specs[m].op in REDUCTIONS for m in gnodes) else "pointwise"
+        kind = (
+            "epilogue"
+            if epi
+            else "reduction"
+            if any(specs[m].op in REDUCTIONS for m in gnodes)
+            else "pointwise"
+        )
         result.groups.append(FusionGroup(gnodes, {m: specs[m] for m in gnodes}, inputs, outputs, n_row, kind))
 
     for add in split:

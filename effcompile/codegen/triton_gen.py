@@ -20,19 +20,48 @@ _TORCH = {torch.float32: "torch.float32", torch.float16: "torch.float16", torch.
 _SIG = "(1.0 / (1.0 + tl.exp(-({a}))))"
 _SUM = "tl.reduce({x}, 0, tl.standard._sum_combine)"
 _MAX = "tl.reduce({x}, 0, tl.standard._elementwise_max)"
-_UNARY_TL = {"relu": "tl.maximum({a}, 0.0)", "sigmoid": _SIG, "exp": "tl.exp({a})",
-             "rsqrt": "tl.rsqrt({a})", "sqrt": "tl.sqrt({a})", "erf": "tl.erf({a})", "abs": "tl.abs({a})",
-             "neg": "(-{a})", "square": "({a} * {a})", "silu": "({a} * " + _SIG + ")",
-             # tanh via sigmoid: tl has no tanh on every triton version, and this form saturates cleanly.
-             "tanh": "(2.0 * " + _SIG.format(a="2.0 * {a}") + " - 1.0)",
-             "gelu": "(0.5 * {a} * (1.0 + tl.erf({a} * 0.7071067811865476)))",
-             "gelu_tanh": "(0.5 * {a} * (1.0 + (2.0 * " + _SIG.format(a="1.5957691216057308 * ({a} + 0.044715 * {a} * {a} * {a})") + " - 1.0)))"}
-_UNARY_REF = {"relu": "torch.relu({a})", "sigmoid": "torch.sigmoid({a})", "exp": "torch.exp({a})",
-              "rsqrt": "torch.rsqrt({a})", "sqrt": "torch.sqrt({a})", "erf": "torch.erf({a})",
-              "abs": "torch.abs({a})", "neg": "(-{a})", "square": "torch.square({a})", "silu": "F.silu({a})",
-              "tanh": "torch.tanh({a})", "gelu": "F.gelu({a})", "gelu_tanh": "F.gelu({a}, approximate='tanh')"}
-_POW_TL = {1: "{a}", 2: "({a} * {a})", 3: "({a} * {a} * {a})", 0.5: "tl.sqrt({a})", -0.5: "tl.rsqrt({a})",
-           -1: "(1.0 / {a})", -2: "(1.0 / ({a} * {a}))"}
+_UNARY_TL = {
+    "relu": "tl.maximum({a}, 0.0)",
+    "sigmoid": _SIG,
+    "exp": "tl.exp({a})",
+    "rsqrt": "tl.rsqrt({a})",
+    "sqrt": "tl.sqrt({a})",
+    "erf": "tl.erf({a})",
+    "abs": "tl.abs({a})",
+    "neg": "(-{a})",
+    "square": "({a} * {a})",
+    "silu": "({a} * " + _SIG + ")",
+    # tanh via sigmoid: tl has no tanh on every triton version, and this form saturates cleanly.
+    "tanh": "(2.0 * " + _SIG.format(a="2.0 * {a}") + " - 1.0)",
+    "gelu": "(0.5 * {a} * (1.0 + tl.erf({a} * 0.7071067811865476)))",
+    "gelu_tanh": "(0.5 * {a} * (1.0 + (2.0 * "
+    + _SIG.format(a="1.5957691216057308 * ({a} + 0.044715 * {a} * {a} * {a})")
+    + " - 1.0)))",
+}
+_UNARY_REF = {
+    "relu": "torch.relu({a})",
+    "sigmoid": "torch.sigmoid({a})",
+    "exp": "torch.exp({a})",
+    "rsqrt": "torch.rsqrt({a})",
+    "sqrt": "torch.sqrt({a})",
+    "erf": "torch.erf({a})",
+    "abs": "torch.abs({a})",
+    "neg": "(-{a})",
+    "square": "torch.square({a})",
+    "silu": "F.silu({a})",
+    "tanh": "torch.tanh({a})",
+    "gelu": "F.gelu({a})",
+    "gelu_tanh": "F.gelu({a}, approximate='tanh')",
+}
+_POW_TL = {
+    1: "{a}",
+    2: "({a} * {a})",
+    3: "({a} * {a} * {a})",
+    0.5: "tl.sqrt({a})",
+    -0.5: "tl.rsqrt({a})",
+    -1: "(1.0 / {a})",
+    -2: "(1.0 / ({a} * {a}))",
+}
 _BIN = {"add": "+", "sub": "-", "mul": "*", "div": "/"}
 
 
@@ -93,17 +122,23 @@ def _triton_lines(group: FusionGroup, ref: dict) -> list[str]:
             body.append(f"{v} = {a[0]}")
         elif op in ("sum", "mean"):
             # Masked lanes hold other=0 loads pushed through the chain; reset them to the sum identity.
-            body.append(f"{v} = " + _SUM.format(x=f"tl.where(mask, {a[0]}, 0.0)") + (" / N" if op == "mean" else ""))
+            body.append(
+                f"{v} = " + _SUM.format(x=f"tl.where(mask, {a[0]}, 0.0)") + (" / N" if op == "mean" else "")
+            )
         elif op == "amax":
             body.append(f"{v} = " + _MAX.format(x=f'tl.where(mask, {a[0]}, float("-inf"))'))
         elif op == "softmax":
-            body += [f"{v}_m = " + _MAX.format(x=f'tl.where(mask, {a[0]}, float("-inf"))'),
-                     f"{v}_e = tl.where(mask, tl.exp({a[0]} - {v}_m), 0.0)",
-                     f"{v} = {v}_e / " + _SUM.format(x=f"{v}_e")]
+            body += [
+                f"{v}_m = " + _MAX.format(x=f'tl.where(mask, {a[0]}, float("-inf"))'),
+                f"{v}_e = tl.where(mask, tl.exp({a[0]} - {v}_m), 0.0)",
+                f"{v} = {v}_e / " + _SUM.format(x=f"{v}_e"),
+            ]
         elif op == "layer_norm":
-            body += [f"{v}_mu = " + _SUM.format(x=f"tl.where(mask, {a[0]}, 0.0)") + " / N",
-                     f"{v}_d = tl.where(mask, {a[0]} - {v}_mu, 0.0)",
-                     f"{v} = {v}_d * tl.rsqrt(" + _SUM.format(x=f"{v}_d * {v}_d") + f" / N + {params['eps']!r})"]
+            body += [
+                f"{v}_mu = " + _SUM.format(x=f"tl.where(mask, {a[0]}, 0.0)") + " / N",
+                f"{v}_d = tl.where(mask, {a[0]} - {v}_mu, 0.0)",
+                f"{v} = {v}_d * tl.rsqrt(" + _SUM.format(x=f"{v}_d * {v}_d") + f" / N + {params['eps']!r})",
+            ]
             body += [f"{v} = {v} * {a[1]}"] if a[1] != "None" else []
             body += [f"{v} = {v} + {a[2]}"] if a[2] != "None" else []
         elif op == "rms_norm":
@@ -137,7 +172,9 @@ def _ref_lines(group: FusionGroup, ref: dict) -> list[str]:
             body.append(f"{v} = {a[0]}.{op}(-1, keepdim=True)")
         elif op == "softmax":
             dt = params.get("dtype")
-            body.append(f"{v} = torch.softmax({a[0]}, -1" + (f", dtype={_TORCH[dt]})" if dt is not None else ")"))
+            body.append(
+                f"{v} = torch.softmax({a[0]}, -1" + (f", dtype={_TORCH[dt]})" if dt is not None else ")")
+            )
         elif op == "layer_norm":
             body.append(f"{v} = F.layer_norm({a[0]}, ({a[0]}.shape[-1],), {a[1]}, {a[2]}, {params['eps']!r})")
         elif op == "rms_norm":
@@ -159,17 +196,24 @@ def generate(group: FusionGroup) -> GeneratedKernel:
     full = ins[classes.index("full")]
     ptrs = [f"{x}_ptr" for x in ins] + [f"out{k}_ptr" for k in range(len(outs))]
 
-    k = [f"@triton.jit", f"def _kernel({', '.join(ptrs)}, N, BLOCK_N: tl.constexpr):",
-         "    # One program per row; int64 row offsets so M * N may exceed 2**31.",
-         "    row = tl.program_id(0).to(tl.int64)",
-         "    offs = tl.arange(0, BLOCK_N)",
-         "    mask = offs < N"]
-    for x, cls in zip(ins, classes):
-        where = {"full": f"{x}_ptr + row * N + offs, mask=mask, other=0.0", "row": f"{x}_ptr + offs, mask=mask, other=0.0",
-                 "scalar": f"{x}_ptr", "rowscalar": f"{x}_ptr + row"}[cls]
+    k = [
+        "@triton.jit",
+        f"def _kernel({', '.join(ptrs)}, N, BLOCK_N: tl.constexpr):",
+        "    # One program per row; int64 row offsets so M * N may exceed 2**31.",
+        "    row = tl.program_id(0).to(tl.int64)",
+        "    offs = tl.arange(0, BLOCK_N)",
+        "    mask = offs < N",
+    ]
+    for x, cls in zip(ins, classes, strict=True):
+        where = {
+            "full": f"{x}_ptr + row * N + offs, mask=mask, other=0.0",
+            "row": f"{x}_ptr + offs, mask=mask, other=0.0",
+            "scalar": f"{x}_ptr",
+            "rowscalar": f"{x}_ptr + row",
+        }[cls]
         k.append(f"    {x} = tl.load({where}).to(tl.float32)")
     k += ["    " + s for s in _triton_lines(group, ref)]
-    for i, ((v, kind), dt) in enumerate(zip(outs, out_dtypes)):
+    for i, ((v, kind), dt) in enumerate(zip(outs, out_dtypes, strict=True)):
         if kind == "full":
             k.append(f"    tl.store(out{i}_ptr + row * N + offs, {v}.to({_TL[dt]}), mask=mask)")
         else:
@@ -177,10 +221,12 @@ def generate(group: FusionGroup) -> GeneratedKernel:
 
     sig = ", ".join(f"{x}: torch.Tensor" for x in ins)
     ret = "torch.Tensor" if len(outs) == 1 else f"tuple[{', '.join(['torch.Tensor'] * len(outs))}]"
-    out_shapes = ", ".join(f"({full}.shape{'' if kd == 'full' else '[:-1] + (1,)'}, {_TORCH[dt]})"
-                           for (_, kd), dt in zip(outs, out_dtypes))
+    out_shapes = ", ".join(
+        f"({full}.shape{'' if kd == 'full' else '[:-1] + (1,)'}, {_TORCH[dt]})"
+        for (_, kd), dt in zip(outs, out_dtypes, strict=True)
+    )
     ref_ret = ", ".join(v for v, _ in outs)
-    src = f'''"""Generated by effcompile.codegen ({group.kind}: {', '.join(ops)}). Do not edit: regenerated from the graph."""
+    src = f'''"""Generated by effcompile.codegen ({group.kind}: {", ".join(ops)}). Do not edit: regenerated from the graph."""
 
 import torch
 import torch.nn.functional as F
@@ -199,12 +245,12 @@ _OUTPUTS = lambda {full}: ({out_shapes},)
 {chr(10).join(k)}
 
 
-def launch({', '.join(ins)}):
+def launch({", ".join(ins)}):
     """Run the Triton kernel: every input flattened contiguous, one program per row of N."""
     N = {full}.shape[-1]
     M = {full}.numel() // max(N, 1)
     dev = {full}.device
-    args = [t.to(dev).contiguous().view(-1) for t in ({', '.join(ins)},)]
+    args = [t.to(dev).contiguous().view(-1) for t in ({", ".join(ins)},)]
     outs = [torch.empty(s, dtype=d, device=dev) for s, d in _OUTPUTS({full})]
     if M > 0 and N > 0:
         block = triton.next_power_of_2(N)
@@ -213,15 +259,15 @@ def launch({', '.join(ins)}):
     return tuple(outs)
 
 
-def reference({', '.join(ins)}):
+def reference({", ".join(ins)}):
     """Eager reference: the original graph ops in their original dtypes."""
-{chr(10).join('    ' + s for s in _ref_lines(group, ref))}
+{chr(10).join("    " + s for s in _ref_lines(group, ref))}
     return ({ref_ret},)
 
 
-def run({', '.join(ins)}, mode: int = 0):
+def run({", ".join(ins)}, mode: int = 0):
     """mode 0: auto (CUDA or TRITON_INTERPRET=1 -> Triton), 1: Triton, 2: eager reference."""
-    inputs = ({', '.join(ins)},)
+    inputs = ({", ".join(ins)},)
     if _ops.use_triton(mode, {full}.device):
         outs, path = launch(*inputs), "triton"
     else:
@@ -234,12 +280,14 @@ if not _ops.op_exists(NAME):
 
     @torch.library.custom_op("effcompile::" + NAME, mutates_args=())
     def op({sig}, mode: int) -> {ret}:
-        outs = run({', '.join(ins)}, mode)
-        return outs{'[0]' if len(outs) == 1 else ''}
+        outs = run({", ".join(ins)}, mode)
+        return outs{"[0]" if len(outs) == 1 else ""}
 
     @op.register_fake
-    def _fake({', '.join(ins)}, mode):
+    def _fake({", ".join(ins)}, mode):
         outs = tuple(torch.empty(s, dtype=d, device={full}.device) for s, d in _OUTPUTS({full}))
-        return outs{'[0]' if len(outs) == 1 else ''}
+        return outs{"[0]" if len(outs) == 1 else ""}
 '''
-    return GeneratedKernel(name, group.kind, src, ops, tuple(n for n, _ in group.inputs), tuple(group.outputs))
+    return GeneratedKernel(
+        name, group.kind, src, ops, tuple(n for n, _ in group.inputs), tuple(group.outputs)
+    )

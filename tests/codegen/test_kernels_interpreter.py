@@ -77,17 +77,39 @@ def _inputs(case, lead, n, dtype, gen):
     return (full(),)
 
 
-CASES = {f.__name__: f for f in (bias_gelu, bias_gelu_tanh, bias_residual_layernorm, rmsnorm_decomposed,
-                                  rms_norm_native, softmax, stable_max, swiglu, relu, chain)}
-EXPECT_KIND = {"bias_gelu": "epilogue", "bias_gelu_tanh": "epilogue", "bias_residual_layernorm": "epilogue",
-               "relu": "pointwise", "swiglu": "pointwise", "chain": "pointwise"}
+CASES = {
+    f.__name__: f
+    for f in (
+        bias_gelu,
+        bias_gelu_tanh,
+        bias_residual_layernorm,
+        rmsnorm_decomposed,
+        rms_norm_native,
+        softmax,
+        stable_max,
+        swiglu,
+        relu,
+        chain,
+    )
+}
+EXPECT_KIND = {
+    "bias_gelu": "epilogue",
+    "bias_gelu_tanh": "epilogue",
+    "bias_residual_layernorm": "epilogue",
+    "relu": "pointwise",
+    "swiglu": "pointwise",
+    "chain": "pointwise",
+}
 SHAPES = [((3,), 781), ((5,), 1823), ((2, 3), 781)]
 # fp32: the kernel's erf/exp/reduction order differ from ATen's by a few ulp.
 # fp16: every intermediate is rounded like eager, but an fp32 difference of 1 ulp can flip a rounding.
 # bf16: the interpreter converts fp32->bf16 by truncation (GPUs round to nearest), so up to a few
 #       bf16 ulp (2**-8 relative each) accumulate along a chain.
-TOL = {torch.float32: dict(rtol=2e-5, atol=2e-5), torch.float16: dict(rtol=2e-3, atol=2e-3),
-       torch.bfloat16: dict(rtol=5e-2, atol=5e-2)}
+TOL = {
+    torch.float32: dict(rtol=2e-5, atol=2e-5),
+    torch.float16: dict(rtol=2e-3, atol=2e-3),
+    torch.bfloat16: dict(rtol=5e-2, atol=5e-2),
+}
 
 _LOWERED: dict = {}
 
@@ -124,7 +146,7 @@ def test_kernel_matches_reference(name, dtype, tmp_path_factory, monkeypatch):
         ref = gm(*args)
         ref = ref if isinstance(ref, tuple) else (ref,)
         assert ops.PATH_COUNTS[rec.name]["torch"] == before.get("torch", 0) + 1
-        for r, e in zip(ref, eager):
+        for r, e in zip(ref, eager, strict=True):
             # The reference is the graph's own ops; epilogues differ from eager only in that the split
             # linear rounds its output to fp16/bf16 before the bias add (addmm rounds once).
             torch.testing.assert_close(r, e, **TOL[dtype])
@@ -133,7 +155,7 @@ def test_kernel_matches_reference(name, dtype, tmp_path_factory, monkeypatch):
         tri = gm(*args)
         tri = tri if isinstance(tri, tuple) else (tri,)
         assert ops.PATH_COUNTS[rec.name]["triton"] == before.get("triton", 0) + 1
-        for t, r in zip(tri, ref):
+        for t, r in zip(tri, ref, strict=True):
             assert t.dtype == r.dtype and t.shape == r.shape
             torch.testing.assert_close(t, r, **TOL[dtype])
 

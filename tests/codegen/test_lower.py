@@ -1,0 +1,196 @@
+"""Lowering: Before/After structure, numerics vs eager (torch and interpreter paths), negatives, dynamic shapes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from cg_util import capture, capture_compiled, targets
+
+from effcompile.codegen import ops
+from effcompile.codegen.lower import KernelRecord, load_kernels, lower
+from effcompile.codegen.partition import MAX_BLOCK
+from effcompile.compiler.ir import TAG, check_invariants
+
+
+class Mlp(nn.Module):
+    def __init__(self, d=24, h=40):
+        super().__init__()
+        self.fc1, self.fc2, self.norm = nn.Linear(d, h), nn.Linear(h, d), nn.LayerNorm(d)
+
+    def forward(self, x):
+        return self.norm(self.fc2(F.gelu(self.fc1(x))) + x)  # BERT's FFN: bias+gelu, bias+residual+LN
+
+
+class Block(nn.Module):
+    def __init__(self, d=24):
+        super().__init__()
+        self.mlp = Mlp(d)
+
+    def forward(self, x):
+        return self.mlp(x)
+
+
+class Stack(nn.Module):
+    def __init__(self, n=2, d=24):
+        super().__init__()
+        self.layers = nn.ModuleList(Block(d) for _ in range(n))
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+@torch.no_grad()
+def test_mlp_before_after_structure_and_numerics(tmp_path):
+    model = Mlp().eval()
+    x = torch.randn(2, 5, 24)
+    gm, compiled, _ = capture_compiled(model, x)
+    before = targets(gm)
+    assert before.count("linear") == 2 and "gelu" in before and "layer_norm" in before
+    res = lower(gm, tmp_path, use_triton=False)
+    check_invariants(gm)
+    after = targets(gm)
+    assert len([t for t in after if t.startswith("epilogue_")]) == 2
+    assert "gelu" not in after and "layer_norm" not in after and "add" not in after
+    assert after.count("linear") == 2
+    for n in gm.graph.nodes:
+        if n.op == "call_function" and n.target in (torch._C._nn.linear, F.linear):
+            assert len(n.args) == 2 and n.kwargs.get("bias") is None, "bias moved into the epilogue"
+    assert [k.kind for k in res.kernels] == ["epilogue", "epilogue"]
+    assert res.kernels[0].ops == ("add", "gelu")
+    assert res.kernels[1].ops == ("add", "add", "layer_norm")
+    for k in res.kernels:
+        assert isinstance(k, KernelRecord) and Path(k.source_path).is_file()
+        assert k.op == f"torch.ops.effcompile.{k.name}.default"
+        assert eval(k.op, {"torch": torch}) in {n.target for n in gm.graph.nodes}
+        assert "@triton.jit" in Path(k.source_path).read_text()
+    fused = [
+        n for n in gm.graph.nodes if n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload)
+    ]
+    assert all(TAG in n.meta and "val" in n.meta for n in fused)
+    torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.interpreter
+@torch.no_grad()
+def test_mlp_numerics_interpreter_path(tmp_path):
+    model = Mlp().eval()
+    x = torch.randn(3, 7, 24)
+    gm, compiled, _ = capture_compiled(model, x)
+    res = lower(gm, tmp_path, use_triton=True)
+    before = {k.name: ops.PATH_COUNTS[k.name]["triton"] for k in res.kernels}
+    torch.testing.assert_close(compiled(x), model(x), rtol=2e-5, atol=2e-5)
+    assert all(ops.PATH_COUNTS[k.name]["triton"] == before[k.name] + 1 for k in res.kernels)
+
+
+@torch.no_grad()
+def test_identical_layers_share_one_kernel(tmp_path):
+    model = Stack(2).eval()
+    x = torch.randn(2, 3, 24)
+    gm, compiled, _ = capture_compiled(model, x)
+    res = lower(gm, tmp_path, use_triton=False)
+    assert len(res.kernels) == 4 and len({k.name for k in res.kernels}) == 2
+    assert {k.sublayers for k in res.kernels} == {("layers.0.ffn",), ("layers.1.ffn",)}
+    assert len(list(Path(tmp_path).glob("*.py"))) == 2
+    torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
+    # Lowering again (second load from the same or another dir) is idempotent and deterministic.
+    gm2 = capture(model, x)
+    res2 = lower(gm2, tmp_path / "again", use_triton=False)
+    assert [k.name for k in res2.kernels] == [k.name for k in res.kernels]
+    assert load_kernels(sorted(Path(tmp_path).glob("*.py"))) == sorted({k.name for k in res.kernels})
+
+
+def test_attention_mask_broadcast_is_not_fused(tmp_path):
+    def attn(scores, mask):
+        return torch.softmax(scores + mask, dim=-1)
+
+    scores, mask = torch.randn(2, 3, 5, 5), torch.zeros(2, 1, 1, 5)
+    mask[1, ..., -2:] = float("-inf")
+    gm = capture(attn, scores, mask)
+    res = lower(gm, tmp_path, use_triton=False)
+    assert [k.ops for k in res.kernels] == [("softmax",)]  # the lone softmax still gets a kernel
+    reasons = dict(res.fallbacks)
+    assert "broadcast" in reasons["add"]
+    assert "add" in targets(gm)
+    torch.testing.assert_close(gm(scores, mask)[0], attn(scores, mask))
+
+
+def test_non_last_dim_reduction_and_trivial_cast_are_not_kernels(tmp_path):
+    def f(x):
+        return x.sum(0, keepdim=True), x.to(torch.float16)
+
+    x = torch.randn(4, 6)
+    gm = capture(f, x)
+    res = lower(gm, tmp_path, use_triton=False)
+    assert res.kernels == []
+    reasons = dict(res.fallbacks)
+    assert "other than the last" in reasons["sum_1"]
+    assert "trivial" in reasons["to"]
+    assert targets(gm) == ["sum", "to"]
+
+
+def test_row_too_wide_is_a_fallback(tmp_path):
+    gm = capture(lambda x: torch.relu(x), torch.randn(1, MAX_BLOCK + 1))
+    res = lower(gm, tmp_path, use_triton=False)
+    assert res.kernels == [] and "MAX_BLOCK" in res.fallbacks[0][1]
+
+
+@pytest.mark.interpreter
+def test_path_leaving_and_reentering_is_split(tmp_path):
+    """h feeds both the kernel's tail and a matmul that feeds it: fusing all would create a cycle."""
+
+    def f(x, w):
+        h = x + 1.0
+        return torch.relu(h @ w) * h
+
+    x, w = torch.randn(3, 8), torch.randn(8, 8)
+    gm = capture(f, x, w)
+    res = lower(gm, tmp_path, use_triton=True)
+    assert sorted(k.ops for k in res.kernels) == [("add",), ("relu", "mul")]
+    gm.graph.lint()
+    torch.testing.assert_close(gm(x, w)[0], f(x, w), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.interpreter
+def test_fused_output_read_before_group_end_is_reordered(tmp_path):
+    """An output used by an unfused op placed between group nodes: the graph is re-sorted, not broken."""
+
+    def f(x, y):
+        a = torch.sigmoid(x)
+        b = a @ y.t()  # not fusible, reads a mid-group output
+        c = a * torch.exp(x)
+        return b, c
+
+    x, y = torch.randn(4, 6), torch.randn(5, 6)
+    gm = capture(f, x, y)
+    res = lower(gm, tmp_path, use_triton=True)
+    assert [k.ops for k in res.kernels] == [("sigmoid", "exp", "mul")]
+    for got, want in zip(gm(x, y), f(x, y), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.interpreter
+@torch.no_grad()
+def test_dynamic_seq_len(tmp_path, monkeypatch):
+    model = Mlp().eval()
+    x = torch.randn(2, 5, 24)
+    gm, compiled, graphs = capture_compiled(model, x, dynamic_dims={0: 1})
+    res = lower(gm, tmp_path, use_triton=None)
+    fused = [
+        n for n in gm.graph.nodes if n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload)
+    ]
+    assert len(fused) == 2 and not isinstance(fused[0].meta["val"].shape[1], int)  # symbolic seq dim kept
+    for seq in (3, 11):
+        x = torch.randn(2, seq, 24)
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+        torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+        n_before = ops.PATH_COUNTS[res.kernels[0].name]["triton"]
+        torch.testing.assert_close(compiled(x), model(x), rtol=2e-5, atol=2e-5)
+        assert ops.PATH_COUNTS[res.kernels[0].name]["triton"] == n_before + 1
+    assert len(graphs) == 1, "no recompile: one graph served both lengths"
