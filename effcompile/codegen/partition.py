@@ -240,6 +240,8 @@ def _node_key(node: fx.Node, spec: OpSpec, keys: dict) -> tuple | str:
         if v.dtype not in FLOAT_DTYPES:
             return f"input {a.name} has dtype {v.dtype}"
         cls = _classify(v, key[0], key[1])
+        if spec.op in REDUCTIONS and cls != ("full" if a is spec.args[0] else "row"):
+            return f"{spec.op} operand {a.name} {list(v.shape)} is not a full row / row vector"
         if cls is None or (
             key[2] == "rowscalar" and spec.op not in ROW_REDUCTIONS and cls not in ("rowscalar", "scalar")
         ):
