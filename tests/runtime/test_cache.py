@@ -59,6 +59,16 @@ def test_no_pickle_on_disk(cache_dir):
     assert meta["format"] == 1 and set(meta["files"]) == {"kernel_abc.py", "tensors.safetensors"}
 
 
+def test_views_and_strided_tensors(cache_dir):
+    base = torch.arange(24.0).reshape(4, 6)
+    tensors = {"row": base[1], "col": base[:, 2], "t": base.t(), "base": base, "scalar": torch.tensor(3),
+               "empty": torch.zeros(0, 3)}
+    k = _key()
+    CacheStore().put(k, CacheEntry(tensors=tensors))
+    got = CacheStore().get(k).tensors
+    assert got.keys() == tensors.keys() and all(torch.equal(got[n], tensors[n]) for n in tensors)
+
+
 def test_fresh_process_disk_hit(cache_dir):
     k = _key()
     CacheStore().put(k, _entry())
