@@ -67,7 +67,14 @@ def count(name: str, path: str) -> None:
 def no_alias(outs: tuple, inputs: tuple) -> tuple:
     """Custom ops may not return their inputs: a no-op cast in the eager reference would, so copy it."""
     ptrs = {t.untyped_storage().data_ptr() for t in inputs if t.numel()}
-    return tuple(o.clone() if o.numel() and o.untyped_storage().data_ptr() in ptrs else o for o in outs)
+    safe = []
+    for o in outs:  # nor may two returns share storage (e.g. a value and its no-op cast)
+        if o.numel() and o.untyped_storage().data_ptr() in ptrs:
+            o = o.clone()
+        if o.numel():
+            ptrs.add(o.untyped_storage().data_ptr())
+        safe.append(o)
+    return tuple(safe)
 
 
 def op_exists(name: str) -> bool:

@@ -141,8 +141,11 @@ def op_spec(node: fx.Node) -> OpSpec | str | None:
         if node.op == "call_method" and t in _CASTS or t == "gelu":
             if t == "gelu":
                 return OpSpec("gelu", (x,))
-            if _bad_kwargs(node, {"dtype", "non_blocking", "copy"}):
-                return "cast with memory_format"
+            out = tensor_val(node)
+            if _bad_kwargs(node, {"dtype", "device", "non_blocking", "copy"}):
+                return f"cast with kwargs {sorted(node.kwargs)}"
+            if xv is None or out is None or out.device != xv.device:
+                return "cast that moves devices"
             return OpSpec("cast", (x,))
         if t in ("mean", "sum", "amax", torch.mean, torch.sum, torch.amax):
             name = t if isinstance(t, str) else t.__name__
