@@ -16,7 +16,6 @@ from conftest import REPO, run_python
 from effcompile.runtime.cache import CacheDirError, CacheEntry, CacheStore, CacheWarning, default_root
 from effcompile.runtime.key import make_key
 
-
 # Fixed versions: the real ones hash effcompile's source, which other work may edit while tests run.
 VERSIONS = {"effcompile": "test", "torch": "t", "triton": "t", "python": "t"}
 
@@ -227,7 +226,7 @@ def test_concurrent_writers_same_key(cache_dir):
     procs = [subprocess.Popen([sys.executable, "-c", WRITER, str(i)], stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True, env=env) for i in range(4)]
     results = [p.communicate(timeout=120) for p in procs]
-    for (out, err), p in zip(results, procs):
+    for (out, err), p in zip(results, procs, strict=True):
         assert p.returncode == 0, err[-2000:]
         assert out.strip() == "0", err[-2000:]
     store = CacheStore()
