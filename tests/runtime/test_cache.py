@@ -1,11 +1,10 @@
 """Disk cache: round trips, fresh-process hits, corrupt entries are warned misses, atomic concurrent writes."""
 
 import json
+import multiprocessing
 import os
 import re
 import stat
-import subprocess
-import sys
 import warnings
 from pathlib import Path
 
@@ -200,39 +199,42 @@ def test_bad_inputs_rejected(cache_dir):
     assert not [p for p in cache_dir.rglob("*") if p.name.startswith(".tmp")]
 
 
-WRITER = """
-import sys, torch, warnings
-from effcompile.runtime.cache import CacheStore, CacheEntry
-from effcompile.runtime.key import make_key
-warnings.simplefilter("error")
-k = make_key(graph="race", inputs=[], passes=[], versions={"effcompile": "test"})
-errors = 0
-for r in range(20):
-    try:
-        s = CacheStore(memory_entries=0)
-        s.put(k, CacheEntry({"writer": sys.argv[1], "round": r}, {"k.py": "A = 1\\n" * 500},
-                            {"w": torch.arange(5000.0)}))
-        e = s.get(k)
-        assert e is not None and e.tensors["w"][-1].item() == 4999.0 and e.sources["k.py"].startswith("A = 1")
-    except Exception as ex:
-        errors += 1
-        print("ERR", repr(ex), file=sys.stderr)
-print(errors)
-"""
+RACE_KEY = make_key(graph="race", inputs=[], passes=[], versions={"effcompile": "test"})
+
+
+def _writer(i, root, q):
+    errors = []
+    warnings.simplefilter("error")
+    for r in range(20):
+        try:
+            s = CacheStore(root, memory_entries=0)
+            s.put(RACE_KEY, CacheEntry({"writer": i, "round": r}, {"k.py": "A = 1\n" * 500},
+                                       {"w": torch.arange(5000.0)}))
+            e = s.get(RACE_KEY)
+            assert e is not None and e.tensors["w"][-1].item() == 4999.0 and e.sources["k.py"].startswith("A = 1")
+        except Exception as ex:
+            errors.append(repr(ex))
+    q.put(errors)
 
 
 def test_concurrent_writers_same_key(cache_dir):
-    env = {**os.environ, "PYTHONPATH": str(REPO), "EFFCOMPILE_CACHE_DIR": str(cache_dir)}
-    procs = [subprocess.Popen([sys.executable, "-c", WRITER, str(i)], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True, env=env) for i in range(4)]
-    results = [p.communicate(timeout=120) for p in procs]
-    for (out, err), p in zip(results, procs, strict=True):
-        assert p.returncode == 0, err[-2000:]
-        assert out.strip() == "0", err[-2000:]
+    # Forked processes (own interpreter state, shared disk) start in milliseconds; fresh interpreters
+    # would spend seconds importing torch. The tensors are far below torch's intra-op parallel grain,
+    # so no thread pool is touched after the fork.
+    ctx = multiprocessing.get_context("fork")
+    q = ctx.Queue()
+    procs = [ctx.Process(target=_writer, args=(i, str(cache_dir), q)) for i in range(4)]
+    for p in procs:
+        p.start()
+    results = [q.get(timeout=120) for _ in procs]
+    for p in procs:
+        p.join(timeout=30)
+        assert p.exitcode == 0
+    assert results == [[]] * 4
     store = CacheStore()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        e = store.get(make_key(graph="race", inputs=[], passes=[], versions={"effcompile": "test"}))
+        e = store.get(RACE_KEY)
     assert e is not None and len(store.entries()) == 1
     assert not [p for p in cache_dir.iterdir() if p.name.startswith(".")]  # no temp dirs left behind
 
