@@ -29,6 +29,7 @@ class _Compiler:
         self.report = Report()
         self.calls = 0
         self.recording = False  # True while calibration batches run through the captured graphs
+        self.recordings: dict[tuple, list] = {}  # graph input names -> recorded input lists
 
         def backend(gm, example_inputs):
             if settings.calibration is None:
@@ -76,21 +77,54 @@ class _Compiler:
         return out
 
 
+def _tensor_inputs(gm) -> list[str]:
+    return [n.name for n in gm.graph.nodes
+            if n.op == "placeholder" and isinstance(n.meta.get("example_value"), torch.Tensor)]
+
+
+def _replay_args(gm, recorded: dict[str, torch.Tensor]) -> list | None:
+    """Arguments for ``gm`` from tensors recorded by name; size symbols are read off their shapes."""
+    args = []
+    for n in (n for n in gm.graph.nodes if n.op == "placeholder"):
+        val = n.meta.get("example_value")
+        if isinstance(val, torch.Tensor):
+            if n.name not in recorded:
+                return None
+            args.append(recorded[n.name])
+        elif isinstance(val, torch.SymInt):
+            size = next((recorded[p.name].shape[d] for p in gm.graph.nodes if p.op == "placeholder"
+                         and p.name in recorded and isinstance(p.meta.get("example_value"), torch.Tensor)
+                         for d, s in enumerate(p.meta["example_value"].shape) if str(s) == str(val)), None)
+            if size is None:
+                return None
+            args.append(size)
+        else:
+            args.append(val)
+    return args
+
+
 class _CalibratingGraph:
-    """A captured graph that records its inputs during calibration and compiles on its first real call."""
+    """A captured graph that records its inputs during calibration and compiles on its first real call.
+
+    Recordings are pooled by the graph's tensor-input names: when dynamo recompiles the same forward
+    for new sizes (automatic dynamic shapes), the new graph reads the same tensors and reuses them.
+    """
 
     def __init__(self, owner: _Compiler, gm, example_inputs):
         self.owner, self.gm, self.example_inputs = owner, gm, list(example_inputs)
-        self.recorded: list[list] = []
+        self.signature = tuple(_tensor_inputs(gm))
         self.graph: CompiledGraph | None = None
 
     def __call__(self, *args):
         if self.owner.recording:
-            self.recorded.append(list(args))
+            names = [n.name for n in self.gm.graph.nodes if n.op == "placeholder"]
+            recorded = {k: v for k, v in zip(names, args, strict=True) if isinstance(v, torch.Tensor)}
+            self.owner.recordings.setdefault(self.signature, []).append(recorded)
             return self.gm(*args)
         if self.graph is None:
-            self.graph = self.owner._compile(self.gm, self.example_inputs, self.recorded or None)
-            self.recorded = []
+            replays = [_replay_args(self.gm, r) for r in self.owner.recordings.get(self.signature, [])]
+            replays = [r for r in replays if r is not None]
+            self.graph = self.owner._compile(self.gm, self.example_inputs, replays or None)
         return self.graph(*args)
 
 

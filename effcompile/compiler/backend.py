@@ -12,7 +12,6 @@ its own settings. Each graph dynamo hands us becomes a :class:`CompiledGraph`:
 
 from __future__ import annotations
 
-import copy
 import logging
 import tempfile
 import time
@@ -236,7 +235,7 @@ class CompiledGraph:
     def _build(self, store, key):
         from effcompile.codegen.lower import lower
 
-        gm = copy.deepcopy(self.pristine)
+        gm = ir.copy_graph_module(self.pristine)
         ir.annotate(gm, self.example_inputs)
         ctx = PassContext(self.example_inputs, self.calibration_inputs, self.params, self.settings.opt_level)
         if self.settings.opt_level == 0:

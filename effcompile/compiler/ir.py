@@ -240,14 +240,30 @@ def sublayer(node: fx.Node) -> Sublayer | None:
 # ---------------------------------------------------------------------------------------------
 
 
-def fake_mode_for(gm: fx.GraphModule, example_inputs=()):
-    """The fake-tensor mode the graph was traced under (dynamo's), or a fresh one."""
-    from torch._guards import detect_fake_mode
-    from torch._subclasses.fake_tensor import FakeTensorMode
+def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
+    """A copy whose graph can be rewritten independently; node meta is copied shallowly.
 
-    fakes = [node_val(n) for n in gm.graph.nodes if n.op == "placeholder"]
-    mode = detect_fake_mode([v for v in fakes if isinstance(v, torch.Tensor)] or list(example_inputs))
-    return mode or FakeTensorMode(allow_non_fake_inputs=True)
+    (copy.deepcopy would also copy the fake tensors in meta, detaching them from the fake mode
+    and shape environment dynamo traced them under.)
+    """
+    graph = fx.Graph()
+    out = graph.graph_copy(gm.graph, {})
+    graph.output(out)
+    return fx.GraphModule(gm, graph)
+
+
+def fake_mode_for(gm: fx.GraphModule, example_inputs=()):
+    """The fake-tensor mode the graph's metadata lives in (dynamo's), or a fresh one."""
+    from torch._guards import detect_fake_mode
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+
+    # The placeholders' own mode, not the ambient tracing context's: inside a backend call dynamo's
+    # TracingContext can hold a different mode from the one that made the graph's example values.
+    for n in gm.graph.nodes:
+        v = node_val(n)
+        if isinstance(v, FakeTensor):
+            return v.fake_mode
+    return detect_fake_mode(list(example_inputs)) or FakeTensorMode(allow_non_fake_inputs=True)
 
 
 def propagate_meta(gm: fx.GraphModule, example_inputs=()) -> None:

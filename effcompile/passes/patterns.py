@@ -106,7 +106,10 @@ def rewrite(
 
     def run(gm: fx.GraphModule, cfg: PassConfig, ctx: PassContext) -> PassResult:
         matches = replace_pattern_with_filters(gm, pat.graph, rep.graph, match_filters=filters)
-        where = sorted({str(ir.sublayer(m.anchor)) for m in matches if ir.sublayer(m.anchor)})
+        where = []
+        for m in matches:  # nodes_map: pattern node -> matched original node (erased, meta intact)
+            tags = [ir.sublayer(n) for p, n in m.nodes_map.items() if p.op not in ("placeholder", "output")]
+            where += sorted({str(t) for t in tags if t is not None})[:1]
         return PassResult(modified=bool(matches), count=len(matches), where=where)
 
     run.__name__ = name
