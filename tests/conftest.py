@@ -35,3 +35,11 @@ def minilm_batch(minilm):
     _, tok = minilm
     texts = ["The quick brown fox jumps over the lazy dog.", "effcompile fuses kernels.", "Short."]
     return dict(tok(texts, padding=True, return_tensors="pt"))
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    """Each test starts with empty dynamo caches: many tests compile the same HF forward, and dynamo
+    stops compiling a code object after recompile_limit entries (tests/compiler covers that case)."""
+    torch._dynamo.reset()
+    yield

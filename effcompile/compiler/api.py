@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import warnings
 from typing import Any
 
 import torch
@@ -74,6 +75,14 @@ class _Compiler:
             if n > before.get(reason, 0):
                 self.report.graph_breaks.append(str(reason).strip().splitlines()[0][:200])
                 log.warning("effcompile: graph break: %s", self.report.graph_breaks[-1])
+        if not self.report.graphs:
+            # dynamo ran the call without handing us a graph: typically its recompile limit for this
+            # code object is exhausted (torch._dynamo.config.recompile_limit), so it ran eagerly.
+            reason = ("dynamo compiled no graph on the first call (recompile limit reached for this "
+                      "forward? see torch._dynamo.config.recompile_limit); the model ran eagerly")
+            self.report.fallbacks.append(reason)
+            log.warning("effcompile: FALLBACK to eager: %s", reason)
+            warnings.warn(f"effcompile: {reason}", RuntimeWarning, stacklevel=3)
         return out
 
 

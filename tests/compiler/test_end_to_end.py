@@ -114,3 +114,15 @@ def test_graph_breaks_are_reported_not_hidden():
     assert "graph break" in str(report)
     with pytest.raises(Exception):
         ec.effcompile(f, cache=False, fullgraph=True)(x)
+
+
+def test_dynamo_recompile_limit_fallback_is_reported():
+    model = tiny_hf("gpt2", layers=1)
+    inputs = _lm_inputs()
+    with torch.no_grad(), torch._dynamo.config.patch(recompile_limit=1):
+        ec.effcompile(model, cache=False)(**inputs)  # uses the one allowed entry
+        second = ec.effcompile(model, cache=False)  # a different backend: dynamo would need a 2nd entry
+        with pytest.warns(RuntimeWarning, match="ran eagerly"):
+            out = second(**inputs)
+    torch.testing.assert_close(out.logits, model(**inputs).logits)
+    assert "ran eagerly" in str(ec.explain(second))
