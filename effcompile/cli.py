@@ -1,4 +1,4 @@
-"""The `effcompile` command line: subcommands register themselves in COMMANDS (cache now; explain, bench later)."""
+"""The `effcompile` command line: `explain`, `cache {ls,info,clear}`; subcommands register in COMMANDS."""
 
 from __future__ import annotations
 
@@ -70,9 +70,59 @@ def _add_cache(sub) -> None:
         c.set_defaults(func=fn)
 
 
+EXPLAIN_MODELS = {
+    "minilm": "real MiniLM-L6 sentence encoder (needs the 'hf' extra)",
+    "llama-tiny": "random-init HF Llama, 2 layers",
+    "gpt2-tiny": "random-init HF GPT-2, 2 layers",
+    "bert-tiny": "random-init HF BERT, 2 layers",
+}
+
+
+def _explain_model(name: str, batch: int, seq: int):
+    import torch
+
+    from effcompile import testing
+
+    if name == "minilm":
+        model, tok = testing.load_minilm()
+        text = "effcompile captures the model, rewrites the graph and generates fused kernels. " * 16
+        inputs = dict(tok([text] * batch, truncation=True, max_length=seq, return_tensors="pt"))
+        return model, inputs
+    if name in EXPLAIN_MODELS:
+        model = testing.tiny_hf(name.split("-")[0])
+        return model, {"input_ids": torch.randint(0, 128, (batch, seq), generator=torch.Generator().manual_seed(0))}
+    valid = ", ".join(EXPLAIN_MODELS)
+    raise SystemExit(f"effcompile explain: unknown model {name!r}; valid: {valid}")
+
+
+def _explain(args) -> int:
+    import torch
+
+    import effcompile as ec
+
+    model, inputs = _explain_model(args.model, args.batch, args.seq)
+    fast = ec.effcompile(model, cache_dir=args.cache_dir, cache=not args.no_cache)
+    with torch.no_grad():
+        ref, out = model(**inputs), fast(**inputs)
+    ref, out = ref[0], out[0]  # first output (hidden states or logits)
+    print(ec.explain(fast))
+    print(f"\nmax |compiled - eager| on the first output: {(ref - out).abs().max().item():.3e}")
+    return 0
+
+
+def _add_explain(sub) -> None:
+    p = sub.add_parser("explain", help="compile a model and print what effcompile did to it")
+    p.add_argument("model", help="one of: " + ", ".join(f"{k} ({v})" for k, v in EXPLAIN_MODELS.items()))
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--seq", type=int, default=16)
+    p.add_argument("--cache-dir", default=None)
+    p.add_argument("--no-cache", action="store_true", help="keep compiled graphs in memory only")
+    p.set_defaults(func=_explain)
+
+
 # Each entry adds one subcommand to the top-level parser and sets `func` (args -> exit code) on it.
 # To add `explain` or `bench`, write an `_add_x(sub)` like `_add_cache` and append it here.
-COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_cache]
+COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_cache, _add_explain]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -25,6 +25,7 @@ log = logging.getLogger("effcompile.bench")
 FORMAT = 1  # bump when the artifact layout or the training recipe changes meaning
 EOS = "<|endoftext|>"
 FILES = ("model.safetensors", "config.json", "tokenizer.json")
+_OURS = frozenset(FILES) | {"manifest.json", "generation_config.json"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,9 +40,9 @@ class TrainSettings:
     num_kv_heads: int = 2  # GQA: 2 query heads share each K/V head
     context: int = 128
     batch_size: int = 16
-    max_steps: int = 300
+    max_steps: int = 1200
     lr: float = 2e-3
-    warmup_steps: int = 20
+    warmup_steps: int = 50
     weight_decay: float = 0.1
     seed: int = 0
     eval_windows: int = 256  # held-out windows of `context` tokens scored for perplexity
@@ -135,7 +136,8 @@ def _train_tokenizer(texts: list[str], vocab_size: int):
     return tok
 
 
-def _encode(tok, texts: list[str]) -> torch.Tensor:
+def encode_docs(tok, texts: list[str]) -> torch.Tensor:
+    """One token stream of ``texts`` (a ``tokenizers.Tokenizer``), each document followed by EOS."""
     eos = tok.token_to_id(EOS)
     ids: list[int] = []
     for enc in tok.encode_batch(texts):  # documents joined by EOS, as a causal LM sees separate files
@@ -163,8 +165,10 @@ def _lr(step: int, s: TrainSettings) -> float:
 
 def _prepare_out(out_dir: Path) -> Path:
     """A fresh sibling temp dir; the final rename makes the artifact appear atomically."""
-    if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / "manifest.json").exists():
-        raise ValueError(f"out_dir {out_dir} is a non-empty directory without manifest.json; refusing to overwrite it")
+    # Only ever replace a directory made of our own file names (e.g. a corrupt cache), never user data.
+    foreign = sorted(p.name for p in out_dir.iterdir() if p.name not in _OURS) if out_dir.is_dir() else []
+    if foreign or (out_dir.exists() and not out_dir.is_dir()):
+        raise ValueError(f"out_dir {out_dir} holds files that are not a stdlib-lm artifact ({foreign[:3]}); refusing to overwrite it")
     tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -194,7 +198,7 @@ def train(out_dir: str | Path | None = None, *, max_minutes: float = 15.0, progr
     tmp = _prepare_out(out_dir)
 
     tok = _train_tokenizer([t for _, t in train_src], settings.vocab_size)
-    train_ids, held_ids = _encode(tok, [t for _, t in train_src]), _encode(tok, [t for _, t in held_src])
+    train_ids, held_ids = encode_docs(tok, [t for _, t in train_src]), encode_docs(tok, [t for _, t in held_src])
     vocab, eos = tok.get_vocab_size(), tok.token_to_id(EOS)
     if train_ids.numel() <= settings.context + 1:
         raise RuntimeError(f"only {train_ids.numel()} training tokens for context={settings.context}")
@@ -264,7 +268,7 @@ def train(out_dir: str | Path | None = None, *, max_minutes: float = 15.0, progr
                 "tokenizers": tokenizers.__version__, "threads": torch.get_num_threads()},
     }
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-    if out_dir.exists():  # verified above to be one of ours (has manifest.json) or empty
+    if out_dir.exists():  # checked by _prepare_out to hold only our files
         old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
         out_dir.rename(old)
         shutil.rmtree(old, ignore_errors=True)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import tempfile
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -103,7 +104,9 @@ def _store(settings: Settings):
     from effcompile.runtime.cache import CacheStore
 
     store = CacheStore(settings.cache_dir)
-    return _STORES.setdefault(str(store.root), store)
+    store = _STORES.setdefault(str(store.root), store)
+    store.entry_path("0" * 64)  # checks the directory is private now (CacheDirError if not)
+    return store
 
 
 def _dynamic_dims(gm: fx.GraphModule) -> list[tuple[int, int]]:
@@ -197,8 +200,16 @@ class CompiledGraph:
         )
 
     def _compile_variant(self, sig: tuple):
+        from effcompile.runtime.cache import CacheDirError
+
         start = time.perf_counter()
-        store = _store(self.settings)
+        try:
+            store = _store(self.settings)
+        except CacheDirError as e:
+            # Refuse the unsafe directory, but keep compiling: in memory only, and say so.
+            warnings.warn(f"effcompile: disk cache disabled: {e}", RuntimeWarning, stacklevel=2)
+            self.report.cache_note = f"disk cache disabled: {e}"
+            store = None
         key = self._key(sig)
         self.report.key_digest, self.report.key_fields = key.digest, key.fields
         self.report.buckets.append(str(sig) if sig else "static")
@@ -243,7 +254,15 @@ class CompiledGraph:
             return gm.forward
         self.report.passes = PassManager(self.settings.passes, opt_level=self.settings.opt_level).run(gm, ctx)
         kernel_dir = Path(store.root) / "kernels" if store is not None else Path(tempfile.mkdtemp(prefix="effcompile-"))
-        lowered = lower(gm, kernel_dir, use_triton=self.settings.use_triton)
+        backup = ir.copy_graph_module(gm)
+        try:
+            lowered = lower(gm, kernel_dir, use_triton=self.settings.use_triton)
+        except Exception as e:  # never a crash: the rewritten graph still runs through torch
+            reason = f"codegen failed ({type(e).__name__}: {e}); the graph runs through torch ops"
+            log.warning("effcompile: FALLBACK for graph %s: %s", self.report.fingerprint[:12], reason)
+            self.report.fallbacks = [("whole graph", reason)]
+            self.report.cache = "off"
+            return backup.forward
         self.report.kernels, self.report.fallbacks = list(lowered.kernels), list(lowered.fallbacks)
         if config.debug_level() >= 3:
             for k in lowered.kernels:

@@ -109,3 +109,28 @@ def test_cache_off_writes_nothing(tmp_path):
     model, ids = tiny_hf("gpt2", layers=1), torch.randint(0, 128, (1, 5))
     _, g = _compile(model, ids, cache_dir=tmp_path / "c", cache=False)
     assert g.cache == "off" and not (tmp_path / "c").exists()
+
+
+def test_unsafe_cache_dir_is_refused_but_compilation_goes_on(tmp_path):
+    unsafe = tmp_path / "shared"
+    unsafe.mkdir()
+    unsafe.chmod(0o777)
+    model, ids = tiny_hf("gpt2", layers=1), torch.randint(0, 128, (1, 5))
+    with pytest.warns(RuntimeWarning, match="disk cache disabled"):
+        out, g = _compile(model, ids, cache_dir=unsafe)
+    assert g.cache == "off" and "world-writable" in g.cache_note
+    assert list(unsafe.iterdir()) == []
+    torch.testing.assert_close(out, model(input_ids=ids).logits)
+
+
+def test_codegen_failure_is_a_visible_fallback(monkeypatch):
+    import effcompile.codegen.lower as lower_mod
+
+    def broken(*a, **k):
+        raise RuntimeError("simulated codegen bug")
+
+    monkeypatch.setattr(lower_mod, "lower", broken)
+    model, ids = tiny_hf("gpt2", layers=1), torch.randint(0, 128, (1, 5))
+    out, g = _compile(model, ids, cache=False)
+    torch.testing.assert_close(out, model(input_ids=ids).logits)
+    assert g.kernels == [] and g.fallbacks[0][0] == "whole graph" and "simulated codegen bug" in g.fallbacks[0][1]
