@@ -296,8 +296,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-minutes", type=float, default=15.0, help="safety cap on training time (default 15)")
     p.add_argument("--max-steps", type=int, help=f"optimizer steps (default {TrainSettings.max_steps})")
     p.add_argument("--force", action="store_true", help="retrain even if a verified model is cached")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's); 1 avoids OpenMP "
+                   "spin-wait slowdowns when another process shares the cores")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     overrides = {} if args.max_steps is None else {"max_steps": args.max_steps}
     settings = TrainSettings.with_overrides(**overrides)

@@ -7,7 +7,13 @@ import torch
 
 from effcompile.compiler import ir
 from effcompile.compiler.pass_manager import (
-    Instrument, PassConfig, PassContext, PassFailed, PassManager, PassResult, register_pass,
+    Instrument,
+    PassConfig,
+    PassContext,
+    PassFailed,
+    PassManager,
+    PassResult,
+    register_pass,
 )
 from effcompile.testing import capture
 
