@@ -16,6 +16,7 @@ import logging
 import tempfile
 import time
 import warnings
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -92,7 +93,8 @@ def effcompile_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], *, mod
     return compiled
 
 
-_BACKEND_REPORTS: list[GraphReport] = []  # explain() finds a torch.compile'd model's graphs here
+# explain() finds a torch.compile'd model's graphs here (bounded: a long-lived process compiles a lot).
+_BACKEND_REPORTS: deque[GraphReport] = deque(maxlen=4096)
 
 
 _STORES: dict[str, Any] = {}  # one store per cache root, so its in-memory layer is shared
@@ -150,6 +152,7 @@ class CompiledGraph:
         )
         self.params = params
         self.variants: dict[tuple, Any] = {}
+        self._warned_grad = False
         self._compile_variant(self._bucket_of(example_inputs))
 
     def _bucket_of(self, args) -> tuple:
@@ -167,6 +170,15 @@ class CompiledGraph:
                 run = self._compile_variant(sig)
         else:
             run = next(iter(self.variants.values()))
+        if not self._warned_grad and torch.is_grad_enabled() and any(
+            isinstance(a, torch.Tensor) and a.requires_grad for a in args
+        ):
+            # An inference compiler: generated kernels have no backward. Say so once, loudly.
+            self._warned_grad = True
+            msg = ("inputs require grad but effcompile compiles for inference: outputs will not require "
+                   "grad (wrap calls in torch.no_grad() to silence this)")
+            self.report.fallbacks.append(("autograd", msg))
+            warnings.warn(f"effcompile: {msg}", RuntimeWarning, stacklevel=2)
         with torch.no_grad():
             return run(*args)
 

@@ -1,5 +1,7 @@
 """effcompile(model) and torch.compile(backend="effcompile") on real HF models equal eager, with kernels."""
 
+import warnings
+
 import pytest
 import torch
 
@@ -126,3 +128,15 @@ def test_dynamo_recompile_limit_fallback_is_reported():
             out = second(**inputs)
     torch.testing.assert_close(out.logits, model(**inputs).logits)
     assert "ran eagerly" in str(ec.explain(second))
+
+
+def test_grad_mode_call_warns_that_outputs_do_not_require_grad():
+    model = torch.nn.Linear(4, 4)
+    fast = ec.effcompile(model, cache=False)
+    with pytest.warns(RuntimeWarning, match="compiles for inference"):
+        y = fast(torch.randn(2, 4))
+    assert not y.requires_grad
+    assert any(what == "autograd" for what, _ in ec.explain(fast).graphs[0].fallbacks)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fast(torch.randn(2, 4))  # no warning under no_grad
