@@ -1,0 +1,1 @@
+"""Measurement harness: the benchmark model zoo (zoo), the stdlib LM trainer (train_lm) and quality metrics."""

@@ -19,13 +19,15 @@ __all__ = [
 
 # ----------------------------------------------------------------------------- output plumbing
 def logits_of(out) -> torch.Tensor:
-    """The logits of a model output: a tensor, an HF ``ModelOutput`` (``.logits``), a dict or a tuple."""
+    """The logits (else the primary output) of a model output: tensor, HF ``ModelOutput``, dict or tuple."""
     if isinstance(out, torch.Tensor):
         return out
     if isinstance(out, dict) and "logits" in out:
         return out["logits"]
     if hasattr(out, "logits"):
         return out.logits
+    if hasattr(out, "to_tuple"):  # an HF ModelOutput without logits (BertModel, ViTModel): its first field
+        out = out.to_tuple()
     if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
         return out[0]
     raise TypeError(f"cannot find logits in a {type(out).__name__} output")

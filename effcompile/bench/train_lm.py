@@ -124,6 +124,16 @@ def verify(path: Path, key: str | None = None) -> dict:
     return manifest
 
 
+def write_manifest(path: Path, key: str, fields: dict) -> dict:
+    """Hash the artifact files in ``path`` and write manifest.json (format, key, hashes + ``fields``)."""
+    path = Path(path)
+    manifest = {**fields, "format": FORMAT, "name": "stdlib-llama", "key": key,
+                "files": {name: _sha256_file(path / name) for name in FILES}}
+    manifest["weights_sha256"] = manifest["files"]["model.safetensors"]
+    (path / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    return manifest
+
+
 def _train_tokenizer(texts: list[str], vocab_size: int):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -248,10 +258,7 @@ def train(out_dir: str | Path | None = None, *, max_minutes: float = 15.0, progr
     import tokenizers
     import transformers
 
-    manifest = {
-        "format": FORMAT, "name": "stdlib-llama", "key": key,
-        "files": {name: _sha256_file(tmp / name) for name in FILES},
-        "weights_sha256": _sha256_file(tmp / "model.safetensors"),
+    write_manifest(tmp, key, {
         "settings": dataclasses.asdict(settings),
         "model": {"class": "LlamaForCausalLM", "params": n_params, "vocab_size": vocab, "eos_token_id": eos},
         "data": {"sha256": data_sha, "stdlib": str(corpus.stdlib_root()), "python": sys.version.split()[0],
@@ -266,8 +273,7 @@ def train(out_dir: str | Path | None = None, *, max_minutes: float = 15.0, progr
                     "total_seconds": round(time.perf_counter() - t0, 1)},
         "env": {"torch": torch.__version__, "transformers": transformers.__version__,
                 "tokenizers": tokenizers.__version__, "threads": torch.get_num_threads()},
-    }
-    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    })
     if out_dir.exists():  # checked by _prepare_out to hold only our files
         old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
         out_dir.rename(old)

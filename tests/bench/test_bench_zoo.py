@@ -1,0 +1,147 @@
+"""Model zoo: registry, random configs at every size, and the stdlib-LM cache's verification (no training)."""
+
+import json
+
+import pytest
+import torch
+
+from effcompile.bench import train_lm, zoo
+from effcompile.testing import tiny_hf
+
+
+def test_unknown_model_lists_valid_names():
+    with pytest.raises(ValueError, match="unknown model 'gpt5'") as e:
+        zoo.get_model("gpt5")
+    for name in ("minilm", "stdlib-lm", "llama-small", "vit-1b"):
+        assert name in str(e.value)
+
+
+def test_registry_names():
+    assert {"minilm", "stdlib-lm", "llama-small"} <= set(zoo.MODELS)
+    assert {f"{k}-{s}" for k in zoo.KINDS for s in zoo.SIZES} <= set(zoo.MODELS)
+    assert all(spec.name == name for name, spec in zoo.MODELS.items())
+
+
+@pytest.mark.parametrize("kind", zoo.KINDS)
+def test_random_tiny_models_run_and_are_deterministic(kind):
+    state = torch.random.get_rng_state()
+    model, make_inputs = zoo.random_model(kind, "tiny", seed=1)
+    assert torch.equal(state, torch.random.get_rng_state()), "random_model must not move the global RNG"
+    again, _ = zoo.random_model(kind, "tiny", seed=1)
+    for a, b in zip(model.state_dict().values(), again.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    inputs = make_inputs(batch=2, seed=5)
+    assert all(torch.equal(v, make_inputs(batch=2, seed=5)[k]) for k, v in inputs.items())
+    with torch.no_grad():
+        out = model(**inputs)
+    assert next(iter(out.values())).shape[0] == 2
+    assert not model.training
+
+
+def test_llama_small_via_registry():
+    m = zoo.get_model("llama-small")
+    assert m.task == "causal-lm" and m.model.config.num_key_value_heads < m.model.config.num_attention_heads
+    with torch.no_grad():
+        logits = m.model(**m.make_inputs(batch=1, seq=16)).logits
+    assert logits.shape == (1, 16, m.model.config.vocab_size)
+
+
+@pytest.mark.parametrize("kind", zoo.KINDS)
+def test_sizes_grow_and_1b_is_about_a_billion(kind):
+    counts = []
+    for size in zoo.SIZES:
+        cfg = zoo.random_config(kind, size)
+        with torch.device("meta"):  # count parameters without allocating 4 GB
+            model = zoo._model_class(kind)(cfg)
+        counts.append(sum(p.numel() for p in model.parameters()))
+    assert counts == sorted(counts)
+    assert 0.9e9 < counts[-1] < 1.5e9, counts
+
+
+def test_bad_kind_size_and_inputs():
+    with pytest.raises(ValueError, match="kind='t5'"):
+        zoo.random_model("t5")
+    with pytest.raises(ValueError, match="size='huge'"):
+        zoo.random_config("llama", "huge")
+    _, make_inputs = zoo.random_model("gpt2", "tiny")
+    with pytest.raises(ValueError, match="seq=100000"):
+        make_inputs(seq=100000)
+    _, make_vit = zoo.random_model("vit", "tiny")
+    with pytest.raises(ValueError, match="seq=8"):
+        make_vit(seq=8)
+
+
+# ----------------------------------------------------------------------------- stdlib-LM cache logic
+def _fake_artifact(path, key):
+    """A stdlib-lm-shaped directory (tiny random Llama + tiny BPE) with a valid manifest."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tiny_hf("llama").save_pretrained(path)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.train_from_iterator(["def f(x):\n    return x\n"] * 3, trainer=trainers.BpeTrainer(
+        vocab_size=300, special_tokens=[train_lm.EOS], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))
+    tok.save(str(path / "tokenizer.json"))
+    return train_lm.write_manifest(path, key, {"results": {}})
+
+
+def test_cache_verify_load_and_rejections(tmp_path):
+    good = tmp_path / "m"
+    manifest = _fake_artifact(good, "k1")
+    assert train_lm.verify(good, "k1")["weights_sha256"] == manifest["files"]["model.safetensors"]
+    model, tok = train_lm.load(good, "k1")
+    assert isinstance(model, torch.nn.Module) and tok("def f")["input_ids"]
+    with pytest.raises(train_lm.CacheError, match="expected 'k2'"):
+        train_lm.verify(good, "k2")
+    blob = bytearray((good / "model.safetensors").read_bytes())
+    blob[-1] ^= 1  # one flipped bit in the weights
+    (good / "model.safetensors").write_bytes(bytes(blob))
+    with pytest.raises(train_lm.CacheError, match="model.safetensors does not match"):
+        train_lm.verify(good, "k1")
+    (good / "manifest.json").write_text("{not json")
+    with pytest.raises(train_lm.CacheError, match="unreadable"):
+        train_lm.verify(good)
+    with pytest.raises(train_lm.CacheError, match="no manifest"):
+        train_lm.verify(tmp_path / "absent")
+
+
+def test_corrupt_cache_retrains_with_warning(tmp_path, monkeypatch):
+    path = tmp_path / "m"
+    _fake_artifact(path, "wrong-key")
+    calls = []
+
+    def fake_train(out, **kw):  # stands in for the 10-minute training: records and writes a valid artifact
+        calls.append((out, kw))
+        (out / "manifest.json").unlink()
+        _fake_artifact(out, train_lm.default_dir(train_lm.TrainSettings(max_steps=3))[1])
+        return out
+
+    monkeypatch.setattr(train_lm, "train", fake_train)
+    with pytest.warns(RuntimeWarning, match="rejected"):
+        model, _ = zoo.load_stdlib_lm(path, max_steps=3, progress=False)
+    assert len(calls) == 1 and calls[0][1]["max_steps"] == 3
+    zoo.load_stdlib_lm(path, max_steps=3)  # now verified: no second training
+    assert len(calls) == 1
+    with pytest.raises(train_lm.CacheError):
+        zoo.load_stdlib_lm(tmp_path / "none", train_if_missing=False)
+
+
+def test_train_settings_validation():
+    with pytest.raises(ValueError, match="unknown training setting.*'layers'"):
+        train_lm.TrainSettings.with_overrides(layers=3)
+    with pytest.raises(ValueError, match="TrainSettings.max_steps"):
+        train_lm.TrainSettings(max_steps=0)
+    with pytest.raises(ValueError, match="TrainSettings.num_kv_heads"):
+        train_lm.TrainSettings(num_heads=4, num_kv_heads=3)
+    with pytest.raises(ValueError, match="TrainSettings.lr"):
+        train_lm.TrainSettings(lr=0)
+    a, b = train_lm.TrainSettings(), train_lm.TrainSettings(max_steps=5)
+    assert train_lm.cache_key(a, "d") != train_lm.cache_key(b, "d") != train_lm.cache_key(b, "e")
+    assert json.dumps(train_lm.cache_key(a, "d"))
+
+
+def test_out_dir_with_foreign_files_is_never_overwritten(tmp_path):
+    (tmp_path / "precious.txt").write_text("keep")
+    with pytest.raises(ValueError, match="refusing to overwrite"):
+        train_lm._prepare_out(tmp_path)
