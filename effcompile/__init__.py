@@ -7,13 +7,14 @@
 
 from effcompile.compiler.api import effcompile, explain
 from effcompile.compiler.pass_manager import PassConfig, PassResult
-from effcompile.passes import RemoveDropout, register_pass, rewrite
+from effcompile.passes import Quantize, RemoveDropout, register_pass, rewrite
 
 __version__ = "0.1.0"
 
 __all__ = [
     "PassConfig",
     "PassResult",
+    "Quantize",
     "RemoveDropout",
     "__version__",
     "effcompile",

@@ -16,12 +16,14 @@ import logging
 
 from effcompile.compiler.pass_manager import PassConfig, PassContext, PassResult, register_pass
 from effcompile.passes.patterns import pattern, rewrite
+from effcompile.passes.quantize import Quantize
 from effcompile.passes.remove_dropout import RemoveDropout
 
 __all__ = [
     "PassConfig",
     "PassContext",
     "PassResult",
+    "Quantize",
     "RemoveDropout",
     "load_plugins",
     "pattern",

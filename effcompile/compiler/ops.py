@@ -1,0 +1,208 @@
+"""IR ops that passes insert (weight-quantized linear): torch.library custom ops with eager and CPU paths."""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from collections import Counter, defaultdict
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+# Weight formats the IR op understands -> the group sizes each accepts (0 = one scale per output row).
+FORMATS: dict[str, tuple[int, ...]] = {"int8": (0,), "int4": (32, 64, 128)}
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+# Which implementation of wq_linear ran: PATH_COUNTS["wq_linear"]["int8pack" | "int4pack" | "dequant"].
+PATH_COUNTS: defaultdict[str, Counter] = defaultdict(Counter)
+# Why a packed CPU op was not used (format, dtype) -> reason; explain()/benchmarks read it.
+FAST_PATH_DISABLED: dict[tuple[str, torch.dtype], str] = {}
+
+_LOCK = threading.Lock()
+_INT4_CPU: dict[tuple, tuple] = {}  # (id(qweight), version, dtype) -> (tinygemm-packed weight, scale+zero)
+_CHECKED: set[tuple[str, torch.dtype]] = set()
+
+
+class QuantizedWeight(NamedTuple):
+    qweight: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor | None
+    fmt: str
+    group_size: int
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.qweight, self.scales, self.zeros) if t is not None)
+
+
+def check_format(fmt: str, group_size: int) -> None:
+    if fmt not in FORMATS:
+        raise ValueError(f"weight format {fmt!r} is not supported; supported: {sorted(FORMATS)}")
+    if group_size not in FORMATS[fmt]:
+        raise ValueError(f"group_size {group_size} is not supported for {fmt}; supported: {FORMATS[fmt]}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Quantize / dequantize (the reference definitions every kernel is tested against)
+# ---------------------------------------------------------------------------------------------
+
+
+def quantize_weight(w: torch.Tensor, fmt: str, group_size: int = 0) -> QuantizedWeight:
+    """Quantize a [N, K] float weight. Scales/zeros keep the weight's dtype (as torchao does).
+
+    int8: per-row symmetric, w ~= q * s, q in [-127, 127].
+    int4: per (row, group of K) asymmetric, w ~= q * s + z with q in [0, 15] and z the group minimum;
+          two values per byte, the even k in the low nibble.
+    """
+    check_format(fmt, group_size)
+    if w.dim() != 2 or w.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"quantize_weight needs a 2-D float weight, got {tuple(w.shape)} {w.dtype}")
+    n, k = w.shape
+    wf = w.detach().float()
+    if fmt == "int8":
+        s = (wf.abs().amax(1) / 127.0).clamp_min(1e-12)
+        q = torch.round(wf / s[:, None]).clamp(-127, 127).to(torch.int8)
+        return QuantizedWeight(q, s.to(w.dtype), None, fmt, 0)
+    if k % group_size or k % 2:
+        raise ValueError(f"K={k} is not divisible by group_size={group_size}")
+    g = wf.view(n, k // group_size, group_size)
+    lo, hi = g.amin(-1), g.amax(-1)
+    # Round the stored scale/zero first, so the integer codes are chosen against what dequant will use.
+    s = ((hi - lo) / 15.0).clamp_min(1e-8).to(w.dtype).float()
+    z = lo.to(w.dtype).float()
+    q = torch.round((g - z[..., None]) / s[..., None]).clamp(0, 15).to(torch.uint8).view(n, k)
+    packed = q[:, 0::2] | (q[:, 1::2] << 4)
+    return QuantizedWeight(packed.contiguous(), s.to(w.dtype), z.to(w.dtype), fmt, group_size)
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """[N, K//2] uint8 -> [N, K] uint8 codes in 0..15."""
+    return torch.stack((packed & 0xF, packed >> 4), dim=-1).view(packed.shape[0], -1)
+
+
+def dequantize(qweight, scales, zeros, fmt: str, group_size: int, dtype=torch.float32) -> torch.Tensor:
+    """The float [N, K] weight the quantized one stands for (computed in fp32, returned as ``dtype``)."""
+    if fmt == "int8":
+        return (qweight.float() * scales.float()[:, None]).to(dtype)
+    if fmt == "int4":
+        q = unpack_int4(qweight).float()
+        n, k = q.shape
+        g = q.view(n, k // group_size, group_size) * scales.float()[..., None] + zeros.float()[..., None]
+        return g.view(n, k).to(dtype)
+    raise ValueError(f"weight format {fmt!r} is not supported; supported: {sorted(FORMATS)}")
+
+
+def reference(x, qweight, scales, zeros, bias, fmt: str, group_size: int) -> torch.Tensor:
+    """Eager reference: dequantize to the activation dtype, then F.linear."""
+    w = dequantize(qweight, scales, zeros, fmt, group_size, x.dtype)
+    return F.linear(x, w, None if bias is None else bias.to(x.dtype))
+
+
+def sqnr(ref: torch.Tensor, approx: torch.Tensor) -> float:
+    """Signal-to-quantization-noise ratio in dB (torchao's compute_error convention)."""
+    ref, approx = ref.detach().float(), approx.detach().float()
+    noise = (ref - approx).norm()
+    if noise == 0:
+        return float("inf")
+    return float(20 * torch.log10(ref.norm() / noise))
+
+
+# ---------------------------------------------------------------------------------------------
+# CPU fast paths: torch's packed int8 / int4 matmuls, used only once checked against the reference
+# ---------------------------------------------------------------------------------------------
+
+
+def _has(name: str) -> bool:
+    return hasattr(torch.ops.aten, name)
+
+
+def _int4_cpu_packed(qweight, scales, zeros, group_size, dtype):
+    """Repack our plain nibbles into the CPU tinygemm layout once per weight (cached, freed with it)."""
+    key = (id(qweight), qweight._version, dtype)
+    hit = _INT4_CPU.get(key)
+    if hit is not None:
+        return hit
+    codes = unpack_int4(qweight).to(torch.int32)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
+    # tinygemm dequantizes (q - 8) * s + z', so z' = z + 8 s; layout [K // g, N, 2].
+    s, z = scales.float(), zeros.float()
+    sz = torch.stack((s, z + 8 * s), dim=-1).transpose(0, 1).contiguous().to(dtype)
+    with _LOCK:
+        _INT4_CPU[key] = (packed, sz)
+    weakref.finalize(qweight, _INT4_CPU.pop, key, None)
+    return packed, sz
+
+
+def _fast_cpu(x2, qweight, scales, zeros, fmt, group_size) -> tuple[torch.Tensor, str] | None:
+    n = qweight.shape[0]
+    if fmt == "int8" and _has("_weight_int8pack_mm"):
+        return torch.ops.aten._weight_int8pack_mm(x2, qweight, scales.to(x2.dtype)), "int8pack"
+    if (fmt == "int4" and n % 16 == 0 and _has("_weight_int4pack_mm_for_cpu")
+            and _has("_convert_weight_to_int4pack_for_cpu")):
+        packed, sz = _int4_cpu_packed(qweight, scales, zeros, group_size, x2.dtype)
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x2, packed, group_size, sz), "int4pack"
+    return None
+
+
+def _self_check(fmt: str, dtype: torch.dtype) -> None:
+    """Disable a packed op (per format and dtype) unless it matches the reference on an odd shape."""
+    key = (fmt, dtype)
+    if key in _CHECKED:
+        return
+    _CHECKED.add(key)
+    gen = torch.Generator().manual_seed(0)
+    group = FORMATS[fmt][0]
+    x = torch.randn(3, 96, generator=gen).to(dtype)
+    qw = quantize_weight(torch.randn(48, 96, generator=gen) / 10, fmt, group)
+    try:
+        got = _fast_cpu(x, qw.qweight, qw.scales, qw.zeros, fmt, group)
+    except Exception as e:  # an op that exists but refuses these inputs on this torch version
+        FAST_PATH_DISABLED[key] = f"{type(e).__name__}: {e}"
+        return
+    if got is None:
+        FAST_PATH_DISABLED[key] = "no packed CPU op in this torch build"
+        return
+    want = reference(x.float(), *qw[:3], None, fmt, group)
+    err = (got[0].float() - want).abs().max().item()
+    tol = 1e-3 if dtype == torch.float32 else 0.1
+    if not err <= tol * max(1.0, want.abs().max().item()):
+        FAST_PATH_DISABLED[key] = f"packed op disagrees with the reference (max err {err:.3g})"
+
+
+def wq_linear_eager(x, qweight, scales, zeros, bias, fmt: str, group_size: int) -> torch.Tensor:
+    """What the IR op runs outside Triton: a packed CPU op when it is checked, else dequant + linear."""
+    if x.device.type == "cpu" and x.dtype in FLOAT_DTYPES and x.numel():
+        _self_check(fmt, x.dtype)
+        if (fmt, x.dtype) not in FAST_PATH_DISABLED:
+            x2 = x.reshape(-1, x.shape[-1]).contiguous()
+            got = _fast_cpu(x2, qweight, scales, zeros, fmt, group_size)
+            if got is not None:
+                out, path = got
+                if bias is not None:
+                    out = out + bias.to(out.dtype)
+                PATH_COUNTS["wq_linear"][path] += 1
+                return out.view(*x.shape[:-1], qweight.shape[0])
+    PATH_COUNTS["wq_linear"]["dequant"] += 1
+    return reference(x, qweight, scales, zeros, bias, fmt, group_size)
+
+
+if not hasattr(torch.ops.effcompile, "wq_linear"):
+
+    @torch.library.custom_op("effcompile::wq_linear", mutates_args=())
+    def wq_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+                  bias: torch.Tensor | None, fmt: str, group_size: int) -> torch.Tensor:
+        """y = x @ dequantize(qweight).T + bias, for the weight formats in FORMATS."""
+        return wq_linear_eager(x, qweight, scales, zeros, bias, fmt, group_size)
+
+    @wq_linear.register_fake
+    def _wq_linear_fake(x, qweight, scales, zeros, bias, fmt, group_size):
+        return x.new_empty((*x.shape[:-1], qweight.shape[0]))
+
+
+def wq_linear_op():
+    """The OpOverload passes insert (``torch.ops.effcompile.wq_linear.default``)."""
+    return torch.ops.effcompile.wq_linear.default
+
+
+__all__ = ["FORMATS", "PATH_COUNTS", "QuantizedWeight", "check_format", "dequantize", "quantize_weight",
+           "reference", "sqnr", "unpack_int4", "wq_linear_eager", "wq_linear_op"]

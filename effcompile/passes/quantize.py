@@ -1,0 +1,141 @@
+"""Weight-only quantization: replace targeted linears with the effcompile::wq_linear IR op."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.fx as fx
+
+from effcompile.compiler import ir
+from effcompile.compiler import ops as qops
+from effcompile.compiler.pass_manager import PassConfig, PassContext, PassResult, register_pass
+
+PARTS = ("embedding", "attn", "ffn", "head", "other")
+_TAG = re.compile(r"^layers\.\d+\.(attn|ffn)$")
+# weights= value -> (IR format, allowed group sizes; None = per output channel)
+WEIGHTS = {"int8": ("int8", (None,)), "int4": ("int4", (32, 64, 128))}
+
+
+@dataclass(frozen=True)
+class Quantize(PassConfig):
+    """Weight-only quantization of linear layers.
+
+    weights="int8": per-channel symmetric int8 (group_size must be None).
+    weights="int4": group-wise asymmetric int4 (group_size 32, 64 or 128), two values per byte.
+    targets: sublayer parts ("embedding", "attn", "ffn", "head", "other") or exact tags
+    ("layers.3.attn") whose linears are quantized; the default leaves the head in high precision.
+    """
+
+    weights: str = "int8"
+    group_size: int | None = None
+    targets: tuple[str, ...] = ("attn", "ffn")
+    lossy: ClassVar[bool] = True
+    reads_weights: ClassVar[bool] = True  # the backend puts a hash of the weights in the cache key
+
+    def __post_init__(self):
+        if self.weights not in WEIGHTS:
+            raise ValueError(f"Quantize.weights={self.weights!r} is not supported; supported: {sorted(WEIGHTS)}")
+        groups = WEIGHTS[self.weights][1]
+        if self.group_size not in groups:
+            raise ValueError(f"Quantize.group_size={self.group_size!r} is not supported for weights="
+                             f"{self.weights!r}; supported: {list(groups)}")
+        targets = (self.targets,) if isinstance(self.targets, str) else tuple(self.targets)
+        bad = [t for t in targets if not isinstance(t, str) or not (t in PARTS or _TAG.match(t))]
+        if bad or not targets:
+            raise ValueError(f"Quantize.targets={self.targets!r}: each must be one of {list(PARTS)} or a tag "
+                             f"like 'layers.3.attn'; got {bad or 'nothing'}")
+        object.__setattr__(self, "targets", targets)  # a tuple, so the config stays hashable
+
+    @property
+    def fmt(self) -> str:
+        return WEIGHTS[self.weights][0]
+
+
+def _selected(tag: ir.Sublayer | None, targets: tuple[str, ...]) -> bool:
+    return tag is not None and (tag.part in targets or str(tag) in targets)
+
+
+def _linear_args(node: fx.Node):
+    """(x, weight, bias) of a linear call, positional or keyword."""
+    args = list(node.args) + [None] * (3 - len(node.args))
+    x = args[0] if args[0] is not None else node.kwargs.get("input")
+    w = args[1] if args[1] is not None else node.kwargs.get("weight")
+    b = args[2] if args[2] is not None else node.kwargs.get("bias")
+    return x, w, b
+
+
+def _attr_node(gm: fx.GraphModule, before: fx.Node, name: str, t: torch.Tensor, tag, mode) -> fx.Node:
+    # Buffers on the GraphModule: the cache stores get_attr tensors as safetensors, so a warm start
+    # loads the packed weights instead of quantizing again.
+    gm.register_buffer(name, t)
+    with gm.graph.inserting_before(before):
+        node = gm.graph.get_attr(name)
+    node.meta[ir.VAL] = mode.from_tensor(t)
+    node.meta[ir.TAG] = tag
+    return node
+
+
+def _why_not(w: torch.Tensor | None, cfg: Quantize) -> str | None:
+    if not isinstance(w, torch.Tensor):
+        return "weight is not a parameter of the model"
+    if w.dtype not in qops.FLOAT_DTYPES:
+        return f"weight dtype {w.dtype} is not a float type"
+    if w.dim() != 2:
+        return f"weight has shape {tuple(w.shape)}, not 2-D"
+    if cfg.group_size and w.shape[1] % cfg.group_size:
+        return f"in_features={w.shape[1]} is not divisible by group_size={cfg.group_size}"
+    return None
+
+
+@register_pass(Quantize, phase="quantize", invalidates=())
+def quantize(gm: fx.GraphModule, cfg: Quantize, ctx: PassContext) -> PassResult:
+    """Quantize each targeted linear whose weight is a model parameter; keep the rest dense and say why."""
+    mode = ir.fake_mode_for(gm, ctx.example_inputs)
+    group = cfg.group_size or 0
+    layers: dict[str, dict] = {}
+    dense: dict[str, str] = {}
+    where: list[str] = []
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or ir.target_name(node) != "linear":
+            continue
+        tag = ir.sublayer(node)
+        if not _selected(tag, cfg.targets):
+            continue
+        label = tag.module or node.name
+        x, w_node, b_node = _linear_args(node)
+        real = ctx.params.get(w_node.name) if isinstance(w_node, fx.Node) and w_node.op == "placeholder" else None
+        reason = _why_not(real, cfg)
+        if reason is not None:
+            dense[label] = reason
+            continue
+        w = real.detach()
+        # Looked up on the module at call time, so a test can prove a warm start never gets here.
+        qw = qops.quantize_weight(w, cfg.fmt, group)
+        deq = qops.dequantize(*qw[:3], cfg.fmt, group, torch.float32)
+        base = f"_ec_q_{node.name}"
+        qnode = _attr_node(gm, node, f"{base}_qweight", qw.qweight, tag, mode)
+        snode = _attr_node(gm, node, f"{base}_scales", qw.scales, tag, mode)
+        znode = _attr_node(gm, node, f"{base}_zeros", qw.zeros, tag, mode) if qw.zeros is not None else None
+        with gm.graph.inserting_before(node):
+            new = gm.graph.call_function(qops.wq_linear_op(), (x, qnode, snode, znode, b_node, cfg.fmt, group))
+        new.meta.update({k: v for k, v in node.meta.items() if k in (ir.VAL, ir.TAG, "nn_module_stack")})
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+        layers[label] = {
+            "shape": list(w.shape),
+            "bytes_dense": w.numel() * w.element_size(),
+            "bytes_quantized": qw.nbytes(),
+            "weight_sqnr_db": round(qops.sqnr(w, deq), 2),
+        }
+        where.append(str(tag))
+    artifacts = {"format": cfg.fmt, "group_size": cfg.group_size, "layers": layers, "dense": dense}
+    if layers:
+        artifacts["bytes_dense"] = sum(v["bytes_dense"] for v in layers.values())
+        artifacts["bytes_quantized"] = sum(v["bytes_quantized"] for v in layers.values())
+    note = "; ".join(f"{k} kept dense: {v}" for k, v in dense.items())
+    if not layers:
+        note = note or f"no linear with a parameter weight in targets {list(cfg.targets)}"
+    return PassResult(modified=bool(layers), count=len(layers), where=where, artifacts=artifacts, note=note)
