@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import heapq
 import logging
+import math
 import operator
 import os
 from dataclasses import dataclass, field
@@ -11,9 +12,11 @@ from dataclasses import dataclass, field
 import torch.fx as fx
 
 from effcompile.codegen import ops as _ops
+from effcompile.codegen.kernels import dequant_matmul as _dequant
 from effcompile.codegen.partition import group_tag, partition
 from effcompile.codegen.triton_gen import generate
-from effcompile.compiler.ir import TAG, VAL
+from effcompile.compiler.ir import TAG, VAL, tensor_val
+from effcompile.compiler.ops import wq_linear_op
 
 log = logging.getLogger(__name__)
 
@@ -23,7 +26,7 @@ class KernelRecord:
     name: str
     op: str  # "torch.ops.effcompile.<name>.default"
     source_path: str
-    kind: str  # "pointwise" | "reduction" | "epilogue"
+    kind: str  # "pointwise" | "reduction" | "epilogue" | "dequant-gemv" | "dequant-gemm"
     ops: tuple[str, ...]
     nodes: tuple[str, ...]  # original node names the kernel replaced
     sublayers: tuple[str, ...]
@@ -79,9 +82,10 @@ def lower(
     use_triton: None = decide per call (CUDA tensors or TRITON_INTERPRET=1 -> Triton, else eager
     reference); True = always the Triton kernel (interpreted on CPU); False = always the reference.
     """
-    part = partition(gm)
-    result = LoweringResult(fallbacks=list(part.fallbacks))
     mode = _mode(use_triton)
+    quantized = _lower_quantized_linears(gm, mode)
+    part = partition(gm)
+    result = LoweringResult(kernels=quantized, fallbacks=list(part.fallbacks))
     graph = gm.graph
     replaced: dict[fx.Node, fx.Node] = {}  # outputs of groups already fused -> their new nodes
     for group in part.groups:
@@ -133,6 +137,27 @@ def lower(
     graph.lint()
     gm.recompile()
     return result
+
+
+def _lower_quantized_linears(gm: fx.GraphModule, mode: int) -> list[KernelRecord]:
+    """Point each effcompile::wq_linear IR node at the fused dequant-matmul kernel (same arguments + mode)."""
+    records = []
+    ir_op = wq_linear_op()
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.target is not ir_op:
+            continue
+        node.target = _ops.op_for(_dequant.NAME)
+        node.args = (*node.args, mode)
+        x, fmt, group = node.args[0], node.args[5], node.args[6]
+        val = tensor_val(x)
+        static = val is not None and all(isinstance(d, int) for d in val.shape[:-1])
+        rows = math.prod(val.shape[:-1]) if static else None  # symbolic: the kernel is picked per call
+        tag = node.meta.get(TAG)
+        records.append(KernelRecord(_dequant.NAME, f"torch.ops.effcompile.{_dequant.NAME}.default",
+                                    _dequant.__file__, _dequant.kind_for(rows),
+                                    ("wq_linear", fmt + (f"g{group}" if group else "")), (node.name,),
+                                    (str(tag),) if tag is not None else ()))
+    return records
 
 
 def load_kernels(paths) -> list[str]:
