@@ -12,6 +12,7 @@ import os
 import shutil
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -49,12 +50,12 @@ class TrainSettings:
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
-            v = getattr(self, f.name)
+            v, lowest = getattr(self, f.name), (0 if f.name in ("seed", "warmup_steps") else 1)
             if f.name in ("lr", "weight_decay"):
-                if not isinstance(v, (int, float)) or v < 0 or (f.name == "lr" and v == 0):
-                    raise ValueError(f"TrainSettings.{f.name} must be a positive number, got {v!r}")
-            elif not isinstance(v, int) or isinstance(v, bool) or (v < 0 if f.name in ("seed", "warmup_steps") else v < 1):
-                raise ValueError(f"TrainSettings.{f.name} must be a {'non-negative' if f.name in ('seed', 'warmup_steps') else 'positive'} int, got {v!r}")
+                if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0 or (f.name == "lr" and v == 0):
+                    raise ValueError(f"TrainSettings.{f.name} must be a {'positive' if f.name == 'lr' else 'non-negative'} number, got {v!r}")
+            elif isinstance(v, bool) or not isinstance(v, int) or v < lowest:
+                raise ValueError(f"TrainSettings.{f.name} must be an int >= {lowest}, got {v!r}")
         if self.hidden_size % self.num_heads:
             raise ValueError(f"TrainSettings.hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}")
         if self.num_heads % self.num_kv_heads:
@@ -207,78 +208,82 @@ def train(out_dir: str | Path | None = None, *, max_minutes: float = 15.0, progr
     out_dir = Path(out_dir) if out_dir is not None else models_root() / f"stdlib-llama-{key}"
     tmp = _prepare_out(out_dir)
 
-    tok = _train_tokenizer([t for _, t in train_src], settings.vocab_size)
-    train_ids, held_ids = encode_docs(tok, [t for _, t in train_src]), encode_docs(tok, [t for _, t in held_src])
-    vocab, eos = tok.get_vocab_size(), tok.token_to_id(EOS)
-    if train_ids.numel() <= settings.context + 1:
-        raise RuntimeError(f"only {train_ids.numel()} training tokens for context={settings.context}")
-    prep_s = time.perf_counter() - t0
+    try:
+        tok = _train_tokenizer([t for _, t in train_src], settings.vocab_size)
+        train_ids, held_ids = encode_docs(tok, [t for _, t in train_src]), encode_docs(tok, [t for _, t in held_src])
+        vocab, eos = tok.get_vocab_size(), tok.token_to_id(EOS)
+        if train_ids.numel() <= settings.context + 1:
+            raise RuntimeError(f"only {train_ids.numel()} training tokens for context={settings.context}")
+        prep_s = time.perf_counter() - t0
 
-    with torch.random.fork_rng():  # leave the caller's global RNG untouched
-        torch.manual_seed(settings.seed)
-        model = LlamaForCausalLM(_llama_config(settings, vocab, eos))
-        n_params = sum(p.numel() for p in model.parameters())
-        decay = [p for p in model.parameters() if p.dim() >= 2]
-        no_decay = [p for p in model.parameters() if p.dim() < 2]  # norms: decaying them only hurts
-        opt = torch.optim.AdamW([{"params": decay, "weight_decay": settings.weight_decay},
-                                 {"params": no_decay, "weight_decay": 0.0}], lr=settings.lr, betas=(0.9, 0.95))
-        gen = torch.Generator().manual_seed(settings.seed)
-        model.train()
-        t_train, step, stopped_early, losses = time.perf_counter(), 0, False, []
-        bar = tqdm(total=settings.max_steps, desc="stdlib-lm", unit="step", disable=not progress, file=sys.stderr)
-        while step < settings.max_steps:
-            if time.perf_counter() - t_train > max_minutes * 60:
-                stopped_early = True
-                log.warning("stdlib-lm: max_minutes=%s reached after %d/%d steps; stopping early "
-                            "(weights now depend on this machine's speed)", max_minutes, step, settings.max_steps)
-                break
-            starts = torch.randint(0, train_ids.numel() - settings.context - 1, (settings.batch_size,), generator=gen)
-            batch = torch.stack([train_ids[s:s + settings.context + 1] for s in starts.tolist()])
-            for g in opt.param_groups:
-                g["lr"] = _lr(step, settings)
-            logits = model(input_ids=batch[:, :-1]).logits
-            loss = F.cross_entropy(logits.reshape(-1, vocab), batch[:, 1:].reshape(-1))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            losses.append(loss.item())
-            step += 1
-            bar.update(1)
-            bar.set_postfix(loss=f"{losses[-1]:.3f}")
-        bar.close()
-        train_s = time.perf_counter() - t_train
-        model.eval()
-        ppl = perplexity(model, held_ids, window=settings.context, max_windows=settings.eval_windows)
-    uni = unigram_perplexity(train_ids, held_ids, vocab, window=settings.context, max_windows=settings.eval_windows)
-    eval_tokens = min(settings.eval_windows, (held_ids.numel() - 1) // settings.context) * settings.context
+        with torch.random.fork_rng():  # leave the caller's global RNG untouched
+            torch.manual_seed(settings.seed)
+            model = LlamaForCausalLM(_llama_config(settings, vocab, eos))
+            n_params = sum(p.numel() for p in model.parameters())
+            decay = [p for p in model.parameters() if p.dim() >= 2]
+            no_decay = [p for p in model.parameters() if p.dim() < 2]  # norms: decaying them only hurts
+            opt = torch.optim.AdamW([{"params": decay, "weight_decay": settings.weight_decay},
+                                     {"params": no_decay, "weight_decay": 0.0}], lr=settings.lr, betas=(0.9, 0.95))
+            gen = torch.Generator().manual_seed(settings.seed)
+            model.train()
+            t_train, step, stopped_early, losses = time.perf_counter(), 0, False, []
+            bar = tqdm(total=settings.max_steps, desc="stdlib-lm", unit="step", disable=not progress, file=sys.stderr)
+            while step < settings.max_steps:
+                if time.perf_counter() - t_train > max_minutes * 60:
+                    stopped_early = True
+                    log.warning("stdlib-lm: max_minutes=%s reached after %d/%d steps; stopping early "
+                                "(weights now depend on this machine's speed)", max_minutes, step, settings.max_steps)
+                    break
+                starts = torch.randint(0, train_ids.numel() - settings.context - 1, (settings.batch_size,), generator=gen)
+                batch = torch.stack([train_ids[s:s + settings.context + 1] for s in starts.tolist()])
+                for g in opt.param_groups:
+                    g["lr"] = _lr(step, settings)
+                logits = model(input_ids=batch[:, :-1]).logits
+                loss = F.cross_entropy(logits.reshape(-1, vocab), batch[:, 1:].reshape(-1))
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                opt.step()
+                losses.append(loss.item())
+                step += 1
+                bar.update(1)
+                bar.set_postfix(loss=f"{losses[-1]:.3f}")
+            bar.close()
+            train_s = time.perf_counter() - t_train
+            model.eval()
+            ppl = perplexity(model, held_ids, window=settings.context, max_windows=settings.eval_windows)
+        uni = unigram_perplexity(train_ids, held_ids, vocab, window=settings.context, max_windows=settings.eval_windows)
+        eval_tokens = min(settings.eval_windows, (held_ids.numel() - 1) // settings.context) * settings.context
 
-    model.save_pretrained(tmp)  # safetensors + config.json (+ generation_config.json)
-    tok.save(str(tmp / "tokenizer.json"))
-    import tokenizers
-    import transformers
+        model.save_pretrained(tmp)  # safetensors + config.json (+ generation_config.json)
+        tok.save(str(tmp / "tokenizer.json"))
+        import tokenizers
+        import transformers
 
-    write_manifest(tmp, key, {
-        "settings": dataclasses.asdict(settings),
-        "model": {"class": "LlamaForCausalLM", "params": n_params, "vocab_size": vocab, "eos_token_id": eos},
-        "data": {"sha256": data_sha, "stdlib": str(corpus.stdlib_root()), "python": sys.version.split()[0],
-                 "train_files": len(train_src), "heldout_files": len(held_src),
-                 "train_tokens": train_ids.numel(), "heldout_tokens": held_ids.numel(),
-                 "heldout_every": corpus.HELDOUT_EVERY},
-        "results": {"heldout_perplexity": ppl, "unigram_perplexity": uni, "eval_tokens": eval_tokens,
-                    "steps": step, "tokens_seen": step * settings.batch_size * settings.context,
-                    "final_train_loss": sum(losses[-20:]) / max(1, len(losses[-20:])),
-                    "stopped_early": stopped_early, "max_minutes": max_minutes,
-                    "prep_seconds": round(prep_s, 1), "train_seconds": round(train_s, 1),
-                    "total_seconds": round(time.perf_counter() - t0, 1)},
-        "env": {"torch": torch.__version__, "transformers": transformers.__version__,
-                "tokenizers": tokenizers.__version__, "threads": torch.get_num_threads()},
-    })
-    if out_dir.exists():  # checked by _prepare_out to hold only our files
-        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-        out_dir.rename(old)
-        shutil.rmtree(old, ignore_errors=True)
-    tmp.rename(out_dir)
+        write_manifest(tmp, key, {
+            "settings": dataclasses.asdict(settings),
+            "model": {"class": "LlamaForCausalLM", "params": n_params, "vocab_size": vocab, "eos_token_id": eos},
+            "data": {"sha256": data_sha, "heldout_sha256": corpus.data_hash(held_src), "stdlib": str(corpus.stdlib_root()), "python": sys.version.split()[0],
+                     "train_files": len(train_src), "heldout_files": len(held_src),
+                     "train_tokens": train_ids.numel(), "heldout_tokens": held_ids.numel(),
+                     "heldout_every": corpus.HELDOUT_EVERY},
+            "results": {"heldout_perplexity": ppl, "unigram_perplexity": uni, "eval_tokens": eval_tokens,
+                        "steps": step, "tokens_seen": step * settings.batch_size * settings.context,
+                        "final_train_loss": sum(losses[-20:]) / max(1, len(losses[-20:])),
+                        "stopped_early": stopped_early, "max_minutes": max_minutes,
+                        "prep_seconds": round(prep_s, 1), "train_seconds": round(train_s, 1),
+                        "total_seconds": round(time.perf_counter() - t0, 1)},
+            "env": {"torch": torch.__version__, "transformers": transformers.__version__,
+                    "tokenizers": tokenizers.__version__, "threads": torch.get_num_threads()},
+        })
+        if out_dir.exists():  # checked by _prepare_out to hold only our files
+            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+            out_dir.rename(old)
+            shutil.rmtree(old, ignore_errors=True)
+        tmp.rename(out_dir)
+    except BaseException:  # a crash or Ctrl-C leaves no half-written temp dir behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     log.warning("stdlib-lm: trained %d params for %d steps in %.0f s; held-out perplexity %.1f (unigram %.1f) -> %s",
                 n_params, step, train_s, ppl, uni, out_dir)
     return out_dir
@@ -289,7 +294,10 @@ def load(path: str | Path, key: str | None = None):
     from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
     path = Path(path)
-    verify(path, key)
+    manifest = verify(path, key)
+    if manifest.get("results", {}).get("stopped_early"):
+        warnings.warn(f"{path}: training hit its time cap before max_steps; weights depend on that machine's "
+                      "speed (retrain with a larger --max-minutes for the reproducible model)", RuntimeWarning, stacklevel=2)
     model = LlamaForCausalLM.from_pretrained(path, use_safetensors=True).eval()  # safetensors only: no pickle
     tok = PreTrainedTokenizerFast(tokenizer_file=str(path / "tokenizer.json"), eos_token=EOS, bos_token=EOS,
                                   pad_token=EOS, unk_token=None)

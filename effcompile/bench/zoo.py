@@ -68,9 +68,10 @@ def random_config(kind: str, size: str):
                               num_key_value_heads=d["kv"], max_position_embeddings=d["pos"],
                               tie_word_embeddings=size == "1b")
     if kind == "gpt2":
-        d = _GPT2_1B if size == "1b" else d
+        d = _GPT2_1B if size == "1b" else {**d, "vocab": 50257 if size == "base" else d["vocab"]}  # base = GPT-2 124M
+        # GPT2Config's default bos/eos id (50256) must exist in the smaller vocabularies too.
         return tf.GPT2Config(vocab_size=d["vocab"], n_embd=d["hidden"], n_layer=d["layers"], n_head=d["heads"],
-                             n_positions=min(d["pos"], 1024))
+                             n_positions=min(d["pos"], 1024), bos_token_id=d["vocab"] - 1, eos_token_id=d["vocab"] - 1)
     d = _BERT_1B if size == "1b" else d
     return tf.BertConfig(vocab_size=d["vocab"], hidden_size=d["hidden"], num_hidden_layers=d["layers"],
                          num_attention_heads=d["heads"], intermediate_size=d.get("ffn", 4 * d["hidden"]),
