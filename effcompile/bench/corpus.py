@@ -110,19 +110,30 @@ def stdlib_corpus(n: int, seed: int = 0, split: str = "all") -> list[str]:
     return random.Random(seed).sample(pool, n)
 
 
-def _first_sentence(text: str) -> str:
-    m = re.match(r"(.+?[.!?])(\s|$)", text)
-    return m.group(1) if m else text
+def _split_first_sentence(text: str) -> tuple[str, str]:
+    m = re.match(r"(.+?[.!?])\s+(.*)", text)
+    return (m.group(1), m.group(2)) if m else (text, "")
+
+
+@functools.lru_cache(maxsize=4)
+def _two_part(split: str) -> tuple[tuple[str, str], ...]:
+    pairs = (_split_first_sentence(t) for t in stdlib_docstrings(split))
+    return tuple((q, d) for q, d in pairs if len(q.split()) >= 4 and len(d.split()) >= 6)
 
 
 def retrieval_set(n_queries: int, n_docs: int, seed: int = 0, split: str = "all"):
-    """(queries, documents, answers): each query is the first sentence of documents[answers[i]].
+    """(queries, documents, answers): query i is the first sentence of a docstring whose *remaining*
+    sentences are documents[answers[i]].
 
-    Documents are whole docstring paragraphs; queries are their opening sentences, so eager retrieval
-    has a real ground truth (a sanity check of the weights) besides the eager-vs-optimized agreement.
+    The query text is not inside its document, so eager retrieval is a real (not string-matching) task:
+    a sanity check of the weights, besides the eager-vs-optimized agreement that the benchmarks measure.
     """
-    if n_queries > n_docs:
-        raise ValueError(f"n_queries={n_queries} must be <= n_docs={n_docs}")
-    docs = stdlib_corpus(n_docs, seed, split)
-    picks = random.Random(seed + 1).sample(range(n_docs), n_queries)
-    return [_first_sentence(docs[i]) for i in picks], docs, picks
+    _check_split(split)
+    if not 1 <= n_queries <= n_docs:
+        raise ValueError(f"n_queries={n_queries} must be in [1, n_docs={n_docs}]")
+    pool = _two_part(split)
+    if n_docs > len(pool):
+        raise ValueError(f"n_docs={n_docs} exceeds the {len(pool)} multi-sentence docstrings in split={split!r}")
+    picked = random.Random(seed).sample(pool, n_docs)
+    answers = random.Random(seed + 1).sample(range(n_docs), n_queries)
+    return [picked[i][0] for i in answers], [d for _, d in picked], answers

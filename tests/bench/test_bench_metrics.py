@@ -165,8 +165,8 @@ def test_compare_causal_lms_self(llama):
 
 def test_compare_encoders_real_minilm(minilm):
     model, tok = minilm
-    r = M.compare_encoders(model, model, tok, n_queries=6, n_docs=16)
+    r = M.compare_encoders(model, model, tok, n_queries=8, n_docs=16)
     assert r["cosine"]["min"] == pytest.approx(1.0, abs=1e-5)
     assert r["retrieval"] == {"top1": 1.0, "top5": 1.0}
-    # Real weights: a docstring's first sentence finds its own docstring far above chance (1/16).
-    assert r["eager_recall@1"] >= 0.5
+    # Real weights: a docstring's first sentence finds the rest of it far above chance (1/16).
+    assert r["eager_recall@1"] >= 0.25
