@@ -222,8 +222,15 @@ class CompiledGraph:
             warnings.warn(f"effcompile: disk cache disabled: {e}", RuntimeWarning, stacklevel=2)
             self.report.cache_note = f"disk cache disabled: {e}"
             store = None
-        key = self._key(sig)
-        self.report.key_digest, self.report.key_fields = key.digest, key.fields
+        from effcompile.runtime.key import UnkeyableValue
+
+        try:
+            key = self._key(sig)
+            self.report.key_digest, self.report.key_fields = key.digest, key.fields
+        except UnkeyableValue as e:  # e.g. a pass defined in a REPL: no source to hash, so no caching
+            log.info("effcompile: graph %s not cached: %s", self.report.fingerprint[:12], e)
+            store, key = None, None
+            self.report.cache_note = f"not cacheable: {e}"
         self.report.buckets.append(str(sig) if sig else "static")
         run = self._load(store, key) if store is not None else None
         if run is None:

@@ -19,6 +19,7 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -99,8 +100,17 @@ def rewrite(
     if n_pat != n_rep:
         raise ValueError(f"rewrite {name}: pattern takes {n_pat} tensors but replacement takes {n_rep}")
 
+    # The rewrite's identity (a cache-key part) is the source of both functions: editing either one
+    # must miss the cache, even though the pass function itself (below) never changes.
+    fns = [f.fn if isinstance(f, Pattern) else f for f in (pattern_fn, replacement_fn)]
+    try:
+        text = "".join(inspect.getsource(f) for f in fns)
+    except (OSError, TypeError):  # defined where no source is kept (a REPL): the cache is skipped
+        text = None
+    version = hashlib.sha256(text.encode()).hexdigest()[:16] if text is not None else None
     cfg_type = dataclasses.make_dataclass(
-        name, [], bases=(PassConfig,), frozen=True, namespace={"lossy": lossy, "__module__": pattern_fn.__module__}
+        name, [], bases=(PassConfig,), frozen=True,
+        namespace={"lossy": lossy, "version": version, "__module__": fns[0].__module__},
     )
     filters = list(match_filters)
 
@@ -113,7 +123,6 @@ def rewrite(
         return PassResult(modified=bool(matches), count=len(matches), where=where)
 
     run.__name__ = name
-    # The pass's source for the cache key is the file that defines the pattern, not this one.
-    run.__wrapped_source__ = inspect.getsourcefile(pattern_fn.fn if isinstance(pattern_fn, Pattern) else pattern_fn)
+    run.__wrapped__ = fns[0]  # the key hashes the file that defines the pattern, not this one
     register_pass(cfg_type, phase=phase, name=name)(run)
     return cfg_type
