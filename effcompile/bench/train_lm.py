@@ -116,8 +116,11 @@ def verify(path: Path, key: str | None = None) -> dict:
         raise CacheError(f"{path}: manifest format {manifest.get('format') if isinstance(manifest, dict) else '?'} != {FORMAT}")
     if key is not None and manifest.get("key") != key:
         raise CacheError(f"{path}: trained for key {manifest.get('key')!r}, expected {key!r} (other settings or stdlib)")
+    files = manifest.get("files")
+    if not isinstance(files, dict):
+        raise CacheError(f"{path}: manifest.json has no 'files' table")
     for name in FILES:
-        want = manifest.get("files", {}).get(name)
+        want = files.get(name)
         if not (path / name).is_file():
             raise CacheError(f"{path}: missing {name}")
         if want != _sha256_file(path / name):
@@ -306,7 +309,7 @@ def load(path: str | Path, key: str | None = None):
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m effcompile.bench.train_lm", description=__doc__)
-    p.add_argument("--out", type=Path, help="output dir (default: $EFFCOMPILE_MODEL_DIR or ~/.cache/effcompile/models/stdlib-llama-<key>)")
+    p.add_argument("--out", type=Path, help="model dir (default: ROOT/stdlib-llama-<key>, ROOT = $EFFCOMPILE_MODEL_DIR or ~/.cache/effcompile/models)")
     p.add_argument("--max-minutes", type=float, default=15.0, help="safety cap on training time (default 15)")
     p.add_argument("--max-steps", type=int, help=f"optimizer steps (default {TrainSettings.max_steps})")
     p.add_argument("--force", action="store_true", help="retrain even if a verified model is cached")

@@ -145,3 +145,11 @@ def test_out_dir_with_foreign_files_is_never_overwritten(tmp_path):
     (tmp_path / "precious.txt").write_text("keep")
     with pytest.raises(ValueError, match="refusing to overwrite"):
         train_lm._prepare_out(tmp_path)
+
+
+def test_cli_reports_a_verified_cache_without_training(tmp_path, monkeypatch, capsys):
+    key = train_lm.default_dir(train_lm.TrainSettings(max_steps=3))[1]
+    _fake_artifact(tmp_path / "m", key)
+    monkeypatch.setattr(train_lm, "train", lambda *a, **k: pytest.fail("must not train"))
+    assert train_lm.main(["--out", str(tmp_path / "m"), "--max-steps", "3", "--no-progress"]) == 0
+    assert "already trained and verified" in capsys.readouterr().out
