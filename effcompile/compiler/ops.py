@@ -51,9 +51,26 @@ def quantize_weight(w: torch.Tensor, fmt: str, group_size: int = 0) -> Quantized
     """Quantize a [N, K] float weight. Scales/zeros keep the weight's dtype (as torchao does).
 
     int8: per-row symmetric, w ~= q * s, q in [-127, 127].
-    int4: per (row, group of K) asymmetric, w ~= q * s + z with q in [0, 15] and z the group minimum;
-          two values per byte, the even k in the low nibble.
+    int4: per (row, group of K) asymmetric, w ~= q * s + z with q in [0, 15]; the group's range is
+          shrunk by the factor (of _INT4_SHRINK) that minimizes its squared error (outliers cost
+          less than a coarser grid); two values per byte, the even k in the low nibble.
     """
+    return _quantize(w, fmt, group_size)  # passes call this name; tests patch it to prove no re-quantize
+
+
+_INT4_SHRINK = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75)
+
+
+def _int4_codes(g: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, dtype: torch.dtype):
+    # Round the stored scale/zero first, so the integer codes are chosen against what dequant will use.
+    s = ((hi - lo) / 15.0).clamp_min(1e-8).to(dtype).float()
+    z = lo.to(dtype).float()
+    q = torch.round((g - z[..., None]) / s[..., None]).clamp(0, 15)
+    err = (q * s[..., None] + z[..., None] - g).square().sum(-1)
+    return q, s, z, err
+
+
+def _quantize(w: torch.Tensor, fmt: str, group_size: int = 0) -> QuantizedWeight:
     check_format(fmt, group_size)
     if w.dim() != 2 or w.dtype not in FLOAT_DTYPES:
         raise ValueError(f"quantize_weight needs a 2-D float weight, got {tuple(w.shape)} {w.dtype}")
@@ -67,10 +84,18 @@ def quantize_weight(w: torch.Tensor, fmt: str, group_size: int = 0) -> Quantized
         raise ValueError(f"K={k} is not divisible by group_size={group_size}")
     g = wf.view(n, k // group_size, group_size)
     lo, hi = g.amin(-1), g.amax(-1)
-    # Round the stored scale/zero first, so the integer codes are chosen against what dequant will use.
-    s = ((hi - lo) / 15.0).clamp_min(1e-8).to(w.dtype).float()
-    z = lo.to(w.dtype).float()
-    q = torch.round((g - z[..., None]) / s[..., None]).clamp(0, 15).to(torch.uint8).view(n, k)
+    best = None
+    for r in _INT4_SHRINK:
+        mid = (hi + lo) / 2
+        cand = _int4_codes(g, mid - (mid - lo) * r, mid + (hi - mid) * r, w.dtype)
+        if best is None:
+            best = list(cand)
+            continue
+        better = cand[3] < best[3]
+        for i in range(4):
+            best[i] = torch.where(better[..., None] if i == 0 else better, cand[i], best[i])
+    q, s, z, _ = best
+    q = q.to(torch.uint8).view(n, k)
     packed = q[:, 0::2] | (q[:, 1::2] << 4)
     return QuantizedWeight(packed.contiguous(), s.to(w.dtype), z.to(w.dtype), fmt, group_size)
 
@@ -153,7 +178,7 @@ def _self_check(fmt: str, dtype: torch.dtype) -> None:
     gen = torch.Generator().manual_seed(0)
     group = FORMATS[fmt][0]
     x = torch.randn(3, 96, generator=gen).to(dtype)
-    qw = quantize_weight(torch.randn(48, 96, generator=gen) / 10, fmt, group)
+    qw = _quantize(torch.randn(48, 96, generator=gen) / 10, fmt, group)
     try:
         got = _fast_cpu(x, qw.qweight, qw.scales, qw.zeros, fmt, group)
     except Exception as e:  # an op that exists but refuses these inputs on this torch version

@@ -1,0 +1,86 @@
+"""Dequant-GEMV/GEMM Triton kernels vs the eager reference under TRITON_INTERPRET=1, odd shapes, each dtype."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from effcompile.codegen import ops as cg_ops
+from effcompile.codegen.kernels import dequant_matmul as D
+from effcompile.compiler import ops as qops
+
+pytestmark = pytest.mark.interpreter
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+@pytest.fixture(autouse=True)
+def _interpret(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
+def _case(fmt, group, n, k, m, dtype, bias=True, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    w = (torch.randn(n, k, generator=gen) / 20).to(dtype)
+    qw = qops.quantize_weight(w, fmt, group)
+    x = torch.randn(m, k, generator=gen).to(dtype)
+    b = torch.randn(n, generator=gen).to(dtype) if bias else None
+    return x, qw, b
+
+
+def _check(x, qw, b):
+    got = D.launch(x, *qw[:3], b, qw.fmt, qw.group_size)
+    want = D.reference(x, *qw[:3], b, qw.fmt, qw.group_size)
+    assert got.shape == want.shape and got.dtype == x.dtype
+    # Errors relative to the output's scale: the kernels accumulate in fp32 in another order.
+    err = (got.float() - want.float()).abs().max().item() / want.float().abs().max().item()
+    assert err <= TOL[x.dtype], f"relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("m", [1, 3, pytest.param(8, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("fmt,group", [("int8", 0), ("int4", 32)])
+def test_gemv_odd_large_shape_fp32(fmt, group, m):
+    # N = 781 (not a multiple of any block), K = 1824 = 57 * 32 (not a multiple of 64 or 128).
+    _check(*_case(fmt, group, 781, 1824, m, torch.float32))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m", [1, 8, 19])
+@pytest.mark.parametrize("fmt,group", [("int8", 0), ("int4", 32), ("int4", 64), ("int4", 128)])
+def test_kernels_each_dtype(fmt, group, m, dtype):
+    # m <= 8 runs the GEMV kernel, 19 the GEMM (partial M and N tiles, K = 3 * 128); batch 3 is above.
+    _check(*_case(fmt, group, 71, 384, m, dtype, bias=m != 8, seed=m))
+
+
+@pytest.mark.slow
+def test_gemm_odd_large_shape_bf16():
+    _check(*_case("int4", 32, 781, 1824, 37, torch.bfloat16))
+
+
+def test_kernel_choice_and_leading_dims():
+    x, qw, b = _case("int8", 0, 33, 64, 6, torch.float32)
+    x3 = x.view(2, 3, 64)
+    out = D.launch(x3, *qw[:3], b, "int8", 0)
+    assert out.shape == (2, 3, 33)
+    torch.testing.assert_close(out, D.reference(x3, *qw[:3], b, "int8", 0), rtol=1e-5, atol=1e-5)
+    assert D.kind_for(8) == "dequant-gemv" and D.kind_for(9) == "dequant-gemm" and D.kind_for(None) == "dequant-gemm"
+
+
+def test_op_paths_are_counted(monkeypatch):
+    x, qw, b = _case("int4", 64, 48, 128, 2, torch.float32)
+    before = dict(cg_ops.PATH_COUNTS[D.NAME])
+    op = cg_ops.op_for(D.NAME)
+    tri = op(x, *qw[:3], b, "int4", 64, cg_ops.MODE_AUTO)  # TRITON_INTERPRET=1 -> Triton
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    eager = op(x, *qw[:3], b, "int4", 64, cg_ops.MODE_AUTO)  # CPU without interpreter -> eager path
+    after = cg_ops.PATH_COUNTS[D.NAME]
+    assert after["triton"] == before.get("triton", 0) + 1 and after["torch"] == before.get("torch", 0) + 1
+    torch.testing.assert_close(tri, eager, rtol=1e-4, atol=1e-4)
+
+
+def test_unsupported_inputs_use_the_eager_path():
+    x, qw, _ = _case("int8", 0, 16, 32, 2, torch.float32)
+    assert D.supported(x.double(), qw.qweight, "int8", 0) is not None
+    assert D.supported(x, qw.qweight, "fp8", 0) is not None
+    assert D.supported(x, qw.qweight, "int8", 0) is None
