@@ -178,15 +178,12 @@ def _lr(step: int, s: TrainSettings) -> float:
 
 
 def _prepare_out(out_dir: Path) -> Path:
-    """A fresh sibling temp dir; the final rename makes the artifact appear atomically."""
+    """The sibling temp path to build the artifact in; the final rename makes it appear atomically."""
     # Only ever replace a directory made of our own file names (e.g. a corrupt cache), never user data.
     foreign = sorted(p.name for p in out_dir.iterdir() if p.name not in _OURS) if out_dir.is_dir() else []
     if foreign or (out_dir.exists() and not out_dir.is_dir()):
         raise ValueError(f"out_dir {out_dir} holds files that are not a stdlib-lm artifact ({foreign[:3]}); refusing to overwrite it")
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    return tmp
+    return out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
 
 
 def train(out_dir: str | Path | None = None, *, max_minutes: float = 15.0, progress: bool = True,
@@ -258,6 +255,9 @@ def train(out_dir: str | Path | None = None, *, max_minutes: float = 15.0, progr
         uni = unigram_perplexity(train_ids, held_ids, vocab, window=settings.context, max_windows=settings.eval_windows)
         eval_tokens = min(settings.eval_windows, (held_ids.numel() - 1) // settings.context) * settings.context
 
+        # Created only now, so a run killed while training leaves nothing on disk.
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
         model.save_pretrained(tmp)  # safetensors + config.json (+ generation_config.json)
         tok.save(str(tmp / "tokenizer.json"))
         import tokenizers
