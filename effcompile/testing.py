@@ -51,7 +51,8 @@ def tiny_hf(kind: str, *, layers: int = 2, hidden: int = 64, heads: int = 4, voc
                              max_position_embeddings=256)
         model = tf.LlamaForCausalLM(cfg)
     elif kind == "gpt2":
-        cfg = tf.GPT2Config(vocab_size=vocab, n_embd=hidden, n_layer=layers, n_head=heads, n_positions=256)
+        cfg = tf.GPT2Config(vocab_size=vocab, n_embd=hidden, n_layer=layers, n_head=heads, n_positions=256,
+                            bos_token_id=vocab - 1, eos_token_id=vocab - 1)  # GPT-2's 50256 is outside a tiny vocab
         model = tf.GPT2LMHeadModel(cfg)
     elif kind == "bert":
         cfg = tf.BertConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers,
