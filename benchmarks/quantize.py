@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import platform
 import statistics
 import time
@@ -192,12 +193,14 @@ def main() -> None:
         "benchmark": "quantize",
         "date": datetime.date.today().isoformat(),
         "device": "cpu",
-        "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads()},
+        "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+                    "load_avg_at_start": os.getloadavg()},  # shared machines: judge timings by it
         "versions": {"torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version()},
         "quality_minilm": quality(model, tok),
     }
     if not args.skip_speed:
         result["speed_cpu"] = speed(model, tok, args.reps)
+        result["machine"]["load_avg_at_end"] = os.getloadavg()
     out = ROOT / "benchmarks" / "results" / f"quantize-cpu-{result['date']}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
