@@ -108,9 +108,14 @@ def _module_type(node: fx.Node) -> str:
 
 
 def _find_block_container(paths: list[str]) -> str | None:
-    """The module list whose integer-indexed children hold the transformer blocks."""
+    """The module list whose integer-indexed children hold the transformer blocks.
+
+    A container qualifies if its children hold both attention and FFN submodules (so a 1-layer model
+    still has a block), or failing any such, if it has at least two indexed children.
+    """
     counts: Counter[str] = Counter()
     children: dict[str, set[str]] = {}
+    parts_seen: dict[str, set[str | None]] = {}
     for p in paths:
         parts = p.split(".")
         for i, comp in enumerate(parts):
@@ -118,8 +123,10 @@ def _find_block_container(paths: list[str]) -> str | None:
                 prefix = ".".join(parts[:i])
                 counts[prefix] += 1
                 children.setdefault(prefix, set()).add(comp)
+                parts_seen.setdefault(prefix, set()).add(_part_of(".".join(parts[i + 1:])))
                 break  # only the outermost indexed container counts
-    candidates = [p for p in counts if len(children[p]) >= 2]
+    blocky = [p for p in counts if {"attn", "ffn"} <= parts_seen[p]]
+    candidates = blocky or [p for p in counts if len(children[p]) >= 2]
     return max(candidates, key=lambda p: counts[p]) if candidates else None
 
 

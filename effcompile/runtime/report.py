@@ -93,7 +93,8 @@ class Report:
             for p in g.passes:
                 where = ", ".join(p.where[:4]) + (" ..." if len(p.where) > 4 else "")
                 fired = "yes" if p.modified else ("skip" if not p.ran else "no")
-                lines.append(f"  {p.name:<24} {p.phase:<12} {fired:<6} {p.count:>5}  {where or p.note}")
+                detail = where + (f"  [{p.note}]" if where and p.note else p.note if not where else "")
+                lines.append(f"  {p.name:<24} {p.phase:<12} {fired:<6} {p.count:>5}  {detail}")
             paths = g.kernel_paths() if g.kernels else {}
             lines.append(f"  kernels: {len(g.kernels)}")
             for k in g.kernels:

@@ -81,3 +81,17 @@ def test_meta_val_present_after_annotate_and_invariants_catch_missing():
     node.meta.pop("example_value", None)
     with pytest.raises(ir.InvariantError, match=node.name):
         ir.check_invariants(gm)
+
+
+def test_a_single_layer_model_still_has_a_block():
+    gm = _annotated(tiny_hf("llama", layers=1), input_ids=torch.randint(0, 128, (1, 6)))
+    tags = _tags(gm)
+    assert tags[("layers.0.attn", "residual")] == 1 and tags[("layers.0.ffn", "residual")] == 1
+
+
+def test_an_indexed_sequential_is_not_mistaken_for_blocks():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU())
+    graphs = capture(model, torch.randn(2, 4))
+    gm, example = graphs[0]
+    ir.annotate(gm, example)
+    assert all(n.meta[ir.TAG].block is None for n in gm.graph.nodes if n.op != "output")
