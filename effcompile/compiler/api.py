@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import threading
 import warnings
 from typing import Any
 
@@ -31,6 +32,12 @@ class _Compiler:
         self.calls = 0
         self.recording = False  # True while calibration batches run through the captured graphs
         self.recordings: dict[tuple, list] = {}  # graph input names -> recorded input lists
+        # Dynamo is not thread-safe about compiling (pytorch#105943): threads that miss its cache
+        # together each compile the frame again, adding one duplicate graph per thread and using up
+        # recompile_limit. Calls whose input signature has not completed yet are serialized; once
+        # a signature has run, its calls go through dynamo's cache without the lock.
+        self._lock = threading.RLock()
+        self._warm: set = set()
 
         def backend(gm, example_inputs):
             if settings.calibration is None:
@@ -62,6 +69,16 @@ class _Compiler:
             self.recording = False
 
     def __call__(self, *args, **kwargs):
+        sig = _call_signature(args, kwargs)
+        if sig is not None and sig in self._warm:
+            return self.compiled(*args, **kwargs)
+        with self._lock:
+            out = self._call_locked(args, kwargs)
+            if sig is not None and len(self._warm) < 4096:  # bounded: a stream of new shapes stays locked
+                self._warm.add(sig)
+            return out
+
+    def _call_locked(self, args, kwargs):
         self.calls += 1
         if self.calls > 1:
             return self.compiled(*args, **kwargs)
@@ -82,8 +99,24 @@ class _Compiler:
                       "forward? see torch._dynamo.config.recompile_limit); the model ran eagerly")
             self.report.fallbacks.append(reason)
             log.warning("effcompile: FALLBACK to eager: %s", reason)
-            warnings.warn(f"effcompile: {reason}", RuntimeWarning, stacklevel=3)
+            warnings.warn(f"effcompile: {reason}", RuntimeWarning, stacklevel=4)
         return out
+
+
+def _call_signature(args, kwargs) -> tuple | None:
+    """What dynamo's guards mostly depend on: tensor shapes/dtypes/devices, scalar values, grad mode.
+
+    ``None`` (never "warm") when an argument is something we cannot summarize cheaply and safely.
+    """
+    parts: list = [torch.is_grad_enabled()]
+    for v in (*args, *(kwargs[k] for k in sorted(kwargs))):
+        if isinstance(v, torch.Tensor):
+            parts.append((tuple(v.shape), v.dtype, v.device, v.requires_grad))
+        elif v is None or isinstance(v, bool | int | float | str):
+            parts.append((type(v), v))
+        else:
+            return None
+    return (tuple(sorted(kwargs)), *parts)
 
 
 def _tensor_inputs(gm) -> list[str]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
+import threading
 import time
 import warnings
 from collections import deque
@@ -153,6 +154,7 @@ class CompiledGraph:
         self.params = params
         self.variants: dict[tuple, Any] = {}
         self._warned_grad = False
+        self._lock = threading.Lock()  # threads entering a new bucket together compile it once
         self._compile_variant(self._bucket_of(example_inputs))
 
     def _bucket_of(self, args) -> tuple:
@@ -161,15 +163,16 @@ class CompiledGraph:
         return tuple(bucket(int(args[i].shape[d])) for i, d in self.dynamic)
 
     def __call__(self, *args):
-        self.report.calls += 1
-        if self.dynamic:
-            sig = self._bucket_of(args)
-            run = self.variants.get(sig)
-            if run is None:
-                self.report.recompiles.append(f"new shape bucket {sig} (have {list(self.variants)})")
-                run = self._compile_variant(sig)
-        else:
-            run = next(iter(self.variants.values()))
+        sig = self._bucket_of(args) if self.dynamic else None
+        with self._lock:  # held for the compile of a new bucket only; otherwise a dict lookup
+            self.report.calls += 1
+            if self.dynamic:
+                run = self.variants.get(sig)
+                if run is None:
+                    self.report.recompiles.append(f"new shape bucket {sig} (have {list(self.variants)})")
+                    run = self._compile_variant(sig)
+            else:
+                run = next(iter(self.variants.values()))
         if not self._warned_grad and torch.is_grad_enabled() and any(
             isinstance(a, torch.Tensor) and a.requires_grad for a in args
         ):
