@@ -125,6 +125,15 @@ def _add_explain(sub) -> None:
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_cache, _add_explain]
 
 
+def _add_bisect(sub) -> None:
+    from effcompile.compiler.bisect import add_cli
+
+    add_cli(sub)
+
+
+COMMANDS.append(_add_bisect)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="effcompile", description="effcompile: JIT inference compiler")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
