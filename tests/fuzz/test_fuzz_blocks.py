@@ -65,7 +65,7 @@ def _run(spec, data):
 
 
 @pytest.mark.interpreter
-@settings(max_examples=20, **FUZZ)
+@settings(max_examples=25, **FUZZ)
 @given(spec=block_specs(), data=st.data())
 def test_random_blocks_equal_eager_and_kernels_match_references(spec, data):
     _run(spec, data)
@@ -79,7 +79,7 @@ def test_random_blocks_many(spec, data):
     _run(spec, data)
 
 
-@settings(max_examples=6, **FUZZ)
+@settings(max_examples=4, **FUZZ)
 @given(spec=block_specs(), lengths=st.lists(st.sampled_from((9, 10, 13, 16)), min_size=2, max_size=3))
 def test_random_blocks_dynamic_lengths_in_one_bucket(spec, lengths):
     """dynamic=True: symbolic sequence lengths reach codegen; every length in the bucket equals eager."""
@@ -129,8 +129,8 @@ def test_random_blocks_through_triton_interpreter():
     """
     fuzz_dir = str(Path(__file__).resolve().parent)
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": fuzz_dir + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    r = subprocess.run([sys.executable, "-c", _INTERP_SCRIPT.format(fuzz_dir=fuzz_dir, n=3)],
+    r = subprocess.run([sys.executable, "-c", _INTERP_SCRIPT.format(fuzz_dir=fuzz_dir, n=2)],
                        capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
     result = json.loads(r.stdout.strip().splitlines()[-1])
-    assert result["blocks"] >= 3 and result["paths"] == ["triton"], result
+    assert result["blocks"] >= 2 and result["paths"] == ["triton"], result
