@@ -120,9 +120,24 @@ def _add_explain(sub) -> None:
     p.set_defaults(func=_explain)
 
 
+def _bench(args) -> int:
+    from effcompile.bench.command import main
+
+    return main(args)
+
+
+def _add_bench(sub) -> None:
+    p = sub.add_parser("bench", help="measure quality and speed of a zoo model under a pass spec (or a sweep)")
+    from effcompile.bench.command import add_arguments
+
+    add_arguments(p)
+    p.set_defaults(func=_bench)
+
+
 # Each entry adds one subcommand to the top-level parser and sets `func` (args -> exit code) on it.
 # To add `explain` or `bench`, write an `_add_x(sub)` like `_add_cache` and append it here.
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_cache, _add_explain]
+COMMANDS.append(_add_bench)
 
 
 def _add_bisect(sub) -> None:
