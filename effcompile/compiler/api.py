@@ -282,7 +282,7 @@ def explain(compiled: Any) -> Report:
     Works on what ``effcompile()`` returned and on ``torch.compile(model, backend="effcompile")``
     (after its first call). ``str(report)`` is a readable table.
     """
-    ec = getattr(compiled, "_ec", None) or (compiled.__dict__.get("_ec") if hasattr(compiled, "__dict__") else None)
+    ec = getattr(compiled, "_ec", None)
     if isinstance(ec, _Compiler):
         return ec.report
     orig = getattr(compiled, "_orig_mod", None)

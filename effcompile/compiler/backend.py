@@ -19,7 +19,7 @@ import time
 import warnings
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +52,6 @@ class Settings:
     cache: bool = True
     use_triton: bool | None = None
     calibration: Any = None
-    reports: list[GraphReport] = field(default_factory=list)
 
     @classmethod
     def from_options(cls, options: dict | None) -> Settings:

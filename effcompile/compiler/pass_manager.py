@@ -58,7 +58,6 @@ class PassContext:
     calibration: Iterable[Any] | None = None
     params: dict[str, Any] = field(default_factory=dict)  # placeholder name -> real tensor, when known
     opt_level: int = 1
-    events: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
