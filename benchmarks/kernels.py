@@ -1,0 +1,196 @@
+"""Kernel benchmark (GPU): decode-shaped linears, our Triton kernels vs cuBLAS bf16, dequant-then-matmul and TorchAO.
+
+For each weight shape (Llama-3.1-8B and Llama-3.2-1B projections) and each batch (rows of activations),
+times y = x @ W.T + nothing with:
+  dense        F.linear in the activation dtype (cuBLAS)
+  dequant+mm   dequantize our packed weight, then F.linear (the naive baseline)
+  ec-int8 / ec-int4-gG   effcompile's fused dequant GEMV/GEMM (codegen/kernels/dequant_matmul.py)
+  ao-int8 / ao-int4-g128 TorchAO Int8WeightOnlyConfig / Int4WeightOnlyConfig (tinygemm layout) on an
+                         nn.Linear under torch.compile, as TorchAO users run it (when torchao imports)
+and reports median time (triton.testing.do_bench, CUDA events), the bytes the kernel must read
+(weights + scales/zeros + activations + output) and GB/s against the peak a device-to-device copy
+reaches in the same run. Every variant's output is checked against the dequantized reference first:
+a wrong kernel is reported as failed, never timed.
+
+    python benchmarks/kernels.py --device cuda --output benchmarks/results/kernels-<device>-<date>.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from effcompile.codegen.kernels import dequant_matmul as D  # noqa: E402
+from effcompile.compiler import ops as qops  # noqa: E402
+
+SHAPES = {  # name -> (N out, K in)
+    "8b.up": (14336, 4096),
+    "8b.down": (4096, 14336),
+    "8b.o": (4096, 4096),
+    "1b.up": (8192, 2048),
+    "1b.down": (2048, 8192),
+}
+BATCHES = (1, 8)
+
+
+def _bench(fn: Callable[[], torch.Tensor]) -> float:
+    import triton.testing
+
+    return float(triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median"))
+
+
+def copy_bandwidth(device: str) -> float:
+    """GB/s of a 2 GiB device-to-device copy, counting bytes read + written (the practical HBM peak)."""
+    src = torch.empty(2**30, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    ms = _bench(lambda: dst.copy_(src))
+    return 2 * 2**30 / (ms / 1e3) / 1e9
+
+
+def _nbytes(*ts) -> int:
+    return sum(t.numel() * t.element_size() for t in ts if isinstance(t, torch.Tensor))
+
+
+def _torchao_linear(w: torch.Tensor, which: str):
+    """A compiled nn.Linear quantized by TorchAO, or the reason it could not be built."""
+    try:
+        from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
+    except Exception as e:  # noqa: BLE001 - the peer is optional; its absence is a recorded fact
+        return None, f"torchao not importable: {type(e).__name__}: {e}"
+    lin = torch.nn.Linear(w.shape[1], w.shape[0], bias=False, device=w.device, dtype=w.dtype)
+    with torch.no_grad():
+        lin.weight.copy_(w)
+    try:
+        if which == "int8":
+            quantize_(lin, Int8WeightOnlyConfig())
+        else:
+            quantize_(lin, Int4WeightOnlyConfig(group_size=128, int4_packing_format="tile_packed_to_4d"))
+        return torch.compile(lin, fullgraph=True), None
+    except Exception as e:  # noqa: BLE001
+        return None, f"{type(e).__name__}: {str(e)[:300]}"
+
+
+def bench_shape(name: str, n: int, k: int, batches, dtype, device: str, peak: float, with_torchao: bool) -> list:
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    w_cpu = (torch.randn(n, k, generator=gen) / k**0.5).to(dtype)
+    w = w_cpu.to(device)
+    rows = []
+    quant = {}
+    for fmt, group in (("int8", 0), ("int4", 64), ("int4", 128)):
+        qw = qops.quantize_weight(w, fmt, group)
+        quant[(fmt, group)] = qw
+    peers = {}
+    if with_torchao:
+        for which in ("int8", "int4"):
+            peers[which] = _torchao_linear(w, which)
+    for m in batches:
+        x = torch.randn(m, k, device=device, dtype=dtype)
+        out_bytes = m * n * x.element_size()
+        ref_dense = F.linear(x, w)
+        variants: dict[str, tuple[Callable, int, torch.Tensor]] = {
+            "dense": (lambda x=x: F.linear(x, w), _nbytes(w, x) + out_bytes, ref_dense),
+        }
+        for (fmt, group), qw in quant.items():
+            label = fmt if fmt == "int8" else f"{fmt}-g{group}"
+            qb = qw.nbytes() + _nbytes(x) + out_bytes
+            ref = qops.reference(x, *qw[:3], None, fmt, group)
+            variants[f"ec-{label}"] = (lambda x=x, qw=qw, fmt=fmt, group=group: D.launch(x, *qw[:3], None, fmt, group),
+                                       qb, ref)
+            if fmt == "int8" or group == 128:
+                variants[f"dequant+mm-{label}"] = (
+                    lambda x=x, qw=qw, fmt=fmt, group=group: F.linear(x, qops.dequantize(*qw[:3], fmt, group, dtype)),
+                    qb, ref)
+        for which, (mod, why) in peers.items():
+            label = "ao-int8" if which == "int8" else "ao-int4-g128"
+            if mod is None:
+                rows.append(dict(shape=name, n=n, k=k, m=m, variant=label, failed=why))
+                continue
+            qb = quant[("int8", 0)].nbytes() if which == "int8" else quant[("int4", 128)].nbytes()
+            with torch.no_grad():
+                got = mod(x)
+            variants[label] = (lambda x=x, mod=mod: mod(x), qb + _nbytes(x) + out_bytes, got)  # checked vs dense below
+        for label, (fn, nbytes, ref) in variants.items():
+            row = dict(shape=name, n=n, k=k, m=m, variant=label, bytes=nbytes)
+            try:
+                with torch.no_grad():
+                    got = fn()
+                    err = ((got.float() - ref.float()).norm() / ref.float().norm()).item()
+                    err_dense = ((got.float() - ref_dense.float()).norm() / ref_dense.float().norm()).item()
+                    row.update(rel_err_vs_reference=err, rel_err_vs_dense=err_dense)
+                    if label.startswith("ec-") and err > 2e-2:
+                        row["failed"] = f"output differs from its reference (rel err {err:.3g})"
+                    else:
+                        ms = _bench(fn)
+                        gbps = nbytes / (ms / 1e3) / 1e9
+                        row.update(ms=ms, gb_per_s=gbps, fraction_of_copy_peak=gbps / peak)
+            except Exception as e:  # noqa: BLE001 - one broken variant must not lose the others
+                row["failed"] = f"{type(e).__name__}: {str(e)[:300]}"
+            rows.append(row)
+        dense_ms = next((r["ms"] for r in rows if r["shape"] == name and r["m"] == m and r["variant"] == "dense"
+                         and "ms" in r), None)
+        for r in rows:
+            if r["shape"] == name and r["m"] == m and "ms" in r and dense_ms:
+                r["speedup_vs_dense"] = dense_ms / r["ms"]
+    return rows
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
+    p.add_argument("--shapes", default=",".join(SHAPES))
+    p.add_argument("--batches", default=",".join(map(str, BATCHES)))
+    p.add_argument("--no-torchao", action="store_true")
+    p.add_argument("--output", type=Path, required=True)
+    a = p.parse_args(argv)
+    if torch.device(a.device).type != "cuda" or not torch.cuda.is_available():
+        print("kernels.py times GPU kernels: it needs --device cuda on a machine with a GPU", file=sys.stderr)
+        return 2
+    import triton
+
+    dtype = getattr(torch, a.dtype)
+    peak = copy_bandwidth(a.device)
+    print(f"device-to-device copy: {peak:.0f} GB/s", flush=True)
+    rows = []
+    for name in a.shapes.split(","):
+        n, k = SHAPES[name]
+        rows += bench_shape(name, n, k, [int(b) for b in a.batches.split(",")], dtype, a.device, peak,
+                            not a.no_torchao)
+        for r in rows:
+            if r["shape"] == name:
+                what = r.get("failed") or f"{r['ms'] * 1e3:8.1f} us {r['gb_per_s']:7.0f} GB/s " \
+                                           f"x{r.get('speedup_vs_dense', 0):.2f} vs dense"
+                print(f"{name:8} m={r['m']:<3} {r['variant']:18} {what}", flush=True)
+    try:
+        import torchao
+
+        ao = torchao.__version__
+    except Exception:  # noqa: BLE001
+        ao = "not installed"
+    result = {
+        "benchmark": "kernels",
+        "device": torch.cuda.get_device_name(),
+        "dtype": a.dtype,
+        "versions": {"torch": torch.__version__, "triton": triton.__version__, "torchao": ao,
+                     "python": platform.python_version()},
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "copy_peak_gb_per_s": peak,
+        "rows": rows,
+    }
+    a.output.parent.mkdir(parents=True, exist_ok=True)
+    a.output.write_text(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
