@@ -84,3 +84,14 @@ def test_unsupported_inputs_use_the_eager_path():
     assert D.supported(x.double(), qw.qweight, "int8", 0) is not None
     assert D.supported(x, qw.qweight, "fp8", 0) is not None
     assert D.supported(x, qw.qweight, "int8", 0) is None
+
+
+@pytest.mark.parametrize("splits", [2, 3])
+@pytest.mark.parametrize("fmt,group", [("int8", 0), ("int4", 64)])
+def test_split_k_partial_sums_add_up(fmt, group, splits):
+    # Decode on a GPU splits K over programs that add fp32 partial sums atomically; force it here.
+    # K = 1152 = 4.5 blocks of 256: the last split is shorter than the others.
+    x, qw, b = _case(fmt, group, 45, 1152, 2, torch.float32, seed=splits)
+    got = D.launch(x, *qw[:3], b, fmt, group, split_k=splits)
+    want = D.reference(x, *qw[:3], b, fmt, group)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)

@@ -1,0 +1,37 @@
+"""Launch shapes shared by the matmul kernels: split-K for decode so a few output tiles still fill the GPU."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+DOT_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+PROGRAMS_PER_SM = 4  # enough loads in flight per SM to saturate HBM on a bandwidth-bound GEMV
+
+
+@functools.cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def k_split(tiles: int, k: int, block_k: int, device: torch.device, force: int | None = None) -> int:
+    """Elements of K each program reduces (a multiple of block_k): K / splits, where splits brings the
+    program count up to PROGRAMS_PER_SM per SM on a GPU (1 split on CPU / the interpreter unless forced)."""
+    blocks = triton.cdiv(k, block_k)
+    if force is not None:
+        splits = force
+    elif device.type == "cuda":
+        splits = triton.cdiv(PROGRAMS_PER_SM * _sm_count(device.index or 0), max(tiles, 1))
+    else:
+        splits = 1
+    splits = max(1, min(splits, blocks))
+    return triton.cdiv(blocks, splits) * block_k
+
+
+def dot_dtype(x_dtype: torch.dtype, interpreting: bool):
+    """tl.dot input type: the activation dtype, except bf16 under the interpreter (numpy has no bf16, so
+    its dot is wrong there); bf16 values are exact in fp32, so only the summation order differs."""
+    return tl.float32 if interpreting and x_dtype == torch.bfloat16 else DOT_DTYPES[x_dtype]
