@@ -1,0 +1,177 @@
+"""Sparse-activation GEMV (decode, 1-8 rows): threshold the input and read only the weight rows still needed.
+
+Weights are input-major (compiler/sparse_linear.py): row k of W^T holds every output's weight for input
+channel k, contiguous, so when no activation row needs channel k the masked load of that row issues no
+memory traffic. float, int8 (per-output scale) and int4 (groups along K, two outputs per byte) share the
+kernel: the int4 variant is sparse activations x int4 weights in one pass over the packed bytes.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from effcompile.codegen import ops as _ops
+from effcompile.codegen.kernels import launch_plan as plan
+from effcompile.compiler import sparse_linear as sl
+from effcompile.compiler import sparse_ops
+
+NAME = "sparse_gemv"  # the custom op (effcompile::sparse_gemv) and its PATH_COUNTS key
+_FMT = {"int8": 0, "int4": 1, "float": 2}
+
+# Interpreter rules as in codegen/README.md: tl builtins and tl.reduce with triton's own combine fns.
+
+
+@triton.jit
+def _sparse_kernel(x_ptr, t_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, M, N, K, K_SPLIT,
+                   FMT: tl.constexpr, G: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr,
+                   DOT_DT: tl.constexpr, ATOMIC: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid_n = tl.program_id(0)
+    k_lo = tl.program_id(1) * K_SPLIT
+    k_hi = tl.minimum(k_lo + K_SPLIT, K)
+    offs_m = tl.arange(0, BLOCK_M)
+    m_mask = offs_m < M
+    row = offs_m.to(tl.int64)[:, None] * K
+    HALF: tl.constexpr = BLOCK_N // 2
+    if FMT == 1:  # int4: this program owns outputs 2j (low nibbles) and 2j + 1 (high), j in its HALF bytes
+        offs_j = pid_n * HALF + tl.arange(0, HALF)
+        j_mask = offs_j < N // 2
+        acc_lo = tl.full((BLOCK_M, HALF), 0.0, tl.float32)
+        acc_hi = tl.full((BLOCK_M, HALF), 0.0, tl.float32)
+    else:
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < N
+        acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_mask = offs_k < k_hi
+        x = tl.load(x_ptr + row + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        if PER_CHANNEL:
+            t = tl.load(t_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32)[None, :]
+        else:
+            t = tl.load(t_ptr + offs_k * 0).to(tl.float32)[None, :]  # one threshold, broadcast
+        keep = tl.abs(x.to(tl.float32)) > t
+        x = tl.where(keep, x, 0.0).to(DOT_DT)
+        # A weight row is needed when any activation row keeps its channel: skipped rows are never read.
+        need = tl.reduce(keep.to(tl.int32), 0, tl.standard._sum_combine) > 0
+        if FMT == 1:
+            wmask = (need & k_mask)[:, None] & j_mask[None, :]
+            byte = tl.load(w_ptr + offs_k.to(tl.int64)[:, None] * (N // 2) + offs_j[None, :], mask=wmask, other=0)
+            byte = byte.to(tl.int32)
+            gi = (offs_k // G).to(tl.int64)[:, None] * N + 2 * offs_j[None, :]
+            s_lo = tl.load(s_ptr + gi, mask=wmask, other=0.0).to(tl.float32)
+            z_lo = tl.load(z_ptr + gi, mask=wmask, other=0.0).to(tl.float32)
+            s_hi = tl.load(s_ptr + gi + 1, mask=wmask, other=0.0).to(tl.float32)
+            z_hi = tl.load(z_ptr + gi + 1, mask=wmask, other=0.0).to(tl.float32)
+            lo = ((byte & 15).to(tl.float32) * s_lo + z_lo).to(x_ptr.dtype.element_ty).to(DOT_DT)
+            hi = ((byte >> 4).to(tl.float32) * s_hi + z_hi).to(x_ptr.dtype.element_ty).to(DOT_DT)
+            acc_lo += tl.dot(x, lo, input_precision="ieee")
+            acc_hi += tl.dot(x, hi, input_precision="ieee")
+        else:
+            wmask = (need & k_mask)[:, None] & n_mask[None, :]
+            w = tl.load(w_ptr + offs_k.to(tl.int64)[:, None] * N + offs_n[None, :], mask=wmask, other=0)
+            acc += tl.dot(x, w.to(DOT_DT), input_precision="ieee")
+    if FMT == 1:
+        first = (offs_j * 0 + k_lo) == 0  # a tensor: the interpreter refuses a scalar bool in a mask
+        if HAS_BIAS:
+            acc_lo += tl.load(b_ptr + 2 * offs_j, mask=j_mask & first, other=0.0).to(tl.float32)[None, :]
+            acc_hi += tl.load(b_ptr + 2 * offs_j + 1, mask=j_mask & first, other=0.0).to(tl.float32)[None, :]
+        out = out_ptr + offs_m.to(tl.int64)[:, None] * N + 2 * offs_j[None, :]
+        omask = m_mask[:, None] & j_mask[None, :]
+        if ATOMIC:
+            tl.atomic_add(out, acc_lo, mask=omask)
+            tl.atomic_add(out + 1, acc_hi, mask=omask)
+        else:
+            tl.store(out, acc_lo.to(out_ptr.dtype.element_ty), mask=omask)
+            tl.store(out + 1, acc_hi.to(out_ptr.dtype.element_ty), mask=omask)
+    else:
+        if FMT == 0:  # per-output scale: once on the accumulated dot
+            acc = acc * tl.load(s_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        if HAS_BIAS:
+            first = (offs_n * 0 + k_lo) == 0
+            acc += tl.load(b_ptr + offs_n, mask=n_mask & first, other=0.0).to(tl.float32)[None, :]
+        out = out_ptr + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
+        if ATOMIC:
+            tl.atomic_add(out, acc, mask=m_mask[:, None] & n_mask[None, :])
+        else:
+            tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+
+
+def supported(x: torch.Tensor, weight_t: torch.Tensor, fmt: str, decode_only: bool) -> str | None:
+    """None when the kernel takes this call, else why the eager path runs instead (the dense rule)."""
+    if fmt not in _FMT:
+        return f"no sparse kernel for format {fmt!r}"
+    if x.dtype not in plan.DOT_DTYPES:
+        return f"activation dtype {x.dtype} is not fp32/fp16/bf16"
+    if decode_only and sparse_ops.is_prefill(x):
+        return "prefill input with decode_only thresholds: dense path"
+    rows = x.numel() // max(x.shape[-1], 1)
+    if rows > sl.DECODE_MAX_ROWS:
+        return f"{rows} rows > {sl.DECODE_MAX_ROWS}: every weight row is needed, dense path"
+    return None
+
+
+def launch(x, threshold, weight_t, scales, zeros, bias, fmt: str, group_size: int,
+           split_k: int | None = None) -> torch.Tensor:
+    """Run the kernel on x [..., K] (at most DECODE_MAX_ROWS rows); the result is [..., N] in x's dtype."""
+    k = x.shape[-1]
+    n = weight_t.shape[1] * (2 if fmt == "int4" else 1)
+    dev = x.device
+    x2 = x.reshape(-1, k).contiguous()
+    m = x2.shape[0]
+    if not (m and n):
+        return torch.empty((*x.shape[:-1], n), dtype=x.dtype, device=dev)
+    t = threshold.to(dev, torch.float32).contiguous()
+    w = weight_t.to(dev).contiguous()
+    s = scales.to(dev).contiguous() if scales is not None else t  # placeholders: never read for float
+    z = zeros.to(dev).contiguous() if zeros is not None else s
+    b = bias.to(dev).contiguous() if bias is not None else t
+    interp = _ops.interpreting(dev)
+    bn = 128 if fmt == "int4" else 64  # int4: 64 bytes of each needed row per program
+    bk = 128
+    tiles = triton.cdiv(n, bn)
+    ks = plan.k_split(tiles, k, bk, dev, split_k)
+    atomic = ks < k
+    out = (torch.zeros if atomic else torch.empty)((m, n), dtype=torch.float32 if atomic else x.dtype, device=dev)
+    grid = (tiles, triton.cdiv(k, ks))
+    _ops.jit_variant(_sparse_kernel, interp)[grid](
+        x2, t, w, s, z, b, out, m, n, k, ks, FMT=_FMT[fmt], G=max(group_size, 1), PER_CHANNEL=t.numel() > 1,
+        HAS_BIAS=bias is not None, DOT_DT=plan.dot_dtype(x.dtype, interp), ATOMIC=atomic,
+        BLOCK_M=16, BLOCK_N=bn, BLOCK_K=bk, num_warps=4, num_stages=4)
+    return out.to(x.dtype).view(*x.shape[:-1], n)
+
+
+def run(x, threshold, weight_t, scales, zeros, bias, fmt, group_size, label, decode_only, mode: int = 0):
+    """mode 0: auto (CUDA or TRITON_INTERPRET=1 -> Triton where supported), 1: Triton, 2: eager path."""
+    if _ops.use_triton(mode, x.device) and supported(x, weight_t, fmt, decode_only) is None:
+        if sparse_ops.measuring():  # the kernel does not count; count here only when asked to
+            sparse_ops.record(label, sparse_ops.keep_mask(x, threshold), x.numel())
+        out, path = launch(x, threshold, weight_t, scales, zeros, bias, fmt, group_size), "triton"
+    else:
+        out, path = sl.sparse_linear_eager(x, threshold, weight_t, scales, zeros, bias, fmt, group_size, label,
+                                           decode_only), "torch"
+    _ops.count(NAME, path)
+    return out
+
+
+def reference(x, threshold, weight_t, scales, zeros, bias, fmt, group_size, label="", decode_only=False):
+    return sl.reference(x, threshold, weight_t, scales, zeros, bias, fmt, group_size, label, decode_only)
+
+
+def kind_for(rows: int | None) -> str:
+    return "sparse-gemv" if rows is not None and rows <= sl.DECODE_MAX_ROWS else "sparse-gemv|dense"
+
+
+if not _ops.op_exists(NAME):
+
+    @torch.library.custom_op("effcompile::" + NAME, mutates_args=())
+    def op(x: torch.Tensor, threshold: torch.Tensor, weight_t: torch.Tensor, scales: torch.Tensor | None,
+           zeros: torch.Tensor | None, bias: torch.Tensor | None, fmt: str, group_size: int, label: str,
+           decode_only: bool, mode: int) -> torch.Tensor:
+        return run(x, threshold, weight_t, scales, zeros, bias, fmt, group_size, label, decode_only, mode)
+
+    @op.register_fake
+    def _fake(x, threshold, weight_t, scales, zeros, bias, fmt, group_size, label, decode_only, mode):
+        return x.new_empty((*x.shape[:-1], weight_t.shape[1] * (2 if fmt == "int4" else 1)))

@@ -1,0 +1,110 @@
+"""IR op effcompile::sparse_linear: linear(sparsify(x)) with the weight stored input-major, so zeroed inputs skip rows.
+
+A decode-time GEMV is bound by reading weights. When an input channel k is zero, weight column k is not
+needed; stored input-major ([K, N], one contiguous row per input channel) that column is one contiguous
+run of memory a kernel can skip. Layouts per format:
+
+  float  weight_t [K, N] in the model's dtype
+  int8   weight_t [K, N] int8, scales [N] (per output channel, as Quantize's int8)
+  int4   weight_t [K, N // 2] uint8 (output channels 2j / 2j + 1 in the low / high nibble),
+         scales and zeros [K // G, N] (Quantize's groups along K, transposed)
+
+The eager path (CPU) gathers only the active rows (CHESS-style) for up to DECODE_MAX_ROWS rows, else
+dequantizes the whole weight and runs one matmul.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from effcompile.compiler import ops as qops
+from effcompile.compiler import sparse_ops
+
+FORMATS = ("float", "int8", "int4")
+DECODE_MAX_ROWS = 8  # rows up to which the row-skipping path runs; beyond it every column is needed anyway
+
+
+def to_input_major(weight: torch.Tensor, scales: torch.Tensor | None, zeros: torch.Tensor | None, fmt: str,
+                   group_size: int) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """A float [N, K] weight, or Quantize's packed (qweight, scales, zeros), in the input-major layout."""
+    if fmt == "float":
+        return weight.detach().t().contiguous(), None, None
+    if fmt == "int8":
+        return weight.t().contiguous(), scales, None
+    if fmt == "int4":
+        codes = qops.unpack_int4(weight).t()  # [K, N]
+        if codes.shape[1] % 2:
+            raise ValueError(f"int4 input-major packing needs an even out_features, got {codes.shape[1]}")
+        packed = (codes[:, 0::2] | (codes[:, 1::2] << 4)).contiguous()
+        return packed, scales.t().contiguous(), zeros.t().contiguous()
+    raise ValueError(f"sparse_linear format {fmt!r} is not supported; supported: {list(FORMATS)}")
+
+
+def rows_of(weight_t, scales, zeros, fmt: str, group_size: int, dtype: torch.dtype,
+            rows: torch.Tensor | None = None) -> torch.Tensor:
+    """Dequantized input-major weight [len(rows) or K, N] in ``dtype`` (rounded like the reference)."""
+    w = weight_t if rows is None else weight_t.index_select(0, rows)
+    if fmt == "float":
+        return w.to(dtype)
+    if fmt == "int8":
+        return (w.float() * scales.float()[None, :]).to(dtype)
+    k_idx = torch.arange(weight_t.shape[0], device=w.device) if rows is None else rows
+    codes = torch.stack((w & 0xF, w >> 4), dim=-1).view(w.shape[0], -1).float()
+    g = k_idx // group_size
+    return (codes * scales.float()[g] + zeros.float()[g]).to(dtype)
+
+
+def threshold_input(x, threshold, label: str, decode_only: bool) -> tuple[torch.Tensor, bool]:
+    """(x with sub-threshold inputs zeroed, whether thresholding applied); counts under measure_sparsity()."""
+    if decode_only and sparse_ops.is_prefill(x):
+        return x, False
+    keep = sparse_ops.keep_mask(x, threshold)
+    sparse_ops.record(label, keep, keep.numel())
+    return torch.where(keep, x, torch.zeros((), dtype=x.dtype, device=x.device)), True
+
+
+def sparse_linear_eager(x, threshold, weight_t, scales, zeros, bias, fmt: str, group_size: int, label: str,
+                        decode_only: bool) -> torch.Tensor:
+    xs, applied = threshold_input(x, threshold, label, decode_only)
+    x2 = xs.reshape(-1, xs.shape[-1])
+    n = weight_t.shape[1] * (2 if fmt == "int4" else 1)
+    if applied and x2.shape[0] <= DECODE_MAX_ROWS:
+        active = (x2 != 0).any(0).nonzero().squeeze(1)  # the weight rows anybody needs
+        y = x2.index_select(1, active) @ rows_of(weight_t, scales, zeros, fmt, group_size, x.dtype, active)
+    else:
+        y = x2 @ rows_of(weight_t, scales, zeros, fmt, group_size, x.dtype)
+    if bias is not None:
+        y = y + bias.to(y.dtype)
+    return y.view(*x.shape[:-1], n)
+
+
+def reference(x, threshold, weight_t, scales, zeros, bias, fmt, group_size, label, decode_only) -> torch.Tensor:
+    """The op's definition: F.linear of the thresholded input with the dequantized weight."""
+    xs, _ = threshold_input(x, threshold, label, decode_only)
+    w = rows_of(weight_t, scales, zeros, fmt, group_size, x.dtype).t()
+    return torch.nn.functional.linear(xs, w, None if bias is None else bias.to(x.dtype))
+
+
+if not hasattr(torch.ops.effcompile, "sparse_linear"):
+
+    @torch.library.custom_op("effcompile::sparse_linear", mutates_args=())
+    def sparse_linear(x: torch.Tensor, threshold: torch.Tensor, weight_t: torch.Tensor, scales: torch.Tensor | None,
+                      zeros: torch.Tensor | None, bias: torch.Tensor | None, fmt: str, group_size: int, label: str,
+                      decode_only: bool) -> torch.Tensor:
+        """linear(sparsify(x, threshold), W) with W input-major (see the module docstring)."""
+        return sparse_linear_eager(x, threshold, weight_t, scales, zeros, bias, fmt, group_size, label,
+                                   decode_only)
+
+    @sparse_linear.register_fake
+    def _sparse_linear_fake(x, threshold, weight_t, scales, zeros, bias, fmt, group_size, label, decode_only):
+        n = weight_t.shape[1] * (2 if fmt == "int4" else 1)
+        return x.new_empty((*x.shape[:-1], n))
+
+
+def sparse_linear_op():
+    """The OpOverload the fuse pass inserts (``torch.ops.effcompile.sparse_linear.default``)."""
+    return torch.ops.effcompile.sparse_linear.default
+
+
+__all__ = ["DECODE_MAX_ROWS", "FORMATS", "reference", "rows_of", "sparse_linear_eager", "sparse_linear_op",
+           "threshold_input", "to_input_major"]
