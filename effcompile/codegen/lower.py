@@ -13,10 +13,12 @@ import torch.fx as fx
 
 from effcompile.codegen import ops as _ops
 from effcompile.codegen.kernels import dequant_matmul as _dequant
+from effcompile.codegen.kernels import sparse_gemv as _sparse
 from effcompile.codegen.partition import group_tag, partition
 from effcompile.codegen.triton_gen import generate
 from effcompile.compiler.ir import TAG, VAL, tensor_val
 from effcompile.compiler.ops import wq_linear_op
+from effcompile.compiler.sparse_linear import sparse_linear_op
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +85,7 @@ def lower(
     reference); True = always the Triton kernel (interpreted on CPU); False = always the reference.
     """
     mode = _mode(use_triton)
-    quantized = _lower_quantized_linears(gm, mode)
+    quantized = _lower_quantized_linears(gm, mode) + _lower_sparse_linears(gm, mode)
     part = partition(gm)
     result = LoweringResult(kernels=quantized, fallbacks=list(part.fallbacks))
     graph = gm.graph
@@ -156,6 +158,27 @@ def _lower_quantized_linears(gm: fx.GraphModule, mode: int) -> list[KernelRecord
         records.append(KernelRecord(_dequant.NAME, f"torch.ops.effcompile.{_dequant.NAME}.default",
                                     _dequant.__file__, _dequant.kind_for(rows),
                                     ("wq_linear", fmt + (f"g{group}" if group else "")), (node.name,),
+                                    (str(tag),) if tag is not None else ()))
+    return records
+
+
+def _lower_sparse_linears(gm: fx.GraphModule, mode: int) -> list[KernelRecord]:
+    """Point each effcompile::sparse_linear IR node at the sparse GEMV kernel (same arguments + mode)."""
+    records = []
+    ir_op = sparse_linear_op()
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.target is not ir_op:
+            continue
+        node.target = _ops.op_for(_sparse.NAME)
+        node.args = (*node.args, mode)
+        x, fmt, group = node.args[0], node.args[6], node.args[7]
+        val = tensor_val(x)
+        static = val is not None and all(isinstance(d, int) for d in val.shape[:-1])
+        rows = math.prod(val.shape[:-1]) if static else None
+        tag = node.meta.get(TAG)
+        records.append(KernelRecord(_sparse.NAME, f"torch.ops.effcompile.{_sparse.NAME}.default",
+                                    _sparse.__file__, _sparse.kind_for(rows),
+                                    ("sparse_linear", fmt + (f"g{group}" if group else "")), (node.name,),
                                     (str(tag),) if tag is not None else ()))
     return records
 

@@ -11,5 +11,7 @@ from __future__ import annotations
 def default_passes() -> list:
     """The exact pipeline used when ``passes=None``."""
     from effcompile.passes import RemoveDropout
+    from effcompile.passes.fuse_sparse_linear import FuseSparseLinear
 
-    return [RemoveDropout()]
+    # FuseSparseLinear fires only where a sparsify op (ThresholdChannels) feeds a linear.
+    return [RemoveDropout(), FuseSparseLinear()]

@@ -49,7 +49,7 @@ def rows_of(weight_t, scales, zeros, fmt: str, group_size: int, dtype: torch.dty
     if fmt == "int8":
         return (w.float() * scales.float()[None, :]).to(dtype)
     k_idx = torch.arange(weight_t.shape[0], device=w.device) if rows is None else rows
-    codes = torch.stack((w & 0xF, w >> 4), dim=-1).view(w.shape[0], -1).float()
+    codes = torch.stack((w & 0xF, w >> 4), dim=-1).view(w.shape[0], 2 * w.shape[1]).float()
     g = k_idx // group_size
     return (codes * scales.float()[g] + zeros.float()[g]).to(dtype)
 

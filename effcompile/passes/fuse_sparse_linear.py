@@ -1,0 +1,120 @@
+"""Fuse: sparsify -> linear / wq_linear becomes one effcompile::sparse_linear with an input-major weight (exact).
+
+ThresholdChannels (semantic phase) inserts ``sparsify`` before linears and Quantize (quantize phase) may
+turn those linears into ``wq_linear``; this default pass then merges each pair, re-laying the weight out
+input-major so a decode kernel skips the weight rows of zeroed inputs (compiler/sparse_linear.py). Its
+buffers bake the weights: the thresholding pass that inserted the sparsify puts a weight hash in the
+cache key (reads_weights), so a cached entry never outlives the weights it was built from.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+
+from effcompile.compiler import ir, sparse_ops
+from effcompile.compiler import ops as qops
+from effcompile.compiler import sparse_linear as sl
+from effcompile.compiler.pass_manager import PassConfig, PassContext, PassResult, register_pass
+
+
+@dataclass(frozen=True)
+class FuseSparseLinear(PassConfig):
+    """Merge ``sparsify`` into the linear it feeds (float, int8 or int4 weights); part of the default pipeline."""
+
+
+def _tensor(gm: fx.GraphModule, node, ctx: PassContext) -> torch.Tensor | None:
+    """The real tensor behind a weight/bias argument: a lifted parameter or a get_attr buffer."""
+    if not isinstance(node, fx.Node):
+        return None
+    if node.op == "placeholder":
+        return ctx.params.get(node.name)
+    if node.op == "get_attr":
+        obj = gm
+        for part in node.target.split("."):
+            obj = getattr(obj, part, None)
+        return obj if isinstance(obj, torch.Tensor) else None
+    return None
+
+
+def _plan(gm, node, ctx) -> tuple[tuple, str] | str:
+    """((weight, scales, zeros, bias node, fmt, group), why) for a linear fed by sparsify, or why not."""
+    if ir.target_name(node) == "linear":
+        args = list(node.args) + [None] * (3 - len(node.args))
+        w = _tensor(gm, args[1] if args[1] is not None else node.kwargs.get("weight"), ctx)
+        if w is None or w.dim() != 2 or w.dtype not in qops.FLOAT_DTYPES:
+            return "weight is not a 2-D float parameter of the model"
+        b = args[2] if args[2] is not None else node.kwargs.get("bias")
+        return (w, None, None, b, "float", 0), ""
+    _, q, s, z, b, fmt, group = node.args
+    q, s, z = _tensor(gm, q, ctx), _tensor(gm, s, ctx), _tensor(gm, z, ctx)
+    if q is None or s is None or fmt not in sl.FORMATS:
+        return f"quantized weight ({fmt}) is not a buffer this pass can re-lay out"
+    if fmt == "int4" and q.shape[0] % 2:
+        return f"int4 with odd out_features={q.shape[0]} cannot pack two outputs per byte"
+    return (q, s, z, b, fmt, group), ""
+
+
+def _buffer(gm, before, name, t, tag, mode) -> fx.Node | None:
+    if t is None:
+        return None
+    gm.register_buffer(name, t)
+    with gm.graph.inserting_before(before):
+        node = gm.graph.get_attr(name)
+    node.meta[ir.VAL] = mode.from_tensor(t)
+    node.meta[ir.TAG] = tag
+    return node
+
+
+def _drop_unused_attrs(gm: fx.GraphModule, nodes) -> None:
+    """Remove get_attr nodes (and their buffers) the rewrite left without users, so they are not cached."""
+    for n in nodes:
+        if isinstance(n, fx.Node) and n.op == "get_attr" and not n.users:
+            gm.graph.erase_node(n)
+            if "." not in n.target and n.target in gm._buffers:
+                del gm._buffers[n.target]
+
+
+@register_pass(FuseSparseLinear, phase="fuse", invalidates=())
+def fuse_sparse_linear(gm: fx.GraphModule, cfg: FuseSparseLinear, ctx: PassContext) -> PassResult:
+    sparsify, wq = sparse_ops.sparsify_op(), qops.wq_linear_op()
+    mode = None
+    where, kept = [], {}
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or not (node.target is wq or ir.target_name(node) == "linear"):
+            continue
+        src = node.args[0] if node.args else node.kwargs.get("input")
+        if not (isinstance(src, fx.Node) and src.op == "call_function" and src.target is sparsify):
+            continue
+        tag = ir.sublayer(node)
+        label = str(src.args[2])
+        plan = _plan(gm, node, ctx)
+        if isinstance(plan, str):
+            kept[label] = plan
+            continue
+        (w, s, z, b, fmt, group), _ = plan
+        wt, st, zt = sl.to_input_major(w, s, z, fmt, group)
+        mode = mode or ir.fake_mode_for(gm, ctx.example_inputs)
+        base = f"_ec_sp_{node.name}"
+        wt_n = _buffer(gm, node, f"{base}_weight_t", wt, tag, mode)
+        st_n = _buffer(gm, node, f"{base}_scales", st, tag, mode)
+        zt_n = _buffer(gm, node, f"{base}_zeros", zt, tag, mode)
+        x, thr, _, decode_only = src.args
+        with gm.graph.inserting_before(node):
+            new = gm.graph.call_function(sl.sparse_linear_op(),
+                                         (x, thr, wt_n, st_n, zt_n, b, fmt, group, label, decode_only))
+        new.meta.update({k: v for k, v in node.meta.items() if k in (ir.VAL, ir.TAG, "nn_module_stack")})
+        old_attrs = node.args[1:4] if node.target is wq else ()
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+        if not src.users:
+            gm.graph.erase_node(src)
+        _drop_unused_attrs(gm, old_attrs)
+        where.append(str(tag) if tag is not None else node.name)
+    if where:
+        gm.recompile()
+    note = "; ".join(f"{k} not fused: {v}" for k, v in kept.items())
+    return PassResult(modified=bool(where), count=len(where), where=where,
+                      artifacts={"unfused": kept} if kept else {}, note=note)

@@ -1,0 +1,124 @@
+"""FuseSparseLinear: sparsify -> linear / wq_linear pairs become one sparse_linear with input-major weights (exact)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+import effcompile as ec
+from effcompile.codegen import ops as cg_ops
+from effcompile.codegen.kernels import sparse_gemv as S
+from effcompile.compiler import ir, sparse_ops
+from effcompile.compiler.pass_manager import PassConfig, PassResult, register_pass
+from effcompile.testing import tiny_hf
+
+THRESHOLD = 0.05
+
+
+@dataclass(frozen=True)
+class _FixedSparsify(PassConfig):
+    """Test helper: a sparsify with one fixed threshold before every attn/ffn linear (no calibration)."""
+
+    threshold: float = THRESHOLD
+
+
+@register_pass(_FixedSparsify, phase="semantic", invalidates=())
+def _fixed_sparsify(gm, cfg, ctx):
+    where = []
+    mode = ir.fake_mode_for(gm, ctx.example_inputs)
+    for node in list(gm.graph.nodes):
+        tag = ir.sublayer(node)
+        if node.op != "call_function" or ir.target_name(node) != "linear" or tag is None or tag.part not in ("attn", "ffn"):
+            continue
+        name = f"_thr_{node.name}"
+        gm.register_buffer(name, torch.tensor(cfg.threshold))
+        with gm.graph.inserting_before(node):
+            t = gm.graph.get_attr(name)
+            sp = gm.graph.call_function(sparse_ops.sparsify_op(), (node.args[0], t, node.name, False))
+        t.meta[ir.VAL] = mode.from_tensor(torch.tensor(cfg.threshold))
+        sp.meta[ir.VAL] = node.args[0].meta[ir.VAL]
+        sp.meta[ir.TAG] = tag
+        node.replace_input_with(node.args[0], sp)
+        where.append(node.name)
+    return PassResult(modified=bool(where), count=len(where), where=where)
+
+
+def _hooked_reference(model, ids, passes=None):
+    """The model with every attn/ffn linear input thresholded by a forward pre-hook: eager, or (passes)
+    compiled by effcompile, where dynamo traces the hook as a plain torch.where and nothing is fused."""
+    hooks = [m.register_forward_pre_hook(lambda m, a: (torch.where(a[0].abs() > THRESHOLD, a[0], 0.0),))
+             for name, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "layers." in name]
+    try:
+        fn = model if passes is None else ec.effcompile(model, passes=passes, cache=False)
+        with torch.no_grad():
+            return fn(ids).logits
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return tiny_hf("llama", layers=2, hidden=64)
+
+
+def _record(fast, name="fuse_sparse_linear"):
+    return [p for g in ec.explain(fast).graphs for p in g.passes if p.name == name]
+
+
+@pytest.mark.parametrize("seq", [1, 6])  # 1 token: the row-gather decode path; 6: the dense rule
+def test_fused_float_equals_thresholded_eager(llama, seq):
+    ids = torch.randint(0, 128, (1, seq), generator=torch.Generator().manual_seed(seq))
+    fast = ec.effcompile(llama, passes=[_FixedSparsify()], cache=False)
+    with torch.no_grad():
+        out = fast(ids).logits
+    torch.testing.assert_close(out, _hooked_reference(llama, ids), rtol=1e-4, atol=1e-4)
+    (rec,) = _record(fast)
+    assert rec.modified and rec.count == 14  # 2 layers x (q, k, v, o, gate, up, down)
+    kernels = [k for k in ec.explain(fast).kernels if k.name == S.NAME]
+    assert len(kernels) == 14 and {k.ops for k in kernels} == {("sparse_linear", "float")}
+
+
+def test_does_not_fire_without_sparsify(llama):
+    fast = ec.effcompile(llama, cache=False)
+    with torch.no_grad():
+        fast(torch.randint(0, 128, (1, 4)))
+    (rec,) = _record(fast)
+    assert not rec.modified and rec.count == 0
+    assert not [k for k in ec.explain(fast).kernels if k.name == S.NAME]
+
+
+@pytest.mark.parametrize("weights,group", [("int8", None), ("int4", 32)])
+def test_fused_with_quantized_weights(llama, weights, group):
+    ids = torch.randint(0, 128, (1, 1), generator=torch.Generator().manual_seed(0))
+    fast = ec.effcompile(llama, passes=[_FixedSparsify(), ec.Quantize(weights=weights, group_size=group)],
+                         cache=False)
+    with torch.no_grad():
+        out = fast(ids).logits
+    # Same quantized weights, thresholds applied by hooks: the fused op must give the same logits.
+    ref = _hooked_reference(llama, ids, passes=[ec.Quantize(weights=weights, group_size=group)])
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    kernels = [k for k in ec.explain(fast).kernels if k.name == S.NAME]
+    fmt = weights + (f"g{group}" if group else "")
+    assert len(kernels) == 14 and {k.ops for k in kernels} == {("sparse_linear", fmt)}
+    # The quantized weights now live only in the input-major buffers (no second copy is cached).
+    (g,) = ec.explain(fast).graphs[:1]
+    names = [n for gm in g.graph_modules() for n, _ in gm.named_buffers()]
+    assert names and not [n for n in names if n.startswith("_ec_q_")], names
+
+
+@pytest.mark.interpreter
+def test_triton_path_under_interpreter(llama, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    ids = torch.randint(0, 128, (2, 1), generator=torch.Generator().manual_seed(1))
+    before = cg_ops.PATH_COUNTS[S.NAME]["triton"]
+    fast = ec.effcompile(llama, passes=[_FixedSparsify(), ec.Quantize(weights="int4", group_size=32)],
+                         cache=False)
+    with torch.no_grad():
+        out = fast(ids).logits
+    assert cg_ops.PATH_COUNTS[S.NAME]["triton"] == before + 14
+    monkeypatch.delenv("TRITON_INTERPRET")
+    ref = _hooked_reference(llama, ids, passes=[ec.Quantize(weights="int4", group_size=32)])
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
