@@ -18,6 +18,8 @@ from effcompile.compiler.pass_manager import PassConfig, PassContext, PassResult
 from effcompile.passes.patterns import pattern, rewrite
 from effcompile.passes.quantize import Quantize
 from effcompile.passes.remove_dropout import RemoveDropout
+from effcompile.passes.threshold_channels import ThresholdChannels
+from effcompile.passes.skip_layers import SkipLayers
 
 __all__ = [
     "PassConfig",
@@ -25,6 +27,8 @@ __all__ = [
     "PassResult",
     "Quantize",
     "RemoveDropout",
+    "SkipLayers",
+    "ThresholdChannels",
     "load_plugins",
     "pattern",
     "register_pass",
