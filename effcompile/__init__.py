@@ -7,7 +7,7 @@
 
 from effcompile.compiler.api import effcompile, explain
 from effcompile.compiler.pass_manager import PassConfig, PassResult
-from effcompile.passes import Quantize, RemoveDropout, SkipLayers, ThresholdChannels, register_pass, rewrite
+from effcompile.passes import Quantize, RemoveDropout, SkipLayers, register_pass, rewrite
 
 __version__ = "0.1.0"
 
@@ -17,7 +17,6 @@ __all__ = [
     "Quantize",
     "RemoveDropout",
     "SkipLayers",
-    "ThresholdChannels",
     "__version__",
     "effcompile",
     "explain",

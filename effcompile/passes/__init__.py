@@ -18,7 +18,6 @@ from effcompile.compiler.pass_manager import PassConfig, PassContext, PassResult
 from effcompile.passes.patterns import pattern, rewrite
 from effcompile.passes.quantize import Quantize
 from effcompile.passes.remove_dropout import RemoveDropout
-from effcompile.passes.threshold_channels import ThresholdChannels
 from effcompile.passes.skip_layers import SkipLayers
 
 __all__ = [
@@ -28,7 +27,6 @@ __all__ = [
     "Quantize",
     "RemoveDropout",
     "SkipLayers",
-    "ThresholdChannels",
     "load_plugins",
     "pattern",
     "register_pass",
