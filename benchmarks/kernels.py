@@ -31,7 +31,10 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from effcompile.codegen.kernels import dequant_matmul as D  # noqa: E402
+from effcompile.codegen.kernels import launch_plan as plan  # noqa: E402
+from effcompile.codegen.kernels import sparse_gemv as S  # noqa: E402
 from effcompile.compiler import ops as qops  # noqa: E402
+from effcompile.compiler import sparse_linear as sl  # noqa: E402
 
 SHAPES = {  # name -> (N out, K in)
     "8b.up": (14336, 4096),
@@ -80,6 +83,45 @@ def _torchao_linear(w: torch.Tensor, which: str):
         return None, f"{type(e).__name__}: {str(e)[:300]}"
 
 
+SPARSE = [("float", 0.0), ("float", 0.4), ("float", 0.5), ("int8", 0.5), ("int4", 0.4), ("int4", 0.5)]
+
+
+def sparse_threshold(x: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """The |x| quantile that zeroes ``sparsity`` of x (TEAL's per-tensor rule, calibrated on x itself)."""
+    if sparsity == 0:
+        return torch.zeros((), device=x.device)
+    return torch.quantile(x.float().abs().flatten(), sparsity)
+
+
+def sparse_inputs(x, w, quant, fmt: str, sparsity: float):
+    """(launch args, bytes actually read): weight rows (and int4 scale/zero rows) of channels still needed."""
+    if fmt == "float":
+        wt, st, zt, group = *sl.to_input_major(w, None, None, "float", 0), 0
+    else:
+        group = 0 if fmt == "int8" else 128
+        qw = quant[(fmt, group)]
+        wt, st, zt = sl.to_input_major(qw.qweight, qw.scales, qw.zeros, fmt, group)
+    t = sparse_threshold(x, sparsity)
+    need = (x.abs() > t).any(0)  # [K]: rows of W^T some activation row needs
+    k = x.shape[1]
+    read = int(need.sum()) * wt.shape[1] * wt.element_size()
+    if fmt == "int8":
+        read += _nbytes(st)
+    if fmt == "int4":
+        groups = int(need.view(k // group, group).any(1).sum())
+        read += 2 * groups * st.shape[1] * st.element_size()
+    return (x, t, wt, st, zt, None, fmt, group), read
+
+
+def sparse_variants(x, w, quant, out_bytes: int) -> dict:
+    out = {}
+    for fmt, sparsity in SPARSE:
+        args, read = sparse_inputs(x, w, quant, fmt, sparsity)
+        label = f"ec-sparse{int(sparsity * 100)}-{fmt if fmt != 'int4' else 'int4-g128'}"
+        out[label] = (lambda args=args: S.launch(*args), read + _nbytes(x) + out_bytes, S.reference(*args))
+    return out
+
+
 def bench_shape(name: str, n: int, k: int, batches, dtype, device: str, peak: float, with_torchao: bool) -> list:
     gen = torch.Generator(device="cpu").manual_seed(0)
     w_cpu = (torch.randn(n, k, generator=gen) / k**0.5).to(dtype)
@@ -110,6 +152,8 @@ def bench_shape(name: str, n: int, k: int, batches, dtype, device: str, peak: fl
                 variants[f"dequant+mm-{label}"] = (
                     lambda x=x, qw=qw, fmt=fmt, group=group: F.linear(x, qops.dequantize(*qw[:3], fmt, group, dtype)),
                     qb, ref)
+        for label, entry in sparse_variants(x, w, quant, out_bytes).items():
+            variants[label] = entry
         for which, (mod, why) in peers.items():
             label = "ao-int8" if which == "int8" else "ao-int4-g128"
             if mod is None:
@@ -144,6 +188,58 @@ def bench_shape(name: str, n: int, k: int, batches, dtype, device: str, peak: fl
     return rows
 
 
+def _configs(sparse: bool) -> list:
+    blocks_n = (64, 128, 256) if sparse else (32, 64, 128)
+    return [plan.Config(bn, bk, w, st) for bn in blocks_n for bk in (64, 128, 256) for w in (4, 8) for st in (3, 4)]
+
+
+def sweep(dtype, device: str, peak: float) -> list:
+    """Time every tile config of our decode kernels on two 8B shapes (best first per case), so the
+    defaults in codegen/kernels/launch_plan.py come from measurement."""
+    out = []
+    for name in ("8b.up", "8b.down"):
+        n, k = SHAPES[name]
+        gen = torch.Generator(device="cpu").manual_seed(0)
+        w = (torch.randn(n, k, generator=gen) / k**0.5).to(dtype).to(device)
+        quant = {(f, g): qops.quantize_weight(w, f, g) for f, g in (("int8", 0), ("int4", 128))}
+        for m in (1, 8):
+            x = torch.randn(m, k, device=device, dtype=dtype)
+            cases = {f"dequant-{f}" + (f"-g{g}" if g else ""): (
+                lambda cfg, x=x, qw=qw, f=f, g=g: D.launch(x, *qw[:3], None, f, g, config=cfg),
+                qw.nbytes(), False) for (f, g), qw in quant.items()}
+            if m == 1:
+                for f in ("float", "int4"):
+                    args, read = sparse_inputs(x, w, quant, f, 0.5)
+                    cases[f"sparse50-{f}"] = (lambda cfg, args=args: S.launch(*args, config=cfg), read, True)
+            for case, (fn, nbytes, sparse) in cases.items():
+                timed = []
+                ref = fn(None).float()  # the default launch, itself checked against the reference above
+                for cfg in _configs(sparse):
+                    try:
+                        err = ((fn(cfg).float() - ref).norm() / ref.norm()).item()
+                        if not err < 1e-2:
+                            raise ValueError(f"config disagrees with the default launch (rel err {err:.3g})")
+                        timed.append((_bench(lambda cfg=cfg, fn=fn: fn(cfg)), cfg))
+                    except Exception as e:  # noqa: BLE001 - e.g. out of shared memory: skip that config
+                        out.append(dict(shape=name, m=m, case=case, config=list(cfg), failed=str(e)[:200]))
+                timed.sort(key=lambda r: r[0])
+                if timed:  # around the best tile: other K splits than the automatic one
+                    best = timed[0][1]
+                    for sp in (1, 2, 4, 8, 16):
+                        cfg = best._replace(splits=sp)
+                        timed.append((_bench(lambda cfg=cfg, fn=fn: fn(cfg)), cfg))
+                    timed.sort(key=lambda r: r[0])
+                for rank, (ms, cfg) in enumerate(timed[:5]):
+                    gbps = nbytes / (ms / 1e3) / 1e9
+                    out.append(dict(shape=name, m=m, case=case, rank=rank, config=list(cfg), ms=ms, gb_per_s=gbps,
+                                    fraction_of_copy_peak=gbps / peak))
+                if timed:
+                    ms, cfg = timed[0]
+                    print(f"sweep {name:8} m={m} {case:18} best {tuple(cfg)} {ms * 1e3:7.1f} us "
+                          f"{nbytes / (ms / 1e3) / 1e9:6.0f} GB/s", flush=True)
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda")
@@ -151,6 +247,7 @@ def main(argv=None) -> int:
     p.add_argument("--shapes", default=",".join(SHAPES))
     p.add_argument("--batches", default=",".join(map(str, BATCHES)))
     p.add_argument("--no-torchao", action="store_true")
+    p.add_argument("--sweep", action="store_true", help="also time every tile config of our decode kernels")
     p.add_argument("--output", type=Path, required=True)
     a = p.parse_args(argv)
     if torch.device(a.device).type != "cuda" or not torch.cuda.is_available():
@@ -161,6 +258,7 @@ def main(argv=None) -> int:
     dtype = getattr(torch, a.dtype)
     peak = copy_bandwidth(a.device)
     print(f"device-to-device copy: {peak:.0f} GB/s", flush=True)
+    torch._dynamo.config.recompile_limit = 256  # one compiled TorchAO linear per shape and format
     rows = []
     for name in a.shapes.split(","):
         n, k = SHAPES[name]
@@ -171,6 +269,7 @@ def main(argv=None) -> int:
                 what = r.get("failed") or f"{r['ms'] * 1e3:8.1f} us {r['gb_per_s']:7.0f} GB/s " \
                                            f"x{r.get('speedup_vs_dense', 0):.2f} vs dense"
                 print(f"{name:8} m={r['m']:<3} {r['variant']:18} {what}", flush=True)
+    swept = sweep(dtype, a.device, peak) if a.sweep else None
     try:
         import torchao
 
@@ -186,6 +285,7 @@ def main(argv=None) -> int:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "copy_peak_gb_per_s": peak,
         "rows": rows,
+        "sweep": swept,
     }
     a.output.parent.mkdir(parents=True, exist_ok=True)
     a.output.write_text(json.dumps(result, indent=1))

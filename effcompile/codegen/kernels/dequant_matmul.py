@@ -97,8 +97,10 @@ def kind_for(rows: int | None) -> str:
     return "dequant-gemv" if rows is not None and rows <= GEMV_MAX_M else "dequant-gemm"
 
 
-def launch(x, qweight, scales, zeros, bias, fmt: str, group_size: int, split_k: int | None = None) -> torch.Tensor:
-    """Run the kernel on x [..., K]; the result is [..., N] in x's dtype. split_k forces the K split (tests)."""
+def launch(x, qweight, scales, zeros, bias, fmt: str, group_size: int, split_k: int | None = None,
+           config: plan.Config | None = None) -> torch.Tensor:
+    """Run the kernel on x [..., K]; the result is [..., N] in x's dtype. split_k forces the K split (tests);
+    config overrides the tile shape (benchmarks/kernels.py --sweep)."""
     k, n = x.shape[-1], qweight.shape[0]
     dev = x.device
     x2 = x.reshape(-1, k).contiguous()
@@ -109,8 +111,11 @@ def launch(x, qweight, scales, zeros, bias, fmt: str, group_size: int, split_k: 
     z = zeros.to(dev).contiguous() if zeros is not None else s  # placeholder: FMT=int8 never reads it
     b = bias.to(dev).contiguous() if bias is not None else s
     interp = _ops.interpreting(dev)
-    if m <= GEMV_MAX_M:  # decode: M padded to one 16-row dot tile, long K chunks, split over programs
-        bm, bn, bk, warps, stages = 16, 64, 256, 4, 4
+    if config is not None:
+        bm, bn, bk, warps, stages = max(16, triton.next_power_of_2(min(m, 64))), *config[:4]
+        split_k = config.splits if config.splits is not None else split_k
+    elif m <= GEMV_MAX_M:  # decode: M padded to one 16-row dot tile, long K chunks, split over programs
+        bm, bn, bk, warps, stages = 16, *plan.DECODE[fmt]
     else:
         bm, bn, bk, warps, stages = (64 if m >= 64 else 32), 64, 64, 4, 3
     tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)

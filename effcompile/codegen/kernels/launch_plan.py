@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import torch
 import triton
@@ -10,6 +11,22 @@ import triton.language as tl
 
 DOT_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 PROGRAMS_PER_SM = 4  # enough loads in flight per SM to saturate HBM on a bandwidth-bound GEMV
+
+
+class Config(NamedTuple):
+    """One launch shape: output columns and K elements per tile, warps, pipeline stages, K splits (None: auto)."""
+
+    block_n: int
+    block_k: int
+    warps: int
+    stages: int
+    splits: int | None = None
+
+
+# Decode (<= 8 rows) tile shapes per weight format, (block_n, block_k, warps, stages).
+DECODE = {"int8": (64, 256, 4, 4), "int4": (64, 256, 4, 4)}
+# The sparse GEMV: int4 packs two outputs per byte, so 128 outputs = 64 contiguous bytes of a needed row.
+SPARSE = {"float": (64, 128, 4, 4), "int8": (64, 128, 4, 4), "int4": (128, 128, 4, 4)}
 
 
 @functools.cache

@@ -114,8 +114,9 @@ def supported(x: torch.Tensor, weight_t: torch.Tensor, fmt: str, decode_only: bo
 
 
 def launch(x, threshold, weight_t, scales, zeros, bias, fmt: str, group_size: int,
-           split_k: int | None = None) -> torch.Tensor:
-    """Run the kernel on x [..., K] (at most DECODE_MAX_ROWS rows); the result is [..., N] in x's dtype."""
+           split_k: int | None = None, config: plan.Config | None = None) -> torch.Tensor:
+    """Run the kernel on x [..., K] (at most DECODE_MAX_ROWS rows); the result is [..., N] in x's dtype.
+    split_k forces the K split (tests); config overrides the tile shape (benchmarks/kernels.py --sweep)."""
     k = x.shape[-1]
     n = weight_t.shape[1] * (2 if fmt == "int4" else 1)
     dev = x.device
@@ -129,8 +130,9 @@ def launch(x, threshold, weight_t, scales, zeros, bias, fmt: str, group_size: in
     z = zeros.to(dev).contiguous() if zeros is not None else s
     b = bias.to(dev).contiguous() if bias is not None else t
     interp = _ops.interpreting(dev)
-    bn = 128 if fmt == "int4" else 64  # int4: 64 bytes of each needed row per program
-    bk = 128
+    bn, bk, warps, stages = config[:4] if config is not None else plan.SPARSE[fmt]
+    if config is not None and config.splits is not None:
+        split_k = config.splits
     tiles = triton.cdiv(n, bn)
     ks = plan.k_split(tiles, k, bk, dev, split_k)
     atomic = ks < k
@@ -139,7 +141,7 @@ def launch(x, threshold, weight_t, scales, zeros, bias, fmt: str, group_size: in
     _ops.jit_variant(_sparse_kernel, interp)[grid](
         x2, t, w, s, z, b, out, m, n, k, ks, FMT=_FMT[fmt], G=max(group_size, 1), PER_CHANNEL=t.numel() > 1,
         HAS_BIAS=bias is not None, DOT_DT=plan.dot_dtype(x.dtype, interp), ATOMIC=atomic,
-        BLOCK_M=16, BLOCK_N=bn, BLOCK_K=bk, num_warps=4, num_stages=4)
+        BLOCK_M=16, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
     return out.to(x.dtype).view(*x.shape[:-1], n)
 
 
