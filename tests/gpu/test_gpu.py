@@ -162,3 +162,43 @@ def test_quantized_llama_on_device(weights, group, dtype):
     with torch.no_grad():
         ref1 = model(ids[:, :1]).logits.float()
     assert F.cosine_similarity(decode.flatten(), ref1.flatten(), 0) > 0.98
+
+
+# -- sparse-activation GEMV ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("m", [1, 3, 8])
+@pytest.mark.parametrize("fmt", ["float", "int8", "int4"])
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_sparse_gemv_on_device(fmt, m, dtype, per_channel):
+    from effcompile.codegen.kernels import sparse_gemv as S
+    from effcompile.compiler import sparse_linear as sl
+
+    gen = torch.Generator().manual_seed(m)
+    n, k = 782, 1920  # N even (int4 packs output pairs) but no block multiple
+    w = (torch.randn(n, k, generator=gen) / 20).to(dtype)
+    group = {"float": 0, "int8": 0, "int4": 64}[fmt]
+    if fmt == "float":
+        wt, s, z = sl.to_input_major(w, None, None, "float", 0)
+    else:
+        qw = qops.quantize_weight(w, fmt, group)
+        wt, s, z = sl.to_input_major(qw.qweight, qw.scales, qw.zeros, fmt, group)
+    x = torch.randn(m, k, generator=gen).to(dtype)
+    q = torch.quantile(x.float().abs().flatten(), 0.5)
+    t = q * (0.5 + torch.rand(k, generator=gen)) if per_channel else q
+    b = torch.randn(n, generator=gen).to(dtype)
+    args = [a.cuda() if isinstance(a, torch.Tensor) else a for a in (x, t, wt, s, z, b)]
+    got = S.launch(*args, fmt, group)
+    want = S.reference(*args, fmt, group)
+    assert got.shape == want.shape and got.dtype == dtype
+    assert _rel_err(got, want) <= REL_TOL[dtype]
+
+
+@pytest.mark.parametrize("splits", [1, 3])
+def test_dequant_split_k_on_device(splits):
+    qw = qops.quantize_weight(torch.randn(300, 2304) / 20, "int4", 128)
+    x = torch.randn(2, 2304, device="cuda")
+    q, s, z = (t.cuda() for t in qw[:3])
+    got = D.launch(x, q, s, z, None, "int4", 128, split_k=splits)
+    assert _rel_err(got, D.reference(x, q, s, z, None, "int4", 128)) <= 1e-5
