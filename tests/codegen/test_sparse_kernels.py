@@ -61,6 +61,16 @@ def test_odd_shapes_per_channel_thresholds_and_split_k(fmt):
     _check(_case(fmt, 246, 800, 3, torch.float32, per_channel=True, seed=3), split_k=3)
 
 
+def test_threshold_compared_in_activation_dtype():
+    # fp32 thresholds just below |x| that round back up to |x| in fp16: the reference (|x| > t.to(x.dtype))
+    # zeroes those channels, a kernel comparing in fp32 would keep them (seen on an H200; bf16 is checked
+    # there only, since the interpreter truncates fp32 -> bf16 where GPUs round).
+    x, t, *rest = _case("float", 64, 512, 1, torch.float16, per_channel=True, seed=7)
+    t = x[0].float().abs() * (1 - 2.0**-12)
+    t[1::2] = 1e9  # half the channels zeroed outright
+    _check((x, t, *rest))
+
+
 @pytest.mark.parametrize("sparsity", [0.0, 1.0])
 def test_no_zero_and_all_zero_activations(sparsity):
     args = _case("int8", 70, 256, 2, torch.float32, sparsity=0.0)

@@ -115,7 +115,7 @@ def launch(x, qweight, scales, zeros, bias, fmt: str, group_size: int, split_k: 
         bm, bn, bk, warps, stages = max(16, triton.next_power_of_2(min(m, 64))), *config[:4]
         split_k = config.splits if config.splits is not None else split_k
     elif m <= GEMV_MAX_M:  # decode: M padded to one 16-row dot tile, long K chunks, split over programs
-        bm, bn, bk, warps, stages = 16, *plan.DECODE[fmt]
+        bm, bn, bk, warps, stages = 16, *plan.decode_config(fmt, x.dtype)
     else:
         bm, bn, bk, warps, stages = (64 if m >= 64 else 32), 64, 64, 4, 3
     tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)

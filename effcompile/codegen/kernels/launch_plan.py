@@ -27,6 +27,17 @@ class Config(NamedTuple):
 DECODE = {"int8": (64, 256, 4, 4), "int4": (64, 256, 4, 4)}
 # The sparse GEMV: int4 packs two outputs per byte, so 128 outputs = 64 contiguous bytes of a needed row.
 SPARSE = {"float": (64, 128, 4, 4), "int8": (64, 128, 4, 4), "int4": (128, 128, 4, 4)}
+# fp32 dot operands take twice the shared memory per stage: the shapes above asked an H200 for up to
+# 490 KB (limit 227 KB), so fp32 gets shorter K tiles and two stages.
+FP32 = (64, 64, 4, 2)
+
+
+def decode_config(fmt: str, dtype: torch.dtype) -> tuple[int, int, int, int]:
+    return FP32 if dtype == torch.float32 else DECODE[fmt]
+
+
+def sparse_config(fmt: str, dtype: torch.dtype) -> tuple[int, int, int, int]:
+    return FP32 if dtype == torch.float32 else SPARSE[fmt]
 
 
 @functools.cache

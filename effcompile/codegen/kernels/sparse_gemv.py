@@ -49,9 +49,12 @@ def _sparse_kernel(x_ptr, t_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, M, N, K, K
         k_mask = offs_k < k_hi
         x = tl.load(x_ptr + row + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
         if PER_CHANNEL:
-            t = tl.load(t_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32)[None, :]
+            t = tl.load(t_ptr + offs_k, mask=k_mask, other=0.0)
         else:
-            t = tl.load(t_ptr + offs_k * 0).to(tl.float32)[None, :]  # one threshold, broadcast
+            t = tl.load(t_ptr + offs_k * 0)  # one threshold, broadcast
+        # Compared in the activation dtype, as the reference does (|x| > t.to(x.dtype)): an fp32
+        # threshold between two bf16 values would flip channels that sit right at it.
+        t = t.to(x_ptr.dtype.element_ty).to(tl.float32)[None, :]
         keep = tl.abs(x.to(tl.float32)) > t
         x = tl.where(keep, x, 0.0).to(DOT_DT)
         # A weight row is needed when any activation row keeps its channel: skipped rows are never read.
@@ -130,7 +133,7 @@ def launch(x, threshold, weight_t, scales, zeros, bias, fmt: str, group_size: in
     z = zeros.to(dev).contiguous() if zeros is not None else s
     b = bias.to(dev).contiguous() if bias is not None else t
     interp = _ops.interpreting(dev)
-    bn, bk, warps, stages = config[:4] if config is not None else plan.SPARSE[fmt]
+    bn, bk, warps, stages = config[:4] if config is not None else plan.sparse_config(fmt, x.dtype)
     if config is not None and config.splits is not None:
         split_k = config.splits
     tiles = triton.cdiv(n, bn)
