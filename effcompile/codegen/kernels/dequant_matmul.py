@@ -111,9 +111,11 @@ def launch(x, qweight, scales, zeros, bias, fmt: str, group_size: int, split_k: 
     z = zeros.to(dev).contiguous() if zeros is not None else s  # placeholder: FMT=int8 never reads it
     b = bias.to(dev).contiguous() if bias is not None else s
     interp = _ops.interpreting(dev)
+    if config is None and m <= GEMV_MAX_M:
+        config = plan.tuned("dequant", fmt, m, x.dtype, dev)
     if config is not None:
         bm, bn, bk, warps, stages = max(16, triton.next_power_of_2(min(m, 64))), *config[:4]
-        split_k = config.splits if config.splits is not None else split_k
+        split_k = split_k if split_k is not None else config.splits
     elif m <= GEMV_MAX_M:  # decode: M padded to one 16-row dot tile, long K chunks, split over programs
         bm, bn, bk, warps, stages = 16, *plan.decode_config(fmt, x.dtype)
     else:

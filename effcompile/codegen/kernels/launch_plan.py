@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import functools
+import json
+import logging
+import os
+import re
+from pathlib import Path
 from typing import NamedTuple
 
 import torch
@@ -38,6 +43,63 @@ def decode_config(fmt: str, dtype: torch.dtype) -> tuple[int, int, int, int]:
 
 def sparse_config(fmt: str, dtype: torch.dtype) -> tuple[int, int, int, int]:
     return FP32 if dtype == torch.float32 else SPARSE[fmt]
+
+
+# ---------------------------------------------------------------------------------------------
+# Measured launch shapes per GPU: benchmarks/kernels.py --sweep --tuning-out writes a table, either
+# committed here (tuning/<device name>.json) or named by $EFFCOMPILE_KERNEL_TUNING. fp16/bf16 only.
+# ---------------------------------------------------------------------------------------------
+
+TUNING_ENV = "EFFCOMPILE_KERNEL_TUNING"
+TUNING_DIR = Path(__file__).with_name("tuning")
+log = logging.getLogger("effcompile.codegen")
+
+
+def tuning_key(kernel: str, fmt: str, rows: int) -> str:
+    """``dequant/int4/m1``: one entry per kernel, weight format and decode bucket (1 row, or 2-8 rows)."""
+    return f"{kernel}/{fmt}/m{1 if rows <= 1 else 8}"
+
+
+def device_file_name(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_") + ".json"
+
+
+def read_tables(paths, device_name: str) -> dict[str, Config]:
+    """Merge tuning tables (later files win); a file for another device or one that does not parse is
+    ignored with a warning, never trusted."""
+    table: dict[str, Config] = {}
+    for path in map(Path, paths):
+        if not path.is_file():
+            continue
+        try:
+            data = json.loads(path.read_text())
+            if data.get("device") != device_name:
+                log.warning("kernel tuning %s is for %r, not this %r: ignored", path, data.get("device"), device_name)
+                continue
+            configs = {k: Config(*v) for k, v in data["configs"].items()}
+            if not all(isinstance(c.block_n, int) and c.block_n > 0 for c in configs.values()):
+                raise ValueError("block sizes must be positive integers")
+            table.update(configs)
+        except (ValueError, TypeError, KeyError, AttributeError) as e:
+            log.warning("kernel tuning %s is unreadable (%s): ignored", path, e)
+    return table
+
+
+@functools.cache
+def _table(index: int) -> dict[str, Config]:
+    name = torch.cuda.get_device_name(index)
+    paths = [TUNING_DIR / device_file_name(name)]
+    if os.environ.get(TUNING_ENV):
+        paths.append(Path(os.environ[TUNING_ENV]))
+    return read_tables(paths, name)
+
+
+def tuned(kernel: str, fmt: str, rows: int, dtype: torch.dtype, device: torch.device) -> Config | None:
+    """The measured launch shape for this call on this GPU, if a tuning table has one."""
+    if device.type != "cuda" or dtype == torch.float32:
+        return None
+    return _table(device.index if device.index is not None else torch.cuda.current_device()).get(
+        tuning_key(kernel, fmt, rows))
 
 
 @functools.cache

@@ -133,8 +133,9 @@ def launch(x, threshold, weight_t, scales, zeros, bias, fmt: str, group_size: in
     z = zeros.to(dev).contiguous() if zeros is not None else s
     b = bias.to(dev).contiguous() if bias is not None else t
     interp = _ops.interpreting(dev)
+    config = config if config is not None else plan.tuned("sparse", fmt, m, x.dtype, dev)
     bn, bk, warps, stages = config[:4] if config is not None else plan.sparse_config(fmt, x.dtype)
-    if config is not None and config.splits is not None:
+    if config is not None and split_k is None:
         split_k = config.splits
     tiles = triton.cdiv(n, bn)
     ks = plan.k_split(tiles, k, bk, dev, split_k)

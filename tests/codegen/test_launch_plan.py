@@ -1,0 +1,39 @@
+"""Kernel launch plans: K splits and the per-GPU tuning tables (never trusted unchecked)."""
+
+import json
+import logging
+
+import torch
+
+from effcompile.codegen.kernels import launch_plan as plan
+
+
+def test_k_split_is_a_block_multiple_covering_k():
+    cpu = torch.device("cpu")
+    assert plan.k_split(10, 1000, 128, cpu) == 1024  # one split off the GPU
+    ks = plan.k_split(10, 1000, 128, cpu, force=3)
+    assert ks % 128 == 0 and -(-1000 // ks) == 3
+    assert plan.k_split(10, 100, 128, cpu, force=8) == 128  # never more splits than K blocks
+
+
+def test_tuning_tables_merge_and_refuse_bad_files(tmp_path, caplog):
+    good = tmp_path / "a.json"
+    good.write_text(json.dumps({"device": "GPU X", "configs": {"dequant/int4/m1": [64, 256, 4, 3, None]}}))
+    later = tmp_path / "b.json"
+    later.write_text(json.dumps({"device": "GPU X", "configs": {"dequant/int4/m1": [128, 128, 8, 3, 2]}}))
+    other = tmp_path / "c.json"
+    other.write_text(json.dumps({"device": "GPU Y", "configs": {"sparse/float/m1": [64, 64, 4, 3, None]}}))
+    garbage = tmp_path / "d.json"
+    garbage.write_text("{not json")
+    bad = tmp_path / "e.json"
+    bad.write_text(json.dumps({"device": "GPU X", "configs": {"sparse/int8/m8": ["big", 1, 1, 1]}}))
+    with caplog.at_level(logging.WARNING, logger="effcompile.codegen"):
+        table = plan.read_tables([good, later, other, garbage, bad, tmp_path / "missing.json"], "GPU X")
+    assert table == {"dequant/int4/m1": plan.Config(128, 128, 8, 3, 2)}
+    assert sum("ignored" in r.message for r in caplog.records) == 3
+    assert plan.tuning_key("sparse", "int4", 1) == "sparse/int4/m1" and plan.tuning_key("dequant", "int8", 5).endswith("m8")
+    assert plan.device_file_name("NVIDIA H200") == "NVIDIA_H200.json"
+
+
+def test_no_tuning_off_the_gpu_or_for_fp32():
+    assert plan.tuned("dequant", "int4", 1, torch.bfloat16, torch.device("cpu")) is None
