@@ -30,6 +30,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--decode-batches", default="1,8", help="decode batch sizes, comma-separated")
     p.add_argument("--no-decode", action="store_true", help="skip the decode measurement")
     p.add_argument("--no-inductor", action="store_true", help="skip the torch.compile baseline")
+    p.add_argument("--no-cuda-graphs", action="store_true",
+                   help="CUDA decode: time the Python loop instead of replaying a captured step")
     p.add_argument("--cache-dir", default=None, help="effcompile cache directory")
     p.add_argument("--no-cache", action="store_true", help="keep compiled graphs in memory only")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -48,6 +50,7 @@ def _settings(args):
     return BenchSettings(batch=args.batch, seq=args.seq, device=device, dtype=args.dtype, reps=args.reps,
                          seed=args.seed, inductor=not args.no_inductor, decode=not args.no_decode,
                          decode_batches=batches, decode_steps=args.decode_steps, cache_dir=args.cache_dir,
+                         cuda_graphs=not args.no_cuda_graphs,
                          cache=not args.no_cache)
 
 

@@ -40,6 +40,7 @@ class BenchSettings:
     decode_batches: tuple[int, ...] = (1, 8)
     decode_steps: int = 32
     decode_warmup: int = 3
+    cuda_graphs: bool = True  # decode on CUDA: replay one captured step (no Python launch cost)
     prompt_len: int = 32
     n_queries: int = 128  # embedding quality: retrieval set size
     n_docs: int = 256
@@ -142,7 +143,7 @@ def _decode_plan(zm: ZooModel, s: BenchSettings) -> tuple[int, int] | str:
 def _decode_one(fn, zm: ZooModel, batch: int, s: BenchSettings, weight_adjust: int = 0) -> dict:
     plen, steps = _decode_plan(zm, s)
     prompt = _inputs(zm, batch, plen, s.seed + 2, s)["input_ids"]
-    res = timing.decode_speed(fn, zm.model, prompt, steps, s.decode_warmup, s.device)
+    res = timing.decode_speed(fn, zm.model, prompt, steps, s.decode_warmup, s.device, s.cuda_graphs)
     weights = timing.weight_bytes_per_step(zm.model, batch) + weight_adjust
     res.update(prompt_len=plen, weight_bytes_per_step=weights,
                bytes_per_step=weights + res["kv_bytes_per_step"])

@@ -66,24 +66,24 @@ def test_malformed_specs(text, match):
 
 def test_spec_name_alias(monkeypatch):
     @dataclasses.dataclass(frozen=True)
-    class ThresholdChannels(pm.PassConfig):
+    class MaskChannels(pm.PassConfig):
         sparsity: float = 0.0
         lossy: ClassVar[bool] = True
-        spec_name: ClassVar[str] = "threshold"
+        spec_name: ClassVar[str] = "mask"
 
         def __post_init__(self):
             if not 0 <= self.sparsity < 1:
-                raise ValueError(f"ThresholdChannels.sparsity={self.sparsity!r} must be in [0, 1)")
+                raise ValueError(f"MaskChannels.sparsity={self.sparsity!r} must be in [0, 1)")
 
-    entry = pm.RegisteredPass(ThresholdChannels, lambda gm, cfg, ctx: pm.PassResult(False), "threshold_channels",
+    entry = pm.RegisteredPass(MaskChannels, lambda gm, cfg, ctx: pm.PassResult(False), "mask_channels",
                               "semantic", 1, (), ())
-    monkeypatch.setitem(pm._REGISTRY, ThresholdChannels, entry)
-    configs = spec.parse_passes("threshold(sparsity=0)+threshold_channels(sparsity=0.5)")[1]
-    assert configs == [ThresholdChannels(sparsity=0.0), ThresholdChannels(sparsity=0.5)]
+    monkeypatch.setitem(pm._REGISTRY, MaskChannels, entry)
+    configs = spec.parse_passes("mask(sparsity=0)+mask_channels(sparsity=0.5)")[1]
+    assert configs == [MaskChannels(sparsity=0.0), MaskChannels(sparsity=0.5)]
     assert isinstance(configs[0].sparsity, float)  # a float field gets 0.0, not the int 0
     with pytest.raises(spec.SpecError, match="must be in"):
-        spec.parse_passes("threshold(sparsity=1.5)")
-    assert {"threshold", "threshold_channels"} <= set(spec.pass_names())
+        spec.parse_passes("mask(sparsity=1.5)")
+    assert {"mask", "mask_channels"} <= set(spec.pass_names())
 
 
 def test_snake_case():
