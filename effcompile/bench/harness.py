@@ -223,6 +223,27 @@ def measure_baseline(zm: ZooModel, s: BenchSettings) -> Baseline:
     return Baseline(zm, s, inputs, speed, reference)
 
 
+def _measure_peer(zm: ZooModel, configs: list, speed: dict, s: BenchSettings, baseline: Baseline, plan) -> None:
+    """TorchAO's version of the same quantization, timed like the others (speed only), when there is one."""
+    from effcompile.bench import peers
+
+    _reset_dynamo()
+    built = _attempt("torchao build", lambda: dict(zip(("fn", "why"), peers.build_torchao(zm.model, configs),
+                                                       strict=True)))
+    if built.get("fn") is None:
+        entry = built if "failed" in built else {"skipped": built["why"]}
+        speed["prefill"]["torchao"] = entry
+        for b in s.decode_batches if isinstance(plan, tuple) else ():
+            speed["decode"][f"batch{b}"]["torchao"] = entry
+        return
+    fn = built["fn"]
+    speed["prefill"]["torchao"] = _attempt("torchao prefill", lambda: _prefill(fn, baseline.inputs, s))
+    for b in s.decode_batches if isinstance(plan, tuple) else ():
+        speed["decode"][f"batch{b}"]["torchao"] = _attempt(f"torchao decode batch {b}",
+                                                           lambda b=b: _decode_one(fn, zm, b, s))
+    _reset_dynamo()
+
+
 # ----------------------------------------------------------------------------- records
 def _resolve(passes: str | tuple[str, list] | Sequence | None) -> tuple[str, list]:
     if passes is None or isinstance(passes, str):
@@ -279,6 +300,7 @@ def run(model: str | ZooModel, passes: str | tuple[str, list] | Sequence | None 
                 return res
             speed["decode"][f"batch{b}"]["effcompile"] = _attempt(
                 f"effcompile decode batch {b}", lambda decode=decode: _checked(fn, decode))
+        _measure_peer(zm, configs, speed, s, baseline, plan)
         quality = _attempt("effcompile quality", lambda: _checked(
             fn, lambda ran: measure_quality(
             zm, fn, baseline.reference, s, lambda: _inputs(zm, s.batch, s.seq, s.seed + 1, s))))

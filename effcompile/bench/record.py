@@ -93,6 +93,9 @@ def ratios(speed: dict) -> dict:
            "prefill_speedup_vs_eager": _ratio(pre["eager"], pre["effcompile"], "median_ms", ("eager", "effcompile")),
            "prefill_speedup_vs_inductor": _ratio(pre["inductor"], pre["effcompile"], "median_ms",
                                                  ("inductor", "effcompile"))}
+    if "torchao" in pre:
+        out["prefill_speedup_vs_torchao"] = _ratio(pre["torchao"], pre["effcompile"], "median_ms",
+                                                   ("torchao", "effcompile"))
     for b, d in speed["decode"].items():
         if isinstance(d, dict) and "eager" in d and "inductor" in d:
             out[f"inductor_decode_{b}_speedup_vs_eager"] = _ratio(d["inductor"], d["eager"], "tokens_per_s",
@@ -102,4 +105,9 @@ def ratios(speed: dict) -> dict:
                                                          ("effcompile", "eager"))
             out[f"decode_{b}_speedup_vs_inductor"] = _ratio(d["effcompile"], d["inductor"], "tokens_per_s",
                                                             ("effcompile", "inductor"))
+        if isinstance(d, dict) and "effcompile" in d and "torchao" in d:
+            out[f"decode_{b}_speedup_vs_torchao"] = _ratio(d["effcompile"], d["torchao"], "tokens_per_s",
+                                                           ("effcompile", "torchao"))
+            out[f"torchao_decode_{b}_speedup_vs_eager"] = _ratio(d["torchao"], d["eager"], "tokens_per_s",
+                                                                 ("torchao", "eager"))
     return out

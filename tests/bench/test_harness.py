@@ -148,6 +148,19 @@ def test_record_on_tiny_llama():
     assert isinstance(rec["ratios"]["decode_batch1_speedup_vs_eager"], float)
     assert rec["ratios"]["prefill_speedup_vs_inductor"] == {"skipped": "inductor: inductor disabled"}
     assert rec["effcompile"]["fallbacks"] == [] and rec["effcompile"]["fired"]["quantize"] > 0
+    # The peer for a quantize spec: TorchAO measured in the same run, or why not (not installed in CI).
+    peer = pre["torchao"]
+    assert peer.get("median_ms", 0) > 0 or "torchao" in peer.get("skipped", "") + peer.get("failed", ""), peer
+    assert d1["effcompile"]["cuda_graph"] is False  # CPU: the plain loop
+
+
+def test_torchao_peer_only_for_one_plain_quantize():
+    from effcompile.bench import peers
+    from effcompile.passes import Quantize, RemoveDropout
+
+    assert "exactly one quantize" in peers.torchao_config([Quantize(), RemoveDropout()])[1]
+    assert "exactly one quantize" in peers.torchao_config([])[1]
+    assert "no equivalent" in peers.torchao_config([Quantize(targets=("attn",))])[1]
 
 
 @pytest.fixture(scope="module")
