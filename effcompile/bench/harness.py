@@ -79,7 +79,7 @@ class BenchSettings:
 # ----------------------------------------------------------------------------- models and inputs
 def load_model(model: str | ZooModel, s: BenchSettings) -> ZooModel:
     """A zoo model (by name, or as given) moved to the settings' device and dtype, in eval mode."""
-    zm = get_model(model) if isinstance(model, str) else model
+    zm = get_model(model, device=s.device, dtype=DTYPES[s.dtype]) if isinstance(model, str) else model
     zm.model.to(device=s.device, dtype=DTYPES[s.dtype]).eval()
     return zm
 

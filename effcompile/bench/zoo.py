@@ -175,10 +175,11 @@ class ModelSpec:
     name: str
     task: str
     description: str
-    loader: Callable[[], ZooModel]
+    loader: Callable[..., ZooModel]
+    builds_in_place: bool = False  # the loader takes device=/dtype= (random weights: built on the GPU directly)
 
-    def load(self) -> ZooModel:
-        return self.loader()
+    def load(self, device=None, dtype=None) -> ZooModel:
+        return self.loader(device=device, dtype=dtype) if self.builds_in_place else self.loader()
 
 
 def _minilm() -> ZooModel:
@@ -209,10 +210,10 @@ def _stdlib_lm() -> ZooModel:
 def _random_spec(kind: str, size: str) -> ModelSpec:
     task = {"llama": "causal-lm", "gpt2": "causal-lm", "bert": "encoder", "vit": "vision"}[kind]
 
-    def loader() -> ZooModel:
-        model, make_inputs = random_model(kind, size)
+    def loader(device=None, dtype=None) -> ZooModel:
+        model, make_inputs = random_model(kind, size, device=device, dtype=dtype)
         return ZooModel(f"{kind}-{size}", model, make_inputs, task)
-    return ModelSpec(f"{kind}-{size}", task, f"random-init {kind} ({size})", loader)
+    return ModelSpec(f"{kind}-{size}", task, f"random-init {kind} ({size})", loader, builds_in_place=True)
 
 
 MODELS: dict[str, ModelSpec] = {
@@ -222,9 +223,10 @@ MODELS: dict[str, ModelSpec] = {
 }
 
 
-def get_model(name: str) -> ZooModel:
-    """Load a registered model by name; unknown names raise ValueError listing the valid ones."""
+def get_model(name: str, device=None, dtype=None) -> ZooModel:
+    """Load a registered model by name; unknown names raise ValueError listing the valid ones.
+    device/dtype: where random-init weights are built (a 1B model is not built on the CPU first)."""
     spec = MODELS.get(name)
     if spec is None:
         raise ValueError(f"unknown model {name!r}; valid: {', '.join(MODELS)}")
-    return spec.load()
+    return spec.load(device=device, dtype=dtype)
