@@ -7,6 +7,7 @@
 
 from effcompile.compiler.api import effcompile, explain
 from effcompile.compiler.pass_manager import PassConfig, PassResult
+from effcompile.compiler.speculative import generate
 from effcompile.passes import Quantize, RemoveDropout, SkipLayers, register_pass, rewrite
 
 __version__ = "0.1.0"
@@ -20,6 +21,7 @@ __all__ = [
     "__version__",
     "effcompile",
     "explain",
+    "generate",
     "register_pass",
     "rewrite",
 ]
