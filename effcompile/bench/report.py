@@ -72,19 +72,23 @@ def speed_table(records: Sequence[dict]) -> str:
     """Prefill latency of eager / torch.compile / effcompile and decode tokens/s with the bytes-read bandwidth."""
     batches = sorted({b for r in records for b, d in r["speed"]["decode"].items() if isinstance(d, dict)},
                      key=lambda b: int(b.removeprefix("batch")))
-    head = ["Model", "Passes", "Prefill ms eager / inductor / effcompile", "Peak mem MiB (effcompile)"]
-    head += [f"Decode {b} tok/s eager / inductor / effcompile" for b in batches]
+    variants = ["eager", "inductor", "effcompile"]
+    if any("torchao" in r["speed"]["prefill"] for r in records):
+        variants.append("torchao")  # the peer, for quantize specs
+    names = " / ".join(variants)
+    head = ["Model", "Passes", f"Prefill ms {names}", "Peak mem MiB (effcompile)"]
+    head += [f"Decode {b} tok/s {names}" for b in batches]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in records:
         pre = r["speed"]["prefill"]
         mem = pre.get("effcompile", {}).get("memory", {}) if isinstance(pre.get("effcompile"), dict) else {}
         peak = mem.get("peak_bytes", mem.get("delta_bytes"))
         row = [r["model"], f"`{r['passes']['spec']}`",
-               " / ".join(_ms(pre.get(v)) for v in ("eager", "inductor", "effcompile")),
+               " / ".join(_ms(pre.get(v)) for v in variants),
                f"{peak / 2**20:.1f}" if _num(peak) is not None else "n/a"]
         for b in batches:
             d = r["speed"]["decode"].get(b, {})
-            row.append(" / ".join(_tps(d.get(v)) for v in ("eager", "inductor", "effcompile")))
+            row.append(" / ".join(_tps(d.get(v)) for v in variants))
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 
