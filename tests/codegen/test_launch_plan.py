@@ -37,3 +37,13 @@ def test_tuning_tables_merge_and_refuse_bad_files(tmp_path, caplog):
 
 def test_no_tuning_off_the_gpu_or_for_fp32():
     assert plan.tuned("dequant", "int4", 1, torch.bfloat16, torch.device("cpu")) is None
+
+
+def test_committed_tables_parse_and_name_their_device():
+    files = sorted(plan.TUNING_DIR.glob("*.json"))
+    assert files, "the H200 table measured by benchmarks/kernels.py --sweep should ship with the package"
+    for f in files:
+        device = json.loads(f.read_text())["device"]
+        assert plan.device_file_name(device) == f.name
+        table = plan.read_tables([f], device)
+        assert table and all(k.split("/")[0] in ("dequant", "sparse") for k in table)
