@@ -8,7 +8,7 @@
 from effcompile.compiler.api import effcompile, explain
 from effcompile.compiler.pass_manager import PassConfig, PassResult
 from effcompile.compiler.speculative import generate
-from effcompile.passes import Quantize, RemoveDropout, SkipLayers, register_pass, rewrite
+from effcompile.passes import Quantize, RemoveDropout, SkipLayers, ThresholdChannels, register_pass, rewrite
 
 __version__ = "0.1.0"
 
@@ -18,6 +18,7 @@ __all__ = [
     "Quantize",
     "RemoveDropout",
     "SkipLayers",
+    "ThresholdChannels",
     "__version__",
     "effcompile",
     "explain",

@@ -17,6 +17,7 @@ import tempfile
 import threading
 import time
 import warnings
+import weakref
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -239,6 +240,9 @@ class CompiledGraph:
             run = self._build(store, key)
         self.report.compile_seconds += time.perf_counter() - start
         self.variants[sig] = run
+        if isinstance(getattr(run, "__self__", None), fx.GraphModule):
+            # Weakly: reports outlive graphs (the backend keeps the last 4096), modules must not.
+            self.report.modules.append(weakref.ref(run.__self__))  # live buffers, e.g. thresholds
         return run
 
     def _load(self, store, key):
@@ -333,14 +337,28 @@ def _write_sources(kernel_dir: Path, sources: dict[str, str]) -> list[Path]:
 
 def _record_to_json(p) -> dict:
     return {"name": p.name, "phase": p.phase, "config": repr(p.config), "ran": p.ran, "modified": p.modified,
-            "count": p.count, "where": list(p.where), "seconds": p.seconds, "note": p.note}
+            "count": p.count, "where": list(p.where), "seconds": p.seconds, "note": p.note,
+            "artifacts": _json_safe(p.artifacts)}
+
+
+def _json_safe(v):
+    """Artifacts as strict JSON (the cache rejects NaN/inf): so a warm start's explain() still shows them."""
+    if isinstance(v, dict):
+        return {str(k): _json_safe(x) for k, x in v.items()}
+    if isinstance(v, list | tuple):
+        return [_json_safe(x) for x in v]
+    if isinstance(v, float) and (v != v or v in (float("inf"), float("-inf"))):
+        return repr(v)
+    if v is None or isinstance(v, bool | int | float | str):
+        return v
+    return repr(v)
 
 
 def _record_from_json(d: dict):
     from effcompile.compiler.pass_manager import PassRecord
 
     return PassRecord(d["name"], d["phase"], d["config"], d["ran"], d["modified"], d["count"], d["where"],
-                      d["seconds"], d["note"])
+                      d["seconds"], d["note"], d.get("artifacts", {}))
 
 
 def _kernel_to_json(k) -> dict:

@@ -60,6 +60,45 @@ def measure_sparsity(reset: bool = True):
             result.update({k: z / t for k, (z, t) in SPARSITY.items() if t})
 
 
+def explain_lines(artifacts: dict, limit: int = 12) -> list[str]:
+    """explain() rows for a thresholding pass's artifacts: per layer target, threshold and, after a
+    measure_sparsity() run, the achieved sparsity (empty for artifacts of any other kind)."""
+    layers = artifacts.get("layers") if isinstance(artifacts, dict) else None
+    if not isinstance(layers, dict) or not all(isinstance(v, dict) and "threshold" in v for v in layers.values()):
+        return []
+    with _LOCK:
+        live = {k: z / t for k, (z, t) in SPARSITY.items() if t}
+    head = (f"    sparsity: method={artifacts.get('method')} target={artifacts.get('target')} "
+            f"weighted={artifacts.get('weighted_target')} decode_only={artifacts.get('decode_only')}")
+    rows = [head, f"      {'layer':<44} {'kind':<9} {'target':>7} {'calib':>7} {'achieved':>9}  threshold"]
+    for label, v in list(layers.items())[:limit]:
+        thr = v["threshold"]
+        thr = (f"per-channel median {thr.get('median')}" if isinstance(thr, dict) else f"{thr}")
+        got = f"{live[label]:.3f}" if label in live else "-"
+        rows.append(f"      {label[-44:]:<44} {v.get('kind', ''):<9} {v.get('target', 0):>7.3f} "
+                    f"{v.get('calibrated', 0):>7.3f} {got:>9}  {thr}")
+    if len(layers) > limit:
+        rows.append(f"      ... {len(layers) - limit} more layers")
+    measured = [live[k] for k in layers if k in live]
+    rows.append("      achieved (last measure_sparsity run): "
+                + (f"mean {sum(measured) / len(measured):.3f} over {len(measured)} layers" if measured
+                   else "not measured yet (run calls inside effcompile.compiler.sparse_ops.measure_sparsity())"))
+    return rows
+
+
+@contextlib.contextmanager
+def not_measuring():
+    """Counting off inside the block: a pass's own calibration runs must not count as the model's."""
+    global _MEASURING
+    with _LOCK:
+        saved, _MEASURING = _MEASURING, 0
+    try:
+        yield
+    finally:
+        with _LOCK:
+            _MEASURING += saved
+
+
 def sparsify_eager(x: torch.Tensor, threshold: torch.Tensor, label: str, decode_only: bool) -> torch.Tensor:
     if decode_only and is_prefill(x):
         return x.clone()  # custom ops may not return an alias of an input
@@ -85,5 +124,5 @@ def sparsify_op():
     return torch.ops.effcompile.sparsify.default
 
 
-__all__ = ["SPARSITY", "is_prefill", "keep_mask", "measure_sparsity", "measuring", "record", "sparsify_eager",
-           "sparsify_op"]
+__all__ = ["SPARSITY", "explain_lines", "is_prefill", "keep_mask", "measure_sparsity", "measuring", "not_measuring",
+           "record", "sparsify_eager", "sparsify_op"]

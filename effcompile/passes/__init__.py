@@ -18,6 +18,7 @@ from effcompile.compiler.pass_manager import PassConfig, PassContext, PassResult
 from effcompile.passes.patterns import pattern, rewrite
 from effcompile.passes.quantize import Quantize
 from effcompile.passes.remove_dropout import RemoveDropout
+from effcompile.passes.threshold_channels import ThresholdChannels
 from effcompile.passes.skip_layers import SkipLayers
 
 __all__ = [
@@ -27,6 +28,7 @@ __all__ = [
     "Quantize",
     "RemoveDropout",
     "SkipLayers",
+    "ThresholdChannels",
     "load_plugins",
     "pattern",
     "register_pass",

@@ -26,6 +26,10 @@ class ActivationStats:
     abs_sum: torch.Tensor | None = None  # per channel
     sample: list[torch.Tensor] = field(default_factory=list)  # |x| values, for quantiles
     sample_size: int = 65536
+    # Optional uniform sample of whole rows of |x| (tokens x channels) over *all* batches, for statistics
+    # that need to know which channel a value came from (per-channel thresholds). 0 = off.
+    row_sample_size: int = 0
+    rows: torch.Tensor | None = None
 
     def update(self, x: torch.Tensor) -> None:
         a = x.detach().abs().float().reshape(-1, x.shape[-1])
@@ -40,6 +44,32 @@ class ActivationStats:
             g = torch.Generator().manual_seed(self.count)
             take = flat[torch.randperm(flat.numel(), generator=g)[: self.sample_size - have]]
             self.sample.append(take)
+        if self.row_sample_size:
+            self._reservoir(a)
+
+    def _reservoir(self, a: torch.Tensor) -> None:
+        # Reservoir sampling (algorithm R, vectorized): every row seen so far is equally likely to be
+        # kept, so late batches count as much as early ones. Fixed seeds keep calibration deterministic.
+        seen = self.count - a.shape[0]
+        cap = self.row_sample_size
+        if self.rows is None:
+            self.rows = a[:cap].clone()
+            a, seen = a[cap:], min(a.shape[0], cap)
+        elif self.rows.shape[0] < cap:
+            room = cap - self.rows.shape[0]
+            self.rows = torch.cat([self.rows, a[:room]])
+            a, seen = a[room:], seen + min(a.shape[0], room)
+        if a.shape[0] == 0:
+            return
+        g = torch.Generator().manual_seed(seen)
+        idx = torch.arange(seen, seen + a.shape[0])
+        slot = (torch.rand(a.shape[0], generator=g, dtype=torch.float64) * (idx + 1)).long()
+        hit = slot < cap
+        # Of rows drawing the same slot in one batch the latest wins, as in the sequential algorithm
+        # (an explicit winner: index_put with duplicate indices does not promise which write lands).
+        winner = torch.full((cap,), -1, dtype=torch.long).scatter_reduce(0, slot[hit], torch.nonzero(hit)[:, 0], "amax")
+        won = winner >= 0
+        self.rows[won] = a[winner[won]]
 
     @property
     def mean_abs(self) -> torch.Tensor:
@@ -53,14 +83,14 @@ class ActivationStats:
 
 
 class _Recorder(fx.Interpreter):
-    def __init__(self, gm: fx.GraphModule, watch: set[str], stats: dict[str, ActivationStats]):
+    def __init__(self, gm: fx.GraphModule, watch: set[str], stats: dict[str, ActivationStats], rows: int = 0):
         super().__init__(gm)
-        self.watch, self.stats = watch, stats
+        self.watch, self.stats, self.rows = watch, stats, rows
 
     def run_node(self, n: fx.Node):
         out = super().run_node(n)
         if n.name in self.watch and isinstance(out, torch.Tensor):
-            self.stats.setdefault(n.name, ActivationStats()).update(out)
+            self.stats.setdefault(n.name, ActivationStats(row_sample_size=self.rows)).update(out)
         return out
 
 
@@ -70,10 +100,12 @@ def collect_stats(
     select: Callable[[fx.Node], bool] | Iterable[fx.Node],
     *,
     desc: str = "calibrating",
+    rows: int = 0,
 ) -> dict[str, ActivationStats]:
     """Run ``gm`` over the recorded calibration inputs; return stats of the selected nodes' outputs.
 
-    ``select`` is a node predicate or a list of nodes. Raises ValueError when the graph saw no
+    ``select`` is a node predicate or a list of nodes; ``rows`` > 0 also keeps a uniform sample of that
+    many whole rows of |x| per node (``ActivationStats.rows``). Raises ValueError when the graph saw no
     calibration data (the message says how to give some).
     """
     from tqdm.auto import tqdm
@@ -89,5 +121,5 @@ def collect_stats(
     batches = list(ctx.calibration)
     with torch.no_grad():
         for args in tqdm(batches, desc=desc, leave=False):
-            _Recorder(gm, watch, stats).run(*args)
+            _Recorder(gm, watch, stats, rows).run(*args)
     return stats

@@ -27,6 +27,13 @@ class GraphReport:
     recompiles: list[str] = field(default_factory=list)
     calls: int = 0
     param_ids: frozenset[int] = frozenset()  # ids of the real parameters fed to this graph
+    # Weak references to the compiled GraphModules (one per shape bucket), for runtime-tunable buffers
+    # such as thresholds; see graph_modules().
+    modules: list[Any] = field(default_factory=list, repr=False, compare=False)
+
+    def graph_modules(self) -> list[Any]:
+        """The compiled GraphModules still alive."""
+        return [m for m in (r() for r in self.modules) if m is not None]
 
     def kernel_paths(self) -> dict[str, str]:
         """Which implementation each kernel's op ran: "triton", "torch" or "not run yet"."""
@@ -95,6 +102,9 @@ class Report:
                 fired = "yes" if p.modified else ("skip" if not p.ran else "no")
                 detail = where + (f"  [{p.note}]" if where and p.note else p.note if not where else "")
                 lines.append(f"  {p.name:<24} {p.phase:<12} {fired:<6} {p.count:>5}  {detail}")
+                from effcompile.compiler.sparse_ops import explain_lines  # per-layer thresholds + achieved
+
+                lines.extend(explain_lines(p.artifacts))
             paths = g.kernel_paths() if g.kernels else {}
             lines.append(f"  kernels: {len(g.kernels)}")
             for k in g.kernels:

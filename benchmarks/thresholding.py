@@ -1,0 +1,172 @@
+"""ThresholdChannels quality and achieved sparsity per method and target, on MiniLM and the stdlib LM (JSONL).
+
+    python benchmarks/thresholding.py --out benchmarks/results/threshold-cpu-2026-11-26.jsonl
+
+Calibration always uses the *train* split of the stdlib; quality and achieved sparsity are measured on
+the *held-out* split (text the calibration never saw). Achieved sparsity is counted by
+``measure_sparsity()`` over every targeted linear input of the held-out run, per layer; ``weighted`` is
+the mean weighted by weight size (the fraction of weight bytes a sparse GEMV skips), the quantity the
+target constrains.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import effcompile as ec  # noqa: E402
+from effcompile.bench import corpus, metrics, record, train_lm  # noqa: E402
+from effcompile.compiler.sparse_ops import measure_sparsity  # noqa: E402
+
+METHODS = ("tensor", "channel", "greedy")
+TARGETS = (0.25, 0.4, 0.5, 0.6)
+
+
+def _weighted(achieved: dict[str, float], rep) -> dict:
+    layers = {}
+    for g in rep.graphs:
+        for p in g.passes:
+            layers.update((p.artifacts or {}).get("layers", {}))
+    both = [k for k in layers if k in achieved]
+    if not both:
+        return {"weighted": None, "mean": None, "layers": 0}
+    w = {k: layers[k]["weight_elements"] for k in both}
+    dev = [achieved[k] - layers[k]["target"] for k in both]
+    return {"weighted": sum(achieved[k] * w[k] for k in both) / sum(w.values()),
+            "mean": sum(achieved[k] for k in both) / len(both), "layers": len(both),
+            "max_abs_layer_deviation": max(abs(d) for d in dev),
+            "per_layer": {k: {"target": layers[k]["target"], "achieved": round(achieved[k], 4)} for k in both}}
+
+
+# ----------------------------------------------------------------------------- MiniLM
+def minilm_cases(methods, targets, n_calib: int, n_queries: int, n_docs: int):
+    from effcompile.testing import load_minilm
+
+    model, tok = load_minilm()
+    texts = corpus.stdlib_corpus(16 * n_calib, seed=7, split="train")
+    # Fixed length (padding to 64): one graph, no per-length recompiles, the same for every method.
+    enc = lambda t: dict(tok(t, padding="max_length", truncation=True, max_length=64, return_tensors="pt"))  # noqa: E731
+    calib = [enc(texts[i * 16:(i + 1) * 16]) for i in range(n_calib)]
+    queries, docs, _ = corpus.retrieval_set(n_queries, n_docs, seed=0, split="heldout")
+
+    def embed(fn):
+        out = []
+        for chunk in (queries, docs):
+            embs = []
+            for i in range(0, len(chunk), 32):
+                b = enc(chunk[i:i + 32])
+                if b["input_ids"].shape[0] < 32:  # pad the batch too: one shape, one graph
+                    pad = 32 - b["input_ids"].shape[0]
+                    b = {k: torch.cat([v, v[:1].expand(pad, -1)]) for k, v in b.items()}
+                    keep = 32 - pad
+                else:
+                    keep = 32
+                with torch.no_grad():
+                    h = metrics._hidden_of(fn(**b))
+                embs.append(torch.nn.functional.normalize(metrics.mean_pool(h.float(), b["attention_mask"]), dim=-1)[:keep])
+            out.append(torch.cat(embs))
+        return out
+
+    rq, rd = embed(model)
+    for method in methods:
+        for s in targets:
+            torch._dynamo.reset()
+            t0 = time.perf_counter()
+            fast = ec.effcompile(model, passes=[ec.ThresholdChannels(sparsity=s, method=method)],
+                                 calibration=calib, cache=False)
+            with measure_sparsity() as achieved:
+                oq, od = embed(fast)
+            cos = metrics.embedding_cosine(torch.cat([rq, rd]), torch.cat([oq, od]))
+            agree = metrics.retrieval_agreement(rq, rd, oq, od)
+            yield {"model": "minilm", "method": method, "target": s, "cosine": cos, "retrieval_agreement": agree,
+                   "achieved": _weighted(achieved, ec.explain(fast)), "artifacts": _scalars(fast),
+                   "seconds": round(time.perf_counter() - t0, 1), "n_queries": n_queries, "n_docs": n_docs,
+                   "calibration": f"{n_calib} x 16 train-split docstrings, padded to 64"}
+
+
+# ----------------------------------------------------------------------------- stdlib LM
+def lm_cases(methods, targets, n_calib: int, windows: int):
+    from effcompile.bench.zoo import heldout_ids, load_stdlib_lm
+
+    model, tok = load_stdlib_lm()
+    window = 128
+    train_ids = train_lm.encode_docs(tok.backend_tokenizer, [t for _, t in corpus.stdlib_sources("train")[:400]])
+    g = torch.Generator().manual_seed(7)
+    calib = []
+    for _ in range(n_calib):
+        starts = torch.randint(0, train_ids.numel() - window, (8,), generator=g).tolist()
+        calib.append({"input_ids": torch.stack([train_ids[i:i + window - 1] for i in starts]), "use_cache": False})
+    ids = heldout_ids(tok)
+    wins = metrics._windows(ids, window, 8)
+
+    def quality(fn):
+        ppl = metrics.perplexity(lambda **kw: fn(**kw, use_cache=False), ids, window=window, max_windows=windows)
+        with torch.no_grad():
+            logits = metrics.logits_of(fn(input_ids=wins[:, :-1], use_cache=False))
+        return ppl, logits
+
+    dense_ppl, dense_logits = quality(model)
+    yield {"model": "stdlib-lm", "method": "eager", "target": 0.0, "perplexity": dense_ppl, "windows": windows}
+    for method in methods:
+        for s in targets:
+            torch._dynamo.reset()
+            t0 = time.perf_counter()
+            fast = ec.effcompile(model, passes=[ec.ThresholdChannels(sparsity=s, method=method)],
+                                 calibration=calib, cache=False)
+            with measure_sparsity() as achieved:
+                ppl, logits = quality(fast)
+            yield {"model": "stdlib-lm", "method": method, "target": s, "perplexity": ppl,
+                   "perplexity_dense": dense_ppl, "next_token": metrics.next_token_agreement(dense_logits, logits),
+                   "achieved": _weighted(achieved, ec.explain(fast)), "artifacts": _scalars(fast),
+                   "seconds": round(time.perf_counter() - t0, 1), "windows": windows,
+                   "calibration": f"{n_calib} x 8 windows of {window - 1} train-split tokens"}
+
+
+def _scalars(fast) -> dict:
+    out = {}
+    for g in ec.explain(fast).graphs:
+        for p in g.passes:
+            if p.name == "threshold_channels":
+                out = {k: v for k, v in p.artifacts.items() if not isinstance(v, dict) or k == "target"}
+    return record.jsonable(out)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--models", default="minilm,stdlib-lm")
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--targets", default=",".join(map(str, TARGETS)))
+    ap.add_argument("--calib", type=int, default=8)
+    ap.add_argument("--windows", type=int, default=32)
+    ap.add_argument("--queries", type=int, default=128)
+    ap.add_argument("--docs", type=int, default=256)
+    a = ap.parse_args(argv)
+    methods, targets = a.methods.split(","), [float(x) for x in a.targets.split(",")]
+    meta = {"versions": record.versions(), "device": record.device_name("cpu"), "threads": torch.get_num_threads(),
+            "load_average": list(os.getloadavg())}
+    with open(a.out, "a") as f:
+        for m in a.models.split(","):
+            cases = (minilm_cases(methods, targets, a.calib, a.queries, a.docs) if m == "minilm"
+                     else lm_cases(methods, targets, a.calib, a.windows))
+            for rec in cases:
+                rec.update(meta)
+                f.write(json.dumps(rec) + "\n")
+                f.flush()
+                ach = rec.get("achieved", {}).get("weighted")
+                q = rec.get("perplexity") or rec.get("cosine", {}).get("mean")
+                print(f"{rec['model']:<10} {rec['method']:<8} s={rec['target']:.2f} quality={q:.4f} "
+                      f"achieved={ach if ach is None else round(ach, 4)} ({rec.get('seconds')}s)", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,481 @@
+"""Channel thresholding (calibrated activation sparsity): zero small linear inputs via effcompile::sparsify."""
+
+from __future__ import annotations
+
+import math
+import re
+import weakref
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+import torch.fx as fx
+import torch.utils._pytree as pytree
+
+from effcompile.compiler import ir, sparse_ops
+from effcompile.compiler import ops as qops
+from effcompile.compiler.pass_manager import PassConfig, PassContext, PassResult, register_pass
+from effcompile.passes.calibration import ActivationStats, collect_stats
+
+KINDS = ("attn_in", "attn_out", "mlp_in", "mlp_out")
+_ALIASES = {"all": KINDS, "attn": ("attn_in", "attn_out"), "ffn": ("mlp_in", "mlp_out"),
+            "mlp": ("mlp_in", "mlp_out"), "ffn_in": ("mlp_in",), "ffn_out": ("mlp_out",)}
+_TAG = re.compile(r"^layers\.\d+\.(attn|ffn)$")
+METHODS = ("tensor", "channel", "greedy")
+_ROW_ELEMENTS = 4_000_000  # per activation: enough rows for 0.1-point quantiles, bounded memory
+_REFINE_ROUNDS = 2  # re-calibrations with the thresholds in place (see the pass)
+_NO_THRESHOLD = -1.0  # |x| > -1 always: the greedy search's "this layer dense" value
+
+
+def _kind_names(value) -> tuple[str, ...]:
+    return tuple(_ALIASES.get(value, (value,)))
+
+
+@dataclass(frozen=True)
+class ThresholdChannels(PassConfig):
+    """Zero the inputs of targeted linears whose magnitude is below a calibrated threshold.
+
+    sparsity: the fraction of targeted linear inputs zeroed (0 = none), model-wide, or per linear kind
+        as a dict ``{"attn_in": 0.3, "mlp_in": 0.5}`` (kinds: attn_in = q/k/v, attn_out = o,
+        mlp_in = gate/up, mlp_out = down; aliases attn, ffn/mlp, all).
+    method: "tensor" - one threshold per linear, the |x| quantile giving the target (TEAL);
+        "channel" - one threshold per input channel: |x_j| * ||W[:, j]|| (the channel's contribution
+        to the output) is thresholded at its quantile (CHESS);
+        "greedy" - per-tensor thresholds whose sparsity differs per (block, kind), allocated greedily
+        to meet the target (weighted by weight bytes, i.e. what decode skips reading) with the least
+        output error on the calibration data (TEAL's greedy search, model-wide).
+    targets: which linears: kinds, aliases, or exact sublayer tags ("layers.3.attn").
+    decode_only: True leaves prefill-shaped inputs (more than one token per sequence) dense.
+    greedy_step: the sparsity grid of the greedy search; greedy_batches: calibration batches it scores on.
+    """
+
+    sparsity: Any = 0.5
+    method: str = "tensor"
+    targets: tuple[str, ...] = ("all",)
+    decode_only: bool = False
+    greedy_step: float = 0.05
+    greedy_batches: int = 4
+    lossy: ClassVar[bool] = True
+    needs_calibration: ClassVar[bool] = True
+    reads_weights: ClassVar[bool] = True  # channel thresholds depend on weight column norms
+    spec_name: ClassVar[str] = "threshold"
+
+    def __post_init__(self):
+        object.__setattr__(self, "sparsity", _check_sparsity(self.sparsity))
+        if self.method not in METHODS:
+            raise ValueError(f"ThresholdChannels.method={self.method!r} is not supported; supported: {list(METHODS)}")
+        targets = (self.targets,) if isinstance(self.targets, str) else tuple(self.targets)
+        bad = [t for t in targets if not isinstance(t, str) or not (t in KINDS or t in _ALIASES or _TAG.match(t))]
+        if bad or not targets:
+            raise ValueError(f"ThresholdChannels.targets={self.targets!r}: each must be one of "
+                             f"{list(KINDS) + sorted(_ALIASES)} or a tag like 'layers.3.attn'; got {bad or 'nothing'}")
+        object.__setattr__(self, "targets", targets)  # a tuple, so the config stays hashable
+        if not isinstance(self.decode_only, bool):
+            raise ValueError(f"ThresholdChannels.decode_only={self.decode_only!r}: must be True or False")
+        step = self.greedy_step
+        if isinstance(step, bool) or not isinstance(step, int | float) or not 0 < step <= 0.5:
+            raise ValueError(f"ThresholdChannels.greedy_step={step!r}: must be a number in (0, 0.5]")
+        gb = self.greedy_batches
+        if isinstance(gb, bool) or not isinstance(gb, int) or gb < 1:
+            raise ValueError(f"ThresholdChannels.greedy_batches={gb!r}: must be an int >= 1")
+
+    def target_for(self, kind: str) -> float:
+        if isinstance(self.sparsity, float):
+            return self.sparsity
+        return dict(self.sparsity).get(kind, 0.0)
+
+
+def _check_sparsity(value):
+    def one(v, what):
+        if isinstance(v, bool) or not isinstance(v, int | float) or not 0 <= v < 1 or math.isnan(v):
+            raise ValueError(f"ThresholdChannels.sparsity{what}={v!r}: must be a number in [0, 1) "
+                             "(the fraction of linear inputs zeroed; 0 = none)")
+        return float(v)
+
+    if isinstance(value, dict | tuple | list) and not isinstance(value, str):
+        items = value.items() if isinstance(value, dict) else value
+        out: dict[str, float] = {}
+        for item in items:
+            if not (isinstance(item, tuple | list) and len(item) == 2):
+                raise ValueError(f"ThresholdChannels.sparsity={value!r}: give a number or {{kind: number}}")
+            k, v = item
+            if k not in KINDS and k not in _ALIASES:
+                raise ValueError(f"ThresholdChannels.sparsity: unknown kind {k!r}; kinds: {list(KINDS) + sorted(_ALIASES)}")
+            for kind in _kind_names(k):
+                out[kind] = one(v, f"[{k!r}]")
+        if not out:
+            raise ValueError("ThresholdChannels.sparsity={}: give a number or a non-empty {kind: number}")
+        return tuple(sorted(out.items()))  # hashable and order-independent
+    return one(value, "")
+
+
+# ----------------------------------------------------------------------------- which linears
+@dataclass
+class _Site:
+    node: fx.Node  # the linear / wq_linear
+    x: fx.Node  # its input
+    kind: str
+    tag: ir.Sublayer
+    label: str
+    weight: torch.Tensor  # dense float [N, K], for column norms and byte weighting
+    source: torch.Tensor | None = None  # the model's own weight tensor (identity across graphs)
+    sparsify: fx.Node | None = None  # the node inserted before it
+
+
+def _is_linear(node: fx.Node) -> bool:
+    return node.op == "call_function" and (
+        ir.target_name(node) == "linear" or node.target is qops.wq_linear_op())
+
+
+def _weight(gm: fx.GraphModule, node: fx.Node, ctx: PassContext) -> torch.Tensor | None:
+    def real(n):
+        if not isinstance(n, fx.Node):
+            return None
+        if n.op == "placeholder":
+            return ctx.params.get(n.name)
+        if n.op == "get_attr":
+            return getattr(gm, n.target, None)
+        return None
+
+    if node.target is qops.wq_linear_op():
+        q, s, z = (real(a) for a in node.args[1:4])
+        if q is None or s is None:
+            return None
+        return q, qops.dequantize(q, s, z, node.args[5], node.args[6], torch.float32)
+    w = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
+    w = real(w)
+    return (w, w.detach().float()) if isinstance(w, torch.Tensor) and w.dim() == 2 else None
+
+
+def _reaches_linear(start: fx.Node, tag: ir.Sublayer) -> bool:
+    """Whether ``start`` is computed (within the same sublayer) from another linear's output."""
+    seen, todo = set(), [start]
+    while todo:
+        n = todo.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        t = ir.sublayer(n)
+        if t is None or (t.block, t.part) != (tag.block, tag.part):
+            continue
+        if _is_linear(n):
+            return True
+        todo.extend(n.all_input_nodes)
+    return False
+
+
+def _sites(gm: fx.GraphModule, cfg: ThresholdChannels, ctx: PassContext) -> tuple[list[_Site], dict[str, str]]:
+    """Targeted linears with their kind: an "in" linear reads the sublayer's input, an "out" linear
+    reads a value computed from another linear of the same sublayer (o_proj after q/k/v, down after up)."""
+    kinds = {k for t in cfg.targets for k in _kind_names(t) if not _TAG.match(t)}
+    tags = {t for t in cfg.targets if _TAG.match(t)}
+    sites, skipped, used = [], {}, set()
+    for node in gm.graph.nodes:
+        if not _is_linear(node):
+            continue
+        tag = ir.sublayer(node)
+        if tag is None or tag.block is None or tag.part not in ("attn", "ffn"):
+            continue
+        x = node.args[0] if node.args else node.kwargs.get("input")
+        if not isinstance(x, fx.Node):
+            continue
+        kind = ("attn" if tag.part == "attn" else "mlp") + ("_out" if _reaches_linear(x, tag) else "_in")
+        if not (kind in kinds or str(tag) in tags) or cfg.target_for(kind) == 0:
+            continue
+        label = tag.module or node.name
+        while label in used:  # a module called twice (shared weights) still gets its own counter
+            label += "'"
+        used.add(label)
+        w = _weight(gm, node, ctx)
+        if w is None:
+            skipped[label] = "weight is not a 2-D parameter of the model"
+            continue
+        sites.append(_Site(node, x, kind, tag, label, w[1], w[0]))
+    return sites, skipped
+
+
+# ----------------------------------------------------------------------------- thresholds
+def _rows(stats: ActivationStats) -> torch.Tensor:
+    return stats.rows if stats.rows is not None else torch.zeros(0, 1)
+
+
+def _cut(sorted_vals: torch.Tensor, s: float) -> float:
+    """A value with a fraction ``s`` of the (sorted) sample at or below it: halfway between neighbours."""
+    n = sorted_vals.numel()
+    k = min(max(int(round(s * n)), 0), n)
+    if k == 0:
+        return _NO_THRESHOLD
+    if k == n:
+        return float(sorted_vals[-1])
+    return float((sorted_vals[k - 1] + sorted_vals[k]) / 2)
+
+
+class _Calib:
+    """Per-site sorted samples, so any sparsity's threshold is one lookup (greedy asks for many)."""
+
+    def __init__(self, sites: list[_Site], stats: dict[str, ActivationStats], method: str):
+        self.flat: dict[str, torch.Tensor] = {}
+        self.score: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        by_input: dict[str, torch.Tensor] = {}
+        for s in sites:
+            rows = _rows(stats[s.x.name])
+            if method == "channel":
+                # CHESS: a zeroed x_j removes x_j * W[:, j] from the output; rank entries by that size.
+                col = s.weight.norm(dim=0).to(rows.dtype)
+                self.score[s.label] = (torch.sort((rows * col).flatten()).values, col)
+            else:
+                if s.x.name not in by_input:
+                    by_input[s.x.name] = torch.sort(rows.flatten()).values
+                self.flat[s.label] = by_input[s.x.name]
+
+    def threshold(self, site: _Site, s: float) -> torch.Tensor:
+        if site.label in self.score:
+            vals, col = self.score[site.label]
+            tau = _cut(vals, s)
+            if tau == _NO_THRESHOLD:
+                return torch.full_like(col, _NO_THRESHOLD)
+            # Per channel: |x_j| > tau / ||W[:, j]||; a channel whose column is zero is always dropped.
+            return torch.where(col > 0, tau / col.clamp_min(1e-30), torch.full_like(col, math.inf)).float()
+        return torch.tensor(_cut(self.flat[site.label], s), dtype=torch.float32)
+
+    def achieved(self, site: _Site, thr: torch.Tensor, rows: torch.Tensor) -> float:
+        return float((rows <= thr).float().mean()) if rows.numel() else 0.0
+
+
+# ----------------------------------------------------------------------------- greedy allocation
+def _outputs(gm: fx.GraphModule, args) -> list[torch.Tensor]:
+    out = gm(*args)
+    return [t.float() for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+
+
+def _error(gm, batches, refs) -> float:
+    """Relative squared error of every float output against dense, averaged over batches."""
+    total = 0.0
+    for args, ref in zip(batches, refs, strict=True):
+        outs = _outputs(gm, args)
+        total += sum(float((o - r).pow(2).sum() / r.pow(2).sum().clamp_min(1e-30)) for o, r in zip(outs, ref, strict=True))
+    return total / max(len(batches), 1)
+
+
+def _greedy(gm, sites, bufs, calib: _Calib, cfg: ThresholdChannels, ctx: PassContext) -> tuple[dict[str, float], dict]:
+    """Per-site sparsity: each (block, kind) group's error curve is measured alone, then the group with
+    the least error per skipped weight byte is raised until each target is met (TEAL's greedy search,
+    with the separable approximation that keeps it to groups x levels forward passes)."""
+    batches = list(ctx.calibration)[: cfg.greedy_batches]
+    for b in bufs.values():
+        b.fill_(_NO_THRESHOLD)
+    with torch.no_grad():
+        refs = [_outputs(gm, a) for a in batches]
+        groups: dict[tuple, list[_Site]] = {}
+        for s in sites:
+            groups.setdefault((s.tag.block, s.kind), []).append(s)
+        top = max(cfg.target_for(s.kind) for s in sites)
+        levels = [round(i * cfg.greedy_step, 6) for i in range(1, int(0.95 / cfg.greedy_step + 1e-9) + 1)]
+        levels = [0.0] + levels + ([top] if top > levels[-1] else [])
+        curves: dict[tuple, list[float]] = {}
+        for g, members in groups.items():
+            errs = [0.0]
+            for lv in levels[1:]:
+                for s in members:
+                    bufs[s.label].copy_(calib.threshold(s, lv))
+                errs.append(_error(gm, batches, refs))
+            for s in members:
+                bufs[s.label].fill_(_NO_THRESHOLD)
+            curves[g] = errs
+    weight = {g: sum(s.weight.numel() for s in m) for g, m in groups.items()}
+    level = {g: 0.0 for g in groups}
+    # One budget per constraint: model-wide, or one per kind when the targets are per kind.
+    per_kind = not isinstance(cfg.sparsity, float)
+    budgets: dict[str, list[tuple]] = {}
+    for g in groups:
+        budgets.setdefault(g[1] if per_kind else "all", []).append(g)
+    for gs in budgets.values():
+        target = cfg.target_for(gs[0][1]) * sum(weight[g] for g in gs)
+        idx = {g: 0 for g in gs}
+        done = 0.0
+        while done < target - 1e-9:
+            best = None
+            for g in gs:  # any jump ahead, so a non-convex error curve does not trap the search
+                i = idx[g]
+                for j in range(i + 1, len(levels)):
+                    cost = (curves[g][j] - curves[g][i]) / (weight[g] * (levels[j] - levels[i]))
+                    if best is None or cost < best[0]:
+                        best = (cost, g, j)
+            if best is None:
+                break
+            _, g, j = best
+            gain = weight[g] * (levels[j] - levels[idx[g]])
+            if done + gain > target:  # the last step lands exactly on the target
+                level[g] = levels[idx[g]] + (target - done) / weight[g]
+                done = target
+            else:
+                level[g], idx[g], done = levels[j], j, done + gain
+    alloc = {s.label: level[(s.tag.block, s.kind)] for s in sites}
+    # The separable model can be wrong; check on the calibration data and keep uniform if it lost.
+    with torch.no_grad():
+        for s in sites:
+            bufs[s.label].copy_(calib.threshold(s, alloc[s.label]))
+        err_greedy = _error(gm, batches, refs)
+        for s in sites:
+            bufs[s.label].copy_(calib.threshold(s, cfg.target_for(s.kind)))
+        err_uniform = _error(gm, batches, refs)
+    info = {"calibration_error_greedy": err_greedy, "calibration_error_uniform": err_uniform,
+            "levels": len(levels) - 1, "groups": len(groups)}
+    if err_greedy > err_uniform:
+        info["fallback"] = "greedy allocation lost to uniform on the calibration data; kept uniform"
+        alloc = {s.label: cfg.target_for(s.kind) for s in sites}
+    return alloc, info
+
+
+# ----------------------------------------------------------------------------- the pass
+def _buffer_name(label: str) -> str:
+    return "_ec_thr_" + re.sub(r"\W", "_", label)
+
+
+def _summary(thr: torch.Tensor) -> float | dict:
+    if thr.dim() == 0:
+        return round(float(thr), 6)
+    finite = thr[torch.isfinite(thr)]
+    if finite.numel() == 0:
+        return {"channels": thr.numel(), "dropped_always": thr.numel()}
+    q = torch.quantile(finite, torch.tensor([0.0, 0.5, 1.0])).tolist()
+    return {"channels": thr.numel(), "min": round(q[0], 6), "median": round(q[1], 6), "max": round(q[2], 6)}
+
+
+# Thresholds already calibrated in this process, by the model's weight tensor (weakly) and (config, label).
+# A decode graph (one token, a KV cache) gets no recordings from prefill-shaped calibration batches;
+# its linears see the same activations per token, so it reuses the thresholds of the graph that had data.
+# (Keyed by id with a weakref check: tensors compare elementwise, so they cannot be WeakKeyDictionary keys.)
+_DONE: dict[int, tuple[weakref.ref, dict]] = {}
+
+
+def _done_for(t: torch.Tensor) -> dict:
+    key = id(t)
+    entry = _DONE.get(key)
+    if entry is None or entry[0]() is not t:
+        entry = (weakref.ref(t, lambda _: _DONE.pop(key, None)), {})
+        _DONE[key] = entry
+    return entry[1]
+
+
+def _insert(gm, s: _Site, thr: torch.Tensor, mode, decode_only: bool) -> torch.Tensor:
+    name = _buffer_name(s.label)
+    # A buffer, not a constant: the cache stores it as safetensors, and changing its value later
+    # (thresholds(compiled)[label].fill_(...)) changes behaviour without recompiling anything.
+    gm.register_buffer(name, thr.clone())
+    buf = getattr(gm, name)
+    with gm.graph.inserting_before(s.node):
+        thr_node = gm.graph.get_attr(name)
+        sp = gm.graph.call_function(sparse_ops.sparsify_op(), (s.x, thr_node, s.label, decode_only))
+    thr_node.meta[ir.VAL] = mode.from_tensor(buf)
+    sp.meta[ir.VAL] = ir.tensor_val(s.x)
+    for n in (thr_node, sp):
+        n.meta[ir.TAG] = s.tag
+    sp.meta["nn_module_stack"] = s.node.meta.get("nn_module_stack", {})
+    s.node.replace_input_with(s.x, sp)
+    s.sparsify = sp
+    return buf
+
+
+def _reuse(gm, sites, cfg, ctx, base, skipped) -> PassResult | None:
+    found = [_done_for(s.source).get((cfg, s.label)) if s.source is not None else None for s in sites]
+    if any(f is None for f in found):
+        return None  # collect_stats then raises the clear "no calibration data" error
+    mode = ir.fake_mode_for(gm, ctx.example_inputs)
+    layers = {}
+    for s, (thr, info) in zip(sites, found, strict=True):
+        _insert(gm, s, thr, mode, cfg.decode_only)
+        layers[s.label] = info
+    total = sum(s.weight.numel() for s in sites)
+    weighted = sum(layers[s.label]["target"] * s.weight.numel() for s in sites) / total
+    note = ("no calibration data reached this graph (e.g. a decode step after prefill-shaped calibration): "
+            "thresholds reused from the graph of this model calibrated earlier in this process")
+    return PassResult(modified=True, count=len(sites), where=[str(s.tag) for s in sites], note=note,
+                      artifacts={**base, "layers": layers, "dense": skipped, "weighted_target": round(weighted, 4),
+                                 "reused": True})
+
+
+@register_pass(ThresholdChannels, phase="semantic", invalidates=())  # sets meta itself (as Quantize)
+def threshold_channels(gm: fx.GraphModule, cfg: ThresholdChannels, ctx: PassContext) -> PassResult:
+    """Insert effcompile::sparsify(x, threshold, label, decode_only) before each targeted linear."""
+    base = {"method": cfg.method, "target": cfg.sparsity if isinstance(cfg.sparsity, float) else dict(cfg.sparsity),
+            "decode_only": cfg.decode_only}
+    if isinstance(cfg.sparsity, float) and cfg.sparsity == 0:
+        return PassResult(modified=False, artifacts=base, note="sparsity 0: nothing to zero, no sparsify inserted")
+    sites, skipped = _sites(gm, cfg, ctx)
+    if not sites:
+        note = "; ".join(f"{k} kept dense: {v}" for k, v in skipped.items()) or (
+            f"no linear matches targets {list(cfg.targets)} at a sparsity above 0")
+        return PassResult(modified=False, artifacts={**base, "dense": skipped}, note=note)
+    if not ctx.calibration:
+        reused = _reuse(gm, sites, cfg, ctx, base, skipped)
+        if reused is not None:
+            return reused
+    inputs = {s.x.name: s.x for s in sites}
+    width = max(ir.tensor_val(x).shape[-1] for x in inputs.values() if ir.tensor_val(x) is not None)
+    rows = max(256, min(16384, _ROW_ELEMENTS // max(width, 1)))
+    stats = collect_stats(gm, ctx, list(inputs.values()), desc="threshold_channels", rows=rows)
+    calib = _Calib(sites, stats, cfg.method)
+
+    mode = ir.fake_mode_for(gm, ctx.example_inputs)
+    # decode_only=False while calibrating (the calibration batches are prefill-shaped); set at the end.
+    bufs = {s.label: _insert(gm, s, calib.threshold(s, cfg.target_for(s.kind)), mode, False) for s in sites}
+    gm.recompile()
+
+    alloc = {s.label: cfg.target_for(s.kind) for s in sites}
+    extra: dict[str, Any] = {}
+    with sparse_ops.not_measuring():  # the pass's own runs are not the model's sparsity
+        if cfg.method == "greedy":
+            alloc, extra = _greedy(gm, sites, bufs, calib, cfg, ctx)
+        # Thresholds from the dense model undershoot downstream: an o_proj or down_proj input computed
+        # from sparsified q/k/v or gate/up (and every later block) is smaller than in the dense model, so
+        # more of it falls below a dense-calibrated threshold (measured: +2..7 points on the stdlib LM).
+        # Re-collect with the thresholds in place and recompute: a fixed-point iteration.
+        for _ in range(_REFINE_ROUNDS):
+            for s in sites:
+                bufs[s.label].copy_(calib.threshold(s, alloc[s.label]))
+            stats = collect_stats(gm, ctx, list(inputs.values()), desc="threshold_channels refine", rows=rows)
+            calib = _Calib(sites, stats, cfg.method)
+    layers: dict[str, dict] = {}
+    for s in sites:
+        thr = calib.threshold(s, alloc[s.label])
+        bufs[s.label].copy_(thr)
+        s.sparsify.args = (s.x, s.sparsify.args[1], s.label, cfg.decode_only)
+        rows_x = _rows(stats[s.x.name])
+        layers[s.label] = {"kind": s.kind, "tag": str(s.tag), "target": round(alloc[s.label], 4),
+                           "calibrated": round(calib.achieved(s, thr, rows_x), 4), "threshold": _summary(thr),
+                           "weight_elements": s.weight.numel()}
+        if s.source is not None:
+            _done_for(s.source)[(cfg, s.label)] = (thr.clone(), dict(layers[s.label]))
+    total = sum(s.weight.numel() for s in sites)
+    artifacts = {**base, **extra, "layers": layers, "dense": skipped,
+                 "weighted_target": round(sum(alloc[s.label] * s.weight.numel() for s in sites) / total, 4),
+                 "calibration_rows": {k: int(v.count) for k, v in stats.items()}}
+    note = extra.get("fallback", "")
+    if skipped:
+        note = "; ".join([note] * bool(note) + [f"{k} kept dense: {v}" for k, v in skipped.items()])
+    return PassResult(modified=True, count=len(sites), where=[str(s.tag) for s in sites], artifacts=artifacts, note=note)
+
+
+# ----------------------------------------------------------------------------- runtime access
+def thresholds(compiled) -> dict[str, torch.Tensor]:
+    """The live threshold buffers of a compiled model, by layer label. Changing them in place
+    (``.fill_``, ``.mul_``, ``.copy_``) changes the next call's sparsity without recompiling."""
+    from effcompile.compiler.api import explain
+
+    out: dict[str, torch.Tensor] = {}
+    for g in explain(compiled).graphs:
+        for gm in g.graph_modules():
+            for n in gm.graph.nodes:
+                if n.op != "get_attr" or not n.target.startswith("_ec_thr_"):
+                    continue
+                for user in n.users:
+                    # The label is the last string argument of sparsify and of the fused sparse linears
+                    # (which take a weight-format string before it).
+                    label = next((a for a in reversed(user.args) if isinstance(a, str)), None)
+                    if label is not None:
+                        out[label] = getattr(gm, n.target)
+    return out
+
+
+__all__ = ["KINDS", "METHODS", "ThresholdChannels", "threshold_channels", "thresholds"]

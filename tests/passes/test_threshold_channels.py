@@ -1,0 +1,317 @@
+"""ThresholdChannels: config errors, structure, it-fired and negatives, exact degenerate cases, achieved
+sparsity on held-out inputs per method, buffers that change without recompiling, explain(), Quantize."""
+
+from __future__ import annotations
+
+import re
+import tempfile
+
+import pytest
+import torch
+
+import effcompile as ec
+from effcompile.compiler import ops as qops
+from effcompile.compiler.sparse_ops import measure_sparsity, sparsify_op
+from effcompile.passes.threshold_channels import thresholds
+from effcompile.testing import tiny_hf
+
+VOCAB = 128
+
+
+def _ids(seed: int, batch: int = 4, seq: int = 32) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    return {"input_ids": torch.randint(0, VOCAB, (batch, seq), generator=g)}
+
+
+CALIB = [_ids(i) for i in range(3)]
+HELDOUT = _ids(100)  # the calibration shape: one graph per compile, no recompile for a new size
+_COMPILED: dict = {}
+_CACHE = tempfile.mkdtemp(prefix="effcompile-test-threshold-")
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return tiny_hf("llama", layers=2, hidden=64, vocab=VOCAB)
+
+
+@pytest.fixture(scope="module")
+def dense_out(llama):
+    """Held-out logits of the default (exact) pipeline without thresholding."""
+    torch._dynamo.reset()
+    return _logits(_compile(llama, None, calibration=None))
+
+
+def _at_half(llama, method):
+    """One compile per method at sparsity 0.5, shared by tests. Each test starts with dynamo reset
+    (conftest), so a shared model recaptures on its next call: the cache makes that a memory hit."""
+    if method not in _COMPILED:
+        cfg = ec.ThresholdChannels(sparsity=0.5, method=method)
+        if method == "greedy":  # a coarser search: the same algorithm, a third of the forward passes
+            cfg = ec.ThresholdChannels(sparsity=0.5, method=method, greedy_step=0.1, greedy_batches=2)
+        fast = _compile(llama, cfg, cache=True, cache_dir=_CACHE)
+        _logits(fast, CALIB[0])  # compile and calibrate outside any measurement
+        _COMPILED[method] = fast
+    return _COMPILED[method]
+
+
+def _compile(model, cfg, **kw):
+    return ec.effcompile(model, passes=[cfg] if cfg is not None else None, calibration=kw.pop("calibration", CALIB),
+                         cache=kw.pop("cache", False), **kw)
+
+
+def _logits(fn, x=HELDOUT):
+    with torch.no_grad():
+        return fn(**x, use_cache=False).logits
+
+
+def _record(fast, name="threshold_channels"):
+    """The pass's record in the latest graph (a shared model has one graph per dynamo capture)."""
+    recs = [p for g in ec.explain(fast).graphs for p in g.passes if p.name == name]
+    assert recs
+    return recs[-1]
+
+
+def _threshold_users(fast):
+    """Compiled-graph nodes reading a threshold buffer (sparsify, or the fused sparse linear it became)."""
+    return [u for g in ec.explain(fast).graphs for gm in g.graph_modules() for n in gm.graph.nodes
+            if n.op == "get_attr" and n.target.startswith("_ec_thr_") for u in n.users]
+
+
+def _run_passes(model, passes, x=CALIB[0]):
+    """The graph right after ``passes`` (no default fusion, no codegen): for exact before/after checks."""
+    from effcompile.compiler import ir
+    from effcompile.compiler.backend import _params
+    from effcompile.compiler.pass_manager import PassContext, PassManager
+    from effcompile.testing import capture
+
+    (gm, ex), = capture(model, **x, use_cache=False)
+    ir.annotate(gm, ex)
+    ctx = PassContext(ex, [ex], _params(gm, ex))
+    before = [n.name for n in gm.graph.nodes if ir.target_name(n) == "linear"]
+    records = PassManager(passes).run(gm, ctx)
+    return gm, before, records
+
+
+# -- config --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kwargs,field", [
+    ({"sparsity": 1.0}, "sparsity"), ({"sparsity": -0.1}, "sparsity"), ({"sparsity": 1.5}, "sparsity"),
+    ({"sparsity": float("nan")}, "sparsity"), ({"sparsity": "half"}, "sparsity"), ({"sparsity": True}, "sparsity"),
+    ({"sparsity": {"attn_in": 1.0}}, "sparsity"), ({"sparsity": {"qkv": 0.5}}, "sparsity"),
+    ({"method": "topk"}, "method"), ({"targets": ("attention",)}, "targets"), ({"targets": ()}, "targets"),
+    ({"decode_only": 1}, "decode_only"), ({"greedy_step": 0}, "greedy_step"), ({"greedy_batches": 0}, "greedy_batches"),
+])
+def test_bad_config_raises_naming_the_field(kwargs, field):
+    with pytest.raises(ValueError, match=f"ThresholdChannels.{field}"):
+        ec.ThresholdChannels(**kwargs)
+
+
+def test_config_normalized_hashable_and_spec_alias():
+    from effcompile.bench.spec import parse_passes
+
+    a = ec.ThresholdChannels(sparsity={"mlp": 0.5, "attn_in": 0.25}, targets=["attn", "layers.1.ffn"])
+    assert a.sparsity == (("attn_in", 0.25), ("mlp_in", 0.5), ("mlp_out", 0.5)) and a.targets == ("attn", "layers.1.ffn")
+    assert hash(a) == hash(ec.ThresholdChannels(sparsity=dict(a.sparsity), targets=a.targets))
+    assert a.target_for("mlp_out") == 0.5 and a.target_for("attn_out") == 0.0
+    assert ec.ThresholdChannels.lossy and ec.ThresholdChannels.needs_calibration
+    label, (cfg,) = parse_passes("threshold(sparsity=0.4,method=channel)")
+    assert cfg == ec.ThresholdChannels(sparsity=0.4, method="channel") and label.startswith("threshold(")
+
+
+def test_no_calibration_is_a_clear_error(llama):
+    with pytest.raises(ValueError, match=r"calibration= is required by pass\(es\) \['ThresholdChannels'\]"):
+        ec.effcompile(llama, passes=[ec.ThresholdChannels(sparsity=0.5)])
+    # An empty iterable: the graph gets no data, and the error says what to pass.
+    fast = ec.effcompile(llama, passes=[ec.ThresholdChannels(sparsity=0.5)], calibration=[], cache=False)
+    with pytest.raises(Exception, match=r"calibration=\[batch, \.\.\.\]"):
+        _logits(fast)
+
+
+# -- structure, fired, negatives -----------------------------------------------------------------------
+
+
+def test_structure_one_sparsify_before_each_targeted_linear(llama):
+    gm, before, (rec,) = _run_passes(llama, [ec.ThresholdChannels(sparsity=0.5)])
+    assert len(before) == 15  # 2 blocks x (q, k, v, o, gate, up, down) + the head, which is not targeted
+    sp = [n for n in gm.graph.nodes if n.target is sparsify_op()]
+    assert rec.modified and rec.count == len(sp) == 14
+    for n in sp:
+        (user,) = n.users
+        assert user.name in before and user.args[0] is n  # the linear now reads the sparsified input
+        thr, label, decode_only = n.args[1:]
+        assert thr.op == "get_attr" and isinstance(getattr(gm, thr.target), torch.Tensor)
+        assert thr.target in dict(gm.named_buffers()) and label in rec.artifacts["layers"] and decode_only is False
+    head = [n for n in gm.graph.nodes if n.name == before[-1]][0]
+    assert head.args[0].target is not sparsify_op()
+
+
+def test_compiled_graph_fired_and_fused(llama):
+    fast = _at_half(llama, "tensor")
+    rec = _record(fast)
+    assert rec.modified and rec.count == 14 and len(_threshold_users(fast)) == 14
+    assert _record(fast, "fuse_sparse_linear").count == 14  # the lead's fusion picked every one up
+    kinds = {k.rsplit(".", 1)[-1]: v["kind"] for k, v in rec.artifacts["layers"].items()}
+    assert kinds == {"q_proj": "attn_in", "k_proj": "attn_in", "v_proj": "attn_in", "o_proj": "attn_out",
+                     "gate_proj": "mlp_in", "up_proj": "mlp_in", "down_proj": "mlp_out"}
+
+
+def test_bert_kinds_from_the_data_flow():
+    bert = tiny_hf("bert", layers=1, vocab=VOCAB)
+    from effcompile.compiler import ir
+    from effcompile.compiler.backend import _params
+    from effcompile.compiler.pass_manager import PassContext, PassManager
+    from effcompile.testing import capture
+
+    (gm, ex), = capture(bert, **HELDOUT)
+    ir.annotate(gm, ex)
+    (rec,) = PassManager([ec.ThresholdChannels(sparsity=0.3)]).run(gm, PassContext(ex, [ex], _params(gm, ex)))
+    kinds = {k: v["kind"] for k, v in rec.artifacts["layers"].items()}
+    assert kinds == {"encoder.layer.0.attention.self.query": "attn_in", "encoder.layer.0.attention.self.key": "attn_in",
+                     "encoder.layer.0.attention.self.value": "attn_in",
+                     "encoder.layer.0.attention.output.dense": "attn_out",
+                     "encoder.layer.0.intermediate.dense": "mlp_in", "encoder.layer.0.output.dense": "mlp_out"}
+
+
+@pytest.mark.parametrize("cfg,expect", [
+    (ec.ThresholdChannels(sparsity=0.5, targets=("mlp_out",)), ["down_proj"] * 2),
+    (ec.ThresholdChannels(sparsity={"attn_out": 0.5}), ["o_proj"] * 2),
+    (ec.ThresholdChannels(sparsity=0.5, targets=("layers.1.ffn",)), ["gate_proj", "up_proj", "down_proj"]),
+])
+def test_targets_select_linears(llama, cfg, expect):
+    gm, _, (rec,) = _run_passes(llama, [cfg])
+    assert [k.rsplit(".", 1)[-1] for k in rec.artifacts["layers"]] == expect
+    assert sum(n.target is sparsify_op() for n in gm.graph.nodes) == len(expect)
+
+
+def test_targets_matching_nothing_do_not_fire(llama):
+    gm, _, (rec,) = _run_passes(llama, [ec.ThresholdChannels(sparsity=0.5, targets=("layers.7.attn",))])
+    assert not rec.modified and rec.count == 0 and "no linear matches targets" in rec.note
+    assert not any(n.target is sparsify_op() for n in gm.graph.nodes) and not dict(gm.named_buffers())
+
+
+def test_sparsity_zero_inserts_nothing_and_equals_the_dense_pipeline_exactly(llama, dense_out):
+    torch._dynamo.reset()
+    fast = _compile(llama, ec.ThresholdChannels(sparsity=0.0))
+    out = _logits(fast)
+    rec = _record(fast)
+    assert not rec.modified and "sparsity 0" in rec.note and not _threshold_users(fast)
+    assert torch.equal(out, dense_out)
+    torch.testing.assert_close(out, _logits(llama), rtol=1e-5, atol=1e-5)  # the exact pipeline's bound
+
+
+# -- achieved sparsity on held-out inputs, per method -------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["tensor", "channel", "greedy"])
+def test_achieved_sparsity_on_heldout_within_two_points(llama, method):
+    fast = _at_half(llama, method)
+    with measure_sparsity() as got:
+        _logits(fast)
+    layers = _record(fast).artifacts["layers"]
+    assert set(got) == set(layers)
+    w = {k: v["weight_elements"] for k, v in layers.items()}
+    weighted = sum(got[k] * w[k] for k in got) / sum(w.values())
+    assert abs(weighted - 0.5) <= 0.02, weighted
+    if method != "greedy":  # uniform methods: every layer near the target; greedy: each near its own
+        assert all(abs(v["target"] - 0.5) < 1e-9 for v in layers.values())
+    for k, v in layers.items():
+        assert abs(got[k] - v["target"]) <= 0.05, (k, got[k], v["target"])
+    if method == "greedy":
+        a = _record(fast).artifacts
+        assert a["calibration_error_greedy"] <= a["calibration_error_uniform"]
+        assert abs(a["weighted_target"] - 0.5) < 1e-3
+
+
+# -- buffers, explain, cache ---------------------------------------------------------------------------
+
+
+def test_changing_thresholds_changes_output_without_recompiling(llama, dense_out):
+    fast = _at_half(llama, "tensor")
+    sparse = _logits(fast)  # after conftest's dynamo reset this recaptures: take the state after it
+    rep = ec.explain(fast)
+    graphs, compile_s, buckets = len(rep.graphs), [g.compile_seconds for g in rep.graphs], [list(g.buckets) for g in rep.graphs]
+    frames = dict(torch._dynamo.utils.counters["stats"])
+    bufs = thresholds(fast)
+    assert len(bufs) == 14 and all(k in _record(fast).artifacts["layers"] for k in bufs)
+    saved = {k: b.clone() for k, b in bufs.items()}
+    try:
+        for b in bufs.values():
+            b.fill_(-1.0)  # keep everything: the dense result, bit for bit
+        dense_again = _logits(fast)
+    finally:
+        for k, b in bufs.items():
+            b.copy_(saved[k])
+    assert not torch.equal(dense_again, sparse) and torch.equal(_logits(fast), sparse)
+    assert len(rep.graphs) == graphs and [g.compile_seconds for g in rep.graphs] == compile_s
+    assert [list(g.buckets) for g in rep.graphs] == buckets and not any(g.recompiles for g in rep.graphs)
+    assert dict(torch._dynamo.utils.counters["stats"]) == frames
+    assert torch.equal(dense_again, dense_out)
+
+
+def test_explain_shows_thresholds_then_achieved(llama):
+    fast = _at_half(llama, "channel")
+    with measure_sparsity(reset=True):
+        pass  # nothing counted yet
+    text = str(ec.explain(fast))
+    assert "sparsity: method=channel target=0.5" in text and "per-channel median" in text
+    assert "not measured yet" in text
+    with measure_sparsity():
+        _logits(fast)
+    text = str(ec.explain(fast))
+    assert re.search(r"achieved \(last measure_sparsity run\): mean 0\.(4[89]|5[012])\d over 14 layers", text), text
+
+
+def test_warm_start_loads_thresholds_and_keeps_artifacts(llama, tmp_path):
+    torch._dynamo.reset()
+    cfg = ec.ThresholdChannels(sparsity=0.5)
+    a = _compile(llama, cfg, cache=True, cache_dir=str(tmp_path))
+    out_a = _logits(a)
+    ta = {k: v.clone() for k, v in thresholds(a).items()}  # a's graphs die with the dynamo reset
+    torch._dynamo.reset()
+    b = _compile(llama, cfg, cache=True, cache_dir=str(tmp_path))
+    out_b = _logits(b)
+    assert ec.explain(b).graphs[0].cache in ("memory hit", "disk hit")
+    assert torch.equal(out_a, out_b)
+    tb = thresholds(b)
+    assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+    assert _record(b).artifacts["layers"] == _record(a).artifacts["layers"]
+
+
+# -- decode_only, Quantize -----------------------------------------------------------------------------
+
+
+def test_decode_only_leaves_prefill_dense_and_sparsifies_decode(llama, dense_out):
+    torch._dynamo.reset()
+    fast = _compile(llama, ec.ThresholdChannels(sparsity=0.5, decode_only=True))
+    with measure_sparsity() as prefill:
+        out = _logits(fast)
+    assert prefill == {}
+    assert torch.equal(out, dense_out)
+    gm, _, _ = _run_passes(llama, [ec.ThresholdChannels(sparsity=0.5, decode_only=True)])
+    assert [n.args[3] for n in gm.graph.nodes if n.target is sparsify_op()] == [True] * 14
+    step = {"input_ids": HELDOUT["input_ids"][:, :1]}  # one token per sequence: decode-shaped
+    with measure_sparsity() as decode:
+        _logits(fast, step)
+    # (A lone token with no cache: o_proj sees v itself, not an average over tokens, so it is sparser
+    # than calibrated for prefill; real decode with a KV cache averages as prefill does.)
+    assert len(decode) == 14 and all(v > 0.1 for v in decode.values())
+    # The decode-shaped graph got no calibration recordings: it reused the prefill graph's thresholds.
+    rec = _record(fast)
+    assert rec.artifacts.get("reused") and "thresholds reused" in rec.note
+
+
+def test_composes_with_quantize(llama):
+    torch._dynamo.reset()
+    # Listed Quantize first on purpose: the phases still run ThresholdChannels (semantic) before it.
+    fast = ec.effcompile(llama, passes=[ec.Quantize(weights="int8"), ec.ThresholdChannels(sparsity=0.5)],
+                         calibration=CALIB, cache=False)
+    out = _logits(fast)
+    assert _record(fast).count == 14 and _record(fast, "quantize").count == 14
+    assert _record(fast, "fuse_sparse_linear").count == 14
+    gm, _, _ = _run_passes(llama, [ec.Quantize(weights="int8"), ec.ThresholdChannels(sparsity=0.5)])
+    nodes = [n for n in gm.graph.nodes if n.target is sparsify_op()]
+    assert len(nodes) == 14 and all(next(iter(n.users)).target is qops.wq_linear_op() for n in nodes)
+    sparse_fp = _logits(_at_half(llama, "tensor"))
+    cos = torch.nn.functional.cosine_similarity(out.flatten(), sparse_fp.flatten(), dim=0)
+    assert cos > 0.99, cos
