@@ -15,6 +15,7 @@ import importlib.metadata
 import logging
 
 from effcompile.compiler.pass_manager import PassConfig, PassContext, PassResult, register_pass
+from effcompile.passes.early_exit import EarlyExit
 from effcompile.passes.patterns import pattern, rewrite
 from effcompile.passes.quantize import Quantize
 from effcompile.passes.remove_dropout import RemoveDropout
@@ -22,6 +23,7 @@ from effcompile.passes.threshold_channels import ThresholdChannels
 from effcompile.passes.skip_layers import SkipLayers
 
 __all__ = [
+    "EarlyExit",
     "PassConfig",
     "PassContext",
     "PassResult",

@@ -205,6 +205,20 @@ def bypass(gm: fx.GraphModule, units: list[Unit]) -> dict[str, int]:
     return removed
 
 
+def _erase_dead(gm: fx.GraphModule, *, keep_impure: bool = True) -> int:
+    """Erase values nothing reads, keeping side effects (fx's own DCE drops in-place cache writes)."""
+    count, changed = 0, True
+    while changed:
+        changed = False
+        for n in reversed(list(gm.graph.nodes)):
+            if n.op in ("placeholder", "output") or n.users or (keep_impure and _impure(n)):
+                continue
+            gm.graph.erase_node(n)
+            count, changed = count + 1, True
+    gm.recompile()
+    return count
+
+
 def still_computed(gm: fx.GraphModule, units: list[Unit]) -> dict[str, int]:
     """Compute nodes of bypassed units that survive because the graph returns them (e.g. a KV cache)."""
     alive = set(gm.graph.nodes)
