@@ -1,0 +1,237 @@
+"""Shared graph surgery for token-reducing passes: find the attention blocks, shrink the sequence downstream."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+
+from effcompile.compiler import ir
+
+SDPA = "scaled_dot_product_attention"
+# Methods/functions whose integer arguments are sizes: a literal S in them must become the new length.
+_SIZE_METHODS = {"view", "reshape", "expand", "new_zeros", "new_ones", "new_empty"}
+# Comparisons that build a causal mask (kv_idx <= q_idx) in HF's mask functions.
+_CAUSAL_HINTS = {"le", "lt", "gt", "tril", "triu"}
+
+
+class Refuse(Exception):
+    """The rewrite cannot be done safely on this graph; the message says why (it becomes the pass note)."""
+
+
+@dataclass
+class Block:
+    index: int
+    sdpa: fx.Node
+    q: fx.Node
+    k: fx.Node
+    v: fx.Node
+    mask: fx.Node | None
+    causal: bool
+    mid: fx.Node | None  # the stream between attention and MLP (feeds the MLP and its residual)
+
+
+@dataclass
+class Layers:
+    blocks: dict[int, Block] = field(default_factory=dict)
+    seq_len: int | torch.SymInt | None = None
+    batch: int | torch.SymInt | None = None
+
+
+def sdpa_arg(node: fx.Node, i: int, name: str, default=None):
+    return node.args[i] if len(node.args) > i else node.kwargs.get(name, default)
+
+
+def set_sdpa_mask(node: fx.Node, mask: fx.Node | None) -> None:
+    if len(node.args) > 3:
+        node.update_arg(3, mask)
+    else:
+        node.update_kwarg("attn_mask", mask)
+
+
+def _is_causal_mask(mask: fx.Node | None) -> bool:
+    seen, todo = set(), [mask] if mask is not None else []
+    while todo:
+        n = todo.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n.op in ("call_function", "call_method") and ir.target_name(n) in _CAUSAL_HINTS:
+            return True
+        todo.extend(n.all_input_nodes)
+    return False
+
+
+def find_layers(gm: fx.GraphModule, who: str) -> Layers:
+    """The blocks with a scaled_dot_product_attention call; a clear ValueError when there are none."""
+    out = Layers()
+    for n in gm.graph.nodes:
+        tag = ir.sublayer(n)
+        if n.op != "call_function" or ir.target_name(n) != SDPA or tag is None or tag.block is None:
+            continue
+        if tag.block in out.blocks:
+            raise ValueError(f"{who}: layers.{tag.block} has more than one scaled_dot_product_attention call; "
+                             f"it needs one self-attention per block")
+        q, k, v = (sdpa_arg(n, i, nm) for i, nm in enumerate(("query", "key", "value")))
+        mask = sdpa_arg(n, 3, "attn_mask")
+        causal = bool(sdpa_arg(n, 5, "is_causal", False)) or _is_causal_mask(mask)
+        out.blocks[tag.block] = Block(tag.block, n, q, k, v, mask, causal, _mid(gm, tag.block, n))
+    if not out.blocks:
+        found = sorted({ir.target_name(n) for n in gm.graph.nodes if n.op == "call_function"
+                        and ir.target_name(n) in ("matmul", "bmm", "softmax", "baddbmm")})
+        extra = (f" (found {found}: eager attention; load Hugging Face models with attn_implementation='sdpa')"
+                 if found else "")
+        raise ValueError(f"{who} needs attention it can find: a torch.nn.functional.scaled_dot_product_attention "
+                         f"call inside a transformer block (a node tagged layers.<i>.attn); this graph has none{extra}")
+    first = out.blocks[min(out.blocks)]
+    x = ir.tensor_val(first.q)
+    if x is None or x.dim() != 4:
+        raise ValueError(f"{who}: the attention query of layers.{first.index} is not [batch, heads, seq, dim]")
+    out.batch, out.seq_len = x.shape[0], x.shape[2]
+    for b in out.blocks.values():
+        if b.mid is None:
+            raise ValueError(f"{who}: cannot find the stream between attention and MLP of layers.{b.index} "
+                             f"(the earlier operand of the block's last residual add, after its attention)")
+    return out
+
+
+def _mid(gm: fx.GraphModule, block: int, sdpa: fx.Node) -> fx.Node | None:
+    """The stream between attention and MLP: the bypass operand of the block's last residual add (BERT's
+    post-attention norm, a pre-norm model's attention residual add). It feeds the MLP and its residual."""
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    last = None
+    for n in gm.graph.nodes:
+        t = ir.sublayer(n)
+        if t is not None and t.block == block and t.kind == "residual":
+            last = n
+    if last is None:
+        return None
+    ops = [a for a in last.args[:2] if isinstance(a, fx.Node)]
+    if len(ops) != 2:
+        return None
+    mid = min(ops, key=order.__getitem__)
+    val = ir.tensor_val(mid)
+    if val is None or val.dim() != 3 or order[mid] < order[sdpa]:
+        return None
+    return mid
+
+
+def key_validity(mask: torch.Tensor | None, b: int, s: int, device) -> torch.Tensor:
+    """[B, S] bool: which keys the attention mask lets any query see (padding is False)."""
+    if mask is None:
+        return torch.ones(b, s, dtype=torch.bool, device=device)
+    m = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
+    if m.dim() >= 2:
+        m = m.any(-2) if m.dim() > 2 else m
+    while m.dim() > 2:
+        m = m[:, 0]
+    return m.expand(b, s)
+
+
+def _size_args(n: fx.Node) -> bool:
+    return (n.op == "call_method" and n.target in _SIZE_METHODS) or (
+        n.op == "call_function" and ir.target_name(n) in ("reshape", "view") and len(n.args) > 1)
+
+
+def same_size(a, b) -> bool:
+    """Equal sizes: ints by value, symbolic sizes by expression."""
+    if isinstance(a, torch.SymInt) or isinstance(b, torch.SymInt):
+        return str(a) == str(b)
+    return isinstance(a, int) and isinstance(b, int) and a == b
+
+
+def _count(shape, s) -> int:
+    return sum(1 for d in shape if same_size(d, s))
+
+
+def sym_node(gm: fx.GraphModule, s: torch.SymInt) -> fx.Node | None:
+    """The first graph value that is the symbolic size ``s`` (a SymInt placeholder or a size() call)."""
+    for n in gm.graph.nodes:
+        v = ir.node_val(n)
+        if isinstance(v, torch.SymInt) and str(v) == str(s):
+            return n
+    return None
+
+
+def _replace_sizes(a, old, new):
+    """Literal (static) or symbolic (a node holding the SymInt) occurrences of the old length -> new."""
+    if isinstance(a, fx.Node):
+        v = ir.node_val(a)
+        return new if isinstance(v, torch.SymInt) and str(v) == str(old) else a
+    if isinstance(a, bool) or not isinstance(old, int):
+        return a if not isinstance(a, tuple | list) else type(a)(_replace_sizes(x, old, new) for x in a)
+    if isinstance(a, int):
+        return new if a == old else a
+    if isinstance(a, tuple | list):
+        return type(a)(_replace_sizes(x, old, new) for x in a)
+    return a
+
+
+def retarget_downstream(gm: fx.GraphModule, stage_of: dict[fx.Node, int], stage_len: list[int], ours: set,
+                        *, on_sdpa, on_exit, on_foreign, batch, keep_at_output=None) -> None:
+    """Make every node downstream of a token reduction work on the shorter sequence.
+
+    ``stage_of`` maps the reduction's output nodes to their stage (length ``stage_len[stage]``). Walking in
+    graph order, a node reading a reduced value is reduced too: literal sequence lengths in its size
+    arguments are rewritten, its SDPA mask goes to ``on_sdpa(node, stage)``, an unreduced tensor with a
+    sequence-sized dim that it combines with reduced ones goes to ``on_foreign(node, input, stage)``
+    (None: refuse), and where the stream leaves the blocks ``on_exit(value, stage, consumer)`` restores
+    the full sequence. Raises Refuse when the sequence length cannot be told apart from another size.
+    """
+    s_old = stage_len[0]
+    if same_size(batch, s_old):
+        raise Refuse(f"batch size equals the sequence length ({s_old}): the rewrite cannot tell them apart")
+    exits: dict[tuple[fx.Node, fx.Node], fx.Node] = {}
+    for n in list(gm.graph.nodes):
+        if n in ours or n.op in ("placeholder", "get_attr"):
+            continue
+        st = max((stage_of.get(a, 0) for a in n.all_input_nodes), default=0)
+        if st == 0:
+            continue
+        tag = ir.sublayer(n)
+        if n.op == "output" or tag is None or tag.block is None:
+            for a in n.all_input_nodes:
+                sa = stage_of.get(a, 0)
+                if sa == 0 or (n.op == "output" and keep_at_output is not None and keep_at_output(a)):
+                    continue
+                val = ir.tensor_val(a)
+                if val is None or val.dim() < 2 or not same_size(val.shape[1], s_old) or _count(val.shape, s_old) != 1:
+                    raise Refuse(f"{n.name} reads {a.name} (shape {tuple(val.shape) if val is not None else '?'}) "
+                                 f"outside the blocks; only [batch, seq, ...] values can be restored")
+                e = exits.get((a, n))
+                if e is None:
+                    e = exits[(a, n)] = on_exit(a, sa, n)
+                    ours.add(e)
+                n.replace_input_with(a, e)
+            continue
+        if n.op == "call_function" and ir.target_name(n) == SDPA:
+            on_sdpa(n, st)
+        for a in list(n.all_input_nodes):
+            if stage_of.get(a, 0) or a in ours:
+                continue
+            val = ir.tensor_val(a)
+            if val is not None and _count(val.shape, s_old):
+                if on_foreign is None:
+                    raise Refuse(f"{n.name} ({ir.target_name(n)}) combines the reduced tokens with {a.name} of "
+                                 f"shape {tuple(val.shape)}, which has a sequence-sized dim")
+                rep = on_foreign(n, a, st)
+                ours.add(rep)
+                n.replace_input_with(a, rep)
+        if _size_args(n):
+            src, out = ir.tensor_val(n.args[0]), ir.tensor_val(n)
+            if src is not None and out is not None and _count(src.shape, s_old) != _count(out.shape, s_old):
+                raise Refuse(f"{n.name} ({n.target}) maps shape {tuple(src.shape)} to {tuple(out.shape)}: another "
+                             f"size equals the sequence length {s_old}, so the rewrite cannot tell them apart")
+            n.args = (n.args[0], *_replace_sizes(n.args[1:], s_old, stage_len[st]))
+        stage_of[n] = st
+
+
+def insert_after(g: fx.Graph, anchor: fx.Node, fn, args) -> fx.Node:
+    with g.inserting_after(anchor):
+        return g.call_function(fn, args)
+
+
+def adopt(gm: fx.GraphModule, work: fx.GraphModule) -> None:
+    """Make ``gm`` run the rewritten copy's graph (the pass works on a copy so a refusal leaves gm intact)."""
+    gm.graph = work.graph
