@@ -16,7 +16,9 @@ import logging
 
 from effcompile.compiler.pass_manager import PassConfig, PassContext, PassResult, register_pass
 from effcompile.passes.early_exit import EarlyExit
+from effcompile.passes.merge_tokens import MergeTokens
 from effcompile.passes.patterns import pattern, rewrite
+from effcompile.passes.prune_tokens import PruneTokens
 from effcompile.passes.quantize import Quantize
 from effcompile.passes.remove_dropout import RemoveDropout
 from effcompile.passes.threshold_channels import ThresholdChannels
@@ -24,9 +26,11 @@ from effcompile.passes.skip_layers import SkipLayers
 
 __all__ = [
     "EarlyExit",
+    "MergeTokens",
     "PassConfig",
     "PassContext",
     "PassResult",
+    "PruneTokens",
     "Quantize",
     "RemoveDropout",
     "SkipLayers",
