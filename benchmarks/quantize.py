@@ -25,7 +25,14 @@ import torch
 import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
-FORMATS = [("int8", None), ("int4", 32), ("int4", 64), ("int4", 128)]
+# (weights, group_size, activations)
+FORMATS = [("int8", None, "none"), ("int4", 32, "none"), ("int4", 64, "none"), ("int4", 128, "none"),
+           ("fp8", None, "none"), ("mxint8", None, "none"), ("mxfp8", None, "none"),
+           ("int8", None, "int8"), ("mxint8", None, "int8"), ("fp8", None, "fp8"), ("mxfp8", None, "fp8")]
+
+
+def _label(fmt, group, act) -> str:
+    return fmt + (f"-g{group}" if group else "") + (f"-a{act}" if act != "none" else "")
 SENTENCES = [
     "The quick brown fox jumps over the lazy dog.",
     "A compiler turns a graph of operations into fused kernels.",
@@ -78,18 +85,20 @@ def quality(model, tok) -> dict:
     inputs = layer_inputs(model, batch)
     mods = dict(model.named_modules())
     out = {}
-    for fmt, group in FORMATS:
-        label = fmt + (f"-g{group}" if group else "")
+    for fmt, group, act in FORMATS:
+        torch._dynamo.reset()  # every format compiles the same forward: stay under dynamo's recompile limit
+        label = _label(fmt, group, act)
+        g = group or qops.FORMATS[fmt][0]
         per_layer = {}
         for name, x in inputs.items():
             lin = mods[name]
-            qw = qops.quantize_weight(lin.weight.detach(), fmt, group or 0)
+            qw = qops.quantize_weight(lin.weight.detach(), fmt, g)
             y = F.linear(x, lin.weight, lin.bias)
-            yq = qops.reference(x, *qw[:3], lin.bias, fmt, group or 0)
-            deq = qops.dequantize(*qw[:3], fmt, group or 0)
+            yq = qops.reference(x, *qw[:3], lin.bias, fmt, g, act)
+            deq = qops.dequantize(*qw[:3], fmt, g)
             per_layer[name] = {"weight_sqnr_db": round(qops.sqnr(lin.weight, deq), 2),
                                "output_sqnr_db": round(qops.sqnr(y, yq), 2)}
-        fast = ec.effcompile(model, passes=[ec.Quantize(weights=fmt, group_size=group)], cache=False)
+        fast = ec.effcompile(model, passes=[ec.Quantize(weights=fmt, group_size=group, activations=act)], cache=False)
         with torch.no_grad():
             emb = mean_pool(fast(**batch).last_hidden_state, batch["attention_mask"])
         cos = F.cosine_similarity(ref, emb)
@@ -109,7 +118,7 @@ def quality(model, tok) -> dict:
             "bytes_quantized": rec.artifacts.get("bytes_quantized"),
             "per_layer": per_layer,
         }
-        print(f"{label:9s} cos min {cos.min():.5f} mean {cos.mean():.5f}  NN agree {agree:.2f}  "
+        print(f"{label:16s} cos min {cos.min():.5f} mean {cos.mean():.5f}  NN agree {agree:.2f}  "
               f"min layer out-SQNR {out[label]['min_output_sqnr_db']:.1f} dB  "
               f"weight-SQNR {out[label]['min_weight_sqnr_db']:.1f} dB")
     return out
@@ -144,10 +153,10 @@ def speed(model, tok, reps: int) -> dict:
         x = torch.randn(rows, 4096, generator=gen)
         dense = median_ms(lambda x=x: F.linear(x, w), reps)
         entry = {"dense_fp32_ms": round(dense, 3)}
-        for fmt, group in FORMATS:
-            label = fmt + (f"-g{group}" if group else "")
-            qw = qops.quantize_weight(w, fmt, group or 0)
-            call = lambda x=x, qw=qw: qops.wq_linear_eager(x, *qw[:3], None, qw.fmt, qw.group_size)
+        for fmt, group, act in FORMATS:
+            label = _label(fmt, group, act)
+            qw = qops.quantize_weight(w, fmt, group or qops.FORMATS[fmt][0])
+            call = lambda x=x, qw=qw, act=act: qops.wq_linear_eager(x, *qw[:3], None, qw.fmt, qw.group_size, act)
             fast = median_ms(call, reps)
             restore = _dequant_baseline(fmt, group)
             base = median_ms(call, reps)
@@ -162,9 +171,10 @@ def speed(model, tok, reps: int) -> dict:
     plain = ec.effcompile(model, cache=False)
     plain_ms = median_ms(lambda: plain(**batch), reps)
     entry = {"eager_fp32_ms": round(dense, 3), "effcompile_dense_ms": round(plain_ms, 3)}
-    for fmt, group in FORMATS:
-        label = fmt + (f"-g{group}" if group else "")
-        fast = ec.effcompile(model, passes=[ec.Quantize(weights=fmt, group_size=group)], cache=False)
+    for fmt, group, act in FORMATS:
+        torch._dynamo.reset()
+        label = _label(fmt, group, act)
+        fast = ec.effcompile(model, passes=[ec.Quantize(weights=fmt, group_size=group, activations=act)], cache=False)
         q_ms = median_ms(lambda fast=fast: fast(**batch), reps)
         restore = _dequant_baseline(fmt, group)
         base_ms = median_ms(lambda fast=fast: fast(**batch), reps)

@@ -149,15 +149,17 @@ def _lower_quantized_linears(gm: fx.GraphModule, mode: int) -> list[KernelRecord
         if node.op != "call_function" or node.target is not ir_op:
             continue
         node.target = _ops.op_for(_dequant.NAME)
-        node.args = (*node.args, mode)
+        act = node.args[7] if len(node.args) > 7 else node.kwargs.get("act", "none")
+        node.args, node.kwargs = (*node.args[:7], act, mode), {}
         x, fmt, group = node.args[0], node.args[5], node.args[6]
         val = tensor_val(x)
         static = val is not None and all(isinstance(d, int) for d in val.shape[:-1])
         rows = math.prod(val.shape[:-1]) if static else None  # symbolic: the kernel is picked per call
         tag = node.meta.get(TAG)
         records.append(KernelRecord(_dequant.NAME, f"torch.ops.effcompile.{_dequant.NAME}.default",
-                                    _dequant.__file__, _dequant.kind_for(rows),
-                                    ("wq_linear", fmt + (f"g{group}" if group else "")), (node.name,),
+                                    _dequant.__file__, _dequant.kind_for(rows, fmt, act),
+                                    ("wq_linear", fmt + (f"g{group}" if group else "") +
+                                     (f"-a{act}" if act != "none" else "")), (node.name,),
                                     (str(tag),) if tag is not None else ()))
     return records
 

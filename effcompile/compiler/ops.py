@@ -11,8 +11,16 @@ import torch
 import torch.nn.functional as F
 
 # Weight formats the IR op understands -> the group sizes each accepts (0 = one scale per output row).
-FORMATS: dict[str, tuple[int, ...]] = {"int8": (0,), "int4": (32, 64, 128)}
+# mx*: blocks of 32 along K sharing a power-of-two scale (MX-style; the int8 scales tensor holds exponents).
+FORMATS: dict[str, tuple[int, ...]] = {"int8": (0,), "int4": (32, 64, 128), "fp8": (0,), "mxint8": (32,),
+                                       "mxfp8": (32,)}
+# Dynamic per-token activation quantization -> the weight formats it pairs with (W8A8, FP8 x FP8).
+ACTIVATIONS: dict[str, tuple[str, ...]] = {"none": tuple(FORMATS), "int8": ("int8", "mxint8"),
+                                           "fp8": ("fp8", "mxfp8")}
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+FP8 = torch.float8_e4m3fn
+FP8_MAX = 448.0  # largest finite e4m3 value
+_QMAX = {"mxint8": 127.0, "mxfp8": FP8_MAX}
 
 # Which implementation of wq_linear ran: PATH_COUNTS["wq_linear"]["int8pack" | "int4pack" | "dequant"].
 PATH_COUNTS: defaultdict[str, Counter] = defaultdict(Counter)
@@ -35,11 +43,15 @@ class QuantizedWeight(NamedTuple):
         return sum(t.numel() * t.element_size() for t in (self.qweight, self.scales, self.zeros) if t is not None)
 
 
-def check_format(fmt: str, group_size: int) -> None:
+def check_format(fmt: str, group_size: int, act: str = "none") -> None:
     if fmt not in FORMATS:
         raise ValueError(f"weight format {fmt!r} is not supported; supported: {sorted(FORMATS)}")
     if group_size not in FORMATS[fmt]:
         raise ValueError(f"group_size {group_size} is not supported for {fmt}; supported: {FORMATS[fmt]}")
+    if act not in ACTIVATIONS:
+        raise ValueError(f"activation quantization {act!r} is not supported; supported: {sorted(ACTIVATIONS)}")
+    if fmt not in ACTIVATIONS[act]:
+        raise ValueError(f"activations={act!r} pairs with weights {list(ACTIVATIONS[act])}, not {fmt!r}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -76,6 +88,20 @@ def _quantize(w: torch.Tensor, fmt: str, group_size: int = 0) -> QuantizedWeight
         raise ValueError(f"quantize_weight needs a 2-D float weight, got {tuple(w.shape)} {w.dtype}")
     n, k = w.shape
     wf = w.detach().float()
+    if fmt == "fp8":
+        s = (wf.abs().amax(1) / FP8_MAX).clamp_min(1e-12)
+        q = (wf / s[:, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+        return QuantizedWeight(q, s.to(w.dtype), None, fmt, 0)
+    if fmt in _QMAX:
+        if k % group_size:
+            raise ValueError(f"K={k} is not divisible by the block size {group_size}")
+        g = wf.view(n, k // group_size, group_size)
+        # The smallest power of two that brings the block's largest value inside the element range:
+        # no block ever saturates (the MX spec's floor(log2(amax)) - emax can clip the top value).
+        e = torch.ceil(torch.log2(g.abs().amax(-1).clamp_min(2.0**-120) / _QMAX[fmt])).clamp(-127, 127)
+        v = g / torch.exp2(e)[..., None]
+        q = torch.round(v).clamp(-127, 127).to(torch.int8) if fmt == "mxint8" else v.to(FP8)
+        return QuantizedWeight(q.view(n, k), e.to(torch.int8), None, fmt, group_size)
     if fmt == "int8":
         s = (wf.abs().amax(1) / 127.0).clamp_min(1e-12)
         q = torch.round(wf / s[:, None]).clamp(-127, 127).to(torch.int8)
@@ -107,8 +133,12 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
 
 def dequantize(qweight, scales, zeros, fmt: str, group_size: int, dtype=torch.float32) -> torch.Tensor:
     """The float [N, K] weight the quantized one stands for (computed in fp32, returned as ``dtype``)."""
-    if fmt == "int8":
+    if fmt in ("int8", "fp8"):
         return (qweight.float() * scales.float()[:, None]).to(dtype)
+    if fmt in _QMAX:
+        n, k = qweight.shape
+        g = qweight.float().view(n, k // group_size, group_size) * torch.exp2(scales.float())[..., None]
+        return g.view(n, k).to(dtype)
     if fmt == "int4":
         q = unpack_int4(qweight).float()
         n, k = q.shape
@@ -117,10 +147,30 @@ def dequantize(qweight, scales, zeros, fmt: str, group_size: int, dtype=torch.fl
     raise ValueError(f"weight format {fmt!r} is not supported; supported: {sorted(FORMATS)}")
 
 
-def reference(x, qweight, scales, zeros, bias, fmt: str, group_size: int) -> torch.Tensor:
-    """Eager reference: dequantize to the activation dtype, then F.linear."""
+def quantize_activation(x: torch.Tensor, act: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic per-token (last dim) symmetric quantization: (codes, fp32 scale [..., 1])."""
+    xf = x.float()
+    amax = xf.abs().amax(-1, keepdim=True)
+    if act == "int8":
+        s = (amax / 127.0).clamp_min(1e-12)
+        return torch.round(xf / s).clamp(-127, 127).to(torch.int8), s
+    s = (amax / FP8_MAX).clamp_min(1e-12)
+    return (xf / s).clamp(-FP8_MAX, FP8_MAX).to(FP8), s
+
+
+def fake_quantize_activation(x: torch.Tensor, act: str) -> torch.Tensor:
+    """x as the quantized activation stands for it (in x's dtype); identity for act="none"."""
+    if act == "none":
+        return x
+    q, s = quantize_activation(x, act)
+    return (q.float() * s).to(x.dtype)
+
+
+def reference(x, qweight, scales, zeros, bias, fmt: str, group_size: int, act: str = "none") -> torch.Tensor:
+    """Eager reference: quantize-dequantize the activations (if asked), dequantize the weight to the
+    activation dtype, then F.linear."""
     w = dequantize(qweight, scales, zeros, fmt, group_size, x.dtype)
-    return F.linear(x, w, None if bias is None else bias.to(x.dtype))
+    return F.linear(fake_quantize_activation(x, act), w, None if bias is None else bias.to(x.dtype))
 
 
 def sqnr(ref: torch.Tensor, approx: torch.Tensor) -> float:
@@ -202,8 +252,27 @@ def _self_check(fmt: str, dtype: torch.dtype) -> None:
         FAST_PATH_DISABLED[key] = f"packed op disagrees with the reference (max err {err:.3g})"
 
 
-def wq_linear_eager(x, qweight, scales, zeros, bias, fmt: str, group_size: int) -> torch.Tensor:
+def _w8a8(x, qweight, scales, bias) -> torch.Tensor:
+    """int8 x int8 -> int32 matmul (torch._int_mm), rescaled by the token and channel scales."""
+    x2 = x.reshape(-1, x.shape[-1])
+    xq, sx = quantize_activation(x2, "int8")
+    y = torch._int_mm(xq, qweight.t()).float() * sx * scales.float()[None, :]
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype).view(*x.shape[:-1], qweight.shape[0])
+
+
+def wq_linear_eager(x, qweight, scales, zeros, bias, fmt: str, group_size: int, act: str = "none") -> torch.Tensor:
     """What the IR op runs outside Triton: a packed CPU op when it is checked, else dequant + linear."""
+    if act != "none":
+        if act == "int8" and fmt == "int8" and x.numel() and hasattr(torch, "_int_mm"):
+            PATH_COUNTS["wq_linear"]["w8a8-int-mm"] += 1
+            return _w8a8(x, qweight, scales, bias)
+        PATH_COUNTS["wq_linear"]["fake-quant"] += 1
+        return reference(x, qweight, scales, zeros, bias, fmt, group_size, act)
+    if fmt not in ("int8", "int4"):  # fp8 / MX formats: no packed CPU op; dequantize + matmul
+        PATH_COUNTS["wq_linear"]["dequant"] += 1
+        return reference(x, qweight, scales, zeros, bias, fmt, group_size)
     if x.device.type == "cpu" and x.dtype in FLOAT_DTYPES and x.numel():
         _self_check(fmt, x.dtype)
         if (fmt, x.dtype) not in FAST_PATH_DISABLED:
@@ -223,12 +292,13 @@ if not hasattr(torch.ops.effcompile, "wq_linear"):
 
     @torch.library.custom_op("effcompile::wq_linear", mutates_args=())
     def wq_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
-                  bias: torch.Tensor | None, fmt: str, group_size: int) -> torch.Tensor:
-        """y = x @ dequantize(qweight).T + bias, for the weight formats in FORMATS."""
-        return wq_linear_eager(x, qweight, scales, zeros, bias, fmt, group_size)
+                  bias: torch.Tensor | None, fmt: str, group_size: int, act: str = "none") -> torch.Tensor:
+        """y = quant(x) @ dequantize(qweight).T + bias, for the weight formats in FORMATS and the
+        dynamic activation quantization in ACTIVATIONS."""
+        return wq_linear_eager(x, qweight, scales, zeros, bias, fmt, group_size, act)
 
     @wq_linear.register_fake
-    def _wq_linear_fake(x, qweight, scales, zeros, bias, fmt, group_size):
+    def _wq_linear_fake(x, qweight, scales, zeros, bias, fmt, group_size, act="none"):
         return x.new_empty((*x.shape[:-1], qweight.shape[0]))
 
 
@@ -237,5 +307,5 @@ def wq_linear_op():
     return torch.ops.effcompile.wq_linear.default
 
 
-__all__ = ["FORMATS", "PATH_COUNTS", "QuantizedWeight", "check_format", "dequantize", "quantize_weight",
+__all__ = ["ACTIVATIONS", "FORMATS", "FP8", "PATH_COUNTS", "fake_quantize_activation", "quantize_activation", "QuantizedWeight", "check_format", "dequantize", "quantize_weight",
            "reference", "sqnr", "unpack_int4", "wq_linear_eager", "wq_linear_op"]

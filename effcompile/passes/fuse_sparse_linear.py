@@ -48,7 +48,10 @@ def _plan(gm, node, ctx) -> tuple[tuple, str] | str:
             return "weight is not a 2-D float parameter of the model"
         b = args[2] if args[2] is not None else node.kwargs.get("bias")
         return (w, None, None, b, "float", 0), ""
-    _, q, s, z, b, fmt, group = node.args
+    _, q, s, z, b, fmt, group = node.args[:7]
+    act = node.args[7] if len(node.args) > 7 else "none"
+    if act != "none":
+        return f"activations={act!r} are quantized too: the sparse kernel takes float activations"
     q, s, z = _tensor(gm, q, ctx), _tensor(gm, s, ctx), _tensor(gm, z, ctx)
     if q is None or s is None or fmt not in sl.FORMATS:
         return f"quantized weight ({fmt}) is not a buffer this pass can re-lay out"

@@ -15,8 +15,9 @@ from effcompile.compiler.pass_manager import PassConfig, PassContext, PassResult
 
 PARTS = ("embedding", "attn", "ffn", "head", "other")
 _TAG = re.compile(r"^layers\.\d+\.(attn|ffn)$")
-# weights= value -> (IR format, allowed group sizes; None = per output channel)
-WEIGHTS = {"int8": ("int8", (None,)), "int4": ("int4", (32, 64, 128))}
+# weights= value -> (IR format, allowed group sizes; None = per output channel, or the MX block of 32)
+WEIGHTS = {"int8": ("int8", (None,)), "int4": ("int4", (32, 64, 128)), "fp8": ("fp8", (None,)),
+           "mxint8": ("mxint8", (None, 32)), "mxfp8": ("mxfp8", (None, 32))}
 
 
 @dataclass(frozen=True)
@@ -25,6 +26,11 @@ class Quantize(PassConfig):
 
     weights="int8": per-channel symmetric int8 (group_size must be None).
     weights="int4": group-wise asymmetric int4 (group_size 32, 64 or 128), two values per byte.
+    weights="fp8": e4m3 with one scale per output channel (group_size None).
+    weights="mxint8" / "mxfp8": MX-style blocks of 32 along K (int8 / e4m3 elements) sharing a
+      power-of-two scale; no calibration (group_size None or 32).
+    activations: "none" (weight-only), "int8" (dynamic per-token symmetric: W8A8, with int8/mxint8
+      weights) or "fp8" (dynamic per-token e4m3, with fp8/mxfp8 weights).
     targets: sublayer parts ("embedding", "attn", "ffn", "head", "other") or exact tags
     ("layers.3.attn") whose linears are quantized; the default leaves the head in high precision.
     """
@@ -32,6 +38,7 @@ class Quantize(PassConfig):
     weights: str = "int8"
     group_size: int | None = None
     targets: tuple[str, ...] = ("attn", "ffn")
+    activations: str = "none"
     lossy: ClassVar[bool] = True
     reads_weights: ClassVar[bool] = True  # the backend puts a hash of the weights in the cache key
 
@@ -42,6 +49,10 @@ class Quantize(PassConfig):
         if self.group_size not in groups:
             raise ValueError(f"Quantize.group_size={self.group_size!r} is not supported for weights="
                              f"{self.weights!r}; supported: {list(groups)}")
+        if self.activations not in qops.ACTIVATIONS or self.fmt not in qops.ACTIVATIONS[self.activations]:
+            ok = [a for a, w in qops.ACTIVATIONS.items() if self.fmt in w]
+            raise ValueError(f"Quantize.activations={self.activations!r} is not supported with weights="
+                             f"{self.weights!r}; supported: {ok}")
         targets = (self.targets,) if isinstance(self.targets, str) else tuple(self.targets)
         bad = [t for t in targets if not isinstance(t, str) or not (t in PARTS or _TAG.match(t))]
         if bad or not targets:
@@ -52,6 +63,11 @@ class Quantize(PassConfig):
     @property
     def fmt(self) -> str:
         return WEIGHTS[self.weights][0]
+
+    @property
+    def group(self) -> int:
+        """The IR op's group size: 0 = per output channel; the MX block is always 32."""
+        return self.group_size or qops.FORMATS[self.fmt][0]
 
 
 def _selected(tag: ir.Sublayer | None, targets: tuple[str, ...]) -> bool:
@@ -85,8 +101,8 @@ def _why_not(w: torch.Tensor | None, cfg: Quantize) -> str | None:
         return f"weight dtype {w.dtype} is not a float type"
     if w.dim() != 2:
         return f"weight has shape {tuple(w.shape)}, not 2-D"
-    if cfg.group_size and w.shape[1] % cfg.group_size:
-        return f"in_features={w.shape[1]} is not divisible by group_size={cfg.group_size}"
+    if cfg.group and w.shape[1] % cfg.group:
+        return f"in_features={w.shape[1]} is not divisible by group_size={cfg.group}"
     return None
 
 
@@ -94,7 +110,7 @@ def _why_not(w: torch.Tensor | None, cfg: Quantize) -> str | None:
 def quantize(gm: fx.GraphModule, cfg: Quantize, ctx: PassContext) -> PassResult:
     """Quantize each targeted linear whose weight is a model parameter; keep the rest dense and say why."""
     mode = ir.fake_mode_for(gm, ctx.example_inputs)
-    group = cfg.group_size or 0
+    group = cfg.group
     layers: dict[str, dict] = {}
     dense: dict[str, str] = {}
     where: list[str] = []
@@ -120,7 +136,8 @@ def quantize(gm: fx.GraphModule, cfg: Quantize, ctx: PassContext) -> PassResult:
         snode = _attr_node(gm, node, f"{base}_scales", qw.scales, tag, mode)
         znode = _attr_node(gm, node, f"{base}_zeros", qw.zeros, tag, mode) if qw.zeros is not None else None
         with gm.graph.inserting_before(node):
-            new = gm.graph.call_function(qops.wq_linear_op(), (x, qnode, snode, znode, b_node, cfg.fmt, group))
+            new = gm.graph.call_function(qops.wq_linear_op(),
+                                         (x, qnode, snode, znode, b_node, cfg.fmt, group, cfg.activations))
         new.meta.update({k: v for k, v in node.meta.items() if k in (ir.VAL, ir.TAG, "nn_module_stack")})
         node.replace_all_uses_with(new)
         gm.graph.erase_node(node)
@@ -131,7 +148,8 @@ def quantize(gm: fx.GraphModule, cfg: Quantize, ctx: PassContext) -> PassResult:
             "weight_sqnr_db": round(qops.sqnr(w, deq), 2),
         }
         where.append(str(tag))
-    artifacts = {"format": cfg.fmt, "group_size": cfg.group_size, "layers": layers, "dense": dense}
+    artifacts = {"format": cfg.fmt, "group_size": cfg.group_size, "activations": cfg.activations,
+                 "layers": layers, "dense": dense}
     if layers:
         artifacts["bytes_dense"] = sum(v["bytes_dense"] for v in layers.values())
         artifacts["bytes_quantized"] = sum(v["bytes_quantized"] for v in layers.values())

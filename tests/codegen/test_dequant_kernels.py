@@ -71,9 +71,9 @@ def test_op_paths_are_counted(monkeypatch):
     x, qw, b = _case("int4", 64, 48, 128, 2, torch.float32)
     before = dict(cg_ops.PATH_COUNTS[D.NAME])
     op = cg_ops.op_for(D.NAME)
-    tri = op(x, *qw[:3], b, "int4", 64, cg_ops.MODE_AUTO)  # TRITON_INTERPRET=1 -> Triton
+    tri = op(x, *qw[:3], b, "int4", 64, "none", cg_ops.MODE_AUTO)  # TRITON_INTERPRET=1 -> Triton
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    eager = op(x, *qw[:3], b, "int4", 64, cg_ops.MODE_AUTO)  # CPU without interpreter -> eager path
+    eager = op(x, *qw[:3], b, "int4", 64, "none", cg_ops.MODE_AUTO)  # CPU without interpreter -> eager path
     after = cg_ops.PATH_COUNTS[D.NAME]
     assert after["triton"] == before.get("triton", 0) + 1 and after["torch"] == before.get("torch", 0) + 1
     torch.testing.assert_close(tri, eager, rtol=1e-4, atol=1e-4)

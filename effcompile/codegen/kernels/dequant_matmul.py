@@ -80,10 +80,12 @@ def reference(x, qweight, scales, zeros, bias, fmt: str, group_size: int) -> tor
     return qops.reference(x, qweight, scales, zeros, bias, fmt, group_size)
 
 
-def supported(x: torch.Tensor, qweight: torch.Tensor, fmt: str, group_size: int) -> str | None:
+def supported(x: torch.Tensor, qweight: torch.Tensor, fmt: str, group_size: int, act: str = "none") -> str | None:
     """None when the kernels take these inputs, else why not (the caller runs the eager path)."""
     if fmt not in _FMT:
-        return f"no Triton kernel for weight format {fmt!r}"
+        return f"no Triton kernel for weight format {fmt!r} yet (eager dequantize + matmul)"
+    if act != "none":
+        return f"no Triton kernel for activations={act!r} yet (eager path)"
     if x.dtype not in qops.FLOAT_DTYPES:
         return f"activation dtype {x.dtype} is not fp32/fp16/bf16"
     k = x.shape[-1]
@@ -92,8 +94,10 @@ def supported(x: torch.Tensor, qweight: torch.Tensor, fmt: str, group_size: int)
     return None
 
 
-def kind_for(rows: int | None) -> str:
+def kind_for(rows: int | None, fmt: str = "int8", act: str = "none") -> str:
     """The kernel a call with ``rows`` activation rows runs (None = not known until run time)."""
+    if fmt not in _FMT or act != "none":
+        return "eager (no Triton kernel for this format)"
     return "dequant-gemv" if rows is not None and rows <= GEMV_MAX_M else "dequant-gemm"
 
 
@@ -132,12 +136,12 @@ def launch(x, qweight, scales, zeros, bias, fmt: str, group_size: int, split_k: 
     return out.to(x.dtype).view(*x.shape[:-1], n)
 
 
-def run(x, qweight, scales, zeros, bias, fmt: str, group_size: int, mode: int = 0) -> torch.Tensor:
+def run(x, qweight, scales, zeros, bias, fmt: str, group_size: int, act: str = "none", mode: int = 0) -> torch.Tensor:
     """mode 0: auto (CUDA or TRITON_INTERPRET=1 -> Triton), 1: Triton, 2: the IR op's eager/CPU path."""
-    if _ops.use_triton(mode, x.device) and supported(x, qweight, fmt, group_size) is None:
+    if _ops.use_triton(mode, x.device) and supported(x, qweight, fmt, group_size, act) is None:
         out, path = launch(x, qweight, scales, zeros, bias, fmt, group_size), "triton"
     else:
-        out, path = qops.wq_linear_eager(x, qweight, scales, zeros, bias, fmt, group_size), "torch"
+        out, path = qops.wq_linear_eager(x, qweight, scales, zeros, bias, fmt, group_size, act), "torch"
     _ops.count(NAME, path)
     return out
 
@@ -146,9 +150,9 @@ if not _ops.op_exists(NAME):
 
     @torch.library.custom_op("effcompile::" + NAME, mutates_args=())
     def op(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
-           bias: torch.Tensor | None, fmt: str, group_size: int, mode: int) -> torch.Tensor:
-        return run(x, qweight, scales, zeros, bias, fmt, group_size, mode)
+           bias: torch.Tensor | None, fmt: str, group_size: int, act: str, mode: int) -> torch.Tensor:
+        return run(x, qweight, scales, zeros, bias, fmt, group_size, act, mode)
 
     @op.register_fake
-    def _fake(x, qweight, scales, zeros, bias, fmt, group_size, mode):
+    def _fake(x, qweight, scales, zeros, bias, fmt, group_size, act, mode):
         return x.new_empty((*x.shape[:-1], qweight.shape[0]))
