@@ -198,3 +198,20 @@ def test_minilm_quality_budget(minilm, ratio, cos_min, top1):
     cos = (e_ref * e_out).sum(-1)
     agree = ranking_agreement(e_ref[:24] @ e_ref[24:].T, e_out[:24] @ e_out[24:].T)
     assert cos.min() >= cos_min and agree["top1"] >= top1, (cos.min(), agree)
+
+
+def test_warm_start_from_the_disk_cache_runs_the_merged_graph(tmp_path):
+    model = tiny_hf("bert", layers=2)
+    inputs = _bert_inputs([20, 13], 20)
+    with torch.no_grad():
+        first = ec.effcompile(model, passes=[MergeTokens(ratio=0.5)], cache_dir=tmp_path)
+        a = first(**inputs).last_hidden_state
+        torch._dynamo.reset()
+        from effcompile.compiler import backend
+
+        backend._STORES.clear()  # a fresh process: only the disk layer is left
+        second = ec.effcompile(model, passes=[MergeTokens(ratio=0.5)], cache_dir=tmp_path)
+        b = second(**inputs).last_hidden_state
+    graph, = ec.explain(second).graphs
+    assert graph.cache == "disk hit", graph.cache_note
+    assert torch.equal(a, b)
