@@ -12,6 +12,7 @@ import torch.fx as fx
 from effcompile.compiler import ir
 from effcompile.compiler import ops as qops
 from effcompile.compiler.pass_manager import PassConfig, PassContext, PassResult, register_pass
+from effcompile.passes.smoothing import smooth
 
 PARTS = ("embedding", "attn", "ffn", "head", "other")
 _TAG = re.compile(r"^layers\.\d+\.(attn|ffn)$")
@@ -31,6 +32,7 @@ class Quantize(PassConfig):
       power-of-two scale; no calibration (group_size None or 32).
     activations: "none" (weight-only), "int8" (dynamic per-token symmetric: W8A8, with int8/mxint8
       weights) or "fp8" (dynamic per-token e4m3, with fp8/mxfp8 weights).
+    smooth: SmoothQuant's alpha (passes/smoothing.py); None = no smoothing. Needs calibration data.
     targets: sublayer parts ("embedding", "attn", "ffn", "head", "other") or exact tags
     ("layers.3.attn") whose linears are quantized; the default leaves the head in high precision.
     """
@@ -39,6 +41,7 @@ class Quantize(PassConfig):
     group_size: int | None = None
     targets: tuple[str, ...] = ("attn", "ffn")
     activations: str = "none"
+    smooth: float | None = None  # SmoothQuant alpha in [0, 1]: calibrated, needs calibration= data
     lossy: ClassVar[bool] = True
     reads_weights: ClassVar[bool] = True  # the backend puts a hash of the weights in the cache key
 
@@ -53,6 +56,9 @@ class Quantize(PassConfig):
             ok = [a for a, w in qops.ACTIVATIONS.items() if self.fmt in w]
             raise ValueError(f"Quantize.activations={self.activations!r} is not supported with weights="
                              f"{self.weights!r}; supported: {ok}")
+        if self.smooth is not None and (isinstance(self.smooth, bool) or not isinstance(self.smooth, int | float)
+                                        or not 0 <= self.smooth <= 1):
+            raise ValueError(f"Quantize.smooth={self.smooth!r}: SmoothQuant's alpha must be None or in [0, 1]")
         targets = (self.targets,) if isinstance(self.targets, str) else tuple(self.targets)
         bad = [t for t in targets if not isinstance(t, str) or not (t in PARTS or _TAG.match(t))]
         if bad or not targets:
@@ -63,6 +69,10 @@ class Quantize(PassConfig):
     @property
     def fmt(self) -> str:
         return WEIGHTS[self.weights][0]
+
+    @property
+    def needs_calibration(self) -> bool:  # read per instance by the compiler: only smoothing calibrates
+        return self.smooth is not None
 
     @property
     def group(self) -> int:
@@ -114,20 +124,28 @@ def quantize(gm: fx.GraphModule, cfg: Quantize, ctx: PassContext) -> PassResult:
     layers: dict[str, dict] = {}
     dense: dict[str, str] = {}
     where: list[str] = []
+    sites = []
     for node in list(gm.graph.nodes):
         if node.op != "call_function" or ir.target_name(node) != "linear":
             continue
         tag = ir.sublayer(node)
         if not _selected(tag, cfg.targets):
             continue
-        label = tag.module or node.name
         x, w_node, b_node = _linear_args(node)
         real = ctx.params.get(w_node.name) if isinstance(w_node, fx.Node) and w_node.op == "placeholder" else None
         reason = _why_not(real, cfg)
         if reason is not None:
-            dense[label] = reason
+            dense[tag.module or node.name] = reason
             continue
-        w = real.detach()
+        sites.append((node, x, real))
+    smoothed, smoothing = {}, None
+    if cfg.smooth is not None and sites:
+        smoothed, smoothing = smooth(gm, ctx, sites, cfg.smooth, mode)
+    for node, _, real in sites:
+        tag = ir.sublayer(node)
+        label = tag.module or node.name
+        x, w_node, b_node = _linear_args(node)
+        w = smoothed.get(node, real.detach())
         # Looked up on the module at call time, so a test can prove a warm start never gets here.
         qw = qops.quantize_weight(w, cfg.fmt, group)
         deq = qops.dequantize(*qw[:3], cfg.fmt, group, torch.float32)
@@ -150,6 +168,8 @@ def quantize(gm: fx.GraphModule, cfg: Quantize, ctx: PassContext) -> PassResult:
         where.append(str(tag))
     artifacts = {"format": cfg.fmt, "group_size": cfg.group_size, "activations": cfg.activations,
                  "layers": layers, "dense": dense}
+    if smoothing is not None:
+        artifacts["smoothing"] = smoothing
     if layers:
         artifacts["bytes_dense"] = sum(v["bytes_dense"] for v in layers.values())
         artifacts["bytes_quantized"] = sum(v["bytes_quantized"] for v in layers.values())
