@@ -98,6 +98,7 @@ class ExitScheduler(torch.nn.Module):
         self.streams = streams  # the residual stream at each exit point, and (last) at the first block's input
         self.outputs = outputs
         self.cfg = cfg
+        self.threshold = float(cfg.threshold)  # retunable at run time: the graph does not depend on it
         self.scored = 0  # which output holds the logits (set by the pass from the graph's metadata)
         self.counts: dict[str, int] = {}  # rows that exited after block e (or ran in "full")
         # The partitions' GraphModules as submodules: they share the original graph's parameters.
@@ -118,12 +119,12 @@ class ExitScheduler(torch.nn.Module):
             part(env)
             if i == len(self.exits):
                 break
-            if self.cfg.threshold > 1:
+            if self.threshold > 1:
                 continue  # never exits: no exit head is evaluated
             heads_env = dict(env)
             self.heads[i](heads_env)
             outs = [heads_env[o] for o in self.heads[i].outputs]
-            ok = self._score(env, outs, i) >= self.cfg.threshold
+            ok = self._score(env, outs, i) >= self.threshold
             if self.cfg.granularity == "batch":
                 ok = ok.all().expand_as(ok)
             new = ok if done is None else ok & ~done

@@ -77,7 +77,7 @@ def test_thresholds_are_read_at_run_time_no_recompile_per_depth(llama):
     sched = gm._ec_early_exit
     depths = []
     for thr in (2.0, 0.0, 0.5):  # the same partitions serve every depth
-        object.__setattr__(sched.cfg, "threshold", thr)
+        sched.threshold = thr
         sched.counts.clear()
         gm(*ex)
         depths.append(dict(sched.counts))
