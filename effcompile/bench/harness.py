@@ -301,10 +301,18 @@ def run(model: str | ZooModel, passes: str | tuple[str, list] | Sequence | None 
             speed["decode"][f"batch{b}"]["effcompile"] = _attempt(
                 f"effcompile decode batch {b}", lambda decode=decode: _checked(fn, decode))
         _measure_peer(zm, configs, speed, s, baseline, plan)
-        quality = _attempt("effcompile quality", lambda: _checked(
-            fn, lambda ran: measure_quality(
-            zm, fn, baseline.reference, s, lambda: _inputs(zm, s.batch, s.seq, s.seed + 1, s))))
+        from effcompile.compiler.sparse_ops import measure_sparsity
+
+        # Activation sparsity achieved per layer, counted over the quality run's inputs (nothing is
+        # counted when no pass inserted sparsify ops): the record shows it next to the target.
+        with measure_sparsity() as achieved:
+            quality = _attempt("effcompile quality", lambda: _checked(
+                fn, lambda ran: measure_quality(
+                zm, fn, baseline.reference, s, lambda: _inputs(zm, s.batch, s.seq, s.seed + 1, s))))
         summary = _attempt("explain", lambda: record.explain_summary(fn))
+        if achieved and isinstance(summary, dict) and "failed" not in summary:
+            summary["sparsity_achieved"] = {"mean": sum(achieved.values()) / len(achieved),
+                                            "layers": {k: round(v, 4) for k, v in achieved.items()}}
     _reset_dynamo()
     methods = {e["memory"]["method"] for e in speed["prefill"].values() if isinstance(e, dict) and "memory" in e}
     speed["memory_method"] = {m: timing.MEMORY_METHODS[m] for m in sorted(methods)}

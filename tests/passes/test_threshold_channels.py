@@ -315,3 +315,16 @@ def test_composes_with_quantize(llama):
     sparse_fp = _logits(_at_half(llama, "tensor"))
     cos = torch.nn.functional.cosine_similarity(out.flatten(), sparse_fp.flatten(), dim=0)
     assert cos > 0.99, cos
+
+
+@pytest.mark.slow  # a whole bench record (quality, prefill timing, greedy agreement) on a tiny model
+def test_bench_record_shows_achieved_sparsity_per_layer():
+    from effcompile.bench import harness
+
+    fast = dict(batch=2, seq=16, reps=1, inductor=False, decode=False, n_queries=4, n_docs=8, lm_window=16,
+                lm_windows=2, new_tokens=2, calibration_batches=2, cache=False)
+    rec = harness.run("llama-tiny", "threshold(sparsity=0.5)", harness.BenchSettings(**fast))
+    assert rec["effcompile"]["fired"]["threshold_channels"] > 0
+    got = rec["effcompile"]["sparsity_achieved"]
+    # Every layer counted (prefill and the greedy-agreement decode steps, which reuse the thresholds).
+    assert 0.4 < got["mean"] < 0.6 and got["layers"] and all(0.2 < v < 0.8 for v in got["layers"].values())
