@@ -284,7 +284,7 @@ def merge_tokens(gm: fx.GraphModule, cfg: MergeTokens, ctx: PassContext) -> Pass
 
     try:
         tg.retarget_downstream(work, stage_of, stage_len, ours, on_sdpa=on_sdpa, on_exit=on_exit,
-                               on_foreign=None, batch=wmodel.batch)
+                               on_foreign=None)
     except tg.Refuse as e:
         return PassResult(modified=False, note=f"not applied: {e}")
     tg.adopt(gm, work)

@@ -215,9 +215,8 @@ def prune_tokens(gm: fx.GraphModule, cfg: PruneTokens, ctx: PassContext) -> Pass
                 ours.add(pos_of[stage])
         return pos_of[stage]
 
-    def on_foreign(node: fx.Node, value: fx.Node, stage: int) -> fx.Node:
+    def on_foreign(node: fx.Node, value: fx.Node, stage: int, dims: list[int]) -> fx.Node:
         val = ir.tensor_val(value)
-        dims = [d for d, sz in enumerate(val.shape) if tg.same_size(sz, s_old)]
         if 0 in dims:
             raise tg.Refuse(f"{value.name} has the sequence in dim 0 (shape {tuple(val.shape)})")
         pos = positions(stage, node)
@@ -231,7 +230,9 @@ def prune_tokens(gm: fx.GraphModule, cfg: PruneTokens, ctx: PassContext) -> Pass
     def on_sdpa(node: fx.Node, stage: int) -> None:
         mask = tg.sdpa_arg(node, 3, "attn_mask")
         if mask is not None and not stage_of.get(mask, 0):
-            tg.set_sdpa_mask(node, on_foreign(node, mask, stage))
+            val = ir.tensor_val(mask)  # [B, 1, Sq, Sk]: both sequence dims
+            dims = [d for d in (val.dim() - 2, val.dim() - 1) if tg.same_size(val.shape[d], s_old)]
+            tg.set_sdpa_mask(node, on_foreign(node, mask, stage, dims))
 
     def on_exit(value: fx.Node, stage: int, consumer: fx.Node) -> fx.Node:
         out = value
@@ -247,7 +248,7 @@ def prune_tokens(gm: fx.GraphModule, cfg: PruneTokens, ctx: PassContext) -> Pass
 
     try:
         tg.retarget_downstream(work, stage_of, stage_len, ours, on_sdpa=on_sdpa, on_exit=on_exit,
-                               on_foreign=on_foreign, batch=wm.batch, keep_at_output=keep_at_output)
+                               on_foreign=on_foreign, keep_at_output=keep_at_output)
     except tg.Refuse as e:
         return PassResult(modified=False, note=f"not applied: {e}")
     tg.adopt(gm, work)

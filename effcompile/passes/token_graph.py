@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import sympy
 import torch
 import torch.fx as fx
 
@@ -168,20 +169,65 @@ def _replace_sizes(a, old, new):
     return a
 
 
-def retarget_downstream(gm: fx.GraphModule, stage_of: dict[fx.Node, int], stage_len: list[int], ours: set,
-                        *, on_sdpa, on_exit, on_foreign, batch, keep_at_output=None) -> None:
+def _expr(d):
+    return d.node.expr if isinstance(d, torch.SymInt) else sympy.Integer(int(d))
+
+
+def _prefix_equal(a, b) -> bool:
+    return sympy.expand(sympy.Mul(*[_expr(x) for x in a]) - sympy.Mul(*[_expr(x) for x in b])) == 0
+
+
+def _token_dims(n: fx.Node, out, tok: dict, s_old) -> set[int]:
+    """Which dims of n's output are the sequence, from where its reduced inputs carry it (not from sizes
+    alone: a head_dim or batch equal to the sequence length must not be mistaken for it)."""
+    name = n.target if n.op == "call_method" else ir.target_name(n)
+    src = n.args[0] if n.args and isinstance(n.args[0], fx.Node) else None
+    sv = ir.tensor_val(src) if src is not None else None
+    if name in ("view", "reshape") and src in tok and sv is not None:
+        # A view keeps a dim when the sizes before it multiply to the same number on both sides.
+        return {j for t in tok[src] for j in range(out.dim())
+                if same_size(out.shape[j], sv.shape[t]) and _prefix_equal(out.shape[:j], sv.shape[:t])}
+    if name == "transpose" and src in tok:
+        d0, d1 = (int(x) % out.dim() for x in n.args[1:3])
+        return {d1 if t == d0 else d0 if t == d1 else t for t in tok[src]}
+    if name == "permute" and src in tok:
+        perm = n.args[1] if isinstance(n.args[1], tuple | list) else n.args[1:]
+        return {j for j, p in enumerate(perm) if int(p) % out.dim() in tok[src]}
+    if name == "unsqueeze" and src in tok:
+        d = int(n.args[1]) % out.dim()
+        return {t + (1 if t >= d else 0) for t in tok[src]}
+    if name == SDPA:
+        return set(tok.get(src, ()))
+    dims = set()  # elementwise, linear, norms, slices of the last dim, cat along it: right-aligned
+    for a in n.all_input_nodes:
+        if a not in tok:
+            continue
+        av = ir.tensor_val(a)  # the reduction's own new nodes have no metadata yet: same rank as the stream
+        shift = out.dim() - (av.dim() if av is not None else out.dim())
+        dims |= {t + shift for t in tok[a] if 0 <= t + shift < out.dim() and same_size(out.shape[t + shift], s_old)}
+    return dims
+
+
+def _replace_at(args, positions: set[int], old, new):
+    """Sizes given as separate args or as one tuple: replace the sequence length at the token dims only."""
+    if len(args) == 1 and isinstance(args[0], tuple | list):
+        return (type(args[0])(_replace_at(tuple(args[0]), positions, old, new)),)
+    return tuple(_replace_sizes(x, old, new) if i in positions else x for i, x in enumerate(args))
+
+
+def retarget_downstream(gm: fx.GraphModule, stage_of: dict[fx.Node, int], stage_len: list, ours: set,
+                        *, on_sdpa, on_exit, on_foreign, keep_at_output=None) -> None:
     """Make every node downstream of a token reduction work on the shorter sequence.
 
-    ``stage_of`` maps the reduction's output nodes to their stage (length ``stage_len[stage]``). Walking in
-    graph order, a node reading a reduced value is reduced too: literal sequence lengths in its size
-    arguments are rewritten, its SDPA mask goes to ``on_sdpa(node, stage)``, an unreduced tensor with a
-    sequence-sized dim that it combines with reduced ones goes to ``on_foreign(node, input, stage)``
-    (None: refuse), and where the stream leaves the blocks ``on_exit(value, stage, consumer)`` restores
-    the full sequence. Raises Refuse when the sequence length cannot be told apart from another size.
+    ``stage_of`` maps the reduction's output nodes ([B, N, ...]) to their stage (length
+    ``stage_len[stage]``). Walking in graph order, a node reading a reduced value is reduced too; which of
+    its dims is the sequence is tracked through views, transposes and broadcasting. Its size arguments
+    get the new length at those dims, its SDPA mask goes to ``on_sdpa(node, stage)``, an unreduced tensor
+    with the sequence at an aligned dim goes to ``on_foreign(node, input, stage, dims)`` (None: refuse),
+    and where the stream leaves the blocks ``on_exit(value, stage, consumer)`` restores the sequence.
     """
     s_old = stage_len[0]
-    if same_size(batch, s_old):
-        raise Refuse(f"batch size equals the sequence length ({s_old}): the rewrite cannot tell them apart")
+    tok: dict[fx.Node, set[int]] = {n: {1} for n in stage_of}
     exits: dict[tuple[fx.Node, fx.Node], fx.Node] = {}
     for n in list(gm.graph.nodes):
         if n in ours or n.op in ("placeholder", "get_attr"):
@@ -196,7 +242,7 @@ def retarget_downstream(gm: fx.GraphModule, stage_of: dict[fx.Node, int], stage_
                 if sa == 0 or (n.op == "output" and keep_at_output is not None and keep_at_output(a)):
                     continue
                 val = ir.tensor_val(a)
-                if val is None or val.dim() < 2 or not same_size(val.shape[1], s_old) or _count(val.shape, s_old) != 1:
+                if val is None or tok.get(a) != {1}:
                     raise Refuse(f"{n.name} reads {a.name} (shape {tuple(val.shape) if val is not None else '?'}) "
                                  f"outside the blocks; only [batch, seq, ...] values can be restored")
                 e = exits.get((a, n))
@@ -205,26 +251,30 @@ def retarget_downstream(gm: fx.GraphModule, stage_of: dict[fx.Node, int], stage_
                     ours.add(e)
                 n.replace_input_with(a, e)
             continue
+        out = ir.tensor_val(n)
+        dims = _token_dims(n, out, tok, s_old) if out is not None else set()
         if n.op == "call_function" and ir.target_name(n) == SDPA:
             on_sdpa(n, st)
         for a in list(n.all_input_nodes):
             if stage_of.get(a, 0) or a in ours:
                 continue
             val = ir.tensor_val(a)
-            if val is not None and _count(val.shape, s_old):
+            if val is None or out is None:
+                continue
+            shift = out.dim() - val.dim()
+            adims = [d - shift for d in dims if 0 <= d - shift < val.dim() and same_size(val.shape[d - shift], s_old)]
+            if adims:
                 if on_foreign is None:
                     raise Refuse(f"{n.name} ({ir.target_name(n)}) combines the reduced tokens with {a.name} of "
-                                 f"shape {tuple(val.shape)}, which has a sequence-sized dim")
-                rep = on_foreign(n, a, st)
+                                 f"shape {tuple(val.shape)}, which has the sequence at dim(s) {adims}")
+                rep = on_foreign(n, a, st, adims)
                 ours.add(rep)
                 n.replace_input_with(a, rep)
         if _size_args(n):
-            src, out = ir.tensor_val(n.args[0]), ir.tensor_val(n)
-            if src is not None and out is not None and _count(src.shape, s_old) != _count(out.shape, s_old):
-                raise Refuse(f"{n.name} ({n.target}) maps shape {tuple(src.shape)} to {tuple(out.shape)}: another "
-                             f"size equals the sequence length {s_old}, so the rewrite cannot tell them apart")
-            n.args = (n.args[0], *_replace_sizes(n.args[1:], s_old, stage_len[st]))
+            n.args = (n.args[0], *_replace_at(n.args[1:], dims, s_old, stage_len[st]))
         stage_of[n] = st
+        if dims:
+            tok[n] = dims
 
 
 def insert_after(g: fx.Graph, anchor: fx.Node, fn, args) -> fx.Node:
