@@ -357,14 +357,84 @@ def early_exit_curves(out: Path) -> None:
                                "load_average": list(os.getloadavg()), "curves": recs}, indent=1))
 
 
+def tables() -> str:
+    """Markdown tables of the committed results (what docs/skipping.md shows)."""
+    lines = []
+    path = RESULTS / f"skipping-static-cpu-{DAY}.jsonl"
+    static = [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
+    mini = [r for r in static if r["model"] == "minilm" and r["num"]]
+    if mini:
+        lines += ["**MiniLM-L6** (6 layers), 128 queries x 256 stdlib docstrings: mean embedding cosine vs eager / "
+                  "retrieval top-1 / top-5 agreement with eager's ranking", "",
+                  "| unit | removed | cosine | uniform | greedy |", "|---|---|---|---|---|"]
+        for unit in ("block", "attn", "ffn"):
+            for num in (1, 2, 3):
+                cells = []
+                for m in ("cosine", "uniform", "greedy"):
+                    r = next(x for x in mini if (x["unit"], x["num"], x["method"]) == (unit, num, m))
+                    ra = r["retrieval_agreement"]
+                    cells.append(f"{r['cosine']['mean']:.3f} / {ra['top1']:.2f} / {ra['top5']:.2f} "
+                                 f"({', '.join(s.removeprefix('layers.') for s in r['skipped'])})")
+                lines.append(f"| {unit} | {num} | " + " | ".join(cells) + " |")
+        lines.append("")
+    lm = [r for r in static if r["model"] == "stdlib-lm"]
+    if lm:
+        base = next(r for r in lm if r.get("num") == 0)
+        lines += [f"**stdlib-lm** (4 layers), held-out perplexity (32 windows x 128 tokens; eager "
+                  f"{base['perplexity_eager']:.3f}) / teacher-forced next-token agreement with eager", "",
+                  "| unit | removed | cosine | uniform | greedy |", "|---|---|---|---|---|"]
+        for unit in ("block", "attn", "ffn"):
+            for num in (1, 2, 3):
+                cells = []
+                for m in ("cosine", "uniform", "greedy"):
+                    r = next((x for x in lm if x["spec"] == f"skip_layers(num={num},unit={unit},method={m})"), None)
+                    if r is None or "invalid" in r:
+                        cells.append("invalid" if r else "-")
+                    else:
+                        cells.append(f"{r['perplexity']:.2f} / {r['next_token_agreement']:.3f} "
+                                     f"({', '.join(s.removeprefix('layers.') for s in r['skipped'])})")
+                lines.append(f"| {unit} | {num} | " + " | ".join(cells) + " |")
+        lines.append("")
+    ee = RESULTS / f"skipping-early-exit-cpu-{DAY}.json"
+    if ee.exists():
+        curves = json.loads(ee.read_text())["curves"]
+        lines += ["**Early exit** (exit points after every layer but the last; `threshold > 1` = never exits)", "",
+                  "| model | rule | threshold | mean layers run | quality |", "|---|---|---|---|---|"]
+        for c in curves:
+            q = (f"cosine {c['cosine']['mean']:.3f}, top-1 {c['retrieval_agreement']['top1']:.2f}"
+                 if c["model"] == "minilm" else
+                 f"greedy tokens = full {c['greedy_token_agreement']:.3f}, prefix {c['greedy_prefix_agreement']:.3f}")
+            lines.append(f"| {c['model']} | {c['rule']} ({c['granularity']}) | {c['threshold']} | "
+                         f"{c['mean_layers_run']:.2f} | {q} |")
+        lines.append("")
+    sp = RESULTS / f"skipping-speculative-cpu-{DAY}.json"
+    if sp.exists():
+        d = json.loads(sp.read_text())
+        lines += [f"**Self-speculative decoding**, stdlib-lm, {d['prompts']} prompts x {d['new_tokens']} new tokens, "
+                  f"greedy; search chose {d['search']['skip']} (agreement {d['search']['agreement']:.3f}, cost "
+                  f"{d['search']['cost']:.2f}, expected {d['search']['expected_speedup']:.2f}x)", "",
+                  "| draft skips | acceptance | tokens/round | mean draft len | identical to plain | tok/s spec | "
+                  "tok/s plain (effcompile) | tok/s plain (eager) | speedup vs plain effcompile |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for r in d["runs"].values():
+            t = r["tokens_per_s"]
+            lines.append(f"| {', '.join(r['skip'])} | {r['acceptance_rate']:.3f} | {r['tokens_per_round']:.2f} | "
+                         f"{r['mean_draft_length']:.2f} | {r['identical_to_plain_compiled']}/{d['prompts']} | "
+                         f"{t['speculative']:.1f} | {t['plain_effcompile']:.1f} | {t['plain_eager']:.1f} | "
+                         f"{r['speedup_vs_plain_effcompile']:.2f}x |")
+    return "\n".join(lines)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["static", "harness", "speculative", "early-exit"])
+    p.add_argument("what", choices=["static", "harness", "speculative", "early-exit", "tables"])
     p.add_argument("model", nargs="?", default="minilm", choices=sorted(SWEEPS))
     p.add_argument("--prompts", type=int, default=50)
     p.add_argument("--new-tokens", type=int, default=32)
     a = p.parse_args()
-    if a.what == "static":
+    if a.what == "tables":
+        print(tables())
+    elif a.what == "static":
         static(a.model, RESULTS / f"skipping-static-cpu-{DAY}.jsonl")
     elif a.what == "harness":
         harness_static(a.model, RESULTS / f"skipping-cpu-{DAY}.jsonl")
