@@ -12,6 +12,7 @@ import torch.fx as fx
 from effcompile.compiler import ir
 from effcompile.compiler import ops as qops
 from effcompile.compiler.pass_manager import PassConfig, PassContext, PassResult, register_pass
+from effcompile.passes.eora import compensate
 from effcompile.passes.smoothing import smooth
 
 PARTS = ("embedding", "attn", "ffn", "head", "other")
@@ -33,6 +34,8 @@ class Quantize(PassConfig):
     activations: "none" (weight-only), "int8" (dynamic per-token symmetric: W8A8, with int8/mxint8
       weights) or "fp8" (dynamic per-token e4m3, with fp8/mxfp8 weights).
     smooth: SmoothQuant's alpha (passes/smoothing.py); None = no smoothing. Needs calibration data.
+    eora_rank: rank r of the EoRA side path B(Ax) fitted to the quantization error in the activation
+      eigenspace (passes/eora.py); 0 = none. Needs calibration data.
     targets: sublayer parts ("embedding", "attn", "ffn", "head", "other") or exact tags
     ("layers.3.attn") whose linears are quantized; the default leaves the head in high precision.
     """
@@ -42,6 +45,7 @@ class Quantize(PassConfig):
     targets: tuple[str, ...] = ("attn", "ffn")
     activations: str = "none"
     smooth: float | None = None  # SmoothQuant alpha in [0, 1]: calibrated, needs calibration= data
+    eora_rank: int = 0  # EoRA low-rank error compensation rank (0 = off): calibrated
     lossy: ClassVar[bool] = True
     reads_weights: ClassVar[bool] = True  # the backend puts a hash of the weights in the cache key
 
@@ -59,6 +63,8 @@ class Quantize(PassConfig):
         if self.smooth is not None and (isinstance(self.smooth, bool) or not isinstance(self.smooth, int | float)
                                         or not 0 <= self.smooth <= 1):
             raise ValueError(f"Quantize.smooth={self.smooth!r}: SmoothQuant's alpha must be None or in [0, 1]")
+        if isinstance(self.eora_rank, bool) or not isinstance(self.eora_rank, int) or self.eora_rank < 0:
+            raise ValueError(f"Quantize.eora_rank={self.eora_rank!r}: must be an int >= 0 (0 = no compensation)")
         targets = (self.targets,) if isinstance(self.targets, str) else tuple(self.targets)
         bad = [t for t in targets if not isinstance(t, str) or not (t in PARTS or _TAG.match(t))]
         if bad or not targets:
@@ -71,8 +77,8 @@ class Quantize(PassConfig):
         return WEIGHTS[self.weights][0]
 
     @property
-    def needs_calibration(self) -> bool:  # read per instance by the compiler: only smoothing calibrates
-        return self.smooth is not None
+    def needs_calibration(self) -> bool:  # read per instance by the compiler: smoothing and EoRA calibrate
+        return self.smooth is not None or self.eora_rank > 0
 
     @property
     def group(self) -> int:
@@ -138,7 +144,7 @@ def quantize(gm: fx.GraphModule, cfg: Quantize, ctx: PassContext) -> PassResult:
             dense[tag.module or node.name] = reason
             continue
         sites.append((node, x, real))
-    smoothed, smoothing = {}, None
+    smoothed, smoothing, compensated = {}, None, []
     if cfg.smooth is not None and sites:
         smoothed, smoothing = smooth(gm, ctx, sites, cfg.smooth, mode)
     for node, _, real in sites:
@@ -159,6 +165,8 @@ def quantize(gm: fx.GraphModule, cfg: Quantize, ctx: PassContext) -> PassResult:
         new.meta.update({k: v for k, v in node.meta.items() if k in (ir.VAL, ir.TAG, "nn_module_stack")})
         node.replace_all_uses_with(new)
         gm.graph.erase_node(node)
+        if cfg.eora_rank:
+            compensated.append((new, x, w.float() - deq))
         layers[label] = {
             "shape": list(w.shape),
             "bytes_dense": w.numel() * w.element_size(),
@@ -170,6 +178,8 @@ def quantize(gm: fx.GraphModule, cfg: Quantize, ctx: PassContext) -> PassResult:
                  "layers": layers, "dense": dense}
     if smoothing is not None:
         artifacts["smoothing"] = smoothing
+    if compensated:
+        artifacts["eora"] = compensate(gm, ctx, compensated, cfg.eora_rank, mode)
     if layers:
         artifacts["bytes_dense"] = sum(v["bytes_dense"] for v in layers.values())
         artifacts["bytes_quantized"] = sum(v["bytes_quantized"] for v in layers.values())

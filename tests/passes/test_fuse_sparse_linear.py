@@ -122,3 +122,16 @@ def test_triton_path_under_interpreter(llama, monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET")
     ref = _hooked_reference(llama, ids, passes=[ec.Quantize(weights="int4", group_size=32)])
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_unfusable_pairs_stay_and_say_why(llama):
+    # W8A8 quantizes the activations too: the sparse kernel takes float activations, so the pair stays
+    # (sparsify, then the quantized linear: still exact) and the record says why.
+    ids = torch.randint(0, 128, (1, 1), generator=torch.Generator().manual_seed(2))
+    cfg = ec.Quantize(weights="int8", activations="int8")
+    fast = ec.effcompile(llama, passes=[_FixedSparsify(), cfg], cache=False)
+    with torch.no_grad():
+        out = fast(ids).logits
+    (rec,) = _record(fast)
+    assert not rec.modified and "activations='int8'" in rec.note and len(rec.artifacts["unfused"]) == 14
+    torch.testing.assert_close(out, _hooked_reference(llama, ids, passes=[cfg]), rtol=1e-4, atol=1e-4)

@@ -140,3 +140,34 @@ def test_smoothing_fires_per_shared_input_and_helps_w8a8(minilm, minilm_batch):
         else:
             assert "smoothing" not in rec.artifacts
     assert cos[0.5] >= cos[None] - 1e-4 and cos[0.5] >= 0.996
+
+
+# -- EoRA-style low-rank compensation (calibrated) --------------------------------------------------------
+
+
+def test_eora_config_and_calibration(minilm, minilm_batch):
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="Quantize.eora_rank"):
+            ec.Quantize(weights="int4", group_size=32, eora_rank=bad)
+    assert ec.Quantize(weights="int4", group_size=32, eora_rank=8).needs_calibration
+    model, _ = minilm
+    with pytest.raises(ValueError, match="calibration"):
+        ec.effcompile(model, passes=[ec.Quantize(weights="int4", group_size=32, eora_rank=8)],
+                      cache=False)(**minilm_batch)
+
+
+def test_low_rank_fix_is_optimal_in_the_activation_metric():
+    from effcompile.passes.eora import low_rank_fix
+
+    gen = torch.Generator().manual_seed(0)
+    err = torch.randn(40, 24, generator=gen)
+    x = torch.randn(500, 24, generator=gen) * torch.linspace(0.05, 3.0, 24)  # anisotropic activations
+    cov = (x.T @ x / 500).double()
+    b, a, removed = low_rank_fix(err, cov, 24)  # full rank: the error is cancelled exactly
+    torch.testing.assert_close((b @ a).float(), err, rtol=1e-4, atol=1e-4)
+    assert removed == pytest.approx(1.0)
+    b, a, removed = low_rank_fix(err, cov, 4)
+    left = ((err - (b @ a).float()) @ x.T).norm()
+    svd_plain = torch.linalg.svd(err)  # rank 4 in the plain weight metric: worse on these activations
+    plain = svd_plain.U[:, :4] * svd_plain.S[:4] @ svd_plain.Vh[:4]
+    assert left < ((err - plain) @ x.T).norm() and 0 < removed < 1
