@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# GPU lane: `pytest -m gpu`, benchmarks/spine.py and `effcompile bench` on the zoo (dense + a quantize
+# GPU lane: `pytest -m gpu`, benchmarks/kernels.py (tile sweep + GB/s vs cuBLAS / TorchAO),
+# benchmarks/spine.py and `effcompile bench` on the zoo (dense + a quantize
 # sweep) on a CUDA machine, all collected into benchmarks/results/<device>-<date>.json (+ Pareto PNGs).
 #
 #   benchmarks/gpu_lane.sh
@@ -55,6 +56,10 @@ gpu_tests() {
 }
 
 step gpu-tests gpu_tests
+# Kernels first: the tile sweep writes this GPU's tuning table, which every later step then uses.
+step kernels "$PY" benchmarks/kernels.py --device cuda --sweep --tuning-out "$WORK/tuning.json" \
+    --output "$RESULTS/$STEM-kernels.json"
+[ -f "$WORK/tuning.json" ] && export EFFCOMPILE_KERNEL_TUNING="$WORK/tuning.json"
 step spine "$PY" benchmarks/spine.py --device cuda --reps "$LANE_REPS" --output "$WORK/spine.json"
 
 for spec in $LANE_MODELS; do
