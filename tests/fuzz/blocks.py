@@ -88,7 +88,7 @@ class Attention(nn.Module):
         else:  # the hand-written form: a scaled matmul, an additive mask, a last-dim softmax (fusible)
             scores = q @ k.transpose(-2, -1) * (1.0 / math.sqrt(self.hd))
             if s.causal:
-                scores = scores + torch.full((n, n), float("-inf"), device=x.device).triu(1)
+                scores = scores + torch.full((n, n), float("-inf"), device=x.device, dtype=scores.dtype).triu(1)
             o = torch.softmax(scores, dim=-1) @ v
         return self.o_proj(o.transpose(1, 2).reshape(b, n, s.heads * self.hd))
 
