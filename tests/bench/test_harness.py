@@ -122,7 +122,8 @@ def test_record_on_tiny_llama():
     assert rec["model"] == "llama-tiny" and rec["task"] == "causal-lm" and rec["seed"] == 0
     assert rec["passes"] == {"spec": "quantize(weights=int8)", "configs": [{
         "pass": "quantize", "type": "Quantize", "lossy": True,
-        "fields": {"weights": "int8", "group_size": None, "targets": ["attn", "ffn"]}}]}
+        "fields": {"weights": "int8", "group_size": None, "targets": ["attn", "ffn"], "activations": "none",
+                   "smooth": None, "eora_rank": 0}}]}
     assert {"torch", "triton", "transformers", "effcompile"} <= set(rec["versions"])
     q = rec["quality"]
     assert q["metric"] == "perplexity" and not q["higher_is_better"]
