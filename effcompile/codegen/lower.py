@@ -141,48 +141,46 @@ def lower(
     return result
 
 
-def _lower_quantized_linears(gm: fx.GraphModule, mode: int) -> list[KernelRecord]:
-    """Point each effcompile::wq_linear IR node at the fused dequant-matmul kernel (same arguments + mode)."""
+def _static_rows(x) -> int | None:
+    """Rows of activations a call will have, if the graph knows it (symbolic: picked per call)."""
+    val = tensor_val(x)
+    static = val is not None and all(isinstance(d, int) for d in val.shape[:-1])
+    return math.prod(val.shape[:-1]) if static else None
+
+
+def _retarget(gm: fx.GraphModule, ir_op, kernel, describe) -> list[KernelRecord]:
+    """Point each ``ir_op`` node at ``kernel``'s custom op; ``describe(node)`` rewrites the node's
+    arguments for the kernel op and returns (kind, ops) for its KernelRecord."""
     records = []
-    ir_op = wq_linear_op()
     for node in gm.graph.nodes:
         if node.op != "call_function" or node.target is not ir_op:
             continue
-        node.target = _ops.op_for(_dequant.NAME)
+        node.target = _ops.op_for(kernel.NAME)
+        kind, ops = describe(node)
+        tag = node.meta.get(TAG)
+        records.append(KernelRecord(kernel.NAME, f"torch.ops.effcompile.{kernel.NAME}.default", kernel.__file__,
+                                    kind, ops, (node.name,), (str(tag),) if tag is not None else ()))
+    return records
+
+
+def _lower_quantized_linears(gm: fx.GraphModule, mode: int) -> list[KernelRecord]:
+    """effcompile::wq_linear -> the fused dequant-matmul kernel (same arguments + act + mode)."""
+    def describe(node):
         act = node.args[7] if len(node.args) > 7 else node.kwargs.get("act", "none")
         node.args, node.kwargs = (*node.args[:7], act, mode), {}
         x, fmt, group = node.args[0], node.args[5], node.args[6]
-        val = tensor_val(x)
-        static = val is not None and all(isinstance(d, int) for d in val.shape[:-1])
-        rows = math.prod(val.shape[:-1]) if static else None  # symbolic: the kernel is picked per call
-        tag = node.meta.get(TAG)
-        records.append(KernelRecord(_dequant.NAME, f"torch.ops.effcompile.{_dequant.NAME}.default",
-                                    _dequant.__file__, _dequant.kind_for(rows, fmt, act),
-                                    ("wq_linear", fmt + (f"g{group}" if group else "") +
-                                     (f"-a{act}" if act != "none" else "")), (node.name,),
-                                    (str(tag),) if tag is not None else ()))
-    return records
+        label = fmt + (f"g{group}" if group else "") + (f"-a{act}" if act != "none" else "")
+        return _dequant.kind_for(_static_rows(x), fmt, act), ("wq_linear", label)
+    return _retarget(gm, wq_linear_op(), _dequant, describe)
 
 
 def _lower_sparse_linears(gm: fx.GraphModule, mode: int) -> list[KernelRecord]:
-    """Point each effcompile::sparse_linear IR node at the sparse GEMV kernel (same arguments + mode)."""
-    records = []
-    ir_op = sparse_linear_op()
-    for node in gm.graph.nodes:
-        if node.op != "call_function" or node.target is not ir_op:
-            continue
-        node.target = _ops.op_for(_sparse.NAME)
+    """effcompile::sparse_linear -> the sparse GEMV kernel (same arguments + mode)."""
+    def describe(node):
         node.args = (*node.args, mode)
         x, fmt, group = node.args[0], node.args[6], node.args[7]
-        val = tensor_val(x)
-        static = val is not None and all(isinstance(d, int) for d in val.shape[:-1])
-        rows = math.prod(val.shape[:-1]) if static else None
-        tag = node.meta.get(TAG)
-        records.append(KernelRecord(_sparse.NAME, f"torch.ops.effcompile.{_sparse.NAME}.default",
-                                    _sparse.__file__, _sparse.kind_for(rows),
-                                    ("sparse_linear", fmt + (f"g{group}" if group else "")), (node.name,),
-                                    (str(tag),) if tag is not None else ()))
-    return records
+        return _sparse.kind_for(_static_rows(x)), ("sparse_linear", fmt + (f"g{group}" if group else ""))
+    return _retarget(gm, sparse_linear_op(), _sparse, describe)
 
 
 def load_kernels(paths) -> list[str]:

@@ -247,6 +247,22 @@ def sublayer(node: fx.Node) -> Sublayer | None:
 # ---------------------------------------------------------------------------------------------
 
 
+def add_buffer(gm: fx.GraphModule, before: fx.Node, name: str, t: torch.Tensor | None, tag, mode) -> fx.Node | None:
+    """Register ``t`` as a buffer of gm and read it with a get_attr node before ``before`` (meta filled).
+
+    Passes keep the tensors they compute (packed weights, thresholds) as buffers: the cache stores
+    get_attr tensors as safetensors, so a warm start loads them instead of recomputing. None -> None.
+    """
+    if t is None:
+        return None
+    gm.register_buffer(name, t)
+    with gm.graph.inserting_before(before):
+        node = gm.graph.get_attr(name)
+    node.meta[VAL] = mode.from_tensor(t)
+    node.meta[TAG] = tag
+    return node
+
+
 def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
     """A copy whose graph can be rewritten independently; node meta is copied shallowly.
 

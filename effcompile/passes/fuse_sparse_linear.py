@@ -60,17 +60,6 @@ def _plan(gm, node, ctx) -> tuple[tuple, str] | str:
     return (q, s, z, b, fmt, group), ""
 
 
-def _buffer(gm, before, name, t, tag, mode) -> fx.Node | None:
-    if t is None:
-        return None
-    gm.register_buffer(name, t)
-    with gm.graph.inserting_before(before):
-        node = gm.graph.get_attr(name)
-    node.meta[ir.VAL] = mode.from_tensor(t)
-    node.meta[ir.TAG] = tag
-    return node
-
-
 def _drop_unused_attrs(gm: fx.GraphModule, nodes) -> None:
     """Remove get_attr nodes (and their buffers) the rewrite left without users, so they are not cached."""
     for n in nodes:
@@ -101,9 +90,9 @@ def fuse_sparse_linear(gm: fx.GraphModule, cfg: FuseSparseLinear, ctx: PassConte
         wt, st, zt = sl.to_input_major(w, s, z, fmt, group)
         mode = mode or ir.fake_mode_for(gm, ctx.example_inputs)
         base = f"_ec_sp_{node.name}"
-        wt_n = _buffer(gm, node, f"{base}_weight_t", wt, tag, mode)
-        st_n = _buffer(gm, node, f"{base}_scales", st, tag, mode)
-        zt_n = _buffer(gm, node, f"{base}_zeros", zt, tag, mode)
+        wt_n = ir.add_buffer(gm, node, f"{base}_weight_t", wt, tag, mode)
+        st_n = ir.add_buffer(gm, node, f"{base}_scales", st, tag, mode)
+        zt_n = ir.add_buffer(gm, node, f"{base}_zeros", zt, tag, mode)
         x, thr, _, decode_only = src.args
         with gm.graph.inserting_before(node):
             new = gm.graph.call_function(sl.sparse_linear_op(),

@@ -99,17 +99,6 @@ def _linear_args(node: fx.Node):
     return x, w, b
 
 
-def _attr_node(gm: fx.GraphModule, before: fx.Node, name: str, t: torch.Tensor, tag, mode) -> fx.Node:
-    # Buffers on the GraphModule: the cache stores get_attr tensors as safetensors, so a warm start
-    # loads the packed weights instead of quantizing again.
-    gm.register_buffer(name, t)
-    with gm.graph.inserting_before(before):
-        node = gm.graph.get_attr(name)
-    node.meta[ir.VAL] = mode.from_tensor(t)
-    node.meta[ir.TAG] = tag
-    return node
-
-
 def _why_not(w: torch.Tensor | None, cfg: Quantize) -> str | None:
     if not isinstance(w, torch.Tensor):
         return "weight is not a parameter of the model"
@@ -156,9 +145,9 @@ def quantize(gm: fx.GraphModule, cfg: Quantize, ctx: PassContext) -> PassResult:
         qw = qops.quantize_weight(w, cfg.fmt, group)
         deq = qops.dequantize(*qw[:3], cfg.fmt, group, torch.float32)
         base = f"_ec_q_{node.name}"
-        qnode = _attr_node(gm, node, f"{base}_qweight", qw.qweight, tag, mode)
-        snode = _attr_node(gm, node, f"{base}_scales", qw.scales, tag, mode)
-        znode = _attr_node(gm, node, f"{base}_zeros", qw.zeros, tag, mode) if qw.zeros is not None else None
+        qnode = ir.add_buffer(gm, node, f"{base}_qweight", qw.qweight, tag, mode)
+        snode = ir.add_buffer(gm, node, f"{base}_scales", qw.scales, tag, mode)
+        znode = ir.add_buffer(gm, node, f"{base}_zeros", qw.zeros, tag, mode)
         with gm.graph.inserting_before(node):
             new = gm.graph.call_function(qops.wq_linear_op(),
                                          (x, qnode, snode, znode, b_node, cfg.fmt, group, cfg.activations))
