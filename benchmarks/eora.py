@@ -13,34 +13,21 @@ import json
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
+from smoothing import MiniLMEval  # same model, calibration and held-out set
 
 import effcompile as ec
-from effcompile.bench import corpus
-from effcompile.testing import load_minilm
 
 CASES = [(128, 0), (128, 16), (128, 32), (32, 0), (32, 16)]  # (int4 group size, EoRA rank)
 
 
 def main() -> None:
-    model, tok = load_minilm()
-    texts = corpus.stdlib_corpus(64, seed=1)
-    calib = [dict(tok(texts[i:i + 8], padding=True, return_tensors="pt")) for i in range(0, 32, 8)]
-    evalb = dict(tok(corpus.stdlib_corpus(32, seed=5), padding=True, return_tensors="pt"))
-
-    def pool(h, m):
-        m = m.unsqueeze(-1).float()
-        return (h * m).sum(1) / m.sum(1)
-
-    with torch.no_grad():
-        ref = pool(model(**evalb).last_hidden_state, evalb["attention_mask"])
+    ev = MiniLMEval()
     rows = []
     for group, rank in CASES:
         torch._dynamo.reset()
         cfg = ec.Quantize(weights="int4", group_size=group, eora_rank=rank)
-        fast = ec.effcompile(model, passes=[cfg], calibration=calib if rank else None, cache=False)
-        with torch.no_grad():
-            cos = F.cosine_similarity(ref, pool(fast(**evalb).last_hidden_state, evalb["attention_mask"]))
+        fast = ec.effcompile(ev.model, passes=[cfg], calibration=ev.calib if rank else None, cache=False)
+        cos = ev.cosine(fast)
         (rec,) = [p for g in ec.explain(fast).graphs for p in g.passes if p.name == "quantize"]
         layers = rec.artifacts.get("eora", {}).get("layers", {})
         rows.append({"weights": "int4", "group_size": group, "eora_rank": rank,

@@ -23,26 +23,37 @@ CASES = [("int8", "int8"), ("mxint8", "int8"), ("fp8", "fp8")]
 ALPHAS = [None, 0.5, 0.8]
 
 
-def main() -> None:
-    model, tok = load_minilm()
-    texts = corpus.stdlib_corpus(64, seed=1)
-    calib = [dict(tok(texts[i:i + 8], padding=True, return_tensors="pt")) for i in range(0, 32, 8)]
-    evalb = dict(tok(corpus.stdlib_corpus(32, seed=5), padding=True, return_tensors="pt"))
+class MiniLMEval:
+    """Real MiniLM, 4 calibration batches of 8 stdlib docstrings, and a held-out batch of 32 with its eager
+    mean-pooled embeddings; ``cosine(fn)`` compares a compiled model's embeddings to them."""
 
-    def pool(h, m):
-        m = m.unsqueeze(-1).float()
+    def __init__(self):
+        self.model, tok = load_minilm()
+        texts = corpus.stdlib_corpus(64, seed=1)
+        self.calib = [dict(tok(texts[i:i + 8], padding=True, return_tensors="pt")) for i in range(0, 32, 8)]
+        self.batch = dict(tok(corpus.stdlib_corpus(32, seed=5), padding=True, return_tensors="pt"))
+        self.ref = self.embed(self.model)
+
+    def embed(self, fn) -> torch.Tensor:
+        with torch.no_grad():
+            h = fn(**self.batch).last_hidden_state
+        m = self.batch["attention_mask"].unsqueeze(-1).float()
         return (h * m).sum(1) / m.sum(1)
 
-    with torch.no_grad():
-        ref = pool(model(**evalb).last_hidden_state, evalb["attention_mask"])
+    def cosine(self, fn) -> torch.Tensor:
+        return F.cosine_similarity(self.ref, self.embed(fn))
+
+
+def main() -> None:
+    ev = MiniLMEval()
     rows = []
     for weights, act in CASES:
         for alpha in ALPHAS:
             torch._dynamo.reset()
             cfg = ec.Quantize(weights=weights, activations=act, smooth=alpha)
-            fast = ec.effcompile(model, passes=[cfg], calibration=calib if alpha is not None else None, cache=False)
-            with torch.no_grad():
-                cos = F.cosine_similarity(ref, pool(fast(**evalb).last_hidden_state, evalb["attention_mask"]))
+            fast = ec.effcompile(ev.model, passes=[cfg], calibration=ev.calib if alpha is not None else None,
+                                 cache=False)
+            cos = ev.cosine(fast)
             rows.append({"weights": weights, "activations": act, "smooth": alpha,
                          "cosine_min": round(cos.min().item(), 6), "cosine_mean": round(cos.mean().item(), 6)})
             print(rows[-1], flush=True)
