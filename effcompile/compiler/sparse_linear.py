@@ -54,18 +54,9 @@ def rows_of(weight_t, scales, zeros, fmt: str, group_size: int, dtype: torch.dty
     return (codes * scales.float()[g] + zeros.float()[g]).to(dtype)
 
 
-def threshold_input(x, threshold, label: str, decode_only: bool) -> tuple[torch.Tensor, bool]:
-    """(x with sub-threshold inputs zeroed, whether thresholding applied); counts under measure_sparsity()."""
-    if decode_only and sparse_ops.is_prefill(x):
-        return x, False
-    keep = sparse_ops.keep_mask(x, threshold)
-    sparse_ops.record(label, keep, keep.numel())
-    return torch.where(keep, x, torch.zeros((), dtype=x.dtype, device=x.device)), True
-
-
 def sparse_linear_eager(x, threshold, weight_t, scales, zeros, bias, fmt: str, group_size: int, label: str,
                         decode_only: bool) -> torch.Tensor:
-    xs, applied = threshold_input(x, threshold, label, decode_only)
+    xs, applied = sparse_ops.threshold_input(x, threshold, label, decode_only)
     x2 = xs.reshape(-1, xs.shape[-1])
     n = weight_t.shape[1] * (2 if fmt == "int4" else 1)
     if applied and x2.shape[0] <= DECODE_MAX_ROWS:
@@ -80,7 +71,7 @@ def sparse_linear_eager(x, threshold, weight_t, scales, zeros, bias, fmt: str, g
 
 def reference(x, threshold, weight_t, scales, zeros, bias, fmt, group_size, label, decode_only) -> torch.Tensor:
     """The op's definition: F.linear of the thresholded input with the dequantized weight."""
-    xs, _ = threshold_input(x, threshold, label, decode_only)
+    xs, _ = sparse_ops.threshold_input(x, threshold, label, decode_only)
     w = rows_of(weight_t, scales, zeros, fmt, group_size, x.dtype).t()
     return torch.nn.functional.linear(xs, w, None if bias is None else bias.to(x.dtype))
 
@@ -107,4 +98,4 @@ def sparse_linear_op():
 
 
 __all__ = ["DECODE_MAX_ROWS", "FORMATS", "reference", "rows_of", "sparse_linear_eager", "sparse_linear_op",
-           "threshold_input", "to_input_major"]
+           "to_input_major"]

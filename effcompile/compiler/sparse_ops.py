@@ -99,12 +99,20 @@ def not_measuring():
             _MEASURING += saved
 
 
-def sparsify_eager(x: torch.Tensor, threshold: torch.Tensor, label: str, decode_only: bool) -> torch.Tensor:
+def threshold_input(x: torch.Tensor, threshold: torch.Tensor, label: str,
+                    decode_only: bool) -> tuple[torch.Tensor, bool]:
+    """(x with sub-threshold inputs zeroed, whether thresholding applied); counts under measure_sparsity().
+    With decode_only, prefill-shaped inputs come back as x itself (not thresholded)."""
     if decode_only and is_prefill(x):
-        return x.clone()  # custom ops may not return an alias of an input
+        return x, False
     keep = keep_mask(x, threshold)
     record(label, keep, keep.numel())
-    return torch.where(keep, x, torch.zeros((), dtype=x.dtype, device=x.device))
+    return torch.where(keep, x, torch.zeros((), dtype=x.dtype, device=x.device)), True
+
+
+def sparsify_eager(x: torch.Tensor, threshold: torch.Tensor, label: str, decode_only: bool) -> torch.Tensor:
+    out, applied = threshold_input(x, threshold, label, decode_only)
+    return out if applied else x.clone()  # custom ops may not return an alias of an input
 
 
 if not hasattr(torch.ops.effcompile, "sparsify"):
@@ -125,4 +133,4 @@ def sparsify_op():
 
 
 __all__ = ["SPARSITY", "explain_lines", "is_prefill", "keep_mask", "measure_sparsity", "measuring", "not_measuring",
-           "record", "sparsify_eager", "sparsify_op"]
+           "record", "sparsify_eager", "sparsify_op", "threshold_input"]
