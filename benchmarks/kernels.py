@@ -261,8 +261,8 @@ def sweep(dtype, device: str, peak: float) -> tuple[list, dict]:
             timed = _time_configs(runs, _configs(case[0] == "sparse") + [None])
             if not timed:
                 continue
-            best = timed[0][1] or plan.Config(0, 0, 0, 0)  # None: the built-in default won
-            if timed[0][1] is not None:
+            best = timed[0][1]  # None: the built-in default won, and there is no split to explore around it
+            if best is not None:
                 timed = sorted(timed + _time_configs(runs, [best._replace(splits=sp) for sp in (1, 2, 4, 8)]),
                                key=lambda r: r[0])
             for rank, (ms, cfg) in enumerate(timed[:5]):

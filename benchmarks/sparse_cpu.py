@@ -14,29 +14,17 @@ import argparse
 import datetime
 import json
 import os
-import statistics
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from quantize import median_ms  # benchmarks/quantize.py: warm-up + median, no grad
 
 from effcompile.compiler import ops as qops
 from effcompile.compiler import sparse_linear as sl
 
 SHAPES = {"7b.up": (11008, 4096), "7b.down": (4096, 11008)}
 SPARSITY = (0.0, 0.25, 0.4, 0.5, 0.6)
-
-
-def median_ms(fn, reps: int) -> float:
-    for _ in range(2):
-        fn()
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(times)
 
 
 def main() -> None:
