@@ -82,7 +82,8 @@ def test_op_paths_are_counted(monkeypatch):
 def test_unsupported_inputs_use_the_eager_path():
     x, qw, _ = _case("int8", 0, 16, 32, 2, torch.float32)
     assert D.supported(x.double(), qw.qweight, "int8", 0) is not None
-    assert D.supported(x, qw.qweight, "fp8", 0) is not None
+    assert D.supported(x, qw.qweight, "int3", 0) is not None
+    assert D.supported(x, qw.qweight, "int8", 0, act="fp8") is not None  # not a pairing ops.ACTIVATIONS has
     assert D.supported(x, qw.qweight, "int8", 0) is None
 
 

@@ -1,4 +1,4 @@
-"""Fused dequantize + matmul Triton kernel (int8 per-channel, int4 group-wise): split-K for decode, tiles for prefill."""
+"""Fused dequantize + matmul Triton kernel (int8 / fp8 per-channel, int4 group-wise, MX blocks): split-K for decode, tiles for prefill."""
 
 from __future__ import annotations
 
@@ -7,12 +7,17 @@ import triton
 import triton.language as tl
 
 from effcompile.codegen import ops as _ops
+from effcompile.codegen.kernels import act_quant as aq
 from effcompile.codegen.kernels import launch_plan as plan
 from effcompile.compiler import ops as qops
 
 NAME = "dequant_linear"  # the custom op (effcompile::dequant_linear) and its PATH_COUNTS key
-GEMV_MAX_M = 8  # rows of activations up to which the GEMV (decode) kernel runs
-_FMT = {"int8": 0, "int4": 1}
+GEMV_MAX_M = plan.GEMV_MAX_M  # rows of activations up to which the GEMV (decode) kernel runs
+# Kernel branch per weight format. int8 and fp8 share one: codes times a per-row scale, the code's own
+# element type (int8 / float8e4nv, loaded as such) decides the decode. mxint8 and mxfp8 likewise share the
+# MX branch (codes times 2**exponent per block of 32 along K).
+_FMT = {"int8": 0, "fp8": 0, "int4": 1, "mxint8": 2, "mxfp8": 2}
+_FP8_FORMATS = ("fp8", "mxfp8")
 
 # Interpreter note (codegen/README.md): only tl builtins and tl.reduce with triton's own combine
 # functions; no tl.sum or @jit helpers, which the interpreter cannot run when TRITON_INTERPRET was set
@@ -42,12 +47,14 @@ def _matmul_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, out_ptr, M, N, K, K_SPLIT,
             offs_k = k0 + tl.arange(0, BLOCK_K)
             k_mask = offs_k < k_hi
             x = tl.load(x_ptr + row + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-            w = tl.load(q_ptr + col * K + offs_k[:, None], mask=k_mask[:, None] & n_mask[None, :], other=0)
-            # int8 codes are exact in fp16/bf16/fp32, so the dot runs in the activation dtype.
+            # other=0.0, not 0: the interpreter cannot cast an int array to float8e4nv.
+            w = tl.load(q_ptr + col * K + offs_k[:, None], mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+            # int8 and e4m3 codes are exact in fp16/bf16/fp32 (e4m3: 4 significant bits, 2**-9..448), so
+            # the dot runs in the activation dtype and the row scale is applied once, after it.
             acc += tl.dot(x.to(DOT_DT), w.to(DOT_DT), input_precision="ieee")
         s = tl.load(s_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
         acc = acc * s[None, :]
-    else:
+    elif FMT == 1:
         KH = K // 2
         for j0 in range(k_lo // 2, k_hi // 2, BLOCK_K // 2):
             offs_j = j0 + tl.arange(0, BLOCK_K // 2)
@@ -64,6 +71,21 @@ def _matmul_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, out_ptr, M, N, K, K_SPLIT,
             xo = tl.load(x_ptr + row + 2 * offs_j[None, :] + 1, mask=xmask, other=0.0)
             acc += tl.dot(xe.to(DOT_DT), lo.to(DOT_DT), input_precision="ieee")
             acc += tl.dot(xo.to(DOT_DT), hi.to(DOT_DT), input_precision="ieee")
+    else:
+        # MX: the scale changes every G elements of K, so it is applied to the weight tile before the dot
+        # (rounded to the activation dtype, as ops.dequantize does), not to the accumulator.
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_mask = offs_k < k_hi
+            wmask = k_mask[:, None] & n_mask[None, :]
+            x = tl.load(x_ptr + row + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+            w = tl.load(q_ptr + col * K + offs_k[:, None], mask=wmask, other=0.0).to(tl.float32)
+            e = tl.load(s_ptr + col * (K // G) + offs_k[:, None] // G, mask=wmask, other=0).to(tl.int32)
+            # 2**e from its fp32 bits (exact; tl.exp2 is an approximate ex2 on the GPU). e = -127 (quantize's
+            # floor, reached by all-zero blocks and those below ~2**-119) is the fp32 subnormal 2**-127.
+            p = tl.where(e > -127, (e + 127) << 23, 4194304).to(tl.float32, bitcast=True)
+            w = (w * p).to(x_ptr.dtype.element_ty)
+            acc += tl.dot(x.to(DOT_DT), w.to(DOT_DT), input_precision="ieee")
     if HAS_BIAS:
         first = (offs_n * 0 + k_lo) == 0  # a tensor: the interpreter refuses a scalar bool in a mask
         b = tl.load(b_ptr + offs_n, mask=n_mask & first, other=0.0).to(tl.float32)  # added by split 0 only
@@ -75,36 +97,53 @@ def _matmul_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, out_ptr, M, N, K, K_SPLIT,
         tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
 
-def reference(x, qweight, scales, zeros, bias, fmt: str, group_size: int) -> torch.Tensor:
-    """Eager reference: dequantize to the activation dtype, then F.linear (the IR op's definition)."""
-    return qops.reference(x, qweight, scales, zeros, bias, fmt, group_size)
+def reference(x, qweight, scales, zeros, bias, fmt: str, group_size: int, act: str = "none") -> torch.Tensor:
+    """Eager reference: quantize-dequantize the activations (act), dequantize the weight to the activation
+    dtype, then F.linear (the IR op's definition)."""
+    return qops.reference(x, qweight, scales, zeros, bias, fmt, group_size, act)
 
 
 def supported(x: torch.Tensor, qweight: torch.Tensor, fmt: str, group_size: int, act: str = "none") -> str | None:
     """None when the kernels take these inputs, else why not (the caller runs the eager path)."""
     if fmt not in _FMT:
         return f"no Triton kernel for weight format {fmt!r} yet (eager dequantize + matmul)"
-    if act != "none":
-        return f"no Triton kernel for activations={act!r} yet (eager path)"
+    if act not in qops.ACTIVATIONS or fmt not in qops.ACTIVATIONS[act]:
+        return f"no Triton kernel for activations={act!r} with weights {fmt!r} (eager path)"
     if x.dtype not in qops.FLOAT_DTYPES:
         return f"activation dtype {x.dtype} is not fp32/fp16/bf16"
     k = x.shape[-1]
     if fmt == "int4" and (k % group_size or k % 2 or group_size % 2):
         return f"K={k} does not split into groups of {group_size}"
+    if _FMT[fmt] == 2 and (group_size <= 0 or k % group_size):
+        return f"K={k} does not split into MX blocks of {group_size}"
+    if fmt in _FP8_FORMATS and x.device.type == "cuda" and torch.cuda.get_device_capability(x.device) < (8, 9):
+        return "Triton loads e4m3 (float8e4nv) only on sm_89 and newer GPUs"
     return None
 
 
 def kind_for(rows: int | None, fmt: str = "int8", act: str = "none") -> str:
     """The kernel a call with ``rows`` activation rows runs (None = not known until run time)."""
-    if fmt not in _FMT or act != "none":
+    if fmt not in _FMT or act not in qops.ACTIVATIONS or fmt not in qops.ACTIVATIONS[act]:
         return "eager (no Triton kernel for this format)"
-    return "dequant-gemv" if rows is not None and rows <= GEMV_MAX_M else "dequant-gemm"
+    shape = "gemv" if rows is not None and rows <= GEMV_MAX_M else "gemm"
+    if act == "none":
+        return "dequant-" + shape
+    if act == "int8" and fmt == "int8":
+        return "w8a8-" + shape  # int8 x int8 -> int32 tensor-core GEMM after a row-quantize kernel
+    # Other activation modes: the row-quantize kernel writes the quantize-dequantized activations, then the
+    # weight-only kernel runs on them (the reference's numerics; not an fp8 x fp8 / MX integer GEMM).
+    return f"{act}-fake-quant+dequant-" + shape
 
 
 def launch(x, qweight, scales, zeros, bias, fmt: str, group_size: int, split_k: int | None = None,
-           config: plan.Config | None = None) -> torch.Tensor:
-    """Run the kernel on x [..., K]; the result is [..., N] in x's dtype. split_k forces the K split (tests);
-    config overrides the tile shape (benchmarks/kernels.py --sweep)."""
+           config: plan.Config | None = None, act: str = "none") -> torch.Tensor:
+    """Run the kernels on x [..., K]; the result is [..., N] in x's dtype. split_k forces the K split (tests);
+    config overrides the tile shape (benchmarks/kernels.py --sweep); act quantizes the activations per token
+    first (W8A8 for int8 x int8)."""
+    if act == "int8" and fmt == "int8":
+        return aq.w8a8(x, qweight, scales, bias, split_k, config)
+    if act != "none":
+        x = aq.quantize_rows(x, act, fake=True)[0]
     k, n = x.shape[-1], qweight.shape[0]
     dev = x.device
     x2 = x.reshape(-1, k).contiguous()
@@ -112,20 +151,14 @@ def launch(x, qweight, scales, zeros, bias, fmt: str, group_size: int, split_k: 
     if not (m and n):
         return torch.empty((*x.shape[:-1], n), dtype=x.dtype, device=dev)
     q, s = qweight.to(dev).contiguous(), scales.to(dev).contiguous()
-    z = zeros.to(dev).contiguous() if zeros is not None else s  # placeholder: FMT=int8 never reads it
+    z = zeros.to(dev).contiguous() if zeros is not None else s  # placeholder: only int4 reads it
     b = bias.to(dev).contiguous() if bias is not None else s
     interp = _ops.interpreting(dev)
     if config is None and m <= GEMV_MAX_M:
         config = plan.tuned("dequant", fmt, m, x.dtype, dev)
-    if config is not None:
-        bm, bn, bk, warps, stages = max(16, triton.next_power_of_2(min(m, 64))), *config[:4]
-        split_k = split_k if split_k is not None else config.splits
-    elif m <= GEMV_MAX_M:  # decode: M padded to one 16-row dot tile, long K chunks, split over programs
-        bm, bn, bk, warps, stages = 16, *plan.decode_config(fmt, x.dtype)
-    else:
-        bm, bn, bk, warps, stages = (64 if m >= 64 else 32), 64, 64, 4, 3
+    bm, bn, bk, warps, stages, splits = plan.matmul_tiles(m, fmt, x.dtype, config)
     tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
-    ks = plan.k_split(tiles, k, bk, dev, split_k if split_k is not None else (None if m <= GEMV_MAX_M else 1))
+    ks = plan.k_split(tiles, k, bk, dev, split_k if split_k is not None else splits)
     atomic = ks < k
     out = (torch.zeros if atomic else torch.empty)((m, n), dtype=torch.float32 if atomic else x.dtype, device=dev)
     grid = (triton.cdiv(m, bm), triton.cdiv(n, bn), triton.cdiv(k, ks))
@@ -139,7 +172,7 @@ def launch(x, qweight, scales, zeros, bias, fmt: str, group_size: int, split_k: 
 def run(x, qweight, scales, zeros, bias, fmt: str, group_size: int, act: str = "none", mode: int = 0) -> torch.Tensor:
     """mode 0: auto (CUDA or TRITON_INTERPRET=1 -> Triton), 1: Triton, 2: the IR op's eager/CPU path."""
     if _ops.use_triton(mode, x.device) and supported(x, qweight, fmt, group_size, act) is None:
-        out, path = launch(x, qweight, scales, zeros, bias, fmt, group_size), "triton"
+        out, path = launch(x, qweight, scales, zeros, bias, fmt, group_size, act=act), "triton"
     else:
         out, path = qops.wq_linear_eager(x, qweight, scales, zeros, bias, fmt, group_size, act), "torch"
     _ops.count(NAME, path)

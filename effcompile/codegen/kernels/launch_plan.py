@@ -16,6 +16,7 @@ import triton.language as tl
 
 DOT_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 PROGRAMS_PER_SM = 4  # enough loads in flight per SM to saturate HBM on a bandwidth-bound GEMV
+GEMV_MAX_M = 8  # rows of activations up to which the matmul kernels take the decode (split-K) shape
 
 
 class Config(NamedTuple):
@@ -29,7 +30,9 @@ class Config(NamedTuple):
 
 
 # Decode (<= 8 rows) tile shapes per weight format, (block_n, block_k, warps, stages).
-DECODE = {"int8": (64, 256, 4, 4), "int4": (64, 256, 4, 4)}
+# fp8 / MX / W8A8 start from the int8 shape (one byte per weight, same loads); not yet measured on a GPU.
+DECODE = {"int8": (64, 256, 4, 4), "int4": (64, 256, 4, 4), "fp8": (64, 256, 4, 4), "mxint8": (64, 256, 4, 4),
+          "mxfp8": (64, 256, 4, 4), "w8a8": (64, 256, 4, 4)}
 # The sparse GEMV: int4 packs two outputs per byte, so 128 outputs = 64 contiguous bytes of a needed row.
 SPARSE = {"float": (64, 128, 4, 4), "int8": (64, 128, 4, 4), "int4": (128, 128, 4, 4)}
 # fp32 dot operands take twice the shared memory per stage: the shapes above asked an H200 for up to
@@ -39,6 +42,18 @@ FP32 = (64, 64, 4, 2)
 
 def decode_config(fmt: str, dtype: torch.dtype) -> tuple[int, int, int, int]:
     return FP32 if dtype == torch.float32 else DECODE[fmt]
+
+
+def matmul_tiles(m: int, fmt: str, dtype: torch.dtype, config: Config | None = None):
+    """(block_m, block_n, block_k, warps, stages, splits or None) for an m-row matmul: ``config`` when given
+    (M padded to a power of two >= 16), else decode (M padded to one 16-row dot tile, long K chunks, split
+    over programs) up to GEMV_MAX_M rows, else prefill tiles (one split). ``dtype``: the dot operands' dtype."""
+    if config is not None:
+        splits = config.splits if config.splits is not None or m <= GEMV_MAX_M else 1
+        return max(16, triton.next_power_of_2(min(m, 64))), *config[:4], splits
+    if m <= GEMV_MAX_M:
+        return 16, *decode_config(fmt, dtype), None
+    return (64 if m >= 64 else 32), 64, 64, 4, 3, 1
 
 
 def sparse_config(fmt: str, dtype: torch.dtype) -> tuple[int, int, int, int]:
