@@ -105,6 +105,34 @@ def test_row_quantize_matches_quantize_activation_exactly(act, dtype):
     assert fake.dtype == dtype and torch.equal(fake, qops.fake_quantize_activation(x, act))
 
 
+def test_row_quantize_divides_correctly_rounded():
+    # Values whose code depends on x / s being correctly rounded: x * (1 / s) (or the GPU's approximate
+    # division) lands on the other side of a .5 boundary for each of them.
+    amax = torch.tensor(100.3)
+    s = (amax / 127.0).clamp_min(1e-12)
+    picked = []
+    for k in range(127):
+        v = ((k + 0.5) * s).reshape(1)
+        for _ in range(4):
+            for c in (v, -v):
+                if torch.round(c / s) != torch.round(c * (1.0 / s)):
+                    picked.append(c)
+            v = torch.nextafter(v, torch.tensor(200.0))
+    assert len(picked) >= 10, len(picked)  # the test has something to catch
+    x = torch.cat([amax.reshape(1), *picked]).view(1, -1)
+    q, sx = AQ.quantize_rows(x, "int8")
+    assert torch.equal(sx, s.view(1, 1)) and torch.equal(q, qops.quantize_activation(x, "int8")[0])
+
+
+def test_mx_exponent_floor_decodes_to_a_subnormal_scale():
+    # Weights near 2**-125: mxfp8 clamps the block exponent to -127, whose scale 2**-127 is an fp32
+    # subnormal (its bits are not (e + 127) << 23). Nonzero codes times that scale must survive.
+    x, qw, b = _case("mxfp8", 32, 40, 96, 2, torch.float32, bias=False)
+    qw = qops.quantize_weight(qops.dequantize(*qw[:3], "mxfp8", 32) * 2.0**-125, "mxfp8", 32)
+    assert (qw.scales == -127).any() and qw.qweight[qw.scales.repeat_interleave(32, 1) == -127].float().abs().max() > 0
+    _check(x, qw, b)
+
+
 def test_kind_for_names_the_kernel_of_every_format_and_activation_pair():
     for act, fmts in qops.ACTIVATIONS.items():
         for fmt in fmts:

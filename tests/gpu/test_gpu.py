@@ -202,3 +202,75 @@ def test_dequant_split_k_on_device(splits):
     q, s, z = (t.cuda() for t in qw[:3])
     got = D.launch(x, q, s, z, None, "int4", 128, split_k=splits)
     assert _rel_err(got, D.reference(x, q, s, z, None, "int4", 128)) <= 1e-5
+
+
+# -- fp8 / MX weights, dynamic activation quantization (W8A8, fp8) ------------------------------------
+
+
+def _needs_e4m3(fmt, act="none"):
+    # Triton loads float8e4nv only on sm_89+; dequant_matmul.supported() sends older GPUs to the eager path.
+    if "fp8" in (fmt, act) and torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("e4m3 needs sm_89 or newer")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("m", [1, 3, 8, 19, 128])
+@pytest.mark.parametrize("fmt,group", [("fp8", 0), ("mxint8", 32), ("mxfp8", 32)])
+def test_dequant_formats_on_device(fmt, group, m, dtype):
+    _needs_e4m3(fmt)
+    gen = torch.Generator().manual_seed(m)
+    n, k = 781, 1920  # odd N; K = 60 MX blocks, 15 * 128
+    w = (torch.randn(n, k, generator=gen) / 20).to(dtype)
+    qw = qops.quantize_weight(w, fmt, group)
+    x = torch.randn(m, k, generator=gen).to(dtype).cuda()
+    b = torch.randn(n, generator=gen).to(dtype).cuda()
+    q, s = qw.qweight.cuda(), qw.scales.cuda()
+    got = D.launch(x, q, s, None, b, fmt, group)  # m <= 8: split K over programs (atomic partial sums)
+    want = D.reference(x, q, s, None, b, fmt, group)
+    assert got.shape == want.shape and got.dtype == dtype
+    assert _rel_err(got, want) <= REL_TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("m", [1, 8, 19, 128])
+@pytest.mark.parametrize("act,fmt,group", [("int8", "int8", 0), ("int8", "mxint8", 32), ("fp8", "fp8", 0),
+                                           ("fp8", "mxfp8", 32)])
+def test_activation_quantized_kernels_on_device(act, fmt, group, m, dtype):
+    _needs_e4m3(fmt, act)
+    gen = torch.Generator().manual_seed(m)
+    n, k = 781, 1920
+    qw = qops.quantize_weight((torch.randn(n, k, generator=gen) / 20).to(dtype), fmt, group)
+    x = torch.randn(m, k, generator=gen).to(dtype)
+    b = torch.randn(n, generator=gen).to(dtype)
+    got = D.launch(x.cuda(), qw.qweight.cuda(), qw.scales.cuda(), None, b.cuda(), fmt, group, act=act)
+    # Reference on the CPU: torch divides correctly rounded there, as the row-quantize kernel does (on CUDA
+    # it multiplies by the reciprocal of a scalar divisor, which can move a token's code by one).
+    want = D.reference(x, *qw[:3], b, fmt, group, act)
+    assert got.shape == want.shape and got.dtype == dtype
+    assert _rel_err(got.cpu(), want) <= REL_TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("act", ["int8", "fp8"])
+def test_row_quantize_on_device_matches_cpu_exactly(act, dtype):
+    from effcompile.codegen.kernels import act_quant as AQ
+
+    _needs_e4m3("none", act)
+    gen = torch.Generator().manual_seed(0)
+    x = (torch.randn(37, 1000, generator=gen) * torch.rand(37, 1, generator=gen) * 10).to(dtype)
+    x[0, :5] = torch.tensor([127.0, 0.5, 1.5, 2.5, -2.5])  # row amax 127: int8 scale exactly 1, .5 ties
+    q, s = AQ.quantize_rows(x.cuda(), act)
+    want_q, want_s = qops.quantize_activation(x, act)
+    assert torch.equal(s.cpu(), want_s) and torch.equal(q.cpu().float(), want_q.float())
+    fake, _ = AQ.quantize_rows(x.cuda(), act, fake=True)
+    assert torch.equal(fake.cpu(), qops.fake_quantize_activation(x, act))
+
+
+@pytest.mark.parametrize("splits", [1, 3])
+def test_w8a8_split_k_on_device(splits):
+    qw = qops.quantize_weight(torch.randn(300, 2304) / 20, "int8", 0)
+    x = torch.randn(2, 2304)
+    b = torch.randn(300)
+    got = D.launch(x.cuda(), qw.qweight.cuda(), qw.scales.cuda(), None, b.cuda(), "int8", 0, split_k=splits,
+                   act="int8")
+    torch.testing.assert_close(got.cpu(), qops._w8a8(x, qw.qweight, qw.scales, b), rtol=1e-5, atol=1e-5)
