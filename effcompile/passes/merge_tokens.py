@@ -79,13 +79,15 @@ def tome_merge(x: torch.Tensor, k: torch.Tensor, size: torch.Tensor, src: torch.
                protect_first: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Bipartite soft matching (ToMe): merge r tokens of set A (even) into their most similar of set B (odd).
 
-    x [B, N, C] stream, k [B, heads, N, d] this layer's attention keys (cosine over the head mean),
+    x [B, N, C] stream, k [B, heads, N, d] this layer's attention keys (per-head cosine, averaged),
     size [B, N], src [B, S0] original token -> current index. Returns (x, size, src) with N - r tokens.
     """
-    metric = k.float().mean(1)
-    metric = metric / metric.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-    a, b = metric[:, ::2], metric[:, 1::2]
-    scores = a @ b.transpose(-1, -2)  # [B, Na, Nb]
+    # Similarity: the cosine of two tokens' keys in each head, averaged over heads. ToMe's timm code
+    # averages the keys over heads first; on MiniLM that mixes unrelated heads' dimensions and picks
+    # worse pairs (benchmarks/tokens.py: 0.936 vs 0.974 mean cosine at ratio 0.5 on 128-token text).
+    kf = k.float()
+    unit = kf * torch.rsqrt((kf * kf).sum(-1, keepdim=True).clamp_min(1e-24))
+    scores = (unit[:, :, ::2] @ unit[:, :, 1::2].transpose(-1, -2)).mean(1)  # [B, Na, Nb], in [-1, 1]
     va, vb = size[:, ::2] > 0, size[:, 1::2] > 0
     # A padded token merges for free (size 0): first choice. A real one never merges into padding
     # (two real tokens would then average without a similarity check).
@@ -98,26 +100,40 @@ def tome_merge(x: torch.Tensor, k: torch.Tensor, size: torch.Tensor, src: torch.
     unm_idx = edge_idx[:, r:].sort(-1).values  # kept A tokens, in their original order
     src_idx = edge_idx[:, :r]
     dst_idx = node_idx.gather(-1, src_idx)
-    na, c = a.shape[1], x.shape[-1]
+    bsz, n, c = x.shape
+    na, nb = scores.shape[1], scores.shape[2]
     n_unm = na - r
 
-    xw = x * size[..., None].to(x.dtype)
-    xa, xb = xw[:, ::2], xw[:, 1::2]
-    out_b = xb.scatter_add(1, dst_idx[..., None].expand(-1, -1, c), xa.gather(1, src_idx[..., None].expand(-1, -1, c)))
+    # The merged stream: kept A tokens in order, then every B token. One row gather of the whole stream
+    # (index_select on [B*N, C] copies rows; gather with an expanded index would index every element);
+    # only the r merged pairs do arithmetic (a token nothing merged into is copied bit for bit).
+    base = (torch.arange(bsz, device=x.device) * n)[:, None]
+    b_pos = (2 * torch.arange(nb, device=x.device) + 1).expand(bsz, nb)
+    flat = x.reshape(bsz * n, c)
+    out = flat.index_select(0, (torch.cat([2 * unm_idx, b_pos], 1) + base).flatten())
     sa, sb = size[:, ::2], size[:, 1::2]
-    size_b = sb.scatter_add(1, dst_idx, sa.gather(1, src_idx))
-    out = torch.cat([xa.gather(1, unm_idx[..., None].expand(-1, -1, c)), out_b], 1)
+    s_src = sa.gather(1, src_idx)
+    size_b = sb.scatter_add(1, dst_idx, s_src)
     new_size = torch.cat([sa.gather(1, unm_idx), size_b], 1)
-    out = out / new_size.clamp_min(1e-6)[..., None].to(out.dtype)
+    # Each destination becomes (x_b * s_b + sum x_a * s_a) / (s_b + sum s_a): written as x_b's share,
+    # then each merged A token's share added (duplicate destinations write the same first term).
+    s_dst = size_b.gather(1, dst_idx).clamp_min(1e-6)
+    rows = (n_unm + dst_idx + (torch.arange(bsz, device=x.device) * (n - r))[:, None]).flatten()
+    x_dst = flat.index_select(0, (2 * dst_idx + 1 + base).flatten())
+    x_src = flat.index_select(0, (2 * src_idx + base).flatten())
+    w_dst = (sb.gather(1, dst_idx) / s_dst).flatten()[:, None].to(x.dtype)
+    w_src = (s_src / s_dst).flatten()[:, None].to(x.dtype)
+    out.index_copy_(0, rows, x_dst * w_dst)
+    out.index_add_(0, rows, x_src * w_src)
+    out = out.view(bsz, n - r, c)
 
     # Where each current token went: kept A tokens to their rank, merged ones to their B partner.
     new_a = torch.empty_like(node_idx)
-    new_a.scatter_(1, unm_idx, torch.arange(n_unm, device=x.device).expand(x.shape[0], n_unm))
+    new_a.scatter_(1, unm_idx, torch.arange(n_unm, device=x.device).expand(bsz, n_unm))
     new_a.scatter_(1, src_idx, n_unm + dst_idx)
-    new_b = (n_unm + torch.arange(b.shape[1], device=x.device)).expand(x.shape[0], -1)
-    where = torch.stack([new_a[:, : new_b.shape[1]], new_b], -1).flatten(1)
-    if new_a.shape[1] > new_b.shape[1]:  # odd N: the last token is in A
-        where = torch.cat([where, new_a[:, -1:]], 1)
+    where = torch.empty(bsz, n, dtype=src.dtype, device=x.device)
+    where[:, ::2] = new_a
+    where[:, 1::2] = n_unm + torch.arange(nb, device=x.device)
     return out, new_size, where.gather(1, src)
 
 
@@ -143,8 +159,9 @@ def tome_bias(size: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 
 def tome_unmerge(x: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
     """Every original token reads the merged token it went into: [B, N, ...] -> [B, S0, ...]."""
-    idx = src.reshape(*src.shape, *([1] * (x.dim() - 2))).expand(*src.shape, *x.shape[2:])
-    return x.gather(1, idx)
+    b, n = x.shape[0], x.shape[1]
+    rows = (src + (torch.arange(b, device=x.device) * n)[:, None]).flatten()
+    return x.reshape(b * n, -1).index_select(0, rows).view(*src.shape, *x.shape[2:])
 
 
 # ---------------------------------------------------------------------------------------------

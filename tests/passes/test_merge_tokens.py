@@ -130,6 +130,59 @@ def test_tome_merge_averages_by_size_and_maps_every_source():
     assert sorted(new_src[0].unique().tolist()) == list(range(6))
 
 
+def _reference_merge(x, k, size, src, r, protect_first):
+    """ToMe's bipartite matching row by row in plain Python: the vectorized op must agree with it."""
+    outs, sizes, srcs = [], [], []
+    for b in range(x.shape[0]):
+        n = x.shape[1]
+        a_idx, b_idx = list(range(0, n, 2)), list(range(1, n, 2))
+        best = []
+        for i, ai in enumerate(a_idx):
+            sims = []
+            for bj in b_idx:
+                cos = torch.nn.functional.cosine_similarity(k[b, :, ai], k[b, :, bj], dim=-1).mean().item()
+                sims.append(2.0 if size[b, ai] == 0 else cos if size[b, bj] > 0 else float("-inf"))
+            if protect_first and i == 0:
+                sims = [float("-inf")] * len(sims)
+            j = max(range(len(sims)), key=lambda j: (sims[j], -j))  # first of the best
+            best.append((sims[j], j))
+        order = sorted(range(len(a_idx)), key=lambda i: -best[i][0])  # stable: earlier A first on ties
+        merged, kept = order[:r], sorted(order[r:])
+        rows = [x[b, a_idx[i]] for i in kept] + [x[b, bj] for bj in b_idx]
+        sz = [size[b, a_idx[i]] for i in kept] + [size[b, bj] for bj in b_idx]
+        acc = [x[b, bj] * size[b, bj] for bj in b_idx]
+        tot = [size[b, bj].clone() for bj in b_idx]
+        go = {a_idx[i]: pos for pos, i in enumerate(kept)}
+        go |= {bj: len(kept) + j for j, bj in enumerate(b_idx)}
+        for i in merged:
+            j = best[i][1]
+            acc[j] = acc[j] + x[b, a_idx[i]] * size[b, a_idx[i]]
+            tot[j] = tot[j] + size[b, a_idx[i]]
+            go[a_idx[i]] = len(kept) + j
+            rows[len(kept) + j] = acc[j] / tot[j]
+            sz[len(kept) + j] = tot[j]
+        outs.append(torch.stack(rows))
+        sizes.append(torch.stack(sz))
+        srcs.append(torch.tensor([go[int(t)] for t in src[b]]))
+    return torch.stack(outs), torch.stack(sizes), torch.stack(srcs)
+
+
+@pytest.mark.parametrize("n,r,protect", [(12, 5, True), (13, 6, False), (9, 3, True), (16, 0, True)])
+def test_tome_merge_equals_a_row_by_row_reference(n, r, protect):
+    # Per-head key cosine averaged over heads, padding (size 0) merged first, sizes > 1 from earlier merges,
+    # odd lengths (the last token is in A), a source map longer than the stream.
+    g = torch.Generator().manual_seed(n + r)
+    x, k = torch.randn(3, n, 6, generator=g), torch.randn(3, 4, n, 5, generator=g)
+    size = torch.randint(1, 4, (3, n), generator=g).float()
+    size[1, -4:] = 0  # a padded row
+    src = torch.randint(0, n, (3, n + 7), generator=g)
+    out, new_size, new_src = tome_merge(x, k, size, src, r, protect)
+    ref_out, ref_size, ref_src = _reference_merge(x, k, size, src, r, protect)
+    assert torch.equal(new_src, ref_src) and torch.equal(new_size, ref_size)
+    real = new_size > 0
+    torch.testing.assert_close(out[real], ref_out[real], rtol=1e-5, atol=1e-6)
+
+
 def test_first_token_is_protected():
     x = torch.randn(1, 6, 4)
     k = torch.ones(1, 1, 6, 4)  # every pair equally similar
