@@ -119,6 +119,68 @@ def restore_tokens(base: torch.Tensor, x: torch.Tensor, idx: torch.Tensor) -> to
 
 
 # ---------------------------------------------------------------------------------------------
+# Extending a pruned KV cache by a chunk of several tokens (opt-in, Hugging Face models)
+# ---------------------------------------------------------------------------------------------
+
+PRUNED_SDPA = "effcompile_pruned_sdpa"
+
+
+@torch.library.custom_op("effcompile::pruned_cache_mask", mutates_args=())
+def pruned_cache_mask(mask: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+    """The mask of one block whose cache is pruned: [..., q, P + q] (built from layer 0's length P) ->
+    [..., q, P_i + q] for this block's keys (P_i kept cache entries + the q new ones).
+
+    The new tokens' columns are the last q of the mask (causal among the chunk). Which P_i of the P past
+    positions the block kept is not recorded in the cache, so their columns can only be rebuilt when every
+    query sees every past position (no padding there, no sliding window): otherwise a clear error.
+    """
+    q, total, kv = mask.shape[-2], mask.shape[-1], key.shape[-2]
+    past = mask[..., : total - q]
+    seen = past if past.dtype == torch.bool else past > torch.finfo(past.dtype).min / 2
+    if not bool(seen.all()):
+        raise ValueError(
+            f"extending a KV cache pruned by PruneTokens ({kv - q} of {total - q} past tokens kept in this block) "
+            f"with a mask that hides some past tokens (padding or a sliding window): the pruned cache does not "
+            f"record which positions it kept, so that mask cannot be applied to it")
+    return mask[..., total - kv:].clone()
+
+
+@pruned_cache_mask.register_fake
+def _(mask, key):
+    return mask.new_empty(*mask.shape[:-1], key.shape[-2])
+
+
+def _pruned_sdpa(module, query, key, value, attention_mask, **kwargs):
+    """Hugging Face's SDPA attention, with the mask fitted to this block's own key length."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if attention_mask is not None and attention_mask.shape[-1] != key.shape[-2]:
+        attention_mask = torch.ops.effcompile.pruned_cache_mask.default(attention_mask, key)
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+def enable_pruned_chunks(model):
+    """Let a Hugging Face model (sdpa attention) extend a PruneTokens cache by several tokens per call.
+
+    Hugging Face builds one attention mask for all blocks from block 0's cache length; the blocks from
+    ``layer`` on hold fewer (kept) entries, so a multi-token chunk fails there with a shape error (while
+    dynamo traces the model, before any pass sees a graph). This switches the model to an attention
+    function that fits the mask to each block's keys (:func:`pruned_cache_mask`); it is SDPA otherwise,
+    so outputs on an unpruned cache are unchanged. Returns the model.
+    """
+    from transformers import AttentionInterface, AttentionMaskInterface
+    from transformers.masking_utils import sdpa_mask
+
+    if model.config._attn_implementation not in ("sdpa", PRUNED_SDPA):
+        raise ValueError(f"enable_pruned_chunks needs attn_implementation='sdpa', the model uses "
+                         f"{model.config._attn_implementation!r}")
+    AttentionInterface.register(PRUNED_SDPA, _pruned_sdpa)
+    AttentionMaskInterface.register(PRUNED_SDPA, sdpa_mask)
+    model.set_attn_implementation(PRUNED_SDPA)
+    return model
+
+
+# ---------------------------------------------------------------------------------------------
 # The pass
 # ---------------------------------------------------------------------------------------------
 
@@ -270,5 +332,5 @@ def _block_output(gm: fx.GraphModule, block: int) -> fx.Node | None:
     return last
 
 
-__all__ = ["PruneTokens", "gather_tokens", "keep_count", "prune_select", "restore_tokens", "select_tokens",
+__all__ = ["PruneTokens", "enable_pruned_chunks", "pruned_cache_mask", "gather_tokens", "keep_count", "prune_select", "restore_tokens", "select_tokens",
            "token_importance"]

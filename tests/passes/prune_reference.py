@@ -59,3 +59,22 @@ def greedy_from(model, logits, cache, steps):
         out = model(input_ids=nxt, past_key_values=cache, use_cache=True)
         nxt = out.logits[:, -1].argmax(-1, keepdim=True)
     return torch.cat(toks, 1)
+
+
+@torch.no_grad()
+def chunk_from(model, ids, cache):
+    """Feed a chunk of several tokens on a (pruned) cache, block by block: each block's mask is built from
+    its own cache length (every kept entry visible, causal among the chunk). Returns the logits [B, q, V]."""
+    base = model.model
+    b, q = ids.shape
+    p0 = cache.layers[0].keys.shape[2]  # positions continue after the full prompt
+    pos = (p0 + torch.arange(q))[None].expand(b, q)
+    h = base.embed_tokens(ids)
+    pe = base.rotary_emb(h, pos)
+    causal = torch.ones(q, q, dtype=torch.bool).tril()
+    for i, blk in enumerate(base.layers):
+        past = cache.layers[i].keys.shape[2]
+        mask = torch.cat([torch.ones(q, past, dtype=torch.bool), causal], 1)[None, None].expand(b, 1, q, past + q)
+        out = blk(h, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True, position_embeddings=pe)
+        h = out[0] if isinstance(out, tuple) else out
+    return model.lm_head(base.norm(h))

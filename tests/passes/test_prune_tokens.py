@@ -1,5 +1,6 @@
 """PruneTokens: validation, structure, eager reference (token-identical generation), RoPE positions, buckets, errors."""
 
+import copy
 import sys
 from pathlib import Path
 
@@ -7,11 +8,11 @@ import pytest
 import torch
 
 import effcompile as ec
-from effcompile.passes.prune_tokens import PruneTokens, token_importance
+from effcompile.passes.prune_tokens import PruneTokens, enable_pruned_chunks, token_importance
 from effcompile.testing import tiny_hf
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from prune_reference import greedy_from, pruned_prefill  # noqa: E402
+from prune_reference import chunk_from, greedy_from, pruned_prefill  # noqa: E402
 
 
 def _rec(fast, i=0):
@@ -98,6 +99,40 @@ def test_generation_matches_the_eager_reference_token_for_token(lm, method):
     assert torch.equal(ours, theirs)
     decode = [p for g in ec.explain(fast).graphs[1:] for p in g.passes if p.name == "prune_tokens"]
     assert decode and not any(p.modified for p in decode) and "extends a KV cache" in decode[0].note
+
+
+def test_chunks_on_a_pruned_cache_match_the_eager_reference(lm):
+    # Hugging Face builds one mask from block 0's (full) cache length; enable_pruned_chunks fits it to each
+    # pruned block's keys. Reference: block by block, each block's mask from its own cache length.
+    model, ids = lm
+    chunked = enable_pruned_chunks(copy.deepcopy(model))
+    prompts = ids[3000:3000 + 2 * 64].view(2, 64)
+    fast = ec.effcompile(chunked, passes=[PruneTokens(keep_ratio=0.5, layer=2, method="last")])
+    with torch.no_grad():
+        cache = fast(input_ids=prompts[:, :40], use_cache=True).past_key_values
+    ref_logits, ref_cache = pruned_prefill(model, prompts[:, :40], 0.5, 2, "last")
+    for chunk in prompts[:, 40:].split(8, dim=1):
+        with torch.no_grad():
+            out = fast(input_ids=chunk, cache=cache, use_cache=True)
+        cache = out.past_key_values
+        ref = chunk_from(model, chunk, ref_cache)
+        torch.testing.assert_close(out.logits, ref, rtol=1e-4, atol=1e-4)
+    assert [lay.keys.shape[2] for lay in cache.layers] == [64, 64, 44, 44]
+    for mine, theirs in zip(cache.layers, ref_cache.layers, strict=True):
+        torch.testing.assert_close(mine.keys, theirs.keys, rtol=1e-4, atol=1e-4)
+    assert torch.equal(greedy_from(fast, out.logits[:, -1], cache, 8), greedy_from(model, ref[:, -1], ref_cache, 8))
+
+
+def test_chunk_with_hidden_past_tokens_on_a_pruned_cache_is_a_clear_error():
+    model = enable_pruned_chunks(tiny_hf("llama", layers=3))
+    fast = ec.effcompile(model, passes=[PruneTokens(keep_ratio=0.5, layer=1)])
+    ids = torch.randint(0, 128, (2, 20))
+    mask = torch.ones(2, 20, dtype=torch.long)
+    mask[0, 0] = 0  # a padded past token: which kept entry it is, the pruned cache does not say
+    with torch.no_grad():
+        cache = fast(input_ids=ids[:, :16], use_cache=True).past_key_values
+        with pytest.raises(Exception, match="does not record which positions it kept"):
+            fast(input_ids=ids[:, 16:], attention_mask=mask, cache=cache, use_cache=True)
 
 
 def test_no_recompile_across_prompt_lengths_inside_a_bucket():
