@@ -1,9 +1,12 @@
-"""CPU speed of the sparse-activation linear (row gather of the needed weight rows) against dense.
+"""CPU speed of decode-shaped linears: dense fp32 vs effcompile's embedding-bag GEMV, dense and sparse, float/int8/int4.
 
-Decode-shaped calls (1 and 8 rows) on Llama-7B projections (4096 -> 11008, 11008 -> 4096), fp32:
-dense F.linear vs effcompile's sparse_linear CPU path at 0/25/40/50/60 % sparsity, for float, int8 and
-int4-g128 weights (the quantized dense baselines are the IR op's own CPU paths: torch's packed
-int8/int4 kernels). Median of --reps calls. Writes benchmarks/results/sparse-cpu-<date>.json.
+Llama-7B projections (4096 -> 11008, 11008 -> 4096), fp32 activations, 1 and 8 rows. Per weight format:
+  fp32_ms     dense F.linear with the fp32 weight (the baseline every ratio is against)
+  packed_ms   the format's previous CPU path (torch's packed int8/int4 ops: wq_linear_eager)
+  gather_ms   the row-gather sparse path (sparse_linear_eager) at the same sparsity
+  bag_ms      the embedding-bag GEMV codegen lowers sparse_linear / wq_linear to on CPU
+at 0/25/40/50/60 % activation sparsity (thresholds = quantiles of |x|). Median of --reps calls.
+Writes benchmarks/results/sparse-cpu-<date>.json.
 
     python benchmarks/sparse_cpu.py [--reps 20]
 """
@@ -20,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from quantize import median_ms  # benchmarks/quantize.py: warm-up + median, no grad
 
+from effcompile.codegen.kernels import cpu_bag_gemv as bag
 from effcompile.compiler import ops as qops
 from effcompile.compiler import sparse_linear as sl
 
@@ -41,23 +45,29 @@ def main() -> None:
             formats[fmt] = (qw.qweight, qw.scales, qw.zeros, g)
         for m in (1, 8):
             x = torch.randn(m, k, generator=gen)
+            fp32 = median_ms(lambda x=x, w=w: F.linear(x, w), a.reps)
             for fmt, (q, s, z, g) in formats.items():
-                if fmt == "float":
-                    dense = median_ms(lambda x=x, w=w: F.linear(x, w), a.reps)
-                else:
-                    dense = median_ms(lambda x=x, q=q, s=s, z=z, g=g, fmt=fmt: qops.wq_linear_eager(x, q, s, z, None, fmt, g),
-                                      a.reps)
+                packed = None if fmt == "float" else median_ms(
+                    lambda x=x, q=q, s=s, z=z, g=g, fmt=fmt: qops.wq_linear_eager(x, q, s, z, None, fmt, g), a.reps)
                 wt, st, zt = sl.to_input_major(q, s, z, fmt, g)
+                chunks = bag.chunks_for(n, fmt)
+                rows_t = bag.pack(wt, fmt, chunks)
                 for sp in SPARSITY:
                     t = torch.quantile(x.abs().flatten(), sp) if sp else torch.tensor(0.0)
-                    ms = median_ms(lambda x=x, t=t, wt=wt, st=st, zt=zt, g=g, fmt=fmt:
-                                   sl.sparse_linear_eager(x, t, wt, st, zt, None, fmt, g, "bench", False), a.reps)
+                    bag_ms = median_ms(lambda x=x, t=t, st=st, zt=zt, g=g, fmt=fmt, r=rows_t, c=chunks:
+                                       bag.run(x, t, r, st, zt, None, fmt, g, c, "bench", False), a.reps)
+                    gather = median_ms(lambda x=x, t=t, wt=wt, st=st, zt=zt, g=g, fmt=fmt:
+                                       sl.sparse_linear_eager(x, t, wt, st, zt, None, fmt, g, "bench", False), a.reps)
                     needed = float((x.abs() > t).any(0).float().mean())
                     rows.append(dict(shape=name, m=m, weights=fmt, sparsity=sp, rows_needed=round(needed, 3),
-                                     dense_ms=round(dense, 3), sparse_ms=round(ms, 3), speedup=round(dense / ms, 3)))
+                                     fp32_ms=round(fp32, 3), packed_ms=packed and round(packed, 3),
+                                     gather_ms=round(gather, 3), bag_ms=round(bag_ms, 3),
+                                     bag_vs_fp32=round(fp32 / bag_ms, 3),
+                                     bag_vs_packed=packed and round(packed / bag_ms, 3)))
                     print(rows[-1], flush=True)
     out = Path(__file__).parent / "results" / f"sparse-cpu-{datetime.date.today().isoformat()}.json"
     out.write_text(json.dumps({"benchmark": "sparse_cpu", "torch": torch.__version__, "threads": torch.get_num_threads(),
+                               "date": datetime.date.today().isoformat(), "machine": "2-core CPU dev box",
                                "load_avg_at_start": os.getloadavg(), "rows": rows}, indent=1))
 
 

@@ -12,11 +12,13 @@ from dataclasses import dataclass, field
 import torch.fx as fx
 
 from effcompile.codegen import ops as _ops
+from effcompile.codegen.kernels import cpu_bag_gemv as _bag
 from effcompile.codegen.kernels import dequant_matmul as _dequant
 from effcompile.codegen.kernels import sparse_gemv as _sparse
 from effcompile.codegen.partition import group_tag, partition
 from effcompile.codegen.triton_gen import generate
 from effcompile.compiler.ir import TAG, VAL, tensor_val
+from effcompile.compiler import sparse_linear as _sl
 from effcompile.compiler.ops import wq_linear_op
 from effcompile.compiler.sparse_linear import sparse_linear_op
 
@@ -85,9 +87,10 @@ def lower(
     reference); True = always the Triton kernel (interpreted on CPU); False = always the reference.
     """
     mode = _mode(use_triton)
-    quantized = _lower_quantized_linears(gm, mode) + _lower_sparse_linears(gm, mode)
+    bags, bag_fallbacks = _lower_cpu_bags(gm, mode)
+    quantized = bags + _lower_quantized_linears(gm, mode) + _lower_sparse_linears(gm, mode)
     part = partition(gm)
-    result = LoweringResult(kernels=quantized, fallbacks=list(part.fallbacks))
+    result = LoweringResult(kernels=quantized, fallbacks=bag_fallbacks + list(part.fallbacks))
     graph = gm.graph
     replaced: dict[fx.Node, fx.Node] = {}  # outputs of groups already fused -> their new nodes
     for group in part.groups:
@@ -181,6 +184,94 @@ def _lower_sparse_linears(gm: fx.GraphModule, mode: int) -> list[KernelRecord]:
         x, fmt, group = node.args[0], node.args[6], node.args[7]
         return _sparse.kind_for(_static_rows(x)), ("sparse_linear", fmt + (f"g{group}" if group else ""))
     return _retarget(gm, sparse_linear_op(), _sparse, describe)
+
+
+def _attr(gm: fx.GraphModule, node):
+    """The tensor a get_attr node reads (None for anything else)."""
+    if not (isinstance(node, fx.Node) and node.op == "get_attr"):
+        return None
+    obj = gm
+    for part in node.target.split("."):
+        obj = getattr(obj, part, None)
+    return obj
+
+
+def _bag_plan(gm: fx.GraphModule, node) -> tuple | str | None:
+    """(x, threshold, weight_t, scales, zeros, bias, fmt, group, label, decode_only) in sparse_linear's
+    input-major layout for a node the CPU bag GEMV can take; a reason string if it cannot; None if the
+    node is not a candidate at all."""
+    if node.op != "call_function":
+        return None
+    if node.target is sparse_linear_op():
+        x, thr, w, s, z, b, fmt, group, label, decode_only = node.args[:10]
+        wt, st, zt = _attr(gm, w), _attr(gm, s), _attr(gm, z)
+    elif node.target is wq_linear_op():
+        x, q, s, z, b, fmt, group = node.args[:7]
+        act = node.args[7] if len(node.args) > 7 else node.kwargs.get("act", "none")
+        if act != "none" or fmt not in ("int8", "int4"):
+            return None  # W8A8 / fp8 / MX keep their own kernels
+        q, st, zt = _attr(gm, q), _attr(gm, s), _attr(gm, z)
+        if q is None or st is None:
+            return "quantized weight is not a buffer"
+        if fmt == "int4" and q.shape[0] % 2:
+            return f"int4 with odd out_features={q.shape[0]}"
+        wt, st, zt = _sl.to_input_major(q, st, zt, fmt, group)
+        thr, label, decode_only = None, "", False
+    else:
+        return None
+    if wt is None or wt.device.type != "cpu":
+        return "weight is not a CPU buffer"
+    why = _bag.unavailable(fmt)
+    return why if why else (x, thr, wt, st, zt, b, fmt, group, label, decode_only)
+
+
+def _lower_cpu_bags(gm: fx.GraphModule, mode: int) -> tuple[list[KernelRecord], list[tuple[str, str]]]:
+    """On CPU, decode-time sparse_linear and weight-only int8/int4 wq_linear -> the embedding-bag GEMV.
+
+    Only when the graph will not run Triton (CPU weights, not forced, no TRITON_INTERPRET): the bag
+    rows are a CPU layout, and the Triton kernels (also interpreted in tests) take the original one.
+    """
+    if mode == _ops.MODE_TRITON or _ops.env_interpret():
+        return [], []
+    records, fallbacks = [], []
+    graph = gm.graph
+    for node in list(graph.nodes):
+        plan = _bag_plan(gm, node)
+        if plan is None:
+            continue
+        if isinstance(plan, str):
+            fallbacks.append((node.name, f"CPU bag GEMV not used: {plan}"))
+            continue
+        x, thr, wt, st, zt, b, fmt, group, label, decode_only = plan
+        chunks = _bag.chunks_for(wt.shape[1], fmt)
+        old = [a for a in node.args[1:5] if isinstance(a, fx.Node) and a.op == "get_attr"]
+        fake = old[0].meta.get(VAL) if old else None
+        new_args = []
+        for suffix, t in (("rows", _bag.pack(wt, fmt, chunks)), ("scales", st), ("zeros", zt)):
+            if t is None:
+                new_args.append(None)
+                continue
+            name = f"_ec_bag_{node.name}_{suffix}"
+            gm.register_buffer(name, t)
+            with graph.inserting_before(node):
+                attr = graph.get_attr(name)
+            if fake is not None and hasattr(fake, "fake_mode"):
+                attr.meta[VAL] = fake.fake_mode.from_tensor(t)
+            attr.meta[TAG] = node.meta.get(TAG)
+            new_args.append(attr)
+        kind = "sparse_linear" if thr is not None else "wq_linear"
+        node.target = _ops.op_for(_bag.NAME)
+        node.args, node.kwargs = (x, thr, *new_args, b, fmt, group, chunks, label, decode_only), {}
+        for a in old:  # the original layout is no longer read: do not keep (or cache) it
+            if not a.users:
+                graph.erase_node(a)
+                if "." not in a.target and a.target in gm._buffers:
+                    del gm._buffers[a.target]
+        tag = node.meta.get(TAG)
+        records.append(KernelRecord(_bag.NAME, f"torch.ops.effcompile.{_bag.NAME}.default", _bag.__file__,
+                                    _bag.kind_for(_static_rows(x)), (kind, fmt + (f"g{group}" if group else "")),
+                                    (node.name,), (str(tag),) if tag is not None else ()))
+    return records, fallbacks
 
 
 def load_kernels(paths) -> list[str]:

@@ -1,0 +1,162 @@
+"""CPU decode GEMV as an embedding bag: torch's (FBGEMM) embedding-bag ops sum only the weight rows of nonzero inputs.
+
+y = x @ W^T with W stored input-major is y = sum_k x_k * W^T[k, :], which is exactly an embedding bag
+with per-sample weights over the rows k where x_k != 0. torch's CPU embedding-bag kernels (float, and
+FBGEMM's row-wise quantized byte / 4-bit ones) read only those rows, vectorised, so on CPU they are both
+the fast int8/int4 decode GEMV torch lacks and the row-skipping kernel activation sparsity needs.
+
+Row layouts (built once by ``pack`` at lowering time from sparse_linear's input-major layout):
+
+  float  [C*K, N/C] in the weight dtype: output chunk c of input row k is row c*K + k. Bags run in
+         parallel, so C chunks give one batch-1 bag per thread.
+  int8   [C*K, N/C + 8] uint8: codes + 128, then the row's fp32 (scale, bias) = (1, -128), which turns
+         each row back into the int8 codes exactly; the per-output-channel scales multiply afterwards.
+  int4   [K, N/2 + 4] uint8: sparse_linear's packed int4 row (output 2j in the low nibble, FBGEMM's
+         order too), then fp16 (scale, bias) = (1, 0). Quantize's scales/zeros vary per (group, output),
+         which a per-row scale cannot express, so each K-group is its own bag and the group partial sums
+         P[g] are combined afterwards: y = sum_g scales[g] * P[g] + zeros[g] * sum_{k in g} x_k.
+
+Above BAG_MAX_ROWS activation rows (prefill) every weight row is needed anyway: the same buffers are
+dequantized and multiplied densely, chunk by chunk.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from effcompile.codegen import ops as _ops
+from effcompile.compiler import sparse_linear as sl
+from effcompile.compiler import sparse_ops
+
+NAME = "bag_linear"  # the custom op (effcompile::bag_linear) and its PATH_COUNTS key
+FORMATS = ("float", "int8", "int4")
+BAG_MAX_ROWS = 8  # activation rows up to which the bag path runs (each row is its own set of bags)
+_QOPS = {"int8": "embedding_bag_byte_rowwise_offsets", "int4": "embedding_bag_4bit_rowwise_offsets"}
+_INT8_TAIL = torch.tensor([1.0, -128.0], dtype=torch.float32).view(torch.uint8)  # (scale, bias) per row
+_INT4_TAIL = torch.tensor([1.0, 0.0], dtype=torch.float16).view(torch.uint8)
+
+
+def unavailable(fmt: str) -> str | None:
+    """None when this torch build has the embedding-bag op the format needs, else why not."""
+    if fmt not in FORMATS:
+        return f"no bag GEMV for format {fmt!r}; supported: {list(FORMATS)}"
+    if fmt in _QOPS and not hasattr(torch.ops.quantized, _QOPS[fmt]):
+        return f"this torch build has no quantized::{_QOPS[fmt]}"
+    return None
+
+
+def chunks_for(n: int, fmt: str, threads: int | None = None) -> int:
+    """Output chunks: one batch-1 bag per thread; int4 already has one bag per K-group."""
+    if fmt == "int4":
+        return 1
+    c = max(1, threads or torch.get_num_threads())
+    while n % c:
+        c -= 1
+    return c
+
+
+def pack(weight_t: torch.Tensor, fmt: str, chunks: int) -> torch.Tensor:
+    """sparse_linear's input-major weight ([K, N], or [K, N/2] packed int4) -> the bag rows above."""
+    k = weight_t.shape[0]
+    if fmt == "int4":
+        if chunks != 1:
+            raise ValueError("int4 bag rows take chunks=1 (parallelism comes from the K-groups)")
+        return torch.cat([weight_t, _INT4_TAIL.expand(k, 4)], 1).contiguous()
+    n = weight_t.shape[1]
+    if n % chunks:
+        raise ValueError(f"chunks={chunks} does not divide out_features={n}")
+    rows = weight_t.reshape(k, chunks, n // chunks).transpose(0, 1).reshape(chunks * k, n // chunks)
+    if fmt == "float":
+        return rows.contiguous()
+    codes = (rows.to(torch.int16) + 128).to(torch.uint8)
+    return torch.cat([codes, _INT8_TAIL.expand(chunks * k, 8)], 1).contiguous()
+
+
+def unpack(rows: torch.Tensor, fmt: str, chunks: int) -> torch.Tensor:
+    """The inverse of ``pack``: sparse_linear's input-major weight (int8 as int8 codes)."""
+    if fmt == "int4":
+        return rows[:, :-4].contiguous()
+    k = rows.shape[0] // chunks
+    body = rows if fmt == "float" else (rows[:, :-8].to(torch.int16) - 128).to(torch.int8)
+    return body.reshape(chunks, k, -1).transpose(0, 1).reshape(k, -1).contiguous()
+
+
+def _dense(x2, rows, scales, zeros, fmt, group_size, chunks) -> torch.Tensor:
+    """Every row needed (prefill): chunk by chunk for float (no weight copy), else dequantize + matmul."""
+    if fmt == "float":
+        k = rows.shape[0] // chunks
+        return torch.cat([x2 @ rows[c * k:(c + 1) * k].to(x2.dtype) for c in range(chunks)], 1)
+    w_t = sl.rows_of(unpack(rows, fmt, chunks), scales, zeros, fmt, group_size, x2.dtype)
+    return x2 @ w_t
+
+
+def _bags(x2: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(indices, offsets, per-sample weights): one bag per run of ``width`` inputs of each row."""
+    xb = x2.reshape(-1, width)
+    nz = xb != 0
+    where = nz.nonzero()
+    counts = nz.sum(1)
+    offsets = torch.zeros_like(counts)
+    offsets[1:] = counts.cumsum(0)[:-1]
+    return where[:, 1] + (where[:, 0] % (x2.shape[1] // width)) * width, offsets, xb[nz]
+
+
+def _bag(x2, rows, scales, zeros, fmt, group_size, chunks) -> torch.Tensor:
+    m, k = x2.shape
+    if fmt == "int4":
+        idx, off, w = _bags(x2, group_size)
+        p = torch.ops.quantized.embedding_bag_4bit_rowwise_offsets(rows, idx, off, False, 0, False, w.float())
+        p = p.view(m, k // group_size, -1)
+        xg = x2.float().view(m, k // group_size, group_size).sum(2)
+        return torch.einsum("bgn,gn->bn", p, scales.float()) + xg @ zeros.float()
+    # Bags ordered (chunk, row): chunk c of row b reads rows c*K + k, so repeat the bags per chunk.
+    idx, off, w = _bags(x2, k)
+    nnz = idx.numel()
+    idx = torch.cat([idx + c * k for c in range(chunks)])
+    off = torch.cat([off + c * nnz for c in range(chunks)])
+    w = w.repeat(chunks)
+    if fmt == "float":
+        y = torch.nn.functional.embedding_bag(idx, rows, off, mode="sum", per_sample_weights=w.to(rows.dtype))
+    else:
+        y = torch.ops.quantized.embedding_bag_byte_rowwise_offsets(rows, idx, off, False, 0, False, w.float())
+    y = y.view(chunks, m, -1).transpose(0, 1).reshape(m, -1)
+    return y if fmt == "float" else y * scales.float()[None, :]
+
+
+def run(x, threshold, rows, scales, zeros, bias, fmt: str, group_size: int, chunks: int, label: str,
+        decode_only: bool) -> torch.Tensor:
+    """threshold None: a dense quantized linear (exact zeros still skip their rows); else sparse_linear."""
+    applied = threshold is not None
+    if applied:
+        x, applied = sparse_ops.threshold_input(x, threshold, label, decode_only)
+    x2 = x.reshape(-1, x.shape[-1])
+    decode = x2.shape[0] <= BAG_MAX_ROWS and (applied or threshold is None)
+    if decode and x2.numel() and unavailable(fmt) is None:
+        y, path = _bag(x2, rows, scales, zeros, fmt, group_size, chunks).to(x.dtype), "bag"
+    else:
+        y, path = _dense(x2, rows, scales, zeros, fmt, group_size, chunks), "dense"
+    _ops.count(NAME, path)
+    if bias is not None:
+        y = y + bias.to(y.dtype)
+    return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+def out_features(rows: torch.Tensor, fmt: str, chunks: int) -> int:
+    return 2 * (rows.shape[1] - 4) if fmt == "int4" else chunks * (rows.shape[1] - (8 if fmt == "int8" else 0))
+
+
+def kind_for(rows: int | None) -> str:
+    return "cpu-bag-gemv" if rows is not None and rows <= BAG_MAX_ROWS else "cpu-bag-gemv|dense"
+
+
+if not _ops.op_exists(NAME):
+
+    @torch.library.custom_op("effcompile::" + NAME, mutates_args=())
+    def op(x: torch.Tensor, threshold: torch.Tensor | None, rows: torch.Tensor, scales: torch.Tensor | None,
+           zeros: torch.Tensor | None, bias: torch.Tensor | None, fmt: str, group_size: int, chunks: int,
+           label: str, decode_only: bool) -> torch.Tensor:
+        return run(x, threshold, rows, scales, zeros, bias, fmt, group_size, chunks, label, decode_only)
+
+    @op.register_fake
+    def _fake(x, threshold, rows, scales, zeros, bias, fmt, group_size, chunks, label, decode_only):
+        return x.new_empty((*x.shape[:-1], out_features(rows, fmt, chunks)))

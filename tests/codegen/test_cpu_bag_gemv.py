@@ -1,0 +1,142 @@
+"""CPU embedding-bag GEMV (float / int8 / int4) vs sparse_linear's reference: odd shapes, dtypes, batch 1-8, prefill."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import effcompile as ec
+from effcompile.codegen import ops as cg_ops
+from effcompile.codegen.kernels import cpu_bag_gemv as B
+from effcompile.codegen.kernels import dequant_matmul as D
+from effcompile.compiler import ops as qops
+from effcompile.compiler import sparse_linear as sl
+from effcompile.testing import tiny_hf
+
+CASES = [("float", 0), ("int8", 0), ("int4", 32)]
+
+
+def _weights(fmt, group, k, n, dtype=torch.float32):
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(k * n)) / k**0.5
+    if fmt == "float":
+        return sl.to_input_major(w.to(dtype), None, None, "float", 0)
+    qw = qops.quantize_weight(w, fmt, group)
+    return sl.to_input_major(qw.qweight, qw.scales, qw.zeros, fmt, group)
+
+
+def _input(m, k, zero_frac, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=g)
+    x[torch.rand(m, k, generator=g) < zero_frac] = 0
+    return x.to(dtype)
+
+
+@pytest.mark.parametrize("fmt,group", CASES)
+@pytest.mark.parametrize("k,n", [(96, 40), (160, 72), (64, 10)])
+@pytest.mark.parametrize("chunks", [1, 2])
+def test_pack_round_trip(fmt, group, k, n, chunks):
+    if fmt == "int4":
+        chunks = 1
+    wt, _, _ = _weights(fmt, group, k, n)
+    rows = B.pack(wt, fmt, chunks)
+    assert torch.equal(B.unpack(rows, fmt, chunks), wt)
+    assert B.out_features(rows, fmt, chunks) == n
+
+
+@pytest.mark.parametrize("fmt,group", CASES)
+@pytest.mark.parametrize("k,n", [(96, 40), (160, 74)])
+@pytest.mark.parametrize("m", [1, 3, 8, 17])  # 17 rows: the dense (prefill) path
+@pytest.mark.parametrize("zero_frac", [0.0, 0.6, 1.0])  # no zeros, sparse, all zeros
+@pytest.mark.parametrize("thresholded", [False, True])
+def test_matches_reference(fmt, group, k, n, m, zero_frac, thresholded):
+    wt, s, z = _weights(fmt, group, k, n)
+    chunks = B.chunks_for(n, fmt, threads=2)
+    rows = B.pack(wt, fmt, chunks)
+    x = _input(m, k, zero_frac, torch.float32, seed=m)
+    bias = torch.randn(n)
+    thr = torch.tensor(0.4) if thresholded else None
+    before = dict(cg_ops.PATH_COUNTS[B.NAME])
+    got = B.run(x, thr, rows, s, z, bias, fmt, group, chunks, "t", False)
+    want = sl.reference(x, thr if thresholded else torch.tensor(0.0), wt, s, z, bias, fmt, group, "t", False)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    path = "bag" if m <= B.BAG_MAX_ROWS else "dense"
+    assert cg_ops.PATH_COUNTS[B.NAME][path] == before.get(path, 0) + 1
+
+
+@pytest.mark.parametrize("fmt,group", CASES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_dtypes(fmt, group, dtype):
+    wt, s, z = _weights(fmt, group, 128, 48, dtype)
+    rows = B.pack(wt, fmt, 2 if fmt != "int4" else 1)
+    x = _input(4, 128, 0.5, dtype)
+    got = B.run(x, torch.tensor(0.2), rows, s, z, None, fmt, group, 2 if fmt != "int4" else 1, "t", False)
+    want = sl.reference(x.float(), torch.tensor(0.2), wt.float() if fmt == "float" else wt, s, z, None, fmt, group,
+                        "t", False)
+    assert got.dtype == dtype
+    torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=2e-2)
+
+
+def test_decode_only_prefill_is_dense_and_unthresholded():
+    wt, s, z = _weights("int8", 0, 64, 32)
+    rows = B.pack(wt, "int8", 1)
+    x = _input(1, 64, 0.0, torch.float32).expand(5, 64).contiguous().view(1, 5, 64)  # prefill-shaped
+    before = cg_ops.PATH_COUNTS[B.NAME]["dense"]
+    got = B.run(x, torch.tensor(10.0), rows, s, z, None, "int8", 0, 1, "t", True)  # would zero everything
+    torch.testing.assert_close(got, qops.reference(x, wt.t(), s, None, None, "int8", 0), rtol=1e-5, atol=1e-5)
+    assert cg_ops.PATH_COUNTS[B.NAME]["dense"] == before + 1
+
+
+def test_bad_layouts_are_refused():
+    wt, _, _ = _weights("int8", 0, 64, 30)
+    with pytest.raises(ValueError, match="chunks=4 does not divide out_features=30"):
+        B.pack(wt, "int8", 4)
+    assert B.chunks_for(30, "int8", threads=4) == 3 and B.chunks_for(30, "int4", threads=4) == 1
+    assert "supported" in B.unavailable("fp8")
+
+
+# -- lowering: which linears take the bag GEMV, and when they must not -----------------------------
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return tiny_hf("llama", layers=2, hidden=64)
+
+
+def _bag_kernels(fast):
+    return [k for k in ec.explain(fast).kernels if k.name == B.NAME]
+
+
+@pytest.mark.parametrize("weights,group", [("int8", None), ("int4", 32)])
+def test_quantized_decode_lowers_to_bag_on_cpu(llama, weights, group):
+    ids = torch.randint(0, 128, (1, 1), generator=torch.Generator().manual_seed(0))
+    cfg = ec.Quantize(weights=weights, group_size=group)
+    before = cg_ops.PATH_COUNTS[B.NAME]["bag"]
+    fast = ec.effcompile(llama, passes=[cfg], cache=False)
+    ref = ec.effcompile(llama, passes=[cfg], cache=False, use_triton=True)  # the dequant kernel, interpreted
+    with torch.no_grad():
+        out = fast(ids).logits
+    kernels = _bag_kernels(fast)
+    assert len(kernels) == 14 and {k.kind for k in kernels} == {"cpu-bag-gemv"}
+    assert {k.ops for k in kernels} == {("wq_linear", weights + (f"g{group}" if group else ""))}
+    assert cg_ops.PATH_COUNTS[B.NAME]["bag"] == before + 14
+    assert not [k for k in ec.explain(fast).kernels if k.name == D.NAME]
+    with torch.no_grad():
+        torch.testing.assert_close(out, ref(ids).logits, rtol=1e-4, atol=1e-4)
+    assert not _bag_kernels(ref)  # forced Triton keeps the original layout and kernel
+
+
+def test_w8a8_is_not_lowered_to_bag(llama):
+    fast = ec.effcompile(llama, passes=[ec.Quantize(weights="int8", activations="int8")], cache=False)
+    with torch.no_grad():
+        fast(torch.randint(0, 128, (1, 1)))
+    assert not _bag_kernels(fast)
+    assert {k.name for k in ec.explain(fast).kernels if k.ops and k.ops[0] == "wq_linear"} == {D.NAME}
+
+
+@pytest.mark.interpreter
+def test_interpreter_keeps_the_triton_layout(llama, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    fast = ec.effcompile(llama, passes=[ec.Quantize(weights="int8")], cache=False)
+    with torch.no_grad():
+        fast(torch.randint(0, 128, (1, 1)))
+    assert not _bag_kernels(fast)
