@@ -7,6 +7,8 @@
 #
 # Environment (defaults below): PYTHON, LANE_MODELS (dense runs, "name[:dtype]"), LANE_SWEEP_MODELS,
 # LANE_SWEEP (the grid), LANE_REPS. Inductor compiles dominate the time: trim LANE_MODELS to fit a budget.
+# stdlib-lm is measured only when a trained copy is found: this Python's cache, or EFFCOMPILE_STDLIB_LM
+# pointing at a carried directory (trained on another Python's stdlib; verified, never retrained).
 # A failing step does not stop the lane; it is recorded as failed in the results file.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 2

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import os
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -129,7 +130,14 @@ def load_stdlib_lm(cache_dir: str | Path | None = None, *, train_if_missing: boo
 
     ``cache_dir`` is the model directory itself (default ``train_lm.models_root()/stdlib-llama-<key>``);
     ``overrides`` are TrainSettings fields. A corrupt or mismatched cache is retrained with a warning.
+
+    ``$EFFCOMPILE_STDLIB_LM`` pins a trained directory instead (e.g. one carried to a GPU machine whose
+    Python has another stdlib, so another key): its files are still verified against its manifest, it is
+    never retrained, and a model trained on another stdlib is used with a warning naming both.
     """
+    pinned = os.environ.get(PIN_ENV)
+    if cache_dir is None and pinned:
+        return _load_pinned(Path(pinned).expanduser(), overrides)
     settings = train_lm.TrainSettings.with_overrides(**overrides)
     default, key = train_lm.default_dir(settings)
     path = Path(cache_dir) if cache_dir is not None else default
@@ -146,6 +154,23 @@ def load_stdlib_lm(cache_dir: str | Path | None = None, *, train_if_missing: boo
             log.warning("stdlib-lm: no cached model at %s; training it now, once (about 10 min on 2 CPU cores)", path)
     train_lm.train(path, max_minutes=max_minutes, progress=progress, **dataclasses.asdict(settings))
     return train_lm.load(path, key)
+
+
+PIN_ENV = "EFFCOMPILE_STDLIB_LM"
+
+
+def _load_pinned(path: Path, overrides: dict):
+    """The stdlib LM from the directory ``$EFFCOMPILE_STDLIB_LM`` names: verified, never (re)trained."""
+    if overrides:
+        raise ValueError(f"{PIN_ENV} pins a trained model; training overrides {sorted(overrides)} cannot apply to it")
+    manifest = train_lm.verify(path)  # file hashes against its own manifest; raises CacheError
+    _, key = train_lm.default_dir()
+    if manifest.get("key") != key:
+        data = manifest.get("data", {})
+        warnings.warn(f"{PIN_ENV}={path}: trained on Python {data.get('python', '?')}'s stdlib (key "
+                      f"{manifest.get('key')}), not this interpreter's (key {key}); held-out metrics use this "
+                      "interpreter's held-out files", RuntimeWarning, stacklevel=3)
+    return train_lm.load(path)
 
 
 @functools.lru_cache(maxsize=4)

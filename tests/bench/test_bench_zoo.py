@@ -127,6 +127,22 @@ def test_corrupt_cache_retrains_with_warning(tmp_path, monkeypatch):
         zoo.load_stdlib_lm(tmp_path / "none", train_if_missing=False)
 
 
+def test_pinned_model_dir_is_verified_never_trained(tmp_path, monkeypatch):
+    # A model carried from a machine with another stdlib: other key, still verified, used with a warning.
+    pinned = tmp_path / "carried"
+    _fake_artifact(pinned, "other-python-key")
+    monkeypatch.setattr(train_lm, "train", lambda *a, **k: pytest.fail("a pinned model must never be retrained"))
+    monkeypatch.setenv(zoo.PIN_ENV, str(pinned))
+    with pytest.warns(RuntimeWarning, match="not this interpreter's"):
+        model, _ = zoo.load_stdlib_lm()
+    assert isinstance(model, torch.nn.Module)
+    with pytest.raises(ValueError, match="max_steps"):
+        zoo.load_stdlib_lm(max_steps=3)
+    (pinned / "config.json").write_text("{}")  # tampered: the manifest check refuses it
+    with pytest.raises(train_lm.CacheError, match="config.json does not match"):
+        zoo.load_stdlib_lm()
+
+
 def test_train_settings_validation():
     with pytest.raises(ValueError, match="unknown training setting.*'layers'"):
         train_lm.TrainSettings.with_overrides(layers=3)
