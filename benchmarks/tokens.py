@@ -134,9 +134,10 @@ def _lm_windows(ids, n, length, seed=0):
 def lm_quality(model, fast, wins, prompt):
     """Perplexity of the tokens after a (pruned) prompt, teacher-forced on its KV cache; next-token agreement.
 
-    The continuation is fed one token per call (eager decode on the pruned cache): HF builds one attention
-    mask for all layers from layer 0's cache length, so a multi-token chunk on a pruned cache does not fit
-    the shorter caches of the pruned layers (single-token decode needs no mask).
+    The continuation is fed one token per call (eager decode on the pruned cache, the plain model as
+    users have it): HF builds one attention mask for all layers from layer 0's cache length, so a
+    multi-token chunk on a pruned cache needs prune_tokens.enable_pruned_chunks(model) (single-token
+    decode needs no mask).
     """
     nll, n, agree = 0.0, 0, 0.0
     with torch.no_grad():
