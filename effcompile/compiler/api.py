@@ -16,8 +16,10 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch._dynamo.exc import BackendCompilerFailed
 
 from effcompile.compiler.backend import _BACKEND_REPORTS, CompiledGraph, Settings
+from effcompile.compiler.pass_manager import PassInputError
 from effcompile.runtime.report import Report
 
 log = logging.getLogger("effcompile")
@@ -69,6 +71,17 @@ class _Compiler:
             self.recording = False
 
     def __call__(self, *args, **kwargs):
+        try:
+            return self._call(args, kwargs)
+        except BackendCompilerFailed as e:
+            # dynamo wraps whatever our backend raised; a pass's ValueError is bad user input, so the
+            # user gets it as itself (naming the pass and what is valid), not as a compiler crash.
+            inner = getattr(e, "inner_exception", None)
+            if isinstance(inner, PassInputError):
+                raise inner  # keeps its __cause__: the pass's own ValueError and traceback
+            raise
+
+    def _call(self, args, kwargs):
         sig = _call_signature(args, kwargs)
         if sig is not None and sig in self._warm:
             return self.compiled(*args, **kwargs)

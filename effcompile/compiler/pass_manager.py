@@ -176,6 +176,11 @@ class PassFailed(RuntimeError):
     """A pass raised, or broke an IR invariant; the message names the pass."""
 
 
+class PassInputError(PassFailed, ValueError):
+    """A pass refused its input with a ValueError (e.g. a layer name the graph does not have): still a
+    ValueError for the user, and a PassFailed naming the pass for whoever drives the PassManager."""
+
+
 class PassManager:
     """Runs pass configs over a graph in phase order. ``run`` returns one record per pass."""
 
@@ -207,7 +212,8 @@ class PassManager:
             try:
                 result = entry.fn(gm, cfg, ctx)
             except Exception as e:
-                raise PassFailed(f"pass {entry.name} ({type(cfg).__name__}) failed: {e}; ran before: {done}") from e
+                kind = PassInputError if isinstance(e, ValueError) else PassFailed
+                raise kind(f"pass {entry.name} ({type(cfg).__name__}) failed: {e}; ran before: {done}") from e
             if not isinstance(result, PassResult):
                 raise PassFailed(f"pass {entry.name} returned {type(result).__name__}, expected PassResult")
             if result.modified:
