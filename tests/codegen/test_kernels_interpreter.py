@@ -120,7 +120,11 @@ def _lowered(name, dtype, tmp_path_factory):
     if key not in _LOWERED:
         fn = CASES[name]
         gm = capture(fn, *_inputs(fn, (3,), 781, dtype, torch.Generator().manual_seed(0)))
-        res = lower(gm, tmp_path_factory.mktemp("kernels"), use_triton=None)
+        # Lowered for Triton (interpreter on at lowering), so biases split into epilogues; each call
+        # below still picks Triton or the torch path from TRITON_INTERPRET at call time.
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("TRITON_INTERPRET", "1")
+            res = lower(gm, tmp_path_factory.mktemp("kernels"), use_triton=None)
         _LOWERED[key] = (gm, res)
     return _LOWERED[key]
 
@@ -166,3 +170,18 @@ def test_masked_lanes_use_reduction_identity(tmp_path):
     lower(gm, tmp_path, use_triton=True)
     x = -torch.rand(4, 781) - 5.0
     torch.testing.assert_close(gm(x)[0], stable_max(x), rtol=1e-5, atol=1e-6)
+
+
+def test_cpu_torch_path_keeps_the_bias_in_the_linear(tmp_path, monkeypatch):
+    # Without Triton (CPU, no interpreter) a split bias would be a matmul + a separate add instead of
+    # one addmm, so lowering leaves the linear whole and the group is the activation alone.
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    fn = CASES["bias_gelu"]
+    gm = capture(fn, *_inputs(fn, (3,), 781, torch.float32, torch.Generator().manual_seed(0)))
+    res = lower(gm, tmp_path, use_triton=None)
+    assert [k.kind for k in res.kernels] != ["epilogue"]
+    linears = [n for n in gm.graph.nodes if n.op == "call_function" and "linear" in str(n.target)]
+    assert linears and all(len(n.args) == 3 and n.args[2] is not None for n in linears), gm.code
+    args = _inputs(fn, (5,), 1823, torch.float32, torch.Generator().manual_seed(1))
+    out = gm(*args)
+    torch.testing.assert_close(out[0] if isinstance(out, tuple) else out, fn(*args), **TOL[torch.float32])

@@ -46,13 +46,15 @@ class Stack(nn.Module):
 
 
 @torch.no_grad()
-def test_mlp_before_after_structure_and_numerics(tmp_path):
+def test_mlp_before_after_structure_and_numerics(tmp_path, monkeypatch):
     model = Mlp().eval()
     x = torch.randn(2, 5, 24)
     gm, compiled, _ = capture_compiled(model, x)
     before = targets(gm)
     assert before.count("linear") == 2 and "gelu" in before and "layer_norm" in before
-    res = lower(gm, tmp_path, use_triton=False)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # lowered for Triton: biases split into epilogues
+    res = lower(gm, tmp_path, use_triton=None)
+    monkeypatch.delenv("TRITON_INTERPRET")  # ... and run through the kernels' torch path below
     check_invariants(gm)
     after = targets(gm)
     assert len([t for t in after if t.startswith("epilogue_")]) == 2
@@ -194,3 +196,16 @@ def test_dynamic_seq_len(tmp_path, monkeypatch):
         torch.testing.assert_close(compiled(x), model(x), rtol=2e-5, atol=2e-5)
         assert ops.PATH_COUNTS[res.kernels[0].name]["triton"] == n_before + 1
     assert len(graphs) == 1, "no recompile: one graph served both lengths"
+
+
+def test_torch_path_lowering_keeps_addmm(tmp_path):
+    # use_triton=False: every kernel runs torch, so splitting the bias off the linear would only turn
+    # one addmm into a matmul + an add; the linears stay whole and the activations still fuse.
+    model = Mlp().eval()
+    x = torch.randn(2, 5, 24)
+    gm, compiled, _ = capture_compiled(model, x)
+    res = lower(gm, tmp_path, use_triton=False)
+    assert "epilogue" not in [k.kind for k in res.kernels] and res.kernels
+    linears = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in (torch._C._nn.linear, F.linear)]
+    assert len(linears) == 2 and all(len(n.args) == 3 for n in linears)
+    torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
