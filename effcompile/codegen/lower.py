@@ -255,7 +255,7 @@ def _lower_cpu_bags(gm: fx.GraphModule, mode: int) -> tuple[list[KernelRecord], 
             fallbacks.append((node.name, f"CPU bag GEMV not used: {plan}"))
             continue
         x, thr, wt, st, zt, b, fmt, group, label, decode_only = plan
-        chunks = _bag.chunks_for(wt.shape[1], fmt)
+        chunks = _bag.chunks_for(wt.shape[1], fmt, k=wt.shape[0])
         old = [a for a in node.args[1:5] if isinstance(a, fx.Node) and a.op == "get_attr"]
         fake = old[0].meta.get(VAL) if old else None
         new_args = []

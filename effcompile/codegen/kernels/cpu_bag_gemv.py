@@ -45,9 +45,12 @@ def unavailable(fmt: str) -> str | None:
     return None
 
 
-def chunks_for(n: int, fmt: str, threads: int | None = None) -> int:
-    """Output chunks: one batch-1 bag per thread; int4 already has one bag per K-group."""
-    if fmt == "int4":
+CHUNK_MIN_WEIGHTS = 1 << 21  # below this a bag takes ~0.1 ms: waking a second thread costs more than it saves
+
+
+def chunks_for(n: int, fmt: str, threads: int | None = None, k: int | None = None) -> int:
+    """Output chunks: one batch-1 bag per thread for large weights; int4 already has one bag per K-group."""
+    if fmt == "int4" or (k is not None and k * n < CHUNK_MIN_WEIGHTS):
         return 1
     c = max(1, threads or torch.get_num_threads())
     while n % c:
@@ -94,11 +97,12 @@ def _bags(x2: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor, tor
     """(indices, offsets, per-sample weights): one bag per run of ``width`` inputs of each row."""
     xb = x2.reshape(-1, width)
     nz = xb != 0
-    where = nz.nonzero()
+    flat = nz.view(-1).nonzero().squeeze(1)  # row-major: bag by bag, ascending inside each bag
     counts = nz.sum(1)
     offsets = torch.zeros_like(counts)
     offsets[1:] = counts.cumsum(0)[:-1]
-    return where[:, 1] + (where[:, 0] % (x2.shape[1] // width)) * width, offsets, xb[nz]
+    # flat = row * K + column, bags tile each row in order: the weight row to read is flat % K
+    return flat % x2.shape[1], offsets, xb.view(-1).index_select(0, flat)
 
 
 def _bag(x2, rows, scales, zeros, fmt, group_size, chunks) -> torch.Tensor:
@@ -111,16 +115,18 @@ def _bag(x2, rows, scales, zeros, fmt, group_size, chunks) -> torch.Tensor:
         return torch.einsum("bgn,gn->bn", p, scales.float()) + xg @ zeros.float()
     # Bags ordered (chunk, row): chunk c of row b reads rows c*K + k, so repeat the bags per chunk.
     idx, off, w = _bags(x2, k)
-    nnz = idx.numel()
-    idx = torch.cat([idx + c * k for c in range(chunks)])
-    off = torch.cat([off + c * nnz for c in range(chunks)])
-    w = w.repeat(chunks)
+    if chunks > 1:
+        nnz = idx.numel()
+        idx = torch.cat([idx + c * k for c in range(chunks)])
+        off = torch.cat([off + c * nnz for c in range(chunks)])
+        w = w.repeat(chunks)
     if fmt == "float":
         y = torch.nn.functional.embedding_bag(idx, rows, off, mode="sum", per_sample_weights=w.to(rows.dtype))
     else:
         y = torch.ops.quantized.embedding_bag_byte_rowwise_offsets(rows, idx, off, False, 0, False, w.float())
-    y = y.view(chunks, m, -1).transpose(0, 1).reshape(m, -1)
-    return y if fmt == "float" else y * scales.float()[None, :]
+    if chunks > 1:
+        y = y.view(chunks, m, -1).transpose(0, 1).reshape(m, -1)
+    return y if fmt == "float" else y * scales.float()
 
 
 def run(x, threshold, rows, scales, zeros, bias, fmt: str, group_size: int, chunks: int, label: str,
