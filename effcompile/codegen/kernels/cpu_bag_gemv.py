@@ -86,11 +86,16 @@ def unpack(rows: torch.Tensor, fmt: str, chunks: int) -> torch.Tensor:
 
 def _dense(x2, rows, scales, zeros, fmt, group_size, chunks) -> torch.Tensor:
     """Every row needed (prefill): chunk by chunk for float (no weight copy), else dequantize + matmul."""
+    k = rows.shape[0] // chunks
     if fmt == "float":
-        k = rows.shape[0] // chunks
         return torch.cat([x2 @ rows[c * k:(c + 1) * k].to(x2.dtype) for c in range(chunks)], 1)
-    w_t = sl.rows_of(unpack(rows, fmt, chunks), scales, zeros, fmt, group_size, x2.dtype)
-    return x2 @ w_t
+    if fmt == "int8":  # per chunk: codes = bytes - 128, one conversion pass, the scales on the output
+        # (unscaled sums reach 127 * sum|x|: past fp16's range, so fp16 inputs accumulate in fp32)
+        dt = torch.float32 if x2.dtype == torch.float16 else x2.dtype
+        xd = x2.to(dt)
+        ys = [xd @ (rows[c * k:(c + 1) * k, :-8].to(dt) - 128) for c in range(chunks)]
+        return ((torch.cat(ys, 1) if chunks > 1 else ys[0]) * scales.to(dt)).to(x2.dtype)
+    return x2 @ sl.rows_of(unpack(rows, fmt, chunks), scales, zeros, fmt, group_size, x2.dtype)
 
 
 def _bags(x2: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
