@@ -140,3 +140,15 @@ def test_interpreter_keeps_the_triton_layout(llama, monkeypatch):
     with torch.no_grad():
         fast(torch.randint(0, 128, (1, 1)))
     assert not _bag_kernels(fast)
+
+
+@pytest.mark.parametrize("m", [1, 17])  # bag and dense paths
+def test_fp16_large_activations_do_not_overflow_the_unscaled_sums(m):
+    # int8 codes are summed before the per-channel scale: 127 * sum|x| is far past fp16's 65504 here,
+    # while the scaled result is not.
+    wt, s, _ = _weights("int8", 0, 512, 24)
+    x = (_input(m, 512, 0.0, torch.float32) * 60).half()
+    got = B.run(x, None, B.pack(wt, "int8", 1), s, None, None, "int8", 0, 1, "", False)
+    want = qops.reference(x.float(), wt.t(), s, None, None, "int8", 0)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=0.5)
