@@ -9,6 +9,7 @@ import operator
 import os
 from dataclasses import dataclass, field
 
+import torch
 import torch.fx as fx
 
 from effcompile.codegen import ops as _ops
@@ -88,11 +89,12 @@ def lower(
     """
     mode = _mode(use_triton)
     bags, bag_fallbacks = _lower_cpu_bags(gm, mode)
+    eora_fallbacks = _fuse_eora_side_paths(gm, mode)  # after the bags: only wq_linear left for Triton
     quantized = bags + _lower_quantized_linears(gm, mode) + _lower_sparse_linears(gm, mode)
     # Splitting a linear's bias into its consumer's kernel only pays when that kernel is Triton: on the
     # torch path it turns one addmm into a matmul plus a separate add (measured 7-13 % on MiniLM, CPU).
     part = partition(gm, epilogues=not _torch_on_cpu(gm, mode))
-    result = LoweringResult(kernels=quantized, fallbacks=bag_fallbacks + list(part.fallbacks))
+    result = LoweringResult(kernels=quantized, fallbacks=bag_fallbacks + eora_fallbacks + list(part.fallbacks))
     graph = gm.graph
     replaced: dict[fx.Node, fx.Node] = {}  # outputs of groups already fused -> their new nodes
     for group in part.groups:
@@ -182,11 +184,86 @@ def _lower_quantized_linears(gm: fx.GraphModule, mode: int) -> list[KernelRecord
     """effcompile::wq_linear -> the fused dequant-matmul kernel (same arguments + act + mode)."""
     def describe(node):
         act = node.args[7] if len(node.args) > 7 else node.kwargs.get("act", "none")
-        node.args, node.kwargs = (*node.args[:7], act, mode), {}
+        lora = node.meta.pop(_EORA, ())  # (A, B) get_attr nodes when _fuse_eora_side_paths folded them in
+        node.args, node.kwargs = (*node.args[:7], act, mode, *lora), {}
         x, fmt, group = node.args[0], node.args[5], node.args[6]
         label = fmt + (f"g{group}" if group else "") + (f"-a{act}" if act != "none" else "")
+        if lora:
+            label += f"+eora-r{_attr(gm, lora[0]).shape[0]}"
         return _dequant.kind_for(_static_rows(x), fmt, act), ("wq_linear", label)
     return _retarget(gm, wq_linear_op(), _dequant, describe)
+
+
+_EORA = "ec_eora"  # node.meta key: the (A, B) get_attr nodes a wq_linear node takes over
+_LINEARS = (torch._C._nn.linear, torch.nn.functional.linear)
+
+
+def _plain_linear(node) -> tuple | None:
+    """(input, weight) of a bias-free linear node used by exactly one node, else None."""
+    if not (isinstance(node, fx.Node) and node.op == "call_function" and node.target in _LINEARS):
+        return None
+    args = list(node.args) + [node.kwargs.get("bias")] * (len(node.args) < 3)
+    if len(args) != 3 or args[2] is not None or set(node.kwargs) - {"bias"} or len(node.users) != 1:
+        return None
+    return args[0], args[1]
+
+
+def _eora_site(gm: fx.GraphModule, add) -> tuple | None:
+    """(q, ax, bax, A node, B node) when ``add`` is passes/eora.py's ``wq_linear(x, ...) + linear(linear(x,
+    A), B)``: the same x, A [r, K] and B [N, r] buffers in x's dtype, and every intermediate read only by
+    the next step (so erasing the side path changes nothing else). None for anything else."""
+    if add.op != "call_function" or add.target not in (operator.add, torch.add) or add.kwargs or len(add.args) != 2:
+        return None
+    for q, bax in (add.args, add.args[::-1]):
+        if isinstance(q, fx.Node) and q.op == "call_function" and q.target is wq_linear_op() and len(q.users) == 1:
+            break
+    else:
+        return None
+    outer = _plain_linear(bax)
+    inner = _plain_linear(outer[0]) if outer else None
+    if inner is None or inner[0] is not q.args[0]:
+        return None
+    a, b, q_weight = _attr(gm, inner[1]), _attr(gm, outer[1]), _attr(gm, q.args[1])
+    if not all(isinstance(t, torch.Tensor) and t.dim() == 2 for t in (a, b, q_weight)):
+        return None
+    xval = tensor_val(q.args[0])
+    k = xval.shape[-1] if xval is not None else a.shape[1]
+    dtype = xval.dtype if xval is not None else a.dtype
+    if a.shape[1] != k or b.shape != (q_weight.shape[0], a.shape[0]) or not a.dtype == b.dtype == dtype:
+        return None
+    return q, outer[0], bax, inner[1], outer[1]
+
+
+def _fuse_eora_side_paths(gm: fx.GraphModule, mode: int) -> list[tuple[str, str]]:
+    """EoRA (passes/eora.py): fold ``wq_linear(x) + B(A x)`` into the wq_linear node, which
+    _lower_quantized_linears then points at the dequant kernel with A, B as its lora_a / lora_b: the kernel
+    adds (x A^T) B^T to its accumulator, saving the side path's output write, re-read and add.
+
+    Only when the graph lowers for Triton. On CPU without Triton, weight-only int8/int4 wq_linear went to
+    the bag GEMV (_lower_cpu_bags, which has no low-rank term) and the rest run torch paths where fusing
+    saves nothing: the side path stays two torch linears + an add. Pairings the kernel cannot take
+    (W8A8, formats without a Triton kernel) also keep it; those are reported as fallbacks."""
+    if mode == _ops.MODE_TORCH or _torch_on_cpu(gm, mode):
+        return []
+    fallbacks = []
+    for add in list(gm.graph.nodes):
+        site = _eora_site(gm, add)
+        if site is None:
+            continue
+        q, ax, bax, a, b = site
+        fmt, act = q.args[5], q.args[7] if len(q.args) > 7 else q.kwargs.get("act", "none")
+        why = _dequant.format_unsupported(fmt, act) or _dequant.lora_unfusable(fmt, act)
+        if why:
+            fallbacks.append((add.name, f"EoRA side path not fused into {q.name}: {why}"))
+            continue
+        for attr in (a, b):  # eora.py inserted them after q; the fused call reads them
+            if attr.op == "get_attr":
+                q.prepend(attr)
+        q.meta[_EORA] = (a, b)
+        add.replace_all_uses_with(q)
+        for n in (add, bax, ax):
+            gm.graph.erase_node(n)
+    return fallbacks
 
 
 def _lower_sparse_linears(gm: fx.GraphModule, mode: int) -> list[KernelRecord]:

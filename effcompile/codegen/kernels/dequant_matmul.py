@@ -1,8 +1,12 @@
-"""Fused dequantize + matmul Triton kernel (int8 / fp8 per-channel, int4 group-wise, MX blocks): split-K for decode, tiles for prefill."""
+"""Fused dequantize + matmul Triton kernel (int8 / fp8 per-channel, int4 group-wise, MX blocks): split-K for decode, tiles for prefill.
+
+Optionally with an EoRA low-rank term (passes/eora.py): y = x W_q^T + (x A^T) B^T, the B product added to the
+accumulator before the single store, so the side path costs no extra read/write of the [M, N] output."""
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -25,9 +29,10 @@ _FP8_FORMATS = ("fp8", "mxfp8")
 
 
 @triton.jit
-def _matmul_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, out_ptr, M, N, K, K_SPLIT,
-                   FMT: tl.constexpr, G: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_DT: tl.constexpr,
-                   ATOMIC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _matmul_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, u_ptr, lb_ptr, out_ptr, M, N, K, K_SPLIT, RANK,
+                   FMT: tl.constexpr, G: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr,
+                   DOT_DT: tl.constexpr, ATOMIC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
     # Tiled tl.dot: the weight tile is dequantized in registers right before the dot (never in memory).
     # Decode (few rows) pads M to 16 for the tensor cores and splits K over programs (ATOMIC: fp32
     # partial sums added into a zeroed output), so a handful of output tiles still fills every SM.
@@ -86,6 +91,18 @@ def _matmul_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, out_ptr, M, N, K, K_SPLIT,
             p = tl.where(e > -127, (e + 127) << 23, 4194304).to(tl.float32, bitcast=True)
             w = (w * p).to(x_ptr.dtype.element_ty)
             acc += tl.dot(x.to(DOT_DT), w.to(DOT_DT), input_precision="ieee")
+    if HAS_LORA:
+        # EoRA: acc += u B^T with u = x A^T [M, RANK] (computed before the launch) and B [N, RANK], after
+        # the row scale (it belongs to the output, not to the codes). Split-K: only split 0 runs it (the
+        # loop is empty elsewhere), so the term is added once. BLOCK_R >= 16 (tl.dot's minimum) is masked.
+        r_end = tl.where(k_lo == 0, RANK, 0)
+        for r0 in range(0, r_end, BLOCK_R):
+            offs_r = r0 + tl.arange(0, BLOCK_R)
+            r_mask = offs_r < RANK
+            u = tl.load(u_ptr + offs_m.to(tl.int64)[:, None] * RANK + offs_r[None, :],
+                        mask=m_mask[:, None] & r_mask[None, :], other=0.0)
+            lb = tl.load(lb_ptr + col * RANK + offs_r[:, None], mask=r_mask[:, None] & n_mask[None, :], other=0.0)
+            acc += tl.dot(u.to(DOT_DT), lb.to(DOT_DT), input_precision="ieee")
     if HAS_BIAS:
         first = (offs_n * 0 + k_lo) == 0  # a tensor: the interpreter refuses a scalar bool in a mask
         b = tl.load(b_ptr + offs_n, mask=n_mask & first, other=0.0).to(tl.float32)  # added by split 0 only
@@ -97,18 +114,41 @@ def _matmul_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, out_ptr, M, N, K, K_SPLIT,
         tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
 
-def reference(x, qweight, scales, zeros, bias, fmt: str, group_size: int, act: str = "none") -> torch.Tensor:
+def low_rank(x, lora_a, lora_b) -> torch.Tensor:
+    """(x A^T) B^T as the unfused EoRA side path computes it: two torch linears in x's dtype."""
+    return F.linear(F.linear(x, lora_a.to(x.dtype)), lora_b.to(x.dtype))
+
+
+def reference(x, qweight, scales, zeros, bias, fmt: str, group_size: int, act: str = "none",
+              lora_a=None, lora_b=None) -> torch.Tensor:
     """Eager reference: quantize-dequantize the activations (act), dequantize the weight to the activation
-    dtype, then F.linear (the IR op's definition)."""
-    return qops.reference(x, qweight, scales, zeros, bias, fmt, group_size, act)
+    dtype, then F.linear (the IR op's definition); plus the low-rank term on the unquantized x, if given."""
+    out = qops.reference(x, qweight, scales, zeros, bias, fmt, group_size, act)
+    return out if lora_a is None else out + low_rank(x, lora_a, lora_b)
 
 
-def supported(x: torch.Tensor, qweight: torch.Tensor, fmt: str, group_size: int, act: str = "none") -> str | None:
-    """None when the kernels take these inputs, else why not (the caller runs the eager path)."""
+def lora_unfusable(fmt: str, act: str = "none") -> str | None:
+    """None when the kernel adds a low-rank term for this pairing, else why not (lowering keeps the side
+    path as torch ops then): W8A8 runs act_quant's int8 x int8 kernel, which has no low-rank epilogue."""
+    if act == "int8" and fmt == "int8":
+        return "the W8A8 int8 x int8 kernel has no low-rank term"
+    return None
+
+
+def format_unsupported(fmt: str, act: str = "none") -> str | None:
+    """None when a kernel exists for this weight format / activation pairing, else why not."""
     if fmt not in _FMT:
         return f"no Triton kernel for weight format {fmt!r} yet (eager dequantize + matmul)"
     if act not in qops.ACTIVATIONS or fmt not in qops.ACTIVATIONS[act]:
         return f"no Triton kernel for activations={act!r} with weights {fmt!r} (eager path)"
+    return None
+
+
+def supported(x: torch.Tensor, qweight: torch.Tensor, fmt: str, group_size: int, act: str = "none",
+              lora: bool = False) -> str | None:
+    """None when the kernels take these inputs, else why not (the caller runs the eager path)."""
+    if why := format_unsupported(fmt, act) or (lora and lora_unfusable(fmt, act)):
+        return why
     if x.dtype not in qops.FLOAT_DTYPES:
         return f"activation dtype {x.dtype} is not fp32/fp16/bf16"
     k = x.shape[-1]
@@ -135,15 +175,30 @@ def kind_for(rows: int | None, fmt: str = "int8", act: str = "none") -> str:
     return f"{act}-fake-quant+dequant-" + shape
 
 
+def _lora_inputs(x2, lora_a, lora_b, n: int):
+    """(u = x A^T [M, r] contiguous, B [N, r] contiguous, BLOCK_R) for the kernel's low-rank term.
+
+    u is a plain torch matmul before the launch: it is tiny ([M, r], r << N), and computing it in the
+    kernel would redo the full-K product x A^T in every N tile (and split it across the K splits)."""
+    k, r = x2.shape[1], lora_a.shape[0]
+    if lora_a.shape != (r, k) or lora_b.shape != (n, r):
+        raise ValueError(f"low-rank factors A {tuple(lora_a.shape)}, B {tuple(lora_b.shape)} do not fit K={k}, N={n}")
+    u = F.linear(x2, lora_a.to(device=x2.device, dtype=x2.dtype)).contiguous()  # rounded like the side path's
+    lb = lora_b.to(device=x2.device, dtype=x2.dtype).contiguous()
+    return u, lb, max(16, min(triton.next_power_of_2(r), 64))
+
+
 def launch(x, qweight, scales, zeros, bias, fmt: str, group_size: int, split_k: int | None = None,
-           config: plan.Config | None = None, act: str = "none") -> torch.Tensor:
+           config: plan.Config | None = None, act: str = "none", lora_a=None, lora_b=None) -> torch.Tensor:
     """Run the kernels on x [..., K]; the result is [..., N] in x's dtype. split_k forces the K split (tests);
     config overrides the tile shape (benchmarks/kernels.py --sweep); act quantizes the activations per token
-    first (W8A8 for int8 x int8)."""
+    first (W8A8 for int8 x int8). lora_a [r, K] / lora_b [N, r]: add (x A^T) B^T in the kernel, with x the
+    unquantized activations (the EoRA side path reads x, not its fake-quantized copy)."""
+    lora = lora_a is not None and lora_a.shape[0] > 0
+    if lora and (why := lora_unfusable(fmt, act)):
+        raise ValueError(why)
     if act == "int8" and fmt == "int8":
         return aq.w8a8(x, qweight, scales, bias, split_k, config)
-    if act != "none":
-        x = aq.quantize_rows(x, act, fake=True)[0]
     k, n = x.shape[-1], qweight.shape[0]
     dev = x.device
     x2 = x.reshape(-1, k).contiguous()
@@ -151,6 +206,9 @@ def launch(x, qweight, scales, zeros, bias, fmt: str, group_size: int, split_k: 
     if not (m and n):
         return torch.empty((*x.shape[:-1], n), dtype=x.dtype, device=dev)
     q, s = qweight.to(dev).contiguous(), scales.to(dev).contiguous()
+    u, lb, block_r = _lora_inputs(x2, lora_a, lora_b, n) if lora else (s, s, 16)  # placeholders when unused
+    if act != "none":
+        x2 = aq.quantize_rows(x2, act, fake=True)[0]
     z = zeros.to(dev).contiguous() if zeros is not None else s  # placeholder: only int4 reads it
     b = bias.to(dev).contiguous() if bias is not None else s
     interp = _ops.interpreting(dev)
@@ -163,18 +221,24 @@ def launch(x, qweight, scales, zeros, bias, fmt: str, group_size: int, split_k: 
     out = (torch.zeros if atomic else torch.empty)((m, n), dtype=torch.float32 if atomic else x.dtype, device=dev)
     grid = (triton.cdiv(m, bm), triton.cdiv(n, bn), triton.cdiv(k, ks))
     _ops.jit_variant(_matmul_kernel, interp)[grid](
-        x2, q, s, z, b, out, m, n, k, ks, FMT=_FMT[fmt], G=max(group_size, 1), HAS_BIAS=bias is not None,
-        DOT_DT=plan.dot_dtype(x.dtype, interp), ATOMIC=atomic, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-        num_warps=warps, num_stages=stages)
+        x2, q, s, z, b, u, lb, out, m, n, k, ks, lora_a.shape[0] if lora else 0, FMT=_FMT[fmt],
+        G=max(group_size, 1), HAS_BIAS=bias is not None, HAS_LORA=lora, DOT_DT=plan.dot_dtype(x.dtype, interp),
+        ATOMIC=atomic, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=block_r, num_warps=warps, num_stages=stages)
     return out.to(x.dtype).view(*x.shape[:-1], n)
 
 
-def run(x, qweight, scales, zeros, bias, fmt: str, group_size: int, act: str = "none", mode: int = 0) -> torch.Tensor:
-    """mode 0: auto (CUDA or TRITON_INTERPRET=1 -> Triton), 1: Triton, 2: the IR op's eager/CPU path."""
-    if _ops.use_triton(mode, x.device) and supported(x, qweight, fmt, group_size, act) is None:
-        out, path = launch(x, qweight, scales, zeros, bias, fmt, group_size, act=act), "triton"
+def run(x, qweight, scales, zeros, bias, fmt: str, group_size: int, act: str = "none", mode: int = 0,
+        lora_a=None, lora_b=None) -> torch.Tensor:
+    """mode 0: auto (CUDA or TRITON_INTERPRET=1 -> Triton), 1: Triton, 2: the IR op's eager/CPU path (then
+    the low-rank term is the side path's own two linears + add, as in the unfused graph)."""
+    lora = lora_a is not None
+    if _ops.use_triton(mode, x.device) and supported(x, qweight, fmt, group_size, act, lora) is None:
+        out, path = launch(x, qweight, scales, zeros, bias, fmt, group_size, act=act, lora_a=lora_a,
+                           lora_b=lora_b), "triton"
     else:
         out, path = qops.wq_linear_eager(x, qweight, scales, zeros, bias, fmt, group_size, act), "torch"
+        if lora:
+            out = out + low_rank(x, lora_a, lora_b)
     _ops.count(NAME, path)
     return out
 
@@ -183,9 +247,11 @@ if not _ops.op_exists(NAME):
 
     @torch.library.custom_op("effcompile::" + NAME, mutates_args=())
     def op(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
-           bias: torch.Tensor | None, fmt: str, group_size: int, act: str, mode: int) -> torch.Tensor:
-        return run(x, qweight, scales, zeros, bias, fmt, group_size, act, mode)
+           bias: torch.Tensor | None, fmt: str, group_size: int, act: str, mode: int,
+           lora_a: torch.Tensor | None = None, lora_b: torch.Tensor | None = None) -> torch.Tensor:
+        # lora_a / lora_b (EoRA's A [r, K], B [N, r]) come last with defaults: older callers pass none.
+        return run(x, qweight, scales, zeros, bias, fmt, group_size, act, mode, lora_a, lora_b)
 
     @op.register_fake
-    def _fake(x, qweight, scales, zeros, bias, fmt, group_size, act, mode):
+    def _fake(x, qweight, scales, zeros, bias, fmt, group_size, act, mode, lora_a=None, lora_b=None):
         return x.new_empty((*x.shape[:-1], qweight.shape[0]))
