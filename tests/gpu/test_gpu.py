@@ -274,3 +274,55 @@ def test_w8a8_split_k_on_device(splits):
     got = D.launch(x.cuda(), qw.qweight.cuda(), qw.scales.cuda(), None, b.cuda(), "int8", 0, split_k=splits,
                    act="int8")
     torch.testing.assert_close(got.cpu(), qops._w8a8(x, qw.qweight, qw.scales, b), rtol=1e-5, atol=1e-5)
+
+
+# -- EoRA low-rank term fused into the dequant kernel ---------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("m", [1, 8, 19, 128])
+@pytest.mark.parametrize("fmt,group,act", [("int8", 0, "none"), ("int4", 32, "none"), ("fp8", 0, "none"),
+                                           ("mxint8", 32, "int8")])
+def test_dequant_low_rank_term_on_device(fmt, group, act, m, dtype):
+    _needs_e4m3(fmt, act)
+    gen = torch.Generator().manual_seed(m)
+    n, k, r = 781, 1920, 33  # rank 33: one 64-wide rank tile, masked
+    qw = qops.quantize_weight((torch.randn(n, k, generator=gen) / 20).to(dtype), fmt, group)
+    x = torch.randn(m, k, generator=gen).to(dtype)
+    b = torch.randn(n, generator=gen).to(dtype)
+    a, lb = (torch.randn(r, k, generator=gen) / 8).to(dtype), (torch.randn(n, r, generator=gen) / 8).to(dtype)
+    dev = [t.cuda() if t is not None else None for t in (x, *qw[:3], b, a, lb)]
+    got = D.launch(*dev[:5], fmt, group, act=act, lora_a=dev[5], lora_b=dev[6])  # m <= 8: split K
+    # Reference on the CPU (see test_activation_quantized_kernels_on_device: correctly rounded division).
+    want = D.reference(x, *qw[:3], b, fmt, group, act, lora_a=a, lora_b=lb)
+    assert _rel_err(D.reference(x, *qw[:3], b, fmt, group, act), want) > 10 * REL_TOL[dtype]  # term matters
+    assert got.shape == want.shape and got.dtype == dtype
+    assert _rel_err(got.cpu(), want) <= REL_TOL[dtype]
+
+
+@pytest.mark.parametrize("splits", [1, 3])
+def test_dequant_low_rank_split_k_on_device(splits):
+    qw = qops.quantize_weight(torch.randn(300, 2304) / 20, "int8", 0)
+    x, a, lb = torch.randn(2, 2304, device="cuda"), torch.randn(16, 2304) / 8, torch.randn(300, 16) / 8
+    q, s = qw.qweight.cuda(), qw.scales.cuda()
+    got = D.launch(x, q, s, None, None, "int8", 0, split_k=splits, lora_a=a.cuda(), lora_b=lb.cuda())
+    want = D.reference(x, q, s, None, None, "int8", 0, lora_a=a.cuda(), lora_b=lb.cuda())
+    assert _rel_err(got, want) <= 1e-5  # the term is added by K split 0 only
+
+
+def test_eora_llama_fused_on_device_matches_torch_path():
+    model = tiny_hf("llama", layers=2, hidden=128).to("cuda", torch.float16)
+    gen = torch.Generator("cuda").manual_seed(0)
+    calib = [(torch.randint(0, 128, (1, 9), device="cuda", generator=gen),) for _ in range(2)]
+    ids = torch.randint(0, 128, (1, 9), device="cuda", generator=gen)
+    outs, labels = {}, {}
+    for use_triton in (True, False):
+        torch._dynamo.reset()
+        fast = ec.effcompile(model, passes=[ec.Quantize(weights="int8", eora_rank=8)], calibration=calib,
+                             cache=False, use_triton=use_triton)
+        with torch.no_grad():
+            outs[use_triton] = fast(ids).logits.float()
+        labels[use_triton] = {k.ops[-1] for k in ec.explain(fast).kernels if k.name == D.NAME}
+    assert labels[True] == {"int8+eora-r8"}, labels  # every side path fused
+    assert not any("eora" in lab for lab in labels[False])  # the torch path keeps the side path
+    assert _rel_err(outs[True], outs[False]) <= 1e-2
