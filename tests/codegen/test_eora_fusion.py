@@ -151,15 +151,18 @@ def _eora_linears(gm) -> list:
             and any(a.op == "get_attr" and "_ec_eora_" in a.target for a in n.all_input_nodes)]
 
 
+@pytest.mark.parametrize("fmt,group,act,label", [("int8", 0, "none", "int8+eora-r5"),
+                                                   ("int4", 32, "none", "int4g32+eora-r5"),
+                                                   ("mxint8", 32, "int8", "mxint8g32-aint8+eora-r5")])
 @torch.no_grad()
-def test_lowering_fuses_the_side_path(tmp_path):
-    gm, inputs = _side_path_graph()
+def test_lowering_fuses_the_side_path(tmp_path, fmt, group, act, label):
+    gm, inputs = _side_path_graph(fmt, group, act)
     want = gm(*inputs)
     res = lower_mod.lower(gm, tmp_path, use_triton=True)
     assert not _eora_linears(gm)
     assert not [n for n in gm.graph.nodes if n.target is operator.add]
     (rec,) = [k for k in res.kernels if k.name == D.NAME]
-    assert rec.ops == ("wq_linear", "int8+eora-r5") and rec.kind == "dequant-gemv"
+    assert rec.ops == ("wq_linear", label) and rec.kind == D.kind_for(3, fmt, act) and not res.fallbacks
     assert _rel_err(gm(*inputs), want) <= 1e-5
 
 
