@@ -358,7 +358,7 @@ def _lower_cpu_bags(gm: fx.GraphModule, mode: int) -> tuple[list[KernelRecord], 
                     del gm._buffers[a.target]
         tag = node.meta.get(TAG)
         records.append(KernelRecord(_bag.NAME, f"torch.ops.effcompile.{_bag.NAME}.default", _bag.__file__,
-                                    _bag.kind_for(_static_rows(x)), (kind, fmt + (f"g{group}" if group else "")),
+                                    _bag.kind_for(_static_rows(x), fmt), (kind, fmt + (f"g{group}" if group else "")),
                                     (node.name,), (str(tag),) if tag is not None else ()))
     return records, fallbacks
 

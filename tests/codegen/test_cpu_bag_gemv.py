@@ -59,7 +59,7 @@ def test_matches_reference(fmt, group, k, n, m, zero_frac, thresholded):
     got = B.run(x, thr, rows, s, z, bias, fmt, group, chunks, "t", False)
     want = sl.reference(x, thr if thresholded else torch.tensor(0.0), wt, s, z, bias, fmt, group, "t", False)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    path = "bag" if m <= B.BAG_MAX_ROWS else "dense"
+    path = "bag" if m <= B.BAG_MAX_ROWS[fmt] else "dense"
     assert cg_ops.PATH_COUNTS[B.NAME][path] == before.get(path, 0) + 1
 
 

@@ -16,8 +16,10 @@ Row layouts (built once by ``pack`` at lowering time from sparse_linear's input-
          which a per-row scale cannot express, so each K-group is its own bag and the group partial sums
          P[g] are combined afterwards: y = sum_g scales[g] * P[g] + zeros[g] * sum_{k in g} x_k.
 
-Above BAG_MAX_ROWS activation rows (prefill) every weight row is needed anyway: the same buffers are
-dequantized and multiplied densely, chunk by chunk.
+Above BAG_MAX_ROWS[fmt] activation rows every weight row is needed anyway (prefill), or a float bag per
+row loses to one sgemm (measured: 8 rows of 4096 x 11008 at 50 % sparsity, 0.77x dense): the same buffers
+are dequantized and multiplied densely, chunk by chunk. Quantized bags still win at 8 rows (int8 1.7-4.3x
+fp32 dense, benchmarks/results/sparse-cpu-2026-11-26.json), since the alternative is a dequantization.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from effcompile.compiler import sparse_ops
 
 NAME = "bag_linear"  # the custom op (effcompile::bag_linear) and its PATH_COUNTS key
 FORMATS = ("float", "int8", "int4")
-BAG_MAX_ROWS = 8  # activation rows up to which the bag path runs (each row is its own set of bags)
+BAG_MAX_ROWS = {"float": 1, "int8": 8, "int4": 8}  # activation rows up to which the bag path runs
 _QOPS = {"int8": "embedding_bag_byte_rowwise_offsets", "int4": "embedding_bag_4bit_rowwise_offsets"}
 _INT8_TAIL = torch.tensor([1.0, -128.0], dtype=torch.float32).view(torch.uint8)  # (scale, bias) per row
 _INT4_TAIL = torch.tensor([1.0, 0.0], dtype=torch.float16).view(torch.uint8)
@@ -141,7 +143,7 @@ def run(x, threshold, rows, scales, zeros, bias, fmt: str, group_size: int, chun
     if applied:
         x, applied = sparse_ops.threshold_input(x, threshold, label, decode_only)
     x2 = x.reshape(-1, x.shape[-1])
-    decode = x2.shape[0] <= BAG_MAX_ROWS and (applied or threshold is None)
+    decode = x2.shape[0] <= BAG_MAX_ROWS[fmt] and (applied or threshold is None)
     if decode and x2.numel() and unavailable(fmt) is None:
         y, path = _bag(x2, rows, scales, zeros, fmt, group_size, chunks).to(x.dtype), "bag"
     else:
@@ -156,8 +158,8 @@ def out_features(rows: torch.Tensor, fmt: str, chunks: int) -> int:
     return 2 * (rows.shape[1] - 4) if fmt == "int4" else chunks * (rows.shape[1] - (8 if fmt == "int8" else 0))
 
 
-def kind_for(rows: int | None) -> str:
-    return "cpu-bag-gemv" if rows is not None and rows <= BAG_MAX_ROWS else "cpu-bag-gemv|dense"
+def kind_for(rows: int | None, fmt: str) -> str:
+    return "cpu-bag-gemv" if rows is not None and rows <= BAG_MAX_ROWS[fmt] else "cpu-bag-gemv|dense"
 
 
 if not _ops.op_exists(NAME):
