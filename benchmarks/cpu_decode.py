@@ -52,6 +52,9 @@ def main() -> None:
     print(rows[-1], flush=True)
     for spec in a.configs.split(";"):
         passes = pass_spec.parse_passes(spec)[1] if spec != "none" else []
+        # Every config compiles the same forward: without a reset dynamo's per-code recompile limit
+        # runs out after a few configs and the rest would silently run eager.
+        torch._dynamo.reset()
         fast = ec.effcompile(model, passes=passes, calibration=calib if passes else None, cache=False)
         with torch.no_grad():  # a compiled prefill first: decode graphs reuse the thresholds it calibrates
             fast(**calib[0])
@@ -59,7 +62,9 @@ def main() -> None:
         row = {"config": spec, **{f"tok_s_b{b}": round(decode(fast, b), 2) for b in batches}}
         after = cg_ops.PATH_COUNTS.get("bag_linear", {})
         row["bag_calls"] = {k: after[k] - before.get(k, 0) for k in after}
-        row["kernels"] = sorted({f"{k.name}:{k.kind}" for k in ec.explain(fast).kernels if k.ops and
+        rep = ec.explain(fast)
+        row["fallbacks"] = rep.fallbacks
+        row["kernels"] = sorted({f"{k.name}:{k.kind}" for k in rep.kernels if k.ops and
                                  k.ops[0] in ("wq_linear", "sparse_linear")})
         rows.append(row)
         print(row, flush=True)

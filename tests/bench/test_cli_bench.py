@@ -48,7 +48,7 @@ def test_bench_writes_jsonl_and_table(tmp_path, capsys):
 
 @pytest.mark.parametrize("args, match", [
     (["--model", "gpt5"], "unknown model 'gpt5'; valid: minilm, stdlib-lm"),
-    (["--model", "bert-tiny", "--passes", "quantise"], "unknown pass 'quantise'; valid: .*quantize, remove_dropout"),
+    (["--model", "bert-tiny", "--passes", "quantise"], "unknown pass 'quantise'; valid: .*quantize, .*remove_dropout"),
     (["--model", "bert-tiny", "--passes", "quantize(bits=4)"], "no field 'bits'; fields: weights, group_size"),
     (["--model", "bert-tiny", "--sweep", "quantize(weights=int4,group_size=32)"], "no \\[a,b\\] list"),
     (["--model", "bert-tiny", "--dtype", "fp8"], "BenchSettings.dtype='fp8'"),
