@@ -16,6 +16,12 @@ from effcompile.testing import tiny_hf
 CASES = [("float", 0), ("int8", 0), ("int4", 32)]
 
 
+@pytest.fixture(autouse=True)
+def _float_bags_at_test_sizes(monkeypatch):
+    """The shapes here are tiny; production sends float weights under 2M elements to sgemv instead."""
+    monkeypatch.setattr(B, "FLOAT_BAG_MIN_WEIGHTS", 0)
+
+
 def _weights(fmt, group, k, n, dtype=torch.float32):
     w = torch.randn(n, k, generator=torch.Generator().manual_seed(k * n)) / k**0.5
     if fmt == "float":
@@ -152,3 +158,13 @@ def test_fp16_large_activations_do_not_overflow_the_unscaled_sums(m):
     want = qops.reference(x.float(), wt.t(), s, None, None, "int8", 0)
     assert torch.isfinite(got).all()
     torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=0.5)
+
+
+def test_small_float_weights_take_sgemv(monkeypatch):
+    monkeypatch.setattr(B, "FLOAT_BAG_MIN_WEIGHTS", 1 << 21)
+    wt, _, _ = _weights("float", 0, 64, 32)
+    x = _input(1, 64, 0.5, torch.float32)
+    before = cg_ops.PATH_COUNTS[B.NAME]["dense"]
+    got = B.run(x, torch.tensor(0.3), B.pack(wt, "float", 1), None, None, None, "float", 0, 1, "", False)
+    assert cg_ops.PATH_COUNTS[B.NAME]["dense"] == before + 1
+    torch.testing.assert_close(got, sl.reference(x, torch.tensor(0.3), wt, None, None, None, "float", 0, "", False))

@@ -47,6 +47,7 @@ def unavailable(fmt: str) -> str | None:
     return None
 
 
+FLOAT_BAG_MIN_WEIGHTS = 1 << 21  # float weights smaller than this (8 MB fp32) stay in cache: sgemv wins
 CHUNK_MIN_WEIGHTS = 1 << 21  # below this a bag takes ~0.1 ms: waking a second thread costs more than it saves
 
 
@@ -144,6 +145,8 @@ def run(x, threshold, rows, scales, zeros, bias, fmt: str, group_size: int, chun
         x, applied = sparse_ops.threshold_input(x, threshold, label, decode_only)
     x2 = x.reshape(-1, x.shape[-1])
     decode = x2.shape[0] <= BAG_MAX_ROWS[fmt] and (applied or threshold is None)
+    if fmt == "float" and rows.numel() < FLOAT_BAG_MIN_WEIGHTS:
+        decode = False  # a cache-resident sgemv beats the bag's ~0.07 ms of set-up (768 x 2048: 0.10 vs 0.13 ms)
     if decode and x2.numel() and unavailable(fmt) is None:
         y, path = _bag(x2, rows, scales, zeros, fmt, group_size, chunks).to(x.dtype), "bag"
     else:
