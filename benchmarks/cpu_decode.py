@@ -5,7 +5,7 @@ Speed only: the model is the zoo's random-init ``llama-base`` (768 hidden, 12 la
 passes is measured on real weights elsewhere (benchmarks/quantize.py, thresholding.py). Each config is
 compiled with effcompile (calibration: 4 random-token batches for the thresholds), then timed with the
 harness's static-KV-cache decode loop (effcompile.bench.timing.decode_speed) at batch 1 and 8; eager is
-timed first and last so drift shows. Writes benchmarks/results/cpu-decode-<date>.json.
+timed first and last so drift shows. Writes benchmarks/results/cpu-decode-<model>-<date>.json.
 
     python benchmarks/cpu_decode.py [--model llama-base] [--steps 16]
 """
@@ -73,7 +73,7 @@ def main() -> None:
     base = {b: (rows[0][f"tok_s_b{b}"] + rows[-1][f"tok_s_b{b}"]) / 2 for b in batches}
     for r in rows[1:-1]:
         r.update({f"vs_eager_b{b}": round(r[f"tok_s_b{b}"] / base[b], 3) for b in batches})
-    out = Path(__file__).parent / "results" / f"cpu-decode-{datetime.date.today().isoformat()}.json"
+    out = Path(__file__).parent / "results" / f"cpu-decode-{a.model}-{datetime.date.today().isoformat()}.json"
     out.write_text(json.dumps({"benchmark": "cpu_decode", "model": a.model, "steps": a.steps,
                                "torch": torch.__version__, "threads": torch.get_num_threads(),
                                "date": datetime.date.today().isoformat(), "machine": "2-core CPU dev box",
