@@ -145,7 +145,12 @@ def _replay_args(gm, recorded: dict[str, torch.Tensor]) -> list | None:
         if isinstance(val, torch.Tensor):
             if n.name not in recorded:
                 return None
-            args.append(recorded[n.name])
+            t = recorded[n.name]
+            # A graph is specialised on its static sizes (dynamo fixes size-1 dims even in dynamic
+            # graphs): a recording of another size would run it on shapes it was not traced for.
+            if t.dim() != val.dim() or any(isinstance(d, int) and d != s for d, s in zip(val.shape, t.shape)):
+                return None
+            args.append(t)
         elif isinstance(val, torch.SymInt):
             size = next((recorded[p.name].shape[d] for p in gm.graph.nodes if p.op == "placeholder"
                          and p.name in recorded and isinstance(p.meta.get("example_value"), torch.Tensor)

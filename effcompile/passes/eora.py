@@ -3,7 +3,8 @@
 The quantization error E = W - W_q matters only along the directions the activations take: with the
 calibration covariance C = V diag(l) V^T, the best rank-r fix of E x (in expectation over x) is the
 truncated SVD of E V diag(sqrt(l)), mapped back through diag(1/sqrt(l)) V^T. B [N, r] and A [r, K] become
-two small linears beside the quantized one (codegen runs them as ordinary matmuls).
+two small linears beside the quantized one; codegen fuses them into the dequant kernel when it lowers for
+Triton (except W8A8), and leaves them as ordinary matmuls on the CPU paths.
 """
 
 from __future__ import annotations

@@ -197,3 +197,16 @@ def test_eora_fires_and_cuts_the_error_on_a_tiny_llama():
             layers = rec.artifacts["eora"]["layers"]
             assert len(layers) == 14 and all(v["rank"] == 8 and 0 < v["error_removed"] <= 1 for v in layers.values())
     assert err[8] < 0.8 * err[0], err
+
+
+def test_calibration_of_another_static_shape_is_a_clear_error_not_a_crash():
+    # dynamo specialises size-1 dims: the batch-1 graph cannot replay batch-2 calibration recordings
+    # (it used to run them anyway and crash inside the packed matmul).
+    from effcompile.testing import tiny_hf
+
+    model = tiny_hf("llama", layers=2, hidden=64)
+    calib = [torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    fast = ec.effcompile(model, passes=[ec.Quantize(weights="int8", eora_rank=4)], calibration=calib, cache=False)
+    with pytest.raises(ValueError, match="needs calibration data.*shaped like real inputs"):
+        with torch.no_grad():
+            fast(torch.randint(0, 128, (1, 5)))
