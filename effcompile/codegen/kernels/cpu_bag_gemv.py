@@ -33,6 +33,8 @@ from effcompile.compiler import sparse_ops
 NAME = "bag_linear"  # the custom op (effcompile::bag_linear) and its PATH_COUNTS key
 FORMATS = ("float", "int8", "int4")
 BAG_MAX_ROWS = {"float": 1, "int8": 8, "int4": 8}  # activation rows up to which the bag path runs
+FLOAT_BAG_MIN_WEIGHTS = 1 << 21  # float weights smaller than this (8 MB fp32) stay in cache: sgemv wins
+CHUNK_MIN_WEIGHTS = 1 << 21  # below this a bag takes ~0.1 ms: waking a second thread costs more than it saves
 _QOPS = {"int8": "embedding_bag_byte_rowwise_offsets", "int4": "embedding_bag_4bit_rowwise_offsets"}
 _INT8_TAIL = torch.tensor([1.0, -128.0], dtype=torch.float32).view(torch.uint8)  # (scale, bias) per row
 _INT4_TAIL = torch.tensor([1.0, 0.0], dtype=torch.float16).view(torch.uint8)
@@ -45,10 +47,6 @@ def unavailable(fmt: str) -> str | None:
     if fmt in _QOPS and not hasattr(torch.ops.quantized, _QOPS[fmt]):
         return f"this torch build has no quantized::{_QOPS[fmt]}"
     return None
-
-
-FLOAT_BAG_MIN_WEIGHTS = 1 << 21  # float weights smaller than this (8 MB fp32) stay in cache: sgemv wins
-CHUNK_MIN_WEIGHTS = 1 << 21  # below this a bag takes ~0.1 ms: waking a second thread costs more than it saves
 
 
 def chunks_for(n: int, fmt: str, threads: int | None = None, k: int | None = None) -> int:
