@@ -18,8 +18,16 @@ from effcompile.codegen.kernels import dequant_matmul as _dequant
 from effcompile.codegen.kernels import sparse_gemv as _sparse
 from effcompile.codegen.partition import group_tag, partition
 from effcompile.codegen.triton_gen import generate
-from effcompile.compiler.ir import TAG, VAL, tensor_val
 from effcompile.compiler import sparse_linear as _sl
+from effcompile.compiler.ir import (
+    TAG,
+    VAL,
+    add_buffer,
+    attr_tensor,
+    drop_unused_attrs,
+    fake_mode_for,
+    tensor_val,
+)
 from effcompile.compiler.ops import wq_linear_op
 from effcompile.compiler.sparse_linear import sparse_linear_op
 
@@ -189,7 +197,7 @@ def _lower_quantized_linears(gm: fx.GraphModule, mode: int) -> list[KernelRecord
         x, fmt, group = node.args[0], node.args[5], node.args[6]
         label = fmt + (f"g{group}" if group else "") + (f"-a{act}" if act != "none" else "")
         if lora:
-            label += f"+eora-r{_attr(gm, lora[0]).shape[0]}"
+            label += f"+eora-r{attr_tensor(gm, lora[0]).shape[0]}"
         return _dequant.kind_for(_static_rows(x), fmt, act), ("wq_linear", label)
     return _retarget(gm, wq_linear_op(), _dequant, describe)
 
@@ -223,7 +231,7 @@ def _eora_site(gm: fx.GraphModule, add) -> tuple | None:
     inner = _plain_linear(outer[0]) if outer else None
     if inner is None or inner[0] is not q.args[0]:
         return None
-    a, b, q_weight = _attr(gm, inner[1]), _attr(gm, outer[1]), _attr(gm, q.args[1])
+    a, b, q_weight = attr_tensor(gm, inner[1]), attr_tensor(gm, outer[1]), attr_tensor(gm, q.args[1])
     if not all(isinstance(t, torch.Tensor) and t.dim() == 2 for t in (a, b, q_weight)):
         return None
     xval = tensor_val(q.args[0])
@@ -275,16 +283,6 @@ def _lower_sparse_linears(gm: fx.GraphModule, mode: int) -> list[KernelRecord]:
     return _retarget(gm, sparse_linear_op(), _sparse, describe)
 
 
-def _attr(gm: fx.GraphModule, node):
-    """The tensor a get_attr node reads (None for anything else)."""
-    if not (isinstance(node, fx.Node) and node.op == "get_attr"):
-        return None
-    obj = gm
-    for part in node.target.split("."):
-        obj = getattr(obj, part, None)
-    return obj
-
-
 def _bag_plan(gm: fx.GraphModule, node) -> tuple | str | None:
     """(x, threshold, weight_t, scales, zeros, bias, fmt, group, label, decode_only) in sparse_linear's
     input-major layout for a node the CPU bag GEMV can take; a reason string if it cannot; None if the
@@ -293,13 +291,13 @@ def _bag_plan(gm: fx.GraphModule, node) -> tuple | str | None:
         return None
     if node.target is sparse_linear_op():
         x, thr, w, s, z, b, fmt, group, label, decode_only = node.args[:10]
-        wt, st, zt = _attr(gm, w), _attr(gm, s), _attr(gm, z)
+        wt, st, zt = attr_tensor(gm, w), attr_tensor(gm, s), attr_tensor(gm, z)
     elif node.target is wq_linear_op():
         x, q, s, z, b, fmt, group = node.args[:7]
         act = node.args[7] if len(node.args) > 7 else node.kwargs.get("act", "none")
         if act != "none" or fmt not in ("int8", "int4"):
             return None  # W8A8 / fp8 / MX keep their own kernels
-        q, st, zt = _attr(gm, q), _attr(gm, s), _attr(gm, z)
+        q, st, zt = attr_tensor(gm, q), attr_tensor(gm, s), attr_tensor(gm, z)
         if q is None or st is None:
             return "quantized weight is not a buffer"
         if fmt == "int4" and q.shape[0] % 2:
@@ -323,8 +321,8 @@ def _lower_cpu_bags(gm: fx.GraphModule, mode: int) -> tuple[list[KernelRecord], 
     if mode == _ops.MODE_TRITON or _ops.env_interpret():
         return [], []
     records, fallbacks = [], []
-    graph = gm.graph
-    for node in list(graph.nodes):
+    fake_mode = None
+    for node in list(gm.graph.nodes):
         plan = _bag_plan(gm, node)
         if plan is None:
             continue
@@ -333,30 +331,15 @@ def _lower_cpu_bags(gm: fx.GraphModule, mode: int) -> tuple[list[KernelRecord], 
             continue
         x, thr, wt, st, zt, b, fmt, group, label, decode_only = plan
         chunks = _bag.chunks_for(wt.shape[1], fmt, k=wt.shape[0])
-        old = [a for a in node.args[1:5] if isinstance(a, fx.Node) and a.op == "get_attr"]
-        fake = old[0].meta.get(VAL) if old else None
-        new_args = []
-        for suffix, t in (("rows", _bag.pack(wt, fmt, chunks)), ("scales", st), ("zeros", zt)):
-            if t is None:
-                new_args.append(None)
-                continue
-            name = f"_ec_bag_{node.name}_{suffix}"
-            gm.register_buffer(name, t)
-            with graph.inserting_before(node):
-                attr = graph.get_attr(name)
-            if fake is not None and hasattr(fake, "fake_mode"):
-                attr.meta[VAL] = fake.fake_mode.from_tensor(t)
-            attr.meta[TAG] = node.meta.get(TAG)
-            new_args.append(attr)
+        old = node.args[1:5]
+        tag = node.meta.get(TAG)
+        fake_mode = fake_mode or fake_mode_for(gm)
+        new_args = [add_buffer(gm, node, f"_ec_bag_{node.name}_{suffix}", t, tag, fake_mode)
+                    for suffix, t in (("rows", _bag.pack(wt, fmt, chunks)), ("scales", st), ("zeros", zt))]
         kind = "sparse_linear" if thr is not None else "wq_linear"
         node.target = _ops.op_for(_bag.NAME)
         node.args, node.kwargs = (x, thr, *new_args, b, fmt, group, chunks, label, decode_only), {}
-        for a in old:  # the original layout is no longer read: do not keep (or cache) it
-            if not a.users:
-                graph.erase_node(a)
-                if "." not in a.target and a.target in gm._buffers:
-                    del gm._buffers[a.target]
-        tag = node.meta.get(TAG)
+        drop_unused_attrs(gm, old)  # the original layout is no longer read: do not keep (or cache) it
         records.append(KernelRecord(_bag.NAME, f"torch.ops.effcompile.{_bag.NAME}.default", _bag.__file__,
                                     _bag.kind_for(_static_rows(x), fmt), (kind, fmt + (f"g{group}" if group else "")),
                                     (node.name,), (str(tag),) if tag is not None else ()))

@@ -263,6 +263,26 @@ def add_buffer(gm: fx.GraphModule, before: fx.Node, name: str, t: torch.Tensor |
     return node
 
 
+def attr_tensor(gm: fx.GraphModule, node) -> torch.Tensor | None:
+    """The tensor a get_attr node reads (None for any other argument)."""
+    if not (isinstance(node, fx.Node) and node.op == "get_attr"):
+        return None
+    obj = gm
+    for part in node.target.split("."):
+        obj = getattr(obj, part, None)
+    return obj if isinstance(obj, torch.Tensor) else None
+
+
+def drop_unused_attrs(gm: fx.GraphModule, nodes) -> None:
+    """Erase the get_attr nodes among ``nodes`` that a rewrite left without users, and their buffers,
+    so a replaced weight layout is neither kept in memory nor cached."""
+    for n in nodes:
+        if isinstance(n, fx.Node) and n.op == "get_attr" and not n.users:
+            gm.graph.erase_node(n)
+            if "." not in n.target and n.target in gm._buffers:
+                del gm._buffers[n.target]
+
+
 def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
     """A copy whose graph can be rewritten independently; node meta is copied shallowly.
 

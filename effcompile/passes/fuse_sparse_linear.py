@@ -31,12 +31,7 @@ def _tensor(gm: fx.GraphModule, node, ctx: PassContext) -> torch.Tensor | None:
         return None
     if node.op == "placeholder":
         return ctx.params.get(node.name)
-    if node.op == "get_attr":
-        obj = gm
-        for part in node.target.split("."):
-            obj = getattr(obj, part, None)
-        return obj if isinstance(obj, torch.Tensor) else None
-    return None
+    return ir.attr_tensor(gm, node)
 
 
 def _plan(gm, node, ctx) -> tuple[tuple, str] | str:
@@ -58,15 +53,6 @@ def _plan(gm, node, ctx) -> tuple[tuple, str] | str:
     if fmt == "int4" and q.shape[0] % 2:
         return f"int4 with odd out_features={q.shape[0]} cannot pack two outputs per byte"
     return (q, s, z, b, fmt, group), ""
-
-
-def _drop_unused_attrs(gm: fx.GraphModule, nodes) -> None:
-    """Remove get_attr nodes (and their buffers) the rewrite left without users, so they are not cached."""
-    for n in nodes:
-        if isinstance(n, fx.Node) and n.op == "get_attr" and not n.users:
-            gm.graph.erase_node(n)
-            if "." not in n.target and n.target in gm._buffers:
-                del gm._buffers[n.target]
 
 
 @register_pass(FuseSparseLinear, phase="fuse", invalidates=())
@@ -103,7 +89,7 @@ def fuse_sparse_linear(gm: fx.GraphModule, cfg: FuseSparseLinear, ctx: PassConte
         gm.graph.erase_node(node)
         if not src.users:
             gm.graph.erase_node(src)
-        _drop_unused_attrs(gm, old_attrs)
+        ir.drop_unused_attrs(gm, old_attrs)
         where.append(str(tag) if tag is not None else node.name)
     if where:
         gm.recompile()
