@@ -2,7 +2,7 @@
 
 Prints output agreement (embedding cosine, max |diff|), latency of eager vs effcompile vs
 torch.compile(backend="effcompile"), and what explain() reports. CPU is fine: without a GPU (and
-without TRITON_INTERPRET=1) the generated kernels run their torch path, and explain() says so.
+without TRITON_INTERPRET=1) no Triton kernel can run, so the row ops stay torch ops, and explain() says so.
 """
 
 from __future__ import annotations

@@ -30,6 +30,7 @@ class _Compiler:
 
     def __init__(self, fn, settings: Settings, dynamic: bool | None, fullgraph: bool):
         self.settings = settings
+        self.fn = fn
         self.report = Report()
         self.calls = 0
         self.recording = False  # True while calibration batches run through the captured graphs
@@ -80,6 +81,11 @@ class _Compiler:
             if isinstance(inner, PassInputError):
                 raise inner  # keeps its __cause__: the pass's own ValueError and traceback
             raise
+        except Exception as e:
+            hint = _pruned_chunk_hint(self.fn, args, kwargs)
+            if hint:
+                raise ValueError(hint) from e
+            raise
 
     def _call(self, args, kwargs):
         sig = _call_signature(args, kwargs)
@@ -114,6 +120,34 @@ class _Compiler:
             log.warning("effcompile: FALLBACK to eager: %s", reason)
             warnings.warn(f"effcompile: {reason}", RuntimeWarning, stacklevel=4)
         return out
+
+
+def _pruned_chunk_hint(fn, args, kwargs) -> str | None:
+    """Why a call failed, when it extends a PruneTokens cache by several tokens without the helper.
+
+    Hugging Face builds one mask from block 0's cache length; the pruned blocks hold fewer entries, so
+    the shapes disagree inside the model's Python (while dynamo traces it), before any pass runs.
+    Only looked at after a failure, so ordinary calls pay nothing for it.
+    """
+    caches = [v for v in (*args, *kwargs.values()) if hasattr(v, "get_seq_length") and hasattr(v, "layers")]
+    ids = next((v for k, v in kwargs.items() if k in ("input_ids", "inputs_embeds")), None)
+    if ids is None and args and isinstance(args[0], torch.Tensor):
+        ids = args[0]
+    if not caches or not isinstance(ids, torch.Tensor) or ids.dim() < 2 or ids.shape[1] < 2:
+        return None
+    try:
+        lengths = [caches[0].get_seq_length(i) for i in range(len(caches[0].layers))]
+    except Exception:  # a cache we cannot read: no diagnosis, the original error stands
+        return None
+    impl = getattr(getattr(fn, "config", None), "_attn_implementation", None)
+    from effcompile.passes.prune_tokens import PRUNED_SDPA
+
+    if len(set(lengths)) < 2 or impl == PRUNED_SDPA:
+        return None
+    return (f"a {ids.shape[1]}-token chunk extends a KV cache pruned by PruneTokens (cached lengths per block: "
+            f"{lengths}); Hugging Face builds one attention mask from block 0's length, which does not fit the "
+            f"pruned blocks. Call effcompile.passes.prune_tokens.enable_pruned_chunks(model) before compiling "
+            f"(sdpa attention), or extend the cache one token per call")
 
 
 def _call_signature(args, kwargs) -> tuple | None:

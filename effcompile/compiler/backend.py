@@ -28,6 +28,7 @@ import torch
 import torch.fx as fx
 
 from effcompile import config
+from effcompile.codegen import ops as _ops
 from effcompile.compiler import ir
 from effcompile.compiler.pass_manager import PassContext, PassManager, lookup
 from effcompile.runtime.report import GraphReport
@@ -211,6 +212,8 @@ class CompiledGraph:
         return K.make_key(**data,
             graph=self.report.fingerprint, inputs=specs, buckets=[str(s) for s in sig], passes=passes,
             opt_level=self.settings.opt_level, use_triton=str(self.settings.use_triton),
+            # Lowering reads it (CPU bags and unfused row ops without Triton; Triton kernels with it).
+            triton_interpret=_ops.env_interpret(),
             versions=K.versions(), device=K.device_capability(device),
         )
 

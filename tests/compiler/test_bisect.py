@@ -41,7 +41,7 @@ def test_lossy_pass_after_exact_ones_is_named(block):
 
 def test_exact_pipeline_is_within_tolerance_through_codegen(block):
     model, x = block
-    r = bisect(model, {"x": x}, [cp.DecomposeGelu()], **TOL)
+    r = bisect(model, {"x": x}, [cp.DecomposeGelu()], use_triton=False, **TOL)  # kernels on CPU
     assert r.culprit is None, str(r)
     assert r.stages[-1].name == "codegen" and r.stages[-1].fired and "kernel(s)" in r.stages[-1].note, str(r)
     assert "every stage is within tolerance" in str(r)

@@ -1,4 +1,8 @@
-"""effcompile(model) and torch.compile(backend="effcompile") on real HF models equal eager, with kernels."""
+"""effcompile(model) and torch.compile(backend="effcompile") on real HF models equal eager, with kernels.
+
+On CPU without Triton the row-op kernels are not generated (they would only wrap torch ops), so the
+tests that look at kernels lower with use_triton=False: the same kernels, run through their reference path.
+"""
 
 import warnings
 
@@ -23,7 +27,8 @@ def _lm_inputs():
 def test_random_init_lm_equals_eager_and_every_block_has_a_kernel(kind, form):
     model = tiny_hf(kind, layers=2)
     inputs = _lm_inputs()
-    fast = ec.effcompile(model) if form == "call" else torch.compile(model, backend="effcompile")
+    fast = (ec.effcompile(model, use_triton=False) if form == "call"
+            else torch.compile(model, backend="effcompile", options={"use_triton": False}))
     with torch.no_grad():
         ref, out = model(**inputs).logits, fast(**inputs).logits
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
@@ -35,7 +40,8 @@ def test_random_init_lm_equals_eager_and_every_block_has_a_kernel(kind, form):
 @pytest.mark.parametrize("form", ["call", "backend"])
 def test_minilm_real_weights_equals_eager_and_every_block_has_a_kernel(minilm, minilm_batch, form):
     model, _ = minilm
-    fast = ec.effcompile(model) if form == "call" else torch.compile(model, backend="effcompile")
+    fast = (ec.effcompile(model, use_triton=False) if form == "call"
+            else torch.compile(model, backend="effcompile", options={"use_triton": False}))
     with torch.no_grad():
         ref = model(**minilm_batch).last_hidden_state
         out = fast(**minilm_batch).last_hidden_state
@@ -52,11 +58,11 @@ def test_minilm_real_weights_equals_eager_and_every_block_has_a_kernel(minilm, m
 
 
 def test_decorator_forms_function_and_module_class():
-    @ec.effcompile
+    @ec.effcompile(use_triton=False)
     def f(x, w):
         return torch.nn.functional.gelu(x @ w + 1.0)
 
-    @ec.effcompile(cache=False)
+    @ec.effcompile(cache=False, use_triton=False)
     class Net(torch.nn.Module):
         def __init__(self):
             super().__init__()
@@ -72,6 +78,24 @@ def test_decorator_forms_function_and_module_class():
     plain = Net.__mro__[1].forward(net, x)
     torch.testing.assert_close(net(x), plain)
     assert ec.explain(f).kernels and ec.explain(net).kernels
+
+
+@pytest.mark.parametrize("form", ["call", "backend"])
+def test_cpu_default_leaves_row_ops_to_torch_and_says_so(minilm, minilm_batch, form):
+    # CPU, use_triton=None, no TRITON_INTERPRET: no Triton would run, so no row-op kernel is generated
+    # (each would be a custom-op call around the same torch ops); the bias stays in addmm too.
+    model, _ = minilm
+    fast = ec.effcompile(model) if form == "call" else torch.compile(model, backend="effcompile")
+    with torch.no_grad():
+        ref = model(**minilm_batch).last_hidden_state
+        out = fast(**minilm_batch).last_hidden_state
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    report = ec.explain(fast)
+    graph = report.graphs[-1]  # the backend form's explain() also lists earlier graphs of these weights
+    assert graph.kernels == [], str(report)
+    assert any(why.startswith("left as torch ops: CPU without Triton") for _, why in graph.fallbacks), str(report)
+    assert "row-op group(s): left as torch ops" in str(report)
+    assert "remove_dropout" in report.fired()
 
 
 def test_opt_level_zero_runs_the_captured_graph_without_kernels():

@@ -198,8 +198,13 @@ def check_block(s: BlockSpec, *, atol: float, rtol: float, **compile_kw) -> list
     """
     import effcompile as ec
 
+    from effcompile.codegen.ops import env_interpret
+
     model, x = build(s)
     torch._dynamo.reset()  # every example is a new module of the same classes: no recompile-limit carry-over
+    # Without TRITON_INTERPRET, CPU lowering would leave the row ops to torch: use_triton=False still
+    # generates the kernels (reference path), which is what this checks.
+    compile_kw.setdefault("use_triton", None if env_interpret() else False)
     fast = ec.effcompile(model, cache=False, **compile_kw)
     with torch.no_grad():
         out, ref = fast(x), model(x)

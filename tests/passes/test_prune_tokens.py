@@ -135,6 +135,17 @@ def test_chunk_with_hidden_past_tokens_on_a_pruned_cache_is_a_clear_error():
             fast(input_ids=ids[:, 16:], attention_mask=mask, cache=cache, use_cache=True)
 
 
+def test_chunk_on_a_pruned_cache_without_the_helper_is_a_clear_error():
+    fast = ec.effcompile(tiny_hf("llama", layers=3), passes=[PruneTokens(keep_ratio=0.5, layer=1)])
+    ids = torch.randint(0, 128, (2, 20))
+    with torch.no_grad():
+        cache = fast(input_ids=ids[:, :16], use_cache=True).past_key_values
+        fast(input_ids=ids[:, 16:17], cache=cache, use_cache=True)  # one token per call works as is
+        with pytest.raises(ValueError, match=r"enable_pruned_chunks.*one token per call") as info:
+            fast(input_ids=ids[:, 17:], cache=cache, use_cache=True)
+    assert "[17, 9, 9]" in str(info.value) and info.value.__cause__ is not None
+
+
 def test_no_recompile_across_prompt_lengths_inside_a_bucket():
     model = tiny_hf("llama", layers=3)
     fast = ec.effcompile(model, passes=[PruneTokens(keep_ratio=0.5, layer=1)], dynamic=True)
