@@ -215,6 +215,10 @@ def _replace_at(args, positions: set[int], old, new):
     return tuple(_replace_sizes(x, old, new) if i in positions else x for i, x in enumerate(args))
 
 
+# Ops whose first argument is the activation and the rest are weights (never aligned with its dims).
+_WEIGHTED = frozenset({"linear", "wq_linear", "sparse_linear"})
+
+
 def retarget_downstream(gm: fx.GraphModule, stage_of: dict[fx.Node, int], stage_len: list, ours: set,
                         *, on_sdpa, on_exit, on_foreign, keep_at_output=None) -> None:
     """Make every node downstream of a token reduction work on the shorter sequence.
@@ -255,9 +259,12 @@ def retarget_downstream(gm: fx.GraphModule, stage_of: dict[fx.Node, int], stage_
         dims = _token_dims(n, out, tok, s_old) if out is not None else set()
         if n.op == "call_function" and ir.target_name(n) == SDPA:
             on_sdpa(n, st)
+        weights_only = ir.target_name(n) in _WEIGHTED
         for a in list(n.all_input_nodes):
             if stage_of.get(a, 0) or a in ours:
                 continue
+            if weights_only and a is not n.args[0]:
+                continue  # a linear's weight is contracted, not broadcast: an out_features == S is no sequence
             val = ir.tensor_val(a)
             if val is None or out is None:
                 continue

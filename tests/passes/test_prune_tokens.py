@@ -62,6 +62,21 @@ def test_keep_all_does_not_fire_and_equals_eager_exactly():
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("seq", [32, 64, 128])
+def test_sequence_length_equal_to_a_weight_dim_still_prunes(seq):
+    # tiny llama: k/v_proj out 32, hidden 64, MLP 128. A weight dim equal to the prompt length is no
+    # sequence dim (the 4-layer stdlib LM's 128-wide k_proj kept PruneTokens off at 128-token prompts).
+    model = tiny_hf("llama", layers=3)
+    ids = torch.randint(0, 128, (2, seq), generator=torch.Generator().manual_seed(seq))
+    fast = ec.effcompile(model, passes=[PruneTokens(keep_ratio=0.5, layer=1, method="last")])
+    with torch.no_grad():
+        out = fast(input_ids=ids, use_cache=True)
+    assert _rec(fast).modified, _rec(fast).note
+    ref_logits, ref_cache = pruned_prefill(model, ids, 0.5, 1, "last")
+    torch.testing.assert_close(out.logits[:, -1], ref_logits, rtol=1e-4, atol=1e-4)
+    assert [lay.keys.shape[2] for lay in out.past_key_values.layers] == [seq, seq // 2, seq // 2]
+
+
 def test_structure_kv_cache_of_later_blocks_holds_only_kept_tokens():
     model = tiny_hf("llama", layers=4)
     ids = torch.randint(0, 128, (2, 20))
