@@ -13,8 +13,8 @@ timed first and last so drift shows. Writes benchmarks/results/cpu-decode-<model
 from __future__ import annotations
 
 import argparse
-import gc
 import datetime
+import gc
 import json
 import os
 from pathlib import Path

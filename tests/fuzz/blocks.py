@@ -197,7 +197,6 @@ def check_block(s: BlockSpec, *, atol: float, rtol: float, **compile_kw) -> list
     kernels legitimately reassociate (Triton, GPU) instead of bit-matching ATen.
     """
     import effcompile as ec
-
     from effcompile.codegen.ops import env_interpret
 
     model, x = build(s)
