@@ -28,7 +28,6 @@ from effcompile.compiler.sparse_ops import measure_sparsity  # noqa: E402
 
 METHODS = ("tensor", "channel", "greedy")
 TARGETS = (0.25, 0.4, 0.5, 0.6)
-GREEDY_BATCHES = None  # --greedy-batches
 
 
 def _weighted(achieved: dict[str, float], rep) -> dict:
@@ -48,7 +47,7 @@ def _weighted(achieved: dict[str, float], rep) -> dict:
 
 
 # ----------------------------------------------------------------------------- MiniLM
-def minilm_cases(methods, targets, n_calib: int, n_queries: int, n_docs: int):
+def minilm_cases(methods, targets, n_calib: int, n_queries: int, n_docs: int, greedy_batches: int | None = None):
     from effcompile.testing import load_minilm
 
     model, tok = load_minilm()
@@ -85,7 +84,7 @@ def minilm_cases(methods, targets, n_calib: int, n_queries: int, n_docs: int):
         for s in targets:
             torch._dynamo.reset()
             t0 = time.perf_counter()
-            extra = {"greedy_batches": GREEDY_BATCHES} if method == "greedy" and GREEDY_BATCHES else {}
+            extra = {"greedy_batches": greedy_batches} if method == "greedy" and greedy_batches else {}
             fast = ec.effcompile(model, passes=[ec.ThresholdChannels(sparsity=s, method=method, **extra)],
                                  calibration=calib, cache=False)
             with measure_sparsity() as achieved:
@@ -189,8 +188,6 @@ def main(argv=None) -> int:
     ap.add_argument("--queries", type=int, default=128)
     ap.add_argument("--docs", type=int, default=256)
     a = ap.parse_args(argv)
-    global GREEDY_BATCHES
-    GREEDY_BATCHES = a.greedy_batches
     if a.table:
         print(table(a.out))
         return 0
@@ -199,7 +196,7 @@ def main(argv=None) -> int:
             "load_average": list(os.getloadavg())}
     with open(a.out, "a") as f:
         for m in a.models.split(","):
-            cases = (minilm_cases(methods, targets, a.calib, a.queries, a.docs) if m == "minilm"
+            cases = (minilm_cases(methods, targets, a.calib, a.queries, a.docs, a.greedy_batches) if m == "minilm"
                      else lm_cases(methods, targets, a.calib, a.windows))
             for rec in cases:
                 rec.update(meta)
