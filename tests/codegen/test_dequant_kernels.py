@@ -7,6 +7,7 @@ import torch
 
 from effcompile.codegen import ops as cg_ops
 from effcompile.codegen.kernels import dequant_matmul as D
+from effcompile.codegen.kernels import launch_plan as plan
 from effcompile.compiler import ops as qops
 
 pytestmark = pytest.mark.interpreter
@@ -51,6 +52,18 @@ def test_gemv_odd_large_shape_fp32(fmt, group, m):
 def test_kernels_each_dtype(fmt, group, m, dtype):
     # m <= 8 runs the GEMV kernel, 19 the GEMM (partial M and N tiles, K = 3 * 128); batch 3 is above.
     _check(*_case(fmt, group, 71, 384, m, dtype, bias=m != 8, seed=m))
+
+
+@pytest.mark.parametrize("m", [2, 20])
+@pytest.mark.parametrize("block_k", [32, 256])
+def test_int4_group_128_against_k_tiles(block_k, m):
+    # The int4 branch scales each K chunk's partial sum by one group's scale: a chunk smaller than the
+    # group (32), a larger one (256, cut to the group), and a K split that ends inside a tile.
+    x, qw, b = _case("int4", 128, 94, 640, m, torch.float16, seed=block_k)
+    got = D.launch(x, *qw[:3], b, "int4", 128, split_k=3, config=plan.Config(64, block_k, 4, 2))
+    want = D.reference(x, *qw[:3], b, "int4", 128)
+    err = (got.float() - want.float()).abs().max().item() / want.float().abs().max().item()
+    assert err <= TOL[torch.float16], f"relative error {err:.2e}"
 
 
 @pytest.mark.slow

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from effcompile.codegen import ops as cg_ops
+from effcompile.codegen.kernels import launch_plan as plan
 from effcompile.codegen.kernels import sparse_gemv as S
 from effcompile.compiler import ops as qops
 from effcompile.compiler import sparse_linear as sl
@@ -22,18 +23,18 @@ def _interpret(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
 
 
-def _weights(fmt, n, k, dtype, gen):
+def _weights(fmt, n, k, dtype, gen, group=32):
     w = (torch.randn(n, k, generator=gen) / 20).to(dtype)
     if fmt == "float":
         return sl.to_input_major(w, None, None, "float", 0) + (0,)
-    group = 0 if fmt == "int8" else 32
+    group = 0 if fmt == "int8" else group
     qw = qops.quantize_weight(w, fmt, group)
     return sl.to_input_major(qw.qweight, qw.scales, qw.zeros, fmt, group) + (group,)
 
 
-def _case(fmt, n, k, m, dtype, *, per_channel=False, bias=True, seed=0, sparsity=0.5):
+def _case(fmt, n, k, m, dtype, *, per_channel=False, bias=True, seed=0, sparsity=0.5, group=32):
     gen = torch.Generator().manual_seed(seed)
-    wt, s, z, group = _weights(fmt, n, k, dtype, gen)
+    wt, s, z, group = _weights(fmt, n, k, dtype, gen, group)
     x = torch.randn(m, k, generator=gen).to(dtype)
     q = torch.quantile(x.float().abs().flatten(), sparsity).item() if sparsity else 0.0
     t = (torch.full((k,), q) * (0.5 + torch.rand(k, generator=gen))) if per_channel else torch.tensor(q)
@@ -59,6 +60,18 @@ def test_kernel_each_format_dtype_batch(fmt, m, dtype):
 @pytest.mark.parametrize("fmt", ["float", "int4"])
 def test_odd_shapes_per_channel_thresholds_and_split_k(fmt):
     _check(_case(fmt, 246, 800, 3, torch.float32, per_channel=True, seed=3), split_k=3)
+
+
+@pytest.mark.parametrize("block_k", [32, 256])
+@pytest.mark.parametrize("group", [64, 128])
+def test_int4_groups_against_k_tiles(group, block_k):
+    # The int4 branch scales each K chunk's partial sums by one group's scale: chunks smaller than a group
+    # (32 < 64, 128), larger ones (256, cut to the group) and a K split that ends inside a tile.
+    args = _case("int4", 94, 640, 3, torch.float16, group=group, seed=group)
+    got = S.launch(*args, split_k=3, config=plan.Config(128, block_k, 4, 2))
+    want = S.reference(*args)
+    err = (got.float() - want.float()).abs().max().item() / want.float().abs().max().item()
+    assert err <= TOL[torch.float16], f"relative error {err:.2e}"
 
 
 def test_threshold_compared_in_activation_dtype():

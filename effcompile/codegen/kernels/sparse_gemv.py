@@ -60,18 +60,22 @@ def _sparse_kernel(x_ptr, t_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, M, N, K, K
         # A weight row is needed when any activation row keeps its channel: skipped rows are never read.
         need = tl.reduce(keep.to(tl.int32), 0, tl.standard._sum_combine) > 0
         if FMT == 1:
+            # The launcher keeps BLOCK_K <= G, so this chunk lies inside one group: the codes go through the
+            # dot as they are and the group's scale and zero are applied to the partial sums,
+            # x . (q s + z) = s (x . q) + z sum(x), one [N] load each instead of a gather per weight.
             wmask = (need & k_mask)[:, None] & j_mask[None, :]
             byte = tl.load(w_ptr + offs_k.to(tl.int64)[:, None] * (N // 2) + offs_j[None, :], mask=wmask, other=0)
             byte = byte.to(tl.int32)
-            gi = (offs_k // G).to(tl.int64)[:, None] * N + 2 * offs_j[None, :]
-            s_lo = tl.load(s_ptr + gi, mask=wmask, other=0.0).to(tl.float32)
-            z_lo = tl.load(z_ptr + gi, mask=wmask, other=0.0).to(tl.float32)
-            s_hi = tl.load(s_ptr + gi + 1, mask=wmask, other=0.0).to(tl.float32)
-            z_hi = tl.load(z_ptr + gi + 1, mask=wmask, other=0.0).to(tl.float32)
-            lo = ((byte & 15).to(tl.float32) * s_lo + z_lo).to(x_ptr.dtype.element_ty).to(DOT_DT)
-            hi = ((byte >> 4).to(tl.float32) * s_hi + z_hi).to(x_ptr.dtype.element_ty).to(DOT_DT)
-            acc_lo += tl.dot(x, lo, input_precision="ieee")
-            acc_hi += tl.dot(x, hi, input_precision="ieee")
+            part_lo = tl.dot(x, (byte & 15).to(DOT_DT), input_precision="ieee")
+            part_hi = tl.dot(x, (byte >> 4).to(DOT_DT), input_precision="ieee")
+            xsum = tl.reduce(x.to(tl.float32), 1, tl.standard._sum_combine)[:, None]
+            gi = (k0 // G) * N + 2 * offs_j.to(tl.int64)
+            s_lo = tl.load(s_ptr + gi, mask=j_mask, other=0.0).to(tl.float32)[None, :]
+            z_lo = tl.load(z_ptr + gi, mask=j_mask, other=0.0).to(tl.float32)[None, :]
+            s_hi = tl.load(s_ptr + gi + 1, mask=j_mask, other=0.0).to(tl.float32)[None, :]
+            z_hi = tl.load(z_ptr + gi + 1, mask=j_mask, other=0.0).to(tl.float32)[None, :]
+            acc_lo += part_lo * s_lo + xsum * z_lo
+            acc_hi += part_hi * s_hi + xsum * z_hi
         else:
             wmask = (need & k_mask)[:, None] & n_mask[None, :]
             w = tl.load(w_ptr + offs_k.to(tl.int64)[:, None] * N + offs_n[None, :], mask=wmask, other=0)
@@ -135,6 +139,8 @@ def launch(x, threshold, weight_t, scales, zeros, bias, fmt: str, group_size: in
     interp = _ops.interpreting(dev)
     config = config if config is not None else plan.tuned("sparse", fmt, m, x.dtype, dev)
     bn, bk, warps, stages = config[:4] if config is not None else plan.sparse_config(fmt, x.dtype)
+    if fmt == "int4":
+        bk = min(bk, group_size)  # one group per K chunk: the kernel scales each chunk's partial sums
     if config is not None and split_k is None:
         split_k = config.splits
     tiles = triton.cdiv(n, bn)
