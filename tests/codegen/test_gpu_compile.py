@@ -1,87 +1,155 @@
-"""Every hand-written Triton kernel compiles for sm_80 / sm_90 (PTX and a cubin), here, without a GPU.
+"""Every Triton kernel the launchers pick compiles for sm_80 / sm_90 (PTX and a cubin), here, without a GPU.
 
 The interpreter runs a kernel's numerics on CPU but accepts code the GPU compiler rejects (dtype mixes in
-tl.dot, layouts, fp8 conversions). Triton compiles ahead of time for a named target with its bundled ptxas,
-so each kernel variant the launchers can pick is built here too. This checks that it builds, not its speed.
+tl.dot, layouts, fp8 conversions), and under it bf16 dots run in fp32. So each launcher is called on CPU
+tensors as if they were on a GPU (interpreting() says no), its launch is recorded instead of run, and
+triton compiles that exact call (argument dtypes, constexprs, warps, stages) ahead of time for a named
+target with its bundled ptxas. This checks that the kernels build, not their speed or numerics.
 """
 
 from __future__ import annotations
 
 import pytest
-import triton
-import triton.language as tl
+import torch
+import torch.nn.functional as F
+from cg_util import capture
 
+from effcompile.codegen import ops as cg_ops
 from effcompile.codegen.kernels import act_quant as aq
 from effcompile.codegen.kernels import dequant_matmul as D
 from effcompile.codegen.kernels import sparse_gemv as S
+from effcompile.codegen.lower import lower
+from effcompile.compiler import ops as qops
+from effcompile.compiler import sparse_linear as sl
 
+triton = pytest.importorskip("triton")
 ASTSource = pytest.importorskip("triton.compiler").ASTSource
 GPUTarget = pytest.importorskip("triton.backends.compiler").GPUTarget
 
-_DT = {"bf16": tl.bfloat16, "fp16": tl.float16, "fp32": tl.float32}
+_PTR = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.int8: "*i8",
+        torch.uint8: "*u8", torch.int32: "*i32", torch.int64: "*i64", torch.float8_e4m3fn: "*fp8e4nv"}
 
 
-def _build(fn, ptrs: dict[str, str], consts: dict, cap: int, warps: int = 4, stages: int = 3):
-    """Compile ``fn`` for CUDA compute capability ``cap``: pointer types by name, constexprs by name,
-    every other argument a 32-bit int (sizes and strides, as the launchers pass them)."""
-    sig = {a: ptrs.get(a, "constexpr" if a in consts else "i32") for a in fn.arg_names}
-    compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts),
-                              target=GPUTarget("cuda", cap, 32), options={"num_warps": warps, "num_stages": stages})
+@pytest.fixture
+def launches(monkeypatch):
+    """Record (kernel, args, kwargs) of every launch instead of running it, as a GPU launcher would pass them."""
+    seen = []
+
+    class _Recorder:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            return lambda *args, **kw: seen.append((self.kernel, args, kw))
+
+    gpu_variant = cg_ops.jit_variant  # a kernel decorated under TRITON_INTERPRET, rebuilt for the GPU
+    monkeypatch.setattr(cg_ops, "interpreting", lambda device: False)
+    monkeypatch.setattr(cg_ops, "jit_variant", lambda kernel, interpret: _Recorder(gpu_variant(kernel, False)))
+    return seen
+
+
+def _compile(kernel, args, kw, cap: int):
+    params = kernel.arg_names
+    const_names = {p.name for p in kernel.params if p.is_constexpr}
+    values = dict(zip(params, args, strict=False)) | {k: v for k, v in kw.items() if k in params}
+    sig, consts = {}, {}
+    for name in params:
+        v = values[name]
+        if name in const_names:
+            sig[name], consts[name] = "constexpr", v
+        elif isinstance(v, torch.Tensor):
+            sig[name] = _PTR[v.dtype]
+        else:
+            sig[name] = "i64" if abs(int(v)) >= 2**31 else "i32"
+    opts = {k: kw[k] for k in ("num_warps", "num_stages") if k in kw}
+    compiled = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=consts),
+                              target=GPUTarget("cuda", cap, 32), options=opts)
     assert compiled.asm["cubin"], "no cubin"
-    return compiled
 
 
-# (weight format, FMT, code pointer type, scale pointer type): what dequant_matmul.launch passes per format.
-_DEQUANT = [("int8", 0, "*i8", None), ("fp8", 0, "*fp8e4nv", None), ("int4", 1, "*u8", None),
-            ("mxint8", 2, "*i8", "*i8"), ("mxfp8", 2, "*fp8e4nv", "*i8")]
+def _compile_all(seen, cap: int = 90):
+    assert seen, "the launcher launched nothing"
+    for kernel, args, kw in seen:
+        _compile(kernel, args, kw, cap)
+
+
+def _weights(fmt, n, k, dtype, group):
+    w = (torch.randn(n, k, generator=torch.Generator().manual_seed(0)) / 20).to(dtype)
+    return qops.quantize_weight(w, fmt, group)
 
 
 # e4m3 loads need sm_89+ (supported() sends fp8 formats to the eager path below that): sm_90 only.
-_CAPS = [(f, c) for f in _DEQUANT for c in ((90,) if "fp8" in f[0] else (80, 90))]
+_DEQUANT = [(f, g, cap) for f, g in [("int8", 0), ("int4", 32), ("int4", 128), ("fp8", 0), ("mxint8", 32),
+                                     ("mxfp8", 32)] for cap in ((90,) if "fp8" in f else (80, 90))]
 
 
-@pytest.mark.parametrize("shape", ["decode", "prefill"])
-@pytest.mark.parametrize("fmt,code,qptr,sptr,cap", [(*f, c) for f, c in _CAPS], ids=[f"{f[0]}-sm{c}" for f, c in _CAPS])
-def test_dequant_matmul_compiles(fmt, code, qptr, sptr, cap, shape):
-    dt = "bf16" if shape == "decode" else "fp16"
-    p = "*" + dt
-    decode = shape == "decode"
-    consts = dict(FMT=code, G=32 if fmt.startswith("mx") else 128, HAS_BIAS=True, HAS_LORA=fmt == "int4",
-                  DOT_DT=_DT[dt], ATOMIC=decode, BLOCK_M=16 if decode else 64, BLOCK_N=64,
-                  BLOCK_K=128 if fmt == "int4" else 256 if decode else 64, BLOCK_R=16)
-    ptrs = dict(x_ptr=p, q_ptr=qptr, s_ptr=sptr or p, z_ptr=p, b_ptr=p, u_ptr=p, lb_ptr=p,
-                out_ptr="*fp32" if decode else p)
-    _build(D._matmul_kernel, ptrs, consts, cap)
+@pytest.mark.parametrize("m", [1, 24])  # decode (split-K, atomics) and prefill tiles
+@pytest.mark.parametrize("fmt,group,cap", _DEQUANT, ids=[f"{f}-g{g}-sm{c}" for f, g, c in _DEQUANT])
+def test_dequant_matmul_compiles(fmt, group, cap, m, launches):
+    dtype = torch.bfloat16 if m == 1 else torch.float16
+    qw = _weights(fmt, 96, 256, dtype, group)
+    x = torch.randn(m, 256, dtype=dtype)
+    lora = (torch.randn(8, 256, dtype=dtype), torch.randn(96, 8, dtype=dtype)) if fmt == "int4" else (None, None)
+    D.launch(x, *qw[:3], torch.randn(96, dtype=dtype), fmt, group, split_k=2 if m == 1 else None,
+             lora_a=lora[0], lora_b=lora[1])
+    _compile_all(launches, cap)
 
 
-@pytest.mark.parametrize("dt", ["bf16", "fp32"])
-def test_dequant_int4_fp32_and_bf16_small_groups_compile(dt):
-    p = "*" + dt
-    consts = dict(FMT=1, G=32, HAS_BIAS=False, HAS_LORA=False, DOT_DT=_DT[dt], ATOMIC=True, BLOCK_M=16,
-                  BLOCK_N=64, BLOCK_K=32, BLOCK_R=16)
-    ptrs = dict(x_ptr=p, q_ptr="*u8", s_ptr=p, z_ptr=p, b_ptr=p, u_ptr=p, lb_ptr=p, out_ptr="*fp32")
-    _build(D._matmul_kernel, ptrs, consts, 90, stages=2)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_w8a8_and_activation_quantizers_compile(dtype, launches):
+    qw = _weights("int8", 96, 256, dtype, 0)
+    for act, m in (("int8", 1), ("int8", 24), ("fp8", 3)):
+        D.launch(torch.randn(m, 256, dtype=dtype), *qw[:3], None, "int8", 0, act=act)
+    _compile_all(launches)
 
 
-@pytest.mark.parametrize("dt", ["bf16", "fp16"])
-@pytest.mark.parametrize("fmt,code,wptr", [("float", 2, None), ("int8", 0, "*i8"), ("int4", 1, "*u8")])
-def test_sparse_gemv_compiles(fmt, code, wptr, dt):
-    p = "*" + dt
-    consts = dict(FMT=code, G=128 if fmt == "int4" else 1, PER_CHANNEL=fmt == "int8", HAS_BIAS=True,
-                  DOT_DT=_DT[dt], ATOMIC=True, BLOCK_M=16, BLOCK_N=128, BLOCK_K=128)
-    ptrs = dict(x_ptr=p, t_ptr="*fp32", w_ptr=wptr or p, s_ptr=p, z_ptr=p, b_ptr=p, out_ptr="*fp32")
-    _build(S._sparse_kernel, ptrs, consts, 90)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("fmt,group", [("float", 0), ("int8", 0), ("int4", 64)])
+def test_sparse_gemv_compiles(fmt, group, dtype, launches):
+    w = torch.randn(96, 256, generator=torch.Generator().manual_seed(0)).to(dtype)
+    if fmt == "float":
+        wt, s, z = sl.to_input_major(w, None, None, "float", 0)
+    else:
+        qw = qops.quantize_weight(w, fmt, group)
+        wt, s, z = sl.to_input_major(qw.qweight, qw.scales, qw.zeros, fmt, group)
+    for thr in (torch.tensor(0.5), torch.full((256,), 0.5)):  # per tensor and per channel
+        S.launch(torch.randn(3, 256, dtype=dtype), thr, wt, s, z, torch.randn(96, dtype=dtype), fmt, group, split_k=2)
+    _compile_all(launches)
 
 
-@pytest.mark.parametrize("act,out", [(0, "*i8"), (1, "*fp8e4nv"), (0, "*bf16")])
-def test_quantize_rows_compiles(act, out):
-    consts = dict(ACT=act, FAKE=out == "*bf16", BF16=out == "*bf16", BLOCK_K=1024)
-    _build(aq._quantize_rows_kernel, dict(x_ptr="*bf16", out_ptr=out, s_ptr="*fp32"), consts, 90)
+def _residual_layernorm(x, w, b, r, g, beta):
+    h = F.linear(x, w, b) + r
+    return h, F.layer_norm(h, (h.shape[-1],), g, beta, 1e-5)
 
 
-@pytest.mark.parametrize("atomic", [True, False])
-def test_w8a8_compiles(atomic):
-    consts = dict(HAS_BIAS=True, ATOMIC=atomic, BLOCK_M=16 if atomic else 64, BLOCK_N=64, BLOCK_K=128)
-    ptrs = dict(xq_ptr="*i8", sx_ptr="*fp32", q_ptr="*i8", s_ptr="*bf16", b_ptr="*bf16",
-                out_ptr="*fp32" if atomic else "*bf16")
-    _build(aq._w8a8_kernel, ptrs, consts, 80)
+def _rmsnorm(x, r, w):
+    h = x + r
+    hf = h.to(torch.float32)
+    return h, w * (hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + 1e-6)).to(x.dtype)
+
+
+def _gelu_softmax(x, w, b):
+    return torch.softmax(F.gelu(F.linear(x, w, b)), dim=-1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_generated_row_kernels_compile(dtype, launches, tmp_path, monkeypatch):
+    gen = torch.Generator().manual_seed(0)
+    n, k = 96, 16
+    cases = [
+        (_residual_layernorm, (torch.randn(3, k), torch.randn(n, k), torch.randn(n), torch.randn(3, n),
+                               torch.randn(n), torch.randn(n))),
+        (_rmsnorm, (torch.randn(3, n), torch.randn(3, n), torch.randn(n))),
+        (_gelu_softmax, (torch.randn(3, k), torch.randn(n, k), torch.randn(n))),
+    ]
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # generate kernels on CPU, and pick them at call time
+    kernels = 0
+    for i, (fn, args) in enumerate(cases):
+        args = tuple(a.to(dtype) + 0 * torch.rand(a.shape, generator=gen).to(dtype) for a in args)
+        gm = capture(fn, *args)
+        res = lower(gm, tmp_path / str(i), use_triton=None)
+        assert res.kernels, res.fallbacks
+        kernels += len(res.kernels)
+        gm(*args)  # runs the graph: each kernel launch is recorded, not run
+    assert len(launches) == kernels
+    _compile_all(launches)
