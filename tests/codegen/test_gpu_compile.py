@@ -15,7 +15,6 @@ import torch.nn.functional as F
 from cg_util import capture
 
 from effcompile.codegen import ops as cg_ops
-from effcompile.codegen.kernels import act_quant as aq
 from effcompile.codegen.kernels import dequant_matmul as D
 from effcompile.codegen.kernels import sparse_gemv as S
 from effcompile.codegen.lower import lower
