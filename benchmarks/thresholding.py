@@ -47,7 +47,7 @@ def _weighted(achieved: dict[str, float], rep) -> dict:
 
 
 # ----------------------------------------------------------------------------- MiniLM
-def minilm_cases(methods, targets, n_calib: int, n_queries: int, n_docs: int, greedy_batches: int | None = None):
+def minilm_cases(methods, targets, n_calib: int, n_queries: int, n_docs: int, greedy: dict | None = None):
     from effcompile.testing import load_minilm
 
     model, tok = load_minilm()
@@ -84,7 +84,7 @@ def minilm_cases(methods, targets, n_calib: int, n_queries: int, n_docs: int, gr
         for s in targets:
             torch._dynamo.reset()
             t0 = time.perf_counter()
-            extra = {"greedy_batches": greedy_batches} if method == "greedy" and greedy_batches else {}
+            extra = (greedy or {}) if method == "greedy" else {}
             fast = ec.effcompile(model, passes=[ec.ThresholdChannels(sparsity=s, method=method, **extra)],
                                  calibration=calib, cache=False)
             with measure_sparsity() as achieved:
@@ -94,11 +94,12 @@ def minilm_cases(methods, targets, n_calib: int, n_queries: int, n_docs: int, gr
             yield {"model": "minilm", "method": method, "target": s, "cosine": cos, "retrieval_agreement": agree,
                    "achieved": _weighted(achieved, ec.explain(fast)), "artifacts": _scalars(fast),
                    "seconds": round(time.perf_counter() - t0, 1), "n_queries": n_queries, "n_docs": n_docs,
+                   "options": extra,
                    "calibration": f"{n_calib} x 16 train-split docstrings (none in the retrieval set), padded to 64"}
 
 
 # ----------------------------------------------------------------------------- stdlib LM
-def lm_cases(methods, targets, n_calib: int, windows: int):
+def lm_cases(methods, targets, n_calib: int, windows: int, greedy: dict | None = None):
     from effcompile.bench.zoo import heldout_ids, load_stdlib_lm
 
     model, tok = load_stdlib_lm()
@@ -124,14 +125,15 @@ def lm_cases(methods, targets, n_calib: int, windows: int):
         for s in targets:
             torch._dynamo.reset()
             t0 = time.perf_counter()
-            fast = ec.effcompile(model, passes=[ec.ThresholdChannels(sparsity=s, method=method)],
+            extra = (greedy or {}) if method == "greedy" else {}
+            fast = ec.effcompile(model, passes=[ec.ThresholdChannels(sparsity=s, method=method, **extra)],
                                  calibration=calib, cache=False)
             with measure_sparsity() as achieved:
                 ppl, logits = quality(fast)
             yield {"model": "stdlib-lm", "method": method, "target": s, "perplexity": ppl,
                    "perplexity_dense": dense_ppl, "next_token": metrics.next_token_agreement(dense_logits, logits),
                    "achieved": _weighted(achieved, ec.explain(fast)), "artifacts": _scalars(fast),
-                   "seconds": round(time.perf_counter() - t0, 1), "windows": windows,
+                   "seconds": round(time.perf_counter() - t0, 1), "windows": windows, "options": extra,
                    "calibration": f"{n_calib} x 8 windows of {window - 1} train-split tokens"}
 
 
@@ -183,7 +185,8 @@ def main(argv=None) -> int:
     ap.add_argument("--targets", default=",".join(map(str, TARGETS)))
     ap.add_argument("--calib", type=int, default=8)
     ap.add_argument("--greedy-batches", type=int, default=None,
-                    help="MiniLM: calibration batches greedy scores on (default: the pass's, 4)")
+                    help="calibration batches greedy scores on (default: the pass's, 4)")
+    ap.add_argument("--greedy-metric", default=None, help="what greedy minimizes: cosine or mse (default: the pass's)")
     ap.add_argument("--windows", type=int, default=32)
     ap.add_argument("--queries", type=int, default=128)
     ap.add_argument("--docs", type=int, default=256)
@@ -192,12 +195,13 @@ def main(argv=None) -> int:
         print(table(a.out))
         return 0
     methods, targets = a.methods.split(","), [float(x) for x in a.targets.split(",")]
+    greedy = {k: v for k, v in (("greedy_batches", a.greedy_batches), ("greedy_metric", a.greedy_metric)) if v is not None}
     meta = {"versions": record.versions(), "device": record.device_name("cpu"), "threads": torch.get_num_threads(),
             "load_average": list(os.getloadavg())}
     with open(a.out, "a") as f:
         for m in a.models.split(","):
-            cases = (minilm_cases(methods, targets, a.calib, a.queries, a.docs, a.greedy_batches) if m == "minilm"
-                     else lm_cases(methods, targets, a.calib, a.windows))
+            cases = (minilm_cases(methods, targets, a.calib, a.queries, a.docs, greedy) if m == "minilm"
+                     else lm_cases(methods, targets, a.calib, a.windows, greedy))
             for rec in cases:
                 rec.update(meta)
                 f.write(json.dumps(rec) + "\n")

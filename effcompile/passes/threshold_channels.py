@@ -22,6 +22,7 @@ _ALIASES = {"all": KINDS, "attn": ("attn_in", "attn_out"), "ffn": ("mlp_in", "ml
             "mlp": ("mlp_in", "mlp_out"), "ffn_in": ("mlp_in",), "ffn_out": ("mlp_out",)}
 _TAG = re.compile(r"^layers\.\d+\.(attn|ffn)$")
 METHODS = ("tensor", "channel", "greedy")
+GREEDY_METRICS = ("cosine", "mse")
 _ROW_ELEMENTS = 4_000_000  # per activation: enough rows for 0.1-point quantiles, bounded memory
 _REFINE_ROUNDS = 2  # re-calibrations with the thresholds in place (see the pass)
 _NO_THRESHOLD = -1.0  # |x| > -1 always: the greedy search's "this layer dense" value
@@ -46,7 +47,9 @@ class ThresholdChannels(PassConfig):
         output error on the calibration data (TEAL's greedy search, model-wide).
     targets: which linears: kinds, aliases, or exact sublayer tags ("layers.3.attn").
     decode_only: True leaves prefill-shaped inputs (more than one token per sequence) dense.
-    greedy_step: the sparsity grid of the greedy search; greedy_batches: calibration batches it scores on.
+    greedy_step: the sparsity grid of the greedy search; greedy_batches: calibration batches it scores on;
+    greedy_metric: what it minimizes, "cosine" (per-row cosine distance of every output) or "mse"
+        (relative squared error, which also counts the output shrinking as a whole; see docs/thresholding.md).
     """
 
     sparsity: Any = 0.5
@@ -55,6 +58,7 @@ class ThresholdChannels(PassConfig):
     decode_only: bool = False
     greedy_step: float = 0.05
     greedy_batches: int = 4
+    greedy_metric: str = "cosine"
     lossy: ClassVar[bool] = True
     needs_calibration: ClassVar[bool] = True
     reads_weights: ClassVar[bool] = True  # channel thresholds depend on weight column norms
@@ -78,6 +82,9 @@ class ThresholdChannels(PassConfig):
         gb = self.greedy_batches
         if isinstance(gb, bool) or not isinstance(gb, int) or gb < 1:
             raise ValueError(f"ThresholdChannels.greedy_batches={gb!r}: must be an int >= 1")
+        if self.greedy_metric not in GREEDY_METRICS:
+            raise ValueError(f"ThresholdChannels.greedy_metric={self.greedy_metric!r} is not supported; "
+                             f"supported: {list(GREEDY_METRICS)}")
 
     def target_for(self, kind: str) -> float:
         if isinstance(self.sparsity, float):
@@ -248,12 +255,24 @@ def _outputs(gm: fx.GraphModule, args) -> list[torch.Tensor]:
     return [t.float() for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor) and t.is_floating_point()]
 
 
-def _error(gm, batches, refs) -> float:
-    """Relative squared error of every float output against dense, averaged over batches."""
+def _distance(out: torch.Tensor, ref: torch.Tensor, metric: str) -> float:
+    """How far one output is from dense. "cosine": 1 - cos per row of the last dimension (a token's
+    hidden state, a row of logits), averaged over rows whose reference is not zero; outputs without rows
+    (scalars, a last dimension of 1) and "mse" take the relative squared error."""
+    if metric == "cosine" and out.dim() >= 2 and out.shape[-1] > 1:
+        o, r = out.reshape(-1, out.shape[-1]), ref.reshape(-1, ref.shape[-1])
+        live = r.norm(dim=-1) > 0
+        if bool(live.any()):
+            return float(1 - torch.nn.functional.cosine_similarity(o[live], r[live], dim=-1).mean())
+    return float((out - ref).pow(2).sum() / ref.pow(2).sum().clamp_min(1e-30))
+
+
+def _error(gm, batches, refs, metric: str) -> float:
+    """The distance of every float output from dense (summed over outputs), averaged over batches."""
     total = 0.0
     for args, ref in zip(batches, refs, strict=True):
         outs = _outputs(gm, args)
-        total += sum(float((o - r).pow(2).sum() / r.pow(2).sum().clamp_min(1e-30)) for o, r in zip(outs, ref, strict=True))
+        total += sum(_distance(o, r, metric) for o, r in zip(outs, ref, strict=True))
     return total / max(len(batches), 1)
 
 
@@ -278,7 +297,7 @@ def _greedy(gm, sites, bufs, calib: _Calib, cfg: ThresholdChannels, ctx: PassCon
             for lv in levels[1:]:
                 for s in members:
                     bufs[s.label].copy_(calib.threshold(s, lv))
-                errs.append(_error(gm, batches, refs))
+                errs.append(_error(gm, batches, refs, cfg.greedy_metric))
             for s in members:
                 bufs[s.label].fill_(_NO_THRESHOLD)
             curves[g] = errs
@@ -315,10 +334,10 @@ def _greedy(gm, sites, bufs, calib: _Calib, cfg: ThresholdChannels, ctx: PassCon
     with torch.no_grad():
         for s in sites:
             bufs[s.label].copy_(calib.threshold(s, alloc[s.label]))
-        err_greedy = _error(gm, batches, refs)
+        err_greedy = _error(gm, batches, refs, cfg.greedy_metric)
         for s in sites:
             bufs[s.label].copy_(calib.threshold(s, cfg.target_for(s.kind)))
-        err_uniform = _error(gm, batches, refs)
+        err_uniform = _error(gm, batches, refs, cfg.greedy_metric)
     info = {"calibration_error_greedy": err_greedy, "calibration_error_uniform": err_uniform,
             "levels": len(levels) - 1, "groups": len(groups)}
     if err_greedy > err_uniform:
