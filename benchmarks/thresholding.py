@@ -47,7 +47,8 @@ def _weighted(achieved: dict[str, float], rep) -> dict:
 
 
 # ----------------------------------------------------------------------------- MiniLM
-def minilm_cases(methods, targets, n_calib: int, n_queries: int, n_docs: int, greedy: dict | None = None):
+def minilm_cases(methods, targets, n_calib: int, n_queries: int, n_docs: int, greedy: dict | None = None,
+                 keep: bool = False):
     from effcompile.testing import load_minilm
 
     model, tok = load_minilm()
@@ -91,11 +92,14 @@ def minilm_cases(methods, targets, n_calib: int, n_queries: int, n_docs: int, gr
                 oq, od = embed(fast)
             cos = metrics.embedding_cosine(torch.cat([rq, rd]), torch.cat([oq, od]))
             agree = metrics.retrieval_agreement(rq, rd, oq, od)
-            yield {"model": "minilm", "method": method, "target": s, "cosine": cos, "retrieval_agreement": agree,
+            rec = {"model": "minilm", "method": method, "target": s, "cosine": cos, "retrieval_agreement": agree,
                    "achieved": _weighted(achieved, ec.explain(fast)), "artifacts": _scalars(fast),
                    "seconds": round(time.perf_counter() - t0, 1), "n_queries": n_queries, "n_docs": n_docs,
                    "options": extra,
                    "calibration": f"{n_calib} x 16 train-split docstrings (none in the retrieval set), padded to 64"}
+            if keep:  # benchmarks/greedy_line.py scores the compiled model on the calibration data too
+                rec["_compiled"] = (fast, model, calib)
+            yield rec
 
 
 # ----------------------------------------------------------------------------- stdlib LM
