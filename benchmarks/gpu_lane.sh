@@ -6,7 +6,10 @@
 #   benchmarks/gpu_lane.sh
 #
 # Environment (defaults below): PYTHON, LANE_MODELS (dense runs, "name[:dtype]"), LANE_SWEEP_MODELS,
-# LANE_SWEEP (the grid), LANE_REPS. Inductor compiles dominate the time: trim LANE_MODELS to fit a budget.
+# LANE_SWEEP (the grid), LANE_REPS, LANE_KERNEL_SWEEP (0: time the kernels at their tuned/default tiles
+# without sweeping every tile shape first). Inductor compiles dominate the time: trim LANE_MODELS to fit
+# a budget. A short profile (never timed end to end; the gpu tests alone took 74 s on an H200):
+#   LANE_MODELS="llama-1b:bfloat16" LANE_SWEEP_MODELS="" LANE_KERNEL_SWEEP=0 LANE_REPS=10 benchmarks/gpu_lane.sh
 # stdlib-lm is measured only when a trained copy is found: this Python's cache, or EFFCOMPILE_STDLIB_LM
 # pointing at a carried directory (trained on another Python's stdlib; verified, never retrained).
 # A failing step does not stop the lane; it is recorded as failed in the results file.
@@ -15,9 +18,10 @@ cd "$(dirname "$0")/.." || exit 2
 
 PY=${PYTHON:-python}
 LANE_MODELS=${LANE_MODELS:-"minilm stdlib-lm llama-small gpt2-small bert-small vit-small llama-1b:bfloat16"}
-LANE_SWEEP_MODELS=${LANE_SWEEP_MODELS:-"minilm llama-1b:bfloat16"}
+LANE_SWEEP_MODELS=${LANE_SWEEP_MODELS-"minilm llama-1b:bfloat16"}
 LANE_SWEEP=${LANE_SWEEP:-"quantize(weights=[int8,int4],group_size=[None,32,64,128])"}
 LANE_REPS=${LANE_REPS:-20}
+LANE_KERNEL_SWEEP=${LANE_KERNEL_SWEEP:-1}
 
 if ! "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
     echo "gpu_lane: no CUDA device visible to torch; this lane only runs on a GPU machine" >&2
@@ -59,8 +63,9 @@ gpu_tests() {
 
 step gpu-tests gpu_tests
 # Kernels first: the tile sweep writes this GPU's tuning table, which every later step then uses.
-step kernels "$PY" benchmarks/kernels.py --device cuda --sweep --tuning-out "$WORK/tuning.json" \
-    --output "$RESULTS/$STEM-kernels.json"
+SWEEP_ARGS=(--sweep --tuning-out "$WORK/tuning.json")
+[ "$LANE_KERNEL_SWEEP" = 0 ] && SWEEP_ARGS=()
+step kernels "$PY" benchmarks/kernels.py --device cuda "${SWEEP_ARGS[@]}" --output "$RESULTS/$STEM-kernels.json"
 [ -f "$WORK/tuning.json" ] && export EFFCOMPILE_KERNEL_TUNING="$WORK/tuning.json"
 step spine "$PY" benchmarks/spine.py --device cuda --reps "$LANE_REPS" --output "$WORK/spine.json"
 
