@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 from cg_util import capture
+from test_kernels_interpreter import CASES, _inputs
 
 from effcompile.codegen import ops as cg_ops
 from effcompile.codegen.kernels import dequant_matmul as D
@@ -116,38 +116,16 @@ def test_sparse_gemv_compiles(fmt, group, dtype, launches):
     _compile_all(launches)
 
 
-def _residual_layernorm(x, w, b, r, g, beta):
-    h = F.linear(x, w, b) + r
-    return h, F.layer_norm(h, (h.shape[-1],), g, beta, 1e-5)
-
-
-def _rmsnorm(x, r, w):
-    h = x + r
-    hf = h.to(torch.float32)
-    return h, w * (hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + 1e-6)).to(x.dtype)
-
-
-def _gelu_softmax(x, w, b):
-    return torch.softmax(F.gelu(F.linear(x, w, b)), dim=-1)
-
-
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_generated_row_kernels_compile(dtype, launches, tmp_path, monkeypatch):
-    gen = torch.Generator().manual_seed(0)
-    n, k = 96, 16
-    cases = [
-        (_residual_layernorm, (torch.randn(3, k), torch.randn(n, k), torch.randn(n), torch.randn(3, n),
-                               torch.randn(n), torch.randn(n))),
-        (_rmsnorm, (torch.randn(3, n), torch.randn(3, n), torch.randn(n))),
-        (_gelu_softmax, (torch.randn(3, k), torch.randn(n, k), torch.randn(n))),
-    ]
+    # Every generated kernel kind of the interpreter tests (epilogues, norms, softmax, pointwise chains).
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # generate kernels on CPU, and pick them at call time
     kernels = 0
-    for i, (fn, args) in enumerate(cases):
-        args = tuple(a.to(dtype) + 0 * torch.rand(a.shape, generator=gen).to(dtype) for a in args)
+    for name, fn in CASES.items():
+        args = _inputs(fn, (3,), 96, dtype, torch.Generator().manual_seed(0))
         gm = capture(fn, *args)
-        res = lower(gm, tmp_path / str(i), use_triton=None)
-        assert res.kernels, res.fallbacks
+        res = lower(gm, tmp_path / name, use_triton=None)  # rewrites gm in place
+        assert res.kernels, (name, res.fallbacks)
         kernels += len(res.kernels)
         gm(*args)  # runs the graph: each kernel launch is recorded, not run
     assert len(launches) == kernels
