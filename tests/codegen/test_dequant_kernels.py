@@ -30,8 +30,8 @@ def _case(fmt, group, n, k, m, dtype, bias=True, seed=0):
     return x, qw, b
 
 
-def _check(x, qw, b):
-    got = D.launch(x, *qw[:3], b, qw.fmt, qw.group_size)
+def _check(x, qw, b, **launch_kw):
+    got = D.launch(x, *qw[:3], b, qw.fmt, qw.group_size, **launch_kw)
     want = D.reference(x, *qw[:3], b, qw.fmt, qw.group_size)
     assert got.shape == want.shape and got.dtype == x.dtype
     # Errors relative to the output's scale: the kernels accumulate in fp32 in another order.
@@ -59,11 +59,8 @@ def test_kernels_each_dtype(fmt, group, m, dtype):
 def test_int4_group_128_against_k_tiles(block_k, m):
     # The int4 branch scales each K chunk's partial sum by one group's scale: a chunk smaller than the
     # group (32), a larger one (256, cut to the group), and a K split that ends inside a tile.
-    x, qw, b = _case("int4", 128, 94, 640, m, torch.float16, seed=block_k)
-    got = D.launch(x, *qw[:3], b, "int4", 128, split_k=3, config=plan.Config(64, block_k, 4, 2))
-    want = D.reference(x, *qw[:3], b, "int4", 128)
-    err = (got.float() - want.float()).abs().max().item() / want.float().abs().max().item()
-    assert err <= TOL[torch.float16], f"relative error {err:.2e}"
+    _check(*_case("int4", 128, 94, 640, m, torch.float16, seed=block_k), split_k=3,
+           config=plan.Config(64, block_k, 4, 2))
 
 
 @pytest.mark.slow

@@ -42,8 +42,8 @@ def _case(fmt, n, k, m, dtype, *, per_channel=False, bias=True, seed=0, sparsity
     return (x, t, wt, s, z, b, fmt, group)
 
 
-def _check(args, split_k=None):
-    got = S.launch(*args, split_k=split_k)
+def _check(args, split_k=None, config=None):
+    got = S.launch(*args, split_k=split_k, config=config)
     want = S.reference(*args)
     assert got.shape == want.shape and got.dtype == args[0].dtype
     err = (got.float() - want.float()).abs().max().item() / want.float().abs().max().item()
@@ -67,11 +67,8 @@ def test_odd_shapes_per_channel_thresholds_and_split_k(fmt):
 def test_int4_groups_against_k_tiles(group, block_k):
     # The int4 branch scales each K chunk's partial sums by one group's scale: chunks smaller than a group
     # (32 < 64, 128), larger ones (256, cut to the group) and a K split that ends inside a tile.
-    args = _case("int4", 94, 640, 3, torch.float16, group=group, seed=group)
-    got = S.launch(*args, split_k=3, config=plan.Config(128, block_k, 4, 2))
-    want = S.reference(*args)
-    err = (got.float() - want.float()).abs().max().item() / want.float().abs().max().item()
-    assert err <= TOL[torch.float16], f"relative error {err:.2e}"
+    _check(_case("int4", 94, 640, 3, torch.float16, group=group, seed=group), split_k=3,
+           config=plan.Config(128, block_k, 4, 2))
 
 
 def test_threshold_compared_in_activation_dtype():
