@@ -203,11 +203,21 @@ def bench_shape(name: str, n: int, k: int, batches, dtype, device: str, peak: fl
     return rows
 
 
-def _configs(sparse: bool) -> list:
+def _configs(sparse: bool, m: int) -> list:
     blocks_n = (64, 128, 256) if sparse else (32, 64, 128)
     blocks_k = (64, 128) if sparse else (128, 256)
     grid = [plan.Config(bn, bk, 4, 3) for bn in blocks_n for bk in blocks_k]
-    return grid + [plan.Config(blocks_n[-1], blocks_k[-1], 8, 3), plan.Config(blocks_n[1], blocks_k[-1], 8, 4)]
+    grid += [plan.Config(blocks_n[-1], blocks_k[-1], 8, 3), plan.Config(blocks_n[1], blocks_k[-1], 8, 4)]
+    # fma (products summed in registers, no 16-row padding): short tiles, since the [rows, K, N] product
+    # lives in registers; the sparse layout is N-contiguous (wide N tiles), the dense one K-contiguous.
+    # Untimed when added (session 6, no GPU): the sweep decides whether they win anywhere.
+    if sparse:
+        fma = [(128, 32, 4, 1), (256, 16, 4, 1), (64, 64, 4, 2), (256, 32, 8, 1)]
+    else:
+        fma = [(32, 256, 4, 1), (64, 128, 4, 1), (16, 512, 4, 1), (64, 256, 8, 1)]
+    if m > 1:  # 8 rows multiply the register tile by 8: halve K
+        fma = [(bn, bk // 2, w, st) for bn, bk, w, st in fma]
+    return grid + [plan.Config(*c, None, True) for c in fma]
 
 
 def _sweep_cases(x, w, quant) -> dict:
@@ -258,12 +268,15 @@ def sweep(dtype, device: str, peak: float) -> tuple[list, dict]:
         for case in per_shape[shapes[0]]:
             runs = [(per_shape[s][case][0], per_shape[s][case][0](None).float()) for s in shapes]
             nbytes = sum(per_shape[s][case][1] for s in shapes)
-            timed = _time_configs(runs, _configs(case[0] == "sparse") + [None])
+            timed = _time_configs(runs, _configs(case[0] == "sparse", m) + [None])
             if not timed:
                 continue
             best = timed[0][1]  # None: the built-in default won, and there is no split to explore around it
             if best is not None:
-                timed = sorted(timed + _time_configs(runs, [best._replace(splits=sp) for sp in (1, 2, 4, 8)]),
+                # Up to one K chunk per program (TEAL's sparse GEMV launches that way); until session 6 the
+                # sweep stopped at 8 splits.
+                splits = (1, 2, 4, 8, 16, 32, 64)
+                timed = sorted(timed + _time_configs(runs, [best._replace(splits=sp) for sp in splits]),
                                key=lambda r: r[0])
             for rank, (ms, cfg) in enumerate(timed[:5]):
                 gbps = nbytes / (ms / 1e3) / 1e9

@@ -72,6 +72,19 @@ def test_forced_split_k(act, fmt, group, splits):
     _check(x, qw, b, act=act, split_k=splits, config=SPLIT_CONFIG)
 
 
+@pytest.mark.parametrize("m", [1, 3, 8])
+@pytest.mark.parametrize("fmt,group", WEIGHT_ONLY)
+def test_fma_decode_configs(fmt, group, m):
+    # fma=True (products summed in registers, BLOCK_M = rows padded to a power of two), K split in 3.
+    _check(*_case(fmt, group, 40, 160, m, torch.bfloat16, seed=m), split_k=3, config=SPLIT_CONFIG._replace(fma=True))
+
+
+def test_w8a8_refuses_an_fma_config():
+    x, qw, b = _case("int8", 0, 40, 96, 1, torch.float16)
+    with pytest.raises(ValueError, match="fma=False"):
+        AQ.w8a8(x, qw.qweight, qw.scales, b, config=SPLIT_CONFIG._replace(fma=True))
+
+
 @pytest.mark.parametrize("m", [1, 17])
 def test_w8a8_matches_the_int_mm_path(m):
     # Same int32 sums and the same fp32 rescale order as ops._w8a8 (torch._int_mm): equal up to fp32 noise.

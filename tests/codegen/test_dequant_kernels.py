@@ -106,3 +106,25 @@ def test_split_k_partial_sums_add_up(fmt, group, splits):
     got = D.launch(x, *qw[:3], b, fmt, group, split_k=splits)
     want = D.reference(x, *qw[:3], b, fmt, group)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("m", [1, 3, 8])
+@pytest.mark.parametrize("fmt,group", [("int8", 0), ("int4", 32), ("int4", 128)])
+def test_fma_decode_configs(fmt, group, m, dtype):
+    # fma=True: products summed over K in registers, BLOCK_M = the rows padded to a power of two (1, 4, 8)
+    # instead of one 16-row dot tile; K split in 3 with a chunk (64) smaller than the int4 group of 128.
+    config = plan.Config(64, 64, 4, 2, 3, fma=True)
+    assert plan.uses_fma(m, config) and plan.block_m(m, config) == triton_pow2(m)
+    _check(*_case(fmt, group, 94, 640, m, dtype, bias=m != 3, seed=m), config=config)
+
+
+def test_fma_config_is_ignored_for_prefill():
+    # Prefill always dots: the fma flag of a (decode) config does not reach a 19-row launch.
+    config = plan.Config(32, 64, 4, 2, fma=True)
+    assert not plan.uses_fma(19, config) and plan.block_m(19, config) == 32
+    _check(*_case("int4", 64, 45, 256, 19, torch.float16), config=config)
+
+
+def triton_pow2(m: int) -> int:
+    return 1 << (m - 1).bit_length()

@@ -69,6 +69,14 @@ def test_kernel_adds_the_low_rank_term(fmt, group, m, n, k, r, bias, dtype):
     _check(*_case(fmt, group, n, k, m, r, dtype, bias, seed=m + r))
 
 
+@pytest.mark.parametrize("m", [1, 3])
+@pytest.mark.parametrize("fmt,group", [("int4", 32), ("mxint8", 32)])
+def test_fma_decode_config_adds_the_term_once(fmt, group, m):
+    # fma=True replaces the low-rank dot too (a 16-row tl.dot cannot take BLOCK_M 1 or 4), split 3 ways.
+    x, qw, b, a, lb = _case(fmt, group, 40, 160, m, 5, torch.float16, seed=m)
+    _check(x, qw, b, a, lb, split_k=3, config=SPLIT_CONFIG._replace(fma=True))
+
+
 def test_rank_above_one_tile():
     # BLOCK_R caps at 64: rank 80 takes two rank tiles (the second one masked past 80).
     _check(*_case("int8", 0, 40, 96, 3, 80, torch.float32))

@@ -16,6 +16,7 @@ from test_kernels_interpreter import CASES, _inputs
 
 from effcompile.codegen import ops as cg_ops
 from effcompile.codegen.kernels import dequant_matmul as D
+from effcompile.codegen.kernels import launch_plan as plan
 from effcompile.codegen.kernels import sparse_gemv as S
 from effcompile.codegen.lower import lower
 from effcompile.compiler import ops as qops
@@ -51,19 +52,23 @@ def _compile(kernel, args, kw, cap: int):
     params = kernel.arg_names
     const_names = {p.name for p in kernel.params if p.is_constexpr}
     values = dict(zip(params, args, strict=False)) | {k: v for k, v in kw.items() if k in params}
-    sig, consts = {}, {}
-    for name in params:
+    sig, consts, attrs = {}, {}, {}
+    for i, name in enumerate(params):
         v = values[name]
         if name in const_names:
             sig[name], consts[name] = "constexpr", v
-        elif isinstance(v, torch.Tensor):
-            sig[name] = _PTR[v.dtype]
+            continue
+        if isinstance(v, torch.Tensor):
+            sig[name], aligned = _PTR[v.dtype], v.data_ptr() % 16 == 0
         else:
-            sig[name] = "i64" if abs(int(v)) >= 2**31 else "i32"
+            sig[name], aligned = ("i64" if abs(int(v)) >= 2**31 else "i32"), int(v) % 16 == 0
+        if aligned:  # what the JIT launcher specializes on: 16-byte-aligned pointers, ints divisible by 16
+            attrs[(i,)] = [["tt.divisibility", 16]]
     opts = {k: kw[k] for k in ("num_warps", "num_stages") if k in kw}
-    compiled = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=consts),
+    compiled = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=consts, attrs=attrs),
                               target=GPUTarget("cuda", cap, 32), options=opts)
     assert compiled.asm["cubin"], "no cubin"
+    return compiled
 
 
 def _compile_all(seen, cap: int = 90):
@@ -92,6 +97,28 @@ def test_dequant_matmul_compiles(fmt, group, cap, m, launches):
     D.launch(x, *qw[:3], torch.randn(96, dtype=dtype), fmt, group, split_k=2 if m == 1 else None,
              lora_a=lora[0], lora_b=lora[1])
     _compile_all(launches, cap)
+
+
+@pytest.mark.parametrize("m", [1, 3, 8])
+def test_fma_decode_variants_compile(m, launches):
+    # launch_plan.Config.fma: BLOCK_M 1 / 4 / 8 with products summed in registers, for every kernel branch
+    # (int8, int4, MX, the EoRA term) and the sparse GEMV's three formats, at tile shapes the sweep tries.
+    dtype = torch.bfloat16
+    x = torch.randn(m, 256, dtype=dtype)
+    for fmt, group in (("int8", 0), ("int4", 128), ("mxint8", 32)):
+        qw = _weights(fmt, 96, 256, dtype, group)
+        lora = (torch.randn(8, 256, dtype=dtype), torch.randn(96, 8, dtype=dtype)) if fmt == "int4" else (None, None)
+        D.launch(x, *qw[:3], None, fmt, group, config=plan.Config(64, 128, 4, 1, 2, fma=True),
+                 lora_a=lora[0], lora_b=lora[1])
+    w = torch.randn(96, 256, generator=torch.Generator().manual_seed(0)).to(dtype)
+    for fmt, group in (("float", 0), ("int8", 0), ("int4", 64)):
+        qw = qops.quantize_weight(w, fmt, group) if fmt != "float" else None
+        wt, s, z = sl.to_input_major(w if qw is None else qw.qweight, *((None, None) if qw is None else
+                                                                      (qw.scales, qw.zeros)), fmt, group)
+        S.launch(x, torch.tensor(0.5), wt, s, z, None, fmt, group, config=plan.Config(128, 32, 4, 1, 8, fma=True))
+    assert len(launches) == 6 and all(kw["FMA"] and kw["BLOCK_M"] == max(1, 1 << (m - 1).bit_length())
+                                      for _, _, kw in launches)
+    _compile_all(launches, 90)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)

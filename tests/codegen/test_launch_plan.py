@@ -35,6 +35,25 @@ def test_tuning_tables_merge_and_refuse_bad_files(tmp_path, caplog):
     assert plan.device_file_name("NVIDIA H200") == "NVIDIA_H200.json"
 
 
+def test_fma_entries_parse_and_a_non_bool_flag_is_refused(tmp_path, caplog):
+    ok = tmp_path / "a.json"
+    ok.write_text(json.dumps({"device": "GPU X", "configs": {"sparse/float/m1": [128, 32, 4, 1, 64, True]}}))
+    bad = tmp_path / "b.json"
+    bad.write_text(json.dumps({"device": "GPU X", "configs": {"sparse/int8/m1": [128, 32, 4, 1, 64, "yes"]}}))
+    with caplog.at_level(logging.WARNING, logger="effcompile.codegen"):
+        table = plan.read_tables([ok, bad], "GPU X")
+    assert table == {"sparse/float/m1": plan.Config(128, 32, 4, 1, 64, fma=True)}
+    assert sum("ignored" in r.message for r in caplog.records) == 1
+
+
+def test_block_m_pads_fma_decode_to_a_power_of_two_and_dots_to_16():
+    fma, dot = plan.Config(64, 64, 4, 2, fma=True), plan.Config(64, 64, 4, 2)
+    assert [plan.block_m(m, fma) for m in (1, 2, 3, 5, 8)] == [1, 2, 4, 8, 8]
+    assert [plan.block_m(m, dot) for m in (1, 8, 19, 100)] == [16, 16, 32, 64]
+    assert plan.block_m(9, fma) == 16 and not plan.uses_fma(9, fma)  # prefill rows: the dot tiles
+    assert not plan.uses_fma(1, None) and not plan.uses_fma(1, dot)
+
+
 def test_no_tuning_off_the_gpu_or_for_fp32():
     assert plan.tuned("dequant", "int4", 1, torch.bfloat16, torch.device("cpu")) is None
 

@@ -130,3 +130,21 @@ def test_input_major_layout_round_trip():
                                qops.dequantize(*qw[:3], "int4", 32))
     with pytest.raises(ValueError, match="even out_features"):
         sl.to_input_major(qops.quantize_weight(torch.randn(7, 64), "int4", 32).qweight, None, None, "int4", 32)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("m", [1, 3, 8])
+@pytest.mark.parametrize("fmt", ["float", "int8", "int4"])
+def test_fma_decode_configs(fmt, m, dtype):
+    # fma=True: products summed over K in registers over the real rows (BLOCK_M 1 / 4 / 8, not 16);
+    # per-channel thresholds, K split in 3 (K = 9 * 32 is not a multiple of the 64-wide chunk).
+    config = plan.Config(64, 64, 4, 2, 3, fma=True)
+    assert plan.uses_fma(m, config)
+    _check(_case(fmt, 94, 288, m, dtype, per_channel=m == 3, seed=m), config=config)
+
+
+def test_fma_all_zero_activations_leave_the_bias():
+    args = _case("int4", 70, 256, 2, torch.float32)
+    args = (args[0], torch.tensor(1e9), *args[2:])
+    got = S.launch(*args, config=plan.Config(128, 32, 4, 2, 2, fma=True))
+    torch.testing.assert_close(got, args[5].expand(2, -1).contiguous())

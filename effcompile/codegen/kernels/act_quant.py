@@ -136,6 +136,8 @@ def w8a8(x, qweight, scales, bias, split_k: int | None = None, config: plan.Conf
     b = bias.to(dev).contiguous() if bias is not None else s
     if config is None and m <= plan.GEMV_MAX_M:
         config = plan.tuned("w8a8", "int8", m, x.dtype, dev)
+    if config is not None and config.fma:
+        raise ValueError(f"W8A8 config {tuple(config)}: the int8 x int8 kernel is tensor-core only (fma=False)")
     # int8 operands: the tile shapes do not depend on x's dtype (no fp32 shared-memory limit here).
     bm, bn, bk, warps, stages, splits = plan.matmul_tiles(m, "w8a8", torch.int8, config)
     tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)

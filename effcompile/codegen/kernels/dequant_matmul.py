@@ -31,11 +31,14 @@ _FP8_FORMATS = ("fp8", "mxfp8")
 @triton.jit
 def _matmul_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, u_ptr, lb_ptr, out_ptr, M, N, K, K_SPLIT, RANK,
                    FMT: tl.constexpr, G: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr,
-                   DOT_DT: tl.constexpr, ATOMIC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
+                   DOT_DT: tl.constexpr, ATOMIC: tl.constexpr, FMA: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
     # Tiled tl.dot: the weight tile is dequantized in registers right before the dot (never in memory).
     # Decode (few rows) pads M to 16 for the tensor cores and splits K over programs (ATOMIC: fp32
     # partial sums added into a zeroed output), so a handful of output tiles still fills every SM.
+    # FMA (decode only, BLOCK_M = the rows padded to a power of two) replaces each dot by products summed
+    # over K in registers: no 16-row padding and no shared-memory staging of the weight tile; which is
+    # faster on a given GPU is for the tuning sweep to say (launch_plan.Config.fma).
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     k_lo = tl.program_id(2) * K_SPLIT
@@ -56,7 +59,11 @@ def _matmul_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, u_ptr, lb_ptr, out_ptr, M,
             w = tl.load(q_ptr + col * K + offs_k[:, None], mask=k_mask[:, None] & n_mask[None, :], other=0.0)
             # int8 and e4m3 codes are exact in fp16/bf16/fp32 (e4m3: 4 significant bits, 2**-9..448), so
             # the dot runs in the activation dtype and the row scale is applied once, after it.
-            acc += tl.dot(x.to(DOT_DT), w.to(DOT_DT), input_precision="ieee")
+            if FMA:
+                acc += tl.reduce(x.to(tl.float32)[:, :, None] * w.to(tl.float32)[None, :, :], 1,
+                                 tl.standard._sum_combine)
+            else:
+                acc += tl.dot(x.to(DOT_DT), w.to(DOT_DT), input_precision="ieee")
         s = tl.load(s_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
         acc = acc * s[None, :]
     elif FMT == 1:
@@ -74,8 +81,13 @@ def _matmul_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, u_ptr, lb_ptr, out_ptr, M,
             xmask = m_mask[:, None] & j_mask[None, :]
             xe = tl.load(x_ptr + row + 2 * offs_j[None, :], mask=xmask, other=0.0)
             xo = tl.load(x_ptr + row + 2 * offs_j[None, :] + 1, mask=xmask, other=0.0)
-            part = tl.dot(xe.to(DOT_DT), (byte & 15).to(DOT_DT), input_precision="ieee")
-            part += tl.dot(xo.to(DOT_DT), (byte >> 4).to(DOT_DT), input_precision="ieee")
+            if FMA:
+                part = tl.reduce(xe.to(tl.float32)[:, :, None] * (byte & 15).to(tl.float32)[None, :, :]
+                                 + xo.to(tl.float32)[:, :, None] * (byte >> 4).to(tl.float32)[None, :, :], 1,
+                                 tl.standard._sum_combine)
+            else:
+                part = tl.dot(xe.to(DOT_DT), (byte & 15).to(DOT_DT), input_precision="ieee")
+                part += tl.dot(xo.to(DOT_DT), (byte >> 4).to(DOT_DT), input_precision="ieee")
             xsum = tl.reduce(xe.to(tl.float32) + xo.to(tl.float32), 1, tl.standard._sum_combine)
             gi = offs_n.to(tl.int64) * (K // G) + k0 // G
             s = tl.load(s_ptr + gi, mask=n_mask, other=0.0).to(tl.float32)
@@ -95,7 +107,11 @@ def _matmul_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, u_ptr, lb_ptr, out_ptr, M,
             # floor, reached by all-zero blocks and those below ~2**-119) is the fp32 subnormal 2**-127.
             p = tl.where(e > -127, (e + 127) << 23, 4194304).to(tl.float32, bitcast=True)
             w = (w * p).to(x_ptr.dtype.element_ty)
-            acc += tl.dot(x.to(DOT_DT), w.to(DOT_DT), input_precision="ieee")
+            if FMA:
+                acc += tl.reduce(x.to(tl.float32)[:, :, None] * w.to(tl.float32)[None, :, :], 1,
+                                 tl.standard._sum_combine)
+            else:
+                acc += tl.dot(x.to(DOT_DT), w.to(DOT_DT), input_precision="ieee")
     if HAS_LORA:
         # EoRA: acc += u B^T with u = x A^T [M, RANK] (computed before the launch) and B [N, RANK], after
         # the row scale (it belongs to the output, not to the codes). Split-K: only split 0 runs it (the
@@ -107,7 +123,11 @@ def _matmul_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, u_ptr, lb_ptr, out_ptr, M,
             u = tl.load(u_ptr + offs_m.to(tl.int64)[:, None] * RANK + offs_r[None, :],
                         mask=m_mask[:, None] & r_mask[None, :], other=0.0)
             lb = tl.load(lb_ptr + col * RANK + offs_r[:, None], mask=r_mask[:, None] & n_mask[None, :], other=0.0)
-            acc += tl.dot(u.to(DOT_DT), lb.to(DOT_DT), input_precision="ieee")
+            if FMA:
+                acc += tl.reduce(u.to(tl.float32)[:, :, None] * lb.to(tl.float32)[None, :, :], 1,
+                                 tl.standard._sum_combine)
+            else:
+                acc += tl.dot(u.to(DOT_DT), lb.to(DOT_DT), input_precision="ieee")
     if HAS_BIAS:
         first = (offs_n * 0 + k_lo) == 0  # a tensor: the interpreter refuses a scalar bool in a mask
         b = tl.load(b_ptr + offs_n, mask=n_mask & first, other=0.0).to(tl.float32)  # added by split 0 only
@@ -230,7 +250,8 @@ def launch(x, qweight, scales, zeros, bias, fmt: str, group_size: int, split_k: 
     _ops.jit_variant(_matmul_kernel, interp)[grid](
         x2, q, s, z, b, u, lb, out, m, n, k, ks, lora_a.shape[0] if lora else 0, FMT=_FMT[fmt],
         G=max(group_size, 1), HAS_BIAS=bias is not None, HAS_LORA=lora, DOT_DT=plan.dot_dtype(x.dtype, interp),
-        ATOMIC=atomic, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=block_r, num_warps=warps, num_stages=stages)
+        ATOMIC=atomic, FMA=plan.uses_fma(m, config), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=block_r,
+        num_warps=warps, num_stages=stages)
     return out.to(x.dtype).view(*x.shape[:-1], n)
 
 

@@ -20,13 +20,16 @@ GEMV_MAX_M = 8  # rows of activations up to which the matmul kernels take the de
 
 
 class Config(NamedTuple):
-    """One launch shape: output columns and K elements per tile, warps, pipeline stages, K splits (None: auto)."""
+    """One launch shape: output columns and K elements per tile, warps, pipeline stages, K splits (None: auto),
+    and how a decode tile is reduced: fma=False pads the rows to a 16-row tl.dot (tensor cores), fma=True
+    multiplies and sums in registers over the real rows only (TEAL's and gemlite's batch-1 GEMV style)."""
 
     block_n: int
     block_k: int
     warps: int
     stages: int
     splits: int | None = None
+    fma: bool = False
 
 
 # Decode (<= 8 rows) tile shapes per weight format, (block_n, block_k, warps, stages).
@@ -46,14 +49,27 @@ def decode_config(fmt: str, dtype: torch.dtype) -> tuple[int, int, int, int]:
 
 def matmul_tiles(m: int, fmt: str, dtype: torch.dtype, config: Config | None = None):
     """(block_m, block_n, block_k, warps, stages, splits or None) for an m-row matmul: ``config`` when given
-    (M padded to a power of two >= 16), else decode (M padded to one 16-row dot tile, long K chunks, split
-    over programs) up to GEMV_MAX_M rows, else prefill tiles (one split). ``dtype``: the dot operands' dtype."""
+    (M padded to a power of two >= 16, or just to a power of two for an fma decode config), else decode (M
+    padded to one 16-row dot tile, long K chunks, split over programs) up to GEMV_MAX_M rows, else prefill
+    tiles (one split). ``dtype``: the dot operands' dtype."""
     if config is not None:
         splits = config.splits if config.splits is not None or m <= GEMV_MAX_M else 1
-        return max(16, triton.next_power_of_2(min(m, 64))), *config[:4], splits
+        return block_m(m, config), *config[:4], splits
     if m <= GEMV_MAX_M:
         return 16, *decode_config(fmt, dtype), None
     return (64 if m >= 64 else 32), 64, 64, 4, 3, 1
+
+
+def uses_fma(m: int, config: Config | None) -> bool:
+    """Whether this launch reduces in registers: an fma config, and few enough rows (prefill always dots)."""
+    return config is not None and bool(config.fma) and m <= GEMV_MAX_M
+
+
+def block_m(m: int, config: Config | None) -> int:
+    """BLOCK_M: the rows padded to a power of two for an fma launch, else to at least one 16-row dot tile."""
+    if uses_fma(m, config):
+        return triton.next_power_of_2(m)
+    return max(16, triton.next_power_of_2(min(m, 64)))
 
 
 def sparse_config(fmt: str, dtype: torch.dtype) -> tuple[int, int, int, int]:
@@ -94,6 +110,8 @@ def read_tables(paths, device_name: str) -> dict[str, Config]:
             configs = {k: Config(*v) for k, v in data["configs"].items()}
             if not all(isinstance(c.block_n, int) and c.block_n > 0 for c in configs.values()):
                 raise ValueError("block sizes must be positive integers")
+            if not all(isinstance(c.fma, bool) for c in configs.values()):
+                raise ValueError("fma must be true or false")
             table.update(configs)
         except (ValueError, TypeError, KeyError, AttributeError) as e:
             log.warning("kernel tuning %s is unreadable (%s): ignored", path, e)

@@ -26,7 +26,7 @@ _FMT = {"int8": 0, "int4": 1, "float": 2}
 @triton.jit
 def _sparse_kernel(x_ptr, t_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, M, N, K, K_SPLIT,
                    FMT: tl.constexpr, G: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr,
-                   DOT_DT: tl.constexpr, ATOMIC: tl.constexpr,
+                   DOT_DT: tl.constexpr, ATOMIC: tl.constexpr, FMA: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_n = tl.program_id(0)
     k_lo = tl.program_id(1) * K_SPLIT
@@ -66,8 +66,13 @@ def _sparse_kernel(x_ptr, t_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, M, N, K, K
             wmask = (need & k_mask)[:, None] & j_mask[None, :]
             byte = tl.load(w_ptr + offs_k.to(tl.int64)[:, None] * (N // 2) + offs_j[None, :], mask=wmask, other=0)
             byte = byte.to(tl.int32)
-            part_lo = tl.dot(x, (byte & 15).to(DOT_DT), input_precision="ieee")
-            part_hi = tl.dot(x, (byte >> 4).to(DOT_DT), input_precision="ieee")
+            if FMA:  # products summed over K in registers (launch_plan.Config.fma)
+                xf = x.to(tl.float32)[:, :, None]
+                part_lo = tl.reduce(xf * (byte & 15).to(tl.float32)[None, :, :], 1, tl.standard._sum_combine)
+                part_hi = tl.reduce(xf * (byte >> 4).to(tl.float32)[None, :, :], 1, tl.standard._sum_combine)
+            else:
+                part_lo = tl.dot(x, (byte & 15).to(DOT_DT), input_precision="ieee")
+                part_hi = tl.dot(x, (byte >> 4).to(DOT_DT), input_precision="ieee")
             xsum = tl.reduce(x.to(tl.float32), 1, tl.standard._sum_combine)[:, None]
             gi = (k0 // G) * N + 2 * offs_j.to(tl.int64)
             s_lo = tl.load(s_ptr + gi, mask=j_mask, other=0.0).to(tl.float32)[None, :]
@@ -79,7 +84,11 @@ def _sparse_kernel(x_ptr, t_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, M, N, K, K
         else:
             wmask = (need & k_mask)[:, None] & n_mask[None, :]
             w = tl.load(w_ptr + offs_k.to(tl.int64)[:, None] * N + offs_n[None, :], mask=wmask, other=0)
-            acc += tl.dot(x, w.to(DOT_DT), input_precision="ieee")
+            if FMA:
+                acc += tl.reduce(x.to(tl.float32)[:, :, None] * w.to(tl.float32)[None, :, :], 1,
+                                 tl.standard._sum_combine)
+            else:
+                acc += tl.dot(x, w.to(DOT_DT), input_precision="ieee")
     if FMT == 1:
         first = (offs_j * 0 + k_lo) == 0  # a tensor: the interpreter refuses a scalar bool in a mask
         if HAS_BIAS:
@@ -143,6 +152,7 @@ def launch(x, threshold, weight_t, scales, zeros, bias, fmt: str, group_size: in
         bk = min(bk, group_size)  # one group per K chunk: the kernel scales each chunk's partial sums
     if config is not None and split_k is None:
         split_k = config.splits
+    fma = plan.uses_fma(m, config)
     tiles = triton.cdiv(n, bn)
     ks = plan.k_split(tiles, k, bk, dev, split_k)
     atomic = ks < k
@@ -151,7 +161,7 @@ def launch(x, threshold, weight_t, scales, zeros, bias, fmt: str, group_size: in
     _ops.jit_variant(_sparse_kernel, interp)[grid](
         x2, t, w, s, z, b, out, m, n, k, ks, FMT=_FMT[fmt], G=max(group_size, 1), PER_CHANNEL=t.numel() > 1,
         HAS_BIAS=bias is not None, DOT_DT=plan.dot_dtype(x.dtype, interp), ATOMIC=atomic,
-        BLOCK_M=16, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
+        FMA=fma, BLOCK_M=plan.block_m(m, config) if fma else 16, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
     return out.to(x.dtype).view(*x.shape[:-1], n)
 
 
