@@ -248,9 +248,12 @@ def _time_configs(runs: list, configs: list) -> list:
     return sorted(out, key=lambda r: r[0])
 
 
-def sweep(dtype, device: str, peak: float) -> tuple[list, dict]:
+def sweep(dtype, device: str, peak: float, on_case: Callable[[list, dict], None] | None = None,
+          cases: set[str] | None = None) -> tuple[list, dict]:
     """Time the tile configs of our decode kernels on two 8B shapes; per (kernel, format, batch bucket) the
-    config with the least total time, then the best K split for it. Returns (rows, tuning table)."""
+    config with the least total time, then the best K split for it. Returns (rows, tuning table); on_case
+    gets both after every case, so a run stopped by a time limit keeps what it swept. cases: only these
+    "kernel/format" cases (e.g. {"sparse/float", "dequant/int4"}), default all."""
     shapes = ("8b.up", "8b.down")
     setups = {}
     for name in shapes:
@@ -266,6 +269,8 @@ def sweep(dtype, device: str, peak: float) -> tuple[list, dict]:
             x = torch.randn(m, SHAPES[name][1], device=device, dtype=dtype)
             per_shape[name] = _sweep_cases(x, w, quant)
         for case in per_shape[shapes[0]]:
+            if cases and "/".join(case) not in cases:
+                continue
             runs = [(per_shape[s][case][0], per_shape[s][case][0](None).float()) for s in shapes]
             nbytes = sum(per_shape[s][case][1] for s in shapes)
             timed = _time_configs(runs, _configs(case[0] == "sparse", m) + [None])
@@ -288,6 +293,8 @@ def sweep(dtype, device: str, peak: float) -> tuple[list, dict]:
                 table[plan.tuning_key(case[0], case[1], m)] = list(cfg)
             print(f"sweep m={m} {'/'.join(case):14} best {tuple(cfg) if cfg else 'default'} "
                   f"{ms * 1e3:7.1f} us for {len(shapes)} shapes, {nbytes / (ms / 1e3) / 1e9:6.0f} GB/s", flush=True)
+            if on_case:
+                on_case(rows, table)
     return rows, table
 
 
@@ -299,6 +306,8 @@ def main(argv=None) -> int:
     p.add_argument("--batches", default=",".join(map(str, BATCHES)))
     p.add_argument("--no-torchao", action="store_true")
     p.add_argument("--sweep", action="store_true", help="first time every tile config of our decode kernels")
+    p.add_argument("--sweep-cases", default="", help="with --sweep: only these comma-separated kernel/format "
+                   "cases (dequant/int8, dequant/int4, sparse/float, sparse/int8, sparse/int4); default all")
     p.add_argument("--tuning-out", type=Path, help="with --sweep: write the best configs as a tuning table "
                    "(codegen/kernels/launch_plan.py) and use it for the comparison that follows")
     p.add_argument("--output", type=Path, required=True)
@@ -313,15 +322,16 @@ def main(argv=None) -> int:
     print(f"device-to-device copy: {peak:.0f} GB/s", flush=True)
     torch._dynamo.config.recompile_limit = 256  # one compiled TorchAO linear per shape and format
     swept = None
-    if a.sweep:
-        swept, table = sweep(dtype, a.device, peak)
+    rows = []
+
+    def save_sweep(sw: list, table: dict) -> None:
+        nonlocal swept
+        swept = sw
         if a.tuning_out:
             a.tuning_out.parent.mkdir(parents=True, exist_ok=True)
             a.tuning_out.write_text(json.dumps({"device": torch.cuda.get_device_name(), "dtype": a.dtype,
                                                 "configs": table}, indent=1))
-            os.environ[plan.TUNING_ENV] = str(a.tuning_out)
-            plan._table.cache_clear()
-    rows = []
+        write()
 
     def write() -> None:  # after every phase: a run cut short by its time limit keeps what it measured
         try:
@@ -347,6 +357,11 @@ def main(argv=None) -> int:
         a.output.parent.mkdir(parents=True, exist_ok=True)
         a.output.write_text(json.dumps(result, indent=1))
 
+    if a.sweep:
+        sweep(dtype, a.device, peak, save_sweep, {c for c in a.sweep_cases.split(",") if c} or None)
+        if a.tuning_out:
+            os.environ[plan.TUNING_ENV] = str(a.tuning_out)
+            plan._table.cache_clear()
     write()
     for name in a.shapes.split(","):
         n, k = SHAPES[name]

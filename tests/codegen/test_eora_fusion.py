@@ -8,7 +8,6 @@ import operator
 import pytest
 import torch
 import torch.fx as fx
-import torch.nn.functional as F
 
 import effcompile as ec
 import effcompile.codegen.lower as lower_mod
@@ -185,7 +184,7 @@ def test_lowering_leaves_the_side_path_when_it_cannot_fuse(tmp_path, case):
     assert not any("eora" in k.ops[-1] for k in res.kernels)
     assert any("W8A8" in why for _, why in res.fallbacks) == (case == "w8a8")
     got = gm(*inputs)
-    for g, w in zip(got, want) if case == "extra_user" else [(got, want)]:
+    for g, w in zip(got, want, strict=True) if case == "extra_user" else [(got, want)]:
         assert _rel_err(g, w) <= 1e-5
 
 
