@@ -6,7 +6,8 @@ Calibration always uses the *train* split of the stdlib; quality and achieved sp
 the *held-out* split (text the calibration never saw). Achieved sparsity is counted by
 ``measure_sparsity()`` over every targeted linear input of the held-out run, per layer; ``weighted`` is
 the mean weighted by weight size (the fraction of weight bytes a sparse GEMV skips), the quantity the
-target constrains.
+target constrains. MiniLM batches are padded to 64 tokens: its sparsity is counted over real tokens only
+(``count_rows``), and the pass calibrates on real tokens (``skip_padding``, default since session 6).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import effcompile as ec  # noqa: E402
 from effcompile.bench import corpus, metrics, record, train_lm  # noqa: E402
-from effcompile.compiler.sparse_ops import measure_sparsity  # noqa: E402
+from effcompile.compiler.sparse_ops import count_rows, measure_sparsity  # noqa: E402
 
 METHODS = ("tensor", "channel", "greedy")
 TARGETS = (0.25, 0.4, 0.5, 0.6)
@@ -48,7 +49,7 @@ def _weighted(achieved: dict[str, float], rep) -> dict:
 
 # ----------------------------------------------------------------------------- MiniLM
 def minilm_cases(methods, targets, n_calib: int, n_queries: int, n_docs: int, greedy: dict | None = None,
-                 keep: bool = False):
+                 keep: bool = False, common: dict | None = None):
     from effcompile.testing import load_minilm
 
     model, tok = load_minilm()
@@ -74,7 +75,9 @@ def minilm_cases(methods, targets, n_calib: int, n_queries: int, n_docs: int, gr
                     keep = 32 - pad
                 else:
                     keep = 32
-                with torch.no_grad():
+                real = b["attention_mask"].bool().clone()
+                real[keep:] = False  # the batch-filling copies are not part of the set
+                with torch.no_grad(), count_rows(real):  # achieved sparsity over real tokens, not padding
                     h = metrics._hidden_of(fn(**b))
                 embs.append(torch.nn.functional.normalize(metrics.mean_pool(h.float(), b["attention_mask"]), dim=-1)[:keep])
             out.append(torch.cat(embs))
@@ -85,7 +88,7 @@ def minilm_cases(methods, targets, n_calib: int, n_queries: int, n_docs: int, gr
         for s in targets:
             torch._dynamo.reset()
             t0 = time.perf_counter()
-            extra = (greedy or {}) if method == "greedy" else {}
+            extra = {**(common or {}), **((greedy or {}) if method == "greedy" else {})}
             fast = ec.effcompile(model, passes=[ec.ThresholdChannels(sparsity=s, method=method, **extra)],
                                  calibration=calib, cache=False)
             with measure_sparsity() as achieved:
@@ -103,7 +106,7 @@ def minilm_cases(methods, targets, n_calib: int, n_queries: int, n_docs: int, gr
 
 
 # ----------------------------------------------------------------------------- stdlib LM
-def lm_cases(methods, targets, n_calib: int, windows: int, greedy: dict | None = None):
+def lm_cases(methods, targets, n_calib: int, windows: int, greedy: dict | None = None, common: dict | None = None):
     from effcompile.bench.zoo import heldout_ids, load_stdlib_lm
 
     model, tok = load_stdlib_lm()
@@ -129,7 +132,7 @@ def lm_cases(methods, targets, n_calib: int, windows: int, greedy: dict | None =
         for s in targets:
             torch._dynamo.reset()
             t0 = time.perf_counter()
-            extra = (greedy or {}) if method == "greedy" else {}
+            extra = {**(common or {}), **((greedy or {}) if method == "greedy" else {})}
             fast = ec.effcompile(model, passes=[ec.ThresholdChannels(sparsity=s, method=method, **extra)],
                                  calibration=calib, cache=False)
             with measure_sparsity() as achieved:
@@ -191,6 +194,8 @@ def main(argv=None) -> int:
     ap.add_argument("--greedy-batches", type=int, default=None,
                     help="calibration batches greedy scores on (default: the pass's, 4)")
     ap.add_argument("--greedy-metric", default=None, help="what greedy minimizes: cosine or mse (default: the pass's)")
+    ap.add_argument("--keep-padding", action="store_true",
+                    help="calibrate on padding positions too (skip_padding=False, the pass's behaviour before session 6)")
     ap.add_argument("--windows", type=int, default=32)
     ap.add_argument("--queries", type=int, default=128)
     ap.add_argument("--docs", type=int, default=256)
@@ -204,8 +209,9 @@ def main(argv=None) -> int:
             "load_average": list(os.getloadavg())}
     with open(a.out, "a") as f:
         for m in a.models.split(","):
-            cases = (minilm_cases(methods, targets, a.calib, a.queries, a.docs, greedy) if m == "minilm"
-                     else lm_cases(methods, targets, a.calib, a.windows, greedy))
+            common = {"skip_padding": False} if a.keep_padding else {}
+            cases = (minilm_cases(methods, targets, a.calib, a.queries, a.docs, greedy, common=common) if m == "minilm"
+                     else lm_cases(methods, targets, a.calib, a.windows, greedy, common))
             for rec in cases:
                 rec.update(meta)
                 f.write(json.dumps(rec) + "\n")

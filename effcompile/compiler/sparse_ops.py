@@ -28,6 +28,10 @@ def record(label: str, kept: torch.Tensor | int, total: int) -> None:
     """Count one call's zeroed inputs under ``label`` while measure_sparsity() is active."""
     if not _MEASURING or total == 0:
         return
+    rows = _ROWS[-1] if _ROWS else None
+    if rows is not None and isinstance(kept, torch.Tensor) and kept.dim() == 3 and kept.shape[:2] == rows.shape:
+        kept = kept[rows.to(kept.device)]  # real positions only (count_rows)
+        total = kept.numel()
     kept = int(kept.sum()) if isinstance(kept, torch.Tensor) else int(kept)
     with _LOCK:
         SPARSITY[label][0] += total - kept
@@ -36,6 +40,23 @@ def record(label: str, kept: torch.Tensor | int, total: int) -> None:
 
 def measuring() -> bool:
     return _MEASURING > 0
+
+
+_ROWS: list[torch.Tensor] = []  # count_rows() masks, innermost last
+
+
+@contextlib.contextmanager
+def count_rows(mask: torch.Tensor):
+    """Inside measure_sparsity(): count only the positions where ``mask`` ([batch, seq], e.g. a batch's
+    attention_mask) is true, for inputs laid out [batch, seq, channels]; padding is not work anyone skips.
+    Wrap each padded call: ``with count_rows(batch["attention_mask"]): model(**batch)``."""
+    with _LOCK:
+        _ROWS.append(mask.bool())
+    try:
+        yield
+    finally:
+        with _LOCK:
+            _ROWS.pop()
 
 
 @contextlib.contextmanager
@@ -70,6 +91,8 @@ def explain_lines(artifacts: dict, limit: int = 12) -> list[str]:
         live = {k: z / t for k, (z, t) in SPARSITY.items() if t}
     head = (f"    sparsity: method={artifacts.get('method')} target={artifacts.get('target')} "
             f"weighted={artifacts.get('weighted_target')} decode_only={artifacts.get('decode_only')}")
+    if "padding_left_out" in artifacts:
+        head += f" (calibrated on real tokens: {artifacts['padding_left_out']:.0%} padding left out)"
     rows = [head, f"      {'layer':<44} {'kind':<9} {'target':>7} {'calib':>7} {'achieved':>9}  threshold"]
     for label, v in list(layers.items())[:limit]:
         thr = v["threshold"]
@@ -132,5 +155,5 @@ def sparsify_op():
     return torch.ops.effcompile.sparsify.default
 
 
-__all__ = ["SPARSITY", "explain_lines", "is_prefill", "keep_mask", "measure_sparsity", "measuring", "not_measuring",
-           "record", "sparsify_eager", "sparsify_op", "threshold_input"]
+__all__ = ["SPARSITY", "count_rows", "explain_lines", "is_prefill", "keep_mask", "measure_sparsity", "measuring",
+           "not_measuring", "record", "sparsify_eager", "sparsify_op", "threshold_input"]

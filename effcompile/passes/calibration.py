@@ -82,15 +82,36 @@ class ActivationStats:
         return float(torch.quantile(torch.cat(self.sample)[:16_000_000], q))
 
 
+def padding_mask(gm: fx.GraphModule, args) -> torch.Tensor | None:
+    """Which positions of a calibration batch are real tokens (True) and which are padding: the graph input
+    named ``attention_mask`` (Hugging Face's convention; dynamo calls it ``l_kwargs_attention_mask_``) when
+    it is a 2-D integer or bool [batch, seq] tensor with at least one padding position, else None."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    for node, value in zip(placeholders, args, strict=False):
+        if ("attention_mask" in node.name and isinstance(value, torch.Tensor) and value.dim() == 2
+                and not value.is_floating_point() and not bool(value.all())):
+            return value.bool()
+    return None
+
+
+def real_rows(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """x's rows at real (non-padding) positions, [n, channels], when x is [batch, seq, channels] shaped like
+    mask; otherwise x unchanged (a tensor not laid out by position, e.g. a pooled output)."""
+    if mask is None or x.dim() != 3 or tuple(x.shape[:2]) != tuple(mask.shape):
+        return x
+    return x[mask.to(x.device)]
+
+
 class _Recorder(fx.Interpreter):
-    def __init__(self, gm: fx.GraphModule, watch: set[str], stats: dict[str, ActivationStats], rows: int = 0):
+    def __init__(self, gm: fx.GraphModule, watch: set[str], stats: dict[str, ActivationStats], rows: int = 0,
+                 mask: torch.Tensor | None = None):
         super().__init__(gm)
-        self.watch, self.stats, self.rows = watch, stats, rows
+        self.watch, self.stats, self.rows, self.mask = watch, stats, rows, mask
 
     def run_node(self, n: fx.Node):
         out = super().run_node(n)
         if n.name in self.watch and isinstance(out, torch.Tensor):
-            self.stats.setdefault(n.name, ActivationStats(row_sample_size=self.rows)).update(out)
+            self.stats.setdefault(n.name, ActivationStats(row_sample_size=self.rows)).update(real_rows(out, self.mask))
         return out
 
 
@@ -101,12 +122,14 @@ def collect_stats(
     *,
     desc: str = "calibrating",
     rows: int = 0,
+    skip_padding: bool = False,
 ) -> dict[str, ActivationStats]:
     """Run ``gm`` over the recorded calibration inputs; return stats of the selected nodes' outputs.
 
     ``select`` is a node predicate or a list of nodes; ``rows`` > 0 also keeps a uniform sample of that
-    many whole rows of |x| per node (``ActivationStats.rows``). Raises ValueError when the graph saw no
-    calibration data (the message says how to give some).
+    many whole rows of |x| per node (``ActivationStats.rows``); ``skip_padding`` leaves out the rows at
+    padding positions (:func:`padding_mask`) of activations laid out [batch, seq, channels]. Raises
+    ValueError when the graph saw no calibration data (the message says how to give some).
     """
     from tqdm.auto import tqdm
 
@@ -121,5 +144,5 @@ def collect_stats(
     batches = list(ctx.calibration)
     with torch.no_grad():
         for args in tqdm(batches, desc=desc, leave=False):
-            _Recorder(gm, watch, stats, rows).run(*args)
+            _Recorder(gm, watch, stats, rows, padding_mask(gm, args) if skip_padding else None).run(*args)
     return stats

@@ -15,14 +15,14 @@ import torch.utils._pytree as pytree
 from effcompile.compiler import ir, sparse_ops
 from effcompile.compiler import ops as qops
 from effcompile.compiler.pass_manager import PassConfig, PassContext, PassResult, register_pass
-from effcompile.passes.calibration import ActivationStats, collect_stats
+from effcompile.passes.calibration import ActivationStats, collect_stats, padding_mask, real_rows
 
 KINDS = ("attn_in", "attn_out", "mlp_in", "mlp_out")
 _ALIASES = {"all": KINDS, "attn": ("attn_in", "attn_out"), "ffn": ("mlp_in", "mlp_out"),
             "mlp": ("mlp_in", "mlp_out"), "ffn_in": ("mlp_in",), "ffn_out": ("mlp_out",)}
 _TAG = re.compile(r"^layers\.\d+\.(attn|ffn)$")
 METHODS = ("tensor", "channel", "greedy")
-GREEDY_METRICS = ("cosine", "mse")
+GREEDY_METRICS = ("cosine", "pooled", "mse")
 _ROW_ELEMENTS = 4_000_000  # per activation: enough rows for 0.1-point quantiles, bounded memory
 _REFINE_ROUNDS = 2  # re-calibrations with the thresholds in place (see the pass)
 _NO_THRESHOLD = -1.0  # |x| > -1 always: the greedy search's "this layer dense" value
@@ -48,8 +48,14 @@ class ThresholdChannels(PassConfig):
     targets: which linears: kinds, aliases, or exact sublayer tags ("layers.3.attn").
     decode_only: True leaves prefill-shaped inputs (more than one token per sequence) dense.
     greedy_step: the sparsity grid of the greedy search; greedy_batches: calibration batches it scores on;
-    greedy_metric: what it minimizes, "cosine" (per-row cosine distance of every output) or "mse"
-        (relative squared error, which also counts the output shrinking as a whole; see docs/thresholding.md).
+    greedy_metric: what it minimizes, "cosine" (per-row cosine distance of every output), "pooled" (the
+        same after averaging each sequence's rows over its real tokens: the sentence embedding of a
+        mean-pooling encoder, for retrieval models), or "mse" (relative squared error, which also counts
+        the output shrinking as a whole; see docs/thresholding.md).
+    skip_padding: leave padding positions (where the batch's ``attention_mask`` input is 0) out of the
+        calibration statistics and the greedy objective, so the target is the sparsity of real tokens.
+        Padded calibration batches are otherwise dominated by pad rows (66 % of a MiniLM batch padded
+        to 64), which pulled thresholds toward the pads' magnitudes.
     """
 
     sparsity: Any = 0.5
@@ -59,6 +65,7 @@ class ThresholdChannels(PassConfig):
     greedy_step: float = 0.05
     greedy_batches: int = 4
     greedy_metric: str = "cosine"
+    skip_padding: bool = True
     lossy: ClassVar[bool] = True
     needs_calibration: ClassVar[bool] = True
     reads_weights: ClassVar[bool] = True  # channel thresholds depend on weight column norms
@@ -82,6 +89,8 @@ class ThresholdChannels(PassConfig):
         gb = self.greedy_batches
         if isinstance(gb, bool) or not isinstance(gb, int) or gb < 1:
             raise ValueError(f"ThresholdChannels.greedy_batches={gb!r}: must be an int >= 1")
+        if not isinstance(self.skip_padding, bool):
+            raise ValueError(f"ThresholdChannels.skip_padding={self.skip_padding!r}: must be True or False")
         if self.greedy_metric not in GREEDY_METRICS:
             raise ValueError(f"ThresholdChannels.greedy_metric={self.greedy_metric!r} is not supported; "
                              f"supported: {list(GREEDY_METRICS)}")
@@ -255,11 +264,20 @@ def _outputs(gm: fx.GraphModule, args) -> list[torch.Tensor]:
     return [t.float() for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor) and t.is_floating_point()]
 
 
-def _distance(out: torch.Tensor, ref: torch.Tensor, metric: str) -> float:
+def _distance(out: torch.Tensor, ref: torch.Tensor, metric: str, mask: torch.Tensor | None = None) -> float:
     """How far one output is from dense. "cosine": 1 - cos per row of the last dimension (a token's
-    hidden state, a row of logits), averaged over rows whose reference is not zero; outputs without rows
-    (scalars, a last dimension of 1) and "mse" take the relative squared error."""
-    if metric == "cosine" and out.dim() >= 2 and out.shape[-1] > 1:
+    hidden state, a row of logits), averaged over rows whose reference is not zero; "pooled": a
+    [batch, seq, hidden] output is first averaged over each sequence's real positions (one row per
+    sequence), other outputs are taken as they are; outputs without rows (scalars, a last dimension of 1)
+    and "mse" take the relative squared error. mask: the batch's real positions; rows at padding
+    positions are left out."""
+    if metric == "pooled" and out.dim() == 3:
+        w = torch.ones(out.shape[:2]) if mask is None or tuple(out.shape[:2]) != tuple(mask.shape) else mask
+        w = w.to(out.device, out.dtype)[..., None]
+        out, ref = (out * w).sum(1) / w.sum(1).clamp_min(1), (ref * w).sum(1) / w.sum(1).clamp_min(1)
+    else:
+        out, ref = real_rows(out, mask), real_rows(ref, mask)
+    if metric in ("cosine", "pooled") and out.dim() >= 2 and out.shape[-1] > 1:
         o, r = out.reshape(-1, out.shape[-1]), ref.reshape(-1, ref.shape[-1])
         live = r.norm(dim=-1) > 0
         if bool(live.any()):
@@ -267,12 +285,13 @@ def _distance(out: torch.Tensor, ref: torch.Tensor, metric: str) -> float:
     return float((out - ref).pow(2).sum() / ref.pow(2).sum().clamp_min(1e-30))
 
 
-def _error(gm, batches, refs, metric: str) -> float:
+def _error(gm, batches, refs, metric: str, skip_padding: bool = False) -> float:
     """The distance of every float output from dense (summed over outputs), averaged over batches."""
     total = 0.0
     for args, ref in zip(batches, refs, strict=True):
         outs = _outputs(gm, args)
-        total += sum(_distance(o, r, metric) for o, r in zip(outs, ref, strict=True))
+        mask = padding_mask(gm, args) if skip_padding else None
+        total += sum(_distance(o, r, metric, mask) for o, r in zip(outs, ref, strict=True))
     return total / max(len(batches), 1)
 
 
@@ -297,7 +316,7 @@ def _greedy(gm, sites, bufs, calib: _Calib, cfg: ThresholdChannels, ctx: PassCon
             for lv in levels[1:]:
                 for s in members:
                     bufs[s.label].copy_(calib.threshold(s, lv))
-                errs.append(_error(gm, batches, refs, cfg.greedy_metric))
+                errs.append(_error(gm, batches, refs, cfg.greedy_metric, cfg.skip_padding))
             for s in members:
                 bufs[s.label].fill_(_NO_THRESHOLD)
             curves[g] = errs
@@ -334,10 +353,10 @@ def _greedy(gm, sites, bufs, calib: _Calib, cfg: ThresholdChannels, ctx: PassCon
     with torch.no_grad():
         for s in sites:
             bufs[s.label].copy_(calib.threshold(s, alloc[s.label]))
-        err_greedy = _error(gm, batches, refs, cfg.greedy_metric)
+        err_greedy = _error(gm, batches, refs, cfg.greedy_metric, cfg.skip_padding)
         for s in sites:
             bufs[s.label].copy_(calib.threshold(s, cfg.target_for(s.kind)))
-        err_uniform = _error(gm, batches, refs, cfg.greedy_metric)
+        err_uniform = _error(gm, batches, refs, cfg.greedy_metric, cfg.skip_padding)
     info = {"calibration_error_greedy": err_greedy, "calibration_error_uniform": err_uniform,
             "levels": len(levels) - 1, "groups": len(groups)}
     if err_greedy > err_uniform:
@@ -433,7 +452,8 @@ def threshold_channels(gm: fx.GraphModule, cfg: ThresholdChannels, ctx: PassCont
     inputs = {s.x.name: s.x for s in sites}
     width = max(ir.tensor_val(x).shape[-1] for x in inputs.values() if ir.tensor_val(x) is not None)
     rows = max(256, min(16384, _ROW_ELEMENTS // max(width, 1)))
-    stats = collect_stats(gm, ctx, list(inputs.values()), desc="threshold_channels", rows=rows)
+    stats = collect_stats(gm, ctx, list(inputs.values()), desc="threshold_channels", rows=rows,
+                          skip_padding=cfg.skip_padding)
     calib = _Calib(sites, stats, cfg.method)
 
     mode = ir.fake_mode_for(gm, ctx.example_inputs)
@@ -453,7 +473,8 @@ def threshold_channels(gm: fx.GraphModule, cfg: ThresholdChannels, ctx: PassCont
         for _ in range(_REFINE_ROUNDS):
             for s in sites:
                 bufs[s.label].copy_(calib.threshold(s, alloc[s.label]))
-            stats = collect_stats(gm, ctx, list(inputs.values()), desc="threshold_channels refine", rows=rows)
+            stats = collect_stats(gm, ctx, list(inputs.values()), desc="threshold_channels refine", rows=rows,
+                                  skip_padding=cfg.skip_padding)
             calib = _Calib(sites, stats, cfg.method)
     layers: dict[str, dict] = {}
     for s in sites:
@@ -467,6 +488,10 @@ def threshold_channels(gm: fx.GraphModule, cfg: ThresholdChannels, ctx: PassCont
         if s.source is not None:
             _done_for(s.source)[(cfg, s.label)] = (thr.clone(), dict(layers[s.label]))
     total = sum(s.weight.numel() for s in sites)
+    masks = [padding_mask(gm, args) for args in ctx.calibration] if cfg.skip_padding else []
+    if any(m is not None for m in masks):  # what share of the calibration positions was padding, left out
+        pads = sum(int((~m).sum()) for m in masks if m is not None)
+        base["padding_left_out"] = round(pads / sum(m.numel() for m in masks if m is not None), 4)
     artifacts = {**base, **extra, "layers": layers, "dense": skipped,
                  "weighted_target": round(sum(alloc[s.label] * s.weight.numel() for s in sites) / total, 4),
                  "calibration_rows": {k: int(v.count) for k, v in stats.items()}}

@@ -102,7 +102,7 @@ def _run_passes(model, passes, x=CALIB[0]):
     ({"sparsity": {"attn_in": 1.0}}, "sparsity"), ({"sparsity": {"qkv": 0.5}}, "sparsity"),
     ({"method": "topk"}, "method"), ({"targets": ("attention",)}, "targets"), ({"targets": ()}, "targets"),
     ({"decode_only": 1}, "decode_only"), ({"greedy_step": 0}, "greedy_step"), ({"greedy_batches": 0}, "greedy_batches"),
-    ({"greedy_metric": "l1"}, "greedy_metric"),
+    ({"greedy_metric": "l1"}, "greedy_metric"), ({"skip_padding": "yes"}, "skip_padding"),
 ])
 def test_bad_config_raises_naming_the_field(kwargs, field):
     with pytest.raises(ValueError, match=f"ThresholdChannels.{field}"):
@@ -173,6 +173,91 @@ def test_bert_kinds_from_the_data_flow():
                      "encoder.layer.0.attention.self.value": "attn_in",
                      "encoder.layer.0.attention.output.dense": "attn_out",
                      "encoder.layer.0.intermediate.dense": "mlp_in", "encoder.layer.0.output.dense": "mlp_out"}
+
+
+def _padded_bert_run(cfg, pad_from: int | None, heldout_seed: int = 50):
+    """ThresholdChannels on a tiny BERT calibrated with batches whose positions from ``pad_from`` on are
+    padding (None: no padding); returns (pass record, achieved sparsity per layer on a held-out padded
+    batch, counted over its real positions)."""
+    from effcompile.compiler import ir
+    from effcompile.compiler.backend import _params
+    from effcompile.compiler.pass_manager import PassContext, PassManager
+    from effcompile.compiler.sparse_ops import count_rows
+    from effcompile.testing import capture
+
+    bert = tiny_hf("bert", layers=1, vocab=VOCAB)
+    with torch.no_grad():  # the pad token's embedding: one large channel, so its rows after LayerNorm are
+        emb = bert.embeddings.word_embeddings.weight  # small and flat, unlike the real tokens' rows
+        emb[0] = 0.0
+        emb[0, 0] = 10.0
+
+    def batch(seed):
+        b = _ids(seed, batch=4, seq=32)
+        mask = torch.ones(4, 32, dtype=torch.long)
+        if pad_from is not None:
+            mask[:, pad_from:] = 0
+            b["input_ids"][:, pad_from:] = 0  # the pad token: rows unlike the real ones
+        return {**b, "attention_mask": mask}
+
+    calib = [capture(bert, **batch(i))[0][1] for i in range(3)]
+    held = batch(heldout_seed)
+    (gm, ex), = capture(bert, **held)
+    ir.annotate(gm, ex)
+    (rec,) = PassManager([cfg]).run(gm, PassContext(ex, calib, _params(gm, ex)))
+    with torch.no_grad(), measure_sparsity() as achieved, count_rows(held["attention_mask"]):
+        gm(*ex)
+    return rec, achieved
+
+
+def test_padding_is_left_out_of_calibration_and_counting():
+    # 3/4 of each calibration batch is padding: calibrated on real rows, the held-out real rows meet the
+    # target; calibrated on every row (the pre-session-6 behaviour), the pad rows set the thresholds.
+    rec, achieved = _padded_bert_run(ec.ThresholdChannels(sparsity=0.5), pad_from=8)
+    assert rec.artifacts["padding_left_out"] == 0.75
+    assert all(abs(v - 0.5) <= 0.05 for v in achieved.values()), achieved  # 32 real rows: coarse
+    assert all(abs(v["calibrated"] - 0.5) <= 0.01 for v in rec.artifacts["layers"].values())
+    off, achieved_off = _padded_bert_run(ec.ThresholdChannels(sparsity=0.5, skip_padding=False), pad_from=8)
+    assert "padding_left_out" not in off.artifacts
+    thr = {k: v["threshold"] for k, v in rec.artifacts["layers"].items()}
+    assert thr != {k: v["threshold"] for k, v in off.artifacts["layers"].items()}
+    assert max(abs(v - 0.5) for v in achieved_off.values()) > 0.2  # far off target on the real tokens
+
+
+def test_unpadded_calibration_is_unchanged_by_skip_padding():
+    # No padding position (an all-ones mask): nothing to leave out, the same thresholds either way.
+    on, _ = _padded_bert_run(ec.ThresholdChannels(sparsity=0.5, method="channel"), pad_from=None)
+    off, _ = _padded_bert_run(ec.ThresholdChannels(sparsity=0.5, method="channel", skip_padding=False), pad_from=None)
+    assert "padding_left_out" not in on.artifacts
+    assert on.artifacts["layers"] == off.artifacts["layers"]
+
+
+def test_greedy_objective_ignores_padding_rows():
+    out = torch.randn(2, 6, 16)
+    ref = out.clone()
+    ref[:, 4:] = -ref[:, 4:]  # the padding positions' rows point the other way
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    mask[:, 4:] = False
+    assert tc._distance(out, ref, "cosine", mask) == pytest.approx(0.0, abs=1e-6)
+    assert tc._distance(out, ref, "cosine") == pytest.approx(2 / 3, abs=1e-5)  # 4 of 12 rows at distance 2
+    pooled = torch.randn(2, 16)  # not laid out by position: used whole
+    assert tc._distance(pooled, -pooled, "cosine", mask) == pytest.approx(2.0, abs=1e-5)
+
+
+def test_pooled_metric_compares_sequence_means_over_real_tokens():
+    out = torch.randn(2, 6, 16)
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    mask[:, 4:] = False
+    swapped = out.clone()
+    swapped[:, [0, 1]] = out[:, [1, 0]]  # the same tokens in another order: the same sentence mean
+    assert tc._distance(swapped, out, "pooled", mask) == pytest.approx(0.0, abs=1e-6)
+    assert tc._distance(swapped, out, "cosine", mask) > 0.1  # per token: two rows moved
+    padded = out.clone()
+    padded[:, 4:] = torch.randn(2, 2, 16)  # padding rows changed: not part of the mean
+    assert tc._distance(padded, out, "pooled", mask) == pytest.approx(0.0, abs=1e-6)
+    assert tc._distance(padded, out, "pooled") > 0.0  # no mask: every position counts
+    flip = out.clone()
+    flip[0] = -flip[0]  # one sentence reversed, one kept: a mean distance of (2 + 0) / 2
+    assert tc._distance(flip, out, "pooled", mask) == pytest.approx(1.0, abs=1e-5)
 
 
 @pytest.mark.parametrize("cfg,expect", [
