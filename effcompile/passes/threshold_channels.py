@@ -50,7 +50,7 @@ class ThresholdChannels(PassConfig):
     greedy_step: the sparsity grid of the greedy search; greedy_batches: calibration batches it scores on;
     greedy_metric: what it minimizes, "cosine" (per-row cosine distance of every output), "pooled" (the
         same after averaging each sequence's rows over its real tokens: the sentence embedding of a
-        mean-pooling encoder, for retrieval models), or "mse" (relative squared error, which also counts
+        mean-pooling encoder, for retrieval models; only the token-level outputs count), or "mse" (relative squared error, which also counts
         the output shrinking as a whole; see docs/thresholding.md).
     skip_padding: leave padding positions (where the batch's ``attention_mask`` input is 0) out of the
         calibration statistics and the greedy objective, so the target is the sparsity of real tokens.
@@ -289,9 +289,14 @@ def _error(gm, batches, refs, metric: str, skip_padding: bool = False) -> float:
     """The distance of every float output from dense (summed over outputs), averaged over batches."""
     total = 0.0
     for args, ref in zip(batches, refs, strict=True):
-        outs = _outputs(gm, args)
+        pairs = list(zip(_outputs(gm, args), ref, strict=True))
+        if metric == "pooled" and any(o.dim() == 3 for o, _ in pairs):
+            # Sentence embeddings come from the token-level output; a pooled head beside it (BERT's
+            # pooler, tanh of the first token) is another use, and scoring it too made greedy lose to
+            # uniform on MiniLM retrieval (measured, docs/thresholding.md).
+            pairs = [(o, r) for o, r in pairs if o.dim() == 3]
         mask = padding_mask(gm, args) if skip_padding else None
-        total += sum(_distance(o, r, metric, mask) for o, r in zip(outs, ref, strict=True))
+        total += sum(_distance(o, r, metric, mask) for o, r in pairs)
     return total / max(len(batches), 1)
 
 

@@ -260,6 +260,17 @@ def test_pooled_metric_compares_sequence_means_over_real_tokens():
     assert tc._distance(flip, out, "pooled", mask) == pytest.approx(1.0, abs=1e-5)
 
 
+def test_pooled_error_scores_the_token_level_outputs_only():
+    # BERT returns token states [batch, seq, hidden] and a pooled head [batch, hidden]: "pooled" scores the
+    # sentence means of the former only; "cosine" scores every output.
+    hidden, head = torch.randn(2, 5, 8), torch.randn(2, 8)
+    other_head = lambda *_: (hidden, -head)  # noqa: E731 - stands in for a graph module
+    assert tc._error(other_head, [()], [[hidden, head]], "pooled") == pytest.approx(0.0, abs=1e-6)
+    assert tc._error(other_head, [()], [[hidden, head]], "cosine") == pytest.approx(2.0, abs=1e-5)
+    only_head = lambda *_: (-head,)  # noqa: E731 - no token-level output: the others are scored
+    assert tc._error(only_head, [()], [[head]], "pooled") == pytest.approx(2.0, abs=1e-5)
+
+
 @pytest.mark.parametrize("cfg,expect", [
     (ec.ThresholdChannels(sparsity=0.5, targets=("mlp_out",)), ["down_proj"] * 2),
     (ec.ThresholdChannels(sparsity={"attn_out": 0.5}), ["o_proj"] * 2),
