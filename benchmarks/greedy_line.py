@@ -25,7 +25,7 @@ import torch
 import torch.utils._pytree as pytree
 
 from effcompile.bench import record
-from effcompile.passes import threshold_channels as tc
+from effcompile.passes import threshold_greedy as tg
 
 sys.path.insert(0, str(Path(__file__).parent))
 import thresholding  # noqa: E402  (the same data, quality and sparsity accounting)
@@ -33,12 +33,12 @@ import thresholding  # noqa: E402  (the same data, quality and sparsity accounti
 
 def _objectives(fast, model, batches) -> dict:
     out = {}
-    for metric in tc.GREEDY_METRICS:
+    for metric in tg.GREEDY_METRICS:
         total = 0.0
         for b in batches:
             with torch.no_grad():
                 got, ref = (pytree.tree_leaves(f(**b)) for f in (fast, model))
-            total += sum(tc._distance(o.float(), r.float(), metric) for o, r in zip(got, ref, strict=True)
+            total += sum(tg._distance(o.float(), r.float(), metric) for o, r in zip(got, ref, strict=True)
                          if isinstance(r, torch.Tensor) and r.is_floating_point())
         out[metric] = round(total / len(batches), 5)
     return out
@@ -47,7 +47,7 @@ def _objectives(fast, model, batches) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--target", type=float, default=0.6)
-    ap.add_argument("--metric", default="mse", choices=tc.GREEDY_METRICS, help="the greedy search's objective")
+    ap.add_argument("--metric", default="mse", choices=tg.GREEDY_METRICS, help="the greedy search's objective")
     ap.add_argument("--lams", default="0,0.25,0.5,0.75,1")
     ap.add_argument("--alloc", type=Path, help="a saved allocation to reuse (skips the search)")
     ap.add_argument("--save-alloc", type=Path, help="where to write the searched allocation")
@@ -55,7 +55,7 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
 
     searched = json.loads(a.alloc.read_text()) if a.alloc else None
-    search = tc._greedy
+    search = tg.allocate
     lam_now = [1.0]
 
     def forced(gm, sites, bufs, calib, cfg, ctx):
@@ -67,7 +67,7 @@ def main(argv=None) -> int:
         lam = lam_now[0]
         return {k: cfg.sparsity + lam * (v - cfg.sparsity) for k, v in searched.items()}, {"lam": lam}
 
-    tc._greedy = forced  # the rest of the pass (refinement, buffers, explain) runs unchanged
+    tg.allocate = forced  # the rest of the pass (refinement, buffers, explain) runs unchanged
     rows = []
     # minilm_cases builds the model, data and quality functions; drive it one lam at a time.
     for lam in (float(x) for x in a.lams.split(",")):

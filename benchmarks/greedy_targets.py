@@ -21,19 +21,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import thresholding  # noqa: E402
 
 from effcompile.bench import record  # noqa: E402
-from effcompile.passes import threshold_channels as tc  # noqa: E402
+from effcompile.passes import threshold_greedy as tg  # noqa: E402
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--metric", default="cosine", choices=tc.GREEDY_METRICS)
+    ap.add_argument("--metric", default="cosine", choices=tg.GREEDY_METRICS)
     ap.add_argument("--targets", default="0.25,0.4,0.5,0.6")
     ap.add_argument("--queries", type=int, default=512)
     ap.add_argument("--docs", type=int, default=700)
     ap.add_argument("--out", required=True)
     a = ap.parse_args(argv)
     torch.set_num_threads(1)
-    base, memo = tc._error, {}
+    base, memo = tg._error, {}
 
     def error(gm, batches, refs, metric, skip_padding=False):
         key = (metric, skip_padding,
@@ -42,7 +42,7 @@ def main(argv=None) -> int:
             memo[key] = base(gm, batches, refs, metric, skip_padding)
         return memo[key]
 
-    tc._error = error
+    tg._error = error
     meta = {"versions": record.versions(), "device": record.device_name("cpu"), "threads": 1,
             "note": "greedy curves measured once for all targets (benchmarks/greedy_targets.py)"}
     targets = [float(t) for t in a.targets.split(",")]

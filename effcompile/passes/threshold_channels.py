@@ -10,22 +10,22 @@ from typing import Any, ClassVar
 
 import torch
 import torch.fx as fx
-import torch.utils._pytree as pytree
 
 from effcompile.compiler import ir, sparse_ops
 from effcompile.compiler import ops as qops
 from effcompile.compiler.pass_manager import PassConfig, PassContext, PassResult, register_pass
-from effcompile.passes.calibration import ActivationStats, collect_stats, padding_mask, real_rows
+from effcompile.passes import threshold_greedy
+from effcompile.passes.calibration import ActivationStats, collect_stats, padding_mask
+from effcompile.passes.threshold_greedy import GREEDY_METRICS
+from effcompile.passes.threshold_greedy import NO_THRESHOLD as _NO_THRESHOLD
 
 KINDS = ("attn_in", "attn_out", "mlp_in", "mlp_out")
 _ALIASES = {"all": KINDS, "attn": ("attn_in", "attn_out"), "ffn": ("mlp_in", "mlp_out"),
             "mlp": ("mlp_in", "mlp_out"), "ffn_in": ("mlp_in",), "ffn_out": ("mlp_out",)}
 _TAG = re.compile(r"^layers\.\d+\.(attn|ffn)$")
 METHODS = ("tensor", "channel", "greedy")
-GREEDY_METRICS = ("cosine", "pooled", "mse")
 _ROW_ELEMENTS = 4_000_000  # per activation: enough rows for 0.1-point quantiles, bounded memory
 _REFINE_ROUNDS = 2  # re-calibrations with the thresholds in place (see the pass)
-_NO_THRESHOLD = -1.0  # |x| > -1 always: the greedy search's "this layer dense" value
 
 
 def _kind_names(value) -> tuple[str, ...]:
@@ -258,118 +258,6 @@ class _Calib:
         return float((rows <= thr).float().mean()) if rows.numel() else 0.0
 
 
-# ----------------------------------------------------------------------------- greedy allocation
-def _outputs(gm: fx.GraphModule, args) -> list[torch.Tensor]:
-    out = gm(*args)
-    return [t.float() for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor) and t.is_floating_point()]
-
-
-def _distance(out: torch.Tensor, ref: torch.Tensor, metric: str, mask: torch.Tensor | None = None) -> float:
-    """How far one output is from dense. "cosine": 1 - cos per row of the last dimension (a token's
-    hidden state, a row of logits), averaged over rows whose reference is not zero; "pooled": a
-    [batch, seq, hidden] output is first averaged over each sequence's real positions (one row per
-    sequence), other outputs are taken as they are; outputs without rows (scalars, a last dimension of 1)
-    and "mse" take the relative squared error. mask: the batch's real positions; rows at padding
-    positions are left out."""
-    if metric == "pooled" and out.dim() == 3:
-        w = torch.ones(out.shape[:2]) if mask is None or tuple(out.shape[:2]) != tuple(mask.shape) else mask
-        w = w.to(out.device, out.dtype)[..., None]
-        out, ref = (out * w).sum(1) / w.sum(1).clamp_min(1), (ref * w).sum(1) / w.sum(1).clamp_min(1)
-    else:
-        out, ref = real_rows(out, mask), real_rows(ref, mask)
-    if metric in ("cosine", "pooled") and out.dim() >= 2 and out.shape[-1] > 1:
-        o, r = out.reshape(-1, out.shape[-1]), ref.reshape(-1, ref.shape[-1])
-        live = r.norm(dim=-1) > 0
-        if bool(live.any()):
-            return float(1 - torch.nn.functional.cosine_similarity(o[live], r[live], dim=-1).mean())
-    return float((out - ref).pow(2).sum() / ref.pow(2).sum().clamp_min(1e-30))
-
-
-def _error(gm, batches, refs, metric: str, skip_padding: bool = False) -> float:
-    """The distance of every float output from dense (summed over outputs), averaged over batches."""
-    total = 0.0
-    for args, ref in zip(batches, refs, strict=True):
-        pairs = list(zip(_outputs(gm, args), ref, strict=True))
-        if metric == "pooled" and any(o.dim() == 3 for o, _ in pairs):
-            # Sentence embeddings come from the token-level output; a pooled head beside it (BERT's
-            # pooler, tanh of the first token) is another use, and scoring it too made greedy lose to
-            # uniform on MiniLM retrieval (measured, docs/thresholding.md).
-            pairs = [(o, r) for o, r in pairs if o.dim() == 3]
-        mask = padding_mask(gm, args) if skip_padding else None
-        total += sum(_distance(o, r, metric, mask) for o, r in pairs)
-    return total / max(len(batches), 1)
-
-
-def _greedy(gm, sites, bufs, calib: _Calib, cfg: ThresholdChannels, ctx: PassContext) -> tuple[dict[str, float], dict]:
-    """Per-site sparsity: each (block, kind) group's error curve is measured alone, then the group with
-    the least error per skipped weight byte is raised until each target is met (TEAL's greedy search,
-    with the separable approximation that keeps it to groups x levels forward passes)."""
-    batches = list(ctx.calibration)[: cfg.greedy_batches]
-    for b in bufs.values():
-        b.fill_(_NO_THRESHOLD)
-    with torch.no_grad():
-        refs = [_outputs(gm, a) for a in batches]
-        groups: dict[tuple, list[_Site]] = {}
-        for s in sites:
-            groups.setdefault((s.tag.block, s.kind), []).append(s)
-        top = max(cfg.target_for(s.kind) for s in sites)
-        levels = [round(i * cfg.greedy_step, 6) for i in range(1, int(0.95 / cfg.greedy_step + 1e-9) + 1)]
-        levels = [0.0] + levels + ([top] if top > levels[-1] else [])
-        curves: dict[tuple, list[float]] = {}
-        for g, members in groups.items():
-            errs = [0.0]
-            for lv in levels[1:]:
-                for s in members:
-                    bufs[s.label].copy_(calib.threshold(s, lv))
-                errs.append(_error(gm, batches, refs, cfg.greedy_metric, cfg.skip_padding))
-            for s in members:
-                bufs[s.label].fill_(_NO_THRESHOLD)
-            curves[g] = errs
-    weight = {g: sum(s.weight.numel() for s in m) for g, m in groups.items()}
-    level = {g: 0.0 for g in groups}
-    # One budget per constraint: model-wide, or one per kind when the targets are per kind.
-    per_kind = not isinstance(cfg.sparsity, float)
-    budgets: dict[str, list[tuple]] = {}
-    for g in groups:
-        budgets.setdefault(g[1] if per_kind else "all", []).append(g)
-    for gs in budgets.values():
-        target = cfg.target_for(gs[0][1]) * sum(weight[g] for g in gs)
-        idx = {g: 0 for g in gs}
-        done = 0.0
-        while done < target - 1e-9:
-            best = None
-            for g in gs:  # any jump ahead, so a non-convex error curve does not trap the search
-                i = idx[g]
-                for j in range(i + 1, len(levels)):
-                    cost = (curves[g][j] - curves[g][i]) / (weight[g] * (levels[j] - levels[i]))
-                    if best is None or cost < best[0]:
-                        best = (cost, g, j)
-            if best is None:
-                break
-            _, g, j = best
-            gain = weight[g] * (levels[j] - levels[idx[g]])
-            if done + gain > target:  # the last step lands exactly on the target
-                level[g] = levels[idx[g]] + (target - done) / weight[g]
-                done = target
-            else:
-                level[g], idx[g], done = levels[j], j, done + gain
-    alloc = {s.label: level[(s.tag.block, s.kind)] for s in sites}
-    # The separable model can be wrong; check on the calibration data and keep uniform if it lost.
-    with torch.no_grad():
-        for s in sites:
-            bufs[s.label].copy_(calib.threshold(s, alloc[s.label]))
-        err_greedy = _error(gm, batches, refs, cfg.greedy_metric, cfg.skip_padding)
-        for s in sites:
-            bufs[s.label].copy_(calib.threshold(s, cfg.target_for(s.kind)))
-        err_uniform = _error(gm, batches, refs, cfg.greedy_metric, cfg.skip_padding)
-    info = {"calibration_error_greedy": err_greedy, "calibration_error_uniform": err_uniform,
-            "levels": len(levels) - 1, "groups": len(groups)}
-    if err_greedy > err_uniform:
-        info["fallback"] = "greedy allocation lost to uniform on the calibration data; kept uniform"
-        alloc = {s.label: cfg.target_for(s.kind) for s in sites}
-    return alloc, info
-
-
 # ----------------------------------------------------------------------------- the pass
 def _buffer_name(label: str) -> str:
     return "_ec_thr_" + re.sub(r"\W", "_", label)
@@ -470,7 +358,7 @@ def threshold_channels(gm: fx.GraphModule, cfg: ThresholdChannels, ctx: PassCont
     extra: dict[str, Any] = {}
     with sparse_ops.not_measuring():  # the pass's own runs are not the model's sparsity
         if cfg.method == "greedy":
-            alloc, extra = _greedy(gm, sites, bufs, calib, cfg, ctx)
+            alloc, extra = threshold_greedy.allocate(gm, sites, bufs, calib, cfg, ctx)
         # Thresholds from the dense model undershoot downstream: an o_proj or down_proj input computed
         # from sparsified q/k/v or gate/up (and every later block) is smaller than in the dense model, so
         # more of it falls below a dense-calibrated threshold (measured: +2..7 points on the stdlib LM).

@@ -12,7 +12,7 @@ import torch
 import effcompile as ec
 from effcompile.compiler import ops as qops
 from effcompile.compiler.sparse_ops import measure_sparsity, sparsify_op
-from effcompile.passes import threshold_channels as tc
+from effcompile.passes import threshold_greedy as tg
 from effcompile.passes.threshold_channels import thresholds
 from effcompile.testing import tiny_hf
 
@@ -237,10 +237,10 @@ def test_greedy_objective_ignores_padding_rows():
     ref[:, 4:] = -ref[:, 4:]  # the padding positions' rows point the other way
     mask = torch.ones(2, 6, dtype=torch.bool)
     mask[:, 4:] = False
-    assert tc._distance(out, ref, "cosine", mask) == pytest.approx(0.0, abs=1e-6)
-    assert tc._distance(out, ref, "cosine") == pytest.approx(2 / 3, abs=1e-5)  # 4 of 12 rows at distance 2
+    assert tg._distance(out, ref, "cosine", mask) == pytest.approx(0.0, abs=1e-6)
+    assert tg._distance(out, ref, "cosine") == pytest.approx(2 / 3, abs=1e-5)  # 4 of 12 rows at distance 2
     pooled = torch.randn(2, 16)  # not laid out by position: used whole
-    assert tc._distance(pooled, -pooled, "cosine", mask) == pytest.approx(2.0, abs=1e-5)
+    assert tg._distance(pooled, -pooled, "cosine", mask) == pytest.approx(2.0, abs=1e-5)
 
 
 def test_pooled_metric_compares_sequence_means_over_real_tokens():
@@ -249,15 +249,15 @@ def test_pooled_metric_compares_sequence_means_over_real_tokens():
     mask[:, 4:] = False
     swapped = out.clone()
     swapped[:, [0, 1]] = out[:, [1, 0]]  # the same tokens in another order: the same sentence mean
-    assert tc._distance(swapped, out, "pooled", mask) == pytest.approx(0.0, abs=1e-6)
-    assert tc._distance(swapped, out, "cosine", mask) > 0.1  # per token: two rows moved
+    assert tg._distance(swapped, out, "pooled", mask) == pytest.approx(0.0, abs=1e-6)
+    assert tg._distance(swapped, out, "cosine", mask) > 0.1  # per token: two rows moved
     padded = out.clone()
     padded[:, 4:] = torch.randn(2, 2, 16)  # padding rows changed: not part of the mean
-    assert tc._distance(padded, out, "pooled", mask) == pytest.approx(0.0, abs=1e-6)
-    assert tc._distance(padded, out, "pooled") > 0.0  # no mask: every position counts
+    assert tg._distance(padded, out, "pooled", mask) == pytest.approx(0.0, abs=1e-6)
+    assert tg._distance(padded, out, "pooled") > 0.0  # no mask: every position counts
     flip = out.clone()
     flip[0] = -flip[0]  # one sentence reversed, one kept: a mean distance of (2 + 0) / 2
-    assert tc._distance(flip, out, "pooled", mask) == pytest.approx(1.0, abs=1e-5)
+    assert tg._distance(flip, out, "pooled", mask) == pytest.approx(1.0, abs=1e-5)
 
 
 def test_pooled_error_scores_the_token_level_outputs_only():
@@ -265,10 +265,10 @@ def test_pooled_error_scores_the_token_level_outputs_only():
     # sentence means of the former only; "cosine" scores every output.
     hidden, head = torch.randn(2, 5, 8), torch.randn(2, 8)
     other_head = lambda *_: (hidden, -head)  # noqa: E731 - stands in for a graph module
-    assert tc._error(other_head, [()], [[hidden, head]], "pooled") == pytest.approx(0.0, abs=1e-6)
-    assert tc._error(other_head, [()], [[hidden, head]], "cosine") == pytest.approx(2.0, abs=1e-5)
+    assert tg._error(other_head, [()], [[hidden, head]], "pooled") == pytest.approx(0.0, abs=1e-6)
+    assert tg._error(other_head, [()], [[hidden, head]], "cosine") == pytest.approx(2.0, abs=1e-5)
     only_head = lambda *_: (-head,)  # noqa: E731 - no token-level output: the others are scored
-    assert tc._error(only_head, [()], [[head]], "pooled") == pytest.approx(2.0, abs=1e-5)
+    assert tg._error(only_head, [()], [[head]], "pooled") == pytest.approx(2.0, abs=1e-5)
 
 
 @pytest.mark.parametrize("cfg,expect", [
@@ -326,15 +326,15 @@ def test_greedy_cosine_metric_ignores_scale_mse_does_not():
     # counts a change of direction (measured on MiniLM at 60 %: mse kept preferring allocations whose
     # pooled-embedding cosine got worse). Rows whose reference is zero are left out of the cosine mean.
     ref = torch.randn(3, 5, 8)
-    assert tc._distance(2 * ref, ref, "cosine") == pytest.approx(0.0, abs=1e-6)
-    assert tc._distance(2 * ref, ref, "mse") == pytest.approx(1.0)
+    assert tg._distance(2 * ref, ref, "cosine") == pytest.approx(0.0, abs=1e-6)
+    assert tg._distance(2 * ref, ref, "mse") == pytest.approx(1.0)
     flipped = ref.clone()
     flipped[0, 0] = -flipped[0, 0]
-    assert tc._distance(flipped, ref, "cosine") == pytest.approx(2 / 15, rel=1e-5)
+    assert tg._distance(flipped, ref, "cosine") == pytest.approx(2 / 15, rel=1e-5)
     ref[1] = 0
-    assert tc._distance(ref, ref, "cosine") == pytest.approx(0.0, abs=1e-6)
+    assert tg._distance(ref, ref, "cosine") == pytest.approx(0.0, abs=1e-6)
     scalar = torch.tensor(2.0)
-    assert tc._distance(scalar * 2, scalar, "cosine") == pytest.approx(1.0)  # no rows: relative squared error
+    assert tg._distance(scalar * 2, scalar, "cosine") == pytest.approx(1.0)  # no rows: relative squared error
 
 
 # -- buffers, explain, cache ---------------------------------------------------------------------------
