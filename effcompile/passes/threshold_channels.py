@@ -50,8 +50,8 @@ class ThresholdChannels(PassConfig):
     greedy_step: the sparsity grid of the greedy search; greedy_batches: calibration batches it scores on;
     greedy_metric: what it minimizes, "cosine" (per-row cosine distance of every output), "pooled" (the
         same after averaging each sequence's rows over its real tokens: the sentence embedding of a
-        mean-pooling encoder, for retrieval models; only the token-level outputs count), or "mse" (relative squared error, which also counts
-        the output shrinking as a whole; see docs/thresholding.md).
+        mean-pooling encoder, for retrieval models; only the token-level outputs count), or "mse"
+        (relative squared error, which also counts the output shrinking as a whole; see docs/thresholding.md).
     skip_padding: leave padding positions (where the batch's ``attention_mask`` input is 0) out of the
         calibration statistics and the greedy objective, so the target is the sparsity of real tokens.
         Padded calibration batches are otherwise dominated by pad rows (66 % of a MiniLM batch padded

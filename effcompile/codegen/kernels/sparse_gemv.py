@@ -152,7 +152,6 @@ def launch(x, threshold, weight_t, scales, zeros, bias, fmt: str, group_size: in
         bk = min(bk, group_size)  # one group per K chunk: the kernel scales each chunk's partial sums
     if config is not None and split_k is None:
         split_k = config.splits
-    fma = plan.uses_fma(m, config)
     tiles = triton.cdiv(n, bn)
     ks = plan.k_split(tiles, k, bk, dev, split_k)
     atomic = ks < k
@@ -161,7 +160,7 @@ def launch(x, threshold, weight_t, scales, zeros, bias, fmt: str, group_size: in
     _ops.jit_variant(_sparse_kernel, interp)[grid](
         x2, t, w, s, z, b, out, m, n, k, ks, FMT=_FMT[fmt], G=max(group_size, 1), PER_CHANNEL=t.numel() > 1,
         HAS_BIAS=bias is not None, DOT_DT=plan.dot_dtype(x.dtype, interp), ATOMIC=atomic,
-        FMA=fma, BLOCK_M=plan.block_m(m, config) if fma else 16, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
+        FMA=plan.uses_fma(m, config), BLOCK_M=plan.block_m(m, config), BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
     return out.to(x.dtype).view(*x.shape[:-1], n)
 
 
