@@ -1,22 +1,37 @@
 #!/usr/bin/env bash
 # A short GPU check for a session with ~15 minutes of device time (one call of at most 10 minutes):
-# the gpu test lane, then the kernel sweep (tl.dot vs fma decode tiles, K splits up to 64) and the
-# kernel comparison against cuBLAS bf16 and TorchAO on the two Llama-3-8B MLP shapes. Everything is
-# written under $OUT (default benchmarks/results/gpu-quick) as it is measured, so a run stopped by its
-# time limit keeps what it had. Untimed end to end; budgets per step below.
+#   1. the decode-kernel sweep (tl.dot vs fma tiles, K splits up to 64) on the two Llama-3-8B MLP shapes,
+#      then those kernels against cuBLAS bf16 and TorchAO, L2 cold before every timed call (200 s);
+#   2. whole-model greedy decode tok/s of the Llama-3.2-1B-shaped zoo model in bf16 under CUDA graphs:
+#      eager, effcompile int4 / int8 / 50 % thresholds (+ int4), TorchAO int4 / int8, torch.compile (220 s);
+#   3. the gpu test lane, 8 xdist workers (100 s).
+# Each step has its own time limit and writes under $OUT (default benchmarks/results/gpu-quick) as it goes,
+# so a step stopped by its limit keeps what it measured and the next step still runs. TorchAO comes from
+# wheels in .whl/ when they are there (the device image has none): carry .whl.
 #
 #   OUT=$OUT benchmarks/gpu_quick.sh          # on the device machine, from the repository root
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 2
 OUT=${OUT:-benchmarks/results/gpu-quick}
 mkdir -p "$OUT"
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-PY=${PYTHON:-python}
-nvidia-smi --query-gpu=name,memory.total,clocks.max.memory --format=csv | tee "$OUT/device.txt"
-"$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/device.txt"
-# 1. gpu tests (74 s on an H200 in session 2).
-timeout 150 "$PY" -m pytest -q -m gpu -p no:cacheprovider 2>&1 | tail -15 | tee "$OUT/gpu-tests.log"
-# 2. sweep the decode kernels, then time them with the swept table (TorchAO included when it imports).
-timeout 360 "$PY" benchmarks/kernels.py --device cuda --sweep --tuning-out "$OUT/tuning.json" \
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+PY=${PYTHON:-python3}
+if ls .whl/*.whl >/dev/null 2>&1; then
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        && export PYTHONPATH=$PYTHONPATH:/tmp/site
+fi
+{ nvidia-smi --query-gpu=name,memory.total,clocks.max.memory,clocks.max.sm --format=csv; date -u;
+  "$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)";
+  "$PY" -c "import torchao; print('torchao', torchao.__version__)" 2>&1 | tail -1; } | tee "$OUT/device.txt"
+# 1. kernels
+timeout 200 "$PY" benchmarks/kernels.py --device cuda --sweep --tuning-out "$OUT/tuning.json" \
+    --sweep-cases "${SWEEP_CASES:-dequant/int4,dequant/int8,sparse/float,sparse/int4}" \
     --shapes 8b.up,8b.down --output "$OUT/kernels.json" 2>&1 | grep -v "^  config" | tee "$OUT/kernels.log"
+# 2. decode, with the tile table step 1 wrote (if it got that far)
+[ -s "$OUT/tuning.json" ] && export EFFCOMPILE_KERNEL_TUNING="$OUT/tuning.json"
+timeout 220 "$PY" benchmarks/decode.py --device cuda --dtype bfloat16 --model llama-1b --steps 16 \
+    --configs "${DECODE_CONFIGS:-quantize(weights=int4,group_size=128);torchao-int4;quantize(weights=int8);torchao-int8;threshold(sparsity=0.5);threshold(sparsity=0.5)+quantize(weights=int4,group_size=128);torch.compile}" \
+    --out "$OUT/decode.json" 2>&1 | tr '\r' '\n' | grep -v "it/s\]\|s/it\]" | tee "$OUT/decode.log"
+# 3. tests
+timeout 100 "$PY" -m pytest -q -m gpu -n 8 -p no:cacheprovider tests/gpu 2>&1 | tail -25 | tee "$OUT/gpu-tests.log"
 echo "gpu_quick: done; results in $OUT"

@@ -7,9 +7,10 @@ times y = x @ W.T + nothing with:
   ec-int8 / ec-int4-gG   effcompile's fused dequant GEMV/GEMM (codegen/kernels/dequant_matmul.py)
   ao-int8 / ao-int4-g128 TorchAO Int8WeightOnlyConfig / Int4WeightOnlyConfig (tinygemm layout) on an
                          nn.Linear under torch.compile, as TorchAO users run it (when torchao imports)
-and reports median time (triton.testing.do_bench, CUDA events), the bytes the kernel must read
-(weights + scales/zeros + activations + output) and GB/s against the peak a device-to-device copy
-reaches in the same run. Every variant's output is checked against the dequantized reference first:
+and reports median time (CUDA-graph replays; by default with L2 cold before every call, since a 4-bit
+8B-MLP weight fits in an H100's L2 and back-to-back calls would time L2, not HBM), the bytes the kernel
+must read (weights + scales/zeros + activations + output) and GB/s against the read peak (a 2 GiB sum) of
+the same run. Every variant's output is checked against the dequantized reference first:
 a wrong kernel is reported as failed, never timed.
 
     python benchmarks/kernels.py --device cuda --output benchmarks/results/kernels-<device>-<date>.json
@@ -47,19 +48,64 @@ SHAPES = {  # name -> (N out, K in)
 BATCHES = (1, 8)
 
 
-TIMING = {"cudagraph": 0, "events": 0}  # how many timings each method gave (recorded in the results)
+TIMING = {"cudagraph-cold-l2": 0, "cudagraph-hot-l2": 0, "events": 0}  # timings per method (in the results)
+L2 = {"mode": "cold"}  # "cold": every timed call reads its weights from HBM; "hot": back-to-back replays
+_FLUSH: dict = {}
+
+
+def _graph_ms(body: Callable[[], object], reps: int, replays: int = 10) -> float:
+    """Median ms of one replay of a CUDA graph holding ``reps`` calls of body (warmed up on a side stream
+    first, as torch's CUDA-graph docs do)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            body()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(reps):
+            body()
+    graph.replay()
+    times = []
+    for _ in range(replays):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+def _bench_cold(fn: Callable[[], torch.Tensor], reps: int = 20) -> float:
+    """ms of one call of fn with nothing of it in L2: each call follows a read of 4x the L2 size, and the
+    reads alone, timed the same way, are subtracted. A 4-bit 8B-MLP weight (29 MB) fits in an H100's
+    50 MB L2, so back-to-back replays would time L2 reads for the small formats and HBM reads for bf16."""
+    dev = torch.cuda.current_device()
+    if dev not in _FLUSH:
+        l2 = torch.cuda.get_device_properties(dev).L2_cache_size
+        _FLUSH[dev] = torch.ones(max(4 * l2, 64 << 20) // 4, dtype=torch.float32, device="cuda")
+    buf = _FLUSH[dev]
+    both = _graph_ms(lambda: (buf.sum(), fn()), reps)
+    alone = _graph_ms(buf.sum, reps)
+    return max(both - alone, 0.0) / reps
 
 
 def _bench(fn: Callable[[], torch.Tensor]) -> float:
-    """Median GPU time of fn in ms. Replayed from a CUDA graph, so the Python launch cost (tens of us for
-    a Triton launch, a dynamo guard check for a compiled peer) does not hide the kernel's own time; the
-    first H200 run timed with events only and measured mostly that launch cost. Falls back to events
-    when fn cannot be captured."""
+    """Median GPU time of fn in ms, from CUDA-graph replays, so the Python launch cost (tens of us for a
+    Triton launch, a dynamo guard check for a compiled peer) does not hide the kernel's own time; the
+    first H200 run timed with events only and measured mostly that launch cost. L2["mode"] picks cold
+    (default, _bench_cold) or hot L2. Falls back to triton's do_bench (events; it zeroes a 256 MB buffer
+    before each call, so L2 is cold there too) when fn cannot be captured."""
     import triton.testing
 
     try:
-        ms = float(triton.testing.do_bench_cudagraph(fn, rep=5, return_mode="median"))
-        TIMING["cudagraph"] += 1
+        if L2["mode"] == "cold":
+            ms = _bench_cold(fn)
+        else:
+            ms = float(triton.testing.do_bench_cudagraph(fn, rep=5, return_mode="median"))
+        TIMING[f"cudagraph-{L2['mode']}-l2"] += 1
         return ms
     except Exception:  # noqa: BLE001 - e.g. an op that syncs: time it with events instead
         torch.cuda.synchronize()
@@ -68,11 +114,18 @@ def _bench(fn: Callable[[], torch.Tensor]) -> float:
 
 
 def copy_bandwidth(device: str) -> float:
-    """GB/s of a 2 GiB device-to-device copy, counting bytes read + written (the practical HBM peak)."""
+    """GB/s of a 2 GiB device-to-device copy, counting bytes read + written."""
     src = torch.empty(2**30, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
-    ms = _bench(lambda: dst.copy_(src))
+    ms = _graph_ms(lambda: dst.copy_(src), 1)
     return 2 * 2**30 / (ms / 1e3) / 1e9
+
+
+def read_bandwidth(device: str) -> float:
+    """GB/s of summing 2 GiB: the read-only peak a decode GEMV (reading weights, writing little) can reach."""
+    src = torch.ones(2**29, dtype=torch.float32, device=device)
+    ms = _graph_ms(src.sum, 1)
+    return 2**31 / (ms / 1e3) / 1e9
 
 
 def _nbytes(*ts) -> int:
@@ -191,7 +244,7 @@ def bench_shape(name: str, n: int, k: int, batches, dtype, device: str, peak: fl
                     else:
                         ms = _bench(fn)
                         gbps = nbytes / (ms / 1e3) / 1e9
-                        row.update(ms=ms, gb_per_s=gbps, fraction_of_copy_peak=gbps / peak)
+                        row.update(ms=ms, gb_per_s=gbps, fraction_of_read_peak=gbps / peak)
             except Exception as e:  # noqa: BLE001 - one broken variant must not lose the others
                 row["failed"] = f"{type(e).__name__}: {str(e)[:300]}"
             rows.append(row)
@@ -287,7 +340,7 @@ def sweep(dtype, device: str, peak: float, on_case: Callable[[list, dict], None]
                 gbps = nbytes / (ms / 1e3) / 1e9
                 rows.append(dict(case="/".join(case), m=m, shapes=list(shapes), rank=rank,
                                  config=list(cfg) if cfg else "default", ms_total=ms, gb_per_s=gbps,
-                                 fraction_of_copy_peak=gbps / peak))
+                                 fraction_of_read_peak=gbps / peak))
             ms, cfg = timed[0]
             if cfg is not None:
                 table[plan.tuning_key(case[0], case[1], m)] = list(cfg)
@@ -310,6 +363,8 @@ def main(argv=None) -> int:
                    "cases (dequant/int8, dequant/int4, sparse/float, sparse/int8, sparse/int4); default all")
     p.add_argument("--tuning-out", type=Path, help="with --sweep: write the best configs as a tuning table "
                    "(codegen/kernels/launch_plan.py) and use it for the comparison that follows")
+    p.add_argument("--l2", choices=["cold", "hot"], default="cold",
+                   help="cold: every timed call reads its weights from HBM, as a decode step's layers do")
     p.add_argument("--output", type=Path, required=True)
     a = p.parse_args(argv)
     if torch.device(a.device).type != "cuda" or not torch.cuda.is_available():
@@ -318,8 +373,11 @@ def main(argv=None) -> int:
     import triton
 
     dtype = getattr(torch, a.dtype)
-    peak = copy_bandwidth(a.device)
-    print(f"device-to-device copy: {peak:.0f} GB/s", flush=True)
+    L2["mode"] = a.l2
+    copy_peak = copy_bandwidth(a.device)
+    peak = read_bandwidth(a.device)
+    print(f"device-to-device copy: {copy_peak:.0f} GB/s (read + write); 2 GiB sum: {peak:.0f} GB/s read",
+          flush=True)
     torch._dynamo.config.recompile_limit = 256  # one compiled TorchAO linear per shape and format
     swept = None
     rows = []
@@ -347,9 +405,12 @@ def main(argv=None) -> int:
             "versions": {"torch": torch.__version__, "triton": triton.__version__, "torchao": ao,
                          "python": platform.python_version()},
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "copy_peak_gb_per_s": peak,
-            "timing": {"method": "triton.testing.do_bench_cudagraph (median), events where capture failed",
-                       "counts": TIMING},
+            "copy_peak_gb_per_s": copy_peak,
+            "read_peak_gb_per_s": peak,
+            "timing": {"method": "CUDA-graph replays (median); L2 " + a.l2 + (
+                           ": each call after a read of 4x L2, that read's time subtracted" if a.l2 == "cold"
+                           else ": back-to-back calls (do_bench_cudagraph)") +
+                           "; triton do_bench (events) where capture failed", "counts": TIMING},
             "tuning": str(a.tuning_out) if a.sweep and a.tuning_out else "built-in defaults",
             "rows": rows,
             "sweep": swept,

@@ -326,3 +326,39 @@ def test_eora_llama_fused_on_device_matches_torch_path():
     assert labels[True] == {"int8+eora-r8"}, labels  # every side path fused
     assert not any("eora" in lab for lab in labels[False])  # the torch path keeps the side path
     assert _rel_err(outs[True], outs[False]) <= 1e-2
+
+
+# -- fma (register-reduced) decode tiles: the sweep times them, so they must be right on the device ---
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("m", [1, 3, 8])
+@pytest.mark.parametrize("kernel,fmt", [("dequant", "int8"), ("dequant", "int4"), ("dequant", "mxint8"),
+                                        ("sparse", "float"), ("sparse", "int8"), ("sparse", "int4")])
+def test_fma_configs_on_device(kernel, fmt, m, dtype):
+    from effcompile.codegen.kernels import launch_plan as plan
+    from effcompile.codegen.kernels import sparse_gemv as S
+    from effcompile.compiler import sparse_linear as sl
+
+    gen = torch.Generator().manual_seed(m)
+    n, k = 782, 2048  # N no block multiple; K a multiple of the int4 / MX groups
+    w = (torch.randn(n, k, generator=gen) / 20).to(dtype)
+    x = torch.randn(m, k, generator=gen).to(dtype).cuda()
+    group = {"int4": 128, "mxint8": 32}.get(fmt, 0)
+    # fma tiles of benchmarks/kernels.py's sweep (dense: K-contiguous, short N; sparse: wide N), 2 splits.
+    cfg = plan.Config(64, 128, 4, 1, 2, True) if kernel == "dequant" else plan.Config(128, 32, 4, 1, 2, True)
+    if kernel == "dequant":
+        qw = qops.quantize_weight(w, fmt, group)
+        args = (x, *(t.cuda() for t in qw[:3]), None, fmt, group)
+        got, want = D.launch(*args, config=cfg), D.reference(*args)
+    else:
+        if fmt == "float":
+            wt, s, z = sl.to_input_major(w, None, None, "float", 0)
+        else:
+            qw = qops.quantize_weight(w, fmt, group)
+            wt, s, z = sl.to_input_major(qw.qweight, qw.scales, qw.zeros, fmt, group)
+        t = torch.quantile(x.float().abs().flatten(), 0.5)
+        args = (x, t, *(a.cuda() if isinstance(a, torch.Tensor) else a for a in (wt, s, z)), None, fmt, group)
+        got, want = S.launch(*args, config=cfg), S.reference(*args)
+    assert got.shape == want.shape and got.dtype == dtype
+    assert _rel_err(got, want) <= REL_TOL[dtype]

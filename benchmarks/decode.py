@@ -1,0 +1,167 @@
+"""Greedy-decode tokens/s of a Llama-style model under quantization and channel-thresholding passes vs eager and TorchAO.
+
+Speed only: the model is a zoo random-init Llama (``llama-base``, 110 M, on the CPU; ``llama-1b``,
+Llama-3.2-1B-shaped, on a GPU), big enough that a decode step is bound by reading its weights; quality of
+these passes is measured on real weights elsewhere (benchmarks/quantize.py, thresholding.py). Each config
+is compiled with effcompile (calibration: 4 random-token batches for the thresholds), then timed with the
+harness's static-KV-cache decode loop (effcompile.bench.timing.decode_speed) at batch 1 and 8; on CUDA a
+step is captured in a CUDA graph and replayed, as serving stacks run decode. Eager is timed first and
+last so drift shows. Peers, on CUDA: ``torch.compile`` of the bf16 model, and TorchAO's
+Int8WeightOnlyConfig / Int4WeightOnlyConfig(group 128) quantizing a copy of the model, under
+torch.compile. Results are written after every config, so a run stopped by a time limit keeps them.
+
+    python benchmarks/decode.py [--model llama-base] [--steps 16]                       # CPU
+    python benchmarks/decode.py --device cuda --dtype bfloat16 --model llama-1b --out X.json   # GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import gc
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+import effcompile as ec
+from effcompile.bench import spec as pass_spec
+from effcompile.bench import timing, zoo
+from effcompile.codegen import ops as cg_ops
+
+CONFIGS = ["none", "quantize(weights=int8)", "quantize(weights=int4,group_size=128)",
+           "threshold(sparsity=0.4)", "threshold(sparsity=0.5)",
+           "threshold(sparsity=0.5)+quantize(weights=int8)",
+           "threshold(sparsity=0.5)+quantize(weights=int4,group_size=128)"]
+PEERS = {  # name -> how a TorchAO user builds it (None: plain torch.compile of the unquantized model)
+    "torch.compile": None,
+    "torchao-int8": "int8",
+    "torchao-int4": "int4",
+}
+
+
+def _peer(model, which: str | None):
+    """The compiled peer for ``which``: TorchAO quantizes a copy of the model, then torch.compile."""
+    if which is None:
+        return torch.compile(model)
+    from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
+
+    peer = copy.deepcopy(model)
+    cfg = Int8WeightOnlyConfig() if which == "int8" else Int4WeightOnlyConfig(
+        group_size=128, int4_packing_format="tile_packed_to_4d")
+    # TorchAO's quickstart quantizes every nn.Linear; the LM head is one too. Ours keeps it dense by
+    # default (sublayer tags), so the head is left out here as well: the same weights are quantized.
+    quantize_(peer, cfg, filter_fn=lambda m, name: isinstance(m, torch.nn.Linear) and "lm_head" not in name)
+    return torch.compile(peer)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="llama-base")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    ap.add_argument("--steps", type=int, default=16)
+    ap.add_argument("--batches", default="1,8")
+    ap.add_argument("--configs", default=";".join(CONFIGS), help="';'-separated pass specs, or peers: "
+                    + ", ".join(PEERS) + " (CUDA only)")
+    ap.add_argument("--no-cuda-graph", action="store_true", help="on CUDA, time the plain Python loop")
+    ap.add_argument("--out", type=Path, help="result file (default results/decode-<device>-<model>-<date>.json)")
+    a = ap.parse_args()
+    dtype = getattr(torch, a.dtype)
+    zm = zoo.get_model(a.model, device=a.device, dtype=dtype)
+    model = zm.model.to(device=a.device, dtype=dtype).eval()
+    calib = [zm.make_inputs(batch=2, seq=64, seed=s) for s in range(4)]
+    batches = [int(b) for b in a.batches.split(",")]
+    prompts = {b: zm.make_inputs(batch=b, seq=32, seed=100 + b)["input_ids"].to(a.device) for b in batches}
+    graphs = torch.device(a.device).type == "cuda" and not a.no_cuda_graph
+    machine = torch.cuda.get_device_name() if torch.device(a.device).type == "cuda" else "2-core CPU dev box"
+    out = a.out or Path(__file__).parent / "results" / (
+        f"decode-{a.device}-{a.model}-{datetime.date.today().isoformat()}.json")
+    rows: list[dict] = []
+
+    def write() -> None:
+        # Ratios against the mean of the eager rows so far (first, and last once it ran).
+        eager = [r for r in rows if r["config"].startswith("eager")]
+        for r in rows:
+            if "failed" not in r and not r["config"].startswith("eager") and eager:
+                r.update({f"vs_eager_b{b}": round(r[f"tok_s_b{b}"] * len(eager) / sum(e[f"tok_s_b{b}"] for e in eager), 3)
+                          for b in batches})
+        out.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            import torchao
+
+            ao = torchao.__version__
+        except Exception:  # noqa: BLE001 - the peer is optional
+            ao = "not installed"
+        out.write_text(json.dumps({
+            "benchmark": "decode", "model": a.model, "device": machine, "dtype": a.dtype, "steps": a.steps,
+            "cuda_graph": graphs, "versions": {"torch": torch.__version__, "torchao": ao,
+                                               "python": platform.python_version()},
+            "threads": torch.get_num_threads(), "date": datetime.date.today().isoformat(),
+            "load_avg_at_start": os.getloadavg(), "rows": rows}, indent=1))
+
+    def decode(fn, label: str) -> dict:
+        row: dict = {"config": label}
+        for b in batches:
+            with torch.no_grad():
+                r = timing.decode_speed(fn, model, prompts[b], a.steps, 3, a.device, cuda_graph=graphs)
+            row[f"tok_s_b{b}"] = round(r["tokens_per_s"], 2)
+            row[f"ms_per_step_b{b}"] = round(r["ms_per_step"], 4)
+            if r["cuda_graph"] is not True and graphs:
+                row[f"cuda_graph_b{b}"] = r["cuda_graph"]  # why capture failed (the plain loop was timed)
+        return row
+
+    rows.append(decode(model, "eager (first)"))
+    print(rows[-1], flush=True)
+    write()
+    for spec in a.configs.split(";"):
+        # Every config compiles the same forward: without a reset dynamo's per-code recompile limit
+        # runs out after a few configs and the rest would silently run eager.
+        torch._dynamo.reset()
+        t0 = time.perf_counter()
+        try:
+            if spec in PEERS:
+                fast = _peer(model, PEERS[spec])
+                rep = None
+            else:
+                passes = pass_spec.parse_passes(spec)[1] if spec != "none" else []
+                fast = ec.effcompile(model, passes=passes, calibration=calib if passes else None, cache=False)
+            with torch.no_grad():  # a compiled prefill first: decode graphs reuse the thresholds it calibrates
+                fast(**calib[0])
+            before = dict(cg_ops.PATH_COUNTS.get("bag_linear", {}))
+            row = decode(fast, spec)
+        except Exception as e:  # noqa: BLE001 - one failing config (e.g. a peer not installed) is recorded
+            rows.append({"config": spec, "failed": f"{type(e).__name__}: {str(e)[:400]}"})
+            print(rows[-1], flush=True)
+            write()
+            continue
+        row["compile_and_time_s"] = round(time.perf_counter() - t0, 1)
+        if spec not in PEERS:
+            after = cg_ops.PATH_COUNTS.get("bag_linear", {})
+            row["bag_calls"] = {k: after[k] - before.get(k, 0) for k in after}
+            rep = ec.explain(fast)
+            row["fallbacks"] = rep.fallbacks
+            row["kernels"] = sorted({f"{k.name}:{k.kind}" for k in rep.kernels if k.ops and
+                                     k.ops[0] in ("wq_linear", "sparse_linear")})
+        rows.append(row)
+        print(row, flush=True)
+        write()
+        # Free this config before the next one compiles: a 1B model's sparse layout is another full copy
+        # of the weights, and glibc keeps freed arenas unless trimmed (llama-1b ran out of 24 GB without).
+        del fast, rep
+        gc.collect()
+        timing._trim_heap()
+        if torch.device(a.device).type == "cuda":
+            torch.cuda.empty_cache()
+    rows.append(decode(model, "eager (last)"))
+    print(rows[-1], flush=True)
+    write()
+    print("wrote", out)
+
+
+if __name__ == "__main__":
+    main()
