@@ -31,7 +31,7 @@ class _Covariance(fx.Interpreter):
         out = super().run_node(n)
         if n.name in self.watch and isinstance(out, torch.Tensor):
             x = out.detach().reshape(-1, out.shape[-1]).double()
-            entry = self.acc.setdefault(n.name, [torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64), 0])
+            entry = self.acc.setdefault(n.name, [x.new_zeros(x.shape[1], x.shape[1]), 0])  # on x's device
             entry[0] += x.T @ x
             entry[1] += x.shape[0]
         return out
@@ -73,11 +73,14 @@ def compensate(gm: fx.GraphModule, ctx: PassContext, sites: list[tuple[fx.Node, 
         b, a, removed = low_rank_fix(err, covs[x.name], rank)
         val = ir.node_val(x)
         dtype = val.dtype if isinstance(val, torch.Tensor) else torch.float32
+        # On the activations' device: a CPU buffer in a CUDA graph is copied to the GPU on every call
+        # (and blocks CUDA-graph capture).
+        device = val.device if isinstance(val, torch.Tensor) else torch.device("cpu")
         tag = ir.sublayer(qnode)
         nodes = {}
         for name, t in (("a", a), ("b", b)):
             attr = f"_ec_eora_{i}_{name}"
-            gm.register_buffer(attr, t.to(dtype).contiguous())
+            gm.register_buffer(attr, t.to(device=device, dtype=dtype).contiguous())
             with gm.graph.inserting_after(qnode):
                 nodes[name] = gm.graph.get_attr(attr)
             nodes[name].meta[ir.VAL] = mode.from_tensor(getattr(gm, attr))

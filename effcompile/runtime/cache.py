@@ -23,7 +23,7 @@ from .key import CacheKey, digest_of
 
 log = logging.getLogger("effcompile.cache")
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: graph tensors record their device (1 reloaded CUDA weights on the CPU)
 META = "meta.json"
 TENSORS = "tensors.safetensors"
 _TMP_PREFIX = ".tmp-"

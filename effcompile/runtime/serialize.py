@@ -245,7 +245,7 @@ def graph_to_json(gm: fx.GraphModule) -> tuple[dict, dict[str, torch.Tensor]]:
                     raise NotSerializable(f"get_attr {target} is a {type(value).__qualname__}, not a plain tensor")
                 tensors[target] = value.detach()
                 attrs[target] = {"kind": "parameter" if isinstance(value, torch.nn.Parameter) else "tensor",
-                                 "requires_grad": bool(value.requires_grad)}
+                                 "requires_grad": bool(value.requires_grad), "device": str(value.device)}
         else:
             raise NotSerializable(f"node {n.name}: {n.op} is not stored (submodules are not part of the IR)")
         nodes.append({"op": n.op, "name": n.name, "target": target,
@@ -295,7 +295,7 @@ def graph_from_json(obj: dict, tensors: dict[str, torch.Tensor] | None = None) -
                 raise NotSerializable(f"node {name}: tensor {target} missing")
             if target not in root:
                 info = attrs.get(target, {})
-                t = tensors[target]
+                t = _to_device(tensors[target], info.get("device", "cpu"), target)
                 root[target] = (torch.nn.Parameter(t, requires_grad=bool(info.get("requires_grad")))
                                 if info.get("kind") == "parameter" else t)
         elif op == "output":
@@ -305,6 +305,16 @@ def graph_from_json(obj: dict, tensors: dict[str, torch.Tensor] | None = None) -
         nodes[name] = graph.create_node(op, target, args, kwargs, name=name)
     graph.lint()
     return fx.GraphModule(root, graph)
+
+
+def _to_device(t: torch.Tensor, device: str, target: str) -> torch.Tensor:
+    """The stored tensor back where it was compiled (safetensors loads to the CPU): a CUDA graph left
+    with CPU weights would copy them to the GPU on every call."""
+    try:
+        return t.to(torch.device(device))
+    except Exception as e:  # noqa: BLE001 - e.g. no CUDA in this process: the entry is unusable here
+        raise NotSerializable(f"tensor {target} was stored from {device}, which this process cannot use "
+                              f"({type(e).__name__}: {str(e)[:120]})") from e
 
 
 def graph_json_target_names(obj: dict) -> list[str]:

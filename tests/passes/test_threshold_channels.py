@@ -271,6 +271,24 @@ def test_pooled_error_scores_the_token_level_outputs_only():
     assert tg._error(only_head, [()], [[head]], "pooled") == pytest.approx(2.0, abs=1e-5)
 
 
+def test_threshold_buffer_lives_on_the_weights_device():
+    # A CPU threshold beside CUDA weights was copied to the GPU on every call: a sync per linear, and no
+    # CUDA-graph capture (H100, session 7). "meta" stands in for the GPU on a CPU-only machine.
+    import torch.fx as fx
+
+    from effcompile.compiler import ir
+    from effcompile.passes import threshold_channels as tc
+
+    gm = fx.symbolic_trace(lambda x, w: torch.nn.functional.linear(x, w))
+    x, _, lin = list(gm.graph.nodes)[:3]
+    ex = (torch.randn(2, 4), torch.randn(3, 4))
+    ir.annotate(gm, ex)
+    site = tc._Site(node=lin, x=x, kind="q", tag=ir.sublayer(lin), label="l0",
+                    weight=torch.empty(3, 4, device="meta"))
+    buf = tc._insert(gm, site, torch.tensor(0.5), ir.fake_mode_for(gm, ex), False)
+    assert buf.device.type == "meta" and gm._ec_thr_l0 is buf
+
+
 @pytest.mark.parametrize("cfg,expect", [
     (ec.ThresholdChannels(sparsity=0.5, targets=("mlp_out",)), ["down_proj"] * 2),
     (ec.ThresholdChannels(sparsity={"attn_out": 0.5}), ["o_proj"] * 2),

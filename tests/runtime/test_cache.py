@@ -12,7 +12,14 @@ import pytest
 import torch
 from conftest import REPO, run_python
 
-from effcompile.runtime.cache import CacheDirError, CacheEntry, CacheStore, CacheWarning, default_root
+from effcompile.runtime.cache import (
+    FORMAT_VERSION,
+    CacheDirError,
+    CacheEntry,
+    CacheStore,
+    CacheWarning,
+    default_root,
+)
 from effcompile.runtime.key import make_key
 
 # Fixed versions: the real ones hash effcompile's source, which other work may edit while tests run.
@@ -54,7 +61,7 @@ def test_no_pickle_on_disk(cache_dir):
     path = CacheStore().put(_key(), _entry())
     assert sorted(p.name for p in path.iterdir()) == ["kernel_abc.py", "meta.json", "tensors.safetensors"]
     meta = json.loads((path / "meta.json").read_text())
-    assert meta["format"] == 1 and set(meta["files"]) == {"kernel_abc.py", "tensors.safetensors"}
+    assert meta["format"] == FORMAT_VERSION and set(meta["files"]) == {"kernel_abc.py", "tensors.safetensors"}
 
 
 def test_views_and_strided_tensors(cache_dir):

@@ -139,6 +139,27 @@ def test_parameters_stay_parameters():
     assert torch.equal(gm(x), gm2(x))
 
 
+def test_tensors_come_back_on_their_device():
+    # safetensors loads every tensor to the CPU; a graph compiled for CUDA must get its weights back there
+    # (else each call copies them to the GPU). "meta" stands in for a second device on a CPU-only machine.
+    gm = fx.symbolic_trace(_fx_fn)
+    obj, tensors = graph_to_json(gm)
+    assert obj["attrs"]["_tensor_constant0"]["device"] == "cpu"
+    obj["attrs"]["_tensor_constant0"]["device"] = "meta"
+    assert graph_from_json(obj, tensors)._tensor_constant0.device.type == "meta"
+    del obj["attrs"]["_tensor_constant0"]["device"]  # no device recorded: the CPU, as before
+    assert graph_from_json(obj, tensors)._tensor_constant0.device.type == "cpu"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a process without CUDA")
+def test_tensor_from_unreachable_device_refused():
+    gm = fx.symbolic_trace(_fx_fn)
+    obj, tensors = graph_to_json(gm)
+    obj["attrs"]["_tensor_constant0"]["device"] = "cuda:0"
+    with pytest.raises(NotSerializable, match="_tensor_constant0 was stored from cuda:0"):
+        graph_from_json(obj, tensors)
+
+
 def test_lambda_target_not_serializable():
     g = fx.Graph()
     x = g.placeholder("x")
