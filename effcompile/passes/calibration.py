@@ -8,6 +8,7 @@ quantiles). Its decisions go into ``PassResult.artifacts`` so explain() and the 
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -100,6 +101,25 @@ def real_rows(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     if mask is None or x.dim() != 3 or tuple(x.shape[:2]) != tuple(mask.shape):
         return x
     return x[mask.to(x.device)]
+
+
+# Results already calibrated in this process, by the model's weight tensor (weakly) and a key the pass
+# chooses (its config and the layer). A decode graph (one token, a KV cache) gets no recordings from
+# prefill-shaped calibration batches; its linears read the same weights and see the same per-token
+# activations, so it reuses what the graph that had data calibrated (thresholds, smoothing scales, EoRA
+# factors). Keyed by id with a weakref check: tensors compare elementwise, so they cannot be
+# WeakKeyDictionary keys.
+_DONE: dict[int, tuple[weakref.ref, dict]] = {}
+
+
+def calibrated_for(weight: torch.Tensor) -> dict:
+    """The mutable record of what was calibrated for this weight tensor so far in this process."""
+    key = id(weight)
+    entry = _DONE.get(key)
+    if entry is None or entry[0]() is not weight:
+        entry = (weakref.ref(weight, lambda _: _DONE.pop(key, None)), {})
+        _DONE[key] = entry
+    return entry[1]
 
 
 class _Recorder(fx.Interpreter):

@@ -16,6 +16,7 @@ import torch.fx as fx
 
 from effcompile.compiler import ir
 from effcompile.compiler.pass_manager import PassContext
+from effcompile.passes.calibration import calibrated_for
 
 _EPS = 1e-6
 
@@ -61,16 +62,26 @@ def low_rank_fix(error: torch.Tensor, cov: torch.Tensor, rank: int) -> tuple[tor
     return b, a, removed
 
 
-def compensate(gm: fx.GraphModule, ctx: PassContext, sites: list[tuple[fx.Node, fx.Node, torch.Tensor]],
-               rank: int, mode) -> dict:
-    """sites: (quantized node, its input node, error W - W_q as fp32). Adds the B(Ax) side path after each."""
-    covs = covariances(gm, ctx, list({x: None for _, x, _ in sites}))
+def compensate(gm: fx.GraphModule, ctx: PassContext, sites: list[tuple[fx.Node, fx.Node, torch.Tensor, torch.Tensor]],
+               rank: int, mode, key=None) -> dict:
+    """sites: (quantized node, its input node, error W - W_q as fp32, the model's weight tensor). Adds the
+    B(Ax) side path after each. ``key`` (the pass config): a graph without calibration data reuses the
+    factors fitted for the same weights under the same key earlier in this process (a decode graph after
+    prefill-shaped calibration); with neither, raises ValueError."""
+    fits = [calibrated_for(w).get(("eora", key)) for *_, w in sites]
+    reused = not ctx.calibration and key is not None and all(f is not None for f in fits)
+    if not reused:
+        covs = covariances(gm, ctx, list({x: None for _, x, _, _ in sites}))
+        fits = [low_rank_fix(err, covs[x.name], rank) if x.name in covs else None for _, x, err, _ in sites]
+        for (*_, w), fit in zip(sites, fits, strict=True):
+            if fit is not None:
+                calibrated_for(w)[("eora", key)] = fit
     linear = torch._C._nn.linear  # what dynamo records for F.linear, so later passes recognise it
     layers = {}
-    for i, (qnode, x, err) in enumerate(sites):
-        if x.name not in covs:
+    for i, ((qnode, x, _, _), fit) in enumerate(zip(sites, fits, strict=True)):
+        if fit is None:
             continue
-        b, a, removed = low_rank_fix(err, covs[x.name], rank)
+        b, a, removed = fit
         val = ir.node_val(x)
         dtype = val.dtype if isinstance(val, torch.Tensor) else torch.float32
         # On the activations' device: a CPU buffer in a CUDA graph is copied to the GPU on every call
@@ -101,4 +112,4 @@ def compensate(gm: fx.GraphModule, ctx: PassContext, sites: list[tuple[fx.Node, 
         qnode.replace_all_uses_with(total, delete_user_cb=lambda user, total=total: user is not total)
         layers[tag.module if tag is not None and tag.module else qnode.name] = {
             "rank": int(a.shape[0]), "error_removed": round(removed, 4)}
-    return {"rank": rank, "layers": layers}
+    return {"rank": rank, "layers": layers, **({"reused": True} if reused else {})}

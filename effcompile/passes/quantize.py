@@ -135,7 +135,7 @@ def quantize(gm: fx.GraphModule, cfg: Quantize, ctx: PassContext) -> PassResult:
         sites.append((node, x, real))
     smoothed, smoothing, compensated = {}, None, []
     if cfg.smooth is not None and sites:
-        smoothed, smoothing = smooth(gm, ctx, sites, cfg.smooth, mode)
+        smoothed, smoothing = smooth(gm, ctx, sites, cfg.smooth, mode, key=cfg)
     for node, _, real in sites:
         tag = ir.sublayer(node)
         label = tag.module or node.name
@@ -155,7 +155,7 @@ def quantize(gm: fx.GraphModule, cfg: Quantize, ctx: PassContext) -> PassResult:
         node.replace_all_uses_with(new)
         gm.graph.erase_node(node)
         if cfg.eora_rank:
-            compensated.append((new, x, w.float() - deq))
+            compensated.append((new, x, w.float() - deq, real))
         layers[label] = {
             "shape": list(w.shape),
             "bytes_dense": w.numel() * w.element_size(),
@@ -168,11 +168,17 @@ def quantize(gm: fx.GraphModule, cfg: Quantize, ctx: PassContext) -> PassResult:
     if smoothing is not None:
         artifacts["smoothing"] = smoothing
     if compensated:
-        artifacts["eora"] = compensate(gm, ctx, compensated, cfg.eora_rank, mode)
+        artifacts["eora"] = compensate(gm, ctx, compensated, cfg.eora_rank, mode, key=cfg)
     if layers:
         artifacts["bytes_dense"] = sum(v["bytes_dense"] for v in layers.values())
         artifacts["bytes_quantized"] = sum(v["bytes_quantized"] for v in layers.values())
     note = "; ".join(f"{k} kept dense: {v}" for k, v in dense.items())
+    reused = [what for what, art in (("smoothing scales", smoothing), ("EoRA factors", artifacts.get("eora")))
+              if art and art.get("reused")]
+    if reused:
+        note = "; ".join([note] * bool(note) + [
+            "no calibration data reached this graph (e.g. a decode step after prefill-shaped calibration): "
+            f"{' and '.join(reused)} reused from the graph of this model calibrated earlier in this process"])
     if not layers:
         note = note or f"no linear with a parameter weight in targets {list(cfg.targets)}"
     return PassResult(modified=bool(layers), count=len(layers), where=where, artifacts=artifacts, note=note)

@@ -17,26 +17,38 @@ import torch.fx as fx
 
 from effcompile.compiler import ir
 from effcompile.compiler.pass_manager import PassContext
-from effcompile.passes.calibration import collect_stats
+from effcompile.passes.calibration import calibrated_for, collect_stats
 
 
 def smooth(gm: fx.GraphModule, ctx: PassContext, sites: list[tuple[fx.Node, fx.Node, torch.Tensor]], alpha: float,
-           mode) -> tuple[dict[fx.Node, torch.Tensor], dict]:
+           mode, key=None) -> tuple[dict[fx.Node, torch.Tensor], dict]:
     """sites: (linear node, its input node, its real weight). Rewires each linear to read x / s and
-    returns ({linear: W * s}, artifacts). Raises ValueError when the graph saw no calibration data."""
+    returns ({linear: W * s}, artifacts). ``key`` (the pass config): a graph without calibration data
+    reuses the scales calibrated for the same weights under the same key earlier in this process (a
+    decode graph after prefill-shaped calibration); with neither, raises ValueError."""
     groups: dict[fx.Node, list[tuple[fx.Node, torch.Tensor]]] = defaultdict(list)
     for lin, x, w in sites:
         groups[x].append((lin, w))
-    stats = collect_stats(gm, ctx, list(groups), desc="smoothing")
+    found = {x: calibrated_for(members[0][1]).get(("smooth", key)) for x, members in groups.items()}
+    reused = not ctx.calibration and key is not None and all(v is not None for v in found.values())
+    if not reused:
+        stats = collect_stats(gm, ctx, list(groups), desc="smoothing")
+        found = {}
+        for x, members in groups.items():
+            st = stats.get(x.name)
+            if st is None or st.absmax is None:
+                continue
+            a = st.absmax.float().clamp_min(1e-5)
+            wmax = torch.stack([w.detach().float().abs().amax(0) for _, w in members]).amax(0).clamp_min(1e-5)
+            found[x] = ((a.pow(alpha) / wmax.pow(1 - alpha)).clamp(1e-4, 1e4), round(float(a.max()), 3))
+            for _, w in members:
+                calibrated_for(w)[("smooth", key)] = found[x]
     smoothed: dict[fx.Node, torch.Tensor] = {}
     summary = {}
     for i, (x, members) in enumerate(groups.items()):
-        st = stats.get(x.name)
-        if st is None or st.absmax is None:
+        if x not in found:
             continue
-        a = st.absmax.float().clamp_min(1e-5)
-        wmax = torch.stack([w.detach().float().abs().amax(0) for _, w in members]).amax(0).clamp_min(1e-5)
-        s = (a.pow(alpha) / wmax.pow(1 - alpha)).clamp(1e-4, 1e4)
+        s, amax = found[x]
         name = f"_ec_smooth_{i}"
         val = ir.node_val(x)
         inv = (1.0 / s).to(val.dtype if isinstance(val, torch.Tensor) else torch.float32)
@@ -52,7 +64,7 @@ def smooth(gm: fx.GraphModule, ctx: PassContext, sites: list[tuple[fx.Node, fx.N
             lin.replace_input_with(x, xs)
             smoothed[lin] = (w.detach().float() * s[None, :]).to(w.dtype)
         tag = ir.sublayer(first)
-        summary[(tag.module if tag is not None and tag.module else first.name)] = {"linears": len(members), "scale_min": round(float(s.min()), 4),
-                                            "scale_max": round(float(s.max()), 4),
-                                            "activation_absmax_max": round(float(a.max()), 3)}
-    return smoothed, {"alpha": alpha, "groups": summary}
+        summary[(tag.module if tag is not None and tag.module else first.name)] = {
+            "linears": len(members), "scale_min": round(float(s.min()), 4), "scale_max": round(float(s.max()), 4),
+            "activation_absmax_max": amax}
+    return smoothed, {"alpha": alpha, "groups": summary, **({"reused": True} if reused else {})}

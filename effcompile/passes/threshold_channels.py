@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import re
-import weakref
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -15,7 +14,7 @@ from effcompile.compiler import ir, sparse_ops
 from effcompile.compiler import ops as qops
 from effcompile.compiler.pass_manager import PassConfig, PassContext, PassResult, register_pass
 from effcompile.passes import threshold_greedy
-from effcompile.passes.calibration import ActivationStats, collect_stats, padding_mask
+from effcompile.passes.calibration import ActivationStats, calibrated_for, collect_stats, padding_mask
 from effcompile.passes.threshold_greedy import GREEDY_METRICS
 from effcompile.passes.threshold_greedy import NO_THRESHOLD as _NO_THRESHOLD
 
@@ -273,22 +272,6 @@ def _summary(thr: torch.Tensor) -> float | dict:
     return {"channels": thr.numel(), "min": round(q[0], 6), "median": round(q[1], 6), "max": round(q[2], 6)}
 
 
-# Thresholds already calibrated in this process, by the model's weight tensor (weakly) and (config, label).
-# A decode graph (one token, a KV cache) gets no recordings from prefill-shaped calibration batches;
-# its linears see the same activations per token, so it reuses the thresholds of the graph that had data.
-# (Keyed by id with a weakref check: tensors compare elementwise, so they cannot be WeakKeyDictionary keys.)
-_DONE: dict[int, tuple[weakref.ref, dict]] = {}
-
-
-def _done_for(t: torch.Tensor) -> dict:
-    key = id(t)
-    entry = _DONE.get(key)
-    if entry is None or entry[0]() is not t:
-        entry = (weakref.ref(t, lambda _: _DONE.pop(key, None)), {})
-        _DONE[key] = entry
-    return entry[1]
-
-
 def _insert(gm, s: _Site, thr: torch.Tensor, mode, decode_only: bool) -> torch.Tensor:
     name = _buffer_name(s.label)
     # A buffer, not a constant: the cache stores it as safetensors, and changing its value later
@@ -311,7 +294,7 @@ def _insert(gm, s: _Site, thr: torch.Tensor, mode, decode_only: bool) -> torch.T
 
 
 def _reuse(gm, sites, cfg, ctx, base, skipped) -> PassResult | None:
-    found = [_done_for(s.source).get((cfg, s.label)) if s.source is not None else None for s in sites]
+    found = [calibrated_for(s.source).get((cfg, s.label)) if s.source is not None else None for s in sites]
     if any(f is None for f in found):
         return None  # collect_stats then raises the clear "no calibration data" error
     mode = ir.fake_mode_for(gm, ctx.example_inputs)
@@ -381,7 +364,7 @@ def threshold_channels(gm: fx.GraphModule, cfg: ThresholdChannels, ctx: PassCont
                            "calibrated": round(calib.achieved(s, thr, rows_x), 4), "threshold": _summary(thr),
                            "weight_elements": s.weight.numel()}
         if s.source is not None:
-            _done_for(s.source)[(cfg, s.label)] = (thr.clone(), dict(layers[s.label]))
+            calibrated_for(s.source)[(cfg, s.label)] = (thr.clone(), dict(layers[s.label]))
     total = sum(s.weight.numel() for s in sites)
     masks = [padding_mask(gm, args) for args in ctx.calibration] if cfg.skip_padding else []
     if any(m is not None for m in masks):  # what share of the calibration positions was padding, left out

@@ -199,6 +199,37 @@ def test_eora_fires_and_cuts_the_error_on_a_tiny_llama():
     assert err[8] < 0.8 * err[0], err
 
 
+def test_decode_graph_reuses_smoothing_and_eora_of_the_calibrated_graph():
+    # Calibration batches are prefill-shaped: the decode graph (one token, a KV cache) records nothing, so
+    # it used to fail with "needs calibration data". It now reuses the scales and factors fitted for the
+    # same weights under the same config, and a cached decode step matches the full-sequence forward.
+    from effcompile.testing import tiny_hf
+
+    model = tiny_hf("llama", layers=2, hidden=64)
+    gen = torch.Generator().manual_seed(5)
+    calib = [{"input_ids": torch.randint(0, 128, (2, 12), generator=gen)} for _ in range(2)]
+    ids = torch.randint(0, 128, (2, 12), generator=gen)
+    scales = {}
+    for alpha in (0.5, 0.8):
+        torch._dynamo.reset()
+        cfg = ec.Quantize(weights="int4", group_size=32, smooth=alpha, eora_rank=4)
+        fast = ec.effcompile(model, passes=[cfg], calibration=calib, cache=False)
+        with torch.no_grad():
+            full = fast(input_ids=ids, use_cache=False).logits[:, -1]
+            past = fast(input_ids=ids[:, :-1], use_cache=True).past_key_values
+            step = fast(input_ids=ids[:, -1:], past_key_values=past, use_cache=True).logits[:, -1]
+        torch.testing.assert_close(step, full, rtol=1e-4, atol=1e-4)
+        graphs = [(p, gm) for g in ec.explain(fast).graphs for p in g.passes if p.name == "quantize"
+                  for gm in g.graph_modules()]
+        fitted = [gm for p, gm in graphs if not p.artifacts["smoothing"].get("reused")]
+        reused = [(p, gm) for p, gm in graphs if p.artifacts["smoothing"].get("reused")]
+        assert fitted and reused and all(p.artifacts["eora"].get("reused") and "reused" in p.note for p, _ in reused)
+        scales[alpha] = [gm._ec_smooth_0 for gm in fitted] + [gm._ec_smooth_0 for _, gm in reused]
+        assert all(torch.equal(t, scales[alpha][0]) for t in scales[alpha])
+    # Keyed by the config: alpha 0.8's decode graph did not borrow alpha 0.5's scales.
+    assert not torch.allclose(scales[0.5][0], scales[0.8][0])
+
+
 def test_calibration_of_another_static_shape_is_a_clear_error_not_a_crash():
     # dynamo specialises size-1 dims: the batch-1 graph cannot replay batch-2 calibration recordings
     # (it used to run them anyway and crash inside the packed matmul).
