@@ -329,13 +329,15 @@ def sweep(dtype, device: str, peak: float, on_case: Callable[[list, dict], None]
             timed = _time_configs(runs, _configs(case[0] == "sparse", m) + [None])
             if not timed:
                 continue
-            best = timed[0][1]  # None: the built-in default won, and there is no split to explore around it
-            if best is not None:
-                # Up to one K chunk per program (TEAL's sparse GEMV launches that way); until session 6 the
-                # sweep stopped at 8 splits.
-                splits = (1, 2, 4, 8, 16, 32, 64)
-                timed = sorted(timed + _time_configs(runs, [best._replace(splits=sp) for sp in splits]),
-                               key=lambda r: r[0])
+            # K splits around the best config and around the best fma one (None: the built-in default,
+            # nothing to explore): on the H100 (session 7) fma tiles lost at their auto split but won the
+            # sparse GEMV at 64 splits, the largest then tried. Up to one K chunk per program (TEAL's
+            # sparse GEMV launches that way).
+            around = {cfg for _, cfg in timed[:1] + [next((r for r in timed if r[1] and r[1].fma), timed[0])]}
+            splits = (1, 2, 4, 8, 16, 32, 64, 128)
+            more = [cfg._replace(splits=sp) for cfg in around if cfg is not None for sp in splits]
+            timed = sorted(timed + _time_configs(runs, [c for c in more if c not in {r[1] for r in timed}]),
+                           key=lambda r: r[0])
             for rank, (ms, cfg) in enumerate(timed[:5]):
                 gbps = nbytes / (ms / 1e3) / 1e9
                 rows.append(dict(case="/".join(case), m=m, shapes=list(shapes), rank=rank,

@@ -66,14 +66,32 @@ def _sparse_kernel(x_ptr, t_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, M, N, K, K
             wmask = (need & k_mask)[:, None] & j_mask[None, :]
             byte = tl.load(w_ptr + offs_k.to(tl.int64)[:, None] * (N // 2) + offs_j[None, :], mask=wmask, other=0)
             byte = byte.to(tl.int32)
+            xsum = tl.reduce(x.to(tl.float32), 1, tl.standard._sum_combine)[:, None]
+            # Codes to floats by their bits, not an integer-to-float conversion (see dequant_matmul.py):
+            # OFF + q with OFF = 2**23 (fp32, taken off per element), 1024 (fp16) or 128 (bf16), whose
+            # dots take OFF * sum(x) off afterwards.
+            lo, hi = byte & 15, byte >> 4
             if FMA:  # products summed over K in registers (launch_plan.Config.fma)
                 xf = x.to(tl.float32)[:, :, None]
-                part_lo = tl.reduce(xf * (byte & 15).to(tl.float32)[None, :, :], 1, tl.standard._sum_combine)
-                part_hi = tl.reduce(xf * (byte >> 4).to(tl.float32)[None, :, :], 1, tl.standard._sum_combine)
-            else:
-                part_lo = tl.dot(x, (byte & 15).to(DOT_DT), input_precision="ieee")
-                part_hi = tl.dot(x, (byte >> 4).to(DOT_DT), input_precision="ieee")
-            xsum = tl.reduce(x.to(tl.float32), 1, tl.standard._sum_combine)[:, None]
+                lo = (lo | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+                hi = (hi | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+                part_lo = tl.reduce(xf * lo[None, :, :], 1, tl.standard._sum_combine)
+                part_hi = tl.reduce(xf * hi[None, :, :], 1, tl.standard._sum_combine)
+            elif DOT_DT == tl.float16:
+                part_lo = tl.dot(x, (lo | 0x6400).to(tl.int16).to(tl.float16, bitcast=True), input_precision="ieee")
+                part_hi = tl.dot(x, (hi | 0x6400).to(tl.int16).to(tl.float16, bitcast=True), input_precision="ieee")
+                part_lo -= 1024.0 * xsum
+                part_hi -= 1024.0 * xsum
+            elif DOT_DT == tl.bfloat16:
+                part_lo = tl.dot(x, (lo | 0x4300).to(tl.int16).to(tl.bfloat16, bitcast=True), input_precision="ieee")
+                part_hi = tl.dot(x, (hi | 0x4300).to(tl.int16).to(tl.bfloat16, bitcast=True), input_precision="ieee")
+                part_lo -= 128.0 * xsum
+                part_hi -= 128.0 * xsum
+            else:  # fp32 dots
+                lo = (lo | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+                hi = (hi | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+                part_lo = tl.dot(x, lo, input_precision="ieee")
+                part_hi = tl.dot(x, hi, input_precision="ieee")
             gi = (k0 // G) * N + 2 * offs_j.to(tl.int64)
             s_lo = tl.load(s_ptr + gi, mask=j_mask, other=0.0).to(tl.float32)[None, :]
             z_lo = tl.load(z_ptr + gi, mask=j_mask, other=0.0).to(tl.float32)[None, :]
