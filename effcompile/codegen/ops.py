@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 import sys
 import tempfile
@@ -58,6 +59,23 @@ def jit_variant(kernel, interpret: bool):
         if key not in _JIT:
             _JIT[key] = InterpretedFunction(kernel.fn) if interpret else JITFunction(kernel.fn)
         return _JIT[key]
+
+
+log = logging.getLogger("effcompile.codegen")
+_COPY_WARNED: set[str] = set()
+
+
+def on_device(t: torch.Tensor, device: torch.device, what: str) -> torch.Tensor:
+    """``t`` on ``device``, contiguous. A kernel argument held elsewhere is copied on every call (a sync
+    each time, and no CUDA-graph capture): warned once per ``what``, since it means the compiled graph keeps
+    that tensor on the wrong device (session 7 found CPU thresholds beside CUDA weights this way)."""
+    if t.device != device:
+        if what not in _COPY_WARNED:
+            _COPY_WARNED.add(what)
+            log.warning("effcompile: %s is on %s but its kernel runs on %s: copied on every call", what,
+                        t.device, device)
+        t = t.to(device)
+    return t.contiguous()
 
 
 def count(name: str, path: str) -> None:

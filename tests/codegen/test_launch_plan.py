@@ -66,3 +66,19 @@ def test_committed_tables_parse_and_name_their_device():
         assert plan.device_file_name(device) == f.name
         table = plan.read_tables([f], device)
         assert table and all(k.split("/")[0] in ("dequant", "sparse") for k in table)
+
+
+def test_kernel_argument_on_another_device_is_copied_with_one_warning(caplog):
+    # A per-call copy means the compiled graph holds the tensor on the wrong device (a sync per call and
+    # no CUDA-graph capture): never silent. "meta" stands in for the GPU on a CPU-only machine.
+    from effcompile.codegen import ops as cg_ops
+
+    cg_ops._COPY_WARNED.discard("test weight")
+    with caplog.at_level("WARNING", logger="effcompile.codegen"):
+        for _ in range(3):
+            got = cg_ops.on_device(torch.ones(2, 3).t(), torch.device("meta"), "test weight")
+            assert got.device.type == "meta" and got.is_contiguous()
+        same = torch.ones(4)
+        assert cg_ops.on_device(same, same.device, "test weight") is same  # already there: no copy
+    warned = [r for r in caplog.records if "test weight is on cpu" in r.getMessage()]
+    assert len(warned) == 1, [r.getMessage() for r in caplog.records]

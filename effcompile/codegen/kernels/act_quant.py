@@ -132,8 +132,8 @@ def w8a8(x, qweight, scales, bias, split_k: int | None = None, config: plan.Conf
     if not (m and n):
         return torch.empty((*x.shape[:-1], n), dtype=x.dtype, device=dev)
     xq, sx = quantize_rows(x.reshape(m, k), "int8")
-    q, s = qweight.to(dev).contiguous(), scales.to(dev).contiguous()
-    b = bias.to(dev).contiguous() if bias is not None else s
+    q, s = _ops.on_device(qweight, dev, "w8a8 weight"), _ops.on_device(scales, dev, "w8a8 scales")
+    b = _ops.on_device(bias, dev, "w8a8 bias") if bias is not None else s
     if config is None and m <= plan.GEMV_MAX_M:
         config = plan.tuned("w8a8", "int8", m, x.dtype, dev)
     if config is not None and config.fma:

@@ -252,12 +252,12 @@ def launch(x, qweight, scales, zeros, bias, fmt: str, group_size: int, split_k: 
     m = x2.shape[0]
     if not (m and n):
         return torch.empty((*x.shape[:-1], n), dtype=x.dtype, device=dev)
-    q, s = qweight.to(dev).contiguous(), scales.to(dev).contiguous()
+    q, s = _ops.on_device(qweight, dev, f"{NAME} weight"), _ops.on_device(scales, dev, f"{NAME} scales")
     u, lb, block_r = _lora_inputs(x2, lora_a, lora_b, n) if lora else (s, s, 16)  # placeholders when unused
     if act != "none":
         x2 = aq.quantize_rows(x2, act, fake=True)[0]
-    z = zeros.to(dev).contiguous() if zeros is not None else s  # placeholder: only int4 reads it
-    b = bias.to(dev).contiguous() if bias is not None else s
+    z = _ops.on_device(zeros, dev, f"{NAME} zeros") if zeros is not None else s  # placeholder: int4 reads it
+    b = _ops.on_device(bias, dev, f"{NAME} bias") if bias is not None else s
     interp = _ops.interpreting(dev)
     if config is None and m <= GEMV_MAX_M:
         config = plan.tuned("dequant", fmt, m, x.dtype, dev)

@@ -158,11 +158,11 @@ def launch(x, threshold, weight_t, scales, zeros, bias, fmt: str, group_size: in
     m = x2.shape[0]
     if not (m and n):
         return torch.empty((*x.shape[:-1], n), dtype=x.dtype, device=dev)
-    t = threshold.to(dev, torch.float32).contiguous()
-    w = weight_t.to(dev).contiguous()
-    s = scales.to(dev).contiguous() if scales is not None else t  # placeholders: never read for float
-    z = zeros.to(dev).contiguous() if zeros is not None else s
-    b = bias.to(dev).contiguous() if bias is not None else t
+    t = _ops.on_device(threshold, dev, f"{NAME} threshold").float()
+    w = _ops.on_device(weight_t, dev, f"{NAME} weight")
+    s = _ops.on_device(scales, dev, f"{NAME} scales") if scales is not None else t  # placeholders: float
+    z = _ops.on_device(zeros, dev, f"{NAME} zeros") if zeros is not None else s
+    b = _ops.on_device(bias, dev, f"{NAME} bias") if bias is not None else t
     interp = _ops.interpreting(dev)
     config = config if config is not None else plan.tuned("sparse", fmt, m, x.dtype, dev)
     bn, bk, warps, stages = config[:4] if config is not None else plan.sparse_config(fmt, x.dtype)
