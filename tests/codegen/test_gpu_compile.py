@@ -149,9 +149,10 @@ _INT_TO_FLOAT = re.compile(r"\bcvt\.rn\.(?:f16|bf16|f32)\.[su](?:8|16|32)\b")  #
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
-def test_int4_kernels_decode_codes_without_int_to_float_conversions(dtype, launches):
-    # The int4 codes become floats through their bits (dequant_matmul.py): an integer-to-float cvt per code
-    # runs at an eighth of the FMA rate on sm_80/sm_90 and bounded the int4 GEMV at 24 % of HBM (H100).
+def test_int4_and_int8_fma_kernels_decode_codes_without_int_to_float_conversions(dtype, launches):
+    # The int4 codes (and int8 ones in fma tiles) become floats through their bits (dequant_matmul.py): an
+    # integer-to-float cvt per code runs at an eighth of the FMA rate on sm_80/sm_90 and bounded the int4
+    # GEMV at 24 % of HBM (H100). int8 dot tiles still convert (bf16 has no 8-bit integer trick).
     qw = _weights("int4", 96, 256, dtype, 128)
     x = torch.randn(1, 256, dtype=dtype)
     D.launch(x, *qw[:3], None, "int4", 128, split_k=2)
@@ -161,7 +162,9 @@ def test_int4_kernels_decode_codes_without_int_to_float_conversions(dtype, launc
     wt, s, z = sl.to_input_major(sq.qweight, sq.scales, sq.zeros, "int4", 64)
     S.launch(x, torch.tensor(0.5), wt, s, z, None, "int4", 64, split_k=2)
     S.launch(x, torch.tensor(0.5), wt, s, z, None, "int4", 64, config=plan.Config(128, 32, 4, 1, 2, fma=True))
-    assert len(launches) == 4
+    q8 = _weights("int8", 96, 256, dtype, 0)
+    D.launch(x, *q8[:3], None, "int8", 0, config=plan.Config(64, 128, 4, 1, 2, fma=True))
+    assert len(launches) == 5
     for kernel, args, kw in launches:
         found = _INT_TO_FLOAT.findall(_compile(kernel, args, kw, 90).asm["ptx"])
         assert not found, (kernel.fn.__name__ if hasattr(kernel, "fn") else kernel, kw.get("FMA"), found[:4])

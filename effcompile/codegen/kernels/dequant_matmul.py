@@ -60,8 +60,11 @@ def _matmul_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, u_ptr, lb_ptr, out_ptr, M,
             # int8 and e4m3 codes are exact in fp16/bf16/fp32 (e4m3: 4 significant bits, 2**-9..448), so
             # the dot runs in the activation dtype and the row scale is applied once, after it.
             if FMA:
-                acc += tl.reduce(x.to(tl.float32)[:, :, None] * w.to(tl.float32)[None, :, :], 1,
-                                 tl.standard._sum_combine)
+                if q_ptr.dtype.element_ty == tl.int8:  # by the bits, as int4 below: 2**23 + 128 + c, exact
+                    wf = ((w.to(tl.int32) + 128) | 0x4B000000).to(tl.float32, bitcast=True) - 8388736.0
+                else:
+                    wf = w.to(tl.float32)
+                acc += tl.reduce(x.to(tl.float32)[:, :, None] * wf[None, :, :], 1, tl.standard._sum_combine)
             else:
                 acc += tl.dot(x.to(DOT_DT), w.to(DOT_DT), input_precision="ieee")
         s = tl.load(s_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
