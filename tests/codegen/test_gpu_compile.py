@@ -145,14 +145,14 @@ def test_sparse_gemv_compiles(fmt, group, dtype, launches):
     _compile_all(launches)
 
 
-_INT_TO_FLOAT = re.compile(r"\bcvt\.rn\.(?:f16|bf16|f32)\.[su](?:8|16|32)\b")  # I2F: 16 per clock per SM
+_INT_TO_FLOAT = re.compile(r"\bcvt\.rn\.(?:f16|bf16|f32)\.[su](?:8|16|32)\b")  # integer-to-float cvt
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
 def test_int4_and_int8_fma_kernels_decode_codes_without_int_to_float_conversions(dtype, launches):
     # The int4 codes (and int8 ones in fma tiles) become floats through their bits (dequant_matmul.py): an
-    # integer-to-float cvt per code runs at an eighth of the FMA rate on sm_80/sm_90 and bounded the int4
-    # GEMV at 24 % of HBM (H100). int8 dot tiles still convert (bf16 has no 8-bit integer trick).
+    # integer-to-float cvt per code issues at a fraction of the FMA rate, and the int4 GEMV that had one
+    # reached 24 % of the read peak (H100). int8 dot tiles still convert (bf16 has no 8-bit integer trick).
     qw = _weights("int4", 96, 256, dtype, 128)
     x = torch.randn(1, 256, dtype=dtype)
     D.launch(x, *qw[:3], None, "int4", 128, split_k=2)

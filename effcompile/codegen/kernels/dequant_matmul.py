@@ -85,9 +85,10 @@ def _matmul_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, u_ptr, lb_ptr, out_ptr, M,
             xe = tl.load(x_ptr + row + 2 * offs_j[None, :], mask=xmask, other=0.0)
             xo = tl.load(x_ptr + row + 2 * offs_j[None, :] + 1, mask=xmask, other=0.0)
             xsum = tl.reduce(xe.to(tl.float32) + xo.to(tl.float32), 1, tl.standard._sum_combine)
-            # Codes to floats without an integer-to-float conversion, which runs at 16 per clock per SM on
-            # sm_80/sm_90 (an eighth of an FMA) and, two per byte, bounded this kernel (H100, session 7:
-            # 24 % of the read peak, int8 69 %). A code q (0..15) in the low mantissa bits of a float
+            # Codes to floats without an integer-to-float conversion: as we read the CUDA guide's throughput
+            # table, conversions issue at a fraction of the FMA rate (16 vs 128 per clock per SM), and two
+            # per byte look like what held this kernel at 24 % of the read peak (H100, session 7; int8
+            # 69 %). Not profiled. A code q (0..15) in the low mantissa bits of a float
             # whose ulp is 1 is exactly OFF + q: fp32 2**23 (0x4B000000), fp16 1024 (0x6400), bf16 128
             # (0x4300). fp32 takes OFF off each element (exact); the 16-bit dots run on OFF + q and take
             # OFF * sum(x) off the partial sum, x . q = x . (OFF + q) - OFF sum(x).
