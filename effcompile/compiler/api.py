@@ -50,7 +50,9 @@ class _Compiler:
         self.compiled = torch.compile(fn, backend=backend, dynamic=dynamic, fullgraph=fullgraph)
 
     def _compile(self, gm, example_inputs, calibration_inputs):
-        graph = CompiledGraph(gm, example_inputs, self.settings, calibration_inputs, index=len(self.report.graphs))
+        model_calibration = self.recordings if self.settings.calibration is not None and not calibration_inputs else None
+        graph = CompiledGraph(gm, example_inputs, self.settings, calibration_inputs, index=len(self.report.graphs),
+                              model_calibration=model_calibration)
         self.report.graphs.append(graph.report)
         return graph
 

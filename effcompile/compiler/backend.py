@@ -139,7 +139,10 @@ class CompiledGraph:
     """A compiled dynamo graph: guarded by shape bucket, one compiled variant per bucket."""
 
     def __init__(self, gm: fx.GraphModule, example_inputs: Sequence[Any], settings: Settings,
-                 calibration_inputs: list | None = None, index: int = 0):
+                 calibration_inputs: list | None = None, index: int = 0, model_calibration: dict | None = None):
+        # model_calibration: every graph's recorded calibration inputs, for a graph that got none of its
+        # own (a decode step): its calibrated passes reuse what the others fitted, so that data is in its key.
+        self.model_calibration = model_calibration
         self.settings = settings
         self.pristine = gm
         self.example_inputs = list(example_inputs)
@@ -209,6 +212,13 @@ class CompiledGraph:
             calib = {f"{b}.{i}": x for b, args in enumerate(self.calibration_inputs or [])
                      for i, x in enumerate(args) if isinstance(x, torch.Tensor) and id(x) not in param_ids}
             data = {"calibration": K.calibration_hash(calib), "weights": K.calibration_hash(self.params)}
+            if not self.calibration_inputs and self.model_calibration:
+                # No data of its own: thresholds / smoothing scales / EoRA factors are reused from the
+                # graphs that had some (passes/calibration.py calibrated_for), so a cached entry built
+                # from other calibration data must not match.
+                data["model_calibration"] = K.calibration_hash(
+                    {f"{sig}.{j}.{name}": t for sig, recs in self.model_calibration.items()
+                     for j, rec in enumerate(recs) for name, t in rec.items() if id(t) not in param_ids})
         return K.make_key(**data,
             graph=self.report.fingerprint, inputs=specs, buckets=[str(s) for s in sig], passes=passes,
             opt_level=self.settings.opt_level, use_triton=str(self.settings.use_triton),

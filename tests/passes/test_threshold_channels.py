@@ -410,6 +410,38 @@ def test_warm_start_loads_thresholds_and_keeps_artifacts(llama, tmp_path):
     assert _record(b).artifacts["layers"] == _record(a).artifacts["layers"]
 
 
+def test_cached_decode_graph_is_keyed_by_the_calibration_it_reuses(llama, tmp_path):
+    # A decode graph gets no calibration data of its own and reuses the calibrated graph's thresholds: its
+    # cache key must carry that data, or a later compile with other calibration batches would load a
+    # decode graph holding the old thresholds.
+    from effcompile.compiler import backend
+
+    ids = _ids(7, batch=2, seq=12)["input_ids"]
+
+    def run(seeds):
+        torch._dynamo.reset()
+        backend._STORES.clear()  # each compile reads the disk, as a new process would
+        calib = [_ids(s, batch=2, seq=12) for s in seeds]
+        fast = _compile(llama, ec.ThresholdChannels(sparsity=0.5), calibration=calib, cache=True,
+                        cache_dir=str(tmp_path))
+        with torch.no_grad():
+            past = fast(input_ids=ids, use_cache=True).past_key_values  # the calibrated graph
+            fast(input_ids=ids[:, -1:], past_key_values=past, use_cache=True)  # decode: reuses
+        graphs = ec.explain(fast).graphs
+        reused = [any(p.artifacts.get("reused") for p in g.passes if p.name == "threshold_channels")
+                  for g in graphs]
+        return [g.cache for g in graphs], reused, {k: v.clone() for k, v in thresholds(fast).items()}
+
+    caches_a, reused_a, thr_a = run((0, 1))
+    assert caches_a == ["miss", "miss"] and reused_a == [False, True]
+    caches_b, _, thr_b = run((50, 51))  # other data: other thresholds, and no stale decode graph
+    assert caches_b == ["miss", "miss"]
+    assert any(not torch.equal(thr_a[k], thr_b[k]) for k in thr_a)
+    caches_a2, _, thr_a2 = run((0, 1))  # the first data again: both graphs come from the disk
+    assert caches_a2 == ["disk hit", "disk hit"]
+    assert all(torch.equal(thr_a[k], thr_a2[k]) for k in thr_a)
+
+
 # -- decode_only, Quantize -----------------------------------------------------------------------------
 
 
