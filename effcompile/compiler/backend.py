@@ -275,6 +275,10 @@ class CompiledGraph:
             log.warning("effcompile cache entry %s unusable (%s); recompiling", key.digest[:16], e)
             self.report.cache_note = f"entry unusable: {e}"
             return None
+        if entry.meta.get("fits"):
+            from effcompile.passes.calibration import import_fits
+
+            import_fits(entry.meta["fits"], entry.tensors, self.params)
         self.report.cache = "memory hit" if store.stats.memory_hits > memory_hits else "disk hit"
         self.report.passes = [_record_from_json(p) for p in entry.meta["passes"]]
         self.report.kernels = [_kernel_from_json(k, kernel_dir) for k in entry.meta["kernels"]]
@@ -332,6 +336,14 @@ class CompiledGraph:
             "kernels": [_kernel_to_json(k) for k in self.report.kernels],
             "fallbacks": [list(f) for f in self.report.fallbacks],
         }
+        if self.calibration_inputs:
+            # The fits calibrated passes made here (thresholds, smoothing scales, EoRA factors): a process
+            # that loads this entry gets them back, so a decode graph it compiles can still reuse them.
+            from effcompile.passes.calibration import export_fits
+
+            records, fit_tensors = export_fits(self.params)
+            meta["fits"] = _json_safe(records)
+            tensors = {**tensors, **{k: v for k, v in fit_tensors.items() if k not in tensors}}
         store.put(key, CacheEntry(meta=meta, sources=sources, tensors=tensors))
 
 

@@ -113,13 +113,58 @@ _DONE: dict[int, tuple[weakref.ref, dict]] = {}
 
 
 def calibrated_for(weight: torch.Tensor) -> dict:
-    """The mutable record of what was calibrated for this weight tensor so far in this process."""
+    """The mutable record of what was calibrated for this weight tensor so far in this process: fit_key
+    -> a tuple of tensors and JSON values (so export_fits can store it in a cache entry)."""
     key = id(weight)
     entry = _DONE.get(key)
     if entry is None or entry[0]() is not weight:
         entry = (weakref.ref(weight, lambda _: _DONE.pop(key, None)), {})
         _DONE[key] = entry
     return entry[1]
+
+
+def fit_key(kind: str, cfg, label: str = "") -> str:
+    """The registry key of one fit: its kind, the pass config (canonical JSON) and the layer label."""
+    from effcompile.runtime.key import config_json
+
+    return f"{kind}|{config_json(cfg)}|{label}"
+
+
+def export_fits(params: dict[str, torch.Tensor]) -> tuple[list[dict], dict[str, torch.Tensor]]:
+    """The registry entries of these weights as (JSON records, tensors), for a calibrated graph's cache
+    entry: a later process that loads that graph from the disk gets them back (import_fits), so a graph
+    it compiles without calibration data (a new decode shape) still has the fits to reuse."""
+    records, tensors = [], {}
+    for name, weight in params.items():
+        for key, value in calibrated_for(weight).items():
+            items = []
+            for v in value:
+                if isinstance(v, torch.Tensor):
+                    tname = f"__fit{len(tensors)}"
+                    tensors[tname] = v
+                    items.append({"tensor": tname})
+                else:
+                    items.append({"value": v})
+            records.append({"param": name, "key": key, "items": items})
+    return records, tensors
+
+
+def import_fits(records: list[dict], tensors: dict[str, torch.Tensor], params: dict[str, torch.Tensor]) -> int:
+    """Put stored fits back into the registry, each tensor on its weight's device; returns how many.
+    Records for weights this graph does not have, or with a missing tensor, are skipped: the registry
+    only serves reuse, and a graph without data and without a fit raises the calibration error."""
+    done = 0
+    for rec in records:
+        weight = params.get(rec.get("param"))
+        items = rec.get("items")
+        if weight is None or not isinstance(items, list):
+            continue
+        if any("tensor" in i and i["tensor"] not in tensors for i in items):
+            continue
+        calibrated_for(weight)[rec["key"]] = tuple(
+            tensors[i["tensor"]].to(weight.device) if "tensor" in i else i.get("value") for i in items)
+        done += 1
+    return done
 
 
 class _Recorder(fx.Interpreter):

@@ -16,7 +16,7 @@ import torch.fx as fx
 
 from effcompile.compiler import ir
 from effcompile.compiler.pass_manager import PassContext
-from effcompile.passes.calibration import calibrated_for
+from effcompile.passes.calibration import calibrated_for, fit_key
 
 _EPS = 1e-6
 
@@ -68,14 +68,14 @@ def compensate(gm: fx.GraphModule, ctx: PassContext, sites: list[tuple[fx.Node, 
     B(Ax) side path after each. ``key`` (the pass config): a graph without calibration data reuses the
     factors fitted for the same weights under the same key earlier in this process (a decode graph after
     prefill-shaped calibration); with neither, raises ValueError."""
-    fits = [calibrated_for(w).get(("eora", key)) for *_, w in sites]
+    fits = [calibrated_for(w).get(fit_key("eora", key)) for *_, w in sites]
     reused = not ctx.calibration and key is not None and all(f is not None for f in fits)
     if not reused:
         covs = covariances(gm, ctx, list({x: None for _, x, _, _ in sites}))
         fits = [low_rank_fix(err, covs[x.name], rank) if x.name in covs else None for _, x, err, _ in sites]
         for (*_, w), fit in zip(sites, fits, strict=True):
-            if fit is not None:
-                calibrated_for(w)[("eora", key)] = fit
+            if fit is not None and key is not None:
+                calibrated_for(w)[fit_key("eora", key)] = fit
     linear = torch._C._nn.linear  # what dynamo records for F.linear, so later passes recognise it
     layers = {}
     for i, ((qnode, x, _, _), fit) in enumerate(zip(sites, fits, strict=True)):

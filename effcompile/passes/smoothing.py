@@ -17,7 +17,7 @@ import torch.fx as fx
 
 from effcompile.compiler import ir
 from effcompile.compiler.pass_manager import PassContext
-from effcompile.passes.calibration import calibrated_for, collect_stats
+from effcompile.passes.calibration import calibrated_for, collect_stats, fit_key
 
 
 def smooth(gm: fx.GraphModule, ctx: PassContext, sites: list[tuple[fx.Node, fx.Node, torch.Tensor]], alpha: float,
@@ -29,7 +29,7 @@ def smooth(gm: fx.GraphModule, ctx: PassContext, sites: list[tuple[fx.Node, fx.N
     groups: dict[fx.Node, list[tuple[fx.Node, torch.Tensor]]] = defaultdict(list)
     for lin, x, w in sites:
         groups[x].append((lin, w))
-    found = {x: calibrated_for(members[0][1]).get(("smooth", key)) for x, members in groups.items()}
+    found = {x: calibrated_for(members[0][1]).get(fit_key("smooth", key)) for x, members in groups.items()}
     reused = not ctx.calibration and key is not None and all(v is not None for v in found.values())
     if not reused:
         stats = collect_stats(gm, ctx, list(groups), desc="smoothing")
@@ -42,7 +42,8 @@ def smooth(gm: fx.GraphModule, ctx: PassContext, sites: list[tuple[fx.Node, fx.N
             wmax = torch.stack([w.detach().float().abs().amax(0) for _, w in members]).amax(0).clamp_min(1e-5)
             found[x] = ((a.pow(alpha) / wmax.pow(1 - alpha)).clamp(1e-4, 1e4), round(float(a.max()), 3))
             for _, w in members:
-                calibrated_for(w)[("smooth", key)] = found[x]
+                if key is not None:
+                    calibrated_for(w)[fit_key("smooth", key)] = found[x]
     smoothed: dict[fx.Node, torch.Tensor] = {}
     summary = {}
     for i, (x, members) in enumerate(groups.items()):

@@ -14,7 +14,13 @@ from effcompile.compiler import ir, sparse_ops
 from effcompile.compiler import ops as qops
 from effcompile.compiler.pass_manager import PassConfig, PassContext, PassResult, register_pass
 from effcompile.passes import threshold_greedy
-from effcompile.passes.calibration import ActivationStats, calibrated_for, collect_stats, padding_mask
+from effcompile.passes.calibration import (
+    ActivationStats,
+    calibrated_for,
+    collect_stats,
+    fit_key,
+    padding_mask,
+)
 from effcompile.passes.threshold_greedy import GREEDY_METRICS
 from effcompile.passes.threshold_greedy import NO_THRESHOLD as _NO_THRESHOLD
 
@@ -294,7 +300,7 @@ def _insert(gm, s: _Site, thr: torch.Tensor, mode, decode_only: bool) -> torch.T
 
 
 def _reuse(gm, sites, cfg, ctx, base, skipped) -> PassResult | None:
-    found = [calibrated_for(s.source).get((cfg, s.label)) if s.source is not None else None for s in sites]
+    found = [calibrated_for(s.source).get(fit_key("threshold", cfg, s.label)) if s.source is not None else None for s in sites]
     if any(f is None for f in found):
         return None  # collect_stats then raises the clear "no calibration data" error
     mode = ir.fake_mode_for(gm, ctx.example_inputs)
@@ -364,7 +370,7 @@ def threshold_channels(gm: fx.GraphModule, cfg: ThresholdChannels, ctx: PassCont
                            "calibrated": round(calib.achieved(s, thr, rows_x), 4), "threshold": _summary(thr),
                            "weight_elements": s.weight.numel()}
         if s.source is not None:
-            calibrated_for(s.source)[(cfg, s.label)] = (thr.clone(), dict(layers[s.label]))
+            calibrated_for(s.source)[fit_key("threshold", cfg, s.label)] = (thr.clone(), dict(layers[s.label]))
     total = sum(s.weight.numel() for s in sites)
     masks = [padding_mask(gm, args) for args in ctx.calibration] if cfg.skip_padding else []
     if any(m is not None for m in masks):  # what share of the calibration positions was padding, left out

@@ -415,6 +415,7 @@ def test_cached_decode_graph_is_keyed_by_the_calibration_it_reuses(llama, tmp_pa
     # cache key must carry that data, or a later compile with other calibration batches would load a
     # decode graph holding the old thresholds.
     from effcompile.compiler import backend
+    from effcompile.passes import calibration
 
     ids = _ids(7, batch=2, seq=12)["input_ids"]
 
@@ -440,6 +441,41 @@ def test_cached_decode_graph_is_keyed_by_the_calibration_it_reuses(llama, tmp_pa
     caches_a2, _, thr_a2 = run((0, 1))  # the first data again: both graphs come from the disk
     assert caches_a2 == ["disk hit", "disk hit"]
     assert all(torch.equal(thr_a[k], thr_a2[k]) for k in thr_a)
+
+    # A new process (nothing calibrated in memory) loads the calibrated graph from the disk, then compiles
+    # graphs it never saw (batch 1: dynamo specialises size-1 dims) without data: the fits stored with the
+    # calibrated graph's entry come back with it, so they reuse its thresholds instead of failing.
+    calibration._DONE.clear()
+    torch._dynamo.reset()
+    backend._STORES.clear()
+    fast = _compile(llama, ec.ThresholdChannels(sparsity=0.5), calibration=[_ids(s, batch=2, seq=12) for s in (0, 1)],
+                    cache=True, cache_dir=str(tmp_path))
+    with torch.no_grad():
+        fast(input_ids=ids, use_cache=True)
+        past = fast(input_ids=ids[:1], use_cache=True).past_key_values
+        fast(input_ids=ids[:1, -1:], past_key_values=past, use_cache=True)
+    graphs = ec.explain(fast).graphs
+    assert [g.cache for g in graphs][0] == "disk hit" and len(graphs) >= 2
+    assert all(g.cache == "miss" and any(p.artifacts.get("reused") for p in g.passes) for g in graphs[1:])
+    assert all(torch.equal(thr_a[k], v) for k, v in thresholds(fast).items())
+
+
+def test_stored_fits_are_checked_before_they_are_reused():
+    # Records come from a (hash-checked) cache entry, but one for a weight this graph lacks, a malformed
+    # one, or one whose tensor is missing is skipped rather than trusted.
+    from effcompile.passes.calibration import calibrated_for, export_fits, import_fits
+
+    w, other = torch.ones(3), torch.ones(3)
+    calibrated_for(w)["threshold|cfg|l0"] = (torch.full((3,), 0.25), {"target": 0.5})
+    records, tensors = export_fits({"w": w})
+    assert [r["key"] for r in records] == ["threshold|cfg|l0"] and len(tensors) == 1
+    bad = [{"param": "w", "key": "k-missing-tensor", "items": [{"tensor": "__nope"}]},
+           {"param": "absent", "key": "k-absent", "items": [{"value": 1}]},
+           {"param": "w", "key": "k-malformed", "items": "not a list"}]
+    assert import_fits(records + bad, tensors, {"w": other}) == 1
+    got = calibrated_for(other)
+    assert set(got) == {"threshold|cfg|l0"}
+    assert torch.equal(got["threshold|cfg|l0"][0], torch.full((3,), 0.25)) and got["threshold|cfg|l0"][1] == {"target": 0.5}
 
 
 # -- decode_only, Quantize -----------------------------------------------------------------------------
