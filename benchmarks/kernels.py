@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from effcompile.bench import timing  # noqa: E402
 from effcompile.codegen.kernels import dequant_matmul as D  # noqa: E402
 from effcompile.codegen.kernels import launch_plan as plan  # noqa: E402
 from effcompile.codegen.kernels import sparse_gemv as S  # noqa: E402
@@ -54,27 +55,9 @@ _FLUSH: dict = {}
 
 
 def _graph_ms(body: Callable[[], object], reps: int, replays: int = 10) -> float:
-    """Median ms of one replay of a CUDA graph holding ``reps`` calls of body (warmed up on a side stream
-    first, as torch's CUDA-graph docs do)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            body()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(reps):
-            body()
-    graph.replay()
-    times = []
-    for _ in range(replays):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
+    """Median ms of one replay of a CUDA graph holding ``reps`` calls of body (captured as the decode
+    harness captures a step: warm-up on a side stream, then one replay per timed event pair)."""
+    times = timing.graphed_steps(lambda: [body() for _ in range(reps)], 2, replays)
     return sorted(times)[len(times) // 2]
 
 

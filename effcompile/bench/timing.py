@@ -138,7 +138,7 @@ def weight_bytes_per_step(model: torch.nn.Module, batch: int) -> int:
     return total
 
 
-def _graphed_steps(step: Callable[[], None], warmup: int, steps: int) -> list[float]:
+def graphed_steps(step: Callable[[], None], warmup: int, steps: int) -> list[float]:
     """Capture one decode step in a CUDA graph (after warm-up on a side stream, as torch's docs do) and
     time ``steps`` replays one by one with CUDA events (ms each)."""
     side = torch.cuda.Stream()
@@ -198,7 +198,7 @@ def decode_speed(fn, model, prompt_ids: torch.Tensor, steps: int, warmup: int, d
         sync(device)
         first = time.perf_counter() - t
         try:
-            times = _graphed_steps(step, warmup, steps)
+            times = graphed_steps(step, warmup, steps)
             graphed = True
         except Exception as e:  # noqa: BLE001 - recorded, and the plain loop below measures instead
             graphed = f"capture failed: {type(e).__name__}: {str(e)[:300]}"
