@@ -27,6 +27,7 @@ from effcompile.passes import threshold_greedy as tg  # noqa: E402
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--metric", default="cosine", choices=tg.GREEDY_METRICS)
+    ap.add_argument("--method", default="greedy", choices=["greedy", "greedy-channel"])
     ap.add_argument("--targets", default="0.25,0.4,0.5,0.6")
     ap.add_argument("--queries", type=int, default=512)
     ap.add_argument("--docs", type=int, default=700)
@@ -47,7 +48,7 @@ def main(argv=None) -> int:
             "note": "greedy curves measured once for all targets (benchmarks/greedy_targets.py)"}
     targets = [float(t) for t in a.targets.split(",")]
     with open(a.out, "a") as f:
-        for rec in thresholding.minilm_cases(["greedy"], targets, 8, a.queries, a.docs, {"greedy_metric": a.metric}):
+        for rec in thresholding.minilm_cases([a.method], targets, 8, a.queries, a.docs, {"greedy_metric": a.metric}):
             rec.update(meta)
             f.write(json.dumps(rec) + "\n")
             f.flush()

@@ -88,7 +88,7 @@ def minilm_cases(methods, targets, n_calib: int, n_queries: int, n_docs: int, gr
         for s in targets:
             torch._dynamo.reset()
             t0 = time.perf_counter()
-            extra = {**(common or {}), **((greedy or {}) if method == "greedy" else {})}
+            extra = {**(common or {}), **((greedy or {}) if method.startswith("greedy") else {})}
             fast = ec.effcompile(model, passes=[ec.ThresholdChannels(sparsity=s, method=method, **extra)],
                                  calibration=calib, cache=False)
             with measure_sparsity() as achieved:
@@ -132,7 +132,7 @@ def lm_cases(methods, targets, n_calib: int, windows: int, greedy: dict | None =
         for s in targets:
             torch._dynamo.reset()
             t0 = time.perf_counter()
-            extra = {**(common or {}), **((greedy or {}) if method == "greedy" else {})}
+            extra = {**(common or {}), **((greedy or {}) if method.startswith("greedy") else {})}
             fast = ec.effcompile(model, passes=[ec.ThresholdChannels(sparsity=s, method=method, **extra)],
                                  calibration=calib, cache=False)
             with measure_sparsity() as achieved:

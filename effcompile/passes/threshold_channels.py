@@ -28,7 +28,7 @@ KINDS = ("attn_in", "attn_out", "mlp_in", "mlp_out")
 _ALIASES = {"all": KINDS, "attn": ("attn_in", "attn_out"), "ffn": ("mlp_in", "mlp_out"),
             "mlp": ("mlp_in", "mlp_out"), "ffn_in": ("mlp_in",), "ffn_out": ("mlp_out",)}
 _TAG = re.compile(r"^layers\.\d+\.(attn|ffn)$")
-METHODS = ("tensor", "channel", "greedy")
+METHODS = ("tensor", "channel", "greedy", "greedy-channel")
 _ROW_ELEMENTS = 4_000_000  # per activation: enough rows for 0.1-point quantiles, bounded memory
 _REFINE_ROUNDS = 2  # re-calibrations with the thresholds in place (see the pass)
 
@@ -49,7 +49,8 @@ class ThresholdChannels(PassConfig):
         to the output) is thresholded at its quantile (CHESS);
         "greedy" - per-tensor thresholds whose sparsity differs per (block, kind), allocated greedily
         to meet the target (weighted by weight bytes, i.e. what decode skips reading) with the least
-        output error on the calibration data (TEAL's greedy search, model-wide).
+        output error on the calibration data (TEAL's greedy search, model-wide);
+        "greedy-channel" - the same greedy allocation over per-channel (CHESS) thresholds.
     targets: which linears: kinds, aliases, or exact sublayer tags ("layers.3.attn").
     decode_only: True leaves prefill-shaped inputs (more than one token per sequence) dense.
     greedy_step: the sparsity grid of the greedy search; greedy_batches: calibration batches it scores on;
@@ -240,7 +241,7 @@ class _Calib:
         by_input: dict[str, torch.Tensor] = {}
         for s in sites:
             rows = _rows(stats[s.x.name])
-            if method == "channel":
+            if method in ("channel", "greedy-channel"):
                 # CHESS: a zeroed x_j removes x_j * W[:, j] from the output; rank entries by that size.
                 col = s.weight.norm(dim=0).to(rows.dtype)
                 self.score[s.label] = (torch.sort((rows * col).flatten()).values, col)
@@ -348,7 +349,7 @@ def threshold_channels(gm: fx.GraphModule, cfg: ThresholdChannels, ctx: PassCont
     alloc = {s.label: cfg.target_for(s.kind) for s in sites}
     extra: dict[str, Any] = {}
     with sparse_ops.not_measuring():  # the pass's own runs are not the model's sparsity
-        if cfg.method == "greedy":
+        if cfg.method in ("greedy", "greedy-channel"):
             alloc, extra = threshold_greedy.allocate(gm, sites, bufs, calib, cfg, ctx)
         # Thresholds from the dense model undershoot downstream: an o_proj or down_proj input computed
         # from sparsified q/k/v or gate/up (and every later block) is smaller than in the dense model, so
