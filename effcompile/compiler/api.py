@@ -50,7 +50,8 @@ class _Compiler:
         self.compiled = torch.compile(fn, backend=backend, dynamic=dynamic, fullgraph=fullgraph)
 
     def _compile(self, gm, example_inputs, calibration_inputs):
-        model_calibration = self.recordings if self.settings.calibration is not None and not calibration_inputs else None
+        # A graph with no recordings of its own reuses other graphs' fits: their data goes in its cache key.
+        model_calibration = None if self.settings.calibration is None or calibration_inputs else self.recordings
         graph = CompiledGraph(gm, example_inputs, self.settings, calibration_inputs, index=len(self.report.graphs),
                               model_calibration=model_calibration)
         self.report.graphs.append(graph.report)

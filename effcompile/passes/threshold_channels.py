@@ -301,7 +301,8 @@ def _insert(gm, s: _Site, thr: torch.Tensor, mode, decode_only: bool) -> torch.T
 
 
 def _reuse(gm, sites, cfg, ctx, base, skipped) -> PassResult | None:
-    found = [calibrated_for(s.source).get(fit_key("threshold", cfg, s.label)) if s.source is not None else None for s in sites]
+    found = [calibrated_for(s.source).get(fit_key("threshold", cfg, s.label)) if s.source is not None else None
+             for s in sites]
     if any(f is None for f in found):
         return None  # collect_stats then raises the clear "no calibration data" error
     mode = ir.fake_mode_for(gm, ctx.example_inputs)
