@@ -1,0 +1,36 @@
+"""The benchmark scripts GPU sessions run (where a broken script costs device time) work end to end on CPU."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _run(*args, timeout=300):
+    return subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
+def test_decode_benchmark_runs_a_quantized_and_a_thresholded_config(tmp_path):
+    out = tmp_path / "decode.json"
+    r = _run("benchmarks/decode.py", "--model", "llama-tiny", "--steps", "1", "--batches", "1,2", "--configs",
+             "quantize(weights=int4,group_size=32,smooth=0.5,eora_rank=2);threshold(sparsity=0.5)", "--out", str(out))
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [row["config"] for row in rows] == ["eager (first)", "quantize(weights=int4,group_size=32,smooth=0.5,eora_rank=2)",
+                                              "threshold(sparsity=0.5)", "eager (last)"]
+    for row in rows[1:-1]:
+        assert "failed" not in row and row["tok_s_b1"] > 0 and row["tok_s_b2"] > 0 and row["vs_eager_b1"] > 0, row
+        assert row["kernels"], row  # the rewrite reached a kernel, not just the eager graph
+
+
+def test_kernel_benchmark_refuses_without_a_gpu(tmp_path):
+    r = _run("benchmarks/kernels.py", "--device", "cpu", "--output", str(tmp_path / "k.json"), timeout=120)
+    assert r.returncode == 2 and "needs --device cuda" in r.stderr
+
+
+def test_gpu_quick_script_parses():
+    assert subprocess.run(["bash", "-n", str(REPO / "benchmarks" / "gpu_quick.sh")]).returncode == 0
