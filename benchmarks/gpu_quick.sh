@@ -3,7 +3,7 @@
 #   1. the gpu test lane, 16 xdist workers (150 s; session 7's 100 s with 8 workers reached 2/3 of it);
 #   2. the decode-kernel sweep (tl.dot vs fma tiles, K splits up to 128) on the two Llama-3-8B MLP shapes
 #      for the cases in SWEEP_CASES, then every kernel against cuBLAS bf16 and TorchAO, L2 cold (170 s;
-#      about 150 s in session 7 with four cases);
+#      about 150 s in session 7 with four cases, before the K splits went to 128: may need trimming);
 #   3. whole-model greedy decode tok/s of the Llama-3.2-1B-shaped zoo model in bf16 under CUDA graphs:
 #      eager, effcompile configs, then the peers TorchAO int4 / int8 and torch.compile last: each is two
 #      or more Inductor compiles of the model, and in session 7 (H100) a TorchAO int4 config did not
@@ -31,7 +31,7 @@ timeout 150 "$PY" -m pytest -q -m gpu -n 16 -p no:cacheprovider tests/gpu 2>&1 |
     | tail -40 | tee "$OUT/gpu-tests.log"
 # 2. kernels
 timeout 170 "$PY" benchmarks/kernels.py --device cuda --sweep --tuning-out "$OUT/tuning.json" \
-    --sweep-cases "${SWEEP_CASES:-dequant/int4,sparse/int4,sparse/float}" \
+    --sweep-cases "${SWEEP_CASES:-dequant/int4,sparse/int4,sparse/float,sparse/int8}" \
     --shapes 8b.up,8b.down --output "$OUT/kernels.json" 2>&1 | grep -v "^  config" | tee "$OUT/kernels.log"
 # 3. decode, with the tile table step 2 wrote (if it got that far) over the shipped one
 [ -s "$OUT/tuning.json" ] && export EFFCOMPILE_KERNEL_TUNING="$OUT/tuning.json"

@@ -164,7 +164,9 @@ def test_int4_and_int8_fma_kernels_decode_codes_without_int_to_float_conversions
     S.launch(x, torch.tensor(0.5), wt, s, z, None, "int4", 64, config=plan.Config(128, 32, 4, 1, 2, fma=True))
     q8 = _weights("int8", 96, 256, dtype, 0)
     D.launch(x, *q8[:3], None, "int8", 0, config=plan.Config(64, 128, 4, 1, 2, fma=True))
-    assert len(launches) == 5
+    w8, s8, _ = sl.to_input_major(q8.qweight, q8.scales, None, "int8", 0)
+    S.launch(x, torch.tensor(0.5), w8, s8, None, None, "int8", 0, config=plan.Config(128, 32, 4, 1, 2, fma=True))
+    assert len(launches) == 6
     for kernel, args, kw in launches:
         found = _INT_TO_FLOAT.findall(_compile(kernel, args, kw, 90).asm["ptx"])
         assert not found, (kernel.fn.__name__ if hasattr(kernel, "fn") else kernel, kw.get("FMA"), found[:4])

@@ -103,8 +103,11 @@ def _sparse_kernel(x_ptr, t_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, M, N, K, K
             wmask = (need & k_mask)[:, None] & n_mask[None, :]
             w = tl.load(w_ptr + offs_k.to(tl.int64)[:, None] * N + offs_n[None, :], mask=wmask, other=0)
             if FMA:
-                acc += tl.reduce(x.to(tl.float32)[:, :, None] * w.to(tl.float32)[None, :, :], 1,
-                                 tl.standard._sum_combine)
+                if FMT == 0:  # int8 codes by their bits, as in dequant_matmul.py: 2**23 + 128 + c, exact
+                    wf = ((w.to(tl.int32) + 128) | 0x4B000000).to(tl.float32, bitcast=True) - 8388736.0
+                else:
+                    wf = w.to(tl.float32)
+                acc += tl.reduce(x.to(tl.float32)[:, :, None] * wf[None, :, :], 1, tl.standard._sum_combine)
             else:
                 acc += tl.dot(x, w.to(DOT_DT), input_precision="ieee")
     if FMT == 1:
