@@ -285,11 +285,15 @@ def _time_configs(runs: list, configs: list) -> list:
 
 
 def sweep(dtype, device: str, peak: float, on_case: Callable[[list, dict], None] | None = None,
-          cases: set[str] | None = None) -> tuple[list, dict]:
+          cases: set[str] | None = None, budget_s: float | None = None) -> tuple[list, dict]:
     """Time the tile configs of our decode kernels on two 8B shapes; per (kernel, format, batch bucket) the
     config with the least total time, then the best K split for it. Returns (rows, tuning table); on_case
     gets both after every case, so a run stopped by a time limit keeps what it swept. cases: only these
-    "kernel/format" cases (e.g. {"sparse/float", "dequant/int4"}), default all."""
+    "kernel/format" cases (e.g. {"sparse/float", "dequant/int4"}), default all. budget_s: start no new case
+    after that many seconds (the comparison that follows still runs, with what was swept)."""
+    import time
+
+    start = time.perf_counter()
     shapes = ("8b.up", "8b.down")
     setups = {}
     for name in shapes:
@@ -306,6 +310,9 @@ def sweep(dtype, device: str, peak: float, on_case: Callable[[list, dict], None]
             per_shape[name] = _sweep_cases(x, w, quant)
         for case in per_shape[shapes[0]]:
             if cases and "/".join(case) not in cases:
+                continue
+            if budget_s is not None and time.perf_counter() - start > budget_s:
+                print(f"sweep m={m} {'/'.join(case)}: skipped, the {budget_s:.0f} s sweep budget is spent", flush=True)
                 continue
             runs = [(per_shape[s][case][0], per_shape[s][case][0](None).float()) for s in shapes]
             nbytes = sum(per_shape[s][case][1] for s in shapes)
@@ -344,6 +351,8 @@ def main(argv=None) -> int:
     p.add_argument("--batches", default=",".join(map(str, BATCHES)))
     p.add_argument("--no-torchao", action="store_true")
     p.add_argument("--sweep", action="store_true", help="first time every tile config of our decode kernels")
+    p.add_argument("--sweep-budget-s", type=float, default=None,
+                   help="with --sweep: start no new case after this many seconds, then compare as usual")
     p.add_argument("--sweep-cases", default="", help="with --sweep: only these comma-separated kernel/format "
                    "cases (dequant/int8, dequant/int4, sparse/float, sparse/int8, sparse/int4); default all")
     p.add_argument("--tuning-out", type=Path, help="with --sweep: write the best configs as a tuning table "
@@ -404,7 +413,7 @@ def main(argv=None) -> int:
         a.output.write_text(json.dumps(result, indent=1))
 
     if a.sweep:
-        sweep(dtype, a.device, peak, save_sweep, {c for c in a.sweep_cases.split(",") if c} or None)
+        sweep(dtype, a.device, peak, save_sweep, {c for c in a.sweep_cases.split(",") if c} or None, a.sweep_budget_s)
         if a.tuning_out:
             os.environ[plan.TUNING_ENV] = str(a.tuning_out)
             plan._table.cache_clear()
