@@ -31,7 +31,8 @@ _FP8_FORMATS = ("fp8", "mxfp8")
 @triton.jit
 def _matmul_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, u_ptr, lb_ptr, out_ptr, M, N, K, K_SPLIT, RANK,
                    FMT: tl.constexpr, G: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr,
-                   DOT_DT: tl.constexpr, ATOMIC: tl.constexpr, FMA: tl.constexpr, BLOCK_M: tl.constexpr,
+                   DOT_DT: tl.constexpr, I4_BITS: tl.constexpr, I4_OFF: tl.constexpr,
+                   ATOMIC: tl.constexpr, FMA: tl.constexpr, BLOCK_M: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
     # Tiled tl.dot: the weight tile is dequantized in registers right before the dot (never in memory).
     # Decode (few rows) pads M to 16 for the tensor cores and splits K over programs (ATOMIC: fp32
@@ -88,33 +89,25 @@ def _matmul_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, u_ptr, lb_ptr, out_ptr, M,
             # Codes to floats without an integer-to-float conversion: as we read the CUDA guide's throughput
             # table, conversions issue at a fraction of the FMA rate (16 vs 128 per clock per SM), and two
             # per byte look like what held this kernel at 24 % of the read peak (H100, session 7; int8
-            # 69 %). Not profiled. A code q (0..15) in the low mantissa bits of a float
-            # whose ulp is 1 is exactly OFF + q: fp32 2**23 (0x4B000000), fp16 1024 (0x6400), bf16 128
-            # (0x4300). fp32 takes OFF off each element (exact); the 16-bit dots run on OFF + q and take
-            # OFF * sum(x) off the partial sum, x . q = x . (OFF + q) - OFF sum(x).
+            # 69 %). Not profiled. A code q (0..15) in the low mantissa bits of a float whose ulp is 1 is
+            # exactly OFF + q: fp32 2**23 (0x4B000000), taken off each element (exact); 16-bit dots run on
+            # I4_OFF + q (launch_plan.int4_offset) and take I4_OFF * sum(x) off the partial sum.
             lo, hi = byte & 15, byte >> 4
-            if FMA:
+            if FMA or DOT_DT == tl.float32:  # fp32 dots: fp32 activations, and bf16 ones under the interpreter
                 lo = (lo | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
                 hi = (hi | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
-                part = tl.reduce(xe.to(tl.float32)[:, :, None] * lo[None, :, :]
-                                 + xo.to(tl.float32)[:, :, None] * hi[None, :, :], 1, tl.standard._sum_combine)
-            elif DOT_DT == tl.float16:
-                part = tl.dot(xe.to(DOT_DT), (lo | 0x6400).to(tl.int16).to(tl.float16, bitcast=True),
+                if FMA:
+                    part = tl.reduce(xe.to(tl.float32)[:, :, None] * lo[None, :, :]
+                                     + xo.to(tl.float32)[:, :, None] * hi[None, :, :], 1, tl.standard._sum_combine)
+                else:
+                    part = tl.dot(xe.to(DOT_DT), lo, input_precision="ieee")
+                    part += tl.dot(xo.to(DOT_DT), hi, input_precision="ieee")
+            else:
+                part = tl.dot(xe.to(DOT_DT), (lo | I4_BITS).to(tl.int16).to(DOT_DT, bitcast=True),
                               input_precision="ieee")
-                part += tl.dot(xo.to(DOT_DT), (hi | 0x6400).to(tl.int16).to(tl.float16, bitcast=True),
+                part += tl.dot(xo.to(DOT_DT), (hi | I4_BITS).to(tl.int16).to(DOT_DT, bitcast=True),
                                input_precision="ieee")
-                part -= 1024.0 * xsum[:, None]
-            elif DOT_DT == tl.bfloat16:
-                part = tl.dot(xe.to(DOT_DT), (lo | 0x4300).to(tl.int16).to(tl.bfloat16, bitcast=True),
-                              input_precision="ieee")
-                part += tl.dot(xo.to(DOT_DT), (hi | 0x4300).to(tl.int16).to(tl.bfloat16, bitcast=True),
-                               input_precision="ieee")
-                part -= 128.0 * xsum[:, None]
-            else:  # fp32 dots (fp32 activations; bf16 ones under the interpreter)
-                lo = (lo | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
-                hi = (hi | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
-                part = tl.dot(xe.to(DOT_DT), lo, input_precision="ieee")
-                part += tl.dot(xo.to(DOT_DT), hi, input_precision="ieee")
+                part -= I4_OFF * xsum[:, None]
             gi = offs_n.to(tl.int64) * (K // G) + k0 // G
             s = tl.load(s_ptr + gi, mask=n_mask, other=0.0).to(tl.float32)
             z = tl.load(z_ptr + gi, mask=n_mask, other=0.0).to(tl.float32)
@@ -273,9 +266,12 @@ def launch(x, qweight, scales, zeros, bias, fmt: str, group_size: int, split_k: 
     atomic = ks < k
     out = (torch.zeros if atomic else torch.empty)((m, n), dtype=torch.float32 if atomic else x.dtype, device=dev)
     grid = (triton.cdiv(m, bm), triton.cdiv(n, bn), triton.cdiv(k, ks))
+    dot_dt = plan.dot_dtype(x.dtype, interp)
+    i4_bits, i4_off = plan.int4_offset(dot_dt)
     _ops.jit_variant(_matmul_kernel, interp)[grid](
         x2, q, s, z, b, u, lb, out, m, n, k, ks, lora_a.shape[0] if lora else 0, FMT=_FMT[fmt],
-        G=max(group_size, 1), HAS_BIAS=bias is not None, HAS_LORA=lora, DOT_DT=plan.dot_dtype(x.dtype, interp),
+        G=max(group_size, 1), HAS_BIAS=bias is not None, HAS_LORA=lora, DOT_DT=dot_dt,
+        I4_BITS=i4_bits, I4_OFF=i4_off,
         ATOMIC=atomic, FMA=plan.uses_fma(m, config), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=block_r,
         num_warps=warps, num_stages=stages)
     return out.to(x.dtype).view(*x.shape[:-1], n)

@@ -160,3 +160,14 @@ def dot_dtype(x_dtype: torch.dtype, interpreting: bool):
     """tl.dot input type: the activation dtype, except bf16 under the interpreter (numpy has no bf16, so
     its dot is wrong there); bf16 values are exact in fp32, so only the summation order differs."""
     return tl.float32 if interpreting and x_dtype == torch.bfloat16 else DOT_DTYPES[x_dtype]
+
+
+# int4 codes q (0..15) meet a 16-bit tl.dot as OFF + q: q ORed into the low mantissa bits of OFF, a float
+# whose ulp is 1 (fp16 1024, bf16 128), so no integer-to-float conversion; the kernels take OFF * sum(x)
+# off the partial sum. fp32 dots and fma tiles use 2**23 and take it off per element instead.
+_INT4_OFFSET = {tl.float16: (0x6400, 1024.0), tl.bfloat16: (0x4300, 128.0)}
+
+
+def int4_offset(dot_dt) -> tuple[int, float]:
+    """(bits, value) of OFF for 16-bit dots of this dtype; (0, 0.0) for fp32 dots, which do not use it."""
+    return _INT4_OFFSET.get(dot_dt, (0, 0.0))

@@ -26,7 +26,8 @@ _FMT = {"int8": 0, "int4": 1, "float": 2}
 @triton.jit
 def _sparse_kernel(x_ptr, t_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, M, N, K, K_SPLIT,
                    FMT: tl.constexpr, G: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr,
-                   DOT_DT: tl.constexpr, ATOMIC: tl.constexpr, FMA: tl.constexpr,
+                   DOT_DT: tl.constexpr, I4_BITS: tl.constexpr, I4_OFF: tl.constexpr,
+                   ATOMIC: tl.constexpr, FMA: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_n = tl.program_id(0)
     k_lo = tl.program_id(1) * K_SPLIT
@@ -68,30 +69,24 @@ def _sparse_kernel(x_ptr, t_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, M, N, K, K
             byte = byte.to(tl.int32)
             xsum = tl.reduce(x.to(tl.float32), 1, tl.standard._sum_combine)[:, None]
             # Codes to floats by their bits, not an integer-to-float conversion (see dequant_matmul.py):
-            # OFF + q with OFF = 2**23 (fp32, taken off per element), 1024 (fp16) or 128 (bf16), whose
-            # dots take OFF * sum(x) off afterwards.
+            # 2**23 + q taken off per element for fp32, I4_OFF + q for 16-bit dots, which take
+            # I4_OFF * sum(x) off afterwards.
             lo, hi = byte & 15, byte >> 4
-            if FMA:  # products summed over K in registers (launch_plan.Config.fma)
-                xf = x.to(tl.float32)[:, :, None]
+            if FMA or DOT_DT == tl.float32:
                 lo = (lo | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
                 hi = (hi | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
-                part_lo = tl.reduce(xf * lo[None, :, :], 1, tl.standard._sum_combine)
-                part_hi = tl.reduce(xf * hi[None, :, :], 1, tl.standard._sum_combine)
-            elif DOT_DT == tl.float16:
-                part_lo = tl.dot(x, (lo | 0x6400).to(tl.int16).to(tl.float16, bitcast=True), input_precision="ieee")
-                part_hi = tl.dot(x, (hi | 0x6400).to(tl.int16).to(tl.float16, bitcast=True), input_precision="ieee")
-                part_lo -= 1024.0 * xsum
-                part_hi -= 1024.0 * xsum
-            elif DOT_DT == tl.bfloat16:
-                part_lo = tl.dot(x, (lo | 0x4300).to(tl.int16).to(tl.bfloat16, bitcast=True), input_precision="ieee")
-                part_hi = tl.dot(x, (hi | 0x4300).to(tl.int16).to(tl.bfloat16, bitcast=True), input_precision="ieee")
-                part_lo -= 128.0 * xsum
-                part_hi -= 128.0 * xsum
-            else:  # fp32 dots
-                lo = (lo | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
-                hi = (hi | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
-                part_lo = tl.dot(x, lo, input_precision="ieee")
-                part_hi = tl.dot(x, hi, input_precision="ieee")
+                if FMA:  # products summed over K in registers (launch_plan.Config.fma)
+                    xf = x.to(tl.float32)[:, :, None]
+                    part_lo = tl.reduce(xf * lo[None, :, :], 1, tl.standard._sum_combine)
+                    part_hi = tl.reduce(xf * hi[None, :, :], 1, tl.standard._sum_combine)
+                else:
+                    part_lo = tl.dot(x, lo, input_precision="ieee")
+                    part_hi = tl.dot(x, hi, input_precision="ieee")
+            else:
+                part_lo = tl.dot(x, (lo | I4_BITS).to(tl.int16).to(DOT_DT, bitcast=True), input_precision="ieee")
+                part_hi = tl.dot(x, (hi | I4_BITS).to(tl.int16).to(DOT_DT, bitcast=True), input_precision="ieee")
+                part_lo -= I4_OFF * xsum
+                part_hi -= I4_OFF * xsum
             gi = (k0 // G) * N + 2 * offs_j.to(tl.int64)
             s_lo = tl.load(s_ptr + gi, mask=j_mask, other=0.0).to(tl.float32)[None, :]
             z_lo = tl.load(z_ptr + gi, mask=j_mask, other=0.0).to(tl.float32)[None, :]
@@ -178,9 +173,11 @@ def launch(x, threshold, weight_t, scales, zeros, bias, fmt: str, group_size: in
     atomic = ks < k
     out = (torch.zeros if atomic else torch.empty)((m, n), dtype=torch.float32 if atomic else x.dtype, device=dev)
     grid = (tiles, triton.cdiv(k, ks))
+    dot_dt = plan.dot_dtype(x.dtype, interp)
+    i4_bits, i4_off = plan.int4_offset(dot_dt)
     _ops.jit_variant(_sparse_kernel, interp)[grid](
         x2, t, w, s, z, b, out, m, n, k, ks, FMT=_FMT[fmt], G=max(group_size, 1), PER_CHANNEL=t.numel() > 1,
-        HAS_BIAS=bias is not None, DOT_DT=plan.dot_dtype(x.dtype, interp), ATOMIC=atomic,
+        HAS_BIAS=bias is not None, DOT_DT=dot_dt, I4_BITS=i4_bits, I4_OFF=i4_off, ATOMIC=atomic,
         FMA=plan.uses_fma(m, config), BLOCK_M=plan.block_m(m, config), BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
     return out.to(x.dtype).view(*x.shape[:-1], n)
 
