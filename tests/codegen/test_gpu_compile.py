@@ -1,10 +1,10 @@
 """Every Triton kernel the launchers pick compiles for sm_80 / sm_90 (PTX and a cubin), here, without a GPU.
 
 The interpreter runs a kernel's numerics on CPU but accepts code the GPU compiler rejects (dtype mixes in
-tl.dot, layouts, fp8 conversions), and under it bf16 dots run in fp32. So each launcher is called on CPU
-tensors as if they were on a GPU (interpreting() says no), its launch is recorded instead of run, and
-triton compiles that exact call (argument dtypes, constexprs, warps, stages) ahead of time for a named
-target with its bundled ptxas. This checks that the kernels build, not their speed or numerics.
+tl.dot, layouts, fp8 conversions, inline assembly it cannot run), and under it bf16 dots run in fp32. So each
+launcher is called on CPU tensors as if they were on a GPU, its launch is recorded instead of run, and triton
+compiles that exact call ahead of time for a named target (codegen/aot.py). This checks that the kernels
+build, not their speed or numerics.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import torch
 from cg_util import capture
 from test_kernels_interpreter import CASES, _inputs
 
-from effcompile.codegen import ops as cg_ops
+from effcompile.codegen import aot
 from effcompile.codegen.kernels import dequant_matmul as D
 from effcompile.codegen.kernels import launch_plan as plan
 from effcompile.codegen.kernels import sparse_gemv as S
@@ -24,59 +24,24 @@ from effcompile.codegen.lower import lower
 from effcompile.compiler import ops as qops
 from effcompile.compiler import sparse_linear as sl
 
-triton = pytest.importorskip("triton")
-ASTSource = pytest.importorskip("triton.compiler").ASTSource
-GPUTarget = pytest.importorskip("triton.backends.compiler").GPUTarget
-
-_PTR = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.int8: "*i8",
-        torch.uint8: "*u8", torch.int32: "*i32", torch.int64: "*i64", torch.float8_e4m3fn: "*fp8e4nv"}
-
 
 @pytest.fixture
-def launches(monkeypatch):
+def launches():
     """Record (kernel, args, kwargs) of every launch instead of running it, as a GPU launcher would pass them."""
-    seen = []
-
-    class _Recorder:
-        def __init__(self, kernel):
-            self.kernel = kernel
-
-        def __getitem__(self, grid):
-            return lambda *args, **kw: seen.append((self.kernel, args, kw))
-
-    gpu_variant = cg_ops.jit_variant  # a kernel decorated under TRITON_INTERPRET, rebuilt for the GPU
-    monkeypatch.setattr(cg_ops, "interpreting", lambda device: False)
-    monkeypatch.setattr(cg_ops, "jit_variant", lambda kernel, interpret: _Recorder(gpu_variant(kernel, False)))
-    return seen
+    with aot.record_launches() as seen:
+        yield seen
 
 
-def _compile(kernel, args, kw, cap: int):
-    params = kernel.arg_names
-    const_names = {p.name for p in kernel.params if p.is_constexpr}
-    values = dict(zip(params, args, strict=False)) | {k: v for k, v in kw.items() if k in params}
-    sig, consts, attrs = {}, {}, {}
-    for i, name in enumerate(params):
-        v = values[name]
-        if name in const_names:
-            sig[name], consts[name] = "constexpr", v
-            continue
-        if isinstance(v, torch.Tensor):
-            sig[name], aligned = _PTR[v.dtype], v.data_ptr() % 16 == 0
-        else:
-            sig[name], aligned = ("i64" if abs(int(v)) >= 2**31 else "i32"), int(v) % 16 == 0
-        if aligned:  # what the JIT launcher specializes on: 16-byte-aligned pointers, ints divisible by 16
-            attrs[(i,)] = [["tt.divisibility", 16]]
-    opts = {k: kw[k] for k in ("num_warps", "num_stages") if k in kw}
-    compiled = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=consts, attrs=attrs),
-                              target=GPUTarget("cuda", cap, 32), options=opts)
+def _compile(launch, cap: int):
+    compiled = aot.compile_launch(launch, cap)
     assert compiled.asm["cubin"], "no cubin"
     return compiled
 
 
 def _compile_all(seen, cap: int = 90):
     assert seen, "the launcher launched nothing"
-    for kernel, args, kw in seen:
-        _compile(kernel, args, kw, cap)
+    for launch in seen:
+        _compile(launch, cap)
 
 
 def _weights(fmt, n, k, dtype, group):
@@ -118,8 +83,8 @@ def test_fma_decode_variants_compile(m, launches):
         wt, s, z = sl.to_input_major(w if qw is None else qw.qweight, *((None, None) if qw is None else
                                                                       (qw.scales, qw.zeros)), fmt, group)
         S.launch(x, torch.tensor(0.5), wt, s, z, None, fmt, group, config=plan.Config(128, 32, 4, 1, 8, fma=True))
-    assert len(launches) == 6 and all(kw["FMA"] and kw["BLOCK_M"] == max(1, 1 << (m - 1).bit_length())
-                                      for _, _, kw in launches)
+    assert len(launches) == 6 and all(lc.kwargs["FMA"] and lc.kwargs["BLOCK_M"] == max(1, 1 << (m - 1).bit_length())
+                                      for lc in launches)
     _compile_all(launches, 90)
 
 
@@ -167,9 +132,14 @@ def test_int4_and_int8_fma_kernels_decode_codes_without_int_to_float_conversions
     w8, s8, _ = sl.to_input_major(q8.qweight, q8.scales, None, "int8", 0)
     S.launch(x, torch.tensor(0.5), w8, s8, None, None, "int8", 0, config=plan.Config(128, 32, 4, 1, 2, fma=True))
     assert len(launches) == 6
-    for kernel, args, kw in launches:
-        found = _INT_TO_FLOAT.findall(_compile(kernel, args, kw, 90).asm["ptx"])
-        assert not found, (kernel.fn.__name__ if hasattr(kernel, "fn") else kernel, kw.get("FMA"), found[:4])
+    for launch in launches:
+        ptx = _compile(launch, 90).asm["ptx"]
+        found = _INT_TO_FLOAT.findall(ptx)
+        assert not found, (launch.kernel.fn.__name__, launch.kwargs.get("FMA"), found[:4])
+        asm = launch.kwargs.get("I4_ASM") and not launch.kwargs["FMA"]  # 16-bit int4 dots: launch_plan's PTX
+        assert ("prmt.b32 t0, t0, 0, 0x4140;" in ptx) == bool(asm), (launch.kernel.fn.__name__, dtype)
+    assert sum(bool(lc.kwargs.get("I4_ASM") and not lc.kwargs["FMA"]) for lc in launches) == (
+        0 if dtype == torch.float32 else 2)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)

@@ -31,7 +31,7 @@ _FP8_FORMATS = ("fp8", "mxfp8")
 @triton.jit
 def _matmul_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, u_ptr, lb_ptr, out_ptr, M, N, K, K_SPLIT, RANK,
                    FMT: tl.constexpr, G: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr,
-                   DOT_DT: tl.constexpr, I4_BITS: tl.constexpr, I4_OFF: tl.constexpr,
+                   DOT_DT: tl.constexpr, I4_BITS: tl.constexpr, I4_OFF: tl.constexpr, I4_ASM: tl.constexpr,
                    ATOMIC: tl.constexpr, FMA: tl.constexpr, BLOCK_M: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
     # Tiled tl.dot: the weight tile is dequantized in registers right before the dot (never in memory).
@@ -72,46 +72,62 @@ def _matmul_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, u_ptr, lb_ptr, out_ptr, M,
         acc = acc * s[None, :]
     elif FMT == 1:
         # int4, groups of G along K, two K values per byte (low nibble: the even one). The launcher keeps
-        # BLOCK_K <= G, so a K chunk lies inside one group: the codes (small integers, exact in any dot
-        # dtype) go through the dot as they are and the group's scale and zero are applied to the partial
-        # sum, x . (q s + z) = s (x . q) + z sum(x). Scale and zero are then one [N] load per chunk, not a
-        # gather per weight (session 2 measured that gather version at 16 % of HBM peak on an H200).
+        # BLOCK_K <= G, so a K chunk lies inside one group and its scale and zero are one [N] load each.
+        # 16-bit dots (GPU): each weight is dequantized in registers, q s + z in the dot dtype (packed
+        # two per instruction, as ops.dequantize rounds it), and the weight tile is the dot's first operand,
+        # out^T = W x^T: its N rows fill the 64-row wgmma tiles (sm_90) that a 1-16-row x cannot, and the
+        # A operand may come straight from registers. fp32 dots and fma tiles instead apply scale and zero
+        # to the partial sum, x . (q s + z) = s (x . q) + z sum(x), which keeps fp32 precision.
         KH = K // 2
+        acc_t = tl.full((BLOCK_N, BLOCK_M), 0.0, tl.float32)
         for k0 in range(k_lo, k_hi, BLOCK_K):
             offs_j = k0 // 2 + tl.arange(0, BLOCK_K // 2)
             j_mask = offs_j < k_hi // 2
-            byte = tl.load(q_ptr + col * KH + offs_j[:, None], mask=j_mask[:, None] & n_mask[None, :], other=0)
-            byte = byte.to(tl.int32)
-            xmask = m_mask[:, None] & j_mask[None, :]
-            xe = tl.load(x_ptr + row + 2 * offs_j[None, :], mask=xmask, other=0.0)
-            xo = tl.load(x_ptr + row + 2 * offs_j[None, :] + 1, mask=xmask, other=0.0)
-            xsum = tl.reduce(xe.to(tl.float32) + xo.to(tl.float32), 1, tl.standard._sum_combine)
-            # Codes to floats without an integer-to-float conversion: as we read the CUDA guide's throughput
-            # table, conversions issue at a fraction of the FMA rate (16 vs 128 per clock per SM), and two
-            # per byte look like what held this kernel at 24 % of the read peak (H100, session 7; int8
-            # 69 %). Not profiled. A code q (0..15) in the low mantissa bits of a float whose ulp is 1 is
-            # exactly OFF + q: fp32 2**23 (0x4B000000), taken off each element (exact); 16-bit dots run on
-            # I4_OFF + q (launch_plan.int4_offset) and take I4_OFF * sum(x) off the partial sum.
-            lo, hi = byte & 15, byte >> 4
+            # x as one contiguous [BLOCK_M, BLOCK_K] load (vectorized, pipelined), split into the even and odd
+            # K values in registers; two stride-2 loads were a 2-byte load instruction per element.
+            xmask = (m_mask[:, None] & j_mask[None, :])[:, :, None]
+            pair = tl.arange(0, 2)[None, None, :]
+            xe, xo = tl.split(tl.load(x_ptr + row[:, :, None] + 2 * offs_j[None, :, None] + pair, mask=xmask,
+                                      other=0.0))
+            gi = offs_n.to(tl.int64) * (K // G) + k0 // G
+            # Codes become floats through their bits, not an integer-to-float conversion (a quarter of the FMA
+            # issue rate on sm_90; the H100 run of session 7 had two per byte and reached 24 % of the read
+            # peak): a code q (0..15) in the low mantissa bits of a float whose ulp is 1 is exactly OFF + q;
+            # fp32 2**23 (0x4B000000), 16-bit dots I4_OFF (launch_plan.int4_offset); OFF is then taken off.
             if FMA or DOT_DT == tl.float32:  # fp32 dots: fp32 activations, and bf16 ones under the interpreter
-                lo = (lo | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
-                hi = (hi | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+                byte = tl.load(q_ptr + col * KH + offs_j[:, None], mask=j_mask[:, None] & n_mask[None, :],
+                               other=0).to(tl.int32)
+                lo = ((byte & 15) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+                hi = ((byte >> 4) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
                 if FMA:
                     part = tl.reduce(xe.to(tl.float32)[:, :, None] * lo[None, :, :]
                                      + xo.to(tl.float32)[:, :, None] * hi[None, :, :], 1, tl.standard._sum_combine)
                 else:
                     part = tl.dot(xe.to(DOT_DT), lo, input_precision="ieee")
                     part += tl.dot(xo.to(DOT_DT), hi, input_precision="ieee")
+                xsum = tl.reduce(xe.to(tl.float32) + xo.to(tl.float32), 1, tl.standard._sum_combine)
+                s = tl.load(s_ptr + gi, mask=n_mask, other=0.0).to(tl.float32)
+                z = tl.load(z_ptr + gi, mask=n_mask, other=0.0).to(tl.float32)
+                acc += part * s[None, :] + xsum[:, None] * z[None, :]
             else:
-                part = tl.dot(xe.to(DOT_DT), (lo | I4_BITS).to(tl.int16).to(DOT_DT, bitcast=True),
-                              input_precision="ieee")
-                part += tl.dot(xo.to(DOT_DT), (hi | I4_BITS).to(tl.int16).to(DOT_DT, bitcast=True),
-                               input_precision="ieee")
-                part -= I4_OFF * xsum[:, None]
-            gi = offs_n.to(tl.int64) * (K // G) + k0 // G
-            s = tl.load(s_ptr + gi, mask=n_mask, other=0.0).to(tl.float32)
-            z = tl.load(z_ptr + gi, mask=n_mask, other=0.0).to(tl.float32)
-            acc += part * s[None, :] + xsum[:, None] * z[None, :]
+                byte = tl.load(q_ptr + offs_n.to(tl.int64)[:, None] * KH + offs_j[None, :],
+                               mask=n_mask[:, None] & j_mask[None, :], other=0)  # [BLOCK_N, BLOCK_K // 2]
+                if len(I4_ASM) > 0:  # GPU only: four bytes into eight 16-bit floats with a few 32-bit ops (_I4_ASM)
+                    lo, hi = tl.inline_asm_elementwise(I4_ASM, "=r,=r,h", [byte],
+                                                       dtype=(x_ptr.dtype.element_ty, x_ptr.dtype.element_ty),
+                                                       is_pure=True, pack=2)
+                else:
+                    byte = byte.to(tl.int32)
+                    lo = ((byte & 15) | I4_BITS).to(tl.int16).to(DOT_DT, bitcast=True)
+                    hi = ((byte >> 4) | I4_BITS).to(tl.int16).to(DOT_DT, bitcast=True)
+                s16 = tl.load(s_ptr + gi, mask=n_mask, other=0.0).to(DOT_DT)[:, None]
+                z16 = tl.load(z_ptr + gi, mask=n_mask, other=0.0).to(DOT_DT)[:, None]
+                wlo = (lo - I4_OFF) * s16 + z16  # OFF + q - OFF is exact
+                whi = (hi - I4_OFF) * s16 + z16
+                acc_t += tl.dot(wlo, tl.trans(xe.to(DOT_DT)), input_precision="ieee")
+                acc_t += tl.dot(whi, tl.trans(xo.to(DOT_DT)), input_precision="ieee")
+        if not FMA and DOT_DT != tl.float32:
+            acc += tl.trans(acc_t)
     else:
         # MX: the scale changes every G elements of K, so it is applied to the weight tile before the dot
         # (rounded to the activation dtype, as ops.dequantize does), not to the accumulator.
@@ -271,7 +287,7 @@ def launch(x, qweight, scales, zeros, bias, fmt: str, group_size: int, split_k: 
     _ops.jit_variant(_matmul_kernel, interp)[grid](
         x2, q, s, z, b, u, lb, out, m, n, k, ks, lora_a.shape[0] if lora else 0, FMT=_FMT[fmt],
         G=max(group_size, 1), HAS_BIAS=bias is not None, HAS_LORA=lora, DOT_DT=dot_dt,
-        I4_BITS=i4_bits, I4_OFF=i4_off,
+        I4_BITS=i4_bits, I4_OFF=i4_off, I4_ASM=plan.int4_asm(dot_dt, interp),
         ATOMIC=atomic, FMA=plan.uses_fma(m, config), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=block_r,
         num_warps=warps, num_stages=stages)
     return out.to(x.dtype).view(*x.shape[:-1], n)

@@ -171,3 +171,28 @@ _INT4_OFFSET = {tl.float16: (0x6400, 1024.0), tl.bfloat16: (0x4300, 128.0)}
 def int4_offset(dot_dt) -> tuple[int, float]:
     """(bits, value) of OFF for 16-bit dots of this dtype; (0, 0.0) for fp32 dots, which do not use it."""
     return _INT4_OFFSET.get(dot_dt, (0, 0.0))
+
+
+# PTX for tl.inline_asm_elementwise(pack=4): four packed int4 bytes ($4, byte i = element i) into the 16-bit
+# floats OFF + low nibble ($0: elements 0-1, $1: 2-3) and OFF + high nibble ($2, $3). prmt spreads bytes 0,1
+# (2,3) into the low byte of each 16-bit lane, one lop3 per two values masks a nibble and ORs in OFF's
+# bits, and one shift brings the high nibbles down: 9 instructions per 8 weights, where the compiler's
+# byte-at-a-time extraction took about 17. tests/codegen/test_int4_asm.py checks it against the reference
+# decode on an emulation of these four instructions; the GPU lane checks it for real.
+_INT4_ASM = """{
+.reg .b32 t0;
+cvt.u32.u16 t0, $2;
+prmt.b32 t0, t0, 0, 0x4140;
+lop3.b32 $0, t0, 0x000F000F, BITS, 0xEA;
+shr.u32 t0, t0, 4;
+lop3.b32 $1, t0, 0x000F000F, BITS, 0xEA;
+}"""
+
+
+def int4_asm(dot_dt, interpreting: bool) -> str:
+    """The int4 decode PTX for 16-bit dots on a GPU, "" (the kernels' plain-Triton decode) otherwise: the
+    interpreter cannot run inline assembly, and fp32 dots decode through 2**23 instead."""
+    bits = _INT4_OFFSET.get(dot_dt, (0, 0.0))[0]
+    if interpreting or not bits:
+        return ""
+    return _INT4_ASM.replace("BITS", f"0x{bits:04X}{bits:04X}")

@@ -26,7 +26,7 @@ _FMT = {"int8": 0, "int4": 1, "float": 2}
 @triton.jit
 def _sparse_kernel(x_ptr, t_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, M, N, K, K_SPLIT,
                    FMT: tl.constexpr, G: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr,
-                   DOT_DT: tl.constexpr, I4_BITS: tl.constexpr, I4_OFF: tl.constexpr,
+                   DOT_DT: tl.constexpr, I4_BITS: tl.constexpr, I4_OFF: tl.constexpr, I4_ASM: tl.constexpr,
                    ATOMIC: tl.constexpr, FMA: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_n = tl.program_id(0)
@@ -61,20 +61,18 @@ def _sparse_kernel(x_ptr, t_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, M, N, K, K
         # A weight row is needed when any activation row keeps its channel: skipped rows are never read.
         need = tl.reduce(keep.to(tl.int32), 0, tl.standard._sum_combine) > 0
         if FMT == 1:
-            # The launcher keeps BLOCK_K <= G, so this chunk lies inside one group: the codes go through the
-            # dot as they are and the group's scale and zero are applied to the partial sums,
-            # x . (q s + z) = s (x . q) + z sum(x), one [N] load each instead of a gather per weight.
+            # The launcher keeps BLOCK_K <= G, so this chunk lies inside one group: its scales and zeros are
+            # one [N] load each, not a gather per weight.
             wmask = (need & k_mask)[:, None] & j_mask[None, :]
             byte = tl.load(w_ptr + offs_k.to(tl.int64)[:, None] * (N // 2) + offs_j[None, :], mask=wmask, other=0)
-            byte = byte.to(tl.int32)
-            xsum = tl.reduce(x.to(tl.float32), 1, tl.standard._sum_combine)[:, None]
-            # Codes to floats by their bits, not an integer-to-float conversion (see dequant_matmul.py):
-            # 2**23 + q taken off per element for fp32, I4_OFF + q for 16-bit dots, which take
-            # I4_OFF * sum(x) off afterwards.
-            lo, hi = byte & 15, byte >> 4
+            gi = (k0 // G) * N + 2 * offs_j.to(tl.int64)
+            # Codes to floats by their bits, not an integer-to-float conversion (see dequant_matmul.py).
             if FMA or DOT_DT == tl.float32:
-                lo = (lo | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
-                hi = (hi | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+                # 2**23 + q, taken off per element; scale and zero applied to the partial sums.
+                byte = byte.to(tl.int32)
+                lo = ((byte & 15) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+                hi = ((byte >> 4) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+                xsum = tl.reduce(x.to(tl.float32), 1, tl.standard._sum_combine)[:, None]
                 if FMA:  # products summed over K in registers (launch_plan.Config.fma)
                     xf = x.to(tl.float32)[:, :, None]
                     part_lo = tl.reduce(xf * lo[None, :, :], 1, tl.standard._sum_combine)
@@ -82,18 +80,29 @@ def _sparse_kernel(x_ptr, t_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, M, N, K, K
                 else:
                     part_lo = tl.dot(x, lo, input_precision="ieee")
                     part_hi = tl.dot(x, hi, input_precision="ieee")
+                s_lo = tl.load(s_ptr + gi, mask=j_mask, other=0.0).to(tl.float32)[None, :]
+                z_lo = tl.load(z_ptr + gi, mask=j_mask, other=0.0).to(tl.float32)[None, :]
+                s_hi = tl.load(s_ptr + gi + 1, mask=j_mask, other=0.0).to(tl.float32)[None, :]
+                z_hi = tl.load(z_ptr + gi + 1, mask=j_mask, other=0.0).to(tl.float32)[None, :]
+                acc_lo += part_lo * s_lo + xsum * z_lo
+                acc_hi += part_hi * s_hi + xsum * z_hi
             else:
-                part_lo = tl.dot(x, (lo | I4_BITS).to(tl.int16).to(DOT_DT, bitcast=True), input_precision="ieee")
-                part_hi = tl.dot(x, (hi | I4_BITS).to(tl.int16).to(DOT_DT, bitcast=True), input_precision="ieee")
-                part_lo -= I4_OFF * xsum
-                part_hi -= I4_OFF * xsum
-            gi = (k0 // G) * N + 2 * offs_j.to(tl.int64)
-            s_lo = tl.load(s_ptr + gi, mask=j_mask, other=0.0).to(tl.float32)[None, :]
-            z_lo = tl.load(z_ptr + gi, mask=j_mask, other=0.0).to(tl.float32)[None, :]
-            s_hi = tl.load(s_ptr + gi + 1, mask=j_mask, other=0.0).to(tl.float32)[None, :]
-            z_hi = tl.load(z_ptr + gi + 1, mask=j_mask, other=0.0).to(tl.float32)[None, :]
-            acc_lo += part_lo * s_lo + xsum * z_lo
-            acc_hi += part_hi * s_hi + xsum * z_hi
+                # 16-bit dots: I4_OFF + q (the assembly decode on a GPU), dequantized in registers in the dot
+                # dtype (q s + z, as ops.dequantize rounds it), so no sum(x) term.
+                if len(I4_ASM) > 0:
+                    lo, hi = tl.inline_asm_elementwise(I4_ASM, "=r,=r,h", [byte],
+                                                       dtype=(x_ptr.dtype.element_ty, x_ptr.dtype.element_ty),
+                                                       is_pure=True, pack=2)
+                else:
+                    byte = byte.to(tl.int32)
+                    lo = ((byte & 15) | I4_BITS).to(tl.int16).to(DOT_DT, bitcast=True)
+                    hi = ((byte >> 4) | I4_BITS).to(tl.int16).to(DOT_DT, bitcast=True)
+                s_lo = tl.load(s_ptr + gi, mask=j_mask, other=0.0).to(DOT_DT)[None, :]
+                z_lo = tl.load(z_ptr + gi, mask=j_mask, other=0.0).to(DOT_DT)[None, :]
+                s_hi = tl.load(s_ptr + gi + 1, mask=j_mask, other=0.0).to(DOT_DT)[None, :]
+                z_hi = tl.load(z_ptr + gi + 1, mask=j_mask, other=0.0).to(DOT_DT)[None, :]
+                acc_lo += tl.dot(x, (lo - I4_OFF) * s_lo + z_lo, input_precision="ieee")
+                acc_hi += tl.dot(x, (hi - I4_OFF) * s_hi + z_hi, input_precision="ieee")
         else:
             wmask = (need & k_mask)[:, None] & n_mask[None, :]
             w = tl.load(w_ptr + offs_k.to(tl.int64)[:, None] * N + offs_n[None, :], mask=wmask, other=0)
@@ -177,7 +186,8 @@ def launch(x, threshold, weight_t, scales, zeros, bias, fmt: str, group_size: in
     i4_bits, i4_off = plan.int4_offset(dot_dt)
     _ops.jit_variant(_sparse_kernel, interp)[grid](
         x2, t, w, s, z, b, out, m, n, k, ks, FMT=_FMT[fmt], G=max(group_size, 1), PER_CHANNEL=t.numel() > 1,
-        HAS_BIAS=bias is not None, DOT_DT=dot_dt, I4_BITS=i4_bits, I4_OFF=i4_off, ATOMIC=atomic,
+        HAS_BIAS=bias is not None, DOT_DT=dot_dt, I4_BITS=i4_bits, I4_OFF=i4_off,
+        I4_ASM=plan.int4_asm(dot_dt, interp), ATOMIC=atomic,
         FMA=plan.uses_fma(m, config), BLOCK_M=plan.block_m(m, config), BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
     return out.to(x.dtype).view(*x.shape[:-1], n)
 
