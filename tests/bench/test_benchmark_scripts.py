@@ -34,3 +34,18 @@ def test_kernel_benchmark_refuses_without_a_gpu(tmp_path):
 
 def test_gpu_quick_script_parses():
     assert subprocess.run(["bash", "-n", str(REPO / "benchmarks" / "gpu_quick.sh")]).returncode == 0
+
+
+def test_sass_stats_reads_the_hot_loop_of_a_compiled_decode_kernel(tmp_path):
+    out = tmp_path / "sass.json"
+    r = _run("benchmarks/sass_stats.py", "--config", "dequant:int4:1:128,128,4,3,,0", "--config",
+             "sparse:float:1:256,16,4,1,64,1", "--output", str(out))
+    assert r.returncode == 0, r.stderr[-2000:]
+    int4, sparse = json.loads(out.read_text())["rows"]
+    assert int4["block_n"] == 128 and int4["block_k"] == 128 and not int4["fma"] and sparse["fma"]
+    for row in (int4, sparse):  # a real K loop: loads, arithmetic, and a ceiling that follows from them
+        assert row["loop_instructions"] > 50 and row["load_bytes_per_thread"] > 0, row
+        want = row["weight_bytes_per_iteration"] / (row["loop_instructions"] * row["warps"])
+        assert abs(row["weight_bytes_per_warp_instruction"] - want) < 1e-3, row
+    assert int4["int_to_float"] == 0 and int4["mma"] > 0  # int4 decodes by its bits into tensor-core dots
+    assert int4["weight_bytes_per_iteration"] == 128 * 128 // 2

@@ -34,7 +34,9 @@ class Config(NamedTuple):
 
 # Decode (<= 8 rows) tile shapes per weight format, (block_n, block_k, warps, stages).
 # fp8 / MX / W8A8 start from the int8 shape (one byte per weight, same loads); not yet measured on a GPU.
-DECODE = {"int8": (64, 256, 4, 4), "int4": (64, 256, 4, 4), "fp8": (64, 256, 4, 4), "mxint8": (64, 256, 4, 4),
+# int4: 128 outputs x one 128-group, the fewest SASS instructions per weight byte at 3 CTAs per SM among the
+# sweep's tiles (benchmarks/sass_stats.py, session 8); a static choice until a GPU sweep times it.
+DECODE = {"int8": (64, 256, 4, 4), "int4": (128, 128, 4, 3), "fp8": (64, 256, 4, 4), "mxint8": (64, 256, 4, 4),
           "mxfp8": (64, 256, 4, 4), "w8a8": (64, 256, 4, 4)}
 # The sparse GEMV: int4 packs two outputs per byte, so 128 outputs = 64 contiguous bytes of a needed row.
 # int8: 256 outputs (256 contiguous bytes of a row), the H200 sweep's best at 1 and 8 rows; 64 (64 bytes)
