@@ -112,7 +112,7 @@ def _matmul_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, u_ptr, lb_ptr, out_ptr, M,
             else:
                 byte = tl.load(q_ptr + offs_n.to(tl.int64)[:, None] * KH + offs_j[None, :],
                                mask=n_mask[:, None] & j_mask[None, :], other=0)  # [BLOCK_N, BLOCK_K // 2]
-                if len(I4_ASM) > 0:  # GPU only: four bytes into eight 16-bit floats with a few 32-bit ops (_I4_ASM)
+                if len(I4_ASM) > 0:  # GPU only: two bytes into four 16-bit floats, 32-bit ops (launch_plan._INT4_ASM)
                     lo, hi = tl.inline_asm_elementwise(I4_ASM, "=r,=r,h", [byte],
                                                        dtype=(x_ptr.dtype.element_ty, x_ptr.dtype.element_ty),
                                                        is_pure=True, pack=2)

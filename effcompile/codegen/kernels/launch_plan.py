@@ -175,12 +175,13 @@ def int4_offset(dot_dt) -> tuple[int, float]:
     return _INT4_OFFSET.get(dot_dt, (0, 0.0))
 
 
-# PTX for tl.inline_asm_elementwise(pack=4): four packed int4 bytes ($4, byte i = element i) into the 16-bit
-# floats OFF + low nibble ($0: elements 0-1, $1: 2-3) and OFF + high nibble ($2, $3). prmt spreads bytes 0,1
-# (2,3) into the low byte of each 16-bit lane, one lop3 per two values masks a nibble and ORs in OFF's
-# bits, and one shift brings the high nibbles down: 9 instructions per 8 weights, where the compiler's
-# byte-at-a-time extraction took about 17. tests/codegen/test_int4_asm.py checks it against the reference
-# decode on an emulation of these four instructions; the GPU lane checks it for real.
+# PTX for tl.inline_asm_elementwise(pack=2): two packed int4 bytes ($2, a 16-bit operand, element i in byte i)
+# into the 16-bit floats OFF + low nibble ($0: elements 0 and 1) and OFF + high nibble ($1). prmt spreads the
+# bytes into the low byte of each 16-bit lane, one lop3 per two values masks a nibble and ORs in OFF's bits,
+# one shift brings the high nibbles down: 5 instructions per 4 weights. pack=2, not 4: in the dot-operand
+# layout a thread holds pairs of bytes along K, and pack=4 made the compiler gather bytes into words first
+# (sm_90 SASS: 376 instructions per loop against 320). tests/codegen/test_int4_asm.py runs this text on an
+# emulation of its instructions against the reference decode; the GPU lane checks it for real.
 _INT4_ASM = """{
 .reg .b32 t0;
 cvt.u32.u16 t0, $2;
