@@ -248,7 +248,7 @@ def _configs(sparse: bool, m: int) -> list:
     # lives in registers; the sparse layout is N-contiguous (wide N tiles), the dense one K-contiguous.
     # Untimed when added (session 6, no GPU): the sweep decides whether they win anywhere.
     if sparse:
-        fma = [(128, 32, 4, 1), (256, 16, 4, 1), (64, 64, 4, 2), (256, 32, 8, 1)]
+        fma = [(128, 32, 4, 1), (256, 16, 4, 1), (64, 64, 4, 2), (256, 32, 8, 1), (512, 16, 4, 1)]
     else:
         fma = [(32, 256, 4, 1), (64, 128, 4, 1), (16, 512, 4, 1), (64, 256, 8, 1)]
     if m > 1:  # 8 rows multiply the register tile by 8: halve K

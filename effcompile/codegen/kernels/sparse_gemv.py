@@ -41,6 +41,8 @@ def _sparse_kernel(x_ptr, t_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, M, N, K, K
         j_mask = offs_j < N // 2
         acc_lo = tl.full((BLOCK_M, HALF), 0.0, tl.float32)
         acc_hi = tl.full((BLOCK_M, HALF), 0.0, tl.float32)
+        acc1_lo = tl.full((BLOCK_K, HALF), 0.0, tl.float32)
+        acc1_hi = tl.full((BLOCK_K, HALF), 0.0, tl.float32)
     else:
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         n_mask = offs_n < N
@@ -65,27 +67,38 @@ def _sparse_kernel(x_ptr, t_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, M, N, K, K
             # one [N] load each, not a gather per weight.
             wmask = (need & k_mask)[:, None] & j_mask[None, :]
             byte = tl.load(w_ptr + offs_k.to(tl.int64)[:, None] * (N // 2) + offs_j[None, :], mask=wmask, other=0)
-            gi = (k0 // G) * N + 2 * offs_j.to(tl.int64)
+            # The group's scales and zeros of outputs 2j and 2j + 1: one contiguous [HALF, 2] load each, split
+            # in registers (two stride-2 loads were a 2-byte load instruction per value).
+            gi = ((k0 // G) * N + 2 * offs_j.to(tl.int64))[:, None] + tl.arange(0, 2)[None, :]
+            s_lo, s_hi = tl.split(tl.load(s_ptr + gi, mask=j_mask[:, None], other=0.0))
+            z_lo, z_hi = tl.split(tl.load(z_ptr + gi, mask=j_mask[:, None], other=0.0))
             # Codes to floats by their bits, not an integer-to-float conversion (see dequant_matmul.py).
             if FMA or DOT_DT == tl.float32:
-                # 2**23 + q, taken off per element; scale and zero applied to the partial sums.
+                # 2**23 + q, taken off per element.
                 byte = byte.to(tl.int32)
                 lo = ((byte & 15) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
                 hi = ((byte >> 4) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
-                xsum = tl.reduce(x.to(tl.float32), 1, tl.standard._sum_combine)[:, None]
-                if FMA:  # products summed over K in registers (launch_plan.Config.fma)
-                    xf = x.to(tl.float32)[:, :, None]
-                    part_lo = tl.reduce(xf * lo[None, :, :], 1, tl.standard._sum_combine)
-                    part_hi = tl.reduce(xf * hi[None, :, :], 1, tl.standard._sum_combine)
+                s_lo, z_lo = s_lo.to(tl.float32)[None, :], z_lo.to(tl.float32)[None, :]
+                s_hi, z_hi = s_hi.to(tl.float32)[None, :], z_hi.to(tl.float32)[None, :]
+                if FMA and BLOCK_M == 1:
+                    # One row: products of the dequantized weights gathered per [k, output] in the weight
+                    # tile's own layout and summed over k once, after the loop (a per-chunk sum over k crossed
+                    # threads and warps through shared memory every iteration).
+                    xv = tl.reshape(x.to(tl.float32), (BLOCK_K,))[:, None]
+                    acc1_lo += xv * (lo * s_lo + z_lo)
+                    acc1_hi += xv * (hi * s_hi + z_hi)
                 else:
-                    part_lo = tl.dot(x, lo, input_precision="ieee")
-                    part_hi = tl.dot(x, hi, input_precision="ieee")
-                s_lo = tl.load(s_ptr + gi, mask=j_mask, other=0.0).to(tl.float32)[None, :]
-                z_lo = tl.load(z_ptr + gi, mask=j_mask, other=0.0).to(tl.float32)[None, :]
-                s_hi = tl.load(s_ptr + gi + 1, mask=j_mask, other=0.0).to(tl.float32)[None, :]
-                z_hi = tl.load(z_ptr + gi + 1, mask=j_mask, other=0.0).to(tl.float32)[None, :]
-                acc_lo += part_lo * s_lo + xsum * z_lo
-                acc_hi += part_hi * s_hi + xsum * z_hi
+                    # Scale and zero applied to the partial sums: x . (q s + z) = s (x . q) + z sum(x).
+                    xsum = tl.reduce(x.to(tl.float32), 1, tl.standard._sum_combine)[:, None]
+                    if FMA:  # products summed over K in registers (launch_plan.Config.fma)
+                        xf = x.to(tl.float32)[:, :, None]
+                        part_lo = tl.reduce(xf * lo[None, :, :], 1, tl.standard._sum_combine)
+                        part_hi = tl.reduce(xf * hi[None, :, :], 1, tl.standard._sum_combine)
+                    else:
+                        part_lo = tl.dot(x, lo, input_precision="ieee")
+                        part_hi = tl.dot(x, hi, input_precision="ieee")
+                    acc_lo += part_lo * s_lo + xsum * z_lo
+                    acc_hi += part_hi * s_hi + xsum * z_hi
             else:
                 # 16-bit dots: I4_OFF + q (the assembly decode on a GPU), dequantized in registers in the dot
                 # dtype (q s + z, as ops.dequantize rounds it), so no sum(x) term.
@@ -97,10 +110,8 @@ def _sparse_kernel(x_ptr, t_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, M, N, K, K
                     byte = byte.to(tl.int32)
                     lo = ((byte & 15) | I4_BITS).to(tl.int16).to(DOT_DT, bitcast=True)
                     hi = ((byte >> 4) | I4_BITS).to(tl.int16).to(DOT_DT, bitcast=True)
-                s_lo = tl.load(s_ptr + gi, mask=j_mask, other=0.0).to(DOT_DT)[None, :]
-                z_lo = tl.load(z_ptr + gi, mask=j_mask, other=0.0).to(DOT_DT)[None, :]
-                s_hi = tl.load(s_ptr + gi + 1, mask=j_mask, other=0.0).to(DOT_DT)[None, :]
-                z_hi = tl.load(z_ptr + gi + 1, mask=j_mask, other=0.0).to(DOT_DT)[None, :]
+                s_lo, z_lo = s_lo.to(DOT_DT)[None, :], z_lo.to(DOT_DT)[None, :]
+                s_hi, z_hi = s_hi.to(DOT_DT)[None, :], z_hi.to(DOT_DT)[None, :]
                 acc_lo += tl.dot(x, (lo - I4_OFF) * s_lo + z_lo, input_precision="ieee")
                 acc_hi += tl.dot(x, (hi - I4_OFF) * s_hi + z_hi, input_precision="ieee")
         else:
@@ -115,6 +126,9 @@ def _sparse_kernel(x_ptr, t_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, M, N, K, K
             else:
                 acc += tl.dot(x, w.to(DOT_DT), input_precision="ieee")
     if FMT == 1:
+        if FMA and BLOCK_M == 1:
+            acc_lo += tl.reduce(acc1_lo, 0, tl.standard._sum_combine)[None, :]
+            acc_hi += tl.reduce(acc1_hi, 0, tl.standard._sum_combine)[None, :]
         first = (offs_j * 0 + k_lo) == 0  # a tensor: the interpreter refuses a scalar bool in a mask
         if HAS_BIAS:
             acc_lo += tl.load(b_ptr + 2 * offs_j, mask=j_mask & first, other=0.0).to(tl.float32)[None, :]
