@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import triton.language as tl
 
 from effcompile.codegen import ops as cg_ops
 from effcompile.codegen.kernels import dequant_matmul as D
@@ -61,6 +62,34 @@ def test_int4_group_128_against_k_tiles(block_k, m):
     # group (32), a larger one (256, cut to the group), and a K split that ends inside a tile.
     _check(*_case("int4", 128, 94, 640, m, torch.float16, seed=block_k), split_k=3,
            config=plan.Config(64, block_k, 4, 2))
+
+
+@pytest.mark.parametrize("m", [1, 5, 24])
+@pytest.mark.parametrize("splits", [1, 4])
+def test_int4_tiles_that_divide_n_and_k_load_unmasked(m, splits, monkeypatch):
+    # N and K multiples of the tile: the 16-bit int4 path drops its load masks (EVEN_NK); the rows are still
+    # masked (m < the 16-row dot tile). fp16: under the interpreter bf16 dots run in fp32, another branch.
+    seen = []
+    real = cg_ops.jit_variant
+
+    def spy(kernel, interpret):
+        variant = real(kernel, interpret)
+
+        class _Grid:
+            def __getitem__(self, grid):
+                def launch(*args, **kw):
+                    seen.append(kw)
+                    return variant[grid](*args, **kw)
+                return launch
+        return _Grid()
+
+    monkeypatch.setattr(cg_ops, "jit_variant", spy)
+    config = plan.Config(32, 64, 4, 2, splits)
+    _check(*_case("int4", 64, 96, 512, m, torch.float16, seed=m + splits), config=config)
+    assert [kw["EVEN_NK"] for kw in seen] == [True] and seen[0]["DOT_DT"] == tl.float16
+    seen.clear()
+    _check(*_case("int4", 64, 94, 512, m, torch.float16, seed=m), config=config)  # N = 94: masked
+    assert [kw["EVEN_NK"] for kw in seen] == [False]
 
 
 @pytest.mark.slow
