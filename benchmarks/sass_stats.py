@@ -6,6 +6,7 @@ instructions on B bytes of weights cannot read faster than B / I x 4 x SMs x clo
 fast HBM is. The report gives that ceiling, the loads' widths (a 2-byte load per activation element costs
 an instruction each), conversions and shuffles per iteration, registers and CTAs per SM. It is a proxy that
 ranks kernel variants on a CPU-only machine; speed is only ever what benchmarks/kernels.py measures on a GPU.
+Counts are static: a branch inside the loop counts as if it ran every iteration.
 
     python benchmarks/sass_stats.py --output benchmarks/results/sass-sm90-<date>.json
 """
