@@ -258,7 +258,7 @@ def add_buffer(gm: fx.GraphModule, before: fx.Node, name: str, t: torch.Tensor |
     gm.register_buffer(name, t)
     with gm.graph.inserting_before(before):
         node = gm.graph.get_attr(name)
-    node.meta[VAL] = mode.from_tensor(t)
+    node.meta[VAL] = mode.from_tensor(t, static_shapes=True)  # a constant: its sizes are not input dims
     node.meta[TAG] = tag
     return node
 
@@ -323,8 +323,17 @@ def propagate_meta(gm: fx.GraphModule, example_inputs=()) -> None:
         if isinstance(v, torch.Tensor) and not isinstance(v, torch._subclasses.FakeTensor):
             v = mode.from_tensor(v)
         args.append(v)
+    class _Prop(FakeTensorProp):
+        def get_attr(self, target, args, kwargs):
+            # Buffers passes added (packed weights, thresholds) are real tensors: fake them in this mode.
+            v = super().get_attr(target, args, kwargs)
+            # Static shapes: a weight's size is not an input dimension (a symbolic N would make every
+            # stride downstream symbolic).
+            return mode.from_tensor(v, static_shapes=True) if isinstance(v, torch.Tensor) and not isinstance(
+                v, torch._subclasses.FakeTensor) else v
+
     with mode:
-        FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*args)
+        _Prop(gm, mode).propagate_dont_convert_inputs(*args)
 
 
 def annotate(gm: fx.GraphModule, example_inputs=()) -> dict[str, int]:

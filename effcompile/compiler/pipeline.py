@@ -11,7 +11,9 @@ from __future__ import annotations
 def default_passes() -> list:
     """The exact pipeline used when ``passes=None``."""
     from effcompile.passes import RemoveDropout
+    from effcompile.passes.fuse_parallel_linears import FuseParallelLinears
     from effcompile.passes.fuse_sparse_linear import FuseSparseLinear
 
-    # FuseSparseLinear fires only where a sparsify op (ThresholdChannels) feeds a linear.
-    return [RemoveDropout(), FuseSparseLinear()]
+    # FuseSparseLinear fires only where a sparsify op (ThresholdChannels) feeds a linear;
+    # FuseParallelLinears only where quantized linears (Quantize) share an input.
+    return [RemoveDropout(), FuseSparseLinear(), FuseParallelLinears()]
