@@ -138,3 +138,30 @@ def load_module(path: str | os.PathLike) -> ModuleType:
             raise
         _LOADED[name] = module
         return module
+
+
+def row_layout(t: torch.Tensor) -> tuple[int, int, int] | None:
+    """Where row r of ``t`` (read as [rows, t.shape[-1]], unit stride along the last dim) starts:
+    (r // inner) * outer_stride + (r % inner) * inner_stride, as (inner, inner_stride, outer_stride).
+    Contiguous: (1, 0, N). A slice of a wider row (what FuseParallelLinears leaves), or a head view of one
+    ([B, H, T, D] after a transpose), also fits: its leading dims collapse into at most two evenly strided
+    levels. None when they do not, or when a size or stride is symbolic."""
+    if t.dim() == 0 or not all(isinstance(v, int) for v in (*t.shape, *t.stride())):
+        return None
+    if t.is_contiguous():
+        return 1, 0, t.shape[-1]
+    if t.shape[-1] > 1 and t.stride(-1) != 1:
+        return None
+    levels: list[list[int]] = []  # [size, stride], outermost first, adjacent compatible dims merged
+    for size, stride in zip(t.shape[:-1], t.stride()[:-1], strict=True):
+        if size == 1:
+            continue
+        if levels and levels[-1][1] == stride * size:
+            levels[-1] = [levels[-1][0] * size, stride]
+        else:
+            levels.append([size, stride])
+    if len(levels) > 2:
+        return None
+    if len(levels) == 2:
+        return levels[1][0], levels[1][1], levels[0][1]
+    return 1, 0, levels[0][1] if levels else 0

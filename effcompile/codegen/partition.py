@@ -10,6 +10,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
+from effcompile.codegen.ops import row_layout
 from effcompile.compiler.ir import TAG, tensor_val
 
 MAX_BLOCK = 16384  # one row must fit one program's registers; wider rows need a split reduction
@@ -249,8 +250,8 @@ def _node_key(node: fx.Node, spec: OpSpec, keys: dict) -> tuple | str:
             key[2] == "rowscalar" and spec.op not in ROW_REDUCTIONS and cls not in ("rowscalar", "scalar")
         ):
             return f"broadcast of {a.name} {list(v.shape)} to {list(out.shape)}"
-        if cls in ("full", "rowscalar") and not v.is_contiguous():
-            return f"non-contiguous input {a.name}"
+        if cls in ("full", "rowscalar") and not v.is_contiguous() and (cls == "rowscalar" or row_layout(v) is None):
+            return f"non-contiguous input {a.name}"  # full rows may be evenly strided (a slice of a wider row)
         has_main |= cls == "full" or (key[2] == "rowscalar" and cls == "rowscalar")
     if not has_main:
         return "no full-row input (outer broadcast)"

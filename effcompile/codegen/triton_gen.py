@@ -196,9 +196,10 @@ def generate(group: FusionGroup) -> GeneratedKernel:
     full = ins[classes.index("full")]
     ptrs = [f"{x}_ptr" for x in ins] + [f"out{k}_ptr" for k in range(len(outs))]
 
+    strides = [f"{x}_{w}" for x, cls in zip(ins, classes, strict=True) if cls == "full" for w in ("in", "si", "so")]
     k = [
         "@triton.jit",
-        f"def _kernel({', '.join(ptrs)}, N, BLOCK_N: tl.constexpr):",
+        f"def _kernel({', '.join(ptrs)}, N, {', '.join(strides)}, BLOCK_N: tl.constexpr):",
         "    # One program per row; int64 row offsets so M * N may exceed 2**31.",
         "    row = tl.program_id(0).to(tl.int64)",
         "    offs = tl.arange(0, BLOCK_N)",
@@ -206,7 +207,8 @@ def generate(group: FusionGroup) -> GeneratedKernel:
     ]
     for x, cls in zip(ins, classes, strict=True):
         where = {
-            "full": f"{x}_ptr + row * N + offs, mask=mask, other=0.0",
+            # full rows may be strided views: ops.row_layout
+            "full": f"{x}_ptr + (row // {x}_in) * {x}_so + (row % {x}_in) * {x}_si + offs, mask=mask, other=0.0",
             "row": f"{x}_ptr + offs, mask=mask, other=0.0",
             "scalar": f"{x}_ptr",
             "rowscalar": f"{x}_ptr + row",
@@ -246,15 +248,24 @@ _OUTPUTS = lambda {full}: ({out_shapes},)
 
 
 def launch({", ".join(ins)}):
-    """Run the Triton kernel: every input flattened contiguous, one program per row of N."""
+    """Run the Triton kernel, one program per row of N: full-row inputs read in place when their rows are
+    evenly spaced (a slice of a wider row, or a head view of one: ops.row_layout), every other input
+    flattened contiguous."""
     N = {full}.shape[-1]
     M = {full}.numel() // max(N, 1)
     dev = {full}.device
-    args = [t.to(dev).contiguous().view(-1) for t in ({", ".join(ins)},)]
+    args, strides = [], []
+    for t, cls in zip(({", ".join(ins)},), INPUT_CLASSES):
+        t = t.to(dev)
+        rows = _ops.row_layout(t) if cls == "full" else None
+        if cls == "full" and rows is None:
+            t, rows = t.contiguous(), (1, 0, N)
+        args.append(t if cls == "full" else t.contiguous().view(-1))
+        strides += list(rows) if cls == "full" else []
     outs = [torch.empty(s, dtype=d, device=dev) for s, d in _OUTPUTS({full})]
     if M > 0 and N > 0:
         block = triton.next_power_of_2(N)
-        _ops.jit_variant(_kernel, _ops.interpreting(dev))[(M,)](*args, *outs, N, BLOCK_N=block,
+        _ops.jit_variant(_kernel, _ops.interpreting(dev))[(M,)](*args, *outs, N, *strides, BLOCK_N=block,
                                                              num_warps=min(max(block // 256, 1), 16))
     return tuple(outs)
 
