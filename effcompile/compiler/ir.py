@@ -273,6 +273,14 @@ def attr_tensor(gm: fx.GraphModule, node) -> torch.Tensor | None:
     return obj if isinstance(obj, torch.Tensor) else None
 
 
+def node_tensor(gm: fx.GraphModule, node, params: dict) -> torch.Tensor | None:
+    """The real tensor behind a weight/bias argument: a lifted parameter (``params``: PassContext.params)
+    or a get_attr buffer; None for anything else."""
+    if not isinstance(node, fx.Node):
+        return None
+    return params.get(node.name) if node.op == "placeholder" else attr_tensor(gm, node)
+
+
 def drop_unused_attrs(gm: fx.GraphModule, nodes) -> None:
     """Erase the get_attr nodes among ``nodes`` that a rewrite left without users, and their buffers,
     so a replaced weight layout is neither kept in memory nor cached."""

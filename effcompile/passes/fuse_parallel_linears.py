@@ -36,12 +36,6 @@ class FuseParallelLinears(PassConfig):
     enabled: bool = True
 
 
-def _tensor(gm: fx.GraphModule, node, ctx: PassContext) -> torch.Tensor | None:
-    if not isinstance(node, fx.Node):
-        return None
-    return ctx.params.get(node.name) if node.op == "placeholder" else ir.attr_tensor(gm, node)
-
-
 def _has_side_path(node: fx.Node) -> bool:
     """Whether an EoRA-style ``out + linear(linear(x, A), B)`` adds to this linear's output."""
     for user in node.users:
@@ -58,10 +52,10 @@ def _key(gm, node, ctx) -> tuple | str:
         return "extra arguments this pass does not know"
     x, q, s, z, b, fmt, group = node.args[:7]
     act = node.args[7] if len(node.args) > 7 else "none"
-    qt, st, zt = (_tensor(gm, t, ctx) for t in (q, s, z))
+    qt, st, zt = (ir.node_tensor(gm, t, ctx.params) for t in (q, s, z))
     if qt is None or st is None or (z is not None and zt is None):
         return "its quantized weight is not a graph buffer"
-    if b is not None and _tensor(gm, b, ctx) is None:
+    if b is not None and ir.node_tensor(gm, b, ctx.params) is None:
         return "its bias is not a parameter or buffer"
     if _has_side_path(node):
         return "an EoRA side path adds to its output (fused into its own kernel)"
@@ -71,7 +65,7 @@ def _key(gm, node, ctx) -> tuple | str:
 
 def _cat(gm, nodes, index, ctx, n_rows) -> torch.Tensor | None:
     """The tensors at argument ``index`` of ``nodes`` stacked along N (a missing bias counts as zeros)."""
-    ts = [_tensor(gm, n.args[index], ctx) for n in nodes]
+    ts = [ir.node_tensor(gm, n.args[index], ctx.params) for n in nodes]
     if all(t is None for t in ts):
         return None
     like = next(t for t in ts if t is not None)
@@ -84,7 +78,7 @@ def _fuse_group(gm, nodes, ctx, mode) -> None:
     x, *_, fmt, group = first.args[:7]
     act = first.args[7] if len(first.args) > 7 else "none"
     tag = ir.sublayer(first)
-    rows = [_tensor(gm, n.args[1], ctx).shape[0] for n in nodes]
+    rows = [ir.node_tensor(gm, n.args[1], ctx.params).shape[0] for n in nodes]
     base = f"_ec_fused_{first.name}"
     q, s, z, b = (ir.add_buffer(gm, first, f"{base}_{what}", _cat(gm, nodes, i, ctx, rows), tag, mode)
                   for what, i in (("qweight", 1), ("scales", 2), ("zeros", 3), ("bias", 4)))

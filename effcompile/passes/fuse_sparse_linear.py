@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 import torch.fx as fx
 
 from effcompile.compiler import ir, sparse_ops
@@ -25,20 +24,11 @@ class FuseSparseLinear(PassConfig):
     """Merge ``sparsify`` into the linear it feeds (float, int8 or int4 weights); part of the default pipeline."""
 
 
-def _tensor(gm: fx.GraphModule, node, ctx: PassContext) -> torch.Tensor | None:
-    """The real tensor behind a weight/bias argument: a lifted parameter or a get_attr buffer."""
-    if not isinstance(node, fx.Node):
-        return None
-    if node.op == "placeholder":
-        return ctx.params.get(node.name)
-    return ir.attr_tensor(gm, node)
-
-
 def _plan(gm, node, ctx) -> tuple[tuple, str] | str:
     """((weight, scales, zeros, bias node, fmt, group), why) for a linear fed by sparsify, or why not."""
     if ir.target_name(node) == "linear":
         args = list(node.args) + [None] * (3 - len(node.args))
-        w = _tensor(gm, args[1] if args[1] is not None else node.kwargs.get("weight"), ctx)
+        w = ir.node_tensor(gm, args[1] if args[1] is not None else node.kwargs.get("weight"), ctx.params)
         if w is None or w.dim() != 2 or w.dtype not in qops.FLOAT_DTYPES:
             return "weight is not a 2-D float parameter of the model"
         b = args[2] if args[2] is not None else node.kwargs.get("bias")
@@ -47,7 +37,7 @@ def _plan(gm, node, ctx) -> tuple[tuple, str] | str:
     act = node.args[7] if len(node.args) > 7 else "none"
     if act != "none":
         return f"activations={act!r} are quantized too: the sparse kernel takes float activations"
-    q, s, z = _tensor(gm, q, ctx), _tensor(gm, s, ctx), _tensor(gm, z, ctx)
+    q, s, z = (ir.node_tensor(gm, t, ctx.params) for t in (q, s, z))
     if q is None or s is None or fmt not in sl.FORMATS:
         return f"quantized weight ({fmt}) is not a buffer this pass can re-lay out"
     if fmt == "int4" and q.shape[0] % 2:
