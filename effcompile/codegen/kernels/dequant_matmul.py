@@ -86,7 +86,10 @@ def _matmul_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, u_ptr, lb_ptr, out_ptr, M,
             j_mask = offs_j < k_hi // 2
             # x as one contiguous [BLOCK_M, BLOCK_K] load (vectorized, pipelined), split into the even and odd
             # K values in registers; two stride-2 loads were a 2-byte load instruction per element.
-            xmask = m_mask[:, None, None] if EVEN_NK else (m_mask[:, None] & j_mask[None, :])[:, :, None]
+            if EVEN_NK:
+                xmask = m_mask[:, None, None]
+            else:
+                xmask = (m_mask[:, None] & j_mask[None, :])[:, :, None]
             pair = tl.arange(0, 2)[None, None, :]
             xe, xo = tl.split(tl.load(x_ptr + row[:, :, None] + 2 * offs_j[None, :, None] + pair, mask=xmask,
                                       other=0.0))
