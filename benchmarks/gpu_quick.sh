@@ -5,7 +5,8 @@
 #      for the cases in SWEEP_CASES (no new case after 110 s), then every kernel against cuBLAS bf16 and
 #      TorchAO, L2 cold (200 s; sweep + comparison took about 150 s in session 7 with four cases);
 #   3. whole-model greedy decode tok/s of the Llama-3.2-1B-shaped zoo model in bf16 under CUDA graphs:
-#      eager, effcompile configs, then the peers TorchAO int4 / int8 and torch.compile last: each is two
+#      eager, effcompile configs (int4 with and without FuseParallelLinears, to time that fusion), then
+#      the peers TorchAO int4 / int8 and torch.compile last: each is two
 #      or more Inductor compiles of the model, and in session 7 (H100) a TorchAO int4 config did not
 #      finish within 200 s (210 s).
 # Each step has its own time limit and writes under $OUT (default benchmarks/results/gpu-quick) as it goes,
@@ -36,6 +37,6 @@ timeout 200 "$PY" benchmarks/kernels.py --device cuda --sweep --sweep-budget-s 1
 # 3. decode, with the tile table step 2 wrote (if it got that far) over the shipped one
 [ -s "$OUT/tuning.json" ] && export EFFCOMPILE_KERNEL_TUNING="$OUT/tuning.json"
 timeout 210 "$PY" benchmarks/decode.py --device cuda --dtype bfloat16 --model llama-1b --steps 16 \
-    --configs "${DECODE_CONFIGS:-quantize(weights=int4,group_size=128);threshold(sparsity=0.5);threshold(sparsity=0.4);quantize(weights=int8);threshold(sparsity=0.5)+quantize(weights=int4,group_size=128);none;torchao-int4;torchao-int8;torch.compile}" \
+    --configs "${DECODE_CONFIGS:-quantize(weights=int4,group_size=128);quantize(weights=int4,group_size=128)+fuse_parallel_linears(enabled=false);threshold(sparsity=0.5);threshold(sparsity=0.4);quantize(weights=int8);threshold(sparsity=0.5)+quantize(weights=int4,group_size=128);none;torchao-int4;torchao-int8;torch.compile}" \
     --out "$OUT/decode.json" 2>&1 | tr '\r' '\n' | grep -v "it/s\]\|s/it\]" | tee "$OUT/decode.log"
 echo "gpu_quick: done; results in $OUT"

@@ -44,6 +44,9 @@ def pass_names() -> dict[str, type]:
     from effcompile.compiler.pass_manager import registered_passes
 
     passes.load_plugins()  # third-party passes become spec names too
+    from effcompile.compiler.pipeline import default_passes
+
+    default_passes()  # imports the default pipeline's passes (fuse_*), so a spec can configure them too
     names: dict[str, type] = {}
     clashes: dict[str, set[type]] = {}
     for cls in sorted(registered_passes(), key=lambda c: c.__name__):
