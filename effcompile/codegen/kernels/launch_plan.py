@@ -164,9 +164,9 @@ def dot_dtype(x_dtype: torch.dtype, interpreting: bool):
     return tl.float32 if interpreting and x_dtype == torch.bfloat16 else DOT_DTYPES[x_dtype]
 
 
-# int4 codes q (0..15) meet a 16-bit tl.dot as OFF + q: q ORed into the low mantissa bits of OFF, a float
-# whose ulp is 1 (fp16 1024, bf16 128), so no integer-to-float conversion; the kernels take OFF * sum(x)
-# off the partial sum. fp32 dots and fma tiles use 2**23 and take it off per element instead.
+# int4 codes q (0..15) become 16-bit floats as OFF + q: q ORed into the low mantissa bits of OFF, a float
+# whose ulp is 1 (fp16 1024, bf16 128), so no integer-to-float conversion; the kernels take OFF off each
+# value (exact) before dequantizing in registers. fp32 dots and fma tiles use 2**23 the same way.
 _INT4_OFFSET = {tl.float16: (0x6400, 1024.0), tl.bfloat16: (0x4300, 128.0)}
 
 
@@ -195,7 +195,7 @@ lop3.b32 $1, t0, 0x000F000F, BITS, 0xEA;
 def int4_asm(dot_dt, interpreting: bool) -> str:
     """The int4 decode PTX for 16-bit dots on a GPU, "" (the kernels' plain-Triton decode) otherwise: the
     interpreter cannot run inline assembly, and fp32 dots decode through 2**23 instead."""
-    bits = _INT4_OFFSET.get(dot_dt, (0, 0.0))[0]
+    bits = int4_offset(dot_dt)[0]
     if interpreting or not bits:
         return ""
     return _INT4_ASM.replace("BITS", f"0x{bits:04X}{bits:04X}")
