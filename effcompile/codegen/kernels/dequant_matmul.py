@@ -160,10 +160,9 @@ def _matmul_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, u_ptr, lb_ptr, out_ptr, M,
                 acc += tl.dot(x.to(DOT_DT), w.to(DOT_DT), input_precision="ieee")
     if HAS_LORA:
         # EoRA: acc += u B^T with u = x A^T [M, RANK] (computed before the launch) and B [N, RANK], after
-        # the row scale (it belongs to the output, not to the codes). Split-K: only split 0 runs it (the
-        # loop is empty elsewhere), so the term is added once. BLOCK_R >= 16 (tl.dot's minimum) is masked.
-        r_end = tl.where(k_lo == 0, RANK, 0)
-        for r0 in range(0, r_end, BLOCK_R):
+        # the row scale (it belongs to the output, not to the codes). Unsplit launches only (launch() starts a
+        # split-K output at the term). BLOCK_R >= 16 (tl.dot's minimum) is masked.
+        for r0 in range(0, RANK, BLOCK_R):
             offs_r = r0 + tl.arange(0, BLOCK_R)
             r_mask = offs_r < RANK
             u = tl.load(u_ptr + offs_m.to(tl.int64)[:, None] * RANK + offs_r[None, :],
@@ -291,13 +290,20 @@ def launch(x, qweight, scales, zeros, bias, fmt: str, group_size: int, split_k: 
     tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
     ks = plan.k_split(tiles, k, bk, dev, split_k if split_k is not None else splits)
     atomic = ks < k
-    out = (torch.zeros if atomic else torch.empty)((m, n), dtype=torch.float32 if atomic else x.dtype, device=dev)
+    if atomic and lora:
+        # Split-K sums partial products atomically into a float32 output that has to start at zero; with EoRA it
+        # starts at the low-rank term instead (one small matmul in place of the zero fill). In the kernel, split
+        # 0's low-rank loop made illegal memory accesses on an H100 (torch 2.11 / triton 3.6, int4 g32 decode
+        # tiles; int8 was fine), so split-K launches keep it out of the kernel.
+        out = torch.mm(u.float(), lb.float().t())
+    else:
+        out = (torch.zeros if atomic else torch.empty)((m, n), dtype=torch.float32 if atomic else x.dtype, device=dev)
     grid = (triton.cdiv(m, bm), triton.cdiv(n, bn), triton.cdiv(k, ks))
     dot_dt = plan.dot_dtype(x.dtype, interp)
     i4_bits, i4_off = plan.int4_offset(dot_dt)
     _ops.jit_variant(_matmul_kernel, interp)[grid](
         x2, q, s, z, b, u, lb, out, m, n, k, ks, lora_a.shape[0] if lora else 0, FMT=_FMT[fmt],
-        G=max(group_size, 1), HAS_BIAS=bias is not None, HAS_LORA=lora, DOT_DT=dot_dt,
+        G=max(group_size, 1), HAS_BIAS=bias is not None, HAS_LORA=lora and not atomic, DOT_DT=dot_dt,
         I4_BITS=i4_bits, I4_OFF=i4_off, I4_ASM=plan.int4_asm(dot_dt, interp),
         EVEN_NK=n % bn == 0 and k % bk == 0 and ks % bk == 0,
         ATOMIC=atomic, FMA=plan.uses_fma(m, config), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=block_r,
