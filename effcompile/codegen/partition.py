@@ -203,10 +203,12 @@ def _classify(val: torch.Tensor, lead: tuple, n: int) -> str | None:
         return "full"
     if val.dim() >= 1 and shape[-1] == str(n) and all(d == "1" for d in shape[:-1]):
         return "row"
-    if all(d == "1" for d in shape):
-        return "scalar"
+    # rowscalar before scalar: with one row (batch-1 decode: lead all ones) a [1, 1, 1] row statistic is both,
+    # and read as a scalar it left the rest of an RMSNorm without a per-row input (3 kernels instead of 1).
     if shape == lead + ("1",):
         return "rowscalar"
+    if all(d == "1" for d in shape):
+        return "scalar"
     return None
 
 

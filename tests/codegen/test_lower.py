@@ -107,6 +107,30 @@ def test_identical_layers_share_one_kernel(tmp_path):
     assert load_kernels(sorted(Path(tmp_path).glob("*.py"))) == sorted({k.name for k in res.kernels})
 
 
+def _rms_norm(x, w):
+    # Llama's RMSNorm: a row statistic [..., 1] feeding an add, an rsqrt and a broadcast multiply.
+    var = x.float().pow(2).mean(-1, keepdim=True)
+    return w * (x.float() * torch.rsqrt(var + 1e-6)).to(x.dtype)
+
+
+@pytest.mark.parametrize("triton", [False, pytest.param(True, marks=pytest.mark.interpreter)], ids=["torch", "triton"])
+@pytest.mark.parametrize("shape", [(1, 1, 24), (3, 1, 24), (1, 24)], ids=["one-row", "three-rows", "one-row-2d"])
+def test_rms_norm_is_one_reduction_kernel_even_for_one_row(tmp_path, monkeypatch, shape, triton):
+    # Batch-1 decode has one row: its [1, 1, 1] variance is a row statistic and a scalar at once. Taken as a
+    # scalar, the add / rsqrt after the mean had no per-row input and the norm became 3 kernels.
+    if triton:
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    x, w = torch.randn(shape), torch.randn(24)
+    gm = capture(_rms_norm, x, w)
+    res = lower(gm, tmp_path, use_triton=triton)
+    assert [k.kind for k in res.kernels] == ["reduction"]
+    assert {"mean", "rsqrt", "add"} <= set(res.kernels[0].ops)
+    assert not res.fallbacks
+    runs = ops.PATH_COUNTS[res.kernels[0].name]["triton" if triton else "torch"]
+    torch.testing.assert_close(gm(x, w)[0], _rms_norm(x, w), rtol=1e-5, atol=1e-6)
+    assert ops.PATH_COUNTS[res.kernels[0].name]["triton" if triton else "torch"] == runs + 1
+
+
 def test_attention_mask_broadcast_is_not_fused(tmp_path):
     def attn(scores, mask):
         return torch.softmax(scores + mask, dim=-1)
