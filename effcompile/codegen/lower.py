@@ -161,6 +161,9 @@ def lower(
                 sublayers,
             )
         )
+    for n in reversed(part.rotate_half_parts):  # consumers first; kept where their cat stayed eager
+        if not n.users:
+            graph.erase_node(n)
     _stable_toposort(graph)
     graph.lint()
     gm.recompile()

@@ -88,6 +88,8 @@ class FusionGroup:
 class Partition:
     groups: list[FusionGroup] = field(default_factory=list)
     fallbacks: list[tuple[str, str]] = field(default_factory=list)  # (node name, reason)
+    # The slices and negation a fused rotate_half replaces: lower() erases those left without users.
+    rotate_half_parts: list[fx.Node] = field(default_factory=list)
 
 
 def _arg(node: fx.Node, i: int, name: str, default=None):
@@ -108,6 +110,45 @@ def _bad_kwargs(node: fx.Node, allowed: set[str]) -> bool:
     return any(k not in allowed for k in node.kwargs)
 
 
+def _half_of(node) -> tuple[fx.Node, int | None, int | None] | None:
+    """(x, start, stop) when node is x[..., start:stop], else None."""
+    if not (isinstance(node, fx.Node) and node.op == "call_function" and node.target is operator.getitem):
+        return None
+    x, idx = node.args
+    if not (isinstance(idx, tuple) and len(idx) == 2 and idx[0] is Ellipsis and isinstance(idx[1], slice)):
+        return None
+    return (x, idx[1].start, idx[1].stop) if idx[1].step in (None, 1) else None
+
+
+def rotate_half_parts(node: fx.Node) -> tuple[fx.Node, list[fx.Node]] | None:
+    """(x, [neg, slice, slice]) when node is cat((-x[..., h:], x[..., :h]), -1) with 2h = x's last dim.
+
+    That is Llama's (and most RoPE models') rotate_half. As one row op it joins the RoPE multiply-add
+    (q cos + rotate_half(q) sin): one kernel instead of a neg kernel, a cat and a multiply-add kernel."""
+    if node.op != "call_function" or node.target is not torch.cat:
+        return None
+    parts, out = _arg(node, 0, "tensors"), tensor_val(node)
+    if out is None or not isinstance(parts, list | tuple) or len(parts) != 2:
+        return None
+    if not _is_last_dim(_arg(node, 1, "dim", 0), out.dim()):
+        return None
+    neg, lo = parts
+    if not (isinstance(neg, fx.Node) and neg.op == "call_function" and neg.target in (operator.neg, torch.neg)
+            and len(neg.args) == 1 and not neg.kwargs):
+        return None
+    hi_s, lo_s = _half_of(neg.args[0]), _half_of(lo)
+    if hi_s is None or lo_s is None or hi_s[0] is not lo_s[0]:
+        return None
+    x = hi_s[0]
+    n = getattr(tensor_val(x), "shape", [None])[-1]
+    if not isinstance(n, int) or n % 2 or (hi_s[1:], lo_s[1:]) not in (
+        ((n // 2, None), (None, n // 2)), ((n // 2, n), (0, n // 2)), ((n // 2, None), (0, n // 2)),
+        ((n // 2, n), (None, n // 2)),
+    ):
+        return None
+    return x, [lo, neg.args[0], neg]  # producers before consumers
+
+
 def op_spec(node: fx.Node) -> OpSpec | str | None:
     """Canonical op of a node; a reason string when it is a row op we refuse; None when not a row op."""
     if node.op not in ("call_function", "call_method"):
@@ -116,6 +157,9 @@ def op_spec(node: fx.Node) -> OpSpec | str | None:
     x = node.args[0] if node.args else None
     xv = tensor_val(x)
     try:
+        if t is torch.cat:
+            rot = rotate_half_parts(node)
+            return OpSpec("rotate_half", (rot[0],)) if rot else None
         if t in _BINARY:
             if _bad_kwargs(node, set()) or len(node.args) != 2:
                 return "unsupported arguments (alpha/rounding_mode/out)"
@@ -322,8 +366,17 @@ def partition(gm: fx.GraphModule, *, epilogues: bool = True) -> Partition:
     dag.add_edges_from((a, n) for n in nodes for a in n.all_input_nodes)
 
     result = Partition()
+    # A fused rotate_half reads x itself (its two halves from memory): the slices and the negation that fed
+    # the cat are left to die with it, not fused on their own.
+    for n in nodes:
+        rot = rotate_half_parts(n)
+        if rot and all(set(p.users) <= ({n} | set(rot[1])) for p in rot[1]):
+            result.rotate_half_parts += rot[1]
+    side = set(result.rotate_half_parts)
     specs, keys = {}, {}
     for n in nodes:
+        if n in side:
+            continue
         spec = op_spec(n)
         if spec is None:
             continue

@@ -120,6 +120,17 @@ def _triton_lines(group: FusionGroup, ref: dict) -> list[str]:
             body.append(f"{v} = " + _POW_TL[params["exponent"]].format(a=a[0]))
         elif op == "cast":
             body.append(f"{v} = {a[0]}")
+        elif op == "rotate_half":
+            # cat(-x[h:], x[:h]): each lane reads x's other half from memory (a register tile cannot be
+            # permuted), so x must be a full-row input of the group; partition's convexity keeps it one.
+            x = a[0]
+            if not x.startswith("in"):
+                raise NotImplementedError("rotate_half of a value computed inside the kernel")
+            body += [
+                f"{v} = tl.load({x}_ptr + (row // {x}_in) * {x}_so + (row % {x}_in) * {x}_si + (offs + N // 2) % N,"
+                " mask=mask, other=0.0).to(tl.float32)",
+                f"{v} = tl.where(offs < N // 2, -{v}, {v})",
+            ]
         elif op in ("sum", "mean"):
             # Masked lanes hold other=0 loads pushed through the chain; reset them to the sum identity.
             body.append(
@@ -168,6 +179,8 @@ def _ref_lines(group: FusionGroup, ref: dict) -> list[str]:
             body.append(f"{v} = {a[0]} ** {params['exponent']!r}")
         elif op == "cast":
             body.append(f"{v} = {a[0]}.to({_TORCH[tensor_val(node).dtype]})")
+        elif op == "rotate_half":
+            body.append(f"{v} = torch.cat((-{a[0]}[..., {a[0]}.shape[-1] // 2:], {a[0]}[..., :{a[0]}.shape[-1] // 2]), -1)")
         elif op in ("sum", "mean", "amax"):
             body.append(f"{v} = {a[0]}.{op}(-1, keepdim=True)")
         elif op == "softmax":

@@ -131,6 +131,68 @@ def test_rms_norm_is_one_reduction_kernel_even_for_one_row(tmp_path, monkeypatch
     assert ops.PATH_COUNTS[res.kernels[0].name]["triton" if triton else "torch"] == runs + 1
 
 
+def _rope(q, k, cos, sin):
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    return apply_rotary_pos_emb(q, k, cos, sin)  # q cos + rotate_half(q) sin, rotate_half a cat of negated halves
+
+
+@pytest.mark.parametrize("triton", [False, pytest.param(True, marks=pytest.mark.interpreter)], ids=["torch", "triton"])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_rope_with_rotate_half_is_one_kernel(tmp_path, monkeypatch, batch, triton):
+    pytest.importorskip("transformers")
+    if triton:
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    # A decode step's head views of the projections: [b, heads, 1, 16] transposed from [b, 1, heads, 16]. (With
+    # more positions cos/sin vary per row but not per head, an outer broadcast: rotate_half fuses alone.)
+    q, k = torch.randn(batch, 1, 4, 16).transpose(1, 2), torch.randn(batch, 1, 2, 16).transpose(1, 2)
+    cos, sin = torch.randn(1, 1, 16), torch.randn(1, 1, 16)
+    gm, compiled, _ = capture_compiled(_rope, q, k, cos, sin)
+    assert {"neg", "cat", "getitem"} <= set(targets(gm))
+    res = lower(gm, tmp_path, use_triton=triton)
+    assert [kk.ops for kk in res.kernels] == [("mul", "rotate_half", "mul", "add")] * 2
+    assert not {"neg", "cat", "getitem"} & set(targets(gm))  # the halves and their negation are gone
+    runs = ops.PATH_COUNTS[res.kernels[0].name]["triton" if triton else "torch"]
+    for got, want in zip(compiled(q, k, cos, sin), _rope(q, k, cos, sin), strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)  # fp32: the same products and sums as eager
+    assert ops.PATH_COUNTS[res.kernels[0].name]["triton" if triton else "torch"] == runs + 2
+
+
+def _swapped(x):
+    return torch.cat((x[..., :8], -x[..., 8:]), -1)  # the halves in place, negated second: no rotation
+
+
+def _uneven(x):
+    return torch.cat((-x[..., 6:], x[..., :6]), -1)  # split off the middle
+
+
+def _first_dim(x):
+    return torch.cat((-x[2:], x[:2]), 0)
+
+
+@pytest.mark.parametrize("fn", [_swapped, _uneven, _first_dim])
+def test_other_cats_are_not_rotate_half(tmp_path, fn):
+    x = torch.randn(4, 16)
+    gm, compiled, _ = capture_compiled(fn, x)
+    res = lower(gm, tmp_path, use_triton=False)
+    assert all("rotate_half" not in kk.ops for kk in res.kernels)
+    assert "cat" in targets(gm)
+    torch.testing.assert_close(compiled(x), fn(x))
+
+
+def test_rotate_half_keeps_a_negation_that_has_other_readers(tmp_path):
+    def f(x):
+        neg = -x[..., 8:]
+        return torch.cat((neg, x[..., :8]), -1) * 2.0, neg
+
+    x = torch.randn(3, 16)
+    gm, compiled, _ = capture_compiled(f, x)
+    res = lower(gm, tmp_path, use_triton=False)
+    assert ("rotate_half", "mul") in [kk.ops for kk in res.kernels]
+    for got, want in zip(compiled(x), f(x), strict=True):
+        torch.testing.assert_close(got, want)
+
+
 def test_attention_mask_broadcast_is_not_fused(tmp_path):
     def attn(scores, mask):
         return torch.softmax(scores + mask, dim=-1)
