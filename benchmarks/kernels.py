@@ -250,7 +250,9 @@ def _configs(sparse: bool, m: int) -> list:
     if sparse:
         fma = [(128, 32, 4, 1), (256, 16, 4, 1), (64, 64, 4, 2), (256, 32, 8, 1), (512, 16, 4, 1)]
     else:
-        fma = [(32, 256, 4, 1), (64, 128, 4, 1), (16, 512, 4, 1), (64, 256, 8, 1)]
+        # (128, 64): for int4 at one row the fewest registers of the word-decoding branch (56, 9 CTAs per SM on
+        # sm_90, benchmarks/sass_stats.py; session 9, untimed).
+        fma = [(32, 256, 4, 1), (64, 128, 4, 1), (16, 512, 4, 1), (64, 256, 8, 1), (128, 64, 4, 1)]
     if m > 1:  # 8 rows multiply the register tile by 8: halve K
         fma = [(bn, bk // 2, w, st) for bn, bk, w, st in fma]
     return grid + [plan.Config(*c, None, True) for c in fma]

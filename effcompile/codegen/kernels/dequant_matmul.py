@@ -81,62 +81,100 @@ def _matmul_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, u_ptr, lb_ptr, out_ptr, M,
         # to the partial sum, x . (q s + z) = s (x . q) + z sum(x), which keeps fp32 precision.
         KH = K // 2
         acc_t = tl.full((BLOCK_N, BLOCK_M), 0.0, tl.float32)
-        for k0 in range(k_lo, k_hi, BLOCK_K):
-            offs_j = k0 // 2 + tl.arange(0, BLOCK_K // 2)
-            j_mask = offs_j < k_hi // 2
-            # x as one contiguous [BLOCK_M, BLOCK_K] load (vectorized, pipelined), split into the even and odd
-            # K values in registers; two stride-2 loads were a 2-byte load instruction per element.
-            if EVEN_NK:
-                xmask = m_mask[:, None, None]
-            else:
-                xmask = (m_mask[:, None] & j_mask[None, :])[:, :, None]
-            pair = tl.arange(0, 2)[None, None, :]
-            xe, xo = tl.split(tl.load(x_ptr + row[:, :, None] + 2 * offs_j[None, :, None] + pair, mask=xmask,
-                                      other=0.0))
-            gi = offs_n.to(tl.int64) * (K // G) + k0 // G
-            # Codes become floats through their bits, not an integer-to-float conversion (a quarter of the FMA
-            # issue rate on sm_90; the H100 run of session 7 had two per byte and reached 24 % of the read
-            # peak): a code q (0..15) in the low mantissa bits of a float whose ulp is 1 is exactly OFF + q;
-            # fp32 2**23 (0x4B000000), 16-bit dots I4_OFF (launch_plan.int4_offset); OFF is then taken off.
-            if FMA or DOT_DT == tl.float32:  # fp32 dots: fp32 activations, and bf16 ones under the interpreter
-                byte = tl.load(q_ptr + col * KH + offs_j[:, None], mask=j_mask[:, None] & n_mask[None, :],
-                               other=0).to(tl.int32)
-                lo = ((byte & 15) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
-                hi = ((byte >> 4) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
-                if FMA:
-                    part = tl.reduce(xe.to(tl.float32)[:, :, None] * lo[None, :, :]
-                                     + xo.to(tl.float32)[:, :, None] * hi[None, :, :], 1, tl.standard._sum_combine)
-                else:
-                    part = tl.dot(xe.to(DOT_DT), lo, input_precision="ieee")
-                    part += tl.dot(xo.to(DOT_DT), hi, input_precision="ieee")
-                xsum = tl.reduce(xe.to(tl.float32) + xo.to(tl.float32), 1, tl.standard._sum_combine)
-                s = tl.load(s_ptr + gi, mask=n_mask, other=0.0).to(tl.float32)
-                z = tl.load(z_ptr + gi, mask=n_mask, other=0.0).to(tl.float32)
-                acc += part * s[None, :] + xsum[:, None] * z[None, :]
-            else:
-                # [BLOCK_N, BLOCK_K // 2]; unmasked when the tiles divide N and K (EVEN_NK): a masked load costs
-                # a select per register, about a tenth of this loop's instructions on sm_90.
-                qp = q_ptr + offs_n.to(tl.int64)[:, None] * KH + offs_j[None, :]
+        if FMA and BLOCK_M == 1:
+            # One row (batch-1 decode): the launcher passes the codes as int32 words, 8 consecutive K values
+            # each (the even K in the low nibble), and products accumulate in a [word, output] tile in the
+            # words' own layout, summed over K once after the loop: no per-chunk sum across threads and no
+            # byte extraction. A code q shifted into the top 4 mantissa bits of 1.0 is v = 1 + q / 16
+            # (exact), so q s + z = v (16 s) + (z - 16 s): one FMA per weight with no offset subtraction
+            # (the cancellation is of 16 s, 2**-20 s at most; the low-bit trick below cancels 2**23 s).
+            acc1 = tl.full((BLOCK_K // 8, BLOCK_N), 0.0, tl.float32)
+            KW = K // 8
+            for k0 in range(k_lo, k_hi, BLOCK_K):
+                offs_w = k0 // 8 + tl.arange(0, BLOCK_K // 8)
+                w_mask = offs_w < k_hi // 8
+                words = tl.load(q_ptr + col * KW + offs_w[:, None], mask=w_mask[:, None] & n_mask[None, :], other=0)
+                offs_k = k0 + tl.arange(0, BLOCK_K)
+                xk = tl.load(x_ptr + pid_m.to(tl.int64) * K + offs_k, mask=offs_k < k_hi, other=0.0).to(tl.float32)
+                # x[8 w + 4 a + 2 b + c] -> the 8 vectors x_p[w], p = 4 a + 2 b + c, by splitting c, b, then a.
+                c0, c1 = tl.split(tl.reshape(xk, (BLOCK_K // 8, 2, 2, 2)))
+                c0b0, c0b1 = tl.split(c0)
+                c1b0, c1b1 = tl.split(c1)
+                x0, x4 = tl.split(c0b0)
+                x2, x6 = tl.split(c0b1)
+                x1, x5 = tl.split(c1b0)
+                x3, x7 = tl.split(c1b1)
+                gi = offs_n.to(tl.int64) * (K // G) + k0 // G
+                s16 = 16.0 * tl.load(s_ptr + gi, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+                z16 = tl.load(z_ptr + gi, mask=n_mask, other=0.0).to(tl.float32)[None, :] - s16
+                # Nibble p sits at bits 4p..4p+3; 0x780000 keeps bits 19..22 after the shift (>> is arithmetic,
+                # the mask drops the sign copies).
+                acc1 += x0[:, None] * ((((words << 19) & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True) * s16 + z16)
+                acc1 += x1[:, None] * ((((words << 15) & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True) * s16 + z16)
+                acc1 += x2[:, None] * ((((words << 11) & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True) * s16 + z16)
+                acc1 += x3[:, None] * ((((words << 7) & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True) * s16 + z16)
+                acc1 += x4[:, None] * ((((words << 3) & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True) * s16 + z16)
+                acc1 += x5[:, None] * ((((words >> 1) & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True) * s16 + z16)
+                acc1 += x6[:, None] * ((((words >> 5) & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True) * s16 + z16)
+                acc1 += x7[:, None] * ((((words >> 9) & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True) * s16 + z16)
+            acc += tl.reduce(acc1, 0, tl.standard._sum_combine)[None, :]
+        else:
+            for k0 in range(k_lo, k_hi, BLOCK_K):
+                offs_j = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+                j_mask = offs_j < k_hi // 2
+                # x as one contiguous [BLOCK_M, BLOCK_K] load (vectorized, pipelined), split into the even and odd
+                # K values in registers; two stride-2 loads were a 2-byte load instruction per element.
                 if EVEN_NK:
-                    byte = tl.load(qp)
-                    s16 = tl.load(s_ptr + gi).to(DOT_DT)[:, None]
-                    z16 = tl.load(z_ptr + gi).to(DOT_DT)[:, None]
+                    xmask = m_mask[:, None, None]
                 else:
-                    byte = tl.load(qp, mask=n_mask[:, None] & j_mask[None, :], other=0)
-                    s16 = tl.load(s_ptr + gi, mask=n_mask, other=0.0).to(DOT_DT)[:, None]
-                    z16 = tl.load(z_ptr + gi, mask=n_mask, other=0.0).to(DOT_DT)[:, None]
-                if len(I4_ASM) > 0:  # GPU only: two bytes into four 16-bit floats, 32-bit ops (launch_plan._INT4_ASM)
-                    lo, hi = tl.inline_asm_elementwise(I4_ASM, "=r,=r,h", [byte],
-                                                       dtype=(x_ptr.dtype.element_ty, x_ptr.dtype.element_ty),
-                                                       is_pure=True, pack=2)
+                    xmask = (m_mask[:, None] & j_mask[None, :])[:, :, None]
+                pair = tl.arange(0, 2)[None, None, :]
+                xe, xo = tl.split(tl.load(x_ptr + row[:, :, None] + 2 * offs_j[None, :, None] + pair, mask=xmask,
+                                          other=0.0))
+                gi = offs_n.to(tl.int64) * (K // G) + k0 // G
+                # Codes become floats through their bits, not an integer-to-float conversion (a quarter of the FMA
+                # issue rate on sm_90; the H100 run of session 7 had two per byte and reached 24 % of the read
+                # peak): a code q (0..15) in the low mantissa bits of a float whose ulp is 1 is exactly OFF + q;
+                # fp32 2**23 (0x4B000000), 16-bit dots I4_OFF (launch_plan.int4_offset); OFF is then taken off.
+                if FMA or DOT_DT == tl.float32:  # fp32 dots: fp32 activations, and bf16 ones under the interpreter
+                    byte = tl.load(q_ptr + col * KH + offs_j[:, None], mask=j_mask[:, None] & n_mask[None, :],
+                                   other=0).to(tl.int32)
+                    lo = ((byte & 15) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+                    hi = ((byte >> 4) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+                    if FMA:
+                        part = tl.reduce(xe.to(tl.float32)[:, :, None] * lo[None, :, :]
+                                         + xo.to(tl.float32)[:, :, None] * hi[None, :, :], 1, tl.standard._sum_combine)
+                    else:
+                        part = tl.dot(xe.to(DOT_DT), lo, input_precision="ieee")
+                        part += tl.dot(xo.to(DOT_DT), hi, input_precision="ieee")
+                    xsum = tl.reduce(xe.to(tl.float32) + xo.to(tl.float32), 1, tl.standard._sum_combine)
+                    s = tl.load(s_ptr + gi, mask=n_mask, other=0.0).to(tl.float32)
+                    z = tl.load(z_ptr + gi, mask=n_mask, other=0.0).to(tl.float32)
+                    acc += part * s[None, :] + xsum[:, None] * z[None, :]
                 else:
-                    byte = byte.to(tl.int32)
-                    lo = ((byte & 15) | I4_BITS).to(tl.int16).to(DOT_DT, bitcast=True)
-                    hi = ((byte >> 4) | I4_BITS).to(tl.int16).to(DOT_DT, bitcast=True)
-                wlo = (lo - I4_OFF) * s16 + z16  # OFF + q - OFF is exact
-                whi = (hi - I4_OFF) * s16 + z16
-                acc_t += tl.dot(wlo, tl.trans(xe.to(DOT_DT)), input_precision="ieee")
-                acc_t += tl.dot(whi, tl.trans(xo.to(DOT_DT)), input_precision="ieee")
+                    # [BLOCK_N, BLOCK_K // 2]; unmasked when the tiles divide N and K (EVEN_NK): a masked load costs
+                    # a select per register, about a tenth of this loop's instructions on sm_90.
+                    qp = q_ptr + offs_n.to(tl.int64)[:, None] * KH + offs_j[None, :]
+                    if EVEN_NK:
+                        byte = tl.load(qp)
+                        s16 = tl.load(s_ptr + gi).to(DOT_DT)[:, None]
+                        z16 = tl.load(z_ptr + gi).to(DOT_DT)[:, None]
+                    else:
+                        byte = tl.load(qp, mask=n_mask[:, None] & j_mask[None, :], other=0)
+                        s16 = tl.load(s_ptr + gi, mask=n_mask, other=0.0).to(DOT_DT)[:, None]
+                        z16 = tl.load(z_ptr + gi, mask=n_mask, other=0.0).to(DOT_DT)[:, None]
+                    if len(I4_ASM) > 0:  # GPU only: two bytes into four 16-bit floats, 32-bit ops (launch_plan._INT4_ASM)
+                        lo, hi = tl.inline_asm_elementwise(I4_ASM, "=r,=r,h", [byte],
+                                                           dtype=(x_ptr.dtype.element_ty, x_ptr.dtype.element_ty),
+                                                           is_pure=True, pack=2)
+                    else:
+                        byte = byte.to(tl.int32)
+                        lo = ((byte & 15) | I4_BITS).to(tl.int16).to(DOT_DT, bitcast=True)
+                        hi = ((byte >> 4) | I4_BITS).to(tl.int16).to(DOT_DT, bitcast=True)
+                    wlo = (lo - I4_OFF) * s16 + z16  # OFF + q - OFF is exact
+                    whi = (hi - I4_OFF) * s16 + z16
+                    acc_t += tl.dot(wlo, tl.trans(xe.to(DOT_DT)), input_precision="ieee")
+                    acc_t += tl.dot(whi, tl.trans(xo.to(DOT_DT)), input_precision="ieee")
         if not FMA and DOT_DT != tl.float32:
             acc += tl.trans(acc_t)
     else:
@@ -301,12 +339,15 @@ def launch(x, qweight, scales, zeros, bias, fmt: str, group_size: int, split_k: 
     grid = (triton.cdiv(m, bm), triton.cdiv(n, bn), triton.cdiv(k, ks))
     dot_dt = plan.dot_dtype(x.dtype, interp)
     i4_bits, i4_off = plan.int4_offset(dot_dt)
+    fma = plan.uses_fma(m, config)
+    if fmt == "int4" and fma and bm == 1:
+        q = q.contiguous().view(torch.int32)  # the one-row fma branch reads 8 codes per word (K % 32 == 0)
     _ops.jit_variant(_matmul_kernel, interp)[grid](
         x2, q, s, z, b, u, lb, out, m, n, k, ks, lora_a.shape[0] if lora else 0, FMT=_FMT[fmt],
         G=max(group_size, 1), HAS_BIAS=bias is not None, HAS_LORA=lora and not atomic, DOT_DT=dot_dt,
         I4_BITS=i4_bits, I4_OFF=i4_off, I4_ASM=plan.int4_asm(dot_dt, interp),
         EVEN_NK=n % bn == 0 and k % bk == 0 and ks % bk == 0,
-        ATOMIC=atomic, FMA=plan.uses_fma(m, config), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=block_r,
+        ATOMIC=atomic, FMA=fma, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=block_r,
         num_warps=warps, num_stages=stages)
     return out.to(x.dtype).view(*x.shape[:-1], n)
 
