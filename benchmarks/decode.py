@@ -8,7 +8,9 @@ harness's static-KV-cache decode loop (effcompile.bench.timing.decode_speed) at 
 step is captured in a CUDA graph and replayed, as serving stacks run decode. Eager is timed first and
 last so drift shows. Peers, on CUDA: ``torch.compile`` of the bf16 model, and TorchAO's
 Int8WeightOnlyConfig / Int4WeightOnlyConfig(group 128) quantizing a copy of the model, under
-torch.compile. Results are written after every config, so a run stopped by a time limit keeps them.
+torch.compile (``torchao-int4``) or not (``torchao-int4-eager``: its kernels in the eager model, under
+the same CUDA-graph replay). Results are written after every config, so a run stopped by a time limit
+keeps them.
 
     python benchmarks/decode.py [--model llama-base] [--steps 16]                       # CPU
     python benchmarks/decode.py --device cuda --dtype bfloat16 --model llama-1b --out X.json   # GPU
@@ -37,26 +39,32 @@ CONFIGS = ["none", "quantize(weights=int8)", "quantize(weights=int4,group_size=1
            "threshold(sparsity=0.4)", "threshold(sparsity=0.5)",
            "threshold(sparsity=0.5)+quantize(weights=int8)",
            "threshold(sparsity=0.5)+quantize(weights=int4,group_size=128)"]
-PEERS = {  # name -> how a TorchAO user builds it (None: plain torch.compile of the unquantized model)
-    "torch.compile": None,
-    "torchao-int8": "int8",
-    "torchao-int4": "int4",
+PEERS = {  # name -> (TorchAO weight format or None: the unquantized model, torch.compile or not)
+    "torch.compile": (None, True),
+    "torchao-int8": ("int8", True),
+    "torchao-int4": ("int4", True),
+    # TorchAO's kernels without Inductor: its tensor subclasses dispatch per op in Python, which CUDA-graph
+    # replay takes out of the timing. Built in seconds, where a compiled TorchAO int4 model took over 200 s
+    # on the H100 (session 7).
+    "torchao-int8-eager": ("int8", False),
+    "torchao-int4-eager": ("int4", False),
 }
 
 
-def _peer(model, which: str | None):
-    """The compiled peer for ``which``: TorchAO quantizes a copy of the model, then torch.compile."""
-    if which is None:
+def _peer(model, which: tuple[str | None, bool]):
+    """The peer for ``which``: TorchAO quantizes a copy of the model, then torch.compile (or not)."""
+    fmt, compiled = which
+    if fmt is None:
         return torch.compile(model)
     from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
 
     peer = copy.deepcopy(model)
-    cfg = Int8WeightOnlyConfig() if which == "int8" else Int4WeightOnlyConfig(
+    cfg = Int8WeightOnlyConfig() if fmt == "int8" else Int4WeightOnlyConfig(
         group_size=128, int4_packing_format="tile_packed_to_4d")
     # TorchAO's quickstart quantizes every nn.Linear; the LM head is one too. Ours keeps it dense by
     # default (sublayer tags), so the head is left out here as well: the same weights are quantized.
     quantize_(peer, cfg, filter_fn=lambda m, name: isinstance(m, torch.nn.Linear) and "lm_head" not in name)
-    return torch.compile(peer)
+    return torch.compile(peer) if compiled else peer
 
 
 def main() -> None:
