@@ -82,3 +82,63 @@ def test_kernel_argument_on_another_device_is_copied_with_one_warning(caplog):
         assert cg_ops.on_device(same, same.device, "test weight") is same  # already there: no copy
     warned = [r for r in caplog.records if "test weight is on cpu" in r.getMessage()]
     assert len(warned) == 1, [r.getMessage() for r in caplog.records]
+
+
+# -- split-K without a memset or a cast: the self-cleaning workspace ----------------------------------------
+
+
+def _split_launches():
+    """(name, launch(x, split_k), reference(x), N) for the three kernels that split K, on small odd shapes."""
+    from effcompile.codegen.kernels import act_quant as AQ
+    from effcompile.codegen.kernels import dequant_matmul as D
+    from effcompile.codegen.kernels import sparse_gemv as S
+    from effcompile.compiler import ops as qops
+    from effcompile.compiler import sparse_linear as sl
+
+    gen = torch.Generator().manual_seed(0)
+    n, k = 94, 640
+    w = torch.randn(n, k, generator=gen) / 20
+    q4, q8 = qops.quantize_weight(w, "int4", 64), qops.quantize_weight(w, "int8")
+    b = torch.randn(n, generator=gen)
+    wt, s, z = sl.to_input_major(q4.qweight, q4.scales, q4.zeros, "int4", 64)
+    t = torch.tensor(0.3)
+    return [
+        ("dequant int4", lambda x, sk: D.launch(x, *q4[:3], b, "int4", 64, split_k=sk),
+         lambda x: D.reference(x, *q4[:3], b, "int4", 64)),
+        ("sparse int4", lambda x, sk: S.launch(x, t, wt, s, z, b, "int4", 64, split_k=sk),
+         lambda x: S.reference(x, t, wt, s, z, b, "int4", 64)),
+        ("w8a8", lambda x, sk: AQ.w8a8(x, q8.qweight, q8.scales, b, split_k=sk),
+         lambda x: D.reference(x, *q8[:3], b, "int8", 0, "int8")),
+    ]
+
+
+def test_split_k_leaves_its_workspace_clean_for_the_next_launch(monkeypatch):
+    # Each split adds into a cached fp32 workspace and counts itself in; the last one stores the output and
+    # zeroes the workspace and the count. A second and third launch on the same cached workspace must be as
+    # right as the first (a leftover sum or count would add to or skip them), and no fp32 output is cast.
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(plan, "_WORKSPACES", {})
+    for name, launch, reference in _split_launches():
+        for seed in range(3):
+            x = torch.randn(3, 640, generator=torch.Generator().manual_seed(seed))
+            got, want = launch(x, 3), reference(x)
+            assert got.dtype == x.dtype
+            err = (got - want).abs().max().item() / want.abs().max().item()
+            assert err < 1e-4, f"{name}, launch {seed}: relative error {err:.2e}"
+        # Launches of one shape share a workspace (one stream runs them in turn); the kernels did use one.
+        assert plan._WORKSPACES, name
+        for ws, counts in plan._WORKSPACES.values():
+            assert ws.dtype == torch.float32 and not ws.any() and not counts.any(), name
+    plan._WORKSPACES.clear()
+    for name, launch, reference in _split_launches():  # one split: stored directly, no workspace
+        x = torch.randn(3, 640, generator=torch.Generator().manual_seed(7))
+        assert (launch(x, 1) - reference(x)).abs().max().item() / reference(x).abs().max().item() < 1e-4, name
+    assert not plan._WORKSPACES
+
+
+def test_split_k_workspace_is_per_shape_and_stream():
+    cpu = torch.device("cpu")
+    a = plan.split_workspace(3, 17, 2, cpu)
+    assert plan.split_workspace(3, 17, 2, cpu) is a
+    assert plan.split_workspace(3, 18, 2, cpu) is not a and plan.split_workspace(4, 17, 2, cpu) is not a
+    assert a[0].shape == (3, 17) and a[1].shape == (2,) and a[1].dtype == torch.int32

@@ -88,11 +88,12 @@ def quantize_rows(x: torch.Tensor, act: str, fake: bool = False) -> tuple[torch.
 
 
 @triton.jit
-def _w8a8_kernel(xq_ptr, sx_ptr, q_ptr, s_ptr, b_ptr, out_ptr, M, N, K, K_SPLIT, HAS_BIAS: tl.constexpr,
-                 ATOMIC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _w8a8_kernel(xq_ptr, sx_ptr, q_ptr, s_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, K_SPLIT, SPLITS,
+                 HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     # int8 activation codes x int8 weight codes on the integer tensor cores, exact int32 sums; then
     # sum * token scale * channel scale (+ bias) in fp32, in ops._w8a8's order. Split-K as in
-    # dequant_matmul: each split rescales its own partial sum and adds it atomically (fp32).
+    # dequant_matmul: each split rescales its own partial sum and adds it atomically (fp32) into the
+    # self-cleaning workspace (launch_plan.split_workspace); the last split of a tile stores the output.
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     k_lo = tl.program_id(2) * K_SPLIT
@@ -118,10 +119,19 @@ def _w8a8_kernel(xq_ptr, sx_ptr, q_ptr, s_ptr, b_ptr, out_ptr, M, N, K, K_SPLIT,
         b = tl.load(b_ptr + offs_n, mask=n_mask & first, other=0.0).to(tl.float32)  # added by split 0 only
         y += b[None, :]
     out = out_ptr + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
-    if ATOMIC:
-        tl.atomic_add(out, y, mask=m_mask[:, None] & n_mask[None, :])
+    omask = m_mask[:, None] & n_mask[None, :]
+    if SPLIT == 2:
+        ws = ws_ptr + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
+        tl.atomic_add(ws, y, mask=omask)
+        tl.debug_barrier()
+        tile = pid_m * tl.num_programs(1) + pid_n
+        if tl.atomic_add(cnt_ptr + tile, 1) == SPLITS - 1:
+            zero = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
+            tl.store(out, tl.atomic_add(ws, zero, mask=omask).to(out_ptr.dtype.element_ty), mask=omask)
+            tl.store(ws, zero, mask=omask)
+            tl.store(cnt_ptr + tile, 0)
     else:
-        tl.store(out, y.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+        tl.store(out, y.to(out_ptr.dtype.element_ty), mask=omask)
 
 
 def w8a8(x, qweight, scales, bias, split_k: int | None = None, config: plan.Config | None = None) -> torch.Tensor:
@@ -142,10 +152,11 @@ def w8a8(x, qweight, scales, bias, split_k: int | None = None, config: plan.Conf
     bm, bn, bk, warps, stages, splits = plan.matmul_tiles(m, "w8a8", torch.int8, config)
     tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
     ks = plan.k_split(tiles, k, bk, dev, split_k if split_k is not None else splits)
-    atomic = ks < k
-    out = (torch.zeros if atomic else torch.empty)((m, n), dtype=torch.float32 if atomic else x.dtype, device=dev)
     grid = (triton.cdiv(m, bm), triton.cdiv(n, bn), triton.cdiv(k, ks))
+    out = torch.empty((m, n), dtype=x.dtype, device=dev)
+    split = plan.SPLIT_FIXUP if ks < k else plan.SPLIT_NONE
+    ws, cnt = plan.split_workspace(m, n, grid[0] * grid[1], dev) if split else (s, s)
     _ops.jit_variant(_w8a8_kernel, _ops.interpreting(dev))[grid](
-        xq, sx, q, s, b, out, m, n, k, ks, HAS_BIAS=bias is not None, ATOMIC=atomic, BLOCK_M=bm, BLOCK_N=bn,
-        BLOCK_K=bk, num_warps=warps, num_stages=stages)
-    return out.to(x.dtype).view(*x.shape[:-1], n)
+        xq, sx, q, s, b, out, ws, cnt, m, n, k, ks, grid[2], HAS_BIAS=bias is not None, SPLIT=split, BLOCK_M=bm,
+        BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
+    return out.view(*x.shape[:-1], n)

@@ -29,15 +29,17 @@ _FP8_FORMATS = ("fp8", "mxfp8")
 
 
 @triton.jit
-def _matmul_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, u_ptr, lb_ptr, out_ptr, M, N, K, K_SPLIT, RANK,
+def _matmul_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, u_ptr, lb_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, K_SPLIT,
+                   SPLITS, RANK,
                    FMT: tl.constexpr, G: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr,
                    DOT_DT: tl.constexpr, I4_BITS: tl.constexpr, I4_OFF: tl.constexpr, I4_ASM: tl.constexpr,
                    EVEN_NK: tl.constexpr,
-                   ATOMIC: tl.constexpr, FMA: tl.constexpr, BLOCK_M: tl.constexpr,
+                   SPLIT: tl.constexpr, FMA: tl.constexpr, BLOCK_M: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
     # Tiled tl.dot: the weight tile is dequantized in registers right before the dot (never in memory).
-    # Decode (few rows) pads M to 16 for the tensor cores and splits K over programs (ATOMIC: fp32
-    # partial sums added into a zeroed output), so a handful of output tiles still fills every SM.
+    # Decode (few rows) pads M to 16 for the tensor cores and splits K over programs, so a handful of output
+    # tiles still fills every SM: SPLIT (launch_plan.SPLIT_*) 2 adds fp32 partial sums into a self-cleaning
+    # workspace and the last split of a tile stores the output; 1 adds them into a zeroed fp32 output.
     # FMA (decode only, BLOCK_M = the rows padded to a power of two) replaces each dot by products summed
     # over K in registers: no 16-row padding and no shared-memory staging of the weight tile; which is
     # faster on a given GPU is for the tuning sweep to say (launch_plan.Config.fma).
@@ -216,10 +218,25 @@ def _matmul_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, u_ptr, lb_ptr, out_ptr, M,
         b = tl.load(b_ptr + offs_n, mask=n_mask & first, other=0.0).to(tl.float32)  # added by split 0 only
         acc += b[None, :]
     out = out_ptr + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
-    if ATOMIC:
-        tl.atomic_add(out, acc, mask=m_mask[:, None] & n_mask[None, :])
+    omask = m_mask[:, None] & n_mask[None, :]
+    if SPLIT == 2:
+        # All threads' adds before the count (the barrier), the count an acq_rel atomic: the split that counts
+        # last reads every sum, through an atomic (L2, never a stale L1 line), then leaves zeros for the next
+        # launch. (Repeated in sparse_gemv / act_quant: the interpreter cannot run a shared @jit helper.)
+        ws = ws_ptr + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
+        tl.atomic_add(ws, acc, mask=omask)
+        tl.debug_barrier()
+        tile = pid_m * tl.num_programs(1) + pid_n
+        if tl.atomic_add(cnt_ptr + tile, 1) == SPLITS - 1:
+            zero = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
+            total = tl.atomic_add(ws, zero, mask=omask)
+            tl.store(out, total.to(out_ptr.dtype.element_ty), mask=omask)
+            tl.store(ws, zero, mask=omask)
+            tl.store(cnt_ptr + tile, 0)
+    elif SPLIT == 1:
+        tl.atomic_add(out, acc, mask=omask)
     else:
-        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=omask)
 
 
 def low_rank(x, lora_a, lora_b) -> torch.Tensor:
@@ -328,26 +345,29 @@ def launch(x, qweight, scales, zeros, bias, fmt: str, group_size: int, split_k: 
     tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
     ks = plan.k_split(tiles, k, bk, dev, split_k if split_k is not None else splits)
     atomic = ks < k
-    if atomic and lora:
-        # Split-K sums partial products atomically into a float32 output that has to start at zero; with EoRA it
-        # starts at the low-rank term instead (one small matmul in place of the zero fill). In the kernel, split
-        # 0's low-rank loop made illegal memory accesses on an H100 (torch 2.11 / triton 3.6, int4 g32 decode
-        # tiles; int8 was fine), so split-K launches keep it out of the kernel.
-        out = torch.mm(u.float(), lb.float().t())
-    else:
-        out = (torch.zeros if atomic else torch.empty)((m, n), dtype=torch.float32 if atomic else x.dtype, device=dev)
     grid = (triton.cdiv(m, bm), triton.cdiv(n, bn), triton.cdiv(k, ks))
+    ws = cnt = s  # placeholders when unused
+    if atomic and lora:
+        # With EoRA the split-K sums go into a float32 output that starts at the low-rank term (one small matmul
+        # where a zero fill would be). In the kernel, split 0's low-rank loop made illegal memory accesses on an
+        # H100 (torch 2.11 / triton 3.6, int4 g32 decode tiles; int8 was fine), so split-K keeps it outside.
+        split, out = plan.SPLIT_FP32_OUT, torch.mm(u.float(), lb.float().t())
+    elif atomic:
+        split, out = plan.SPLIT_FIXUP, torch.empty((m, n), dtype=x.dtype, device=dev)
+        ws, cnt = plan.split_workspace(m, n, grid[0] * grid[1], dev)
+    else:
+        split, out = plan.SPLIT_NONE, torch.empty((m, n), dtype=x.dtype, device=dev)
     dot_dt = plan.dot_dtype(x.dtype, interp)
     i4_bits, i4_off = plan.int4_offset(dot_dt)
     fma = plan.uses_fma(m, config)
     if fmt == "int4" and fma and bm == 1:
         q = q.contiguous().view(torch.int32)  # the one-row fma branch reads 8 codes per word (K % 32 == 0)
     _ops.jit_variant(_matmul_kernel, interp)[grid](
-        x2, q, s, z, b, u, lb, out, m, n, k, ks, lora_a.shape[0] if lora else 0, FMT=_FMT[fmt],
+        x2, q, s, z, b, u, lb, out, ws, cnt, m, n, k, ks, grid[2], lora_a.shape[0] if lora else 0, FMT=_FMT[fmt],
         G=max(group_size, 1), HAS_BIAS=bias is not None, HAS_LORA=lora and not atomic, DOT_DT=dot_dt,
         I4_BITS=i4_bits, I4_OFF=i4_off, I4_ASM=plan.int4_asm(dot_dt, interp),
         EVEN_NK=n % bn == 0 and k % bk == 0 and ks % bk == 0,
-        ATOMIC=atomic, FMA=fma, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=block_r,
+        SPLIT=split, FMA=fma, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=block_r,
         num_warps=warps, num_stages=stages)
     return out.to(x.dtype).view(*x.shape[:-1], n)
 

@@ -158,6 +158,30 @@ def k_split(tiles: int, k: int, block_k: int, device: torch.device, force: int |
     return triton.cdiv(blocks, splits) * block_k
 
 
+# Split-K output modes of the matmul kernels (their SPLIT constexpr).
+SPLIT_NONE, SPLIT_FP32_OUT, SPLIT_FIXUP = 0, 1, 2
+# Never evicted: a CUDA graph that captured a launch keeps using its workspace's address. Decode shapes
+# (<= GEMV_MAX_M rows, a model's few N) keep this small.
+_WORKSPACES: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def split_workspace(m: int, n: int, tiles: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fp32 [m, n] partial sums, int32 [tiles] arrival counts), zero, for a SPLIT_FIXUP launch.
+
+    The splits of a tile add their partial sums into the workspace, then count themselves in; the last to
+    arrive stores the sum in the output dtype and zeroes the workspace and its count again. So a split-K
+    launch is one kernel, not a memset + the kernel + a cast (3 launches per decode linear, ~2 us each on
+    an H100 under CUDA graphs). Kept per device, stream and shape: launches on one stream run one after
+    another, so they can share it; another stream gets its own."""
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (device, stream, m, n, tiles)
+    ws = _WORKSPACES.get(key)
+    if ws is None:
+        ws = _WORKSPACES[key] = (torch.zeros((m, n), dtype=torch.float32, device=device),
+                                 torch.zeros(tiles, dtype=torch.int32, device=device))
+    return ws
+
+
 def dot_dtype(x_dtype: torch.dtype, interpreting: bool):
     """tl.dot input type: the activation dtype, except bf16 under the interpreter (numpy has no bf16, so
     its dot is wrong there); bf16 values are exact in fp32, so only the summation order differs."""

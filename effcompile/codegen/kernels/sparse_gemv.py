@@ -24,10 +24,10 @@ _FMT = {"int8": 0, "int4": 1, "float": 2}
 
 
 @triton.jit
-def _sparse_kernel(x_ptr, t_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, M, N, K, K_SPLIT,
+def _sparse_kernel(x_ptr, t_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, K_SPLIT, SPLITS,
                    FMT: tl.constexpr, G: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr,
                    DOT_DT: tl.constexpr, I4_BITS: tl.constexpr, I4_OFF: tl.constexpr, I4_ASM: tl.constexpr,
-                   ATOMIC: tl.constexpr, FMA: tl.constexpr,
+                   SPLIT: tl.constexpr, FMA: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_n = tl.program_id(0)
     k_lo = tl.program_id(1) * K_SPLIT
@@ -135,7 +135,19 @@ def _sparse_kernel(x_ptr, t_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, M, N, K, K
             acc_hi += tl.load(b_ptr + 2 * offs_j + 1, mask=j_mask & first, other=0.0).to(tl.float32)[None, :]
         out = out_ptr + offs_m.to(tl.int64)[:, None] * N + 2 * offs_j[None, :]
         omask = m_mask[:, None] & j_mask[None, :]
-        if ATOMIC:
+        if SPLIT == 2:  # the self-cleaning split-K workspace, as in dequant_matmul.py
+            ws = ws_ptr + offs_m.to(tl.int64)[:, None] * N + 2 * offs_j[None, :]
+            tl.atomic_add(ws, acc_lo, mask=omask)
+            tl.atomic_add(ws + 1, acc_hi, mask=omask)
+            tl.debug_barrier()
+            if tl.atomic_add(cnt_ptr + pid_n, 1) == SPLITS - 1:
+                zero = tl.full((BLOCK_M, HALF), 0.0, tl.float32)
+                tl.store(out, tl.atomic_add(ws, zero, mask=omask).to(out_ptr.dtype.element_ty), mask=omask)
+                tl.store(out + 1, tl.atomic_add(ws + 1, zero, mask=omask).to(out_ptr.dtype.element_ty), mask=omask)
+                tl.store(ws, zero, mask=omask)
+                tl.store(ws + 1, zero, mask=omask)
+                tl.store(cnt_ptr + pid_n, 0)
+        elif SPLIT == 1:
             tl.atomic_add(out, acc_lo, mask=omask)
             tl.atomic_add(out + 1, acc_hi, mask=omask)
         else:
@@ -148,10 +160,20 @@ def _sparse_kernel(x_ptr, t_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, M, N, K, K
             first = (offs_n * 0 + k_lo) == 0
             acc += tl.load(b_ptr + offs_n, mask=n_mask & first, other=0.0).to(tl.float32)[None, :]
         out = out_ptr + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
-        if ATOMIC:
-            tl.atomic_add(out, acc, mask=m_mask[:, None] & n_mask[None, :])
+        omask = m_mask[:, None] & n_mask[None, :]
+        if SPLIT == 2:
+            ws = ws_ptr + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
+            tl.atomic_add(ws, acc, mask=omask)
+            tl.debug_barrier()
+            if tl.atomic_add(cnt_ptr + pid_n, 1) == SPLITS - 1:
+                zero = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
+                tl.store(out, tl.atomic_add(ws, zero, mask=omask).to(out_ptr.dtype.element_ty), mask=omask)
+                tl.store(ws, zero, mask=omask)
+                tl.store(cnt_ptr + pid_n, 0)
+        elif SPLIT == 1:
+            tl.atomic_add(out, acc, mask=omask)
         else:
-            tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+            tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=omask)
 
 
 def supported(x: torch.Tensor, weight_t: torch.Tensor, fmt: str, decode_only: bool) -> str | None:
@@ -193,17 +215,18 @@ def launch(x, threshold, weight_t, scales, zeros, bias, fmt: str, group_size: in
         split_k = config.splits
     tiles = triton.cdiv(n, bn)
     ks = plan.k_split(tiles, k, bk, dev, split_k)
-    atomic = ks < k
-    out = (torch.zeros if atomic else torch.empty)((m, n), dtype=torch.float32 if atomic else x.dtype, device=dev)
     grid = (tiles, triton.cdiv(k, ks))
+    out = torch.empty((m, n), dtype=x.dtype, device=dev)
+    split = plan.SPLIT_FIXUP if ks < k else plan.SPLIT_NONE
+    ws, cnt = plan.split_workspace(m, n, tiles, dev) if split else (t, t)
     dot_dt = plan.dot_dtype(x.dtype, interp)
     i4_bits, i4_off = plan.int4_offset(dot_dt)
     _ops.jit_variant(_sparse_kernel, interp)[grid](
-        x2, t, w, s, z, b, out, m, n, k, ks, FMT=_FMT[fmt], G=max(group_size, 1), PER_CHANNEL=t.numel() > 1,
+        x2, t, w, s, z, b, out, ws, cnt, m, n, k, ks, grid[1], FMT=_FMT[fmt], G=max(group_size, 1), PER_CHANNEL=t.numel() > 1,
         HAS_BIAS=bias is not None, DOT_DT=dot_dt, I4_BITS=i4_bits, I4_OFF=i4_off,
-        I4_ASM=plan.int4_asm(dot_dt, interp), ATOMIC=atomic,
+        I4_ASM=plan.int4_asm(dot_dt, interp), SPLIT=split,
         FMA=plan.uses_fma(m, config), BLOCK_M=plan.block_m(m, config), BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
-    return out.to(x.dtype).view(*x.shape[:-1], n)
+    return out.view(*x.shape[:-1], n)
 
 
 def run(x, threshold, weight_t, scales, zeros, bias, fmt, group_size, label, decode_only, mode: int = 0):
