@@ -142,3 +142,15 @@ def test_split_k_workspace_is_per_shape_and_stream():
     assert plan.split_workspace(3, 17, 2, cpu) is a
     assert plan.split_workspace(3, 18, 2, cpu) is not a and plan.split_workspace(4, 17, 2, cpu) is not a
     assert a[0].shape == (3, 17) and a[1].shape == (2,) and a[1].dtype == torch.int32
+
+
+def test_untuned_gpus_get_the_measured_fallback(monkeypatch):
+    cuda = torch.device("cuda", 0)  # a device object only: _table is replaced, nothing touches a GPU
+    monkeypatch.setattr(plan, "_table", lambda index: {})
+    assert plan.tuned("dequant", "int4", 1, torch.bfloat16, cuda) == plan.UNTUNED["dequant/int4/m1"]
+    assert plan.tuned("dequant", "int4", 8, torch.bfloat16, cuda) is None  # 2-8 rows: the built-in tiles
+    assert plan.tuned("dequant", "int4", 1, torch.float32, cuda) is None  # fp32: FP32 tiles
+    assert plan.tuned("dequant", "int4", 1, torch.bfloat16, torch.device("cpu")) is None
+    own = plan.Config(32, 256, 4, 1, 4, True)
+    monkeypatch.setattr(plan, "_table", lambda index: {"dequant/int4/m1": own})
+    assert plan.tuned("dequant", "int4", 1, torch.bfloat16, cuda) == own  # a table entry wins

@@ -131,12 +131,19 @@ def _table(index: int) -> dict[str, Config]:
     return read_tables(paths, name)
 
 
+# Launch shapes for GPUs whose table has no entry, where a measurement elsewhere beat DECODE / SPARSE.
+# dequant/int4/m1: on the H100 (session 9 sweep) every fma tile beat the tl.dot default (128, 128, 4, 3),
+# the best (64, 128) with 8 splits: 882 against under 800 GB/s over the two Llama-3-8B MLP shapes.
+UNTUNED = {"dequant/int4/m1": Config(64, 128, 4, 1, 8, True)}
+
+
 def tuned(kernel: str, fmt: str, rows: int, dtype: torch.dtype, device: torch.device) -> Config | None:
-    """The measured launch shape for this call on this GPU, if a tuning table has one."""
+    """The measured launch shape for this call on this GPU: its tuning table's, else UNTUNED's, if any."""
     if device.type != "cuda" or dtype == torch.float32:
         return None
-    return _table(device.index if device.index is not None else torch.cuda.current_device()).get(
-        tuning_key(kernel, fmt, rows))
+    key = tuning_key(kernel, fmt, rows)
+    table = _table(device.index if device.index is not None else torch.cuda.current_device())
+    return table.get(key, UNTUNED.get(key))
 
 
 @functools.cache
