@@ -112,19 +112,26 @@ def main() -> None:
             "threads": torch.get_num_threads(), "date": datetime.date.today().isoformat(),
             "load_avg_at_start": os.getloadavg(), "rows": rows}, indent=1))
 
+    def show(r: dict) -> None:  # the log line: a profile's kernel list stays in the JSON
+        print({k: {kk: vv for kk, vv in v.items() if kk != "top"} if k.startswith("profile") and isinstance(v, dict)
+               else v for k, v in r.items()}, flush=True)
+
     def decode(fn, label: str) -> dict:
         row: dict = {"config": label}
         for b in batches:
             with torch.no_grad():
-                r = timing.decode_speed(fn, model, prompts[b], a.steps, 3, a.device, cuda_graph=graphs)
+                r = timing.decode_speed(fn, model, prompts[b], a.steps, 3, a.device, cuda_graph=graphs,
+                                        profile=b == batches[0])
             row[f"tok_s_b{b}"] = round(r["tokens_per_s"], 2)
             row[f"ms_per_step_b{b}"] = round(r["ms_per_step"], 4)
+            if "profile" in r:  # one un-graphed step's GPU kernels: busy time vs the step time = launch gaps
+                row[f"profile_b{b}"] = r["profile"]
             if r["cuda_graph"] is not True and graphs:
                 row[f"cuda_graph_b{b}"] = r["cuda_graph"]  # why capture failed (the plain loop was timed)
         return row
 
     rows.append(decode(model, "eager (first)"))
-    print(rows[-1], flush=True)
+    show(rows[-1])
     write()
     for spec in a.configs.split(";"):
         # Every config compiles the same forward: without a reset dynamo's per-code recompile limit
@@ -147,7 +154,7 @@ def main() -> None:
             row = decode(fast, spec)
         except Exception as e:  # noqa: BLE001 - one failing config (e.g. a peer not installed) is recorded
             rows.append({"config": spec, "failed": f"{type(e).__name__}: {str(e)[:400]}"})
-            print(rows[-1], flush=True)
+            show(rows[-1])
             write()
             continue
         row["compile_and_time_s"] = round(time.perf_counter() - t0, 1)
@@ -159,7 +166,7 @@ def main() -> None:
             row["kernels"] = sorted({f"{k.name}:{k.kind}" for k in rep.kernels if k.ops and
                                      k.ops[0] in ("wq_linear", "sparse_linear")})
         rows.append(row)
-        print(row, flush=True)
+        show(row)
         write()
         # Free this config before the next one compiles: a 1B model's sparse layout is another full copy
         # of the weights, and glibc keeps freed arenas unless trimmed (llama-1b ran out of 24 GB without).
@@ -169,7 +176,7 @@ def main() -> None:
         if torch.device(a.device).type == "cuda":
             torch.cuda.empty_cache()
     rows.append(decode(model, "eager (last)"))
-    print(rows[-1], flush=True)
+    show(rows[-1])
     write()
     print("wrote", out)
 

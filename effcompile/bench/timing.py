@@ -161,9 +161,36 @@ def graphed_steps(step: Callable[[], None], warmup: int, steps: int) -> list[flo
     return times
 
 
+def summarize_kernels(events, top: int = 12) -> dict:
+    """GPU work of profiled events (kernels, memsets, copies): how many, their summed time, the largest."""
+    by_name: dict[str, list] = {}
+    for e in events:
+        if e.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        agg = by_name.setdefault(e.name, [0, 0.0])
+        agg[0] += 1
+        agg[1] += e.time_range.elapsed_us()
+    rows = sorted(by_name.items(), key=lambda kv: -kv[1][1])
+    return {"gpu_kernels": sum(c for c, _ in by_name.values()),
+            "gpu_busy_ms": round(sum(us for _, us in by_name.values()) / 1e3, 4),
+            "top": [{"name": name[:120], "count": c, "us": round(us, 1)} for name, (c, us) in rows[:top]]}
+
+
+def kernel_profile(step: Callable[[], None]) -> dict:
+    """One plain (not graphed) step under the torch profiler: its GPU kernels by name. Set beside a graphed
+    step time, busy time against step time says how much of a step is launch gaps, not kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    return summarize_kernels(prof.events())
+
+
 @torch.no_grad()
 def decode_speed(fn, model, prompt_ids: torch.Tensor, steps: int, warmup: int, device: str,
-                 cuda_graph: bool = False) -> dict:
+                 cuda_graph: bool = False, profile: bool = False) -> dict:
     """Greedy decode ``steps`` tokens one at a time through ``fn`` with an HF StaticCache.
 
     The prompt is prefilled by the eager ``model`` (prefill is measured separately); each timed step is
@@ -171,12 +198,13 @@ def decode_speed(fn, model, prompt_ids: torch.Tensor, steps: int, warmup: int, d
     in static tensors updated in place. With ``cuda_graph`` (CUDA only) one step is captured in a CUDA
     graph and replayed, as serving stacks do, so the numbers show the GPU work rather than Python's
     launch cost; if capture fails the reason is recorded and the plain loop is timed. Returns the median
-    step time, tokens/s (batch tokens per step) and the KV-cache bytes the attention reads per step.
+    step time, tokens/s (batch tokens per step) and the KV-cache bytes the attention reads per step; with
+    ``profile`` (CUDA only), also one more step's GPU kernels (kernel_profile) under "profile".
     """
     from transformers import StaticCache
 
     batch, plen = prompt_ids.shape
-    total = plen + 2 * warmup + steps + 1  # warm-up, capture and timed steps all write the cache
+    total = plen + 2 * warmup + steps + 2  # warm-up, capture, timed and profiled steps all write the cache
     cache = StaticCache(config=model.config, max_cache_len=total)
     kw = cache_kwarg(model)
     out = model(input_ids=prompt_ids, **{kw: cache}, use_cache=True)
@@ -214,5 +242,11 @@ def decode_speed(fn, model, prompt_ids: torch.Tensor, steps: int, warmup: int, d
             if i >= warmup:
                 times.append(dt * 1e3)
     ms = statistics.median(times)
-    return {"ms_per_step": ms, "tokens_per_s": batch * 1e3 / ms, "steps": steps, "first_step_s": first,
-            "kv_bytes_per_step": kv_cache_bytes(cache), "max_cache_len": total, "cuda_graph": graphed}
+    res = {"ms_per_step": ms, "tokens_per_s": batch * 1e3 / ms, "steps": steps, "first_step_s": first,
+           "kv_bytes_per_step": kv_cache_bytes(cache), "max_cache_len": total, "cuda_graph": graphed}
+    if profile and torch.device(device).type == "cuda":
+        try:
+            res["profile"] = kernel_profile(step)
+        except Exception as e:  # noqa: BLE001 - a profiler problem must not lose the timing
+            res["profile"] = f"failed: {type(e).__name__}: {str(e)[:200]}"
+    return res

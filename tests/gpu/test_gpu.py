@@ -432,8 +432,9 @@ def test_compiled_decode_stays_on_device_and_captures_in_a_cuda_graph(passes, tm
         fast = ec.effcompile(model, passes=passes, calibration=calib, cache_dir=str(tmp_path))
         with torch.no_grad():
             fast(**calib[0])
-        r = timing.decode_speed(fast, model, prompt, 2, 1, "cuda", cuda_graph=True)
+        r = timing.decode_speed(fast, model, prompt, 2, 1, "cuda", cuda_graph=True, profile=True)
         assert r["cuda_graph"] is True, (hit, r["cuda_graph"])
+        assert isinstance(r["profile"], dict) and r["profile"]["gpu_kernels"] > 0, r["profile"]
         graphs = ec.explain(fast).graphs
         assert any(g.cache == "disk hit" for g in graphs) or hit == "compiled", [g.cache for g in graphs]
         on_cpu = [(n.target, hit) for g in graphs for gm in g.graph_modules() for n in gm.graph.nodes
