@@ -25,7 +25,8 @@ def keep_mask(x: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
 
 
 def record(label: str, kept: torch.Tensor | int, total: int) -> None:
-    """Count one call's zeroed inputs under ``label`` while measure_sparsity() is active."""
+    """Count one call's zeroed inputs under ``label`` while measure_sparsity() is active; "a+b" (linears
+    FuseParallelLinears fused: one input, one threshold) counts them under each of a and b."""
     if not _MEASURING or total == 0:
         return
     rows = _ROWS[-1] if _ROWS else None
@@ -34,8 +35,9 @@ def record(label: str, kept: torch.Tensor | int, total: int) -> None:
         total = kept.numel()
     kept = int(kept.sum()) if isinstance(kept, torch.Tensor) else int(kept)
     with _LOCK:
-        SPARSITY[label][0] += total - kept
-        SPARSITY[label][1] += total
+        for part in label.split("+"):
+            SPARSITY[part][0] += total - kept
+            SPARSITY[part][1] += total
 
 
 def measuring() -> bool:

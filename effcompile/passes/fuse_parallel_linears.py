@@ -1,4 +1,4 @@
-"""Fuse: quantized linears reading the same input (Q/K/V, gate/up) become one wq_linear, then slices (exact).
+"""Fuse: quantized or sparse linears reading the same input (Q/K/V, gate/up) become one, then slices (exact).
 
 At decode a layer is a chain of small kernels; each costs a launch and a pipeline drain whatever it reads,
 and a Llama-3.2-1B k/v projection (512 x 2048 int4, 0.5 MB) is too small to reach HBM speed alone. Linears
@@ -6,7 +6,13 @@ that share their input, weight format, group size, activation mode and sublayer 
 once (packed codes, scales and zeros are row-major, so rows stack) and run as one kernel; each original
 output is a slice (a view) of the fused one. Part of the default pipeline, after FuseSparseLinear.
 
-Float linears are left alone: their weights are the model's parameters, and a concatenated copy would
+Sparse linears (FuseSparseLinear's thresholded GEMVs) fuse the same way when they also share their
+threshold tensor's values (Q/K/V under the default per-tensor thresholds: the same input, the same
+quantile): the kernel's skip decision per input channel is then the same for all of them. Their weights
+are input-major, so they stack along dim 1 (int4 scales and zeros too), and the fused op's label names
+every part ("a+b+c"), under which sparse_ops records each part's achieved sparsity as before.
+
+Dense float linears are left alone: their weights are the model's parameters, and a concatenated copy would
 double their memory. A quantized linear with an EoRA side path (its output feeds an add of
 ``linear(linear(x, A), B)``) is left alone too: codegen fuses that side path into its own kernel.
 If any consumer cannot take the strided slices (shape propagation fails), the whole rewrite is undone
@@ -24,6 +30,7 @@ import torch.fx as fx
 
 from effcompile.compiler import ir
 from effcompile.compiler import ops as qops
+from effcompile.compiler import sparse_linear as sl
 from effcompile.compiler.pass_manager import PassConfig, PassContext, PassResult, register_pass
 
 
@@ -63,27 +70,60 @@ def _key(gm, node, ctx) -> tuple | str:
             None if zt is None else zt.dtype)
 
 
-def _cat(gm, nodes, index, ctx, n_rows) -> torch.Tensor | None:
-    """The tensors at argument ``index`` of ``nodes`` stacked along N (a missing bias counts as zeros)."""
+def _sparse_key(gm, node, ctx) -> tuple | str:
+    """What must match for two sparse_linears to fuse (the threshold's values included), or why not."""
+    if node.kwargs or len(node.args) != 10:
+        return "arguments this pass does not know"
+    x, thr, wt, st, zt, b, fmt, group, _, decode_only = node.args
+    tt, wtt, stt, ztt = (ir.node_tensor(gm, t, ctx.params) for t in (thr, wt, st, zt))
+    if tt is None or wtt is None or (st is not None and stt is None) or (zt is not None and ztt is None):
+        return "its threshold or weight is not a graph buffer"
+    if b is not None and ir.node_tensor(gm, b, ctx.params) is None:
+        return "its bias is not a parameter or buffer"
+    thr_values = (tt.dtype, tuple(tt.shape), tt.detach().cpu().contiguous().numpy().tobytes())
+    return ("sparse", x, fmt, group, decode_only, str(ir.sublayer(node)), thr_values, wtt.dtype, wtt.shape[0],
+            None if stt is None else stt.dtype)
+
+
+def _out_features(gm, node, ctx) -> int:
+    if node.target is qops.wq_linear_op():
+        return ir.node_tensor(gm, node.args[1], ctx.params).shape[0]
+    wt = ir.node_tensor(gm, node.args[2], ctx.params)  # input-major [K, N]; int4 packs two outputs a byte
+    return wt.shape[1] * (2 if node.args[6] == "int4" else 1)
+
+
+def _cat(gm, nodes, index, ctx, n_rows, dim=0) -> torch.Tensor | None:
+    """The tensors at argument ``index`` of ``nodes`` stacked along ``dim`` (a missing bias counts as zeros)."""
     ts = [ir.node_tensor(gm, n.args[index], ctx.params) for n in nodes]
     if all(t is None for t in ts):
         return None
     like = next(t for t in ts if t is not None)
     ts = [t if t is not None else like.new_zeros((rows, *like.shape[1:])) for t, rows in zip(ts, n_rows, strict=True)]
-    return torch.cat([t.detach() for t in ts], 0).contiguous()
+    return torch.cat([t.detach() for t in ts], dim).contiguous()
 
 
 def _fuse_group(gm, nodes, ctx, mode) -> None:
-    first, wq = nodes[0], qops.wq_linear_op()
-    x, *_, fmt, group = first.args[:7]
-    act = first.args[7] if len(first.args) > 7 else "none"
+    first = nodes[0]
     tag = ir.sublayer(first)
-    rows = [ir.node_tensor(gm, n.args[1], ctx.params).shape[0] for n in nodes]
+    rows = [_out_features(gm, n, ctx) for n in nodes]
     base = f"_ec_fused_{first.name}"
-    q, s, z, b = (ir.add_buffer(gm, first, f"{base}_{what}", _cat(gm, nodes, i, ctx, rows), tag, mode)
-                  for what, i in (("qweight", 1), ("scales", 2), ("zeros", 3), ("bias", 4)))
+    if first.target is qops.wq_linear_op():
+        x, *_, fmt, group = first.args[:7]
+        act = first.args[7] if len(first.args) > 7 else "none"
+        q, s, z, b = (ir.add_buffer(gm, first, f"{base}_{what}", _cat(gm, nodes, i, ctx, rows), tag, mode)
+                      for what, i in (("qweight", 1), ("scales", 2), ("zeros", 3), ("bias", 4)))
+        op, args = qops.wq_linear_op(), (x, q, s, z, b, fmt, group, act)
+    else:
+        x, thr, _, _, _, _, fmt, group, _, decode_only = first.args
+        # Input-major: outputs are dim 1 of the weight and of int4's [K / G, N] scales and zeros; int8's
+        # scales and every bias are [N].
+        dims = {2: 1, 3: 1 if fmt == "int4" else 0, 4: 1, 5: 0}
+        wt, s, z, b = (ir.add_buffer(gm, first, f"{base}_{what}", _cat(gm, nodes, i, ctx, rows, dims[i]), tag, mode)
+                       for what, i in (("weight_t", 2), ("scales", 3), ("zeros", 4), ("bias", 5)))
+        label = "+".join(str(n.args[8]) for n in nodes)
+        op, args = sl.sparse_linear_op(), (x, thr, wt, s, z, b, fmt, group, label, decode_only)
     with gm.graph.inserting_before(first):
-        fused = gm.graph.call_function(wq, (x, q, s, z, b, fmt, group, act))
+        fused = gm.graph.call_function(op, args)
     fused.meta[ir.TAG] = tag
     start = 0
     for node, n in zip(nodes, rows, strict=True):
@@ -99,12 +139,12 @@ def _fuse_group(gm, nodes, ctx, mode) -> None:
 def fuse_parallel_linears(gm: fx.GraphModule, cfg: FuseParallelLinears, ctx: PassContext) -> PassResult:
     if not cfg.enabled:
         return PassResult(modified=False, note="disabled")
-    wq = qops.wq_linear_op()
+    wq, sparse = qops.wq_linear_op(), sl.sparse_linear_op()
     groups: dict[tuple, list[fx.Node]] = defaultdict(list)
     alone: dict[str, str] = {}
     for node in gm.graph.nodes:
-        if node.op == "call_function" and node.target is wq:
-            key = _key(gm, node, ctx)
+        if node.op == "call_function" and node.target in (wq, sparse):
+            key = _key(gm, node, ctx) if node.target is wq else _sparse_key(gm, node, ctx)
             if isinstance(key, str):
                 alone[str(ir.sublayer(node) or node.name)] = key
             else:
@@ -113,7 +153,7 @@ def fuse_parallel_linears(gm: fx.GraphModule, cfg: FuseParallelLinears, ctx: Pas
     if not groups:
         return PassResult(modified=False, note="; ".join(f"{k} not fused: {v}" for k, v in alone.items()))
     saved, buffers = ir.copy_graph_module(gm).graph, set(gm._buffers)  # meta shared, not deep-copied
-    old_attrs = [a for nodes in groups.values() for n in nodes for a in n.args[1:5]]
+    old_attrs = [a for nodes in groups.values() for n in nodes for a in n.args[1:6]]  # incl. sparse biases
     mode = ir.fake_mode_for(gm, ctx.example_inputs)
     where = []
     for nodes in groups.values():

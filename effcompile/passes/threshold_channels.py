@@ -390,7 +390,9 @@ def threshold_channels(gm: fx.GraphModule, cfg: ThresholdChannels, ctx: PassCont
 # ----------------------------------------------------------------------------- runtime access
 def thresholds(compiled) -> dict[str, torch.Tensor]:
     """The live threshold buffers of a compiled model, by layer label. Changing them in place
-    (``.fill_``, ``.mul_``, ``.copy_``) changes the next call's sparsity without recompiling."""
+    (``.fill_``, ``.mul_``, ``.copy_``) changes the next call's sparsity without recompiling. Linears that
+    FuseParallelLinears fused (Q/K/V, gate/up with equal thresholds) share one buffer: changing one
+    changes them all (``FuseParallelLinears(enabled=False)`` keeps one per linear)."""
     from effcompile.compiler.api import explain
 
     out: dict[str, torch.Tensor] = {}
@@ -403,8 +405,8 @@ def thresholds(compiled) -> dict[str, torch.Tensor]:
                     # The label is the last string argument of sparsify and of the fused sparse linears
                     # (which take a weight-format string before it).
                     label = next((a for a in reversed(user.args) if isinstance(a, str)), None)
-                    if label is not None:
-                        out[label] = getattr(gm, n.target)
+                    for part in label.split("+") if label is not None else ():
+                        out[part] = getattr(gm, n.target)
     return out
 
 

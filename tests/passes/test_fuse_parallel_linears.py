@@ -129,3 +129,84 @@ def test_row_layout():
         assert torch.equal(flat[start:start + 4], rows[i])
     assert cg_ops.row_layout(base[..., :8].view(2, 3, 2, 4).transpose(1, 2)) is None  # T=3: three levels
     assert cg_ops.row_layout(base.transpose(1, 2)) is None  # the last dim is not unit-stride
+
+
+# -- thresholded (sparse) linears ------------------------------------------------------------------------
+
+
+def _sparse_run(model, passes, ids, calib):
+    torch._dynamo.reset()
+    fast = ec.effcompile(model, passes=passes, calibration=calib, cache=False)
+    with torch.no_grad():
+        out = fast(ids)
+    return fast, getattr(out, "logits", out)
+
+
+def _sparse_nodes(fast) -> int:
+    """Thresholded linears the lowered graphs run (each one kernel launch)."""
+    return sum(1 for k in ec.explain(fast).kernels if k.ops and k.ops[0] == "sparse_linear")
+
+
+@pytest.mark.parametrize("weights", [None, "int8", "int4"])
+def test_sparse_linears_sharing_input_and_threshold_fuse(llama, weights):
+    # Per-tensor thresholds of Q/K/V (and gate/up) are the same quantile of the same input: one sparse GEMV.
+    from effcompile.compiler.sparse_ops import measure_sparsity
+    from effcompile.passes.threshold_channels import thresholds
+
+    gen = torch.Generator().manual_seed(5)
+    calib = [(torch.randint(0, 128, (2, 8), generator=gen),) for _ in range(2)]
+    ids = torch.randint(0, 128, (2, 8), generator=gen)  # shaped like the calibration batches
+    passes = [ec.ThresholdChannels(sparsity=0.5)] + ([ec.Quantize(weights=weights, group_size=32 if
+                                                                  weights == "int4" else None)] if weights else [])
+    fused, out = _sparse_run(llama, passes, ids, calib)
+    with torch.no_grad(), measure_sparsity() as got_fused:
+        fused(ids)
+    (rec,) = _record(fused)
+    n_fused, live = _sparse_nodes(fused), thresholds(fused)  # before another compile: explain holds graphs weakly
+    plain, ref = _sparse_run(llama, [*passes, FuseParallelLinears(enabled=False)], ids, calib)
+    with torch.no_grad(), measure_sparsity() as got_plain:
+        plain(ids)
+    assert rec.modified and rec.where == ["layers.0.attn: 3 linears", "layers.0.ffn: 2 linears",
+                                          "layers.1.attn: 3 linears", "layers.1.ffn: 2 linears"]
+    assert n_fused == 2 * 4 and _sparse_nodes(plain) == 2 * 7
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    # Achieved sparsity is still reported per original linear, the same as without the fusion.
+    assert got_fused.keys() == got_plain.keys() and len(got_fused) == 2 * 7
+    assert all(abs(got_fused[k] - got_plain[k]) < 1e-9 for k in got_plain)
+    # The live thresholds: one per original label; fused parts share the buffer.
+    assert live.keys() == thresholds(plain).keys()
+    q, k = (live[name] for name in sorted(live) if name.endswith(("q_proj", "k_proj")) and ".0." in name)
+    assert q is k
+
+
+def test_sparse_linears_with_different_thresholds_stay_apart(llama):
+    # Per-channel (CHESS) thresholds scale by each linear's own weight column norms: Q's differ from K's.
+    gen = torch.Generator().manual_seed(6)
+    calib = [(torch.randint(0, 128, (2, 8), generator=gen),) for _ in range(2)]
+    ids = torch.randint(0, 128, (2, 8), generator=gen)  # shaped like the calibration batches
+    fast, out = _sparse_run(llama, [ec.ThresholdChannels(sparsity=0.5, method="channel")], ids, calib)
+    (rec,) = _record(fast)
+    assert not rec.modified and _sparse_nodes(fast) == 2 * 7
+    _, ref = _sparse_run(llama, [ec.ThresholdChannels(sparsity=0.5, method="channel"),
+                                 FuseParallelLinears(enabled=False)], ids, calib)
+    torch.testing.assert_close(out, ref)
+
+
+@pytest.mark.interpreter
+def test_fused_sparse_int4_gemv_matches_unfused_on_the_triton_path(llama, monkeypatch):
+    # The sparse GEMV on the fused input-major int4 layout (codes and [K / G, N] scales stacked along N),
+    # one decode token: 8 launches instead of 14, the same logits.
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    from effcompile.codegen.kernels import sparse_gemv as S
+
+    gen = torch.Generator().manual_seed(7)
+    calib = [(torch.randint(0, 128, (1, 1), generator=gen),) for _ in range(4)]
+    ids = torch.randint(0, 128, (1, 1), generator=gen)
+    passes = [ec.ThresholdChannels(sparsity=0.5), ec.Quantize(weights="int4", group_size=32)]
+    launches, logits = [], []
+    for extra in ([], [FuseParallelLinears(enabled=False)]):
+        before = cg_ops.PATH_COUNTS[S.NAME]["triton"]
+        logits.append(_sparse_run(llama, passes + extra, ids, calib)[1])
+        launches.append(cg_ops.PATH_COUNTS[S.NAME]["triton"] - before)
+    assert launches == [2 * 4, 2 * 7]
+    torch.testing.assert_close(logits[0], logits[1], rtol=1e-5, atol=1e-5)
