@@ -31,7 +31,7 @@ import effcompile as ec  # noqa: E402
 from effcompile.bench import spec as pass_spec  # noqa: E402
 from effcompile.bench import timing, zoo  # noqa: E402
 
-CONFIGS = ["none", "quantize(weights=int4,group_size=32)", "quantize(weights=int8)"]
+CONFIGS = ["none", "quantize(weights=int4,group_size=32)", "quantize(weights=int8)", "threshold(sparsity=0.5)"]
 _NOT_A_KERNEL = {
     "as_strided", "view", "resolve_conj", "resolve_neg", "empty", "empty_strided", "_unsafe_view", "result_type",
     "alias", "resize_", "t", "transpose", "unsqueeze", "squeeze", "expand", "reshape", "slice", "select",
@@ -104,7 +104,8 @@ def main(argv=None) -> int:
     layers = model.config.num_hidden_layers
     rows = []
     variants = [("eager", None)] + [(spec, spec) for spec in a.configs.split(";")]
-    variants += [(f"{spec} [FuseParallelLinears off]", spec) for spec in a.configs.split(";") if "quantize" in spec]
+    variants += [(f"{spec} [FuseParallelLinears off]", spec) for spec in a.configs.split(";")
+                 if "quantize" in spec or "threshold" in spec]
     for label, spec in variants:
         row = {"config": label}
         for b in map(int, a.batches.split(",")):
@@ -117,7 +118,13 @@ def main(argv=None) -> int:
                     from effcompile.passes.fuse_parallel_linears import FuseParallelLinears
 
                     passes = [*passes, FuseParallelLinears(enabled=False)]
-                fn = ec.effcompile(model, passes=passes, cache=False)
+                # Thresholds calibrate: on random-token batches, through a compiled prefill as decode.py does
+                # (the decode graphs then reuse what it calibrated).
+                calib = [zm.make_inputs(batch=2, seq=16, seed=s) for s in range(2)] if "threshold" in spec else None
+                fn = ec.effcompile(model, passes=passes, calibration=calib, cache=False)
+                if calib:
+                    with torch.no_grad():
+                        fn(**calib[0])
             launches = step_launches(fn, model, b, zm)
             row[f"launches_b{b}"] = sum(launches.values())
             row[f"per_layer_b{b}"] = round(sum(launches.values()) / layers, 1)
