@@ -93,6 +93,9 @@ def test_w8a8_and_activation_quantizers_compile(dtype, launches):
     qw = _weights("int8", 96, 256, dtype, 0)
     for act, m in (("int8", 1), ("int8", 24), ("fp8", 3)):
         D.launch(torch.randn(m, 256, dtype=dtype), *qw[:3], None, "int8", 0, act=act)
+    wide = _weights("int8", 96, 1024, dtype, 0)  # K long enough for 2 splits: the split-K workspace epilogue
+    D.launch(torch.randn(2, 1024, dtype=dtype), *wide[:3], None, "int8", 0, act="int8", split_k=2)
+    assert launches[-1].kwargs["SPLIT"] == 2
     _compile_all(launches)
 
 
