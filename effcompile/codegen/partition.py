@@ -110,18 +110,19 @@ def _bad_kwargs(node: fx.Node, allowed: set[str]) -> bool:
     return any(k not in allowed for k in node.kwargs)
 
 
-def _half_of(node) -> tuple[fx.Node, int | None, int | None] | None:
-    """(x, start, stop) when node is x[..., start:stop], else None."""
+def _half_of(node) -> tuple[fx.Node, slice] | None:
+    """(x, the slice) when node is x[..., start:stop], else None."""
     if not (isinstance(node, fx.Node) and node.op == "call_function" and node.target is operator.getitem):
         return None
     x, idx = node.args
     if not (isinstance(idx, tuple) and len(idx) == 2 and idx[0] is Ellipsis and isinstance(idx[1], slice)):
         return None
-    return (x, idx[1].start, idx[1].stop) if idx[1].step in (None, 1) else None
+    return x, idx[1]
 
 
 def rotate_half_parts(node: fx.Node) -> tuple[fx.Node, list[fx.Node]] | None:
-    """(x, [neg, slice, slice]) when node is cat((-x[..., h:], x[..., :h]), -1) with 2h = x's last dim.
+    """(x, [low slice, high slice, its negation]) when node is cat((-x[..., h:], x[..., :h]), -1), 2h = x's
+    last dim.
 
     That is Llama's (and most RoPE models') rotate_half. As one row op it joins the RoPE multiply-add
     (q cos + rotate_half(q) sin): one kernel instead of a neg kernel, a cat and a multiply-add kernel."""
@@ -141,10 +142,13 @@ def rotate_half_parts(node: fx.Node) -> tuple[fx.Node, list[fx.Node]] | None:
         return None
     x = hi_s[0]
     n = getattr(tensor_val(x), "shape", [None])[-1]
-    if not isinstance(n, int) or n % 2 or (hi_s[1:], lo_s[1:]) not in (
-        ((n // 2, None), (None, n // 2)), ((n // 2, n), (0, n // 2)), ((n // 2, None), (0, n // 2)),
-        ((n // 2, n), (None, n // 2)),
-    ):
+    if not isinstance(n, int) or n % 2:
+        return None
+    # slice.indices: the (start, stop, step) a slice means on a dim of n (None, negative and large bounds).
+    try:
+        if hi_s[1].indices(n) != (n // 2, n, 1) or lo_s[1].indices(n) != (0, n // 2, 1):
+            return None
+    except TypeError:  # a symbolic bound (dynamic shapes)
         return None
     return x, [lo, neg.args[0], neg]  # producers before consumers
 
