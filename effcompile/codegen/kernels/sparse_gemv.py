@@ -135,7 +135,7 @@ def _sparse_kernel(x_ptr, t_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cn
             acc_hi += tl.load(b_ptr + 2 * offs_j + 1, mask=j_mask & first, other=0.0).to(tl.float32)[None, :]
         out = out_ptr + offs_m.to(tl.int64)[:, None] * N + 2 * offs_j[None, :]
         omask = m_mask[:, None] & j_mask[None, :]
-        if SPLIT == 2:  # the self-cleaning split-K workspace, as in dequant_matmul.py
+        if SPLIT == 2:  # the self-cleaning split-K workspace, as in dequant_matmul.py (SPLIT 1 is not used)
             ws = ws_ptr + offs_m.to(tl.int64)[:, None] * N + 2 * offs_j[None, :]
             tl.atomic_add(ws, acc_lo, mask=omask)
             tl.atomic_add(ws + 1, acc_hi, mask=omask)
@@ -147,9 +147,6 @@ def _sparse_kernel(x_ptr, t_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cn
                 tl.store(ws, zero, mask=omask)
                 tl.store(ws + 1, zero, mask=omask)
                 tl.store(cnt_ptr + pid_n, 0)
-        elif SPLIT == 1:
-            tl.atomic_add(out, acc_lo, mask=omask)
-            tl.atomic_add(out + 1, acc_hi, mask=omask)
         else:
             tl.store(out, acc_lo.to(out_ptr.dtype.element_ty), mask=omask)
             tl.store(out + 1, acc_hi.to(out_ptr.dtype.element_ty), mask=omask)
@@ -170,8 +167,6 @@ def _sparse_kernel(x_ptr, t_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cn
                 tl.store(out, tl.atomic_add(ws, zero, mask=omask).to(out_ptr.dtype.element_ty), mask=omask)
                 tl.store(ws, zero, mask=omask)
                 tl.store(cnt_ptr + pid_n, 0)
-        elif SPLIT == 1:
-            tl.atomic_add(out, acc, mask=omask)
         else:
             tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=omask)
 
