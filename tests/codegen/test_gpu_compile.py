@@ -159,3 +159,29 @@ def test_generated_row_kernels_compile(dtype, launches, tmp_path, monkeypatch):
         gm(*args)  # runs the graph: each kernel launch is recorded, not run
     assert len(launches) == kernels
     _compile_all(launches)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_decode_rope_and_one_row_rmsnorm_compile(dtype, launches, tmp_path, monkeypatch):
+    # A decode step's kernels: RoPE with rotate_half (its other half read at (offs + N // 2) % N) on head views
+    # of the projections, and an RMSNorm of one row (a [1, 1, 1] rowscalar).
+    pytest.importorskip("transformers")
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+    def rms(x, w):
+        return w * (x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-6)).to(x.dtype)
+
+    q, k = torch.randn(1, 1, 4, 64).to(dtype).transpose(1, 2), torch.randn(1, 1, 2, 64).to(dtype).transpose(1, 2)
+    cos, sin = torch.randn(1, 1, 64).to(dtype), torch.randn(1, 1, 64).to(dtype)
+    x, w = torch.randn(1, 1, 96).to(dtype), torch.randn(96).to(dtype)
+    ops = []
+    for name, fn, args in (("rope", apply_rotary_pos_emb, (q, k, cos, sin)), ("rms", rms, (x, w))):
+        gm = capture(fn, *args)
+        res = lower(gm, tmp_path / name, use_triton=None)
+        ops += [kk.ops for kk in res.kernels]
+        gm(*args)  # records the launches
+    assert ops[:2] == [("mul", "rotate_half", "mul", "add")] * 2 and len(ops) == 3
+    assert {"mean", "add", "rsqrt", "mul"} <= set(ops[2])  # the whole norm in one kernel
+    _compile_all(launches)

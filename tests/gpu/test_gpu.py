@@ -107,6 +107,25 @@ def test_generated_kernels_on_device(fn, dtype, tmp_path):
             assert _rel_err(a, b) <= tol, (fn.__name__, rows, n, _rel_err(a, b))
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("batch", [1, 5])
+def test_decode_rope_with_rotate_half_on_device(batch, dtype, tmp_path):
+    # One decode token: q cos + rotate_half(q) sin in one kernel, q a head view of the projection.
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    g = torch.Generator(device="cuda").manual_seed(batch)
+    r = lambda *s: torch.randn(*s, generator=g, device="cuda").to(dtype)  # noqa: E731
+    args = (r(batch, 1, 32, 128).transpose(1, 2), r(batch, 1, 8, 128).transpose(1, 2), r(1, 1, 128), r(1, 1, 128))
+    gm = _capture(apply_rotary_pos_emb, *args)
+    res = lower(gm, tmp_path, use_triton=None)
+    assert [k.ops for k in res.kernels] == [("mul", "rotate_half", "mul", "add")] * 2, res
+    before = cg_ops.PATH_COUNTS[res.kernels[0].name]["triton"]
+    got = gm(*args)
+    assert cg_ops.PATH_COUNTS[res.kernels[0].name]["triton"] == before + 2
+    for a, b in zip(got, apply_rotary_pos_emb(*args), strict=True):
+        assert _rel_err(a, b) <= REL_TOL[dtype], _rel_err(a, b)
+
+
 # -- dequantizing GEMV / GEMM -----------------------------------------------------------------------
 
 
