@@ -24,6 +24,16 @@ def keep_mask(x: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
     return x.abs() > threshold.to(x.dtype)
 
 
+def fused_label(labels) -> str:
+    """The label of one sparse linear standing for several (FuseParallelLinears): "a+b+c"."""
+    return "+".join(labels)
+
+
+def label_parts(label: str) -> list[str]:
+    """The linears a (possibly fused) label stands for."""
+    return label.split("+")
+
+
 def record(label: str, kept: torch.Tensor | int, total: int) -> None:
     """Count one call's zeroed inputs under ``label`` while measure_sparsity() is active; "a+b" (linears
     FuseParallelLinears fused: one input, one threshold) counts them under each of a and b."""
@@ -35,7 +45,7 @@ def record(label: str, kept: torch.Tensor | int, total: int) -> None:
         total = kept.numel()
     kept = int(kept.sum()) if isinstance(kept, torch.Tensor) else int(kept)
     with _LOCK:
-        for part in label.split("+"):
+        for part in label_parts(label):
             SPARSITY[part][0] += total - kept
             SPARSITY[part][1] += total
 
@@ -157,5 +167,6 @@ def sparsify_op():
     return torch.ops.effcompile.sparsify.default
 
 
-__all__ = ["SPARSITY", "count_rows", "explain_lines", "is_prefill", "keep_mask", "measure_sparsity", "measuring",
-           "not_measuring", "record", "sparsify_eager", "sparsify_op", "threshold_input"]
+__all__ = ["SPARSITY", "count_rows", "explain_lines", "fused_label", "is_prefill", "keep_mask", "label_parts",
+           "measure_sparsity", "measuring", "not_measuring", "record", "sparsify_eager", "sparsify_op",
+           "threshold_input"]

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-from effcompile.compiler import ir
+from effcompile.compiler import ir, sparse_ops
 from effcompile.compiler import ops as qops
 from effcompile.compiler import sparse_linear as sl
 from effcompile.compiler.pass_manager import PassConfig, PassContext, PassResult, register_pass
@@ -121,7 +121,7 @@ def _fuse_group(gm, nodes, ctx, mode) -> None:
         dims = {2: 1, 3: 1 if fmt == "int4" else 0, 4: 1, 5: 0}
         wt, s, z, b = (ir.add_buffer(gm, first, f"{base}_{what}", _cat(gm, nodes, i, ctx, rows, dims[i]), tag, mode)
                        for what, i in (("weight_t", 2), ("scales", 3), ("zeros", 4), ("bias", 5)))
-        label = "+".join(str(n.args[8]) for n in nodes)
+        label = sparse_ops.fused_label(str(n.args[8]) for n in nodes)
         op, args = sl.sparse_linear_op(), (x, thr, wt, s, z, b, fmt, group, label, decode_only)
     with gm.graph.inserting_before(first):
         fused = gm.graph.call_function(op, args)

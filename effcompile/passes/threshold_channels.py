@@ -405,7 +405,7 @@ def thresholds(compiled) -> dict[str, torch.Tensor]:
                     # The label is the last string argument of sparsify and of the fused sparse linears
                     # (which take a weight-format string before it).
                     label = next((a for a in reversed(user.args) if isinstance(a, str)), None)
-                    for part in label.split("+") if label is not None else ():
+                    for part in sparse_ops.label_parts(label) if label is not None else ():
                         out[part] = getattr(gm, n.target)
     return out
 
