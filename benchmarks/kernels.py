@@ -248,7 +248,8 @@ def _configs(sparse: bool, m: int) -> list:
     # lives in registers; the sparse layout is N-contiguous (wide N tiles), the dense one K-contiguous.
     # Untimed when added (session 6, no GPU): the sweep decides whether they win anywhere.
     if sparse:
-        fma = [(128, 32, 4, 1), (256, 16, 4, 1), (64, 64, 4, 2), (256, 32, 8, 1), (512, 16, 4, 1)]
+        # (512, 8): the compacted int4 word path (one row) in 8-row chunks of a group's kept channels.
+        fma = [(128, 32, 4, 1), (256, 16, 4, 1), (64, 64, 4, 2), (256, 32, 8, 1), (512, 16, 4, 1), (512, 8, 4, 1)]
     else:
         # (128, 64): for int4 at one row the fewest registers of the word-decoding branch (56, 9 CTAs per SM on
         # sm_90, benchmarks/sass_stats.py; session 9, untimed).

@@ -85,6 +85,7 @@ def test_fma_decode_variants_compile(m, launches):
         S.launch(x, torch.tensor(0.5), wt, s, z, None, fmt, group, config=plan.Config(128, 32, 4, 1, 8, fma=True))
     assert len(launches) == 6 and all(lc.kwargs["FMA"] and lc.kwargs["BLOCK_M"] == max(1, 1 << (m - 1).bit_length())
                                       for lc in launches)
+    assert launches[-1].kwargs["WORDS"] == (m == 1)  # one-row sparse int4: the compacted word path
     _compile_all(launches, 90)
 
 

@@ -38,6 +38,9 @@ def _case(fmt, n, k, m, dtype, *, per_channel=False, bias=True, seed=0, sparsity
     x = torch.randn(m, k, generator=gen).to(dtype)
     q = torch.quantile(x.float().abs().flatten(), sparsity).item() if sparsity else 0.0
     t = (torch.full((k,), q) * (0.5 + torch.rand(k, generator=gen))) if per_channel else torch.tensor(q)
+    # Thresholds the activation dtype represents: the interpreter rounds fp32 -> bf16 unlike torch (1 ulp),
+    # which flips a channel sitting at the threshold (test_threshold_compared_in_activation_dtype covers that).
+    t = t.to(dtype).float()
     b = torch.randn(n, generator=gen).to(dtype) if bias else None
     return (x, t, wt, s, z, b, fmt, group)
 
@@ -148,3 +151,26 @@ def test_fma_all_zero_activations_leave_the_bias():
     args = (args[0], torch.tensor(1e9), *args[2:])
     got = S.launch(*args, config=plan.Config(128, 32, 4, 2, 2, fma=True))
     torch.testing.assert_close(got, args[5].expand(2, -1).contiguous())
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n,splits,per_channel,sparsity", [(200, None, False, 0.5), (96, 3, True, 0.5),
+                                                            (136, 2, False, 0.0), (136, 3, True, 0.9),
+                                                            (200, 3, False, 1.0)])
+def test_int4_one_row_compacted_word_path(n, splits, per_channel, sparsity, dtype, monkeypatch):
+    # One row, int4, fma: kept channels are compacted per group and read as int32 words (8 outputs each).
+    # N a multiple of 8 but not of the 64-output tile, K = 9 groups of 32 split in 2 or 3 (whole groups),
+    # chunks of 16 kept rows (a group keeps 0..32), nothing / everything / 90 % skipped.
+    lists = []
+    scratch = plan.scratch_lists
+    monkeypatch.setattr(plan, "scratch_lists", lambda *a: lists.append(a) or scratch(*a))
+    args = _case("int4", n, 288, 1, dtype, per_channel=per_channel, seed=n, sparsity=sparsity)
+    _check(args, config=plan.Config(64, 16, 4, 1, splits, fma=True))
+    assert lists, "the compacted word path did not run"
+
+
+@pytest.mark.parametrize("n,m,fma", [(94, 1, True), (96, 2, True), (96, 1, False)])
+def test_int4_word_path_needs_one_row_fma_and_whole_words(n, m, fma, monkeypatch):
+    # N = 94 is not whole int32 words; 2 rows or a dot config take the byte path, and are right there too.
+    monkeypatch.setattr(plan, "scratch_lists", lambda *a: pytest.fail("word path taken"))
+    _check(_case("int4", n, 288, m, torch.float32), config=plan.Config(64, 32, 4, 1, 3, fma=fma))

@@ -131,10 +131,14 @@ def _table(index: int) -> dict[str, Config]:
     return read_tables(paths, name)
 
 
-# Launch shapes for GPUs whose table has no entry, where a measurement elsewhere beat DECODE / SPARSE.
+# Launch shapes for GPUs whose table has no entry, where a measurement elsewhere (or, said so, a static count)
+# beat DECODE / SPARSE.
 # dequant/int4/m1: on the H100 (session 9 sweep) every fma tile beat the tl.dot default (128, 128, 4, 3),
 # the best (64, 128) with 8 splits: 882 against under 800 GB/s over the two Llama-3-8B MLP shapes.
-UNTUNED = {"dequant/int4/m1": Config(64, 128, 4, 1, 8, True)}
+# sparse/int4/m1: an fma config takes the compacted word path (sparse_gemv.py, session 10), whose inner loop
+# issues ~2.6 weight bytes per warp-instruction on sm_90 for (256, 16) against 1.5 for the byte path's best
+# measured tile, and 16-row chunks waste less of a group's kept count than 32: a static choice, untimed.
+UNTUNED = {"dequant/int4/m1": Config(64, 128, 4, 1, 8, True), "sparse/int4/m1": Config(256, 16, 4, 1, None, True)}
 
 
 def tuned(kernel: str, fmt: str, rows: int, dtype: torch.dtype, device: torch.device) -> Config | None:
@@ -230,3 +234,18 @@ def int4_asm(dot_dt, interpreting: bool) -> str:
     if interpreting or not bits:
         return ""
     return _INT4_ASM.replace("BITS", f"0x{bits:04X}{bits:04X}")
+
+
+_SCRATCH: dict[tuple, torch.Tensor] = {}
+
+
+def scratch_lists(ints: int, device: torch.device) -> torch.Tensor:
+    """An int32 scratch of at least ``ints`` entries that each program of a launch uses privately (the
+    sparse GEMV's lists of kept channels): no contents survive a launch, so launches on one stream share
+    it. Never evicted or regrown, as the workspaces above (a CUDA graph keeps the address)."""
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    size = triton.next_power_of_2(ints)
+    key = (device, stream, size)
+    if key not in _SCRATCH:
+        _SCRATCH[key] = torch.empty(size, dtype=torch.int32, device=device)
+    return _SCRATCH[key]

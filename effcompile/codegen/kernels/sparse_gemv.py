@@ -24,10 +24,10 @@ _FMT = {"int8": 0, "int4": 1, "float": 2}
 
 
 @triton.jit
-def _sparse_kernel(x_ptr, t_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, K_SPLIT, SPLITS,
-                   FMT: tl.constexpr, G: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr,
+def _sparse_kernel(x_ptr, t_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, scr_ptr, M, N, K, K_SPLIT,
+                   SPLITS, FMT: tl.constexpr, G: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr,
                    DOT_DT: tl.constexpr, I4_BITS: tl.constexpr, I4_OFF: tl.constexpr, I4_ASM: tl.constexpr,
-                   SPLIT: tl.constexpr, FMA: tl.constexpr,
+                   SPLIT: tl.constexpr, FMA: tl.constexpr, WORDS: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_n = tl.program_id(0)
     k_lo = tl.program_id(1) * K_SPLIT
@@ -47,86 +47,166 @@ def _sparse_kernel(x_ptr, t_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cn
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         n_mask = offs_n < N
         acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
-    for k0 in range(k_lo, k_hi, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_mask = offs_k < k_hi
-        x = tl.load(x_ptr + row + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-        if PER_CHANNEL:
-            t = tl.load(t_ptr + offs_k, mask=k_mask, other=0.0)
-        else:
-            t = tl.load(t_ptr + offs_k * 0)  # one threshold, broadcast
-        # Compared in the activation dtype, as the reference does (|x| > t.to(x.dtype)): an fp32
-        # threshold between two bf16 values would flip channels that sit right at it.
-        t = t.to(x_ptr.dtype.element_ty).to(tl.float32)[None, :]
-        keep = tl.abs(x.to(tl.float32)) > t
-        x = tl.where(keep, x, 0.0).to(DOT_DT)
-        # A weight row is needed when any activation row keeps its channel: skipped rows are never read.
-        need = tl.reduce(keep.to(tl.int32), 0, tl.standard._sum_combine) > 0
-        if FMT == 1:
-            # The launcher keeps BLOCK_K <= G, so this chunk lies inside one group: its scales and zeros are
-            # one [N] load each, not a gather per weight.
-            wmask = (need & k_mask)[:, None] & j_mask[None, :]
-            byte = tl.load(w_ptr + offs_k.to(tl.int64)[:, None] * (N // 2) + offs_j[None, :], mask=wmask, other=0)
-            # The group's scales and zeros of outputs 2j and 2j + 1: one contiguous [HALF, 2] load each, split
-            # in registers (two stride-2 loads were a 2-byte load instruction per value).
-            gi = ((k0 // G) * N + 2 * offs_j.to(tl.int64))[:, None] + tl.arange(0, 2)[None, :]
-            s_lo, s_hi = tl.split(tl.load(s_ptr + gi, mask=j_mask[:, None], other=0.0))
-            z_lo, z_hi = tl.split(tl.load(z_ptr + gi, mask=j_mask[:, None], other=0.0))
-            # Codes to floats by their bits, not an integer-to-float conversion (see dequant_matmul.py).
-            if FMA or DOT_DT == tl.float32:
-                # 2**23 + q, taken off per element.
-                byte = byte.to(tl.int32)
-                lo = ((byte & 15) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
-                hi = ((byte >> 4) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
-                s_lo, z_lo = s_lo.to(tl.float32)[None, :], z_lo.to(tl.float32)[None, :]
-                s_hi, z_hi = s_hi.to(tl.float32)[None, :], z_hi.to(tl.float32)[None, :]
-                if FMA and BLOCK_M == 1:
-                    # One row: products of the dequantized weights gathered per [k, output] in the weight
-                    # tile's own layout and summed over k once, after the loop (a per-chunk sum over k crossed
-                    # threads and warps through shared memory every iteration).
-                    xv = tl.reshape(x.to(tl.float32), (BLOCK_K,))[:, None]
-                    acc1_lo += xv * (lo * s_lo + z_lo)
-                    acc1_hi += xv * (hi * s_hi + z_hi)
-                else:
-                    # Scale and zero applied to the partial sums: x . (q s + z) = s (x . q) + z sum(x).
-                    xsum = tl.reduce(x.to(tl.float32), 1, tl.standard._sum_combine)[:, None]
-                    if FMA:  # products summed over K in registers (launch_plan.Config.fma)
-                        xf = x.to(tl.float32)[:, :, None]
-                        part_lo = tl.reduce(xf * lo[None, :, :], 1, tl.standard._sum_combine)
-                        part_hi = tl.reduce(xf * hi[None, :, :], 1, tl.standard._sum_combine)
-                    else:
-                        part_lo = tl.dot(x, lo, input_precision="ieee")
-                        part_hi = tl.dot(x, hi, input_precision="ieee")
-                    acc_lo += part_lo * s_lo + xsum * z_lo
-                    acc_hi += part_hi * s_hi + xsum * z_hi
+    if WORDS:
+        # int4, one row, the weights read as int32 words (8 outputs each, output 8w + p in nibble p) and only
+        # the rows the row keeps visited: per group, the kept channels are compacted (a cumsum gives each its
+        # slot in a per-program scratch list, two lists used in turn so a group's stores never overwrite
+        # indices another warp still reads), then loaded BLOCK_K at a time. Skipped channels cost neither
+        # bytes nor the dequantizing arithmetic, which bounds this kernel more than bytes do.
+        BW: tl.constexpr = BLOCK_N // 8
+        offs_w = pid_n * BW + tl.arange(0, BW)
+        w_mask = offs_w < N // 8
+        acc0 = tl.full((BLOCK_K, BW), 0.0, tl.float32)
+        acc1 = tl.full((BLOCK_K, BW), 0.0, tl.float32)
+        acc2 = tl.full((BLOCK_K, BW), 0.0, tl.float32)
+        acc3 = tl.full((BLOCK_K, BW), 0.0, tl.float32)
+        acc4 = tl.full((BLOCK_K, BW), 0.0, tl.float32)
+        acc5 = tl.full((BLOCK_K, BW), 0.0, tl.float32)
+        acc6 = tl.full((BLOCK_K, BW), 0.0, tl.float32)
+        acc7 = tl.full((BLOCK_K, BW), 0.0, tl.float32)
+        lists = scr_ptr + (tl.program_id(1) * tl.num_programs(0) + pid_n).to(tl.int64) * (2 * G)
+        for g0 in range(k_lo, k_hi, G):  # the launcher splits K at group boundaries
+            offs_g = g0 + tl.arange(0, G)
+            g_mask = offs_g < k_hi
+            xg = tl.load(x_ptr + offs_g, mask=g_mask, other=0.0)
+            if PER_CHANNEL:
+                tg = tl.load(t_ptr + offs_g, mask=g_mask, other=0.0)
             else:
-                # 16-bit dots: I4_OFF + q (the assembly decode on a GPU), dequantized in registers in the dot
-                # dtype (q s + z, as ops.dequantize rounds it), so no sum(x) term.
-                if len(I4_ASM) > 0:
-                    lo, hi = tl.inline_asm_elementwise(I4_ASM, "=r,=r,h", [byte],
-                                                       dtype=(x_ptr.dtype.element_ty, x_ptr.dtype.element_ty),
-                                                       is_pure=True, pack=2)
-                else:
+                tg = tl.load(t_ptr + offs_g * 0)
+            keep = (tl.abs(xg.to(tl.float32)) > tg.to(x_ptr.dtype.element_ty).to(tl.float32)) & g_mask
+            kept = keep.to(tl.int32)
+            slots = lists + ((g0 - k_lo) // G % 2) * G
+            tl.store(slots + tl.associative_scan(kept, 0, tl.standard._sum_combine) - 1, offs_g, mask=keep)
+            count = tl.reduce(kept, 0, tl.standard._sum_combine)
+            tl.debug_barrier()  # the list is complete before any warp reads it
+            # This group's scales and zeros of the tile's outputs, [BW, 8] each, split per nibble p = 4a + 2b + c
+            # (as dequant_matmul.py splits x); q s + z = v 16 s + (z - 16 s) with v = 1 + q / 16 (see there).
+            gi = (g0 // G) * N + 8 * offs_w.to(tl.int64)[:, None] + tl.arange(0, 8)[None, :]
+            sc = 16.0 * tl.load(s_ptr + gi, mask=w_mask[:, None], other=0.0).to(tl.float32)
+            zc = tl.load(z_ptr + gi, mask=w_mask[:, None], other=0.0).to(tl.float32) - sc
+            c0, c1 = tl.split(tl.reshape(sc, (BW, 2, 2, 2)))
+            c0b0, c0b1 = tl.split(c0)
+            c1b0, c1b1 = tl.split(c1)
+            s0, s4 = tl.split(c0b0)
+            s2, s6 = tl.split(c0b1)
+            s1, s5 = tl.split(c1b0)
+            s3, s7 = tl.split(c1b1)
+            c0, c1 = tl.split(tl.reshape(zc, (BW, 2, 2, 2)))
+            c0b0, c0b1 = tl.split(c0)
+            c1b0, c1b1 = tl.split(c1)
+            z0, z4 = tl.split(c0b0)
+            z2, z6 = tl.split(c0b1)
+            z1, z5 = tl.split(c1b0)
+            z3, z7 = tl.split(c1b1)
+            for c in range(0, count, BLOCK_K):
+                offs_c = c + tl.arange(0, BLOCK_K)
+                c_mask = offs_c < count
+                idx = tl.load(slots + offs_c, mask=c_mask, other=0)
+                # Past the count x is 0, so the padding rows (word 0: v = 1) add exactly nothing.
+                xv = tl.load(x_ptr + idx, mask=c_mask, other=0.0).to(tl.float32)[:, None]
+                words = tl.load(w_ptr + idx.to(tl.int64)[:, None] * (N // 8) + offs_w[None, :],
+                                mask=c_mask[:, None] & w_mask[None, :], other=0)
+                acc0 += xv * ((((words << 19) & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True) * s0[None, :] + z0[None, :])
+                acc1 += xv * ((((words << 15) & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True) * s1[None, :] + z1[None, :])
+                acc2 += xv * ((((words << 11) & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True) * s2[None, :] + z2[None, :])
+                acc3 += xv * ((((words << 7) & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True) * s3[None, :] + z3[None, :])
+                acc4 += xv * ((((words << 3) & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True) * s4[None, :] + z4[None, :])
+                acc5 += xv * ((((words >> 1) & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True) * s5[None, :] + z5[None, :])
+                acc6 += xv * ((((words >> 5) & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True) * s6[None, :] + z6[None, :])
+                acc7 += xv * ((((words >> 9) & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True) * s7[None, :] + z7[None, :])
+        # Output 2j is in nibble 2j mod 8 of word j // 4: even nibbles interleave into the low outputs, odd into
+        # the high ones (join undoes the split above).
+        o0 = tl.reduce(acc0, 0, tl.standard._sum_combine)
+        o1 = tl.reduce(acc1, 0, tl.standard._sum_combine)
+        o2 = tl.reduce(acc2, 0, tl.standard._sum_combine)
+        o3 = tl.reduce(acc3, 0, tl.standard._sum_combine)
+        o4 = tl.reduce(acc4, 0, tl.standard._sum_combine)
+        o5 = tl.reduce(acc5, 0, tl.standard._sum_combine)
+        o6 = tl.reduce(acc6, 0, tl.standard._sum_combine)
+        o7 = tl.reduce(acc7, 0, tl.standard._sum_combine)
+        acc_lo += tl.reshape(tl.join(tl.join(o0, o4), tl.join(o2, o6)), (HALF,))[None, :]
+        acc_hi += tl.reshape(tl.join(tl.join(o1, o5), tl.join(o3, o7)), (HALF,))[None, :]
+    else:
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_mask = offs_k < k_hi
+            x = tl.load(x_ptr + row + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+            if PER_CHANNEL:
+                t = tl.load(t_ptr + offs_k, mask=k_mask, other=0.0)
+            else:
+                t = tl.load(t_ptr + offs_k * 0)  # one threshold, broadcast
+            # Compared in the activation dtype, as the reference does (|x| > t.to(x.dtype)): an fp32
+            # threshold between two bf16 values would flip channels that sit right at it.
+            t = t.to(x_ptr.dtype.element_ty).to(tl.float32)[None, :]
+            keep = tl.abs(x.to(tl.float32)) > t
+            x = tl.where(keep, x, 0.0).to(DOT_DT)
+            # A weight row is needed when any activation row keeps its channel: skipped rows are never read.
+            need = tl.reduce(keep.to(tl.int32), 0, tl.standard._sum_combine) > 0
+            if FMT == 1:
+                # The launcher keeps BLOCK_K <= G, so this chunk lies inside one group: its scales and zeros are
+                # one [N] load each, not a gather per weight.
+                wmask = (need & k_mask)[:, None] & j_mask[None, :]
+                byte = tl.load(w_ptr + offs_k.to(tl.int64)[:, None] * (N // 2) + offs_j[None, :], mask=wmask, other=0)
+                # The group's scales and zeros of outputs 2j and 2j + 1: one contiguous [HALF, 2] load each, split
+                # in registers (two stride-2 loads were a 2-byte load instruction per value).
+                gi = ((k0 // G) * N + 2 * offs_j.to(tl.int64))[:, None] + tl.arange(0, 2)[None, :]
+                s_lo, s_hi = tl.split(tl.load(s_ptr + gi, mask=j_mask[:, None], other=0.0))
+                z_lo, z_hi = tl.split(tl.load(z_ptr + gi, mask=j_mask[:, None], other=0.0))
+                # Codes to floats by their bits, not an integer-to-float conversion (see dequant_matmul.py).
+                if FMA or DOT_DT == tl.float32:
+                    # 2**23 + q, taken off per element.
                     byte = byte.to(tl.int32)
-                    lo = ((byte & 15) | I4_BITS).to(tl.int16).to(DOT_DT, bitcast=True)
-                    hi = ((byte >> 4) | I4_BITS).to(tl.int16).to(DOT_DT, bitcast=True)
-                s_lo, z_lo = s_lo.to(DOT_DT)[None, :], z_lo.to(DOT_DT)[None, :]
-                s_hi, z_hi = s_hi.to(DOT_DT)[None, :], z_hi.to(DOT_DT)[None, :]
-                acc_lo += tl.dot(x, (lo - I4_OFF) * s_lo + z_lo, input_precision="ieee")
-                acc_hi += tl.dot(x, (hi - I4_OFF) * s_hi + z_hi, input_precision="ieee")
-        else:
-            wmask = (need & k_mask)[:, None] & n_mask[None, :]
-            w = tl.load(w_ptr + offs_k.to(tl.int64)[:, None] * N + offs_n[None, :], mask=wmask, other=0)
-            if FMA:
-                if FMT == 0:  # int8 codes by their bits, as in dequant_matmul.py: 2**23 + 128 + c, exact
-                    wf = ((w.to(tl.int32) + 128) | 0x4B000000).to(tl.float32, bitcast=True) - 8388736.0
+                    lo = ((byte & 15) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+                    hi = ((byte >> 4) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+                    s_lo, z_lo = s_lo.to(tl.float32)[None, :], z_lo.to(tl.float32)[None, :]
+                    s_hi, z_hi = s_hi.to(tl.float32)[None, :], z_hi.to(tl.float32)[None, :]
+                    if FMA and BLOCK_M == 1:
+                        # One row: products of the dequantized weights gathered per [k, output] in the weight
+                        # tile's own layout and summed over k once, after the loop (a per-chunk sum over k crossed
+                        # threads and warps through shared memory every iteration).
+                        xv = tl.reshape(x.to(tl.float32), (BLOCK_K,))[:, None]
+                        acc1_lo += xv * (lo * s_lo + z_lo)
+                        acc1_hi += xv * (hi * s_hi + z_hi)
+                    else:
+                        # Scale and zero applied to the partial sums: x . (q s + z) = s (x . q) + z sum(x).
+                        xsum = tl.reduce(x.to(tl.float32), 1, tl.standard._sum_combine)[:, None]
+                        if FMA:  # products summed over K in registers (launch_plan.Config.fma)
+                            xf = x.to(tl.float32)[:, :, None]
+                            part_lo = tl.reduce(xf * lo[None, :, :], 1, tl.standard._sum_combine)
+                            part_hi = tl.reduce(xf * hi[None, :, :], 1, tl.standard._sum_combine)
+                        else:
+                            part_lo = tl.dot(x, lo, input_precision="ieee")
+                            part_hi = tl.dot(x, hi, input_precision="ieee")
+                        acc_lo += part_lo * s_lo + xsum * z_lo
+                        acc_hi += part_hi * s_hi + xsum * z_hi
                 else:
-                    wf = w.to(tl.float32)
-                acc += tl.reduce(x.to(tl.float32)[:, :, None] * wf[None, :, :], 1, tl.standard._sum_combine)
+                    # 16-bit dots: I4_OFF + q (the assembly decode on a GPU), dequantized in registers in the dot
+                    # dtype (q s + z, as ops.dequantize rounds it), so no sum(x) term.
+                    if len(I4_ASM) > 0:
+                        lo, hi = tl.inline_asm_elementwise(I4_ASM, "=r,=r,h", [byte],
+                                                           dtype=(x_ptr.dtype.element_ty, x_ptr.dtype.element_ty),
+                                                           is_pure=True, pack=2)
+                    else:
+                        byte = byte.to(tl.int32)
+                        lo = ((byte & 15) | I4_BITS).to(tl.int16).to(DOT_DT, bitcast=True)
+                        hi = ((byte >> 4) | I4_BITS).to(tl.int16).to(DOT_DT, bitcast=True)
+                    s_lo, z_lo = s_lo.to(DOT_DT)[None, :], z_lo.to(DOT_DT)[None, :]
+                    s_hi, z_hi = s_hi.to(DOT_DT)[None, :], z_hi.to(DOT_DT)[None, :]
+                    acc_lo += tl.dot(x, (lo - I4_OFF) * s_lo + z_lo, input_precision="ieee")
+                    acc_hi += tl.dot(x, (hi - I4_OFF) * s_hi + z_hi, input_precision="ieee")
             else:
-                acc += tl.dot(x, w.to(DOT_DT), input_precision="ieee")
+                wmask = (need & k_mask)[:, None] & n_mask[None, :]
+                w = tl.load(w_ptr + offs_k.to(tl.int64)[:, None] * N + offs_n[None, :], mask=wmask, other=0)
+                if FMA:
+                    if FMT == 0:  # int8 codes by their bits, as in dequant_matmul.py: 2**23 + 128 + c, exact
+                        wf = ((w.to(tl.int32) + 128) | 0x4B000000).to(tl.float32, bitcast=True) - 8388736.0
+                    else:
+                        wf = w.to(tl.float32)
+                    acc += tl.reduce(x.to(tl.float32)[:, :, None] * wf[None, :, :], 1, tl.standard._sum_combine)
+                else:
+                    acc += tl.dot(x, w.to(DOT_DT), input_precision="ieee")
     if FMT == 1:
-        if FMA and BLOCK_M == 1:
+        if FMA and BLOCK_M == 1 and not WORDS:
             acc_lo += tl.reduce(acc1_lo, 0, tl.standard._sum_combine)[None, :]
             acc_hi += tl.reduce(acc1_hi, 0, tl.standard._sum_combine)[None, :]
         first = (offs_j * 0 + k_lo) == 0  # a tensor: the interpreter refuses a scalar bool in a mask
@@ -208,19 +288,27 @@ def launch(x, threshold, weight_t, scales, zeros, bias, fmt: str, group_size: in
         bk = min(bk, group_size)  # one group per K chunk: the kernel scales each chunk's partial sums
     if config is not None and split_k is None:
         split_k = config.splits
+    fma = plan.uses_fma(m, config)
+    # One-row int4 fma launches take the compacted word path (kernel's WORDS): whole groups per K split,
+    # outputs 8 to an int32 word.
+    words = fmt == "int4" and fma and m == 1 and n % 8 == 0 and w.is_contiguous() and w.storage_offset() % 4 == 0
     tiles = triton.cdiv(n, bn)
-    ks = plan.k_split(tiles, k, bk, dev, split_k)
+    ks = plan.k_split(tiles, k, group_size if words else bk, dev, split_k)
     grid = (tiles, triton.cdiv(k, ks))
     out = torch.empty((m, n), dtype=x.dtype, device=dev)
     split = plan.SPLIT_FIXUP if ks < k else plan.SPLIT_NONE
     ws, cnt = plan.split_workspace(m, n, tiles, dev) if split else (t, t)
+    if words:
+        w = w.view(torch.int32)
+        lists = plan.scratch_lists(grid[0] * grid[1] * 2 * group_size, dev)
+    else:
+        lists = cnt  # unused placeholder
     dot_dt = plan.dot_dtype(x.dtype, interp)
     i4_bits, i4_off = plan.int4_offset(dot_dt)
     _ops.jit_variant(_sparse_kernel, interp)[grid](
-        x2, t, w, s, z, b, out, ws, cnt, m, n, k, ks, grid[1], FMT=_FMT[fmt], G=max(group_size, 1), PER_CHANNEL=t.numel() > 1,
-        HAS_BIAS=bias is not None, DOT_DT=dot_dt, I4_BITS=i4_bits, I4_OFF=i4_off,
-        I4_ASM=plan.int4_asm(dot_dt, interp), SPLIT=split,
-        FMA=plan.uses_fma(m, config), BLOCK_M=plan.block_m(m, config), BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
+        x2, t, w, s, z, b, out, ws, cnt, lists, m, n, k, ks, grid[1], FMT=_FMT[fmt], G=max(group_size, 1),
+        PER_CHANNEL=t.numel() > 1, HAS_BIAS=bias is not None, DOT_DT=dot_dt, I4_BITS=i4_bits, I4_OFF=i4_off,
+        I4_ASM=plan.int4_asm(dot_dt, interp), SPLIT=split, FMA=fma, WORDS=words, BLOCK_M=plan.block_m(m, config), BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
     return out.view(*x.shape[:-1], n)
 
 
