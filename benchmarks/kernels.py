@@ -254,6 +254,9 @@ def _configs(sparse: bool, m: int) -> list:
         # (128, 64): for int4 at one row the fewest registers of the word-decoding branch (56, 9 CTAs per SM on
         # sm_90, benchmarks/sass_stats.py; session 9, untimed).
         fma = [(32, 256, 4, 1), (64, 128, 4, 1), (16, 512, 4, 1), (64, 256, 8, 1), (128, 64, 4, 1)]
+        # stages 2: one-row int4 double-buffers its loads in registers (dequant_matmul PREFETCH; session 10,
+        # untimed): 96 registers, 5 CTAs per SM on sm_90, against 80 and 6 for (64, 128, 4, 1).
+        fma += [(64, 128, 4, 2), (128, 64, 4, 2), (32, 256, 4, 2)]
     if m > 1:  # 8 rows multiply the register tile by 8: halve K
         fma = [(bn, bk // 2, w, st) for bn, bk, w, st in fma]
     return grid + [plan.Config(*c, None, True) for c in fma]

@@ -148,6 +148,22 @@ def test_fma_decode_configs(fmt, group, m, dtype):
     _check(*_case(fmt, group, 94, 640, m, dtype, bias=m != 3, seed=m), config=config)
 
 
+@pytest.mark.parametrize("stages", [1, 2])
+@pytest.mark.parametrize("group,split", [(32, 3), (128, 1)])
+def test_int4_one_row_prefetch_matches_plain(stages, group, split):
+    # One-row int4 fma with stages >= 2 double-buffers words, x, scales and zeros in registers (PREFETCH):
+    # 64-wide chunks, groups of 32 (a new group per chunk) and 128 (two chunks per group), 1 or 3 splits,
+    # N = 94 and K = 640 (the last split's prefetch runs off its end: masked).
+    from effcompile.codegen import aot
+
+    x, qw, b = _case("int4", group, 94, 640, 1, torch.bfloat16, seed=stages)
+    config = plan.Config(64, 64, 4, stages, split, fma=True)
+    _check(x, qw, b, config=config)
+    with aot.record_launches() as seen:
+        D.launch(x, *qw[:3], b, "int4", group, config=config)
+    assert seen[0].kwargs["PREFETCH"] == (stages >= 2)
+
+
 def test_fma_config_is_ignored_for_prefill():
     # Prefill always dots: the fma flag of a (decode) config does not reach a 19-row launch.
     config = plan.Config(32, 64, 4, 2, fma=True)

@@ -126,6 +126,7 @@ def test_int4_and_int8_fma_kernels_decode_codes_without_int_to_float_conversions
     x = torch.randn(1, 256, dtype=dtype)
     D.launch(x, *qw[:3], None, "int4", 128, split_k=2)
     D.launch(x, *qw[:3], None, "int4", 128, config=plan.Config(64, 128, 4, 1, 2, fma=True))
+    D.launch(x, *qw[:3], None, "int4", 128, config=plan.Config(64, 128, 4, 2, 2, fma=True))  # PREFETCH
     w = torch.randn(96, 256, generator=torch.Generator().manual_seed(0)).to(dtype)
     sq = qops.quantize_weight(w, "int4", 64)
     wt, s, z = sl.to_input_major(sq.qweight, sq.scales, sq.zeros, "int4", 64)
@@ -135,7 +136,7 @@ def test_int4_and_int8_fma_kernels_decode_codes_without_int_to_float_conversions
     D.launch(x, *q8[:3], None, "int8", 0, config=plan.Config(64, 128, 4, 1, 2, fma=True))
     w8, s8, _ = sl.to_input_major(q8.qweight, q8.scales, None, "int8", 0)
     S.launch(x, torch.tensor(0.5), w8, s8, None, None, "int8", 0, config=plan.Config(128, 32, 4, 1, 2, fma=True))
-    assert len(launches) == 6
+    assert len(launches) == 7 and launches[2].kwargs["PREFETCH"]
     for launch in launches:
         ptx = _compile(launch, 90).asm["ptx"]
         found = _INT_TO_FLOAT.findall(ptx)

@@ -34,7 +34,7 @@ def _matmul_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, u_ptr, lb_ptr, out_ptr, ws
                    FMT: tl.constexpr, G: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr,
                    DOT_DT: tl.constexpr, I4_BITS: tl.constexpr, I4_OFF: tl.constexpr, I4_ASM: tl.constexpr,
                    EVEN_NK: tl.constexpr,
-                   SPLIT: tl.constexpr, FMA: tl.constexpr, BLOCK_M: tl.constexpr,
+                   SPLIT: tl.constexpr, FMA: tl.constexpr, PREFETCH: tl.constexpr, BLOCK_M: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
     # Tiled tl.dot: the weight tile is dequantized in registers right before the dot (never in memory).
     # Decode (few rows) pads M to 16 for the tensor cores and splits K over programs, so a handful of output
@@ -92,12 +92,37 @@ def _matmul_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, u_ptr, lb_ptr, out_ptr, ws
             # (the cancellation is of 16 s, 2**-20 s at most; the low-bit trick below cancels 2**23 s).
             acc1 = tl.full((BLOCK_K // 8, BLOCK_N), 0.0, tl.float32)
             KW = K // 8
+            xrow = x_ptr + pid_m.to(tl.int64) * K
+            if PREFETCH:  # the first chunk's operands; each iteration then loads the next chunk's (see below)
+                offs_w = k_lo // 8 + tl.arange(0, BLOCK_K // 8)
+                offs_k = k_lo + tl.arange(0, BLOCK_K)
+                gi = offs_n.to(tl.int64) * (K // G) + k_lo // G
+                words_n = tl.load(q_ptr + col * KW + offs_w[:, None], mask=(offs_w < k_hi // 8)[:, None] & n_mask[None, :],
+                                  other=0)
+                xk_n = tl.load(xrow + offs_k, mask=offs_k < k_hi, other=0.0)
+                s_n = tl.load(s_ptr + gi, mask=n_mask, other=0.0)
+                z_n = tl.load(z_ptr + gi, mask=n_mask, other=0.0)
             for k0 in range(k_lo, k_hi, BLOCK_K):
-                offs_w = k0 // 8 + tl.arange(0, BLOCK_K // 8)
-                w_mask = offs_w < k_hi // 8
-                words = tl.load(q_ptr + col * KW + offs_w[:, None], mask=w_mask[:, None] & n_mask[None, :], other=0)
-                offs_k = k0 + tl.arange(0, BLOCK_K)
-                xk = tl.load(x_ptr + pid_m.to(tl.int64) * K + offs_k, mask=offs_k < k_hi, other=0.0).to(tl.float32)
+                if PREFETCH:
+                    # Register double buffering: the next chunk's loads are issued before this chunk's arithmetic,
+                    # so every CTA keeps a chunk of weights in flight while it computes (triton's pipeliner only
+                    # stages loads that feed a tl.dot; num_stages does nothing to this loop).
+                    words, xk, sg, zg = words_n, xk_n.to(tl.float32), s_n, z_n
+                    offs_w = (k0 + BLOCK_K) // 8 + tl.arange(0, BLOCK_K // 8)
+                    offs_k = k0 + BLOCK_K + tl.arange(0, BLOCK_K)
+                    gi = offs_n.to(tl.int64) * (K // G) + (k0 + BLOCK_K) // G
+                    more = n_mask & (offs_n * 0 + k0 + BLOCK_K < k_hi)  # a tensor: the interpreter wants one
+                    words_n = tl.load(q_ptr + col * KW + offs_w[:, None], mask=(offs_w < k_hi // 8)[:, None] & more[None, :],
+                                      other=0)
+                    xk_n = tl.load(xrow + offs_k, mask=offs_k < k_hi, other=0.0)
+                    s_n = tl.load(s_ptr + gi, mask=more, other=0.0)
+                    z_n = tl.load(z_ptr + gi, mask=more, other=0.0)
+                else:
+                    offs_w = k0 // 8 + tl.arange(0, BLOCK_K // 8)
+                    w_mask = offs_w < k_hi // 8
+                    words = tl.load(q_ptr + col * KW + offs_w[:, None], mask=w_mask[:, None] & n_mask[None, :], other=0)
+                    offs_k = k0 + tl.arange(0, BLOCK_K)
+                    xk = tl.load(xrow + offs_k, mask=offs_k < k_hi, other=0.0).to(tl.float32)
                 # x[8 w + 4 a + 2 b + c] -> the 8 vectors x_p[w], p = 4 a + 2 b + c, by splitting c, b, then a.
                 c0, c1 = tl.split(tl.reshape(xk, (BLOCK_K // 8, 2, 2, 2)))
                 c0b0, c0b1 = tl.split(c0)
@@ -106,9 +131,13 @@ def _matmul_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, u_ptr, lb_ptr, out_ptr, ws
                 x2, x6 = tl.split(c0b1)
                 x1, x5 = tl.split(c1b0)
                 x3, x7 = tl.split(c1b1)
-                gi = offs_n.to(tl.int64) * (K // G) + k0 // G
-                s16 = 16.0 * tl.load(s_ptr + gi, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-                z16 = tl.load(z_ptr + gi, mask=n_mask, other=0.0).to(tl.float32)[None, :] - s16
+                if PREFETCH:
+                    s16 = 16.0 * sg.to(tl.float32)[None, :]
+                    z16 = zg.to(tl.float32)[None, :] - s16
+                else:
+                    gi = offs_n.to(tl.int64) * (K // G) + k0 // G
+                    s16 = 16.0 * tl.load(s_ptr + gi, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+                    z16 = tl.load(z_ptr + gi, mask=n_mask, other=0.0).to(tl.float32)[None, :] - s16
                 # Nibble p sits at bits 4p..4p+3; 0x780000 keeps bits 19..22 after the shift (>> is arithmetic,
                 # the mask drops the sign copies).
                 acc1 += x0[:, None] * ((((words << 19) & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True) * s16 + z16)
@@ -360,6 +389,8 @@ def launch(x, qweight, scales, zeros, bias, fmt: str, group_size: int, split_k: 
     dot_dt = plan.dot_dtype(x.dtype, interp)
     i4_bits, i4_off = plan.int4_offset(dot_dt)
     fma = plan.uses_fma(m, config)
+    # One-row int4 fma configs with stages >= 2 double-buffer their loads in registers (the kernel's PREFETCH).
+    prefetch = fmt == "int4" and fma and bm == 1 and stages >= 2
     if fmt == "int4" and fma and bm == 1:
         q = q.contiguous().view(torch.int32)  # the one-row fma branch reads 8 codes per word (K % 32 == 0)
     _ops.jit_variant(_matmul_kernel, interp)[grid](
@@ -367,8 +398,8 @@ def launch(x, qweight, scales, zeros, bias, fmt: str, group_size: int, split_k: 
         G=max(group_size, 1), HAS_BIAS=bias is not None, HAS_LORA=lora and not atomic, DOT_DT=dot_dt,
         I4_BITS=i4_bits, I4_OFF=i4_off, I4_ASM=plan.int4_asm(dot_dt, interp),
         EVEN_NK=n % bn == 0 and k % bk == 0 and ks % bk == 0,
-        SPLIT=split, FMA=fma, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=block_r,
-        num_warps=warps, num_stages=stages)
+        SPLIT=split, FMA=fma, PREFETCH=prefetch, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=block_r,
+        num_warps=warps, num_stages=1 if prefetch else stages)
     return out.to(x.dtype).view(*x.shape[:-1], n)
 
 
