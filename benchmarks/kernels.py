@@ -259,7 +259,10 @@ def _configs(sparse: bool, m: int) -> list:
         fma += [(64, 128, 4, 2), (128, 64, 4, 2), (32, 256, 4, 2)]
     if m > 1:  # 8 rows multiply the register tile by 8: halve K
         fma = [(bn, bk // 2, w, st) for bn, bk, w, st in fma]
-    return grid + [plan.Config(*c, None, True) for c in fma]
+    configs = grid + [plan.Config(*c, None, True) for c in fma]
+    if sparse and m == 1:  # the same fma tiles visiting only the kept channels (Config.compact, session 10)
+        configs += [plan.Config(*c, None, True, True) for c in fma]
+    return configs
 
 
 def _sweep_cases(x, w, quant) -> dict:
@@ -329,7 +332,8 @@ def sweep(dtype, device: str, peak: float, on_case: Callable[[list, dict], None]
             # nothing to explore): on the H100 (session 7) fma tiles lost at their auto split but won the
             # sparse GEMV at 64 splits, the largest then tried. Up to one K chunk per program (TEAL's
             # sparse GEMV launches that way).
-            around = {cfg for _, cfg in timed[:1] + [next((r for r in timed if r[1] and r[1].fma), timed[0])]}
+            around = {cfg for _, cfg in timed[:1] + [next((r for r in timed if r[1] and r[1].fma), timed[0])]
+                      + [next((r for r in timed if r[1] and r[1].compact), timed[0])]}
             splits = (1, 2, 4, 8, 16, 32, 64, 128)
             more = [cfg._replace(splits=sp) for cfg in around if cfg is not None for sp in splits]
             timed = sorted(timed + _time_configs(runs, [c for c in more if c not in {r[1] for r in timed}]),

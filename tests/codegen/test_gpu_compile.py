@@ -82,10 +82,11 @@ def test_fma_decode_variants_compile(m, launches):
         qw = qops.quantize_weight(w, fmt, group) if fmt != "float" else None
         wt, s, z = sl.to_input_major(w if qw is None else qw.qweight, *((None, None) if qw is None else
                                                                       (qw.scales, qw.zeros)), fmt, group)
-        S.launch(x, torch.tensor(0.5), wt, s, z, None, fmt, group, config=plan.Config(128, 32, 4, 1, 8, fma=True))
+        S.launch(x, torch.tensor(0.5), wt, s, z, None, fmt, group,
+                 config=plan.Config(128, 32, 4, 1, 8, fma=True, compact=True))
     assert len(launches) == 6 and all(lc.kwargs["FMA"] and lc.kwargs["BLOCK_M"] == max(1, 1 << (m - 1).bit_length())
                                       for lc in launches)
-    assert launches[-1].kwargs["WORDS"] == (m == 1)  # one-row sparse int4: the compacted word path
+    assert all(lc.kwargs["COMPACT"] == (m == 1) for lc in launches[3:])  # one-row sparse: the compacted path
     _compile_all(launches, 90)
 
 

@@ -40,10 +40,16 @@ def test_fma_entries_parse_and_a_non_bool_flag_is_refused(tmp_path, caplog):
     ok.write_text(json.dumps({"device": "GPU X", "configs": {"sparse/float/m1": [128, 32, 4, 1, 64, True]}}))
     bad = tmp_path / "b.json"
     bad.write_text(json.dumps({"device": "GPU X", "configs": {"sparse/int8/m1": [128, 32, 4, 1, 64, "yes"]}}))
+    compact = tmp_path / "c.json"  # the 7th field (Config.compact, session 10); 6-field entries read as False
+    compact.write_text(json.dumps({"device": "GPU X", "configs": {"sparse/int4/m1": [256, 16, 4, 1, None, True, True]}}))
+    bad_compact = tmp_path / "d.json"
+    bad_compact.write_text(json.dumps({"device": "GPU X", "configs": {"sparse/int8/m1": [256, 16, 4, 1, None, True, 1]}}))
     with caplog.at_level(logging.WARNING, logger="effcompile.codegen"):
-        table = plan.read_tables([ok, bad], "GPU X")
-    assert table == {"sparse/float/m1": plan.Config(128, 32, 4, 1, 64, fma=True)}
-    assert sum("ignored" in r.message for r in caplog.records) == 1
+        table = plan.read_tables([ok, bad, compact, bad_compact], "GPU X")
+    assert table == {"sparse/float/m1": plan.Config(128, 32, 4, 1, 64, fma=True),
+                     "sparse/int4/m1": plan.Config(256, 16, 4, 1, None, True, compact=True)}
+    assert not table["sparse/float/m1"].compact
+    assert sum("ignored" in r.message for r in caplog.records) == 2
 
 
 def test_block_m_pads_fma_decode_to_a_power_of_two_and_dots_to_16():

@@ -161,16 +161,39 @@ def test_int4_one_row_compacted_word_path(n, splits, per_channel, sparsity, dtyp
     # One row, int4, fma: kept channels are compacted per group and read as int32 words (8 outputs each).
     # N a multiple of 8 but not of the 64-output tile, K = 9 groups of 32 split in 2 or 3 (whole groups),
     # chunks of 16 kept rows (a group keeps 0..32), nothing / everything / 90 % skipped.
-    lists = []
-    scratch = plan.scratch_lists
-    monkeypatch.setattr(plan, "scratch_lists", lambda *a: lists.append(a) or scratch(*a))
+    lists = _spy_lists(monkeypatch)
     args = _case("int4", n, 288, 1, dtype, per_channel=per_channel, seed=n, sparsity=sparsity)
-    _check(args, config=plan.Config(64, 16, 4, 1, splits, fma=True))
+    _check(args, config=plan.Config(64, 16, 4, 1, splits, fma=True, compact=True))
     assert lists, "the compacted word path did not run"
 
 
-@pytest.mark.parametrize("n,m,fma", [(94, 1, True), (96, 2, True), (96, 1, False)])
-def test_int4_word_path_needs_one_row_fma_and_whole_words(n, m, fma, monkeypatch):
-    # N = 94 is not whole int32 words; 2 rows or a dot config take the byte path, and are right there too.
-    monkeypatch.setattr(plan, "scratch_lists", lambda *a: pytest.fail("word path taken"))
-    _check(_case("int4", n, 288, m, torch.float32), config=plan.Config(64, 32, 4, 1, 3, fma=fma))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("fmt", ["float", "int8"])
+@pytest.mark.parametrize("n,k,splits,per_channel,sparsity", [(93, 300, None, False, 0.5), (200, 640, 3, True, 0.5),
+                                                              (136, 256, 2, False, 0.0), (93, 640, 3, True, 1.0)])
+def test_one_row_compacted_path_float_and_int8(fmt, n, k, splits, per_channel, sparsity, dtype, monkeypatch):
+    # float / int8 rows compacted per segment of 128 channels: K = 300 (the last segment partial), 640 split
+    # in 3 (segments of 128 per split), odd N.
+    lists = _spy_lists(monkeypatch)
+    args = _case(fmt, n, k, 1, dtype, per_channel=per_channel, seed=k, sparsity=sparsity)
+    _check(args, config=plan.Config(64, 16, 4, 1, splits, fma=True, compact=True))
+    assert lists, "the compacted path did not run"
+
+
+def _spy_lists(monkeypatch) -> list:
+    """Calls of launch_plan.scratch_lists (the compacted path's scratch) made from here on."""
+    lists = []
+    scratch = plan.scratch_lists
+    monkeypatch.setattr(plan, "scratch_lists", lambda *a: lists.append(a) or scratch(*a))
+    return lists
+
+
+@pytest.mark.parametrize("fmt,n,m,fma,compact", [("int4", 94, 1, True, True), ("int4", 96, 2, True, True),
+                                                  ("int4", 96, 1, False, True), ("float", 96, 2, True, True),
+                                                  ("int8", 96, 1, False, True), ("float", 96, 1, True, False)])
+def test_compacted_path_needs_a_compact_one_row_fma_config_and_whole_int4_words(fmt, n, m, fma, compact,
+                                                                                 monkeypatch):
+    # int4 N = 94 is not whole int32 words; 2 rows, a dot config or compact=False take the masked path, and
+    # are right there.
+    monkeypatch.setattr(plan, "scratch_lists", lambda *a: pytest.fail("compacted path taken"))
+    _check(_case(fmt, n, 288, m, torch.float32), config=plan.Config(64, 32, 4, 1, 3, fma=fma, compact=compact))

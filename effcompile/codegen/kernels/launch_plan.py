@@ -22,7 +22,9 @@ GEMV_MAX_M = 8  # rows of activations up to which the matmul kernels take the de
 class Config(NamedTuple):
     """One launch shape: output columns and K elements per tile, warps, pipeline stages, K splits (None: auto),
     and how a decode tile is reduced: fma=False pads the rows to a 16-row tl.dot (tensor cores), fma=True
-    multiplies and sums in registers over the real rows only (TEAL's and gemlite's batch-1 GEMV style)."""
+    multiplies and sums in registers over the real rows only (TEAL's and gemlite's batch-1 GEMV style).
+    compact (sparse GEMV, one-row fma launches): visit only the kept channels' weight rows, compacted per
+    segment, instead of masking the loads of skipped ones (sparse_gemv.py)."""
 
     block_n: int
     block_k: int
@@ -30,6 +32,7 @@ class Config(NamedTuple):
     stages: int
     splits: int | None = None
     fma: bool = False
+    compact: bool = False
 
 
 # Decode (<= 8 rows) tile shapes per weight format, (block_n, block_k, warps, stages).
@@ -62,6 +65,11 @@ def matmul_tiles(m: int, fmt: str, dtype: torch.dtype, config: Config | None = N
     if m <= GEMV_MAX_M:
         return 16, *decode_config(fmt, dtype), None
     return (64 if m >= 64 else 32), 64, 64, 4, 3, 1
+
+
+def compacts(m: int, config: Config | None) -> bool:
+    """Whether a sparse GEMV launch visits only the kept channels: a compact fma config, and one row."""
+    return uses_fma(m, config) and bool(config.compact) and m == 1
 
 
 def uses_fma(m: int, config: Config | None) -> bool:
@@ -114,8 +122,8 @@ def read_tables(paths, device_name: str) -> dict[str, Config]:
             configs = {k: Config(*v) for k, v in data["configs"].items()}
             if not all(isinstance(c.block_n, int) and c.block_n > 0 for c in configs.values()):
                 raise ValueError("block sizes must be positive integers")
-            if not all(isinstance(c.fma, bool) for c in configs.values()):
-                raise ValueError("fma must be true or false")
+            if not all(isinstance(c.fma, bool) and isinstance(c.compact, bool) for c in configs.values()):
+                raise ValueError("fma and compact must be true or false")
             table.update(configs)
         except (ValueError, TypeError, KeyError, AttributeError) as e:
             log.warning("kernel tuning %s is unreadable (%s): ignored", path, e)
@@ -135,10 +143,11 @@ def _table(index: int) -> dict[str, Config]:
 # beat DECODE / SPARSE.
 # dequant/int4/m1: on the H100 (session 9 sweep) every fma tile beat the tl.dot default (128, 128, 4, 3),
 # the best (64, 128) with 8 splits: 882 against under 800 GB/s over the two Llama-3-8B MLP shapes.
-# sparse/int4/m1: an fma config takes the compacted word path (sparse_gemv.py, session 10), whose inner loop
+# sparse/int4/m1: the compacted int4 word path (sparse_gemv.py, session 10), whose inner loop
 # issues ~2.6 weight bytes per warp-instruction on sm_90 for (256, 16) against 1.5 for the byte path's best
 # measured tile, and 16-row chunks waste less of a group's kept count than 32: a static choice, untimed.
-UNTUNED = {"dequant/int4/m1": Config(64, 128, 4, 1, 8, True), "sparse/int4/m1": Config(256, 16, 4, 1, None, True)}
+UNTUNED = {"dequant/int4/m1": Config(64, 128, 4, 1, 8, True),
+           "sparse/int4/m1": Config(256, 16, 4, 1, None, True, compact=True)}
 
 
 def tuned(kernel: str, fmt: str, rows: int, dtype: torch.dtype, device: torch.device) -> Config | None:

@@ -19,6 +19,7 @@ from effcompile.compiler import sparse_ops
 
 NAME = "sparse_gemv"  # the custom op (effcompile::sparse_gemv) and its PATH_COUNTS key
 _FMT = {"int8": 0, "int4": 1, "float": 2}
+COMPACT_SEGMENT = 128  # channels compacted at a time by one-row float / int8 launches (int4: its group)
 
 # Interpreter rules as in codegen/README.md: tl builtins and tl.reduce with triton's own combine fns.
 
@@ -27,7 +28,7 @@ _FMT = {"int8": 0, "int4": 1, "float": 2}
 def _sparse_kernel(x_ptr, t_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, scr_ptr, M, N, K, K_SPLIT,
                    SPLITS, FMT: tl.constexpr, G: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr,
                    DOT_DT: tl.constexpr, I4_BITS: tl.constexpr, I4_OFF: tl.constexpr, I4_ASM: tl.constexpr,
-                   SPLIT: tl.constexpr, FMA: tl.constexpr, WORDS: tl.constexpr,
+                   SPLIT: tl.constexpr, FMA: tl.constexpr, COMPACT: tl.constexpr, SEG: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_n = tl.program_id(0)
     k_lo = tl.program_id(1) * K_SPLIT
@@ -47,26 +48,30 @@ def _sparse_kernel(x_ptr, t_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cn
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         n_mask = offs_n < N
         acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
-    if WORDS:
-        # int4, one row, the weights read as int32 words (8 outputs each, output 8w + p in nibble p) and only
-        # the rows the row keeps visited: per group, the kept channels are compacted (a cumsum gives each its
-        # slot in a per-program scratch list, two lists used in turn so a group's stores never overwrite
-        # indices another warp still reads), then loaded BLOCK_K at a time. Skipped channels cost neither
-        # bytes nor the dequantizing arithmetic, which bounds this kernel more than bytes do.
-        BW: tl.constexpr = BLOCK_N // 8
-        offs_w = pid_n * BW + tl.arange(0, BW)
-        w_mask = offs_w < N // 8
-        acc0 = tl.full((BLOCK_K, BW), 0.0, tl.float32)
-        acc1 = tl.full((BLOCK_K, BW), 0.0, tl.float32)
-        acc2 = tl.full((BLOCK_K, BW), 0.0, tl.float32)
-        acc3 = tl.full((BLOCK_K, BW), 0.0, tl.float32)
-        acc4 = tl.full((BLOCK_K, BW), 0.0, tl.float32)
-        acc5 = tl.full((BLOCK_K, BW), 0.0, tl.float32)
-        acc6 = tl.full((BLOCK_K, BW), 0.0, tl.float32)
-        acc7 = tl.full((BLOCK_K, BW), 0.0, tl.float32)
-        lists = scr_ptr + (tl.program_id(1) * tl.num_programs(0) + pid_n).to(tl.int64) * (2 * G)
-        for g0 in range(k_lo, k_hi, G):  # the launcher splits K at group boundaries
-            offs_g = g0 + tl.arange(0, G)
+    if COMPACT:
+        # One row, and only the rows it keeps visited: per segment of SEG channels (an int4 group), the kept
+        # channels are compacted (a cumsum gives each its slot in a per-program scratch list; two lists used
+        # in turn, so a segment's stores never overwrite indices another warp still reads), then their weight
+        # rows are loaded BLOCK_K at a time. Skipped channels cost neither bytes nor arithmetic, and every
+        # chunk loads BLOCK_K needed rows (the masked path loads about half of its chunk at 50 % sparsity).
+        # Products accumulate per [chunk row, output] and are summed over K once, after the loop.
+        if FMT == 1:  # int4 as int32 words: 8 outputs each, output 8w + p in nibble p
+            BW: tl.constexpr = BLOCK_N // 8
+            offs_w = pid_n * BW + tl.arange(0, BW)
+            w_mask = offs_w < N // 8
+            acc0 = tl.full((BLOCK_K, BW), 0.0, tl.float32)
+            acc1 = tl.full((BLOCK_K, BW), 0.0, tl.float32)
+            acc2 = tl.full((BLOCK_K, BW), 0.0, tl.float32)
+            acc3 = tl.full((BLOCK_K, BW), 0.0, tl.float32)
+            acc4 = tl.full((BLOCK_K, BW), 0.0, tl.float32)
+            acc5 = tl.full((BLOCK_K, BW), 0.0, tl.float32)
+            acc6 = tl.full((BLOCK_K, BW), 0.0, tl.float32)
+            acc7 = tl.full((BLOCK_K, BW), 0.0, tl.float32)
+        else:
+            acc2d = tl.full((BLOCK_K, BLOCK_N), 0.0, tl.float32)
+        lists = scr_ptr + (tl.program_id(1) * tl.num_programs(0) + pid_n).to(tl.int64) * (2 * SEG)
+        for g0 in range(k_lo, k_hi, SEG):  # the launcher splits K at segment boundaries
+            offs_g = g0 + tl.arange(0, SEG)
             g_mask = offs_g < k_hi
             xg = tl.load(x_ptr + offs_g, mask=g_mask, other=0.0)
             if PER_CHANNEL:
@@ -75,57 +80,69 @@ def _sparse_kernel(x_ptr, t_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cn
                 tg = tl.load(t_ptr + offs_g * 0)
             keep = (tl.abs(xg.to(tl.float32)) > tg.to(x_ptr.dtype.element_ty).to(tl.float32)) & g_mask
             kept = keep.to(tl.int32)
-            slots = lists + ((g0 - k_lo) // G % 2) * G
+            slots = lists + ((g0 - k_lo) // SEG % 2) * SEG
             tl.store(slots + tl.associative_scan(kept, 0, tl.standard._sum_combine) - 1, offs_g, mask=keep)
             count = tl.reduce(kept, 0, tl.standard._sum_combine)
             tl.debug_barrier()  # the list is complete before any warp reads it
-            # This group's scales and zeros of the tile's outputs, [BW, 8] each, split per nibble p = 4a + 2b + c
-            # (as dequant_matmul.py splits x); q s + z = v 16 s + (z - 16 s) with v = 1 + q / 16 (see there).
-            gi = (g0 // G) * N + 8 * offs_w.to(tl.int64)[:, None] + tl.arange(0, 8)[None, :]
-            sc = 16.0 * tl.load(s_ptr + gi, mask=w_mask[:, None], other=0.0).to(tl.float32)
-            zc = tl.load(z_ptr + gi, mask=w_mask[:, None], other=0.0).to(tl.float32) - sc
-            c0, c1 = tl.split(tl.reshape(sc, (BW, 2, 2, 2)))
-            c0b0, c0b1 = tl.split(c0)
-            c1b0, c1b1 = tl.split(c1)
-            s0, s4 = tl.split(c0b0)
-            s2, s6 = tl.split(c0b1)
-            s1, s5 = tl.split(c1b0)
-            s3, s7 = tl.split(c1b1)
-            c0, c1 = tl.split(tl.reshape(zc, (BW, 2, 2, 2)))
-            c0b0, c0b1 = tl.split(c0)
-            c1b0, c1b1 = tl.split(c1)
-            z0, z4 = tl.split(c0b0)
-            z2, z6 = tl.split(c0b1)
-            z1, z5 = tl.split(c1b0)
-            z3, z7 = tl.split(c1b1)
+            if FMT == 1:
+                # This group's scales and zeros of the tile's outputs, [BW, 8] each, split per nibble
+                # p = 4a + 2b + c (as dequant_matmul.py splits x); q s + z = v 16 s + (z - 16 s), v = 1 + q / 16.
+                gi = (g0 // G) * N + 8 * offs_w.to(tl.int64)[:, None] + tl.arange(0, 8)[None, :]
+                sc = 16.0 * tl.load(s_ptr + gi, mask=w_mask[:, None], other=0.0).to(tl.float32)
+                zc = tl.load(z_ptr + gi, mask=w_mask[:, None], other=0.0).to(tl.float32) - sc
+                c0, c1 = tl.split(tl.reshape(sc, (BW, 2, 2, 2)))
+                c0b0, c0b1 = tl.split(c0)
+                c1b0, c1b1 = tl.split(c1)
+                s0, s4 = tl.split(c0b0)
+                s2, s6 = tl.split(c0b1)
+                s1, s5 = tl.split(c1b0)
+                s3, s7 = tl.split(c1b1)
+                c0, c1 = tl.split(tl.reshape(zc, (BW, 2, 2, 2)))
+                c0b0, c0b1 = tl.split(c0)
+                c1b0, c1b1 = tl.split(c1)
+                z0, z4 = tl.split(c0b0)
+                z2, z6 = tl.split(c0b1)
+                z1, z5 = tl.split(c1b0)
+                z3, z7 = tl.split(c1b1)
             for c in range(0, count, BLOCK_K):
                 offs_c = c + tl.arange(0, BLOCK_K)
                 c_mask = offs_c < count
                 idx = tl.load(slots + offs_c, mask=c_mask, other=0)
-                # Past the count x is 0, so the padding rows (word 0: v = 1) add exactly nothing.
+                # Past the count x is 0, so the padding rows (masked to 0; int4 word 0 is v = 1) add nothing.
                 xv = tl.load(x_ptr + idx, mask=c_mask, other=0.0).to(tl.float32)[:, None]
-                words = tl.load(w_ptr + idx.to(tl.int64)[:, None] * (N // 8) + offs_w[None, :],
-                                mask=c_mask[:, None] & w_mask[None, :], other=0)
-                acc0 += xv * ((((words << 19) & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True) * s0[None, :] + z0[None, :])
-                acc1 += xv * ((((words << 15) & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True) * s1[None, :] + z1[None, :])
-                acc2 += xv * ((((words << 11) & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True) * s2[None, :] + z2[None, :])
-                acc3 += xv * ((((words << 7) & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True) * s3[None, :] + z3[None, :])
-                acc4 += xv * ((((words << 3) & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True) * s4[None, :] + z4[None, :])
-                acc5 += xv * ((((words >> 1) & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True) * s5[None, :] + z5[None, :])
-                acc6 += xv * ((((words >> 5) & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True) * s6[None, :] + z6[None, :])
-                acc7 += xv * ((((words >> 9) & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True) * s7[None, :] + z7[None, :])
-        # Output 2j is in nibble 2j mod 8 of word j // 4: even nibbles interleave into the low outputs, odd into
-        # the high ones (join undoes the split above).
-        o0 = tl.reduce(acc0, 0, tl.standard._sum_combine)
-        o1 = tl.reduce(acc1, 0, tl.standard._sum_combine)
-        o2 = tl.reduce(acc2, 0, tl.standard._sum_combine)
-        o3 = tl.reduce(acc3, 0, tl.standard._sum_combine)
-        o4 = tl.reduce(acc4, 0, tl.standard._sum_combine)
-        o5 = tl.reduce(acc5, 0, tl.standard._sum_combine)
-        o6 = tl.reduce(acc6, 0, tl.standard._sum_combine)
-        o7 = tl.reduce(acc7, 0, tl.standard._sum_combine)
-        acc_lo += tl.reshape(tl.join(tl.join(o0, o4), tl.join(o2, o6)), (HALF,))[None, :]
-        acc_hi += tl.reshape(tl.join(tl.join(o1, o5), tl.join(o3, o7)), (HALF,))[None, :]
+                if FMT == 1:
+                    words = tl.load(w_ptr + idx.to(tl.int64)[:, None] * (N // 8) + offs_w[None, :],
+                                    mask=c_mask[:, None] & w_mask[None, :], other=0)
+                    acc0 += xv * ((((words << 19) & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True) * s0[None, :] + z0[None, :])
+                    acc1 += xv * ((((words << 15) & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True) * s1[None, :] + z1[None, :])
+                    acc2 += xv * ((((words << 11) & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True) * s2[None, :] + z2[None, :])
+                    acc3 += xv * ((((words << 7) & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True) * s3[None, :] + z3[None, :])
+                    acc4 += xv * ((((words << 3) & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True) * s4[None, :] + z4[None, :])
+                    acc5 += xv * ((((words >> 1) & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True) * s5[None, :] + z5[None, :])
+                    acc6 += xv * ((((words >> 5) & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True) * s6[None, :] + z6[None, :])
+                    acc7 += xv * ((((words >> 9) & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True) * s7[None, :] + z7[None, :])
+                else:
+                    w = tl.load(w_ptr + idx.to(tl.int64)[:, None] * N + offs_n[None, :],
+                                mask=c_mask[:, None] & n_mask[None, :], other=0)
+                    if FMT == 0:  # int8 codes by their bits: 2**23 + 128 + c, exact (the scale comes after)
+                        acc2d += xv * (((w.to(tl.int32) + 128) | 0x4B000000).to(tl.float32, bitcast=True) - 8388736.0)
+                    else:
+                        acc2d += xv * w.to(tl.float32)
+        if FMT == 1:
+            # Output 2j is in nibble 2j mod 8 of word j // 4: even nibbles interleave into the low outputs, odd
+            # into the high ones (join undoes the split above).
+            o0 = tl.reduce(acc0, 0, tl.standard._sum_combine)
+            o1 = tl.reduce(acc1, 0, tl.standard._sum_combine)
+            o2 = tl.reduce(acc2, 0, tl.standard._sum_combine)
+            o3 = tl.reduce(acc3, 0, tl.standard._sum_combine)
+            o4 = tl.reduce(acc4, 0, tl.standard._sum_combine)
+            o5 = tl.reduce(acc5, 0, tl.standard._sum_combine)
+            o6 = tl.reduce(acc6, 0, tl.standard._sum_combine)
+            o7 = tl.reduce(acc7, 0, tl.standard._sum_combine)
+            acc_lo += tl.reshape(tl.join(tl.join(o0, o4), tl.join(o2, o6)), (HALF,))[None, :]
+            acc_hi += tl.reshape(tl.join(tl.join(o1, o5), tl.join(o3, o7)), (HALF,))[None, :]
+        else:
+            acc += tl.reduce(acc2d, 0, tl.standard._sum_combine)[None, :]
     else:
         for k0 in range(k_lo, k_hi, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
@@ -206,7 +223,7 @@ def _sparse_kernel(x_ptr, t_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cn
                 else:
                     acc += tl.dot(x, w.to(DOT_DT), input_precision="ieee")
     if FMT == 1:
-        if FMA and BLOCK_M == 1 and not WORDS:
+        if FMA and BLOCK_M == 1 and not COMPACT:
             acc_lo += tl.reduce(acc1_lo, 0, tl.standard._sum_combine)[None, :]
             acc_hi += tl.reduce(acc1_hi, 0, tl.standard._sum_combine)[None, :]
         first = (offs_j * 0 + k_lo) == 0  # a tensor: the interpreter refuses a scalar bool in a mask
@@ -289,18 +306,20 @@ def launch(x, threshold, weight_t, scales, zeros, bias, fmt: str, group_size: in
     if config is not None and split_k is None:
         split_k = config.splits
     fma = plan.uses_fma(m, config)
-    # One-row int4 fma launches take the compacted word path (kernel's WORDS): whole groups per K split,
-    # outputs 8 to an int32 word.
-    words = fmt == "int4" and fma and m == 1 and n % 8 == 0 and w.is_contiguous() and w.storage_offset() % 4 == 0
+    # Compact one-row fma launches (Config.compact; the kernel's COMPACT): K split at segment boundaries (an
+    # int4 group; 128 channels otherwise), int4 read as int32 words of 8 outputs (N % 8 == 0).
+    compact = plan.compacts(m, config) and (
+        fmt != "int4" or (n % 8 == 0 and w.is_contiguous() and w.storage_offset() % 4 == 0))
+    seg = group_size if fmt == "int4" else COMPACT_SEGMENT
     tiles = triton.cdiv(n, bn)
-    ks = plan.k_split(tiles, k, group_size if words else bk, dev, split_k)
+    ks = plan.k_split(tiles, k, seg if compact else bk, dev, split_k)
     grid = (tiles, triton.cdiv(k, ks))
     out = torch.empty((m, n), dtype=x.dtype, device=dev)
     split = plan.SPLIT_FIXUP if ks < k else plan.SPLIT_NONE
     ws, cnt = plan.split_workspace(m, n, tiles, dev) if split else (t, t)
-    if words:
-        w = w.view(torch.int32)
-        lists = plan.scratch_lists(grid[0] * grid[1] * 2 * group_size, dev)
+    if compact:
+        w = w.view(torch.int32) if fmt == "int4" else w
+        lists = plan.scratch_lists(grid[0] * grid[1] * 2 * seg, dev)
     else:
         lists = cnt  # unused placeholder
     dot_dt = plan.dot_dtype(x.dtype, interp)
@@ -308,7 +327,8 @@ def launch(x, threshold, weight_t, scales, zeros, bias, fmt: str, group_size: in
     _ops.jit_variant(_sparse_kernel, interp)[grid](
         x2, t, w, s, z, b, out, ws, cnt, lists, m, n, k, ks, grid[1], FMT=_FMT[fmt], G=max(group_size, 1),
         PER_CHANNEL=t.numel() > 1, HAS_BIAS=bias is not None, DOT_DT=dot_dt, I4_BITS=i4_bits, I4_OFF=i4_off,
-        I4_ASM=plan.int4_asm(dot_dt, interp), SPLIT=split, FMA=fma, WORDS=words, BLOCK_M=plan.block_m(m, config), BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
+        I4_ASM=plan.int4_asm(dot_dt, interp), SPLIT=split, FMA=fma, COMPACT=compact, SEG=seg, BLOCK_M=plan.block_m(m, config), BLOCK_N=bn, BLOCK_K=bk,
+        num_warps=warps, num_stages=stages)
     return out.view(*x.shape[:-1], n)
 
 
