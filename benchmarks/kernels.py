@@ -260,8 +260,9 @@ def _configs(sparse: bool, m: int) -> list:
     if m > 1:  # 8 rows multiply the register tile by 8: halve K
         fma = [(bn, bk // 2, w, st) for bn, bk, w, st in fma]
     configs = grid + [plan.Config(*c, None, True) for c in fma]
-    if sparse and m == 1:  # the same fma tiles visiting only the kept channels (Config.compact, session 10)
-        configs += [plan.Config(*c, None, True, True) for c in fma]
+    if sparse and m == 1:  # the same fma tiles visiting only the kept channels (Config.compact, session 10),
+        # and two with stages 2: the next chunk of kept rows prefetched in registers
+        configs += [plan.Config(*c, None, True, True) for c in fma + [(256, 16, 4, 2), (512, 16, 4, 2)]]
     return configs
 
 

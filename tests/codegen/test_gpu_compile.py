@@ -90,6 +90,23 @@ def test_fma_decode_variants_compile(m, launches):
     _compile_all(launches, 90)
 
 
+@pytest.mark.parametrize("stages", [1, 2])
+def test_compacted_sparse_gemv_compiles(stages, launches):
+    # One-row Config.compact launches (kept channels compacted through a scratch list, stages 2 prefetching the
+    # next chunk in registers) for the three formats, per-channel thresholds, K split at segment boundaries.
+    dtype = torch.bfloat16
+    w = torch.randn(96, 512, generator=torch.Generator().manual_seed(0)).to(dtype)
+    for fmt, group in (("float", 0), ("int8", 0), ("int4", 64)):
+        qw = qops.quantize_weight(w, fmt, group) if fmt != "float" else None
+        wt, s, z = sl.to_input_major(w if qw is None else qw.qweight, *((None, None) if qw is None else
+                                                                      (qw.scales, qw.zeros)), fmt, group)
+        S.launch(torch.randn(1, 512, dtype=dtype), torch.full((512,), 0.5), wt, s, z, None, fmt, group,
+                 config=plan.Config(128, 16, 4, stages, 2, fma=True, compact=True))
+    assert len(launches) == 3 and all(lc.kwargs["COMPACT"] and lc.kwargs["PREFETCH"] == (stages == 2)
+                                      for lc in launches)
+    _compile_all(launches, 90)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_w8a8_and_activation_quantizers_compile(dtype, launches):
     qw = _weights("int8", 96, 256, dtype, 0)

@@ -28,7 +28,7 @@ COMPACT_SEGMENT = 128  # channels compacted at a time by one-row float / int8 la
 def _sparse_kernel(x_ptr, t_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, scr_ptr, M, N, K, K_SPLIT,
                    SPLITS, FMT: tl.constexpr, G: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr,
                    DOT_DT: tl.constexpr, I4_BITS: tl.constexpr, I4_OFF: tl.constexpr, I4_ASM: tl.constexpr,
-                   SPLIT: tl.constexpr, FMA: tl.constexpr, COMPACT: tl.constexpr, SEG: tl.constexpr,
+                   SPLIT: tl.constexpr, FMA: tl.constexpr, COMPACT: tl.constexpr, SEG: tl.constexpr, PREFETCH: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_n = tl.program_id(0)
     k_lo = tl.program_id(1) * K_SPLIT
@@ -70,6 +70,14 @@ def _sparse_kernel(x_ptr, t_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cn
         else:
             acc2d = tl.full((BLOCK_K, BLOCK_N), 0.0, tl.float32)
         lists = scr_ptr + (tl.program_id(1) * tl.num_programs(0) + pid_n).to(tl.int64) * (2 * SEG)
+        if FMT == 1:  # a kept channel's weights: N // 8 words at offs_w, else N values at offs_n
+            row_len = N // 8
+            cols = offs_w
+            cols_mask = w_mask
+        else:
+            row_len = N
+            cols = offs_n
+            cols_mask = n_mask
         for g0 in range(k_lo, k_hi, SEG):  # the launcher splits K at segment boundaries
             offs_g = g0 + tl.arange(0, SEG)
             g_mask = offs_g < k_hi
@@ -104,15 +112,29 @@ def _sparse_kernel(x_ptr, t_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cn
                 z2, z6 = tl.split(c0b1)
                 z1, z5 = tl.split(c1b0)
                 z3, z7 = tl.split(c1b1)
+            if PREFETCH:  # the segment's first chunk; each iteration then loads the next one (dequant_matmul.py)
+                c_mask = tl.arange(0, BLOCK_K) < count
+                idx = tl.load(slots + tl.arange(0, BLOCK_K), mask=c_mask, other=0)
+                xv_n = tl.load(x_ptr + idx, mask=c_mask, other=0.0)
+                w_n = tl.load(w_ptr + idx.to(tl.int64)[:, None] * row_len + cols[None, :],
+                              mask=c_mask[:, None] & cols_mask[None, :], other=0)
             for c in range(0, count, BLOCK_K):
-                offs_c = c + tl.arange(0, BLOCK_K)
-                c_mask = offs_c < count
-                idx = tl.load(slots + offs_c, mask=c_mask, other=0)
-                # Past the count x is 0, so the padding rows (masked to 0; int4 word 0 is v = 1) add nothing.
-                xv = tl.load(x_ptr + idx, mask=c_mask, other=0.0).to(tl.float32)[:, None]
+                if PREFETCH:
+                    xv, w = xv_n.to(tl.float32)[:, None], w_n
+                    c_mask = c + BLOCK_K + tl.arange(0, BLOCK_K) < count
+                    idx = tl.load(slots + c + BLOCK_K + tl.arange(0, BLOCK_K), mask=c_mask, other=0)
+                    xv_n = tl.load(x_ptr + idx, mask=c_mask, other=0.0)
+                    w_n = tl.load(w_ptr + idx.to(tl.int64)[:, None] * row_len + cols[None, :],
+                                  mask=c_mask[:, None] & cols_mask[None, :], other=0)
+                else:
+                    c_mask = c + tl.arange(0, BLOCK_K) < count
+                    idx = tl.load(slots + c + tl.arange(0, BLOCK_K), mask=c_mask, other=0)
+                    # Past the count x is 0, so the padding rows (masked to 0; int4 word 0 is v = 1) add nothing.
+                    xv = tl.load(x_ptr + idx, mask=c_mask, other=0.0).to(tl.float32)[:, None]
+                    w = tl.load(w_ptr + idx.to(tl.int64)[:, None] * row_len + cols[None, :],
+                                mask=c_mask[:, None] & cols_mask[None, :], other=0)
                 if FMT == 1:
-                    words = tl.load(w_ptr + idx.to(tl.int64)[:, None] * (N // 8) + offs_w[None, :],
-                                    mask=c_mask[:, None] & w_mask[None, :], other=0)
+                    words = w
                     acc0 += xv * ((((words << 19) & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True) * s0[None, :] + z0[None, :])
                     acc1 += xv * ((((words << 15) & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True) * s1[None, :] + z1[None, :])
                     acc2 += xv * ((((words << 11) & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True) * s2[None, :] + z2[None, :])
@@ -122,8 +144,6 @@ def _sparse_kernel(x_ptr, t_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cn
                     acc6 += xv * ((((words >> 5) & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True) * s6[None, :] + z6[None, :])
                     acc7 += xv * ((((words >> 9) & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True) * s7[None, :] + z7[None, :])
                 else:
-                    w = tl.load(w_ptr + idx.to(tl.int64)[:, None] * N + offs_n[None, :],
-                                mask=c_mask[:, None] & n_mask[None, :], other=0)
                     if FMT == 0:  # int8 codes by their bits: 2**23 + 128 + c, exact (the scale comes after)
                         acc2d += xv * (((w.to(tl.int32) + 128) | 0x4B000000).to(tl.float32, bitcast=True) - 8388736.0)
                     else:
@@ -327,8 +347,8 @@ def launch(x, threshold, weight_t, scales, zeros, bias, fmt: str, group_size: in
     _ops.jit_variant(_sparse_kernel, interp)[grid](
         x2, t, w, s, z, b, out, ws, cnt, lists, m, n, k, ks, grid[1], FMT=_FMT[fmt], G=max(group_size, 1),
         PER_CHANNEL=t.numel() > 1, HAS_BIAS=bias is not None, DOT_DT=dot_dt, I4_BITS=i4_bits, I4_OFF=i4_off,
-        I4_ASM=plan.int4_asm(dot_dt, interp), SPLIT=split, FMA=fma, COMPACT=compact, SEG=seg, BLOCK_M=plan.block_m(m, config), BLOCK_N=bn, BLOCK_K=bk,
-        num_warps=warps, num_stages=stages)
+        I4_ASM=plan.int4_asm(dot_dt, interp), SPLIT=split, FMA=fma, COMPACT=compact, SEG=seg, PREFETCH=compact and stages >= 2,
+        BLOCK_M=plan.block_m(m, config), BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=1 if compact else stages)
     return out.view(*x.shape[:-1], n)
 
 
