@@ -402,18 +402,26 @@ def test_eora_llama_fused_on_device_matches_torch_path():
 @pytest.mark.parametrize("m", [1, 3, 8])
 @pytest.mark.parametrize("kernel,fmt", [("dequant", "int8"), ("dequant", "int4"), ("dequant", "mxint8"),
                                         ("sparse", "float"), ("sparse", "int8"), ("sparse", "int4")])
-def test_fma_configs_on_device(kernel, fmt, m, dtype):
+@pytest.mark.parametrize("variant", ["plain", "stages2", "compact", "compact-stages2"])
+def test_fma_configs_on_device(kernel, fmt, m, dtype, variant):
     from effcompile.codegen.kernels import launch_plan as plan
     from effcompile.codegen.kernels import sparse_gemv as S
     from effcompile.compiler import sparse_linear as sl
 
+    compact = variant.startswith("compact")
+    if compact and kernel == "dequant" or variant != "plain" and (m > 1 or dtype == torch.float32):
+        pytest.skip("stages 2 (register prefetch) and compact are one-row bf16 variants; compact is sparse only")
     gen = torch.Generator().manual_seed(m)
-    n, k = 782, 2048  # N no block multiple; K a multiple of the int4 / MX groups
+    # N no block multiple (int4 compact: whole int32 words of 8 outputs); K a multiple of the int4 / MX groups
+    n, k = (784 if compact and fmt == "int4" else 782), 2048
     w = (torch.randn(n, k, generator=gen) / 20).to(dtype)
     x = torch.randn(m, k, generator=gen).to(dtype).cuda()
     group = {"int4": 128, "mxint8": 32}.get(fmt, 0)
-    # fma tiles of benchmarks/kernels.py's sweep (dense: K-contiguous, short N; sparse: wide N), 2 splits.
-    cfg = plan.Config(64, 128, 4, 1, 2, True) if kernel == "dequant" else plan.Config(128, 32, 4, 1, 2, True)
+    # fma tiles of benchmarks/kernels.py's sweep (dense: K-contiguous, short N; sparse: wide N), 2 splits;
+    # stages 2: one-row int4 dequant and compact sparse launches double-buffer their loads in registers.
+    stages = 2 if variant.endswith("stages2") else 1
+    cfg = (plan.Config(64, 128, 4, stages, 2, True) if kernel == "dequant"
+           else plan.Config(128, 32, 4, stages, 2, True, compact))
     if kernel == "dequant":
         qw = qops.quantize_weight(w, fmt, group)
         args = (x, *(t.cuda() if t is not None else None for t in qw[:3]), None, fmt, group)
