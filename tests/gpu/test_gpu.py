@@ -231,17 +231,20 @@ def test_dequant_split_k_on_device(splits):
     assert _rel_err(got, D.reference(x, q, s, z, None, "int4", 128)) <= 1e-5
 
 
-@pytest.mark.parametrize("kernel", ["dequant-int4", "dequant-int8", "sparse-int4", "w8a8"])
+@pytest.mark.parametrize("kernel", ["dequant-int4", "dequant-int8", "sparse-int4", "sparse-int4-compact", "w8a8"])
 def test_split_k_workspace_under_cuda_graph_replay(kernel):
     # Split-K launches sum into a cached workspace that the last split of each tile zeroes again
     # (launch_plan.split_workspace): one kernel per linear instead of memset + kernel + cast. Replayed from a
     # CUDA graph many times with new inputs, every replay must be right: a leftover sum or count would show.
     from effcompile.codegen.kernels import act_quant as AQ
+    from effcompile.codegen.kernels import launch_plan as plan
     from effcompile.codegen.kernels import sparse_gemv as S
     from effcompile.compiler import sparse_linear as sl
 
     gen = torch.Generator().manual_seed(1)
-    n, k = (782 if kernel == "sparse-int4" else 781), 1920  # int4 input-major packs output pairs: even N
+    # int4 input-major packs output pairs (even N); the compacted path reads int32 words of 8 outputs
+    n, k = {"sparse-int4": 782, "sparse-int4-compact": 784}.get(kernel, 781), 1920
+    rows = 1 if kernel.endswith("compact") else 2  # compact: one-row launches (their scratch list, in the graph)
     w = (torch.randn(n, k, generator=gen) / 20).to(torch.bfloat16)
     b = torch.randn(n, generator=gen).to(torch.bfloat16).cuda()
     fmt = "int8" if kernel in ("dequant-int8", "w8a8") else "int4"
@@ -250,7 +253,8 @@ def test_split_k_workspace_under_cuda_graph_replay(kernel):
     if kernel.startswith("sparse"):
         wt, ws, wz = (t.cuda() for t in sl.to_input_major(qw.qweight, qw.scales, qw.zeros, "int4", 64))
         t = torch.tensor(0.4, device="cuda")
-        fn = lambda x: S.launch(x, t, wt, ws, wz, b, "int4", 64, split_k=4)  # noqa: E731
+        cfg = plan.Config(128, 16, 4, 2, 4, True, compact=True) if rows == 1 else None
+        fn = lambda x: S.launch(x, t, wt, ws, wz, b, "int4", 64, split_k=4, config=cfg)  # noqa: E731
         ref = lambda x: S.reference(x, t, wt, ws, wz, b, "int4", 64)  # noqa: E731
     elif kernel == "w8a8":
         fn = lambda x: AQ.w8a8(x, q, s, b, split_k=4)  # noqa: E731
@@ -258,13 +262,13 @@ def test_split_k_workspace_under_cuda_graph_replay(kernel):
     else:
         fn = lambda x: D.launch(x, q, s, z, b, fmt, qw.group_size, split_k=4)  # noqa: E731
         ref = lambda x: D.reference(x, q, s, z, b, fmt, qw.group_size)  # noqa: E731
-    static_x = torch.randn(2, k, device="cuda", dtype=torch.bfloat16)
+    static_x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
     fn(static_x)  # warm-up: compile (the capture stream gets a workspace of its own, zeroed in the graph)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         static_out = fn(static_x)
     for i in range(20):
-        static_x.copy_(torch.randn(2, k, generator=torch.Generator().manual_seed(i)).to(torch.bfloat16))
+        static_x.copy_(torch.randn(rows, k, generator=torch.Generator().manual_seed(i)).to(torch.bfloat16))
         graph.replay()
         torch.cuda.synchronize()
         assert _rel_err(static_out, ref(static_x)) <= REL_TOL[torch.bfloat16], f"replay {i}"
