@@ -13,7 +13,9 @@ def default_passes() -> list:
     from effcompile.passes import RemoveDropout
     from effcompile.passes.fuse_parallel_linears import FuseParallelLinears
     from effcompile.passes.fuse_sparse_linear import FuseSparseLinear
+    from effcompile.passes.grouped_attention import GroupedQueryAttention
 
     # FuseSparseLinear fires only where a sparsify op (ThresholdChannels) feeds a linear;
-    # FuseParallelLinears only where quantized linears (Quantize) share an input.
-    return [RemoveDropout(), FuseSparseLinear(), FuseParallelLinears()]
+    # FuseParallelLinears only where quantized linears (Quantize) share an input; GroupedQueryAttention
+    # only where SDPA reads K/V heads repeated for grouped-query attention.
+    return [RemoveDropout(), FuseSparseLinear(), FuseParallelLinears(), GroupedQueryAttention()]
