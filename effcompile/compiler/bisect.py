@@ -42,11 +42,11 @@ class BisectResult:
 
     def __str__(self) -> str:
         lines = [f"effcompile bisect: tolerance atol={self.atol:g} rtol={self.rtol:g} (vs eager)",
-                 f"  {'#':>2}  {'stage':<22} {'config':<34} {'fired':<5} {'max |diff|':>10} {'x tol':>8}  verdict"]
+                 f"  {'#':>2}  {'stage':<24} {'config':<34} {'fired':<5} {'max |diff|':>10} {'x tol':>8}  verdict"]
         for i, s in enumerate(self.stages):
             verdict = "ok" if s.ok else "BEYOND TOLERANCE"
             cfg = s.config if len(s.config) <= 34 else s.config[:31] + "..."
-            lines.append(f"  {i:>2}  {s.name:<22} {cfg:<34} {'yes' if s.fired else '-':<5} {s.max_abs:>10.3e} "
+            lines.append(f"  {i:>2}  {s.name:<24} {cfg:<34} {'yes' if s.fired else '-':<5} {s.max_abs:>10.3e} "
                          f"{s.ratio:>8.3g}  {verdict}{'  (' + s.note + ')' if s.note else ''}")
         c = self.culprit
         lines.append(f"first stage beyond tolerance: {c.name} {c.config}".rstrip() if c else
