@@ -34,6 +34,7 @@ import effcompile as ec
 from effcompile.bench import spec as pass_spec
 from effcompile.bench import timing, zoo
 from effcompile.codegen import ops as cg_ops
+from effcompile.compiler import attention_ops
 
 CONFIGS = ["none", "quantize(weights=int8)", "quantize(weights=int4,group_size=128)",
            "threshold(sparsity=0.4)", "threshold(sparsity=0.5)",
@@ -151,6 +152,7 @@ def main() -> None:
                 with torch.no_grad():  # a compiled prefill first: decode graphs reuse what it calibrates
                     fast(**calib[0])
             before = dict(cg_ops.PATH_COUNTS.get("bag_linear", {}))
+            attention_before = dict(attention_ops.PATH_COUNTS)
             row = decode(fast, spec)
         except Exception as e:  # noqa: BLE001 - one failing config (e.g. a peer not installed) is recorded
             rows.append({"config": spec, "failed": f"{type(e).__name__}: {str(e)[:400]}"})
@@ -161,6 +163,9 @@ def main() -> None:
         if spec not in PEERS:
             after = cg_ops.PATH_COUNTS.get("bag_linear", {})
             row["bag_calls"] = {k: after[k] - before.get(k, 0) for k in after}
+            # grouped-query attention calls by path: "gqa" (SDPA reads the shared K/V heads) or "repeat"
+            row["attention_calls"] = {k: n - attention_before.get(k, 0) for k, n in attention_ops.PATH_COUNTS.items()
+                                      if n != attention_before.get(k, 0)}
             rep = ec.explain(fast)
             row["fallbacks"] = rep.fallbacks
             row["kernels"] = sorted({f"{k.name}:{k.kind}" for k in rep.kernels if k.ops and

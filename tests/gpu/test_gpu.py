@@ -114,6 +114,30 @@ def test_generated_kernels_on_device(fn, dtype, tmp_path):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("masked", [True, False])
+def test_gqa_attention_on_device(masked, dtype, capsys):
+    # effcompile::gqa_attention at a Llama-3.2-1B decode step (32 query heads over 8 K/V heads, a static cache of
+    # 60 positions, HF's boolean mask): the same result as SDPA over repeated heads, whichever path it takes
+    # (enable_gqa where a fused backend accepts it, else the repeat); the path is printed for the log.
+    import torch.nn.functional as F
+
+    from effcompile.compiler import attention_ops
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(2, 32, 1, 64, generator=g, device="cuda").to(dtype)
+    k, v = (torch.randn(2, 8, 60, 64, generator=g, device="cuda").to(dtype) for _ in range(2))
+    mask = (torch.arange(60, device="cuda") < 41).expand(2, 1, 1, 60) if masked else None
+    before = dict(attention_ops.PATH_COUNTS)
+    got = torch.ops.effcompile.gqa_attention(q, k, v, mask, 0.0, False, 0.125)
+    want = F.scaled_dot_product_attention(q, k.repeat_interleave(4, 1), v.repeat_interleave(4, 1), attn_mask=mask,
+                                          scale=0.125)
+    path = [p for p, n in attention_ops.PATH_COUNTS.items() if n != before.get(p, 0)]
+    with capsys.disabled():
+        print(f"gqa_attention {dtype} masked={masked}: {path}")
+    assert _rel_err(got, want) <= REL_TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("batch", [1, 5])
 def test_decode_rope_with_rotate_half_on_device(batch, dtype, tmp_path):
     # One decode token: q cos + rotate_half(q) sin in one kernel, q a head view of the projection.
