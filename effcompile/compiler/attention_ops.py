@@ -20,14 +20,25 @@ import torch.nn.functional as F
 PATH_COUNTS: Counter = Counter()
 
 
+# The backends' verdicts per (device, dtypes, shapes, strides, dropout, causal): eager decode asks once a layer.
+_VERDICTS: dict[tuple, bool] = {}
+
+
 def native_gqa(q, k, v, attn_mask, dropout_p: float, is_causal: bool) -> bool:
     """Whether SDPA with enable_gqa=True runs a fused kernel for these tensors (else it would run unfused)."""
     if q.device.type != "cuda":
         return True  # CPU: the flash kernel takes GQA with or without a mask (torch >= 2.5)
-    params = torch.backends.cuda.SDPAParams(q, k, v, attn_mask, dropout_p, is_causal, True)
-    return any(fn(params, False) for fn in (torch.backends.cuda.can_use_flash_attention,
-                                           torch.backends.cuda.can_use_efficient_attention,
-                                           torch.backends.cuda.can_use_cudnn_attention))
+    key = (q.device, dropout_p, is_causal, torch.backends.cuda.flash_sdp_enabled(),
+           torch.backends.cuda.mem_efficient_sdp_enabled(), torch.backends.cuda.cudnn_sdp_enabled(),
+           *((t.dtype, tuple(t.shape), t.stride()) if t is not None else None for t in (q, k, v, attn_mask)))
+    if key not in _VERDICTS:
+        if len(_VERDICTS) >= 4096:  # a growing (dynamic) cache is a new shape every step: keep this bounded
+            _VERDICTS.clear()
+        params = torch.backends.cuda.SDPAParams(q, k, v, attn_mask, dropout_p, is_causal, True)
+        _VERDICTS[key] = any(fn(params, False) for fn in (torch.backends.cuda.can_use_flash_attention,
+                                                          torch.backends.cuda.can_use_efficient_attention,
+                                                          torch.backends.cuda.can_use_cudnn_attention))
+    return _VERDICTS[key]
 
 
 def gqa_attention_eager(q, k, v, attn_mask, dropout_p: float, is_causal: bool, scale: float | None):
