@@ -7,7 +7,7 @@
 #           cuBLAS bf16 and TorchAO, L2 cold (200 s);
 #   decode  whole-model greedy decode tok/s of the Llama-3.2-1B-shaped zoo model in bf16 under CUDA graphs:
 #           eager, then DECODE_CONFIGS (effcompile configs ~35 s each in session 10, TorchAO's kernels without
-#           Inductor a few seconds) (210 s);
+#           Inductor a few seconds) (240 s);
 #   peers   TorchAO int4 compiled and torch.compile at batch 1 only (PEERS_S, default 280 s): each is two
 #           or more Inductor compiles of the model, which did not finish within 165-210 s in sessions 7 and
 #           10, so they get a call of their own.
@@ -16,8 +16,8 @@
 # wheels in .whl/ when they are there (the device image has none): carry .whl.
 #
 #   OUT=$OUT benchmarks/gpu_quick.sh                                  # on the device machine, repo root
-#   STEPS=kernels,decode,tests OUT=$OUT benchmarks/gpu_quick.sh       # then, in a second call:
-#   STEPS=peers OUT=$OUT benchmarks/gpu_quick.sh
+#   STEPS=kernels,decode OUT=$OUT benchmarks/gpu_quick.sh             # ~460 s; then at once, still warm:
+#   STEPS=tests,peers PEERS_S=200 OUT=$OUT benchmarks/gpu_quick.sh
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 2
 OUT=${OUT:-benchmarks/results/gpu-quick}
@@ -43,8 +43,8 @@ kernels() {
 }
 decode() {  # with the tile table the kernels step wrote (if it ran and got that far) over the shipped one
     [ -s "$OUT/tuning.json" ] && export EFFCOMPILE_KERNEL_TUNING="$OUT/tuning.json"
-    timeout 210 "$PY" benchmarks/decode.py --device cuda --dtype bfloat16 --model llama-1b --steps 16 \
-        --configs "${DECODE_CONFIGS:-quantize(weights=int4,group_size=128);threshold(sparsity=0.5)+quantize(weights=int4,group_size=128);threshold(sparsity=0.5);torchao-int4-eager;quantize(weights=int8);none}" \
+    timeout 240 "$PY" benchmarks/decode.py --device cuda --dtype bfloat16 --model llama-1b --steps 16 \
+        --configs "${DECODE_CONFIGS:-quantize(weights=int4,group_size=128);threshold(sparsity=0.5)+quantize(weights=int4,group_size=128);threshold(sparsity=0.5);threshold(sparsity=0.4);torchao-int4-eager;none}" \
         --out "$OUT/decode.json" 2>&1 | tr '\r' '\n' | grep -v "it/s\]\|s/it\]" | tee "$OUT/decode.log"
 }
 peers() {
