@@ -119,20 +119,18 @@ def _sparse_kernel(x_ptr, t_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cn
                 w_n = tl.load(w_ptr + idx.to(tl.int64)[:, None] * row_len + cols[None, :],
                               mask=c_mask[:, None] & cols_mask[None, :], other=0)
             for c in range(0, count, BLOCK_K):
+                # This chunk's rows, or with PREFETCH the next chunk's (this one's came last iteration). Past the
+                # count x is 0, so the padding rows (masked to 0; int4 word 0 is v = 1) add nothing.
+                c_mask = c + BLOCK_K * PREFETCH + tl.arange(0, BLOCK_K) < count
+                idx = tl.load(slots + c + BLOCK_K * PREFETCH + tl.arange(0, BLOCK_K), mask=c_mask, other=0)
+                x_l = tl.load(x_ptr + idx, mask=c_mask, other=0.0)
+                w_l = tl.load(w_ptr + idx.to(tl.int64)[:, None] * row_len + cols[None, :],
+                              mask=c_mask[:, None] & cols_mask[None, :], other=0)
                 if PREFETCH:
                     xv, w = xv_n.to(tl.float32)[:, None], w_n
-                    c_mask = c + BLOCK_K + tl.arange(0, BLOCK_K) < count
-                    idx = tl.load(slots + c + BLOCK_K + tl.arange(0, BLOCK_K), mask=c_mask, other=0)
-                    xv_n = tl.load(x_ptr + idx, mask=c_mask, other=0.0)
-                    w_n = tl.load(w_ptr + idx.to(tl.int64)[:, None] * row_len + cols[None, :],
-                                  mask=c_mask[:, None] & cols_mask[None, :], other=0)
+                    xv_n, w_n = x_l, w_l
                 else:
-                    c_mask = c + tl.arange(0, BLOCK_K) < count
-                    idx = tl.load(slots + c + tl.arange(0, BLOCK_K), mask=c_mask, other=0)
-                    # Past the count x is 0, so the padding rows (masked to 0; int4 word 0 is v = 1) add nothing.
-                    xv = tl.load(x_ptr + idx, mask=c_mask, other=0.0).to(tl.float32)[:, None]
-                    w = tl.load(w_ptr + idx.to(tl.int64)[:, None] * row_len + cols[None, :],
-                                mask=c_mask[:, None] & cols_mask[None, :], other=0)
+                    xv, w = x_l.to(tl.float32)[:, None], w_l
                 if FMT == 1:
                     words = w
                     acc0 += xv * ((((words << 19) & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True) * s0[None, :] + z0[None, :])
