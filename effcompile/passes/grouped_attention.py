@@ -17,12 +17,11 @@ from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
-import torch.nn.functional as F
+import torch.nn.functional as F  # its scaled_dot_product_attention is the graph's torch._C._nn one
 
 from effcompile.compiler import attention_ops, ir  # noqa: F401 - attention_ops registers the op
 from effcompile.compiler.pass_manager import PassConfig, PassContext, PassResult, register_pass
 
-_SDPA = {torch._C._nn.scaled_dot_product_attention, F.scaled_dot_product_attention}
 _ALL = slice(None, None, None)
 
 
@@ -92,7 +91,7 @@ def grouped_query_attention(gm: fx.GraphModule, cfg: GroupedQueryAttention, ctx:
         return PassResult(modified=False, note="disabled")
     where, skipped = [], {}
     for node in list(gm.graph.nodes):
-        if node.op != "call_function" or node.target not in _SDPA:
+        if node.op != "call_function" or node.target is not F.scaled_dot_product_attention:
             continue
         tag = str(ir.sublayer(node) or node.name)
         why = _rewrite(gm, node)
