@@ -16,7 +16,7 @@ from collections import Counter
 import torch
 import torch.nn.functional as F
 
-# How calls ran, for tests and explain(): "gqa" (enable_gqa=True) or "repeat" (K/V heads repeated first).
+# How calls ran (tests, benchmarks/decode.py): "gqa" (enable_gqa=True) or "repeat" (K/V heads repeated first).
 PATH_COUNTS: Counter = Counter()
 
 

@@ -185,6 +185,11 @@ SPLIT_NONE, SPLIT_FP32_OUT, SPLIT_FIXUP = 0, 1, 2
 _WORKSPACES: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
+def _stream(device: torch.device) -> int:
+    """The current stream's handle (0 off CUDA): buffers are shared only by launches that run in order."""
+    return torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+
+
 def split_workspace(m: int, n: int, tiles: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """(fp32 [m, n] partial sums, int32 [tiles] arrival counts), zero, for a SPLIT_FIXUP launch.
 
@@ -193,8 +198,7 @@ def split_workspace(m: int, n: int, tiles: int, device: torch.device) -> tuple[t
     launch is one kernel, not a memset + the kernel + a cast (3 launches per decode linear, ~2 us each on
     an H100 under CUDA graphs). Kept per device, stream and shape: launches on one stream run one after
     another, so they can share it; another stream gets its own."""
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-    key = (device, stream, m, n, tiles)
+    key = (device, _stream(device), m, n, tiles)
     ws = _WORKSPACES.get(key)
     if ws is None:
         ws = _WORKSPACES[key] = (torch.zeros((m, n), dtype=torch.float32, device=device),
@@ -252,9 +256,8 @@ def scratch_lists(ints: int, device: torch.device) -> torch.Tensor:
     """An int32 scratch of at least ``ints`` entries that each program of a launch uses privately (the
     sparse GEMV's lists of kept channels): no contents survive a launch, so launches on one stream share
     it. Never evicted or regrown, as the workspaces above (a CUDA graph keeps the address)."""
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
     size = triton.next_power_of_2(ints)
-    key = (device, stream, size)
+    key = (device, _stream(device), size)
     if key not in _SCRATCH:
         _SCRATCH[key] = torch.empty(size, dtype=torch.int32, device=device)
     return _SCRATCH[key]
