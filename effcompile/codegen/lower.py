@@ -13,12 +13,14 @@ import torch
 import torch.fx as fx
 
 from effcompile.codegen import ops as _ops
+from effcompile.codegen.kernels import cache_write as _cache_write
 from effcompile.codegen.kernels import cpu_bag_gemv as _bag
 from effcompile.codegen.kernels import dequant_matmul as _dequant
 from effcompile.codegen.kernels import sparse_gemv as _sparse
 from effcompile.codegen.partition import group_tag, partition
 from effcompile.codegen.triton_gen import generate
 from effcompile.compiler import sparse_linear as _sl
+from effcompile.compiler.cache_ops import kv_cache_write_op
 from effcompile.compiler.ir import (
     TAG,
     VAL,
@@ -39,7 +41,7 @@ class KernelRecord:
     name: str
     op: str  # "torch.ops.effcompile.<name>.default"
     source_path: str
-    kind: str  # "pointwise" | "reduction" | "epilogue" | "dequant-gemv" | "dequant-gemm"
+    kind: str  # "pointwise" | "reduction" | "epilogue" | "dequant-gemv" | "dequant-gemm" | "cache-write" | ...
     ops: tuple[str, ...]
     nodes: tuple[str, ...]  # original node names the kernel replaced
     sublayers: tuple[str, ...]
@@ -102,12 +104,14 @@ def lower(
     mode = _mode(use_triton)
     bags, bag_fallbacks = _lower_cpu_bags(gm, mode)
     eora_fallbacks = _fuse_eora_side_paths(gm, mode)  # after the bags: only wq_linear left for Triton
-    quantized = bags + _lower_quantized_linears(gm, mode) + _lower_sparse_linears(gm, mode)
     # Splitting a linear's bias into its consumer's kernel only pays when that kernel is Triton: on the
     # torch path it turns one addmm into a matmul plus a separate add (measured 7-13 % on MiniLM, CPU).
     torch_on_cpu = _torch_on_cpu(gm, mode)
+    cache_writes, cache_fallbacks = _lower_cache_writes(gm, mode, torch_on_cpu)
+    retargeted = bags + _lower_quantized_linears(gm, mode) + _lower_sparse_linears(gm, mode) + cache_writes
     part = partition(gm, epilogues=not torch_on_cpu)
-    result = LoweringResult(kernels=quantized, fallbacks=bag_fallbacks + eora_fallbacks + list(part.fallbacks))
+    result = LoweringResult(kernels=retargeted,
+                            fallbacks=bag_fallbacks + eora_fallbacks + cache_fallbacks + list(part.fallbacks))
     if torch_on_cpu and mode == _ops.MODE_AUTO and part.groups:
         # No Triton will run: a generated kernel would run the same torch ops behind a custom-op call,
         # 30-90 us of dispatch each (5 ms of a 40 ms llama-base decode step), so the groups stay as they
@@ -295,6 +299,36 @@ def _lower_sparse_linears(gm: fx.GraphModule, mode: int) -> list[KernelRecord]:
         x, fmt, group = node.args[0], node.args[6], node.args[7]
         return _sparse.kind_for(_static_rows(x)), ("sparse_linear", fmt + (f"g{group}" if group else ""))
     return _retarget(gm, sparse_linear_op(), _sparse, describe)
+
+
+def _lower_cache_writes(gm: fx.GraphModule, mode: int, torch_on_cpu: bool) -> tuple[list, list]:
+    """effcompile::kv_cache_write -> the one-kernel cache update (same arguments + mode); with no Triton to
+    run on CPU, back to the torch ops it stands for, since the op would only add a custom-op call to them
+    (~45 us a layer, measured on this project's CPU machine). Returns (kernel records, fallbacks)."""
+    if torch_on_cpu and mode == _ops.MODE_AUTO:
+        nodes = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is kv_cache_write_op()]
+        for node in nodes:
+            _inline_cache_write(gm.graph, node)
+        return [], [(f"{len(nodes)} K/V cache write(s)", CPU_UNFUSED)] if nodes else []
+
+    def describe(node):
+        node.args = (*node.args, mode)
+        return "cache-write", ("kv_cache_write", "counter" if node.args[5] is not None else "positions")
+    return _retarget(gm, kv_cache_write_op(), _cache_write, describe), []
+
+
+def _inline_cache_write(graph: fx.Graph, node: fx.Node) -> None:
+    """Replace a kv_cache_write node with the torch ops of compiler/cache_ops.kv_cache_write_eager."""
+    keys, values, k, v, position, length = node.args
+    with graph.inserting_before(node):
+        if position is None:
+            n = tensor_val(k).shape[2]
+            arange = graph.call_function(torch.arange, (n,), {"device": tensor_val(length).device})
+            position = graph.call_function(operator.add, (arange, length))
+            graph.call_method("add_", (length, n))
+        for cache, new in ((keys, k), (values, v)):
+            graph.call_method("index_copy_", (cache, 2, position, new))
+    graph.erase_node(node)
 
 
 def _bag_plan(gm: fx.GraphModule, node) -> tuple | str | None:

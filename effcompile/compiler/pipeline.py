@@ -11,11 +11,16 @@ from __future__ import annotations
 def default_passes() -> list:
     """The exact pipeline used when ``passes=None``."""
     from effcompile.passes import RemoveDropout
+    from effcompile.passes.attention_mask import AdditiveAttentionMask
+    from effcompile.passes.fuse_cache_writes import FuseCacheWrites
     from effcompile.passes.fuse_parallel_linears import FuseParallelLinears
     from effcompile.passes.fuse_sparse_linear import FuseSparseLinear
     from effcompile.passes.grouped_attention import GroupedQueryAttention
 
     # FuseSparseLinear fires only where a sparsify op (ThresholdChannels) feeds a linear;
     # FuseParallelLinears only where quantized linears (Quantize) share an input; GroupedQueryAttention
-    # only where SDPA reads K/V heads repeated for grouped-query attention.
-    return [RemoveDropout(), FuseSparseLinear(), FuseParallelLinears(), GroupedQueryAttention()]
+    # only where SDPA reads K/V heads repeated for grouped-query attention; AdditiveAttentionMask only
+    # where several attention calls read one boolean mask; FuseCacheWrites only where a K/V pair is copied
+    # into a cache at one index.
+    return [RemoveDropout(), FuseSparseLinear(), FuseParallelLinears(), GroupedQueryAttention(),
+            AdditiveAttentionMask(), FuseCacheWrites()]

@@ -205,3 +205,15 @@ def test_decode_rope_and_one_row_rmsnorm_compile(dtype, launches, tmp_path, monk
     assert ops[:2] == [("mul", "rotate_half", "mul", "add")] * 2 and len(ops) == 3
     assert {"mean", "add", "rsqrt", "mul"} <= set(ops[2])  # the whole norm in one kernel
     _compile_all(launches)
+
+
+@pytest.mark.parametrize("use_position", [False, True], ids=["counter", "positions"])
+def test_cache_write_compiles(use_position, launches):
+    from effcompile.codegen.kernels import cache_write as C
+
+    keys, values = torch.zeros(2, 8, 64, 64, dtype=torch.bfloat16), torch.zeros(2, 8, 64, 64, dtype=torch.bfloat16)
+    k, v = torch.randn(2, 8, 1, 64).to(torch.bfloat16), torch.randn(2, 1, 8, 64).to(torch.bfloat16).transpose(1, 2)
+    length = torch.tensor(3)
+    C.launch(keys, values, k, v, torch.tensor([3]) if use_position else None, None if use_position else length)
+    for cap in (80, 90):
+        _compile_all(launches, cap)

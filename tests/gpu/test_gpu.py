@@ -299,6 +299,36 @@ def test_split_k_workspace_under_cuda_graph_replay(kernel):
     assert _rel_err(fn(static_x), ref(static_x)) <= REL_TOL[torch.bfloat16]  # and eagerly after the graph
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("batch,tokens", [(1, 1), (8, 1), (2, 37)])
+def test_cache_write_under_cuda_graph_replay(batch, tokens, dtype):
+    # One kernel per layer writes K and V at length + i and advances the counter after every program read it
+    # (codegen/kernels/cache_write.py). Replayed from a CUDA graph, each replay must land one step further on;
+    # a counter advanced too early or an arrival count left set would misplace a later step's rows.
+    from effcompile.codegen.kernels import cache_write as C
+    from effcompile.compiler import cache_ops
+
+    h, d, cache_len, steps = 8, 64, 128, 3
+    shape = (batch, h, cache_len, d)
+    got = [torch.zeros(shape, device="cuda", dtype=dtype) for _ in range(2)] + [torch.tensor(5, device="cuda")]
+    want = [torch.zeros(shape, device="cuda", dtype=dtype) for _ in range(2)] + [torch.tensor(5, device="cuda")]
+    k = torch.randn(batch, h, tokens, d, device="cuda").to(dtype)
+    v = torch.randn(batch, tokens, h, d, device="cuda").to(dtype).transpose(1, 2)  # strided, as HF passes V
+    C.run(got[0], got[1], k, v, None, got[2], mode=1)  # warm-up: compile
+    cache_ops.kv_cache_write_eager(want[0], want[1], k, v, None, want[2])
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        C.run(got[0], got[1], k, v, None, got[2], mode=1)
+    for i in range(steps):
+        k.copy_(torch.randn(k.shape, generator=torch.Generator().manual_seed(i)).to(dtype))
+        graph.replay()
+        cache_ops.kv_cache_write_eager(want[0], want[1], k, v, None, want[2])
+        torch.cuda.synchronize()
+        for g, w in zip(got, want):
+            assert torch.equal(g, w), f"replay {i}"
+    assert int(got[2]) == 5 + tokens * (steps + 1)
+
+
 # -- fp8 / MX weights, dynamic activation quantization (W8A8, fp8) ------------------------------------
 
 

@@ -183,6 +183,7 @@ SPLIT_NONE, SPLIT_FP32_OUT, SPLIT_FIXUP = 0, 1, 2
 # Never evicted: a CUDA graph that captured a launch keeps using its workspace's address. Decode shapes
 # (<= GEMV_MAX_M rows, a model's few N) keep this small.
 _WORKSPACES: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+_COUNTS: dict[tuple, torch.Tensor] = {}
 
 
 def _stream(device: torch.device) -> int:
@@ -204,6 +205,15 @@ def split_workspace(m: int, n: int, tiles: int, device: torch.device) -> tuple[t
         ws = _WORKSPACES[key] = (torch.zeros((m, n), dtype=torch.float32, device=device),
                                  torch.zeros(tiles, dtype=torch.int32, device=device))
     return ws
+
+
+def arrival_count(device: torch.device) -> torch.Tensor:
+    """A zero int32 [1] count for a launch whose programs count themselves in and whose last one resets it
+    (the K/V cache write's counter advance); shared per device and stream, like the workspaces above."""
+    key = (device, _stream(device))
+    if key not in _COUNTS:
+        _COUNTS[key] = torch.zeros(1, dtype=torch.int32, device=device)
+    return _COUNTS[key]
 
 
 def dot_dtype(x_dtype: torch.dtype, interpreting: bool):

@@ -1,0 +1,85 @@
+"""The one-kernel K/V cache update vs the torch ops it replaces, under TRITON_INTERPRET=1, odd shapes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from effcompile.codegen import ops as cg_ops
+from effcompile.codegen.kernels import cache_write as C
+from effcompile.codegen.kernels import launch_plan as plan
+from effcompile.compiler import cache_ops
+
+pytestmark = pytest.mark.interpreter
+
+
+@pytest.fixture(autouse=True)
+def _interpret(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
+def _case(b, h, n, d, cache_len, dtype, *, start, seed=0, strided=False):
+    g = torch.Generator().manual_seed(seed)
+    keys = torch.randn(b, h, cache_len, d, generator=g).to(dtype)
+    values = torch.randn(b, h, cache_len, d, generator=g).to(dtype)
+    k = torch.randn(b, h, n, d, generator=g).to(dtype)
+    # v as Hugging Face makes it: a [b, n, h, d] projection transposed (not contiguous when n > 1)
+    v = torch.randn(b, n, h, d, generator=g).to(dtype).transpose(1, 2) if strided else torch.randn(
+        b, h, n, d, generator=g).to(dtype)
+    return keys, values, k, v, torch.tensor(start)
+
+
+def _both(case, use_position: bool):
+    """(kernel's caches and counter, the torch ops'), from the same start."""
+    keys, values, k, v, length = case
+    pos = torch.arange(k.shape[2]) + length if use_position else None
+    got = [keys.clone(), values.clone(), length.clone()]
+    want = [keys.clone(), values.clone(), length.clone()]
+    C.run(got[0], got[1], k, v, pos, None if use_position else got[2], mode=1)
+    cache_ops.kv_cache_write_eager(want[0], want[1], k, v, pos, None if use_position else want[2])
+    return got, want
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", [(1, 3, 1, 5, 7), (2, 5, 4, 40, 11), (3, 2, 9, 130, 12)], ids=str)
+@pytest.mark.parametrize("use_position", [False, True], ids=["counter", "positions"])
+def test_matches_the_torch_ops_bitwise(shape, dtype, use_position):
+    b, h, n, d, cache_len = shape
+    got, want = _both(_case(b, h, n, d, cache_len, dtype, start=cache_len - n, strided=n > 1), use_position)
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)
+    assert got[2].item() == (cache_len - n if use_position else cache_len)  # the counter advanced only if given
+    assert plan.arrival_count(torch.device("cpu")).item() == 0  # the last program reset the arrival count
+
+
+def test_three_writes_in_a_row_advance_the_counter_and_land_in_order():
+    keys, values, k, v, length = _case(2, 3, 1, 8, 6, torch.float32, start=0)
+    for step in range(3):
+        C.run(keys, values, k + step, v - step, None, length, mode=1)
+    assert length.item() == 3
+    for step in range(3):
+        assert torch.equal(keys[:, :, step], (k + step)[:, :, 0]) and torch.equal(values[:, :, step], (v - step)[:, :, 0])
+    assert torch.count_nonzero(keys[:, :, 3:] - _case(2, 3, 1, 8, 6, torch.float32, start=0)[0][:, :, 3:]) == 0
+
+
+def test_a_position_past_the_cache_is_not_written_and_eager_raises():
+    case = _case(1, 2, 2, 4, 5, torch.float32, start=4)  # tokens at 4 (fits) and 5 (past the end)
+    keys, values, k, v, length = case
+    before = keys.clone()
+    C.run(keys, values, k, v, None, length, mode=1)
+    assert torch.equal(keys[:, :, 4], k[:, :, 0]) and torch.equal(keys[:, :, :4], before[:, :, :4])
+    keys, values, k, v, length = _case(1, 2, 2, 4, 5, torch.float32, start=4)
+    with pytest.raises(IndexError):
+        cache_ops.kv_cache_write_eager(keys, values, k, v, None, length)
+
+
+def test_calls_it_cannot_take_run_the_torch_ops_and_say_so():
+    keys, values, k, v, length = _case(1, 2, 1, 4, 5, torch.float32, start=0)
+    assert "dtype" in C.supported(keys, values, k, v.double(), None, length)
+    five_d = [t[..., None].expand(*t.shape, 3).contiguous() for t in (keys, values, k, v)]  # 5-D: torch ops
+    before = cg_ops.PATH_COUNTS[C.NAME]["torch"]
+    C.run(*five_d, None, length, mode=1)
+    assert cg_ops.PATH_COUNTS[C.NAME]["torch"] == before + 1 and length.item() == 1
+    assert torch.equal(five_d[0][:, :, 0], five_d[2][:, :, 0])
+    with pytest.raises(ValueError, match="exactly one of position"):
+        C.run(keys, values, k, v, torch.tensor([0]), length, mode=1)
