@@ -244,6 +244,11 @@ def _configs(sparse: bool, m: int) -> list:
     blocks_k = (64, 128) if sparse else (128, 256)
     grid = [plan.Config(bn, bk, 4, 3) for bn in blocks_n for bk in blocks_k]
     grid += [plan.Config(blocks_n[-1], blocks_k[-1], 8, 3), plan.Config(blocks_n[1], blocks_k[-1], 8, 4)]
+    if not sparse:
+        # Deeper pipelines (session 11, untimed): with 8 K splits a dense int4 CTA runs only 4 chunks of 128, so
+        # 5 stages have every chunk in flight from the prologue (sm_90 SASS: the 3-stage loop waits on its
+        # scale loads after each chunk's copy, with at most one chunk in flight).
+        grid += [plan.Config(blocks_n[-1], blocks_k[-1], 8, 5), plan.Config(blocks_n[1], blocks_k[-1], 4, 5)]
     # fma (products summed in registers, no 16-row padding): short tiles, since the [rows, K, N] product
     # lives in registers; the sparse layout is N-contiguous (wide N tiles), the dense one K-contiguous.
     # Untimed when added (session 6, no GPU): the sweep decides whether they win anywhere.

@@ -122,12 +122,12 @@ def _w8a8_kernel(xq_ptr, sx_ptr, q_ptr, s_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, 
     omask = m_mask[:, None] & n_mask[None, :]
     if SPLIT == 2:
         ws = ws_ptr + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
-        tl.atomic_add(ws, y, mask=omask)
+        tl.atomic_add(ws, y, mask=omask, sem="relaxed")
         tl.debug_barrier()
         tile = pid_m * tl.num_programs(1) + pid_n
         if tl.atomic_add(cnt_ptr + tile, 1) == SPLITS - 1:
             zero = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
-            tl.store(out, tl.atomic_add(ws, zero, mask=omask).to(out_ptr.dtype.element_ty), mask=omask)
+            tl.store(out, tl.atomic_add(ws, zero, mask=omask, sem="relaxed").to(out_ptr.dtype.element_ty), mask=omask)
             tl.store(ws, zero, mask=omask)
             tl.store(cnt_ptr + tile, 0)
     else:

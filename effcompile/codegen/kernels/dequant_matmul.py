@@ -251,14 +251,17 @@ def _matmul_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, u_ptr, lb_ptr, out_ptr, ws
     if SPLIT == 2:
         # All threads' adds before the count (the barrier), the count an acq_rel atomic: the split that counts
         # last reads every sum, through an atomic (L2, never a stale L1 line), then leaves zeros for the next
-        # launch. (Repeated in sparse_gemv / act_quant: the interpreter cannot run a shared @jit helper.)
+        # launch. The sums' atomics are relaxed: the barrier and the count's release / acquire (a barrier
+        # follows it before the reads) order them, and an acq_rel atomic per thread cost a MEMBAR.GPU each, two
+        # of the epilogue's three on sm_90 (every CTA waits out each one). (Repeated in sparse_gemv /
+        # act_quant: the interpreter cannot run a shared @jit helper.)
         ws = ws_ptr + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
-        tl.atomic_add(ws, acc, mask=omask)
+        tl.atomic_add(ws, acc, mask=omask, sem="relaxed")
         tl.debug_barrier()
         tile = pid_m * tl.num_programs(1) + pid_n
         if tl.atomic_add(cnt_ptr + tile, 1) == SPLITS - 1:
             zero = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
-            total = tl.atomic_add(ws, zero, mask=omask)
+            total = tl.atomic_add(ws, zero, mask=omask, sem="relaxed")
             tl.store(out, total.to(out_ptr.dtype.element_ty), mask=omask)
             tl.store(ws, zero, mask=omask)
             tl.store(cnt_ptr + tile, 0)

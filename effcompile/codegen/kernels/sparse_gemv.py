@@ -252,13 +252,13 @@ def _sparse_kernel(x_ptr, t_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cn
         omask = m_mask[:, None] & j_mask[None, :]
         if SPLIT == 2:  # the self-cleaning split-K workspace, as in dequant_matmul.py (SPLIT 1 is not used)
             ws = ws_ptr + offs_m.to(tl.int64)[:, None] * N + 2 * offs_j[None, :]
-            tl.atomic_add(ws, acc_lo, mask=omask)
-            tl.atomic_add(ws + 1, acc_hi, mask=omask)
+            tl.atomic_add(ws, acc_lo, mask=omask, sem="relaxed")
+            tl.atomic_add(ws + 1, acc_hi, mask=omask, sem="relaxed")
             tl.debug_barrier()
             if tl.atomic_add(cnt_ptr + pid_n, 1) == SPLITS - 1:
                 zero = tl.full((BLOCK_M, HALF), 0.0, tl.float32)
-                tl.store(out, tl.atomic_add(ws, zero, mask=omask).to(out_ptr.dtype.element_ty), mask=omask)
-                tl.store(out + 1, tl.atomic_add(ws + 1, zero, mask=omask).to(out_ptr.dtype.element_ty), mask=omask)
+                tl.store(out, tl.atomic_add(ws, zero, mask=omask, sem="relaxed").to(out_ptr.dtype.element_ty), mask=omask)
+                tl.store(out + 1, tl.atomic_add(ws + 1, zero, mask=omask, sem="relaxed").to(out_ptr.dtype.element_ty), mask=omask)
                 tl.store(ws, zero, mask=omask)
                 tl.store(ws + 1, zero, mask=omask)
                 tl.store(cnt_ptr + pid_n, 0)
@@ -275,11 +275,11 @@ def _sparse_kernel(x_ptr, t_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cn
         omask = m_mask[:, None] & n_mask[None, :]
         if SPLIT == 2:
             ws = ws_ptr + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
-            tl.atomic_add(ws, acc, mask=omask)
+            tl.atomic_add(ws, acc, mask=omask, sem="relaxed")
             tl.debug_barrier()
             if tl.atomic_add(cnt_ptr + pid_n, 1) == SPLITS - 1:
                 zero = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
-                tl.store(out, tl.atomic_add(ws, zero, mask=omask).to(out_ptr.dtype.element_ty), mask=omask)
+                tl.store(out, tl.atomic_add(ws, zero, mask=omask, sem="relaxed").to(out_ptr.dtype.element_ty), mask=omask)
                 tl.store(ws, zero, mask=omask)
                 tl.store(cnt_ptr + pid_n, 0)
         else:
