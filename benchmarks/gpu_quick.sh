@@ -7,7 +7,7 @@
 #           cuBLAS bf16 and TorchAO, L2 cold (200 s);
 #   decode  whole-model greedy decode tok/s of the Llama-3.2-1B-shaped zoo model in bf16 under CUDA graphs:
 #           eager, then DECODE_CONFIGS (effcompile configs ~35 s each in session 10, TorchAO's kernels without
-#           Inductor a few seconds) (240 s);
+#           Inductor a few seconds; last an int4 ablation without the launch-cutting passes) (275 s);
 #   peers   TorchAO int4 compiled and torch.compile at batch 1 only (PEERS_S, default 280 s): each is two
 #           or more Inductor compiles of the model, which did not finish within 165-210 s in sessions 7 and
 #           10, so they get a call of their own.
@@ -16,7 +16,7 @@
 # wheels in .whl/ when they are there (the device image has none): carry .whl.
 #
 #   OUT=$OUT benchmarks/gpu_quick.sh                                  # on the device machine, repo root
-#   STEPS=kernels,decode OUT=$OUT benchmarks/gpu_quick.sh             # ~460 s; then at once, still warm:
+#   STEPS=kernels,decode OUT=$OUT benchmarks/gpu_quick.sh             # ~500 s; then at once, still warm:
 #   STEPS=tests,peers PEERS_S=200 OUT=$OUT benchmarks/gpu_quick.sh
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 2
@@ -41,10 +41,13 @@ kernels() {
         --sweep-cases "${SWEEP_CASES:-dequant/int4,sparse/int4,sparse/float,sparse/int8}" \
         --shapes 8b.up,8b.down --output "$OUT/kernels.json" 2>&1 | grep -v "^  config" | tee "$OUT/kernels.log"
 }
+# int4 without session 11's launch cuts (additive mask once, one-kernel cache writes) nor session 10's GQA: the
+# same run then shows what they saved. Last, so a timeout cuts it first.
+ABLATION="quantize(weights=int4,group_size=128)+additive_attention_mask(enabled=False)+fuse_cache_writes(enabled=False)+grouped_query_attention(enabled=False)"
 decode() {  # with the tile table the kernels step wrote (if it ran and got that far) over the shipped one
     [ -s "$OUT/tuning.json" ] && export EFFCOMPILE_KERNEL_TUNING="$OUT/tuning.json"
-    timeout 240 "$PY" benchmarks/decode.py --device cuda --dtype bfloat16 --model llama-1b --steps 16 \
-        --configs "${DECODE_CONFIGS:-quantize(weights=int4,group_size=128);threshold(sparsity=0.5)+quantize(weights=int4,group_size=128);threshold(sparsity=0.5);threshold(sparsity=0.4);torchao-int4-eager;none}" \
+    timeout 275 "$PY" benchmarks/decode.py --device cuda --dtype bfloat16 --model llama-1b --steps 16 \
+        --configs "${DECODE_CONFIGS:-quantize(weights=int4,group_size=128);threshold(sparsity=0.5)+quantize(weights=int4,group_size=128);threshold(sparsity=0.5);threshold(sparsity=0.4);torchao-int4-eager;none;$ABLATION}" \
         --out "$OUT/decode.json" 2>&1 | tr '\r' '\n' | grep -v "it/s\]\|s/it\]" | tee "$OUT/decode.log"
 }
 peers() {
