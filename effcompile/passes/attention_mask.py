@@ -86,8 +86,8 @@ def additive_attention_mask(gm: fx.GraphModule, cfg: AdditiveAttentionMask, ctx:
         # the query's dtype; both values are exact in every float dtype.
         with gm.graph.inserting_after(mask):
             blocked = gm.graph.call_function(torch.full_like, (mask, float("-inf")), {"dtype": dtype})
-        with gm.graph.inserting_after(blocked):
-            additive = gm.graph.call_method("masked_fill", (blocked, mask, 0.0))
+        with gm.graph.inserting_after(blocked):  # in place on the fresh tensor: out of place adds a copy
+            additive = gm.graph.call_method("masked_fill_", (blocked, mask, 0.0))
         for n in (blocked, additive):
             if ir.TAG in mask.meta:
                 n.meta[ir.TAG] = mask.meta[ir.TAG]

@@ -103,7 +103,7 @@ def fuse_cache_writes(gm: fx.GraphModule, cfg: FuseCacheWrites, ctx: PassContext
         if (args := _copy_args(node)) is not None and isinstance(args[2], fx.Node):
             by_index.setdefault(args[2], []).append(node)
     where, skipped = [], {}
-    for index, copies in by_index.items():
+    for copies in by_index.values():
         tag = str(ir.sublayer(copies[-1]) or copies[-1].name)
         if len(copies) != 2:
             skipped[tag] = f"{len(copies)} index copies share one index (a K/V pair is two)"

@@ -46,7 +46,7 @@ def _both(case, use_position: bool):
 def test_matches_the_torch_ops_bitwise(shape, dtype, use_position):
     b, h, n, d, cache_len = shape
     got, want = _both(_case(b, h, n, d, cache_len, dtype, start=cache_len - n, strided=n > 1), use_position)
-    for g, w in zip(got, want):
+    for g, w in zip(got, want, strict=True):
         assert torch.equal(g, w)
     assert got[2].item() == (cache_len - n if use_position else cache_len)  # the counter advanced only if given
     assert plan.arrival_count(torch.device("cpu")).item() == 0  # the last program reset the arrival count

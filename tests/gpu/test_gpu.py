@@ -324,7 +324,7 @@ def test_cache_write_under_cuda_graph_replay(batch, tokens, dtype):
         graph.replay()
         cache_ops.kv_cache_write_eager(want[0], want[1], k, v, None, want[2])
         torch.cuda.synchronize()
-        for g, w in zip(got, want):
+        for g, w in zip(got, want, strict=True):
             assert torch.equal(g, w), f"replay {i}"
     assert int(got[2]) == 5 + tokens * (steps + 1)
 

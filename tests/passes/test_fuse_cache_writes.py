@@ -53,8 +53,8 @@ def test_decode_cache_updates_fuse_per_layer_and_match_eager_bitwise(interpret):
     assert "index_copy_" not in targets and before.count("index_copy_") == 4
     assert before.count("add_") - targets.count("add_") == 2  # the counters advance inside the op
     assert torch.equal(got, want)
-    for g, w in zip(got_cache, want_cache):
-        for a, b in zip(g, w):
+    for g, w in zip(got_cache, want_cache, strict=True):
+        for a, b in zip(g, w, strict=True):
             assert torch.equal(a, b)
     assert int(got_cache[0][2]) == 5 + 3  # prefill + three steps
 
@@ -117,14 +117,14 @@ def test_without_triton_on_cpu_the_update_is_lowered_back_to_the_torch_ops():
     assert "effcompile.cache_write.default" not in targets and targets.count("index_copy_") == 4
     assert any("K/V cache write" in what for g in ec.explain(fast).graphs for what, _ in g.fallbacks)
     assert torch.equal(got, want)
-    assert all(torch.equal(a, b) for g, w in zip(got_cache, want_cache) for a, b in zip(g, w))
+    assert all(torch.equal(a, b) for g, w in zip(got_cache, want_cache, strict=True) for a, b in zip(g, w, strict=True))
 
 
 def test_functions_fuse_with_a_counter_or_with_given_positions(interpret):
     for fn, explicit, kind in ((_counter_update, False, "length"), (_explicit_positions, True, "position")):
         got, want, got_args, want_args, fast = _run_both(fn, explicit)
         assert torch.equal(got, want)
-        assert all(torch.equal(a, b) for a, b in zip(got_args, want_args))
+        assert all(torch.equal(a, b) for a, b in zip(got_args, want_args, strict=True))
         (rec,) = _record(fast)
         assert rec.modified and rec.count == 1, kind
         (node,) = [n for g in ec.explain(fast).graphs for gm in g.graph_modules() for n in gm.graph.nodes
@@ -134,7 +134,7 @@ def test_functions_fuse_with_a_counter_or_with_given_positions(interpret):
 
 def test_a_counter_read_after_its_increment_keeps_it_outside_the_op(interpret):
     got, want, got_args, want_args, fast = _run_both(_counter_read_before_copy)
-    assert torch.equal(got, want) and all(torch.equal(a, b) for a, b in zip(got_args, want_args))
+    assert torch.equal(got, want) and all(torch.equal(a, b) for a, b in zip(got_args, want_args, strict=True))
     (rec,) = _record(fast)
     assert rec.modified  # the copies still fuse, reading the positions computed outside
     assert "add_" in _targets(fast)
@@ -142,7 +142,7 @@ def test_a_counter_read_after_its_increment_keeps_it_outside_the_op(interpret):
 
 def test_a_cache_read_between_the_copies_is_left_alone():
     got, want, got_args, want_args, fast = _run_both(_cache_read_between_copies)
-    assert torch.equal(got, want) and all(torch.equal(a, b) for a, b in zip(got_args, want_args))
+    assert torch.equal(got, want) and all(torch.equal(a, b) for a, b in zip(got_args, want_args, strict=True))
     (rec,) = _record(fast)
     assert not rec.modified and "read between its two copies" in rec.note
     assert _targets(fast).count("index_copy_") == 2
