@@ -16,11 +16,12 @@ def default_passes() -> list:
     from effcompile.passes.fuse_parallel_linears import FuseParallelLinears
     from effcompile.passes.fuse_sparse_linear import FuseSparseLinear
     from effcompile.passes.grouped_attention import GroupedQueryAttention
+    from effcompile.passes.remove_unused_factories import RemoveUnusedFactories
 
     # FuseSparseLinear fires only where a sparsify op (ThresholdChannels) feeds a linear;
     # FuseParallelLinears only where quantized linears (Quantize) share an input; GroupedQueryAttention
     # only where SDPA reads K/V heads repeated for grouped-query attention; AdditiveAttentionMask only
     # where several attention calls read one boolean mask; FuseCacheWrites only where a K/V pair is copied
-    # into a cache at one index.
-    return [RemoveDropout(), FuseSparseLinear(), FuseParallelLinears(), GroupedQueryAttention(),
-            AdditiveAttentionMask(), FuseCacheWrites()]
+    # into a cache at one index; RemoveUnusedFactories only where a tensor factory's result is never read.
+    return [RemoveDropout(), RemoveUnusedFactories(), FuseSparseLinear(), FuseParallelLinears(),
+            GroupedQueryAttention(), AdditiveAttentionMask(), FuseCacheWrites()]

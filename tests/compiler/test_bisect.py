@@ -29,13 +29,13 @@ def test_lossy_pass_after_exact_ones_is_named(block):
     exact_then_lossy = [cp.ScaleResidualAdds(1.0), cp.ScaleResidualAdds(0.5), cp.DecomposeGelu()]
     r = bisect(model, (x,), exact_then_lossy, **TOL)
     names = [s.name for s in r.stages]
-    # Phase order: canonicalize (remove_dropout) -> semantic (both scales) -> fuse (the default
-    # default fuse passes, then the rewrite) -> codegen.
-    assert names == ["captured", "remove_dropout", "scale_residual_adds", "scale_residual_adds",
-                     "fuse_sparse_linear", "fuse_parallel_linears", "grouped_query_attention",
+    # Phase order: canonicalize (the default remove_* passes) -> semantic (both scales) -> fuse (the default
+    # fuse passes, then the rewrite) -> codegen.
+    assert names == ["captured", "remove_dropout", "remove_unused_factories", "scale_residual_adds",
+                     "scale_residual_adds", "fuse_sparse_linear", "fuse_parallel_linears", "grouped_query_attention",
                      "additive_attention_mask", "fuse_cache_writes", "DecomposeGelu", "codegen"], str(r)
-    assert r.culprit is r.stages[3] and r.culprit.config == "ScaleResidualAdds(scale=0.5)", str(r)
-    assert all(s.ok for s in r.stages[:3]) and r.stages[1].fired and not r.stages[2].fired, str(r)
+    assert r.culprit is r.stages[4] and r.culprit.config == "ScaleResidualAdds(scale=0.5)", str(r)
+    assert all(s.ok for s in r.stages[:4]) and r.stages[1].fired and not r.stages[3].fired, str(r)
     assert r.culprit.ratio > 1 and "BEYOND TOLERANCE" in str(r)
     assert "first stage beyond tolerance: scale_residual_adds ScaleResidualAdds(scale=0.5)" in str(r)
 
