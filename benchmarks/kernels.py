@@ -239,7 +239,7 @@ def bench_shape(name: str, n: int, k: int, batches, dtype, device: str, peak: fl
     return rows
 
 
-def _configs(sparse: bool, m: int) -> list:
+def _configs(sparse: bool, m: int, int4: bool = False) -> list:
     blocks_n = (64, 128, 256) if sparse else (32, 64, 128)
     blocks_k = (64, 128) if sparse else (128, 256)
     grid = [plan.Config(bn, bk, 4, 3) for bn in blocks_n for bk in blocks_k]
@@ -265,6 +265,10 @@ def _configs(sparse: bool, m: int) -> list:
     if m > 1:  # 8 rows multiply the register tile by 8: halve K
         fma = [(bn, bk // 2, w, st) for bn, bk, w, st in fma]
     configs = grid + [plan.Config(*c, None, True) for c in fma]
+    if int4 and not sparse:  # 16-bit dot tiles reading scales and zeros as int32 words (Config.scale_words,
+        # session 11, untimed): no synchronous load left in the K loop on sm_90, for 5-40 % more instructions
+        configs += [plan.Config(*c, None, scale_words=True) for c in ((128, 128, 4, 3), (128, 256, 8, 3),
+                                                                      (128, 256, 8, 5), (64, 256, 4, 4))]
     if sparse and m == 1:  # the same fma tiles visiting only the kept channels (Config.compact, session 10),
         # and two with stages 2: the next chunk of kept rows prefetched in registers
         configs += [plan.Config(*c, None, True, True) for c in fma + [(256, 16, 4, 2), (512, 16, 4, 2)]]
@@ -331,7 +335,7 @@ def sweep(dtype, device: str, peak: float, on_case: Callable[[list, dict], None]
                 continue
             runs = [(per_shape[s][case][0], per_shape[s][case][0](None).float()) for s in shapes]
             nbytes = sum(per_shape[s][case][1] for s in shapes)
-            timed = _time_configs(runs, _configs(case[0] == "sparse", m) + [None])
+            timed = _time_configs(runs, _configs(case[0] == "sparse", m, case == ("dequant", "int4")) + [None])
             if not timed:
                 continue
             # K splits around the best config and around the best fma one (None: the built-in default,

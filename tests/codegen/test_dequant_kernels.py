@@ -92,6 +92,34 @@ def test_int4_tiles_that_divide_n_and_k_load_unmasked(m, splits, monkeypatch):
     assert [kw["EVEN_NK"] for kw in seen] == [False]
 
 
+@pytest.mark.parametrize("n,k,group", [(96, 512, 64), (94, 640, 32), (71, 768, 128)], ids=str)
+@pytest.mark.parametrize("m", [1, 8, 24])
+def test_int4_scale_words_match_the_reference(n, k, group, m, monkeypatch):
+    # Config.scale_words: scales and zeros read as int32 words of two groups, the chunk's half picked by the
+    # parity of its group (even and odd groups, masked and unmasked tiles, decode and prefill, K split at 3).
+    seen = []
+    real = cg_ops.jit_variant
+
+    def spy(kernel, interpret):
+        variant = real(kernel, interpret)
+
+        class _Grid:
+            def __getitem__(self, grid):
+                def launch(*args, **kw):
+                    seen.append(args[2].dtype)  # the scales as the kernel gets them
+                    return variant[grid](*args, **kw)
+                return launch
+        return _Grid()
+
+    monkeypatch.setattr(cg_ops, "jit_variant", spy)
+    config = plan.Config(32, 64, 4, 2, 3, scale_words=True)
+    _check(*_case("int4", group, n, k, m, torch.float16, seed=m + group), config=config)
+    assert seen == [torch.int32]
+    seen.clear()
+    _check(*_case("int4", 64, 96, 320, m, torch.float16, seed=m), config=config)  # K / G = 5, odd: plain loads
+    assert seen == [torch.float16]
+
+
 @pytest.mark.slow
 def test_gemm_odd_large_shape_bf16():
     _check(*_case("int4", 32, 781, 1824, 37, torch.bfloat16))

@@ -217,3 +217,17 @@ def test_cache_write_compiles(use_position, launches):
     C.launch(keys, values, k, v, torch.tensor([3]) if use_position else None, None if use_position else length)
     for cap in (80, 90):
         _compile_all(launches, cap)
+
+
+def test_int4_scale_words_leave_no_synchronous_load_in_the_hot_loop(launches):
+    # The point of Config.scale_words (sm_90 SASS, session 11): with 2-byte scale and zero loads the pipeliner
+    # left them synchronous in the 8-row int4 tile's K loop (LDG after each chunk's cp.async wait); as int32
+    # words they are staged with the weights (LDGSTS), and the loop issues no plain global load.
+    qw = _weights("int4", 512, 1024, torch.bfloat16, 128)
+    x = torch.randn(8, 1024, dtype=torch.bfloat16)
+    for words in (False, True):
+        D.launch(x, *qw[:3], None, "int4", 128, config=plan.Config(128, 128, 8, 3, 2, scale_words=words))
+    plain, staged = (aot.loops(aot.sass(_compile(launch, 90))) for launch in launches)
+    hot_plain, hot_staged = (max(loops, key=lambda lp: lp.instructions) for loops in (plain, staged))
+    assert any(op.startswith("LDG.") for op in hot_plain.loads), hot_plain.loads
+    assert not any(op.startswith("LDG.") for op in hot_staged.loads), hot_staged.loads

@@ -44,12 +44,19 @@ def test_fma_entries_parse_and_a_non_bool_flag_is_refused(tmp_path, caplog):
     compact.write_text(json.dumps({"device": "GPU X", "configs": {"sparse/int4/m1": [256, 16, 4, 1, None, True, True]}}))
     bad_compact = tmp_path / "d.json"
     bad_compact.write_text(json.dumps({"device": "GPU X", "configs": {"sparse/int8/m1": [256, 16, 4, 1, None, True, 1]}}))
+    words = tmp_path / "e.json"  # the 8th field (Config.scale_words, session 11)
+    words.write_text(json.dumps({"device": "GPU X", "configs": {"dequant/int4/m8": [128, 128, 4, 3, 8, False, False,
+                                                                                    True]}}))
+    bad_words = tmp_path / "f.json"
+    bad_words.write_text(json.dumps({"device": "GPU X", "configs": {"dequant/int4/m1": [64, 128, 4, 1, 8, True, False,
+                                                                                        "no"]}}))
     with caplog.at_level(logging.WARNING, logger="effcompile.codegen"):
-        table = plan.read_tables([ok, bad, compact, bad_compact], "GPU X")
+        table = plan.read_tables([ok, bad, compact, bad_compact, words, bad_words], "GPU X")
     assert table == {"sparse/float/m1": plan.Config(128, 32, 4, 1, 64, fma=True),
-                     "sparse/int4/m1": plan.Config(256, 16, 4, 1, None, True, compact=True)}
-    assert not table["sparse/float/m1"].compact
-    assert sum("ignored" in r.message for r in caplog.records) == 2
+                     "sparse/int4/m1": plan.Config(256, 16, 4, 1, None, True, compact=True),
+                     "dequant/int4/m8": plan.Config(128, 128, 4, 3, 8, scale_words=True)}
+    assert not table["sparse/float/m1"].compact and not table["sparse/int4/m1"].scale_words
+    assert sum("ignored" in r.message for r in caplog.records) == 3
 
 
 def test_block_m_pads_fma_decode_to_a_power_of_two_and_dots_to_16():

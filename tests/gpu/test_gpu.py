@@ -453,6 +453,22 @@ def test_eora_llama_fused_on_device_matches_torch_path():
     assert _rel_err(outs[True], outs[False]) <= 1e-2
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("m", [1, 8, 24])
+@pytest.mark.parametrize("config", [(128, 128, 4, 3), (128, 256, 8, 5), (64, 256, 4, 4)], ids=str)
+def test_int4_scale_words_on_device(config, m, dtype):
+    # Config.scale_words (session 11): the sweep times these tiles, so they must be right on the device, with
+    # and without split-K, even and odd groups (K / G = 12).
+    from effcompile.codegen.kernels import launch_plan as plan
+
+    qw = qops.quantize_weight((torch.randn(782, 1536, generator=torch.Generator().manual_seed(m)) / 20).to(dtype),
+                              "int4", 128)
+    args = (torch.randn(m, 1536, dtype=dtype).cuda(), *(t.cuda() for t in qw[:3]), None, "int4", 128)
+    for splits in (None, 3):
+        got = D.launch(*args, config=plan.Config(*config, splits, scale_words=True))
+        assert _rel_err(got, D.reference(*args)) <= REL_TOL[dtype], splits
+
+
 # -- fma (register-reduced) decode tiles: the sweep times them, so they must be right on the device ---
 
 

@@ -186,7 +186,24 @@ def _matmul_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, u_ptr, lb_ptr, out_ptr, ws
                     # [BLOCK_N, BLOCK_K // 2]; unmasked when the tiles divide N and K (EVEN_NK): a masked load costs
                     # a select per register, about a tenth of this loop's instructions on sm_90.
                     qp = q_ptr + offs_n.to(tl.int64)[:, None] * KH + offs_j[None, :]
-                    if EVEN_NK:
+                    if s_ptr.dtype.element_ty == tl.int32:
+                        # Config.scale_words: 16-bit scales and zeros as int32 words of two groups (K / G even), a
+                        # 4-byte load per output that triton's pipeliner stages with the weight tile; it leaves
+                        # loads under 4 bytes synchronous, a round trip after each chunk's copy (sm_90 SASS of the
+                        # 8-row tile, session 11). This chunk's group is the word's low or high half.
+                        wi = offs_n.to(tl.int64) * (K // G // 2) + k0 // (2 * G)
+                        sh = ((k0 // G) % 2) * 16
+                        if EVEN_NK:
+                            byte = tl.load(qp)
+                            sw = tl.load(s_ptr + wi)
+                            zw = tl.load(z_ptr + wi)
+                        else:
+                            byte = tl.load(qp, mask=n_mask[:, None] & j_mask[None, :], other=0)
+                            sw = tl.load(s_ptr + wi, mask=n_mask, other=0)
+                            zw = tl.load(z_ptr + wi, mask=n_mask, other=0)
+                        s16 = (sw >> sh).to(tl.int16).to(DOT_DT, bitcast=True)[:, None]
+                        z16 = (zw >> sh).to(tl.int16).to(DOT_DT, bitcast=True)[:, None]
+                    elif EVEN_NK:
                         byte = tl.load(qp)
                         s16 = tl.load(s_ptr + gi).to(DOT_DT)[:, None]
                         z16 = tl.load(z_ptr + gi).to(DOT_DT)[:, None]
@@ -396,6 +413,9 @@ def launch(x, qweight, scales, zeros, bias, fmt: str, group_size: int, split_k: 
     prefetch = fmt == "int4" and fma and bm == 1 and stages >= 2
     if fmt == "int4" and fma and bm == 1:
         q = q.contiguous().view(torch.int32)  # the one-row fma branch reads 8 codes per word (K % 32 == 0)
+    if config is not None and config.scale_words and fmt == "int4" and not fma and dot_dt != tl.float32 \
+            and (k // group_size) % 2 == 0 and s.dtype == z.dtype and s.element_size() == 2:
+        s, z = s.contiguous().view(torch.int32), z.contiguous().view(torch.int32)  # the kernel reads words
     _ops.jit_variant(_matmul_kernel, interp)[grid](
         x2, q, s, z, b, u, lb, out, ws, cnt, m, n, k, ks, grid[2], lora_a.shape[0] if lora else 0, FMT=_FMT[fmt],
         G=max(group_size, 1), HAS_BIAS=bias is not None, HAS_LORA=lora and not atomic, DOT_DT=dot_dt,

@@ -24,7 +24,9 @@ class Config(NamedTuple):
     and how a decode tile is reduced: fma=False pads the rows to a 16-row tl.dot (tensor cores), fma=True
     multiplies and sums in registers over the real rows only (TEAL's and gemlite's batch-1 GEMV style).
     compact (sparse GEMV, one-row fma launches): visit only the kept channels' weight rows, compacted per
-    segment, instead of masking the loads of skipped ones (sparse_gemv.py)."""
+    segment, instead of masking the loads of skipped ones (sparse_gemv.py). scale_words (int4 dequant, 16-bit
+    tl.dot tiles): read 16-bit scales and zeros as int32 words of two groups, so the pipeliner stages them with
+    the weights instead of leaving a synchronous load per chunk (dequant_matmul.py)."""
 
     block_n: int
     block_k: int
@@ -33,6 +35,7 @@ class Config(NamedTuple):
     splits: int | None = None
     fma: bool = False
     compact: bool = False
+    scale_words: bool = False
 
 
 # Decode (<= 8 rows) tile shapes per weight format, (block_n, block_k, warps, stages).
@@ -122,8 +125,8 @@ def read_tables(paths, device_name: str) -> dict[str, Config]:
             configs = {k: Config(*v) for k, v in data["configs"].items()}
             if not all(isinstance(c.block_n, int) and c.block_n > 0 for c in configs.values()):
                 raise ValueError("block sizes must be positive integers")
-            if not all(isinstance(c.fma, bool) and isinstance(c.compact, bool) for c in configs.values()):
-                raise ValueError("fma and compact must be true or false")
+            if not all(isinstance(f, bool) for c in configs.values() for f in (c.fma, c.compact, c.scale_words)):
+                raise ValueError("fma, compact and scale_words must be true or false")
             table.update(configs)
         except (ValueError, TypeError, KeyError, AttributeError) as e:
             log.warning("kernel tuning %s is unreadable (%s): ignored", path, e)
