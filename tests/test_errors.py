@@ -77,7 +77,8 @@ def _explodes(gm, cfg, ctx):
 
 def test_a_failing_pass_is_named_in_the_error():
     # dynamo wraps backend errors (BackendCompilerFailed); the message still names the pass and config.
-    with pytest.raises(Exception, match=r"pass _explodes \(_Explodes\) failed: boom; ran before: \['remove_dropout'\]"):
+    with pytest.raises(Exception, match=r"pass _explodes \(_Explodes\) failed: boom; ran before: "
+                                        r"\['remove_dropout', 'remove_unused_factories'\]"):
         _run(ec.effcompile(_Net(), passes=[_Explodes()], cache=False), torch.randn(2, 16))
 
 

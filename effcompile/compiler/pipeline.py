@@ -14,6 +14,7 @@ def default_passes() -> list:
     from effcompile.passes.attention_mask import AdditiveAttentionMask
     from effcompile.passes.fuse_cache_writes import FuseCacheWrites
     from effcompile.passes.fuse_parallel_linears import FuseParallelLinears
+    from effcompile.passes.fuse_rotary_qk import FuseRotaryQK
     from effcompile.passes.fuse_sparse_linear import FuseSparseLinear
     from effcompile.passes.grouped_attention import GroupedQueryAttention
     from effcompile.passes.remove_unused_factories import RemoveUnusedFactories
@@ -22,6 +23,7 @@ def default_passes() -> list:
     # FuseParallelLinears only where quantized linears (Quantize) share an input; GroupedQueryAttention
     # only where SDPA reads K/V heads repeated for grouped-query attention; AdditiveAttentionMask only
     # where several attention calls read one boolean mask; FuseCacheWrites only where a K/V pair is copied
-    # into a cache at one index; RemoveUnusedFactories only where a tensor factory's result is never read.
+    # into a cache at one index; RemoveUnusedFactories only where a tensor factory's result is never read;
+    # FuseRotaryQK only where q and k are adjacent slices of one fused projection.
     return [RemoveDropout(), RemoveUnusedFactories(), FuseSparseLinear(), FuseParallelLinears(),
-            GroupedQueryAttention(), AdditiveAttentionMask(), FuseCacheWrites()]
+            GroupedQueryAttention(), AdditiveAttentionMask(), FuseCacheWrites(), FuseRotaryQK()]
