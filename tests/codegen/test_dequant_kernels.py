@@ -64,13 +64,9 @@ def test_int4_group_128_against_k_tiles(block_k, m):
            config=plan.Config(64, block_k, 4, 2))
 
 
-@pytest.mark.parametrize("m", [1, 5, 24])
-@pytest.mark.parametrize("splits", [1, 4])
-def test_int4_tiles_that_divide_n_and_k_load_unmasked(m, splits, monkeypatch):
-    # N and K multiples of the tile: the 16-bit int4 path drops its load masks (EVEN_NK); the rows are still
-    # masked (m < the 16-row dot tile). fp16: under the interpreter bf16 dots run in fp32, another branch.
-    seen = []
-    real = cg_ops.jit_variant
+def _spy_launches(monkeypatch, what) -> list:
+    """A list that gets ``what(args, kwargs)`` of every kernel launch from here on (the launches still run)."""
+    seen, real = [], cg_ops.jit_variant
 
     def spy(kernel, interpret):
         variant = real(kernel, interpret)
@@ -78,12 +74,21 @@ def test_int4_tiles_that_divide_n_and_k_load_unmasked(m, splits, monkeypatch):
         class _Grid:
             def __getitem__(self, grid):
                 def launch(*args, **kw):
-                    seen.append(kw)
+                    seen.append(what(args, kw))
                     return variant[grid](*args, **kw)
                 return launch
         return _Grid()
 
     monkeypatch.setattr(cg_ops, "jit_variant", spy)
+    return seen
+
+
+@pytest.mark.parametrize("m", [1, 5, 24])
+@pytest.mark.parametrize("splits", [1, 4])
+def test_int4_tiles_that_divide_n_and_k_load_unmasked(m, splits, monkeypatch):
+    # N and K multiples of the tile: the 16-bit int4 path drops its load masks (EVEN_NK); the rows are still
+    # masked (m < the 16-row dot tile). fp16: under the interpreter bf16 dots run in fp32, another branch.
+    seen = _spy_launches(monkeypatch, lambda args, kw: kw)
     config = plan.Config(32, 64, 4, 2, splits)
     _check(*_case("int4", 64, 96, 512, m, torch.float16, seed=m + splits), config=config)
     assert [kw["EVEN_NK"] for kw in seen] == [True] and seen[0]["DOT_DT"] == tl.float16
@@ -97,21 +102,7 @@ def test_int4_tiles_that_divide_n_and_k_load_unmasked(m, splits, monkeypatch):
 def test_int4_scale_words_match_the_reference(n, k, group, m, monkeypatch):
     # Config.scale_words: scales and zeros read as int32 words of two groups, the chunk's half picked by the
     # parity of its group (even and odd groups, masked and unmasked tiles, decode and prefill, K split at 3).
-    seen = []
-    real = cg_ops.jit_variant
-
-    def spy(kernel, interpret):
-        variant = real(kernel, interpret)
-
-        class _Grid:
-            def __getitem__(self, grid):
-                def launch(*args, **kw):
-                    seen.append(args[2].dtype)  # the scales as the kernel gets them
-                    return variant[grid](*args, **kw)
-                return launch
-        return _Grid()
-
-    monkeypatch.setattr(cg_ops, "jit_variant", spy)
+    seen = _spy_launches(monkeypatch, lambda args, kw: args[2].dtype)  # the scales as the kernel gets them
     config = plan.Config(32, 64, 4, 2, 3, scale_words=True)
     _check(*_case("int4", group, n, k, m, torch.float16, seed=m + group), config=config)
     assert seen == [torch.int32]
