@@ -41,9 +41,9 @@ kernels() {
         --sweep-cases "${SWEEP_CASES:-dequant/int4,sparse/int4,sparse/float,sparse/int8}" \
         --shapes 8b.up,8b.down --output "$OUT/kernels.json" 2>&1 | grep -v "^  config" | tee "$OUT/kernels.log"
 }
-# int4 without session 11's launch cuts (additive mask once, one-kernel cache writes) nor session 10's GQA: the
-# same run then shows what they saved. Last, so a timeout cuts it first.
-ABLATION="quantize(weights=int4,group_size=128)+additive_attention_mask(enabled=False)+fuse_cache_writes(enabled=False)+grouped_query_attention(enabled=False)"
+# int4 without session 11's launch cuts (additive mask once, one-kernel cache writes, one RoPE for q and k) nor
+# session 10's GQA: the same run then shows what they saved. Last, so a timeout cuts it first.
+ABLATION="quantize(weights=int4,group_size=128)+additive_attention_mask(enabled=False)+fuse_cache_writes(enabled=False)+fuse_rotary_qk(enabled=False)+grouped_query_attention(enabled=False)"
 decode() {  # with the tile table the kernels step wrote (if it ran and got that far) over the shipped one
     [ -s "$OUT/tuning.json" ] && export EFFCOMPILE_KERNEL_TUNING="$OUT/tuning.json"
     timeout 275 "$PY" benchmarks/decode.py --device cuda --dtype bfloat16 --model llama-1b --steps 16 \
