@@ -49,6 +49,12 @@ class PassResult:
     artifacts: dict[str, Any] = field(default_factory=dict)  # calibration decisions, shown by explain()
     note: str = ""  # why it did not apply, when it did not
 
+    @classmethod
+    def rewrites(cls, where: list[str], skipped: dict[str, str]) -> PassResult:
+        """A pass that rewrote at ``where`` and left the sites in ``skipped`` (site -> why) alone."""
+        return cls(modified=bool(where), count=len(where), where=where,
+                   note="; ".join(f"{k}: {v}" for k, v in skipped.items()))
+
 
 @dataclass
 class PassContext:

@@ -94,7 +94,4 @@ def additive_attention_mask(gm: fx.GraphModule, cfg: AdditiveAttentionMask, ctx:
         for call in calls:
             _replace_mask(call, additive)
             where.append(str(ir.sublayer(call) or call.name))
-    if where:
-        gm.recompile()
-    note = "; ".join(f"{k}: {v}" for k, v in skipped.items())
-    return PassResult(modified=bool(where), count=len(where), where=where, note=note)
+    return PassResult.rewrites(where, skipped)

@@ -121,7 +121,4 @@ def fuse_cache_writes(gm: fx.GraphModule, cfg: FuseCacheWrites, ctx: PassContext
         for node in dead:  # copies first: the index they read goes after them
             gm.graph.erase_node(node)
         where.append(tag)
-    if where:
-        gm.recompile()
-    note = "; ".join(f"{k}: {v}" for k, v in skipped.items())
-    return PassResult(modified=bool(where), count=len(where), where=where, note=note)
+    return PassResult.rewrites(where, skipped)

@@ -168,7 +168,4 @@ def fuse_rotary_qk(gm: fx.GraphModule, cfg: FuseRotaryQK, ctx: PassContext) -> P
             where.append(label)
         else:
             skipped[label] = why
-    if where:
-        gm.recompile()
-    note = "; ".join(f"{k}: {v}" for k, v in skipped.items())
-    return PassResult(modified=bool(where), count=len(where), where=where, note=note)
+    return PassResult.rewrites(where, skipped)

@@ -99,7 +99,4 @@ def grouped_query_attention(gm: fx.GraphModule, cfg: GroupedQueryAttention, ctx:
             where.append(tag)
         else:
             skipped[tag] = why
-    if where:
-        gm.recompile()
-    note = "; ".join(f"{k}: {v}" for k, v in skipped.items())
-    return PassResult(modified=bool(where), count=len(where), where=where, note=note)
+    return PassResult.rewrites(where, skipped)

@@ -31,6 +31,4 @@ def remove_unused_factories(gm: fx.GraphModule, cfg: RemoveUnusedFactories, ctx:
         if node.op == "call_function" and node.target in _FACTORIES and not node.users and "out" not in node.kwargs:
             gm.graph.erase_node(node)
             where.append(node.name)
-    if where:
-        gm.recompile()
     return PassResult(modified=bool(where), count=len(where), where=where[::-1])
