@@ -8,9 +8,11 @@ harness's static-KV-cache decode loop (effcompile.bench.timing.decode_speed) at 
 step is captured in a CUDA graph and replayed, as serving stacks run decode. Eager is timed first and
 last so drift shows. Peers, on CUDA: ``torch.compile`` of the bf16 model, and TorchAO's
 Int8WeightOnlyConfig / Int4WeightOnlyConfig(group 128) quantizing a copy of the model, under
-torch.compile (``torchao-int4``) or not (``torchao-int4-eager``: its kernels in the eager model, under
-the same CUDA-graph replay). Results are written after every config, so a run stopped by a time limit
-keeps them.
+torch.compile (``torchao-int4``; ``torchao-int4-regional`` compiles each decoder layer on its own, which
+fits a GPU session's time where a whole compiled 1B model did not) or not (``torchao-int4-eager``: its
+kernels in the eager model, under the same CUDA-graph replay). A compiled peer's row counts the graphs
+dynamo built, so a layer left eager (a recompile limit) shows. Results are written after every config,
+so a run stopped by a time limit keeps them.
 
     python benchmarks/decode.py [--model llama-base] [--steps 16]                       # CPU
     python benchmarks/decode.py --device cuda --dtype bfloat16 --model llama-1b --out X.json   # GPU
@@ -31,8 +33,8 @@ from pathlib import Path
 import torch
 
 import effcompile as ec
+from effcompile.bench import peers, timing, zoo
 from effcompile.bench import spec as pass_spec
-from effcompile.bench import timing, zoo
 from effcompile.codegen import ops as cg_ops
 from effcompile.compiler import attention_ops
 
@@ -40,32 +42,42 @@ CONFIGS = ["none", "quantize(weights=int8)", "quantize(weights=int4,group_size=1
            "threshold(sparsity=0.4)", "threshold(sparsity=0.5)",
            "threshold(sparsity=0.5)+quantize(weights=int8)",
            "threshold(sparsity=0.5)+quantize(weights=int4,group_size=128)"]
-PEERS = {  # name -> (TorchAO weight format or None: the unquantized model, torch.compile or not)
-    "torch.compile": (None, True),
-    "torchao-int8": ("int8", True),
-    "torchao-int4": ("int4", True),
+PEERS = {  # name -> (TorchAO weight format or None: the unquantized model, how it is compiled)
+    "torch.compile": (None, "whole"),
+    "torchao-int8": ("int8", "whole"),
+    "torchao-int4": ("int4", "whole"),
+    # Regional compilation (PyTorch's recipe for cold start): each decoder layer is compiled on its own, so
+    # Inductor compiles one layer's graph and the others hit its FX-graph cache. A whole compiled Llama-1B
+    # did not finish within 165-210 s on the H100 (sessions 7 and 10); at batch 1 under CUDA-graph replay
+    # the difference is only fusion across layer boundaries (a residual add into the next norm).
+    "torch.compile-regional": (None, "regional"),
+    "torchao-int8-regional": ("int8", "regional"),
+    "torchao-int4-regional": ("int4", "regional"),
     # TorchAO's kernels without Inductor: its tensor subclasses dispatch per op in Python, which CUDA-graph
-    # replay takes out of the timing. Built in seconds, where a compiled TorchAO int4 model took over 200 s
-    # on the H100 (session 7).
-    "torchao-int8-eager": ("int8", False),
-    "torchao-int4-eager": ("int4", False),
+    # replay takes out of the timing. Built in seconds.
+    "torchao-int8-eager": ("int8", None),
+    "torchao-int4-eager": ("int4", None),
 }
 
 
-def _peer(model, which: tuple[str | None, bool]):
-    """The peer for ``which``: TorchAO quantizes a copy of the model, then torch.compile (or not)."""
-    fmt, compiled = which
-    if fmt is None:
-        return torch.compile(model)
-    from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
+def _peer(model, which: tuple[str | None, str | None]):
+    """The peer for ``which``: TorchAO quantizes a copy of the model, then torch.compile (whole, by region, or
+    not at all)."""
+    fmt, how = which
+    peer = copy.deepcopy(model) if fmt is not None or how == "regional" else model
+    if fmt is not None:
+        from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
 
-    peer = copy.deepcopy(model)
-    cfg = Int8WeightOnlyConfig() if fmt == "int8" else Int4WeightOnlyConfig(
-        group_size=128, int4_packing_format="tile_packed_to_4d")
-    # TorchAO's quickstart quantizes every nn.Linear; the LM head is one too. Ours keeps it dense by
-    # default (sublayer tags), so the head is left out here as well: the same weights are quantized.
-    quantize_(peer, cfg, filter_fn=lambda m, name: isinstance(m, torch.nn.Linear) and "lm_head" not in name)
-    return torch.compile(peer) if compiled else peer
+        cfg = Int8WeightOnlyConfig() if fmt == "int8" else Int4WeightOnlyConfig(
+            group_size=128, int4_packing_format="tile_packed_to_4d")
+        # TorchAO's quickstart quantizes every nn.Linear; the LM head is one too. Ours keeps it dense by
+        # default (sublayer tags), so the head is left out here as well: the same weights are quantized.
+        quantize_(peer, cfg, filter_fn=lambda m, name: isinstance(m, torch.nn.Linear) and "lm_head" not in name)
+    if how == "whole":
+        return torch.compile(peer)
+    if how == "regional":
+        peers.compile_regions(peer)
+    return peer
 
 
 def main() -> None:
@@ -76,7 +88,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--configs", default=";".join(CONFIGS), help="';'-separated pass specs, or peers: "
-                    + ", ".join(PEERS) + " (CUDA only)")
+                    + ", ".join(PEERS) + " (TorchAO's int4: CUDA only)")
     ap.add_argument("--no-cuda-graph", action="store_true", help="on CUDA, time the plain Python loop")
     ap.add_argument("--out", type=Path, help="result file (default results/decode-<device>-<model>-<date>.json)")
     a = ap.parse_args()
@@ -151,6 +163,7 @@ def main() -> None:
                 fast = ec.effcompile(model, passes=passes, calibration=calib if passes else None, cache=False)
                 with torch.no_grad():  # a compiled prefill first: decode graphs reuse what it calibrates
                     fast(**calib[0])
+            graphs_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
             before = dict(cg_ops.PATH_COUNTS.get("bag_linear", {}))
             attention_before = dict(attention_ops.PATH_COUNTS)
             row = decode(fast, spec)
@@ -160,6 +173,8 @@ def main() -> None:
             write()
             continue
         row["compile_and_time_s"] = round(time.perf_counter() - t0, 1)
+        if spec in PEERS and PEERS[spec][1] is not None:
+            row["dynamo_graphs"] = torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs_before
         if spec not in PEERS:
             after = cg_ops.PATH_COUNTS.get("bag_linear", {})
             row["bag_calls"] = {k: after[k] - before.get(k, 0) for k in after}

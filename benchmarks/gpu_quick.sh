@@ -8,9 +8,10 @@
 #   decode  whole-model greedy decode tok/s of the Llama-3.2-1B-shaped zoo model in bf16 under CUDA graphs:
 #           eager, then DECODE_CONFIGS (effcompile configs ~35 s each in session 10, TorchAO's kernels without
 #           Inductor a few seconds; last an int4 ablation without the launch-cutting passes) (275 s);
-#   peers   TorchAO int4 compiled and torch.compile at batch 1 only (PEERS_S, default 280 s): each is two
-#           or more Inductor compiles of the model, which did not finish within 165-210 s in sessions 7 and
-#           10, so they get a call of their own.
+#   peers   TorchAO int4 and the bf16 model under torch.compile, each decoder layer compiled on its own
+#           (PEERS_S, default 280 s; PEER_BATCHES, default 1,8): a whole compiled model did not finish within
+#           165-210 s in sessions 7 and 10; regionally Inductor compiles one layer per batch size and the
+#           other layers hit its FX-graph cache (never timed on a GPU yet).
 # Each step has its own time limit and writes under $OUT (default benchmarks/results/gpu-quick) as it goes,
 # so a step stopped by its limit keeps what it measured and the next step still runs. TorchAO comes from
 # wheels in .whl/ when they are there (the device image has none): carry .whl.
@@ -52,7 +53,7 @@ decode() {  # with the tile table the kernels step wrote (if it ran and got that
 }
 peers() {
     timeout "${PEERS_S:-280}" "$PY" benchmarks/decode.py --device cuda --dtype bfloat16 --model llama-1b --steps 16 \
-        --batches 1 --configs "${PEER_CONFIGS:-torchao-int4;torch.compile}" --out "$OUT/decode-peers.json" 2>&1 \
+        --batches "${PEER_BATCHES:-1,8}" --configs "${PEER_CONFIGS:-torchao-int4-regional;torch.compile-regional}" --out "$OUT/decode-peers.json" 2>&1 \
         | tr '\r' '\n' | grep -v "it/s\]\|s/it\]" | tee "$OUT/decode-peers.log"
 }
 for step in ${STEPS//,/ }; do

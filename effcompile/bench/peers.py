@@ -1,4 +1,5 @@
-"""Peer variants measured in the same run as effcompile: TorchAO's weight-only quantization for Quantize specs."""
+"""Peer variants measured in the same run as effcompile: TorchAO's weight-only quantization for Quantize specs,
+and torch.compile by region (one decoder layer at a time)."""
 
 from __future__ import annotations
 
@@ -43,3 +44,20 @@ def build_torchao(model: torch.nn.Module, configs: list) -> tuple[Callable | Non
     peer = copy.deepcopy(model)
     quantize_(peer, cfg, filter_fn=lambda m, fqn: isinstance(m, torch.nn.Linear) and bool(_IN_BLOCK.search(fqn)))
     return torch.compile(peer), None
+
+
+def compile_regions(model: torch.nn.Module, backend: str = "inductor") -> list[str]:
+    """torch.compile each repeated block of an HF model in place (the classes in ``_no_split_modules``,
+    e.g. LlamaDecoderLayer); returns their names. Raises when the model names no block class."""
+    classes = set(getattr(model, "_no_split_modules", None) or ())
+    blocks = [(n, m) for n, m in model.named_modules() if type(m).__name__ in classes]
+    if not blocks:
+        raise ValueError(f"{type(model).__name__} names no repeated block class (_no_split_modules={sorted(classes)}): "
+                         "nothing to compile regionally")
+    # Each layer is its own graph (HF's cache indexes its layers by the module's int layer_idx, which dynamo
+    # treats as static), and again per batch size or prompt length: the default limit of 8 graphs per code
+    # object would silently leave the later layers eager.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 4 * len(blocks))
+    for _, m in blocks:
+        m.compile(backend=backend)
+    return [n for n, _ in blocks]

@@ -243,3 +243,32 @@ def test_settings_validation_names_the_field():
         harness.BenchSettings(dtype="fp8")
     with pytest.raises(ValueError, match="BenchSettings.decode_batches"):
         harness.BenchSettings(decode_batches=(1, 0))
+
+
+def test_compile_regions_compiles_every_decoder_layer_past_the_recompile_limit():
+    # Ten layers: each recompiles on its layer index, and dynamo's default limit of 8 would leave the last
+    # two eager without saying so. backend="eager" traces as Inductor would, without its compile time.
+    import copy
+
+    from effcompile.bench import peers, timing
+    from effcompile.testing import tiny_hf
+
+    model = tiny_hf("llama", layers=10)
+    compiled = copy.deepcopy(model)
+    torch._dynamo.reset()
+    names = peers.compile_regions(compiled, backend="eager")
+    assert names == [f"model.layers.{i}" for i in range(10)]
+    prompt = torch.randint(0, 128, (1, 5), generator=torch.Generator().manual_seed(0))
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    with torch.no_grad():
+        timing.decode_speed(compiled, model, prompt, 2, 1, "cpu")
+        ids = torch.tensor([[7]])
+        assert torch.equal(compiled(input_ids=ids).logits, model(input_ids=ids).logits)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs >= 10
+
+
+def test_compile_regions_refuses_a_model_without_block_classes():
+    from effcompile.bench import peers
+
+    with pytest.raises(ValueError, match="no repeated block class"):
+        peers.compile_regions(torch.nn.Sequential(torch.nn.Linear(2, 2)))
