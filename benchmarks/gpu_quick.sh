@@ -2,9 +2,10 @@
 # A short GPU check for a session with ~15 minutes of device time (calls of at most 10 minutes). Steps, run in
 # the order STEPS names them (default: tests,kernels,decode):
 #   tests   the gpu test lane, 16 xdist workers (170 s; session 10's lane of ~340 tests took 146 s);
-#   kernels the decode-kernel sweep (tl.dot, fma and compact tiles, K splits up to 128) on the two Llama-3-8B
-#           MLP shapes for the cases in SWEEP_CASES (no new case after 110 s), then every kernel against
-#           cuBLAS bf16 and TorchAO, L2 cold (200 s);
+#   kernels the decode-kernel sweep (tl.dot, fma and compact tiles, K splits up to 128) for the cases in
+#           SWEEP_CASES on SWEEP_SHAPES (the two Llama-3-8B MLP shapes and the four GEMVs of the 1B decode
+#           model; a shape clearly faster with a tile of its own gets a shape-keyed entry; no new case after
+#           110 s), then every kernel against cuBLAS bf16 and TorchAO on KERNEL_SHAPES, L2 cold (200 s);
 #   decode  whole-model greedy decode tok/s of the Llama-3.2-1B-shaped zoo model in bf16 under CUDA graphs:
 #           eager, then DECODE_CONFIGS (effcompile configs ~35 s each in session 10, TorchAO's kernels without
 #           Inductor a few seconds; last an int4 ablation without the launch-cutting passes) (275 s);
@@ -40,7 +41,8 @@ tests() {
 kernels() {
     timeout 200 "$PY" benchmarks/kernels.py --device cuda --sweep --sweep-budget-s 110 --tuning-out "$OUT/tuning.json" \
         --sweep-cases "${SWEEP_CASES:-dequant/int4,sparse/int4,sparse/float,sparse/int8}" \
-        --shapes 8b.up,8b.down --output "$OUT/kernels.json" 2>&1 | grep -v "^  config" | tee "$OUT/kernels.log"
+        --sweep-shapes "${SWEEP_SHAPES:-8b.up,8b.down,1b.qkv,1b.o,1b.gate_up,1b.down}" \
+        --shapes "${KERNEL_SHAPES:-8b.up,8b.down}" --output "$OUT/kernels.json" 2>&1 | grep -v "^  config" | tee "$OUT/kernels.log"
 }
 # int4 without session 11's launch cuts (additive mask once, one-kernel cache writes, one RoPE for q and k) nor
 # session 10's GQA: the same run then shows what they saved. Last, so a timeout cuts it first.

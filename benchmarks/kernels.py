@@ -45,7 +45,13 @@ SHAPES = {  # name -> (N out, K in)
     "8b.o": (4096, 4096),
     "1b.up": (8192, 2048),
     "1b.down": (2048, 8192),
+    # Llama-3.2-1B's decode GEMVs as effcompile runs them (FuseParallelLinears joins q/k/v and gate/up):
+    # small weights (2-17 MB of int4) where a launch's fixed costs weigh more than on the 8B shapes.
+    "1b.qkv": (3072, 2048),
+    "1b.o": (2048, 2048),
+    "1b.gate_up": (16384, 2048),
 }
+SWEEP_SHAPES = ("8b.up", "8b.down")
 BATCHES = (1, 8)
 
 
@@ -286,34 +292,61 @@ def _sweep_cases(x, w, quant) -> dict:
 
 
 def _time_configs(runs: list, configs: list) -> list:
-    """[(total ms over the shapes, config)] for every config that agrees with the default launch."""
+    """[(total ms over the shapes, config, [ms per shape])] for every config that agrees with the default
+    launch, fastest first."""
     out = []
     for cfg in configs:
-        total = 0.0
+        each = []
         try:
             for fn, ref in runs:
                 err = ((fn(cfg).float() - ref).norm() / ref.norm()).item()
                 if not err < 1e-2:
                     raise ValueError(f"disagrees with the default launch (rel err {err:.3g})")
-                total += _bench(lambda cfg=cfg, fn=fn: fn(cfg))
+                each.append(_bench(lambda cfg=cfg, fn=fn: fn(cfg)))
         except Exception as e:  # noqa: BLE001 - e.g. out of shared memory: that config is out
-            print(f"  config {tuple(cfg)} skipped: {str(e)[:120]}", flush=True)
+            print(f"  config {tuple(cfg) if cfg else 'default'} skipped: {str(e)[:120]}", flush=True)
             continue
-        out.append((total, cfg))
+        out.append((sum(each), cfg, each))
     return sorted(out, key=lambda r: r[0])
 
 
+SPLITS = (1, 2, 4, 8, 16, 32, 64, 128)
+SHAPE_GAIN = 0.9  # a shape gets its own entry when its best is under 90 % of the bucket's best there (noise)
+
+
+def _with_splits(configs) -> list:
+    return [cfg._replace(splits=sp) for cfg in configs if cfg is not None for sp in SPLITS]
+
+
+def _per_shape(runs: list, timed: list, shapes) -> dict:
+    """shape name -> (its own best config, its ms, the bucket best's ms on it) where that beats the bucket's
+    best by SHAPE_GAIN: the 3 fastest configs on the shape, then K splits around them on that shape alone."""
+    best_cfg = timed[0][1]
+    own = {}
+    for i, name in enumerate(shapes):
+        on_shape = sorted(((r[2][i], r[1]) for r in timed), key=lambda r: r[0])
+        tried = {cfg for _, cfg in on_shape}
+        more = [c for c in _with_splits([cfg for _, cfg in on_shape[:3]]) if c not in tried]
+        on_shape = sorted(on_shape + [(r[0], r[1]) for r in _time_configs([runs[i]], more)], key=lambda r: r[0])
+        ms, cfg = on_shape[0]
+        bucket_ms = next(t for t, c in on_shape if c == best_cfg)
+        if cfg is not None and cfg != best_cfg and ms < SHAPE_GAIN * bucket_ms:
+            own[name] = (cfg, ms, bucket_ms)
+    return own
+
+
 def sweep(dtype, device: str, peak: float, on_case: Callable[[list, dict], None] | None = None,
-          cases: set[str] | None = None, budget_s: float | None = None) -> tuple[list, dict]:
-    """Time the tile configs of our decode kernels on two 8B shapes; per (kernel, format, batch bucket) the
-    config with the least total time, then the best K split for it. Returns (rows, tuning table); on_case
-    gets both after every case, so a run stopped by a time limit keeps what it swept. cases: only these
-    "kernel/format" cases (e.g. {"sparse/float", "dequant/int4"}), default all. budget_s: start no new case
-    after that many seconds (the comparison that follows still runs, with what was swept)."""
+          cases: set[str] | None = None, budget_s: float | None = None, shapes=SWEEP_SHAPES) -> tuple[list, dict]:
+    """Time the tile configs of our decode kernels on ``shapes`` (two 8B MLP shapes by default); per
+    (kernel, format, batch bucket) the config with the least total time, then the best K split for it, and
+    per shape its own best where that is clearly faster there (a shape-keyed entry, launch_plan.tuning_key).
+    Returns (rows, tuning table); on_case gets both after every case, so a run stopped by a time limit keeps
+    what it swept. cases: only these "kernel/format" cases (e.g. {"sparse/float", "dequant/int4"}), default
+    all. budget_s: start no new case after that many seconds (the comparison that follows still runs, with
+    what was swept)."""
     import time
 
     start = time.perf_counter()
-    shapes = ("8b.up", "8b.down")
     setups = {}
     for name in shapes:
         n, k = SHAPES[name]
@@ -342,22 +375,28 @@ def sweep(dtype, device: str, peak: float, on_case: Callable[[list, dict], None]
             # nothing to explore): on the H100 (session 7) fma tiles lost at their auto split but won the
             # sparse GEMV at 64 splits, the largest then tried. Up to one K chunk per program (TEAL's
             # sparse GEMV launches that way).
-            around = {cfg for _, cfg in timed[:1] + [next((r for r in timed if r[1] and r[1].fma), timed[0])]
+            around = {cfg for _, cfg, _ in timed[:1] + [next((r for r in timed if r[1] and r[1].fma), timed[0])]
                       + [next((r for r in timed if r[1] and r[1].compact), timed[0])]}
-            splits = (1, 2, 4, 8, 16, 32, 64, 128)
-            more = [cfg._replace(splits=sp) for cfg in around if cfg is not None for sp in splits]
+            more = _with_splits(around)
             timed = sorted(timed + _time_configs(runs, [c for c in more if c not in {r[1] for r in timed}]),
                            key=lambda r: r[0])
-            for rank, (ms, cfg) in enumerate(timed[:5]):
+            for rank, (ms, cfg, each) in enumerate(timed[:5]):
                 gbps = nbytes / (ms / 1e3) / 1e9
                 rows.append(dict(case="/".join(case), m=m, shapes=list(shapes), rank=rank,
-                                 config=list(cfg) if cfg else "default", ms_total=ms, gb_per_s=gbps,
-                                 fraction_of_read_peak=gbps / peak))
-            ms, cfg = timed[0]
+                                 config=list(cfg) if cfg else "default", ms_total=ms, ms_per_shape=each,
+                                 gb_per_s=gbps, fraction_of_read_peak=gbps / peak))
+            ms, cfg, _ = timed[0]
             if cfg is not None:
                 table[plan.tuning_key(case[0], case[1], m)] = list(cfg)
             print(f"sweep m={m} {'/'.join(case):14} best {tuple(cfg) if cfg else 'default'} "
                   f"{ms * 1e3:7.1f} us for {len(shapes)} shapes, {nbytes / (ms / 1e3) / 1e9:6.0f} GB/s", flush=True)
+            if len(shapes) > 1:
+                for name, (own, own_ms, bucket_ms) in _per_shape(runs, timed, shapes).items():
+                    table[plan.tuning_key(case[0], case[1], m, SHAPES[name])] = list(own)
+                    rows.append(dict(case="/".join(case), m=m, shapes=[name], rank=0, config=list(own),
+                                     ms_total=own_ms, bucket_best_ms=bucket_ms))
+                    print(f"    {name:10} own best {tuple(own)} {own_ms * 1e3:7.1f} us "
+                          f"(the bucket's best: {bucket_ms * 1e3:7.1f} us)", flush=True)
             if on_case:
                 on_case(rows, table)
     return rows, table
@@ -373,6 +412,8 @@ def main(argv=None) -> int:
     p.add_argument("--sweep", action="store_true", help="first time every tile config of our decode kernels")
     p.add_argument("--sweep-budget-s", type=float, default=None,
                    help="with --sweep: start no new case after this many seconds, then compare as usual")
+    p.add_argument("--sweep-shapes", default=",".join(SWEEP_SHAPES),
+                   help="with --sweep: the weight shapes timed (" + ", ".join(SHAPES) + ")")
     p.add_argument("--sweep-cases", default="", help="with --sweep: only these comma-separated kernel/format "
                    "cases (dequant/int8, dequant/int4, sparse/float, sparse/int8, sparse/int4); default all")
     p.add_argument("--tuning-out", type=Path, help="with --sweep: write the best configs as a tuning table "
@@ -381,6 +422,9 @@ def main(argv=None) -> int:
                    help="cold: every timed call reads its weights from HBM, as a decode step's layers do")
     p.add_argument("--output", type=Path, required=True)
     a = p.parse_args(argv)
+    for field in ("shapes", "sweep_shapes"):
+        if unknown := [n for n in getattr(a, field).split(",") if n not in SHAPES]:
+            p.error(f"--{field.replace('_', '-')}: unknown shapes {unknown}; known: {', '.join(SHAPES)}")
     if torch.device(a.device).type != "cuda" or not torch.cuda.is_available():
         print("kernels.py times GPU kernels: it needs --device cuda on a machine with a GPU", file=sys.stderr)
         return 2
@@ -433,7 +477,8 @@ def main(argv=None) -> int:
         a.output.write_text(json.dumps(result, indent=1))
 
     if a.sweep:
-        sweep(dtype, a.device, peak, save_sweep, {c for c in a.sweep_cases.split(",") if c} or None, a.sweep_budget_s)
+        sweep(dtype, a.device, peak, save_sweep, {c for c in a.sweep_cases.split(",") if c} or None, a.sweep_budget_s,
+              tuple(a.sweep_shapes.split(",")))
         if a.tuning_out:
             os.environ[plan.TUNING_ENV] = str(a.tuning_out)
             plan._table.cache_clear()

@@ -167,3 +167,25 @@ def test_untuned_gpus_get_the_measured_fallback(monkeypatch):
     own = plan.Config(32, 256, 4, 1, 4, True)
     monkeypatch.setattr(plan, "_table", lambda index: {"dequant/int4/m1": own})
     assert plan.tuned("dequant", "int4", 1, torch.bfloat16, cuda) == own  # a table entry wins
+
+
+def test_a_weight_shapes_own_entry_wins_over_its_bucket(tmp_path, monkeypatch, caplog):
+    f = tmp_path / "t.json"
+    f.write_text(json.dumps({"device": "GPU X", "configs": {
+        "dequant/int4/m1": [64, 128, 4, 1, 8, True], "dequant/int4/m1/2048x2048": [16, 512, 4, 1, 1, True],
+        "dequant/int4/m1/2048": [32, 256, 4, 1, 1, True]}}))  # a malformed shape key: the file is refused
+    with caplog.at_level(logging.WARNING, logger="effcompile.codegen"):
+        assert plan.read_tables([f], "GPU X") == {}
+    assert "kernel/format/m1|m8[/NxK]" in caplog.text
+    data = json.loads(f.read_text())
+    del data["configs"]["dequant/int4/m1/2048"]
+    f.write_text(json.dumps(data))
+    table = plan.read_tables([f], "GPU X")
+    assert plan.tuning_key("dequant", "int4", 1, (2048, 2048)) == "dequant/int4/m1/2048x2048"
+    monkeypatch.setattr(plan, "_table", lambda index: table)
+    cuda = torch.device("cuda", 0)  # a device object only: nothing touches a GPU
+    assert plan.tuned("dequant", "int4", 1, torch.bfloat16, cuda, (2048, 2048)) == plan.Config(16, 512, 4, 1, 1, True)
+    assert plan.tuned("dequant", "int4", 1, torch.bfloat16, cuda, (3072, 2048)) == plan.Config(64, 128, 4, 1, 8, True)
+    assert plan.tuned("dequant", "int4", 1, torch.bfloat16, cuda) == plan.Config(64, 128, 4, 1, 8, True)
+    # the shape's entry is for its own bucket only: 8 rows fall back to UNTUNED / the built-in tiles
+    assert plan.tuned("dequant", "int4", 8, torch.bfloat16, cuda, (2048, 2048)) is None

@@ -145,7 +145,7 @@ def w8a8(x, qweight, scales, bias, split_k: int | None = None, config: plan.Conf
     q, s = _ops.on_device(qweight, dev, "w8a8 weight"), _ops.on_device(scales, dev, "w8a8 scales")
     b = _ops.on_device(bias, dev, "w8a8 bias") if bias is not None else s
     if config is None and m <= plan.GEMV_MAX_M:
-        config = plan.tuned("w8a8", "int8", m, x.dtype, dev)
+        config = plan.tuned("w8a8", "int8", m, x.dtype, dev, (n, k))
     if config is not None and config.fma:
         raise ValueError(f"W8A8 config {tuple(config)}: the int8 x int8 kernel is tensor-core only (fma=False)")
     # int8 operands: the tile shapes do not depend on x's dtype (no fp32 shared-memory limit here).

@@ -387,7 +387,7 @@ def launch(x, qweight, scales, zeros, bias, fmt: str, group_size: int, split_k: 
     b = _ops.on_device(bias, dev, f"{NAME} bias") if bias is not None else s
     interp = _ops.interpreting(dev)
     if config is None and m <= GEMV_MAX_M:
-        config = plan.tuned("dequant", fmt, m, x.dtype, dev)
+        config = plan.tuned("dequant", fmt, m, x.dtype, dev, (n, k))
     bm, bn, bk, warps, stages, splits = plan.matmul_tiles(m, fmt, x.dtype, config)
     if fmt == "int4":
         bk = min(bk, group_size)  # one group per K chunk: the kernel scales each chunk's partial sum

@@ -101,9 +101,15 @@ TUNING_DIR = Path(__file__).with_name("tuning")
 log = logging.getLogger("effcompile.codegen")
 
 
-def tuning_key(kernel: str, fmt: str, rows: int) -> str:
-    """``dequant/int4/m1``: one entry per kernel, weight format and decode bucket (1 row, or 2-8 rows)."""
-    return f"{kernel}/{fmt}/m{1 if rows <= 1 else 8}"
+def tuning_key(kernel: str, fmt: str, rows: int, shape: tuple[int, int] | None = None) -> str:
+    """``dequant/int4/m1``: one entry per kernel, weight format and decode bucket (1 row, or 2-8 rows);
+    with ``shape`` (N, K), ``dequant/int4/m1/2048x8192``: that weight shape's own entry, which wins over the
+    bucket's (the sweep writes one where a shape's best tile beat the bucket's on that shape)."""
+    key = f"{kernel}/{fmt}/m{1 if rows <= 1 else 8}"
+    return key if shape is None else f"{key}/{shape[0]}x{shape[1]}"
+
+
+_KEY = re.compile(r"[a-z0-9]+/[a-z0-9]+/m(1|8)(/[1-9][0-9]*x[1-9][0-9]*)?")
 
 
 def device_file_name(name: str) -> str:
@@ -123,6 +129,8 @@ def read_tables(paths, device_name: str) -> dict[str, Config]:
                 log.warning("kernel tuning %s is for %r, not this %r: ignored", path, data.get("device"), device_name)
                 continue
             configs = {k: Config(*v) for k, v in data["configs"].items()}
+            if bad := [k for k in configs if not _KEY.fullmatch(k)]:
+                raise ValueError(f"keys {bad} are not kernel/format/m1|m8[/NxK]")
             if not all(isinstance(c.block_n, int) and c.block_n > 0 for c in configs.values()):
                 raise ValueError("block sizes must be positive integers")
             if not all(isinstance(f, bool) for c in configs.values() for f in (c.fma, c.compact, c.scale_words)):
@@ -153,12 +161,16 @@ UNTUNED = {"dequant/int4/m1": Config(64, 128, 4, 1, 8, True),
            "sparse/int4/m1": Config(256, 16, 4, 1, None, True, compact=True)}
 
 
-def tuned(kernel: str, fmt: str, rows: int, dtype: torch.dtype, device: torch.device) -> Config | None:
-    """The measured launch shape for this call on this GPU: its tuning table's, else UNTUNED's, if any."""
+def tuned(kernel: str, fmt: str, rows: int, dtype: torch.dtype, device: torch.device,
+          shape: tuple[int, int] | None = None) -> Config | None:
+    """The measured launch shape for this call on this GPU: its tuning table's entry for this weight shape
+    (N, K), else for its decode bucket, else UNTUNED's, if any."""
     if device.type != "cuda" or dtype == torch.float32:
         return None
     key = tuning_key(kernel, fmt, rows)
     table = _table(device.index if device.index is not None else torch.cuda.current_device())
+    if shape is not None and (own := table.get(tuning_key(kernel, fmt, rows, shape))) is not None:
+        return own
     return table.get(key, UNTUNED.get(key))
 
 

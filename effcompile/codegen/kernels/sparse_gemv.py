@@ -317,7 +317,7 @@ def launch(x, threshold, weight_t, scales, zeros, bias, fmt: str, group_size: in
     z = _ops.on_device(zeros, dev, f"{NAME} zeros") if zeros is not None else s
     b = _ops.on_device(bias, dev, f"{NAME} bias") if bias is not None else t
     interp = _ops.interpreting(dev)
-    config = config if config is not None else plan.tuned("sparse", fmt, m, x.dtype, dev)
+    config = config if config is not None else plan.tuned("sparse", fmt, m, x.dtype, dev, (n, k))
     bn, bk, warps, stages = config[:4] if config is not None else plan.sparse_config(fmt, x.dtype)
     if fmt == "int4":
         bk = min(bk, group_size)  # one group per K chunk: the kernel scales each chunk's partial sums

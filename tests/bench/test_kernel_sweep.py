@@ -1,0 +1,51 @@
+"""The kernel sweep's choice of tile configs (benchmarks/kernels.py), with its GPU timer replaced by a table."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import torch
+
+from effcompile.codegen.kernels import launch_plan as plan
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _kernels_script():
+    spec = importlib.util.spec_from_file_location("kernels_bench", REPO / "benchmarks" / "kernels.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_a_shape_gets_its_own_entry_only_where_its_best_is_clearly_faster(monkeypatch):
+    kb = _kernels_script()
+    big, small = plan.Config(64, 128, 4, 1, 8, True), plan.Config(16, 512, 4, 1, 1, True)
+    # ms per (shape, config): "big" wins the sum, "small" wins the small shape by far, and on the third shape
+    # "small" is ahead by less than the noise margin (SHAPE_GAIN), so that shape keeps the bucket's config.
+    ms = {("a", big): 10.0, ("a", small): 20.0, ("b", big): 4.0, ("b", small): 2.0,
+          ("c", big): 3.0, ("c", small): 2.9}
+    clock = {}
+
+    def run(shape):
+        def fn(cfg):
+            clock["now"] = (shape, cfg if cfg is None else cfg._replace(splits=big.splits if cfg.block_n == 64
+                                                                          else small.splits))
+            return torch.ones(3)
+        return fn, torch.ones(3)
+
+    monkeypatch.setattr(kb, "_bench", lambda fn: (fn(), ms.get(clock["now"], 99.0))[1])
+    runs = [run(s) for s in "abc"]
+    timed = kb._time_configs(runs, [big, small])
+    assert [r[1] for r in timed] == [big, small] and timed[0][2] == [10.0, 4.0, 3.0]
+    own = kb._per_shape(runs, timed, ("a", "b", "c"))
+    assert set(own) == {"b"} and own["b"][0].block_n == 16 and own["b"][1:] == (2.0, 4.0)
+
+
+def test_a_config_that_disagrees_with_the_default_launch_is_dropped(monkeypatch):
+    kb = _kernels_script()
+    monkeypatch.setattr(kb, "_bench", lambda fn: 1.0)
+    good, wrong = plan.Config(64, 128, 4, 1), plan.Config(32, 128, 4, 1)
+    runs = [(lambda cfg: torch.ones(4) * (2 if cfg == wrong else 1), torch.ones(4))]
+    assert [r[1] for r in kb._time_configs(runs, [good, wrong])] == [good]
