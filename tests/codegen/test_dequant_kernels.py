@@ -192,3 +192,34 @@ def test_fma_config_is_ignored_for_prefill():
 
 def triton_pow2(m: int) -> int:
     return 1 << (m - 1).bit_length()
+
+
+@pytest.mark.parametrize("group,block_k,n,k,split,stages", [
+    (32, 256, 94, 640, 1, 1),    # 8 groups per chunk; K = 2.5 chunks: the last one's upper groups are masked
+    (64, 256, 781, 1216, 3, 2),  # 4 per chunk, 3 splits (the last split short), prefetch running off the end
+    (128, 512, 64, 1536, 2, 2),  # 4 per chunk, even tiles; each split's prefetch reaches the other's chunk
+    (128, 256, 45, 384, 1, 1),   # 2 per chunk, N under one tile
+])
+def test_int4_one_row_chunks_span_several_groups(group, block_k, n, k, split, stages):
+    # One-row int4 fma chunks longer than a group (GPC groups each, [GPC, 1, N] scales and zeros), so an
+    # output's codes in a chunk are block_k / 2 contiguous bytes instead of at most group / 2.
+    from effcompile.codegen import aot
+
+    x, qw, b = _case("int4", group, n, k, 1, torch.bfloat16, seed=group + n)
+    config = plan.Config(32, block_k, 4, stages, split, fma=True)
+    _check(x, qw, b, config=config)
+    with aot.record_launches() as seen:
+        D.launch(x, *qw[:3], b, "int4", group, config=config)
+    assert seen[0].kwargs["GPC"] == block_k // group and seen[0].kwargs["BLOCK_K"] == block_k
+
+
+def test_int4_chunks_stay_inside_a_group_off_the_one_row_branch():
+    # Dot tiles and several rows scale per chunk: a chunk longer than the group is cut to one group there.
+    from effcompile.codegen import aot
+
+    x, qw, b = _case("int4", 32, 94, 640, 3, torch.bfloat16)
+    for config in (plan.Config(32, 256, 4, 2, 2, fma=True), plan.Config(32, 256, 4, 2, 2)):
+        _check(x, qw, b, config=config)
+        with aot.record_launches() as seen:
+            D.launch(x, *qw[:3], b, "int4", 32, config=config)
+        assert seen[0].kwargs["GPC"] == 1 and seen[0].kwargs["BLOCK_K"] == 32

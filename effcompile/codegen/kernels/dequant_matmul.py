@@ -33,7 +33,7 @@ def _matmul_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, u_ptr, lb_ptr, out_ptr, ws
                    SPLITS, RANK,
                    FMT: tl.constexpr, G: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr,
                    DOT_DT: tl.constexpr, I4_BITS: tl.constexpr, I4_OFF: tl.constexpr, I4_ASM: tl.constexpr,
-                   EVEN_NK: tl.constexpr,
+                   EVEN_NK: tl.constexpr, GPC: tl.constexpr,
                    SPLIT: tl.constexpr, FMA: tl.constexpr, PREFETCH: tl.constexpr, BLOCK_M: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
     # Tiled tl.dot: the weight tile is dequantized in registers right before the dot (never in memory).
@@ -83,7 +83,83 @@ def _matmul_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, u_ptr, lb_ptr, out_ptr, ws
         # to the partial sum, x . (q s + z) = s (x . q) + z sum(x), which keeps fp32 precision.
         KH = K // 2
         acc_t = tl.full((BLOCK_N, BLOCK_M), 0.0, tl.float32)
-        if FMA and BLOCK_M == 1:
+        if FMA and BLOCK_M == 1 and GPC > 1:
+            # One row, chunks of GPC > 1 whole groups (BLOCK_K = GPC G): the branch below in a [group, word,
+            # output] tile, so scales and zeros stay one [GPC, 1, N] load per chunk. An output's codes in a chunk
+            # are then BLOCK_K / 2 contiguous bytes: 64-byte row segments (one group of 128) were the int4 tiles'
+            # access pattern where int8's 128-byte ones read ~2x faster on the H100 (session 10); the sweep
+            # decides. (The 3-D tile costs registers at GPC 1: 128 against 80 for (64, 128), sm_90 SASS.)
+            WK: tl.constexpr = BLOCK_K // 8 // GPC  # words of one group in a chunk
+            acc1 = tl.full((GPC, WK, BLOCK_N), 0.0, tl.float32)
+            KW = K // 8
+            xrow = x_ptr + pid_m.to(tl.int64) * K
+            offs_c = (tl.arange(0, GPC)[:, None] * WK + tl.arange(0, WK)[None, :])[:, :, None]  # word in chunk
+            offs_g = tl.arange(0, GPC)[:, None, None]  # group in chunk
+            col3 = offs_n.to(tl.int64)[None, None, :]
+            n3 = n_mask[None, None, :]
+            if PREFETCH:  # the first chunk's operands; each iteration then loads the next chunk's (see below)
+                offs_k = k_lo + tl.arange(0, BLOCK_K)
+                gi = col3 * (K // G) + k_lo // G + offs_g
+                g_mask = n3 & (k_lo + offs_g * G < k_hi)
+                words_n = tl.load(q_ptr + col3 * KW + k_lo // 8 + offs_c, mask=(k_lo // 8 + offs_c < k_hi // 8) & n3,
+                                  other=0)
+                xk_n = tl.load(xrow + offs_k, mask=offs_k < k_hi, other=0.0)
+                s_n = tl.load(s_ptr + gi, mask=g_mask, other=0.0)
+                z_n = tl.load(z_ptr + gi, mask=g_mask, other=0.0)
+            for k0 in range(k_lo, k_hi, BLOCK_K):
+                if PREFETCH:
+                    # Register double buffering: the next chunk's loads are issued before this chunk's arithmetic,
+                    # so every CTA keeps a chunk of weights in flight while it computes (triton's pipeliner only
+                    # stages loads that feed a tl.dot; num_stages does nothing to this loop).
+                    words, xk, sg, zg = words_n, xk_n.to(tl.float32), s_n, z_n
+                    k1 = k0 + BLOCK_K
+                    offs_k = k1 + tl.arange(0, BLOCK_K)
+                    gi = col3 * (K // G) + k1 // G + offs_g
+                    g_mask = n3 & (k1 + offs_g * G < k_hi)  # past k_hi (the last chunk's prefetch): nothing
+                    words_n = tl.load(q_ptr + col3 * KW + k1 // 8 + offs_c, mask=(k1 // 8 + offs_c < k_hi // 8) & n3,
+                                      other=0)
+                    xk_n = tl.load(xrow + offs_k, mask=offs_k < k_hi, other=0.0)
+                    s_n = tl.load(s_ptr + gi, mask=g_mask, other=0.0)
+                    z_n = tl.load(z_ptr + gi, mask=g_mask, other=0.0)
+                else:
+                    words = tl.load(q_ptr + col3 * KW + k0 // 8 + offs_c, mask=(k0 // 8 + offs_c < k_hi // 8) & n3,
+                                    other=0)
+                    offs_k = k0 + tl.arange(0, BLOCK_K)
+                    xk = tl.load(xrow + offs_k, mask=offs_k < k_hi, other=0.0).to(tl.float32)
+                    gi = col3 * (K // G) + k0 // G + offs_g
+                    g_mask = n3 & (k0 + offs_g * G < k_hi)
+                    sg = tl.load(s_ptr + gi, mask=g_mask, other=0.0)
+                    zg = tl.load(z_ptr + gi, mask=g_mask, other=0.0)
+                # x[8 w + 4 a + 2 b + c] -> the 8 [group, word] tiles x_p, p = 4 a + 2 b + c, by splitting c, b, a.
+                c0, c1 = tl.split(tl.reshape(xk, (BLOCK_K // 8, 2, 2, 2)))
+                c0b0, c0b1 = tl.split(c0)
+                c1b0, c1b1 = tl.split(c1)
+                x0, x4 = tl.split(c0b0)
+                x2, x6 = tl.split(c0b1)
+                x1, x5 = tl.split(c1b0)
+                x3, x7 = tl.split(c1b1)
+                x0 = tl.reshape(x0, (GPC, WK))
+                x1 = tl.reshape(x1, (GPC, WK))
+                x2 = tl.reshape(x2, (GPC, WK))
+                x3 = tl.reshape(x3, (GPC, WK))
+                x4 = tl.reshape(x4, (GPC, WK))
+                x5 = tl.reshape(x5, (GPC, WK))
+                x6 = tl.reshape(x6, (GPC, WK))
+                x7 = tl.reshape(x7, (GPC, WK))
+                s16 = 16.0 * sg.to(tl.float32)
+                z16 = zg.to(tl.float32) - s16
+                # Nibble p sits at bits 4p..4p+3; 0x780000 keeps bits 19..22 after the shift (>> is arithmetic,
+                # the mask drops the sign copies).
+                acc1 += x0[:, :, None] * ((((words << 19) & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True) * s16 + z16)
+                acc1 += x1[:, :, None] * ((((words << 15) & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True) * s16 + z16)
+                acc1 += x2[:, :, None] * ((((words << 11) & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True) * s16 + z16)
+                acc1 += x3[:, :, None] * ((((words << 7) & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True) * s16 + z16)
+                acc1 += x4[:, :, None] * ((((words << 3) & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True) * s16 + z16)
+                acc1 += x5[:, :, None] * ((((words >> 1) & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True) * s16 + z16)
+                acc1 += x6[:, :, None] * ((((words >> 5) & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True) * s16 + z16)
+                acc1 += x7[:, :, None] * ((((words >> 9) & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True) * s16 + z16)
+            acc += tl.reduce(tl.reduce(acc1, 0, tl.standard._sum_combine), 0, tl.standard._sum_combine)[None, :]
+        elif FMA and BLOCK_M == 1:
             # One row (batch-1 decode): the launcher passes the codes as int32 words, 8 consecutive K values
             # each (the even K in the low nibble), and products accumulate in a [word, output] tile in the
             # words' own layout, summed over K once after the loop: no per-chunk sum across threads and no
@@ -389,7 +465,11 @@ def launch(x, qweight, scales, zeros, bias, fmt: str, group_size: int, split_k: 
     if config is None and m <= GEMV_MAX_M:
         config = plan.tuned("dequant", fmt, m, x.dtype, dev, (n, k))
     bm, bn, bk, warps, stages, splits = plan.matmul_tiles(m, fmt, x.dtype, config)
-    if fmt == "int4":
+    words = fmt == "int4" and plan.uses_fma(m, config) and bm == 1  # the one-row branch: codes as int32 words
+    gpc = 1  # whole groups per K chunk (group sizes are powers of two, ops.FORMATS)
+    if words and bk > group_size:
+        gpc = bk // group_size
+    elif fmt == "int4":
         bk = min(bk, group_size)  # one group per K chunk: the kernel scales each chunk's partial sum
     tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
     ks = plan.k_split(tiles, k, bk, dev, split_k if split_k is not None else splits)
@@ -410,8 +490,8 @@ def launch(x, qweight, scales, zeros, bias, fmt: str, group_size: int, split_k: 
     i4_bits, i4_off = plan.int4_offset(dot_dt)
     fma = plan.uses_fma(m, config)
     # One-row int4 fma configs with stages >= 2 double-buffer their loads in registers (the kernel's PREFETCH).
-    prefetch = fmt == "int4" and fma and bm == 1 and stages >= 2
-    if fmt == "int4" and fma and bm == 1:
+    prefetch = words and stages >= 2
+    if words:
         q = q.contiguous().view(torch.int32)  # the one-row fma branch reads 8 codes per word (K % 32 == 0)
     if config is not None and config.scale_words and fmt == "int4" and not fma and dot_dt != tl.float32 \
             and (k // group_size) % 2 == 0 and s.dtype == z.dtype and s.element_size() == 2:
@@ -420,7 +500,7 @@ def launch(x, qweight, scales, zeros, bias, fmt: str, group_size: int, split_k: 
         x2, q, s, z, b, u, lb, out, ws, cnt, m, n, k, ks, grid[2], lora_a.shape[0] if lora else 0, FMT=_FMT[fmt],
         G=max(group_size, 1), HAS_BIAS=bias is not None, HAS_LORA=lora and not atomic, DOT_DT=dot_dt,
         I4_BITS=i4_bits, I4_OFF=i4_off, I4_ASM=plan.int4_asm(dot_dt, interp),
-        EVEN_NK=n % bn == 0 and k % bk == 0 and ks % bk == 0,
+        EVEN_NK=n % bn == 0 and k % bk == 0 and ks % bk == 0, GPC=gpc,
         SPLIT=split, FMA=fma, PREFETCH=prefetch, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=block_r,
         num_warps=warps, num_stages=1 if prefetch else stages)
     return out.to(x.dtype).view(*x.shape[:-1], n)
