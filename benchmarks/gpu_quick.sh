@@ -9,6 +9,8 @@
 #   decode  whole-model greedy decode tok/s of the Llama-3.2-1B-shaped zoo model in bf16 under CUDA graphs:
 #           eager, then DECODE_CONFIGS (effcompile configs ~35 s each in session 10, TorchAO's kernels without
 #           Inductor a few seconds; last an int4 ablation without the launch-cutting passes) (275 s);
+#           DECODE_MODEL=llama-8b times Llama-3.1-8B's shape instead (16 GB in bf16, never run yet: expect
+#           fewer configs to fit), where weight reads dominate a step as in the papers' headline numbers;
 #   peers   TorchAO int4 and the bf16 model under torch.compile, each decoder layer compiled on its own
 #           (PEERS_S, default 280 s; PEER_BATCHES, default 1,8): a whole compiled model did not finish within
 #           165-210 s in sessions 7 and 10; regionally Inductor compiles one layer per batch size and the
@@ -49,7 +51,7 @@ kernels() {
 ABLATION="quantize(weights=int4,group_size=128)+additive_attention_mask(enabled=False)+fuse_cache_writes(enabled=False)+fuse_rotary_qk(enabled=False)+grouped_query_attention(enabled=False)"
 decode() {  # with the tile table the kernels step wrote (if it ran and got that far) over the shipped one
     [ -s "$OUT/tuning.json" ] && export EFFCOMPILE_KERNEL_TUNING="$OUT/tuning.json"
-    timeout 275 "$PY" benchmarks/decode.py --device cuda --dtype bfloat16 --model llama-1b --steps 16 \
+    timeout 275 "$PY" benchmarks/decode.py --device cuda --dtype bfloat16 --model "${DECODE_MODEL:-llama-1b}" --steps 16 \
         --configs "${DECODE_CONFIGS:-quantize(weights=int4,group_size=128);threshold(sparsity=0.5)+quantize(weights=int4,group_size=128);threshold(sparsity=0.5);threshold(sparsity=0.4);torchao-int4-eager;none;$ABLATION}" \
         --out "$OUT/decode.json" 2>&1 | tr '\r' '\n' | grep -v "it/s\]\|s/it\]" | tee "$OUT/decode.log"
 }

@@ -169,3 +169,14 @@ def test_cli_reports_a_verified_cache_without_training(tmp_path, monkeypatch, ca
     monkeypatch.setattr(train_lm, "train", lambda *a, **k: pytest.fail("must not train"))
     assert train_lm.main(["--out", str(tmp_path / "m"), "--max-steps", "3", "--no-progress"]) == 0
     assert "already trained and verified" in capsys.readouterr().out
+
+
+def test_llama_8b_has_llama_3_1_8b_shape_and_is_llama_only():
+    cfg = zoo.random_config("llama", "8b")
+    with torch.device("meta"):
+        model = zoo._model_class("llama")(cfg)
+    assert 7.9e9 < sum(p.numel() for p in model.parameters()) < 8.1e9  # Llama-3.1-8B: 8.03e9
+    assert (cfg.hidden_size, cfg.intermediate_size, cfg.num_key_value_heads, cfg.tie_word_embeddings) == (4096, 14336, 8, False)
+    assert "llama-8b" in zoo.MODELS and "gpt2-8b" not in zoo.MODELS
+    with pytest.raises(ValueError, match="size='8b' is not one of .* for gpt2"):
+        zoo.random_config("gpt2", "8b")
