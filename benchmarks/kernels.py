@@ -268,10 +268,11 @@ def _configs(sparse: bool, m: int, int4: bool = False) -> list:
         # stages 2: one-row int4 double-buffers its loads in registers (dequant_matmul PREFETCH; session 10,
         # untimed): 96 registers, 5 CTAs per SM on sm_90, against 80 and 6 for (64, 128, 4, 1).
         fma += [(64, 128, 4, 2), (128, 64, 4, 2), (32, 256, 4, 2)]
-        # For int4 at one row, block_k 256 / 512 now spans 2-4 groups of 128 (dequant_matmul GPC, session 12,
-        # untimed; before, the launcher cut every int4 chunk to one group): 128-256 contiguous bytes per output
-        # instead of 64. sm_90 SASS with triton 3.6: (32, 256) 80 registers, (16, 512) 72, issue ceilings
-        # 2.4 TB/s like (64, 128)'s.
+        # For int4 at one row (and the 16-bit dot tiles above), block_k 256 / 512 now spans 2-4 groups of 128
+        # (dequant_matmul GPC, session 12, untimed; before, the launcher cut every int4 chunk to one group):
+        # 128-256 contiguous bytes per output instead of 64. sm_90 SASS with triton 3.6: one-row (32, 256) 80
+        # registers, (16, 512) 72, issue ceilings 2.4 TB/s like (64, 128)'s; the 8-row dot tile (128, 256, 8, 3)
+        # 160 registers and 88 KB of shared memory, 1 CTA per SM, against 2 for (128, 128, 8, 3).
     if m > 1:  # 8 rows multiply the register tile by 8: halve K
         fma = [(bn, bk // 2, w, st) for bn, bk, w, st in fma]
     configs = grid + [plan.Config(*c, None, True) for c in fma]

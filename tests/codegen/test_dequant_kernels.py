@@ -103,7 +103,7 @@ def test_int4_scale_words_match_the_reference(n, k, group, m, monkeypatch):
     # Config.scale_words: scales and zeros read as int32 words of two groups, the chunk's half picked by the
     # parity of its group (even and odd groups, masked and unmasked tiles, decode and prefill, K split at 3).
     seen = _spy_launches(monkeypatch, lambda args, kw: args[2].dtype)  # the scales as the kernel gets them
-    config = plan.Config(32, 64, 4, 2, 3, scale_words=True)
+    config = plan.Config(32, min(64, group), 4, 2, 3, scale_words=True)  # one group a chunk (GPC 1)
     _check(*_case("int4", group, n, k, m, torch.float16, seed=m + group), config=config)
     assert seen == [torch.int32]
     seen.clear()
@@ -213,13 +213,35 @@ def test_int4_one_row_chunks_span_several_groups(group, block_k, n, k, split, st
     assert seen[0].kwargs["GPC"] == block_k // group and seen[0].kwargs["BLOCK_K"] == block_k
 
 
-def test_int4_chunks_stay_inside_a_group_off_the_one_row_branch():
-    # Dot tiles and several rows scale per chunk: a chunk longer than the group is cut to one group there.
+def test_int4_chunks_stay_inside_a_group_where_a_chunk_is_scaled_as_a_whole(monkeypatch):
+    # Several-row fma tiles and fp32 dots (bf16 under the interpreter) scale a chunk's partial sum: a chunk
+    # longer than the group is cut to one group there. The same dot config on a GPU (bf16 dots) spans groups.
     from effcompile.codegen import aot
 
+    seen = _spy_launches(monkeypatch, lambda args, kw: (kw["GPC"], kw["BLOCK_K"], kw["DOT_DT"]))
     x, qw, b = _case("int4", 32, 94, 640, 3, torch.bfloat16)
-    for config in (plan.Config(32, 256, 4, 2, 2, fma=True), plan.Config(32, 256, 4, 2, 2)):
-        _check(x, qw, b, config=config)
-        with aot.record_launches() as seen:
-            D.launch(x, *qw[:3], b, "int4", 32, config=config)
-        assert seen[0].kwargs["GPC"] == 1 and seen[0].kwargs["BLOCK_K"] == 32
+    fma, dot = plan.Config(32, 256, 4, 2, 2, fma=True), plan.Config(32, 256, 4, 2, 2)
+    _check(x, qw, b, config=fma)
+    _check(x, qw, b, config=dot)
+    assert seen == [(1, 32, tl.float32), (1, 32, tl.float32)]
+    with aot.record_launches() as gpu:  # the launch a GPU would get
+        D.launch(x, *qw[:3], b, "int4", 32, config=dot)
+    assert (gpu[0].kwargs["GPC"], gpu[0].kwargs["BLOCK_K"], gpu[0].kwargs["DOT_DT"]) == (8, 256, tl.bfloat16)
+
+
+@pytest.mark.parametrize("group,block_k,n,k,m,split", [
+    (32, 128, 94, 640, 3, 1),    # 4 groups per chunk, K = 5 chunks; masked N
+    (64, 256, 781, 1216, 8, 3),  # 4 per chunk, 3 splits, the last chunk short
+    (32, 64, 64, 256, 2, 1),     # 2 per chunk, even tiles (EVEN_NK)
+])
+def test_int4_16_bit_dot_tiles_span_several_groups(group, block_k, n, k, m, split):
+    # fp16 runs the 16-bit dot branch under the interpreter too (bf16 dots run in fp32 there): its chunks may
+    # span GPC whole groups, dequantized per group as [N, GPC, G / 2] and reshaped for the dot.
+    from effcompile.codegen import aot
+
+    x, qw, b = _case("int4", group, n, k, m, torch.float16, seed=group + m)
+    config = plan.Config(32, block_k, 4, 2, split)
+    _check(x, qw, b, config=config)
+    with aot.record_launches() as seen:
+        D.launch(x, *qw[:3], b, "int4", group, config=config)
+    assert seen[0].kwargs["GPC"] == block_k // group and seen[0].kwargs["EVEN_NK"] == (n % 32 == 0 and k % block_k == 0)

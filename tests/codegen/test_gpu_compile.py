@@ -235,3 +235,15 @@ def test_int4_scale_words_leave_no_synchronous_load_in_the_hot_loop(launches):
     hot_plain, hot_staged = (max(loops, key=lambda lp: lp.instructions) for loops in (plain, staged))
     assert any(op.startswith("LDG.") for op in hot_plain.loads), hot_plain.loads
     assert not any(op.startswith("LDG.") for op in hot_staged.loads), hot_staged.loads
+
+
+@pytest.mark.parametrize("cap", [80, 90])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_int4_dot_tiles_spanning_groups_compile(dtype, cap, launches):
+    # 16-bit dot tiles whose K chunk holds GPC whole groups: [N, GPC, G / 2] bytes decoded by the inline PTX,
+    # dequantized per group and reshaped for the dot (decode rows, EoRA off, split-K; and prefill rows).
+    qw = _weights("int4", 96, 512, dtype, 64)
+    for m in (8, 24):
+        D.launch(torch.randn(m, 512, dtype=dtype), *qw[:3], None, "int4", 64, config=plan.Config(32, 256, 4, 3, 2))
+    assert [launch.kwargs["GPC"] for launch in launches] == [4, 4]
+    _compile_all(launches, cap)

@@ -469,6 +469,23 @@ def test_int4_scale_words_on_device(config, m, dtype):
         assert _rel_err(got, D.reference(*args)) <= REL_TOL[dtype], splits
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("m", [1, 8, 24])
+@pytest.mark.parametrize("config", [(32, 256, 4, 1, None, True), (16, 512, 4, 2, None, True), (128, 256, 8, 3),
+                                    (64, 256, 4, 4)], ids=str)
+def test_int4_chunks_spanning_groups_on_device(config, m, dtype):
+    # K chunks of several whole groups (dequant_matmul GPC, session 12): one-row fma words and 16-bit dot tiles
+    # (several-row fma tiles cut the chunk to one group), with and without split-K; K / G = 12, N = 782.
+    from effcompile.codegen.kernels import launch_plan as plan
+
+    qw = qops.quantize_weight((torch.randn(782, 1536, generator=torch.Generator().manual_seed(m)) / 20).to(dtype),
+                              "int4", 128)
+    args = (torch.randn(m, 1536, dtype=dtype).cuda(), *(t.cuda() for t in qw[:3]), None, "int4", 128)
+    for splits in (None, 3):
+        got = D.launch(*args, config=plan.Config(*config[:4], splits, *config[5:]))
+        assert _rel_err(got, D.reference(*args)) <= REL_TOL[dtype], splits
+
+
 # -- fma (register-reduced) decode tiles: the sweep times them, so they must be right on the device ---
 
 

@@ -262,7 +262,23 @@ def _matmul_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, u_ptr, lb_ptr, out_ptr, ws
                     # [BLOCK_N, BLOCK_K // 2]; unmasked when the tiles divide N and K (EVEN_NK): a masked load costs
                     # a select per register, about a tenth of this loop's instructions on sm_90.
                     qp = q_ptr + offs_n.to(tl.int64)[:, None] * KH + offs_j[None, :]
-                    if s_ptr.dtype.element_ty == tl.int32:
+                    if GPC > 1:
+                        # Chunks of GPC whole groups: the tile as [BLOCK_N, GPC, G / 2] bytes (an output's BLOCK_K / 2
+                        # contiguous), each group's scale and zero one [BLOCK_N, GPC, 1] load, dequantized per
+                        # group and reshaped to the dot's [BLOCK_N, BLOCK_K / 2] (see the one-row branch for why).
+                        offs_jg = k0 // 2 + tl.arange(0, GPC)[:, None] * (G // 2) + tl.arange(0, G // 2)[None, :]
+                        qp3 = q_ptr + offs_n.to(tl.int64)[:, None, None] * KH + offs_jg[None, :, :]
+                        gi3 = (gi[:, None] + tl.arange(0, GPC)[None, :])[:, :, None]
+                        if EVEN_NK:
+                            byte = tl.load(qp3)
+                            s16 = tl.load(s_ptr + gi3).to(DOT_DT)
+                            z16 = tl.load(z_ptr + gi3).to(DOT_DT)
+                        else:
+                            g_mask = n_mask[:, None, None] & (k0 + tl.arange(0, GPC) * G < k_hi)[None, :, None]
+                            byte = tl.load(qp3, mask=n_mask[:, None, None] & (offs_jg < k_hi // 2)[None, :, :], other=0)
+                            s16 = tl.load(s_ptr + gi3, mask=g_mask, other=0.0).to(DOT_DT)
+                            z16 = tl.load(z_ptr + gi3, mask=g_mask, other=0.0).to(DOT_DT)
+                    elif s_ptr.dtype.element_ty == tl.int32:
                         # Config.scale_words: 16-bit scales and zeros as int32 words of two groups (K / G even), a
                         # 4-byte load per output that triton's pipeliner stages with the weight tile; it leaves
                         # loads under 4 bytes synchronous, a round trip after each chunk's copy (sm_90 SASS of the
@@ -297,6 +313,9 @@ def _matmul_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, u_ptr, lb_ptr, out_ptr, ws
                         hi = ((byte >> 4) | I4_BITS).to(tl.int16).to(DOT_DT, bitcast=True)
                     wlo = (lo - I4_OFF) * s16 + z16  # OFF + q - OFF is exact
                     whi = (hi - I4_OFF) * s16 + z16
+                    if GPC > 1:
+                        wlo = tl.reshape(wlo, (BLOCK_N, BLOCK_K // 2))
+                        whi = tl.reshape(whi, (BLOCK_N, BLOCK_K // 2))
                     acc_t += tl.dot(wlo, tl.trans(xe.to(DOT_DT)), input_precision="ieee")
                     acc_t += tl.dot(whi, tl.trans(xo.to(DOT_DT)), input_precision="ieee")
         if not FMA and DOT_DT != tl.float32:
@@ -466,11 +485,16 @@ def launch(x, qweight, scales, zeros, bias, fmt: str, group_size: int, split_k: 
         config = plan.tuned("dequant", fmt, m, x.dtype, dev, (n, k))
     bm, bn, bk, warps, stages, splits = plan.matmul_tiles(m, fmt, x.dtype, config)
     words = fmt == "int4" and plan.uses_fma(m, config) and bm == 1  # the one-row branch: codes as int32 words
-    gpc = 1  # whole groups per K chunk (group sizes are powers of two, ops.FORMATS)
-    if words and bk > group_size:
+    # Whole groups per K chunk (group sizes are powers of two, ops.FORMATS): the one-row branch and 16-bit dot
+    # tiles dequantize per group in registers; fp32 dots and several-row fma tiles scale a chunk's partial sum,
+    # so their chunks stay inside one group. Only a given config (a tuning table's, the sweep's) spans groups:
+    # the built-in tiles stay what was measured, one group a chunk.
+    dot16 = fmt == "int4" and not plan.uses_fma(m, config) and plan.dot_dtype(x.dtype, interp) != tl.float32
+    gpc = 1
+    if (words or dot16) and bk > group_size and config is not None:
         gpc = bk // group_size
     elif fmt == "int4":
-        bk = min(bk, group_size)  # one group per K chunk: the kernel scales each chunk's partial sum
+        bk = min(bk, group_size)
     tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
     ks = plan.k_split(tiles, k, bk, dev, split_k if split_k is not None else splits)
     atomic = ks < k
@@ -493,7 +517,7 @@ def launch(x, qweight, scales, zeros, bias, fmt: str, group_size: int, split_k: 
     prefetch = words and stages >= 2
     if words:
         q = q.contiguous().view(torch.int32)  # the one-row fma branch reads 8 codes per word (K % 32 == 0)
-    if config is not None and config.scale_words and fmt == "int4" and not fma and dot_dt != tl.float32 \
+    if config is not None and config.scale_words and fmt == "int4" and not fma and dot_dt != tl.float32 and gpc == 1 \
             and (k // group_size) % 2 == 0 and s.dtype == z.dtype and s.element_size() == 2:
         s, z = s.contiguous().view(torch.int32), z.contiguous().view(torch.int32)  # the kernel reads words
     _ops.jit_variant(_matmul_kernel, interp)[grid](
