@@ -210,12 +210,17 @@ def _lower_quantized_linears(gm: fx.GraphModule, mode: int) -> list[KernelRecord
     """effcompile::wq_linear -> the fused dequant-matmul kernel (same arguments + act + mode)."""
     def describe(node):
         act = node.args[7] if len(node.args) > 7 else node.kwargs.get("act", "none")
+        epilogue = node.args[8] if len(node.args) > 8 else node.kwargs.get("epilogue", "none")
         lora = node.meta.pop(_EORA, ())  # (A, B) get_attr nodes when _fuse_eora_side_paths folded them in
         node.args, node.kwargs = (*node.args[:7], act, mode, *lora), {}
+        if epilogue != "none":  # the kernel op takes it after the (absent) low-rank factors
+            node.args = (*node.args[:9], *(lora or (None, None)), epilogue)
         x, fmt, group = node.args[0], node.args[5], node.args[6]
         label = fmt + (f"g{group}" if group else "") + (f"-a{act}" if act != "none" else "")
         if lora:
             label += f"+eora-r{attr_tensor(gm, lora[0]).shape[0]}"
+        if epilogue != "none":
+            label += f"+{epilogue}"
         return _dequant.kind_for(_static_rows(x), fmt, act), ("wq_linear", label)
     return _retarget(gm, wq_linear_op(), _dequant, describe)
 
@@ -295,9 +300,11 @@ def _fuse_eora_side_paths(gm: fx.GraphModule, mode: int) -> list[tuple[str, str]
 def _lower_sparse_linears(gm: fx.GraphModule, mode: int) -> list[KernelRecord]:
     """effcompile::sparse_linear -> the sparse GEMV kernel (same arguments + mode)."""
     def describe(node):
-        node.args = (*node.args, mode)
+        epilogue = node.args[10] if len(node.args) > 10 else node.kwargs.get("epilogue", "none")
+        node.args, node.kwargs = (*node.args[:10], mode, epilogue), {}
         x, fmt, group = node.args[0], node.args[6], node.args[7]
-        return _sparse.kind_for(_static_rows(x)), ("sparse_linear", fmt + (f"g{group}" if group else ""))
+        label = fmt + (f"g{group}" if group else "") + (f"+{epilogue}" if epilogue != "none" else "")
+        return _sparse.kind_for(_static_rows(x)), ("sparse_linear", label)
     return _retarget(gm, sparse_linear_op(), _sparse, describe)
 
 
@@ -337,6 +344,11 @@ def _bag_plan(gm: fx.GraphModule, node) -> tuple | str | None:
     node is not a candidate at all."""
     if node.op != "call_function":
         return None
+    if node.target in (sparse_linear_op(), wq_linear_op()) and (
+            len(node.args) > (10 if node.target is sparse_linear_op() else 8) or "epilogue" in node.kwargs):
+        # FuseGatedActivation fires only where Triton runs; a graph that still has an epilogue here keeps its
+        # IR op, whose eager path applies it.
+        return "it carries an output epilogue, which the bag GEMV has not"
     if node.target is sparse_linear_op():
         x, thr, w, s, z, b, fmt, group, label, decode_only = node.args[:10]
         wt, st, zt = attr_tensor(gm, w), attr_tensor(gm, s), attr_tensor(gm, z)

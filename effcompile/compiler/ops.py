@@ -262,6 +262,21 @@ def _w8a8(x, qweight, scales, bias) -> torch.Tensor:
     return y.to(x.dtype).view(*x.shape[:-1], qweight.shape[0])
 
 
+# Output epilogues a linear op may carry (passes/fuse_gated_activation.py): "silu_mul" reads outputs 2i and 2i + 1
+# as a gate and its up projection and gives silu(gate) * up, N / 2 outputs.
+EPILOGUES = ("none", "silu_mul")
+
+
+def apply_epilogue(y: torch.Tensor, epilogue: str) -> torch.Tensor:
+    """What a linear op's epilogue computes on its [..., N] output, in its dtype, as the unfused graph did
+    (F.silu of the gate, rounded, times the up projection)."""
+    if epilogue == "none":
+        return y
+    if epilogue != "silu_mul":
+        raise ValueError(f"epilogue={epilogue!r} is not one of {EPILOGUES}")
+    return torch.nn.functional.silu(y[..., 0::2]) * y[..., 1::2]
+
+
 def wq_linear_eager(x, qweight, scales, zeros, bias, fmt: str, group_size: int, act: str = "none") -> torch.Tensor:
     """What the IR op runs outside Triton: a packed CPU op when it is checked, else dequant + linear."""
     if act != "none":
@@ -292,14 +307,15 @@ if not hasattr(torch.ops.effcompile, "wq_linear"):
 
     @torch.library.custom_op("effcompile::wq_linear", mutates_args=())
     def wq_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
-                  bias: torch.Tensor | None, fmt: str, group_size: int, act: str = "none") -> torch.Tensor:
+                  bias: torch.Tensor | None, fmt: str, group_size: int, act: str = "none",
+                  epilogue: str = "none") -> torch.Tensor:
         """y = quant(x) @ dequantize(qweight).T + bias, for the weight formats in FORMATS and the
-        dynamic activation quantization in ACTIVATIONS."""
-        return wq_linear_eager(x, qweight, scales, zeros, bias, fmt, group_size, act)
+        dynamic activation quantization in ACTIVATIONS; then its epilogue (EPILOGUES)."""
+        return apply_epilogue(wq_linear_eager(x, qweight, scales, zeros, bias, fmt, group_size, act), epilogue)
 
     @wq_linear.register_fake
-    def _wq_linear_fake(x, qweight, scales, zeros, bias, fmt, group_size, act="none"):
-        return x.new_empty((*x.shape[:-1], qweight.shape[0]))
+    def _wq_linear_fake(x, qweight, scales, zeros, bias, fmt, group_size, act="none", epilogue="none"):
+        return x.new_empty((*x.shape[:-1], qweight.shape[0] // (1 if epilogue == "none" else 2)))
 
 
 def wq_linear_op():
@@ -307,5 +323,5 @@ def wq_linear_op():
     return torch.ops.effcompile.wq_linear.default
 
 
-__all__ = ["ACTIVATIONS", "FORMATS", "FP8", "PATH_COUNTS", "fake_quantize_activation", "quantize_activation", "QuantizedWeight", "check_format", "dequantize", "quantize_weight",
+__all__ = ["ACTIVATIONS", "EPILOGUES", "FORMATS", "apply_epilogue", "FP8", "PATH_COUNTS", "fake_quantize_activation", "quantize_activation", "QuantizedWeight", "check_format", "dequantize", "quantize_weight",
            "reference", "sqnr", "unpack_int4", "wq_linear_eager", "wq_linear_op"]

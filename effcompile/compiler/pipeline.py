@@ -13,6 +13,7 @@ def default_passes() -> list:
     from effcompile.passes import RemoveDropout
     from effcompile.passes.attention_mask import AdditiveAttentionMask
     from effcompile.passes.fuse_cache_writes import FuseCacheWrites
+    from effcompile.passes.fuse_gated_activation import FuseGatedActivation
     from effcompile.passes.fuse_parallel_linears import FuseParallelLinears
     from effcompile.passes.fuse_rotary_qk import FuseRotaryQK
     from effcompile.passes.fuse_sparse_linear import FuseSparseLinear
@@ -24,6 +25,8 @@ def default_passes() -> list:
     # only where SDPA reads K/V heads repeated for grouped-query attention; AdditiveAttentionMask only
     # where several attention calls read one boolean mask; FuseCacheWrites only where a K/V pair is copied
     # into a cache at one index; RemoveUnusedFactories only where a tensor factory's result is never read;
-    # FuseRotaryQK only where q and k are adjacent slices of one fused projection.
+    # FuseRotaryQK only where q and k are adjacent slices of one fused projection; FuseGatedActivation only
+    # where silu(gate) * up reads the two halves of one fused (quantized or thresholded) projection.
     return [RemoveDropout(), RemoveUnusedFactories(), FuseSparseLinear(), FuseParallelLinears(),
-            GroupedQueryAttention(), AdditiveAttentionMask(), FuseCacheWrites(), FuseRotaryQK()]
+            FuseGatedActivation(), GroupedQueryAttention(), AdditiveAttentionMask(), FuseCacheWrites(),
+            FuseRotaryQK()]

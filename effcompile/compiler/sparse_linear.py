@@ -81,15 +81,17 @@ if not hasattr(torch.ops.effcompile, "sparse_linear"):
     @torch.library.custom_op("effcompile::sparse_linear", mutates_args=())
     def sparse_linear(x: torch.Tensor, threshold: torch.Tensor, weight_t: torch.Tensor, scales: torch.Tensor | None,
                       zeros: torch.Tensor | None, bias: torch.Tensor | None, fmt: str, group_size: int, label: str,
-                      decode_only: bool) -> torch.Tensor:
-        """linear(sparsify(x, threshold), W) with W input-major (see the module docstring)."""
-        return sparse_linear_eager(x, threshold, weight_t, scales, zeros, bias, fmt, group_size, label,
-                                   decode_only)
+                      decode_only: bool, epilogue: str = "none") -> torch.Tensor:
+        """linear(sparsify(x, threshold), W) with W input-major (see the module docstring), then the
+        epilogue (compiler/ops.py EPILOGUES)."""
+        return qops.apply_epilogue(sparse_linear_eager(x, threshold, weight_t, scales, zeros, bias, fmt, group_size,
+                                                       label, decode_only), epilogue)
 
     @sparse_linear.register_fake
-    def _sparse_linear_fake(x, threshold, weight_t, scales, zeros, bias, fmt, group_size, label, decode_only):
+    def _sparse_linear_fake(x, threshold, weight_t, scales, zeros, bias, fmt, group_size, label, decode_only,
+                            epilogue="none"):
         n = weight_t.shape[1] * (2 if fmt == "int4" else 1)
-        return x.new_empty((*x.shape[:-1], n))
+        return x.new_empty((*x.shape[:-1], n // (1 if epilogue == "none" else 2)))
 
 
 def sparse_linear_op():

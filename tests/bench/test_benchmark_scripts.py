@@ -51,7 +51,7 @@ def test_sass_stats_reads_the_hot_loop_of_a_compiled_decode_kernel(tmp_path):
     assert int4["weight_bytes_per_iteration"] == 128 * 128 // 2
 
 
-def test_launches_counts_four_fewer_per_layer_with_fused_projections(tmp_path):
+def test_launches_counts_five_fewer_per_layer_with_fused_projections(tmp_path):
     out = tmp_path / "launches.json"
     r = _run("benchmarks/launches.py", "--model", "llama-tiny", "--batches", "1", "--configs",
              "quantize(weights=int8)", "--out", str(out))
@@ -60,7 +60,8 @@ def test_launches_counts_four_fewer_per_layer_with_fused_projections(tmp_path):
     eager, fused, off = (row["launches_b1"] for row in data["rows"])
     assert [row["config"] for row in data["rows"]][1:] == ["quantize(weights=int8)",
                                                            "quantize(weights=int8) [FuseParallelLinears off]"]
-    # per layer: q/k/v -> 1 and gate/up -> 1 linear, and q's and k's RoPE -> 1 (FuseRotaryQK needs fused q/k)
-    assert fused == off - 4 * data["layers"] and off < eager
+    # per layer: q/k/v -> 1 and gate/up -> 1 linear, q's and k's RoPE -> 1 (FuseRotaryQK needs fused q/k), and
+    # silu(gate) * up in the gate/up kernel's epilogue (FuseGatedActivation needs them fused)
+    assert fused == off - 5 * data["layers"] and off < eager
     # TRITON_INTERPRET=1: the dequant kernel, as on a GPU
     assert data["rows"][1]["by_op_b1"]["effcompile::dequant_linear"] == 4 * data["layers"]

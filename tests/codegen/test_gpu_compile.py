@@ -247,3 +247,25 @@ def test_int4_dot_tiles_spanning_groups_compile(dtype, cap, launches):
         D.launch(torch.randn(m, 512, dtype=dtype), *qw[:3], None, "int4", 64, config=plan.Config(32, 256, 4, 3, 2))
     assert [launch.kwargs["GPC"] for launch in launches] == [4, 4]
     _compile_all(launches, cap)
+
+
+@pytest.mark.parametrize("cap", [80, 90])
+def test_gated_epilogues_compile(cap, launches):
+    # EPILOGUE 1 (silu(gate) * up before the store): dequant tiles (one-row words, dots, prefill) and the sparse
+    # GEMV's three formats, with and without split-K.
+    dtype = torch.bfloat16
+    qw = _weights("int4", 96, 256, dtype, 128)
+    for m, config in ((1, plan.Config(64, 128, 4, 1, 2, fma=True)), (8, None), (24, None)):
+        D.launch(torch.randn(m, 256, dtype=dtype), *qw[:3], None, "int4", 128, config=config, epilogue="silu_mul")
+    D.launch(torch.randn(1, 256, dtype=dtype), *qw[:3], None, "int4", 128, split_k=1, epilogue="silu_mul")
+    w = torch.randn(96, 256, generator=torch.Generator().manual_seed(0)).to(dtype)
+    for fmt in ("float", "int8", "int4"):
+        group = 64 if fmt == "int4" else 0
+        q = qops.quantize_weight(w, fmt, group) if fmt != "float" else None
+        wt, s, z = sl.to_input_major(w if q is None else q.qweight, *((None, None) if q is None else
+                                                                     (q.scales, q.zeros)), fmt, group)
+        for split in (1, 2):
+            S.launch(torch.randn(1, 256, dtype=dtype), torch.tensor(0.5), wt, s, z, None, fmt, group, split_k=split,
+                     epilogue="silu_mul")
+    assert len(launches) == 10 and all(launch.kwargs["EPILOGUE"] == 1 for launch in launches)
+    _compile_all(launches, cap)

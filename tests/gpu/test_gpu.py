@@ -486,6 +486,34 @@ def test_int4_chunks_spanning_groups_on_device(config, m, dtype):
         assert _rel_err(got, D.reference(*args)) <= REL_TOL[dtype], splits
 
 
+@pytest.mark.parametrize("m", [1, 8, 24])
+@pytest.mark.parametrize("kernel", ["dequant", "sparse"])
+def test_gated_epilogue_on_device(kernel, m):
+    # EPILOGUE 1 (FuseGatedActivation, session 12): silu(gate) * up in the kernel's store equals the unfused
+    # output through the torch ops, one bf16 rounding step apart at most (triton's exp against torch's).
+    from effcompile.codegen.kernels import sparse_gemv as S
+    from effcompile.compiler import sparse_linear as sl
+
+    dtype = torch.bfloat16
+    gen = torch.Generator().manual_seed(m)
+    w = (torch.randn(782, 1536, generator=gen) / 20).to(dtype)
+    qw = qops.quantize_weight(w, "int4", 128)
+    x = torch.randn(m, 1536, generator=gen).to(dtype).cuda()
+    if kernel == "dequant":
+        args = (x, *(t.cuda() for t in qw[:3]), None, "int4", 128)
+        fn = D.launch
+    else:
+        if m > 8:
+            pytest.skip("the sparse GEMV takes decode rows only")
+        wt, st, zt = sl.to_input_major(qw.qweight, qw.scales, qw.zeros, "int4", 128)
+        args = (x, torch.tensor(0.5).cuda(), wt.cuda(), st.cuda(), zt.cuda(), None, "int4", 128)
+        fn = S.launch
+    for splits in (None, 3):
+        got = fn(*args, split_k=splits, epilogue="silu_mul")
+        want = qops.apply_epilogue(fn(*args, split_k=splits), "silu_mul")
+        torch.testing.assert_close(got, want, rtol=2 ** -7, atol=1e-6)
+
+
 # -- fma (register-reduced) decode tiles: the sweep times them, so they must be right on the device ---
 
 

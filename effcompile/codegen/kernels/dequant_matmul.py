@@ -33,7 +33,7 @@ def _matmul_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, u_ptr, lb_ptr, out_ptr, ws
                    SPLITS, RANK,
                    FMT: tl.constexpr, G: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr,
                    DOT_DT: tl.constexpr, I4_BITS: tl.constexpr, I4_OFF: tl.constexpr, I4_ASM: tl.constexpr,
-                   EVEN_NK: tl.constexpr, GPC: tl.constexpr,
+                   EVEN_NK: tl.constexpr, GPC: tl.constexpr, EPILOGUE: tl.constexpr,
                    SPLIT: tl.constexpr, FMA: tl.constexpr, PREFETCH: tl.constexpr, BLOCK_M: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
     # Tiled tl.dot: the weight tile is dequantized in registers right before the dot (never in memory).
@@ -360,6 +360,13 @@ def _matmul_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, u_ptr, lb_ptr, out_ptr, ws
         acc += b[None, :]
     out = out_ptr + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
     omask = m_mask[:, None] & n_mask[None, :]
+    if EPILOGUE == 1:
+        # silu(gate) * up (passes/fuse_gated_activation.py): outputs 2i / 2i + 1 of the tile are gate i / up i,
+        # the result is output i of an [M, N / 2] tensor. Rounded as the unfused graph rounds (the linear's
+        # output, then silu's, then the product), with the sigmoid of codegen/triton_gen.py.
+        offs_h = pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
+        out_h = out_ptr + offs_m.to(tl.int64)[:, None] * (N // 2) + offs_h[None, :]
+        hmask = m_mask[:, None] & (offs_h < N // 2)[None, :]
     if SPLIT == 2:
         # All threads' adds before the count (the barrier), the count an acq_rel atomic: the split that counts
         # last reads every sum, through an atomic (L2, never a stale L1 line), then leaves zeros for the next
@@ -374,11 +381,24 @@ def _matmul_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, u_ptr, lb_ptr, out_ptr, ws
         if tl.atomic_add(cnt_ptr + tile, 1) == SPLITS - 1:
             zero = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
             total = tl.atomic_add(ws, zero, mask=omask, sem="relaxed")
-            tl.store(out, total.to(out_ptr.dtype.element_ty), mask=omask)
+            if EPILOGUE == 1:
+                g, u = tl.split(tl.reshape(total, (BLOCK_M, BLOCK_N // 2, 2)))
+                g = g.to(out_ptr.dtype.element_ty).to(tl.float32)
+                a = (g * (1.0 / (1.0 + tl.exp(-g)))).to(out_ptr.dtype.element_ty).to(tl.float32)
+                h = a * u.to(out_ptr.dtype.element_ty).to(tl.float32)
+                tl.store(out_h, h.to(out_ptr.dtype.element_ty), mask=hmask)
+            else:
+                tl.store(out, total.to(out_ptr.dtype.element_ty), mask=omask)
             tl.store(ws, zero, mask=omask)
             tl.store(cnt_ptr + tile, 0)
     elif SPLIT == 1:
         tl.atomic_add(out, acc, mask=omask)
+    elif EPILOGUE == 1:
+        g, u = tl.split(tl.reshape(acc, (BLOCK_M, BLOCK_N // 2, 2)))
+        g = g.to(out_ptr.dtype.element_ty).to(tl.float32)
+        a = (g * (1.0 / (1.0 + tl.exp(-g)))).to(out_ptr.dtype.element_ty).to(tl.float32)
+        h = a * u.to(out_ptr.dtype.element_ty).to(tl.float32)
+        tl.store(out_h, h.to(out_ptr.dtype.element_ty), mask=hmask)
     else:
         tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=omask)
 
@@ -458,22 +478,27 @@ def _lora_inputs(x2, lora_a, lora_b, n: int):
 
 
 def launch(x, qweight, scales, zeros, bias, fmt: str, group_size: int, split_k: int | None = None,
-           config: plan.Config | None = None, act: str = "none", lora_a=None, lora_b=None) -> torch.Tensor:
+           config: plan.Config | None = None, act: str = "none", lora_a=None, lora_b=None,
+           epilogue: str = "none") -> torch.Tensor:
     """Run the kernels on x [..., K]; the result is [..., N] in x's dtype. split_k forces the K split (tests);
     config overrides the tile shape (benchmarks/kernels.py --sweep); act quantizes the activations per token
     first (W8A8 for int8 x int8). lora_a [r, K] / lora_b [N, r]: add (x A^T) B^T in the kernel, with x the
-    unquantized activations (the EoRA side path reads x, not its fake-quantized copy)."""
+    unquantized activations (the EoRA side path reads x, not its fake-quantized copy). epilogue (compiler/ops.py
+    EPILOGUES): "silu_mul" gives [..., N / 2], in the kernel's store where it can (not W8A8's kernel, not a
+    split-K low-rank launch, whose sums finish in an fp32 output: there torch ops follow)."""
     lora = lora_a is not None and lora_a.shape[0] > 0
     if lora and (why := lora_unfusable(fmt, act)):
         raise ValueError(why)
-    if act == "int8" and fmt == "int8":
-        return aq.w8a8(x, qweight, scales, bias, split_k, config)
     k, n = x.shape[-1], qweight.shape[0]
+    if epilogue not in qops.EPILOGUES or (epilogue != "none" and n % 2):
+        raise ValueError(f"epilogue={epilogue!r} with N={n}: the epilogues are {qops.EPILOGUES}, on an even N")
+    if act == "int8" and fmt == "int8":
+        return qops.apply_epilogue(aq.w8a8(x, qweight, scales, bias, split_k, config), epilogue)
     dev = x.device
     x2 = x.reshape(-1, k).contiguous()
     m = x2.shape[0]
     if not (m and n):
-        return torch.empty((*x.shape[:-1], n), dtype=x.dtype, device=dev)
+        return torch.empty((*x.shape[:-1], n // (2 if epilogue != "none" else 1)), dtype=x.dtype, device=dev)
     q, s = _ops.on_device(qweight, dev, f"{NAME} weight"), _ops.on_device(scales, dev, f"{NAME} scales")
     u, lb, block_r = _lora_inputs(x2, lora_a, lora_b, n) if lora else (s, s, 16)  # placeholders when unused
     if act != "none":
@@ -500,16 +525,18 @@ def launch(x, qweight, scales, zeros, bias, fmt: str, group_size: int, split_k: 
     atomic = ks < k
     grid = (triton.cdiv(m, bm), triton.cdiv(n, bn), triton.cdiv(k, ks))
     ws = cnt = s  # placeholders when unused
+    in_kernel = epilogue != "none" and not (atomic and lora)  # the epilogue in the kernel's single store
+    width = n // 2 if in_kernel else n
     if atomic and lora:
         # With EoRA the split-K sums go into a float32 output that starts at the low-rank term (one small matmul
         # where a zero fill would be). In the kernel, split 0's low-rank loop made illegal memory accesses on an
         # H100 (torch 2.11 / triton 3.6, int4 g32 decode tiles; int8 was fine), so split-K keeps it outside.
         split, out = plan.SPLIT_FP32_OUT, torch.mm(u.float(), lb.float().t())
     elif atomic:
-        split, out = plan.SPLIT_FIXUP, torch.empty((m, n), dtype=x.dtype, device=dev)
+        split, out = plan.SPLIT_FIXUP, torch.empty((m, width), dtype=x.dtype, device=dev)
         ws, cnt = plan.split_workspace(m, n, grid[0] * grid[1], dev)
     else:
-        split, out = plan.SPLIT_NONE, torch.empty((m, n), dtype=x.dtype, device=dev)
+        split, out = plan.SPLIT_NONE, torch.empty((m, width), dtype=x.dtype, device=dev)
     dot_dt = plan.dot_dtype(x.dtype, interp)
     i4_bits, i4_off = plan.int4_offset(dot_dt)
     fma = plan.uses_fma(m, config)
@@ -524,24 +551,26 @@ def launch(x, qweight, scales, zeros, bias, fmt: str, group_size: int, split_k: 
         x2, q, s, z, b, u, lb, out, ws, cnt, m, n, k, ks, grid[2], lora_a.shape[0] if lora else 0, FMT=_FMT[fmt],
         G=max(group_size, 1), HAS_BIAS=bias is not None, HAS_LORA=lora and not atomic, DOT_DT=dot_dt,
         I4_BITS=i4_bits, I4_OFF=i4_off, I4_ASM=plan.int4_asm(dot_dt, interp),
-        EVEN_NK=n % bn == 0 and k % bk == 0 and ks % bk == 0, GPC=gpc,
+        EVEN_NK=n % bn == 0 and k % bk == 0 and ks % bk == 0, GPC=gpc, EPILOGUE=int(in_kernel),
         SPLIT=split, FMA=fma, PREFETCH=prefetch, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=block_r,
         num_warps=warps, num_stages=1 if prefetch else stages)
-    return out.to(x.dtype).view(*x.shape[:-1], n)
+    out = out.to(x.dtype).view(*x.shape[:-1], width)
+    return out if in_kernel else qops.apply_epilogue(out, epilogue)
 
 
 def run(x, qweight, scales, zeros, bias, fmt: str, group_size: int, act: str = "none", mode: int = 0,
-        lora_a=None, lora_b=None) -> torch.Tensor:
+        lora_a=None, lora_b=None, epilogue: str = "none") -> torch.Tensor:
     """mode 0: auto (CUDA or TRITON_INTERPRET=1 -> Triton), 1: Triton, 2: the IR op's eager/CPU path (then
     the low-rank term is the side path's own two linears + add, as in the unfused graph)."""
     lora = lora_a is not None
     if _ops.use_triton(mode, x.device) and supported(x, qweight, fmt, group_size, act, lora) is None:
         out, path = launch(x, qweight, scales, zeros, bias, fmt, group_size, act=act, lora_a=lora_a,
-                           lora_b=lora_b), "triton"
+                           lora_b=lora_b, epilogue=epilogue), "triton"
     else:
         out, path = qops.wq_linear_eager(x, qweight, scales, zeros, bias, fmt, group_size, act), "torch"
         if lora:
             out = out + low_rank(x, lora_a, lora_b)
+        out = qops.apply_epilogue(out, epilogue)
     _ops.count(NAME, path)
     return out
 
@@ -551,10 +580,11 @@ if not _ops.op_exists(NAME):
     @torch.library.custom_op("effcompile::" + NAME, mutates_args=())
     def op(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
            bias: torch.Tensor | None, fmt: str, group_size: int, act: str, mode: int,
-           lora_a: torch.Tensor | None = None, lora_b: torch.Tensor | None = None) -> torch.Tensor:
-        # lora_a / lora_b (EoRA's A [r, K], B [N, r]) come last with defaults: older callers pass none.
-        return run(x, qweight, scales, zeros, bias, fmt, group_size, act, mode, lora_a, lora_b)
+           lora_a: torch.Tensor | None = None, lora_b: torch.Tensor | None = None,
+           epilogue: str = "none") -> torch.Tensor:
+        # lora_a / lora_b (EoRA's A [r, K], B [N, r]) and epilogue come last with defaults: older callers pass none.
+        return run(x, qweight, scales, zeros, bias, fmt, group_size, act, mode, lora_a, lora_b, epilogue)
 
     @op.register_fake
-    def _fake(x, qweight, scales, zeros, bias, fmt, group_size, act, mode, lora_a=None, lora_b=None):
-        return x.new_empty((*x.shape[:-1], qweight.shape[0]))
+    def _fake(x, qweight, scales, zeros, bias, fmt, group_size, act, mode, lora_a=None, lora_b=None, epilogue="none"):
+        return x.new_empty((*x.shape[:-1], qweight.shape[0] // (1 if epilogue == "none" else 2)))

@@ -14,6 +14,7 @@ import triton.language as tl
 
 from effcompile.codegen import ops as _ops
 from effcompile.codegen.kernels import launch_plan as plan
+from effcompile.compiler import ops as qops
 from effcompile.compiler import sparse_linear as sl
 from effcompile.compiler import sparse_ops
 
@@ -29,6 +30,7 @@ def _sparse_kernel(x_ptr, t_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cn
                    SPLITS, FMT: tl.constexpr, G: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr,
                    DOT_DT: tl.constexpr, I4_BITS: tl.constexpr, I4_OFF: tl.constexpr, I4_ASM: tl.constexpr,
                    SPLIT: tl.constexpr, FMA: tl.constexpr, COMPACT: tl.constexpr, SEG: tl.constexpr, PREFETCH: tl.constexpr,
+                   EPILOGUE: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_n = tl.program_id(0)
     k_lo = tl.program_id(1) * K_SPLIT
@@ -250,6 +252,9 @@ def _sparse_kernel(x_ptr, t_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cn
             acc_hi += tl.load(b_ptr + 2 * offs_j + 1, mask=j_mask & first, other=0.0).to(tl.float32)[None, :]
         out = out_ptr + offs_m.to(tl.int64)[:, None] * N + 2 * offs_j[None, :]
         omask = m_mask[:, None] & j_mask[None, :]
+        # EPILOGUE 1, silu(gate) * up (dequant_matmul.py): byte j holds gate j (low) and up j (high), so output j
+        # of the [M, N / 2] result is silu(lo) * hi.
+        out_h = out_ptr + offs_m.to(tl.int64)[:, None] * (N // 2) + offs_j[None, :]
         if SPLIT == 2:  # the self-cleaning split-K workspace, as in dequant_matmul.py (SPLIT 1 is not used)
             ws = ws_ptr + offs_m.to(tl.int64)[:, None] * N + 2 * offs_j[None, :]
             tl.atomic_add(ws, acc_lo, mask=omask, sem="relaxed")
@@ -257,11 +262,24 @@ def _sparse_kernel(x_ptr, t_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cn
             tl.debug_barrier()
             if tl.atomic_add(cnt_ptr + pid_n, 1) == SPLITS - 1:
                 zero = tl.full((BLOCK_M, HALF), 0.0, tl.float32)
-                tl.store(out, tl.atomic_add(ws, zero, mask=omask, sem="relaxed").to(out_ptr.dtype.element_ty), mask=omask)
-                tl.store(out + 1, tl.atomic_add(ws + 1, zero, mask=omask, sem="relaxed").to(out_ptr.dtype.element_ty), mask=omask)
+                lo = tl.atomic_add(ws, zero, mask=omask, sem="relaxed")
+                hi = tl.atomic_add(ws + 1, zero, mask=omask, sem="relaxed")
+                if EPILOGUE == 1:
+                    g = lo.to(out_ptr.dtype.element_ty).to(tl.float32)
+                    a = (g * (1.0 / (1.0 + tl.exp(-g)))).to(out_ptr.dtype.element_ty).to(tl.float32)
+                    tl.store(out_h, (a * hi.to(out_ptr.dtype.element_ty).to(tl.float32)).to(out_ptr.dtype.element_ty),
+                             mask=omask)
+                else:
+                    tl.store(out, lo.to(out_ptr.dtype.element_ty), mask=omask)
+                    tl.store(out + 1, hi.to(out_ptr.dtype.element_ty), mask=omask)
                 tl.store(ws, zero, mask=omask)
                 tl.store(ws + 1, zero, mask=omask)
                 tl.store(cnt_ptr + pid_n, 0)
+        elif EPILOGUE == 1:
+            g = acc_lo.to(out_ptr.dtype.element_ty).to(tl.float32)
+            a = (g * (1.0 / (1.0 + tl.exp(-g)))).to(out_ptr.dtype.element_ty).to(tl.float32)
+            tl.store(out_h, (a * acc_hi.to(out_ptr.dtype.element_ty).to(tl.float32)).to(out_ptr.dtype.element_ty),
+                     mask=omask)
         else:
             tl.store(out, acc_lo.to(out_ptr.dtype.element_ty), mask=omask)
             tl.store(out + 1, acc_hi.to(out_ptr.dtype.element_ty), mask=omask)
@@ -273,15 +291,33 @@ def _sparse_kernel(x_ptr, t_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cn
             acc += tl.load(b_ptr + offs_n, mask=n_mask & first, other=0.0).to(tl.float32)[None, :]
         out = out_ptr + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
         omask = m_mask[:, None] & n_mask[None, :]
+        # EPILOGUE 1: outputs 2i / 2i + 1 of the tile are gate i / up i (dequant_matmul.py).
+        offs_h = pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
+        out_h = out_ptr + offs_m.to(tl.int64)[:, None] * (N // 2) + offs_h[None, :]
+        hmask = m_mask[:, None] & (offs_h < N // 2)[None, :]
         if SPLIT == 2:
             ws = ws_ptr + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
             tl.atomic_add(ws, acc, mask=omask, sem="relaxed")
             tl.debug_barrier()
             if tl.atomic_add(cnt_ptr + pid_n, 1) == SPLITS - 1:
                 zero = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
-                tl.store(out, tl.atomic_add(ws, zero, mask=omask, sem="relaxed").to(out_ptr.dtype.element_ty), mask=omask)
+                total = tl.atomic_add(ws, zero, mask=omask, sem="relaxed")
+                if EPILOGUE == 1:
+                    g, u = tl.split(tl.reshape(total, (BLOCK_M, BLOCK_N // 2, 2)))
+                    g = g.to(out_ptr.dtype.element_ty).to(tl.float32)
+                    a = (g * (1.0 / (1.0 + tl.exp(-g)))).to(out_ptr.dtype.element_ty).to(tl.float32)
+                    tl.store(out_h, (a * u.to(out_ptr.dtype.element_ty).to(tl.float32)).to(out_ptr.dtype.element_ty),
+                             mask=hmask)
+                else:
+                    tl.store(out, total.to(out_ptr.dtype.element_ty), mask=omask)
                 tl.store(ws, zero, mask=omask)
                 tl.store(cnt_ptr + pid_n, 0)
+        elif EPILOGUE == 1:
+            g, u = tl.split(tl.reshape(acc, (BLOCK_M, BLOCK_N // 2, 2)))
+            g = g.to(out_ptr.dtype.element_ty).to(tl.float32)
+            a = (g * (1.0 / (1.0 + tl.exp(-g)))).to(out_ptr.dtype.element_ty).to(tl.float32)
+            tl.store(out_h, (a * u.to(out_ptr.dtype.element_ty).to(tl.float32)).to(out_ptr.dtype.element_ty),
+                     mask=hmask)
         else:
             tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=omask)
 
@@ -301,16 +337,20 @@ def supported(x: torch.Tensor, weight_t: torch.Tensor, fmt: str, decode_only: bo
 
 
 def launch(x, threshold, weight_t, scales, zeros, bias, fmt: str, group_size: int,
-           split_k: int | None = None, config: plan.Config | None = None) -> torch.Tensor:
-    """Run the kernel on x [..., K] (at most DECODE_MAX_ROWS rows); the result is [..., N] in x's dtype.
+           split_k: int | None = None, config: plan.Config | None = None, epilogue: str = "none") -> torch.Tensor:
+    """Run the kernel on x [..., K] (at most DECODE_MAX_ROWS rows); the result is [..., N] in x's dtype, or
+    [..., N / 2] with epilogue "silu_mul" (compiler/ops.py EPILOGUES), applied in the kernel's store.
     split_k forces the K split (tests); config overrides the tile shape (benchmarks/kernels.py --sweep)."""
     k = x.shape[-1]
     n = weight_t.shape[1] * (2 if fmt == "int4" else 1)
+    if epilogue not in qops.EPILOGUES or (epilogue != "none" and n % 2):
+        raise ValueError(f"epilogue={epilogue!r} with N={n}: the epilogues are {qops.EPILOGUES}, on an even N")
+    width = n // 2 if epilogue != "none" else n
     dev = x.device
     x2 = x.reshape(-1, k).contiguous()
     m = x2.shape[0]
     if not (m and n):
-        return torch.empty((*x.shape[:-1], n), dtype=x.dtype, device=dev)
+        return torch.empty((*x.shape[:-1], width), dtype=x.dtype, device=dev)
     t = _ops.on_device(threshold, dev, f"{NAME} threshold").float()
     w = _ops.on_device(weight_t, dev, f"{NAME} weight")
     s = _ops.on_device(scales, dev, f"{NAME} scales") if scales is not None else t  # placeholders: float
@@ -332,7 +372,7 @@ def launch(x, threshold, weight_t, scales, zeros, bias, fmt: str, group_size: in
     tiles = triton.cdiv(n, bn)
     ks = plan.k_split(tiles, k, seg if compact else bk, dev, split_k)
     grid = (tiles, triton.cdiv(k, ks))
-    out = torch.empty((m, n), dtype=x.dtype, device=dev)
+    out = torch.empty((m, width), dtype=x.dtype, device=dev)
     split = plan.SPLIT_FIXUP if ks < k else plan.SPLIT_NONE
     ws, cnt = plan.split_workspace(m, n, tiles, dev) if split else (t, t)
     if compact:
@@ -346,19 +386,21 @@ def launch(x, threshold, weight_t, scales, zeros, bias, fmt: str, group_size: in
         x2, t, w, s, z, b, out, ws, cnt, lists, m, n, k, ks, grid[1], FMT=_FMT[fmt], G=max(group_size, 1),
         PER_CHANNEL=t.numel() > 1, HAS_BIAS=bias is not None, DOT_DT=dot_dt, I4_BITS=i4_bits, I4_OFF=i4_off,
         I4_ASM=plan.int4_asm(dot_dt, interp), SPLIT=split, FMA=fma, COMPACT=compact, SEG=seg, PREFETCH=compact and stages >= 2,
+        EPILOGUE=int(epilogue != "none"),
         BLOCK_M=plan.block_m(m, config), BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=1 if compact else stages)
-    return out.view(*x.shape[:-1], n)
+    return out.view(*x.shape[:-1], width)
 
 
-def run(x, threshold, weight_t, scales, zeros, bias, fmt, group_size, label, decode_only, mode: int = 0):
+def run(x, threshold, weight_t, scales, zeros, bias, fmt, group_size, label, decode_only, mode: int = 0,
+        epilogue: str = "none"):
     """mode 0: auto (CUDA or TRITON_INTERPRET=1 -> Triton where supported), 1: Triton, 2: eager path."""
     if _ops.use_triton(mode, x.device) and supported(x, weight_t, fmt, decode_only) is None:
         if sparse_ops.measuring():  # the kernel does not count; count here only when asked to
             sparse_ops.record(label, sparse_ops.keep_mask(x, threshold), x.numel())
-        out, path = launch(x, threshold, weight_t, scales, zeros, bias, fmt, group_size), "triton"
+        out, path = launch(x, threshold, weight_t, scales, zeros, bias, fmt, group_size, epilogue=epilogue), "triton"
     else:
-        out, path = sl.sparse_linear_eager(x, threshold, weight_t, scales, zeros, bias, fmt, group_size, label,
-                                           decode_only), "torch"
+        out, path = qops.apply_epilogue(sl.sparse_linear_eager(x, threshold, weight_t, scales, zeros, bias, fmt,
+                                                               group_size, label, decode_only), epilogue), "torch"
     _ops.count(NAME, path)
     return out
 
@@ -376,9 +418,10 @@ if not _ops.op_exists(NAME):
     @torch.library.custom_op("effcompile::" + NAME, mutates_args=())
     def op(x: torch.Tensor, threshold: torch.Tensor, weight_t: torch.Tensor, scales: torch.Tensor | None,
            zeros: torch.Tensor | None, bias: torch.Tensor | None, fmt: str, group_size: int, label: str,
-           decode_only: bool, mode: int) -> torch.Tensor:
-        return run(x, threshold, weight_t, scales, zeros, bias, fmt, group_size, label, decode_only, mode)
+           decode_only: bool, mode: int, epilogue: str = "none") -> torch.Tensor:
+        return run(x, threshold, weight_t, scales, zeros, bias, fmt, group_size, label, decode_only, mode, epilogue)
 
     @op.register_fake
-    def _fake(x, threshold, weight_t, scales, zeros, bias, fmt, group_size, label, decode_only, mode):
-        return x.new_empty((*x.shape[:-1], weight_t.shape[1] * (2 if fmt == "int4" else 1)))
+    def _fake(x, threshold, weight_t, scales, zeros, bias, fmt, group_size, label, decode_only, mode, epilogue="none"):
+        n = weight_t.shape[1] * (2 if fmt == "int4" else 1)
+        return x.new_empty((*x.shape[:-1], n // (1 if epilogue == "none" else 2)))
