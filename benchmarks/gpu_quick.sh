@@ -46,9 +46,10 @@ kernels() {
         --sweep-shapes "${SWEEP_SHAPES:-8b.up,8b.down,1b.qkv,1b.o,1b.gate_up,1b.down}" \
         --shapes "${KERNEL_SHAPES:-8b.up,8b.down}" --output "$OUT/kernels.json" 2>&1 | grep -v "^  config" | tee "$OUT/kernels.log"
 }
-# int4 without session 11's launch cuts (additive mask once, one-kernel cache writes, one RoPE for q and k) nor
-# session 10's GQA: the same run then shows what they saved. Last, so a timeout cuts it first.
-ABLATION="quantize(weights=int4,group_size=128)+additive_attention_mask(enabled=False)+fuse_cache_writes(enabled=False)+fuse_rotary_qk(enabled=False)+grouped_query_attention(enabled=False)"
+# int4 without session 11's launch cuts (additive mask once, one-kernel cache writes, one RoPE for q and k),
+# session 12's gated epilogue nor session 10's GQA: the same run then shows what they saved. Last, so a timeout
+# cuts it first.
+ABLATION="quantize(weights=int4,group_size=128)+additive_attention_mask(enabled=False)+fuse_cache_writes(enabled=False)+fuse_rotary_qk(enabled=False)+fuse_gated_activation(enabled=False)+grouped_query_attention(enabled=False)"
 decode() {  # with the tile table the kernels step wrote (if it ran and got that far) over the shipped one
     [ -s "$OUT/tuning.json" ] && export EFFCOMPILE_KERNEL_TUNING="$OUT/tuning.json"
     timeout 275 "$PY" benchmarks/decode.py --device cuda --dtype bfloat16 --model "${DECODE_MODEL:-llama-1b}" --steps 16 \
