@@ -42,10 +42,10 @@ def _decode(model, passes, batch=2, calibration=None):
     return fast, torch.cat(logits)
 
 
-@pytest.mark.parametrize("batch", [1, 3])
-def test_quantized_mlp_gate_runs_in_the_gemv_epilogue(llama, batch, monkeypatch):
+@pytest.mark.parametrize("weights,batch", [("int4", 1), ("int4", 3), ("int8", 1)])
+def test_quantized_mlp_gate_runs_in_the_gemv_epilogue(llama, weights, batch, monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # lower as for a GPU: the linears become Triton kernels
-    quant = ec.Quantize(weights="int4", group_size=32)
+    quant = ec.Quantize(weights=weights, group_size=32 if weights == "int4" else None)
     fast, got = _decode(llama, [quant], batch)
     plain, want = _decode(llama, [quant, FuseGatedActivation(enabled=False)], batch)
     (rec,) = [r for r in _record(fast) if r.modified]
@@ -58,10 +58,14 @@ def test_quantized_mlp_gate_runs_in_the_gemv_epilogue(llama, batch, monkeypatch)
     torch.testing.assert_close(got, want, rtol=2 ** -6, atol=2e-2)
 
 
-def test_thresholded_mlp_gate_runs_in_the_sparse_gemv_epilogue(llama, monkeypatch):
+@pytest.mark.parametrize("weights", [None, "int8", "int4"])
+def test_thresholded_mlp_gate_runs_in_the_sparse_gemv_epilogue(llama, weights, monkeypatch):
+    # float, int8 and int4 input-major layouts: each interleaves its outputs its own way (int4 within bytes)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     calib = [{"input_ids": torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(s))} for s in range(2)]
-    passes = [ec.ThresholdChannels(sparsity=0.5), ec.Quantize(weights="int4", group_size=32)]
+    passes = [ec.ThresholdChannels(sparsity=0.5)]
+    if weights:
+        passes.append(ec.Quantize(weights=weights, group_size=32 if weights == "int4" else None))
     fast, got = _decode(llama, passes, 1, calib)
     plain, want = _decode(llama, [*passes, FuseGatedActivation(enabled=False)], 1, calib)
     recs = [r for r in _record(fast) if r.modified]  # the prefill graph's and the decode graph's
