@@ -42,7 +42,7 @@ def _decode(model, passes, batch=2, calibration=None):
     return fast, torch.cat(logits)
 
 
-@pytest.mark.parametrize("weights,batch", [("int4", 1), ("int4", 3), ("int8", 1)])
+@pytest.mark.parametrize("weights,batch", [("int4", 1), pytest.param("int4", 3, marks=pytest.mark.slow), ("int8", 1)])
 def test_quantized_mlp_gate_runs_in_the_gemv_epilogue(llama, weights, batch, monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # lower as for a GPU: the linears become Triton kernels
     quant = ec.Quantize(weights=weights, group_size=32 if weights == "int4" else None)
@@ -58,7 +58,8 @@ def test_quantized_mlp_gate_runs_in_the_gemv_epilogue(llama, weights, batch, mon
     torch.testing.assert_close(got, want, rtol=2 ** -6, atol=2e-2)
 
 
-@pytest.mark.parametrize("weights", [None, "int8", "int4"])
+@pytest.mark.parametrize("weights", [pytest.param(None, marks=pytest.mark.slow),  # ~14 s each (calibration)
+                                     pytest.param("int8", marks=pytest.mark.slow), "int4"])
 def test_thresholded_mlp_gate_runs_in_the_sparse_gemv_epilogue(llama, weights, monkeypatch):
     # float, int8 and int4 input-major layouts: each interleaves its outputs its own way (int4 within bytes)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
