@@ -198,8 +198,8 @@ def _retarget(gm: fx.GraphModule, ir_op, kernel, describe) -> list[KernelRecord]
     for node in gm.graph.nodes:
         if node.op != "call_function" or node.target is not ir_op:
             continue
+        kind, ops = describe(node)  # reads the IR op's arguments (its epilogue, sparse_linear.linear_epilogue)
         node.target = _ops.op_for(kernel.NAME)
-        kind, ops = describe(node)
         tag = node.meta.get(TAG)
         records.append(KernelRecord(kernel.NAME, f"torch.ops.effcompile.{kernel.NAME}.default", kernel.__file__,
                                     kind, ops, (node.name,), (str(tag),) if tag is not None else ()))
@@ -210,7 +210,7 @@ def _lower_quantized_linears(gm: fx.GraphModule, mode: int) -> list[KernelRecord
     """effcompile::wq_linear -> the fused dequant-matmul kernel (same arguments + act + mode)."""
     def describe(node):
         act = node.args[7] if len(node.args) > 7 else node.kwargs.get("act", "none")
-        epilogue = node.args[8] if len(node.args) > 8 else node.kwargs.get("epilogue", "none")
+        epilogue = _sl.linear_epilogue(node)
         lora = node.meta.pop(_EORA, ())  # (A, B) get_attr nodes when _fuse_eora_side_paths folded them in
         node.args, node.kwargs = (*node.args[:7], act, mode, *lora), {}
         if epilogue != "none":  # the kernel op takes it after the (absent) low-rank factors
@@ -300,7 +300,7 @@ def _fuse_eora_side_paths(gm: fx.GraphModule, mode: int) -> list[tuple[str, str]
 def _lower_sparse_linears(gm: fx.GraphModule, mode: int) -> list[KernelRecord]:
     """effcompile::sparse_linear -> the sparse GEMV kernel (same arguments + mode)."""
     def describe(node):
-        epilogue = node.args[10] if len(node.args) > 10 else node.kwargs.get("epilogue", "none")
+        epilogue = _sl.linear_epilogue(node)
         node.args, node.kwargs = (*node.args[:10], mode, epilogue), {}
         x, fmt, group = node.args[0], node.args[6], node.args[7]
         label = fmt + (f"g{group}" if group else "") + (f"+{epilogue}" if epilogue != "none" else "")
@@ -344,8 +344,7 @@ def _bag_plan(gm: fx.GraphModule, node) -> tuple | str | None:
     node is not a candidate at all."""
     if node.op != "call_function":
         return None
-    if node.target in (sparse_linear_op(), wq_linear_op()) and (
-            len(node.args) > (10 if node.target is sparse_linear_op() else 8) or "epilogue" in node.kwargs):
+    if _sl.linear_epilogue(node) not in (None, "none"):
         # FuseGatedActivation fires only where Triton runs; a graph that still has an epilogue here keeps its
         # IR op, whose eager path applies it.
         return "it carries an output epilogue, which the bag GEMV has not"

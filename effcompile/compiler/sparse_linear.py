@@ -99,5 +99,14 @@ def sparse_linear_op():
     return torch.ops.effcompile.sparse_linear.default
 
 
-__all__ = ["DECODE_MAX_ROWS", "FORMATS", "reference", "rows_of", "sparse_linear_eager", "sparse_linear_op",
+def linear_epilogue(node) -> str | None:
+    """The output epilogue (ops.EPILOGUES) of a wq_linear / sparse_linear graph node, "none" when it has none
+    (it is the ops' last argument: 9th of wq_linear, 11th of sparse_linear); None for any other node."""
+    if getattr(node, "op", None) != "call_function" or node.target not in (qops.wq_linear_op(), sparse_linear_op()):
+        return None
+    at = 8 if node.target is qops.wq_linear_op() else 10
+    return node.args[at] if len(node.args) > at else node.kwargs.get("epilogue", "none")
+
+
+__all__ = ["DECODE_MAX_ROWS", "FORMATS", "linear_epilogue", "reference", "rows_of", "sparse_linear_eager", "sparse_linear_op",
            "to_input_major"]

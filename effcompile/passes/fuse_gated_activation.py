@@ -100,9 +100,11 @@ def _rewrite(gm, node, mul, dead, ctx, mode) -> None:
     if node.target is qops.wq_linear_op():
         x, q, s, z, b, fmt, group = node.args[:7]
         act = node.args[7] if len(node.args) > 7 else "none"
-        new = {i: ir.add_buffer(gm, node, f"{base}_{what}", _interleave(ir.node_tensor(gm, a, ctx.params), 0), tag, mode)
-               for i, (what, a) in enumerate((("qweight", q), ("scales", s), ("zeros", z), ("bias", b)), 1)}
-        op, args = node.target, (x, new[1], new[2], new[3], new[4], fmt, group, act, "silu_mul")
+        # Output-major: every tensor's rows are the outputs.
+        q2, s2, z2, b2 = (ir.add_buffer(gm, node, f"{base}_{what}", _interleave(ir.node_tensor(gm, a, ctx.params), 0),
+                                        tag, mode)
+                          for what, a in (("qweight", q), ("scales", s), ("zeros", z), ("bias", b)))
+        op, args = node.target, (x, q2, s2, z2, b2, fmt, group, act, "silu_mul")
         old = (q, s, z, b)
     else:
         x, thr, w, s, z, b, fmt, group, label, decode_only = node.args
@@ -157,8 +159,7 @@ def fuse_gated_activation(gm: fx.GraphModule, cfg: FuseGatedActivation, ctx: Pas
         if node.op != "call_function" or node.target not in (wq, sparse):
             continue
         where = str(ir.sublayer(node) or node.name)
-        epilogue_at = 8 if node.target is wq else 10
-        if node.kwargs or len(node.args) > epilogue_at:
+        if node.kwargs or sl.linear_epilogue(node) != "none":
             skipped[where] = "it already has an epilogue or arguments this pass does not know"
             continue
         width = _width(node)
