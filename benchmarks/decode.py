@@ -137,6 +137,7 @@ def main() -> None:
                                         profile=b == batches[0])
             row[f"tok_s_b{b}"] = round(r["tokens_per_s"], 2)
             row[f"ms_per_step_b{b}"] = round(r["ms_per_step"], 4)
+            row[f"logits_vs_eager_b{b}"] = r["logits_vs_eager"]  # the first decode step against eager's
             if "profile" in r:  # one un-graphed step's GPU kernels: busy time vs the step time = launch gaps
                 row[f"profile_b{b}"] = r["profile"]
             if r["cuda_graph"] is not True and graphs:

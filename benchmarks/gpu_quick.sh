@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # A short GPU check for a session with ~15 minutes of device time (calls of at most 10 minutes). Steps, run in
 # the order STEPS names them (default: tests,kernels,decode):
-#   tests   the gpu test lane, 16 xdist workers (170 s; session 10's lane of ~340 tests took 146 s);
+#   tests   the gpu test lane, 16 xdist workers (TESTS_S, 170 s; session 10's lane of ~340 tests took 146 s;
+#           TESTS_K: a pytest -k expression to run part of it);
 #   kernels the decode-kernel sweep (tl.dot, fma and compact tiles, K splits up to 128) for the cases in
 #           SWEEP_CASES on SWEEP_SHAPES (the two Llama-3-8B MLP shapes and the four GEMVs of the 1B decode
 #           model; a shape clearly faster with a tile of its own gets a shape-keyed entry; no new case after
@@ -11,6 +12,7 @@
 #           Inductor a few seconds; last an int4 ablation without the launch-cutting passes) (275 s);
 #           DECODE_MODEL=llama-8b times Llama-3.1-8B's shape instead (16 GB in bf16, never run yet: expect
 #           fewer configs to fit), where weight reads dominate a step as in the papers' headline numbers;
+#           each row checks its first decode step's logits against eager's (logits_vs_eager_b*); DECODE_S;
 #   peers   TorchAO int4 and the bf16 model under torch.compile, each decoder layer compiled on its own
 #           (PEERS_S, default 280 s; PEER_BATCHES, default 1,8): a whole compiled model did not finish within
 #           165-210 s in sessions 7 and 10; regionally Inductor compiles one layer per batch size and the
@@ -37,7 +39,7 @@ fi
   "$PY" -c "import torchao; print('torchao', torchao.__version__)" 2>&1 | tail -1; } | tee "$OUT/device.txt"
 STEPS=${STEPS:-tests,kernels,decode}
 tests() {
-    timeout 170 "$PY" -m pytest -q -m gpu -n 16 -p no:cacheprovider tests/gpu 2>&1 | grep -v "Benchmark" \
+    timeout "${TESTS_S:-170}" "$PY" -m pytest -q -m gpu -n 16 -p no:cacheprovider tests/gpu ${TESTS_K:+-k "$TESTS_K"} 2>&1 | grep -v "Benchmark" \
         | tail -40 | tee "$OUT/gpu-tests.log"
 }
 kernels() {
@@ -52,7 +54,7 @@ kernels() {
 ABLATION="quantize(weights=int4,group_size=128)+additive_attention_mask(enabled=False)+fuse_cache_writes(enabled=False)+fuse_rotary_qk(enabled=False)+fuse_gated_activation(enabled=False)+grouped_query_attention(enabled=False)"
 decode() {  # with the tile table the kernels step wrote (if it ran and got that far) over the shipped one
     [ -s "$OUT/tuning.json" ] && export EFFCOMPILE_KERNEL_TUNING="$OUT/tuning.json"
-    timeout 275 "$PY" benchmarks/decode.py --device cuda --dtype bfloat16 --model "${DECODE_MODEL:-llama-1b}" --steps 16 \
+    timeout "${DECODE_S:-275}" "$PY" benchmarks/decode.py --device cuda --dtype bfloat16 --model "${DECODE_MODEL:-llama-1b}" --steps 16 \
         --configs "${DECODE_CONFIGS:-quantize(weights=int4,group_size=128);threshold(sparsity=0.5)+quantize(weights=int4,group_size=128);threshold(sparsity=0.5);threshold(sparsity=0.4);torchao-int4-eager;none;$ABLATION}" \
         --out "$OUT/decode.json" 2>&1 | tr '\r' '\n' | grep -v "it/s\]\|s/it\]" | tee "$OUT/decode.log"
 }

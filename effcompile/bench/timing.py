@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import copy
 import inspect
 import resource
 import statistics
@@ -199,12 +200,15 @@ def decode_speed(fn, model, prompt_ids: torch.Tensor, steps: int, warmup: int, d
     graph and replayed, as serving stacks do, so the numbers show the GPU work rather than Python's
     launch cost; if capture fails the reason is recorded and the plain loop is timed. Returns the median
     step time, tokens/s (batch tokens per step) and the KV-cache bytes the attention reads per step; with
-    ``profile`` (CUDA only), also one more step's GPU kernels (kernel_profile) under "profile".
+    ``profile`` (CUDA only), also one more step's GPU kernels (kernel_profile) under "profile". The first
+    step (the one that compiles) is checked: its logits against the eager ``model``'s at the same position and
+    cache, under "logits_vs_eager" (a kernel wrong at decode shapes shows here, where the timing cannot).
     """
+    from effcompile.bench.metrics import logit_agreement
     from transformers import StaticCache
 
     batch, plen = prompt_ids.shape
-    total = plen + 2 * warmup + steps + 2  # warm-up, capture, timed and profiled steps all write the cache
+    total = plen + 2 * warmup + steps + 3  # checked, warm-up, capture, timed and profiled steps write the cache
     cache = StaticCache(config=model.config, max_cache_len=total)
     kw = cache_kwarg(model)
     out = model(input_ids=prompt_ids, **{kw: cache}, use_cache=True)
@@ -218,13 +222,19 @@ def decode_speed(fn, model, prompt_ids: torch.Tensor, steps: int, warmup: int, d
         tok.copy_(nxt)
         pos.add_(1)
 
+    # Eager steps on a copy of the cache: a cache may count its own length, so a second call on the same
+    # cache would be the next position.
+    ref = model(input_ids=tok, **{kw: copy.deepcopy(cache)}, use_cache=True, **extra).logits[:, -1]
+    t = time.perf_counter()
+    logits = fn(input_ids=tok, **{kw: cache}, use_cache=True, **extra).logits[:, -1]  # compiles
+    sync(device)
+    first = time.perf_counter() - t
+    check = logit_agreement(ref, logits)
+    tok.copy_(logits.argmax(-1, keepdim=True))
+    pos.add_(1)
     graphed: bool | str = False
-    times, first = [], None
+    times: list[float] = []
     if cuda_graph and torch.device(device).type == "cuda":
-        t = time.perf_counter()
-        step()  # compiles
-        sync(device)
-        first = time.perf_counter() - t
         try:
             times = graphed_steps(step, warmup, steps)
             graphed = True
@@ -237,13 +247,12 @@ def decode_speed(fn, model, prompt_ids: torch.Tensor, steps: int, warmup: int, d
             step()
             sync(device)
             dt = time.perf_counter() - t
-            if i == 0 and first is None:
-                first = dt
             if i >= warmup:
                 times.append(dt * 1e3)
     ms = statistics.median(times)
     res = {"ms_per_step": ms, "tokens_per_s": batch * 1e3 / ms, "steps": steps, "first_step_s": first,
-           "kv_bytes_per_step": kv_cache_bytes(cache), "max_cache_len": total, "cuda_graph": graphed}
+           "kv_bytes_per_step": kv_cache_bytes(cache), "max_cache_len": total, "cuda_graph": graphed,
+           "logits_vs_eager": {k: round(v, 5) for k, v in check.items()}}
     if profile and torch.device(device).type == "cuda":
         try:
             res["profile"] = kernel_profile(step)
