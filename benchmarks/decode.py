@@ -110,7 +110,7 @@ def main() -> None:
         for r in rows:
             if "failed" not in r and not r["config"].startswith("eager") and eager:
                 r.update({f"vs_eager_b{b}": round(r[f"tok_s_b{b}"] * len(eager) / sum(e[f"tok_s_b{b}"] for e in eager), 3)
-                          for b in batches})
+                          for b in batches if f"tok_s_b{b}" in r and all(f"tok_s_b{b}" in e for e in eager)})
         out.parent.mkdir(parents=True, exist_ok=True)
         try:
             import torchao
@@ -129,8 +129,10 @@ def main() -> None:
         print({k: {kk: vv for kk, vv in v.items() if kk != "top"} if k.startswith("profile") and isinstance(v, dict)
                else v for k, v in r.items()}, flush=True)
 
-    def decode(fn, label: str) -> dict:
-        row: dict = {"config": label}
+    def decode(fn, row: dict) -> dict:
+        """Times fn at each batch size into ``row`` (already in rows), written after each one: a run stopped by
+        its time limit keeps the batch sizes it finished (a compiled peer compiles again for each)."""
+        t0 = time.perf_counter()
         for b in batches:
             with torch.no_grad():
                 r = timing.decode_speed(fn, model, prompts[b], a.steps, 3, a.device, cuda_graph=graphs,
@@ -142,9 +144,14 @@ def main() -> None:
                 row[f"profile_b{b}"] = r["profile"]
             if r["cuda_graph"] is not True and graphs:
                 row[f"cuda_graph_b{b}"] = r["cuda_graph"]  # why capture failed (the plain loop was timed)
+            row[f"seconds_to_b{b}"] = round(time.perf_counter() - t0, 1)  # compiling (a peer) and timing so far
+            write()
+            print(f"  {row['config'][:60]}: batch {b} {row[f'tok_s_b{b}']} tok/s, {row[f'seconds_to_b{b}']} s so far",
+                  flush=True)
         return row
 
-    rows.append(decode(model, "eager (first)"))
+    rows.append({"config": "eager (first)"})
+    decode(model, rows[-1])
     show(rows[-1])
     write()
     for spec in a.configs.split(";"):
@@ -152,6 +159,8 @@ def main() -> None:
         # runs out after a few configs and the rest would silently run eager.
         torch._dynamo.reset()
         t0 = time.perf_counter()
+        row = {"config": spec}
+        rows.append(row)
         try:
             if spec in PEERS:
                 # No prefill call: each new shape is another Inductor compile of the whole model, and the
@@ -167,10 +176,10 @@ def main() -> None:
             graphs_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
             before = dict(cg_ops.PATH_COUNTS.get("bag_linear", {}))
             attention_before = dict(attention_ops.PATH_COUNTS)
-            row = decode(fast, spec)
+            decode(fast, row)
         except Exception as e:  # noqa: BLE001 - one failing config (e.g. a peer not installed) is recorded
-            rows.append({"config": spec, "failed": f"{type(e).__name__}: {str(e)[:400]}"})
-            show(rows[-1])
+            row["failed"] = f"{type(e).__name__}: {str(e)[:400]}"
+            show(row)
             write()
             continue
         row["compile_and_time_s"] = round(time.perf_counter() - t0, 1)
@@ -186,7 +195,6 @@ def main() -> None:
             row["fallbacks"] = rep.fallbacks
             row["kernels"] = sorted({f"{k.name}:{k.kind}" for k in rep.kernels if k.ops and
                                      k.ops[0] in ("wq_linear", "sparse_linear")})
-        rows.append(row)
         show(row)
         write()
         # Free this config before the next one compiles: a 1B model's sparse layout is another full copy
@@ -196,7 +204,8 @@ def main() -> None:
         timing._trim_heap()
         if torch.device(a.device).type == "cuda":
             torch.cuda.empty_cache()
-    rows.append(decode(model, "eager (last)"))
+    rows.append({"config": "eager (last)"})
+    decode(model, rows[-1])
     show(rows[-1])
     write()
     print("wrote", out)

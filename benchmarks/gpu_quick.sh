@@ -4,9 +4,11 @@
 #   tests   the gpu test lane, 16 xdist workers (TESTS_S, 170 s; session 10's lane of ~340 tests took 146 s;
 #           TESTS_K: a pytest -k expression to run part of it);
 #   kernels the decode-kernel sweep (tl.dot, fma and compact tiles, K splits up to 128) for the cases in
-#           SWEEP_CASES on SWEEP_SHAPES (the two Llama-3-8B MLP shapes and the four GEMVs of the 1B decode
-#           model; a shape clearly faster with a tile of its own gets a shape-keyed entry; no new case after
-#           110 s), then every kernel against cuBLAS bf16 and TorchAO on KERNEL_SHAPES, L2 cold (200 s);
+#           SWEEP_CASES, in that order, each at SWEEP_BATCHES (1,8) before the next, on SWEEP_SHAPES (the two
+#           Llama-3-8B MLP shapes and the four GEMVs of the 1B decode model; a shape clearly faster with a tile
+#           of its own gets a shape-keyed entry; no new case after SWEEP_S, 110 s: session 13 swept 3 case-
+#           batches in that, ~35 s each), then every kernel against cuBLAS bf16 and TorchAO on KERNEL_SHAPES,
+#           L2 cold (KERNELS_S, 200 s);
 #   decode  whole-model greedy decode tok/s of the Llama-3.2-1B-shaped zoo model in bf16 under CUDA graphs:
 #           eager, then DECODE_CONFIGS (effcompile configs ~35 s each in session 10, TorchAO's kernels without
 #           Inductor a few seconds; last an int4 ablation without the launch-cutting passes) (275 s);
@@ -14,9 +16,11 @@
 #           fewer configs to fit), where weight reads dominate a step as in the papers' headline numbers;
 #           each row checks its first decode step's logits against eager's (logits_vs_eager_b*); DECODE_S;
 #   peers   TorchAO int4 and the bf16 model under torch.compile, each decoder layer compiled on its own
-#           (PEERS_S, default 280 s; PEER_BATCHES, default 1,8): a whole compiled model did not finish within
-#           165-210 s in sessions 7 and 10; regionally Inductor compiles one layer per batch size and the
-#           other layers hit its FX-graph cache (never timed on a GPU yet).
+#           (PEERS_S, default 280 s; PEER_BATCHES, default 1): a whole compiled model did not finish within
+#           165-210 s in sessions 7 and 10, and TorchAO int4 compiled by regions not within 200 s at batches
+#           1 and 8 in session 13 (dynamo traces each of the 16 layers again per batch: HF's cache indexes
+#           its layer list by the int layer_idx, which it specializes; Inductor's FX-graph cache hits for all
+#           but the first). Rows are written per batch size now, so a cut run keeps batch 1.
 # Each step has its own time limit and writes under $OUT (default benchmarks/results/gpu-quick) as it goes,
 # so a step stopped by its limit keeps what it measured and the next step still runs. TorchAO comes from
 # wheels in .whl/ when they are there (the device image has none): carry .whl.
@@ -43,8 +47,9 @@ tests() {
         | tail -40 | tee "$OUT/gpu-tests.log"
 }
 kernels() {
-    timeout 200 "$PY" benchmarks/kernels.py --device cuda --sweep --sweep-budget-s 110 --tuning-out "$OUT/tuning.json" \
-        --sweep-cases "${SWEEP_CASES:-dequant/int4,sparse/int4,sparse/float,sparse/int8}" \
+    timeout "${KERNELS_S:-200}" "$PY" benchmarks/kernels.py --device cuda --sweep --sweep-budget-s "${SWEEP_S:-110}" \
+        --tuning-out "$OUT/tuning.json" --sweep-batches "${SWEEP_BATCHES:-1,8}" \
+        --sweep-cases "${SWEEP_CASES:-sparse/int4,dequant/int4,sparse/float,sparse/int8}" \
         --sweep-shapes "${SWEEP_SHAPES:-8b.up,8b.down,1b.qkv,1b.o,1b.gate_up,1b.down}" \
         --shapes "${KERNEL_SHAPES:-8b.up,8b.down}" --output "$OUT/kernels.json" 2>&1 | grep -v "^  config" | tee "$OUT/kernels.log"
 }
@@ -60,7 +65,7 @@ decode() {  # with the tile table the kernels step wrote (if it ran and got that
 }
 peers() {
     timeout "${PEERS_S:-280}" "$PY" benchmarks/decode.py --device cuda --dtype bfloat16 --model llama-1b --steps 16 \
-        --batches "${PEER_BATCHES:-1,8}" --configs "${PEER_CONFIGS:-torchao-int4-regional;torch.compile-regional}" --out "$OUT/decode-peers.json" 2>&1 \
+        --batches "${PEER_BATCHES:-1}" --configs "${PEER_CONFIGS:-torchao-int4-regional;torch.compile-regional}" --out "$OUT/decode-peers.json" 2>&1 \
         | tr '\r' '\n' | grep -v "it/s\]\|s/it\]" | tee "$OUT/decode-peers.log"
 }
 for step in ${STEPS//,/ }; do

@@ -340,17 +340,23 @@ def _per_shape(runs: list, timed: list, shapes) -> dict:
     return own
 
 
+CASES = ("dequant/int8", "dequant/int4", "sparse/float", "sparse/int8", "sparse/int4")
+
+
 def sweep(dtype, device: str, peak: float, on_case: Callable[[list, dict], None] | None = None,
-          cases: set[str] | None = None, budget_s: float | None = None, shapes=SWEEP_SHAPES) -> tuple[list, dict]:
+          cases: tuple[str, ...] | None = None, budget_s: float | None = None, shapes=SWEEP_SHAPES,
+          batches: tuple[int, ...] = (1, 8)) -> tuple[list, dict]:
     """Time the tile configs of our decode kernels on ``shapes`` (two 8B MLP shapes by default); per
     (kernel, format, batch bucket) the config with the least total time, then the best K split for it, and
     per shape its own best where that is clearly faster there (a shape-keyed entry, launch_plan.tuning_key).
     Returns (rows, tuning table); on_case gets both after every case, so a run stopped by a time limit keeps
-    what it swept. cases: only these "kernel/format" cases (e.g. {"sparse/float", "dequant/int4"}), default
-    all. budget_s: start no new case after that many seconds (the comparison that follows still runs, with
-    what was swept)."""
+    what it swept. cases: "kernel/format" cases (e.g. ("sparse/int4", "dequant/int4")), swept in that order,
+    each at every batch in ``batches`` before the next; default CASES. budget_s: start no new case after that
+    many seconds (the comparison that follows still runs, with what was swept): name first what matters most."""
     import time
 
+    if unknown := [c for c in cases or () if c not in CASES]:
+        raise ValueError(f"sweep cases {unknown} unknown; known: {', '.join(CASES)}")
     start = time.perf_counter()
     setups = {}
     for name in shapes:
@@ -358,21 +364,22 @@ def sweep(dtype, device: str, peak: float, on_case: Callable[[list, dict], None]
         gen = torch.Generator(device="cpu").manual_seed(0)
         w = (torch.randn(n, k, generator=gen) / k**0.5).to(dtype).to(device)
         setups[name] = (w, {(f, g): qops.quantize_weight(w, f, g) for f, g in (("int8", 0), ("int4", 128))})
-    rows, table = [], {}
-    for m in (1, 8):
-        per_shape = {}
+    per_shape = {}  # batch -> shape name -> the cases' launches on that batch's input
+    for m in batches:
+        per_shape[m] = {}
         for name in shapes:
             w, quant = setups[name]
             x = torch.randn(m, SHAPES[name][1], device=device, dtype=dtype)
-            per_shape[name] = _sweep_cases(x, w, quant)
-        for case in per_shape[shapes[0]]:
-            if cases and "/".join(case) not in cases:
-                continue
+            per_shape[m][name] = _sweep_cases(x, w, quant)
+    rows, table = [], {}
+    for case_name in cases or CASES:
+        case = tuple(case_name.split("/"))
+        for m in batches:
             if budget_s is not None and time.perf_counter() - start > budget_s:
-                print(f"sweep m={m} {'/'.join(case)}: skipped, the {budget_s:.0f} s sweep budget is spent", flush=True)
+                print(f"sweep m={m} {case_name}: skipped, the {budget_s:.0f} s sweep budget is spent", flush=True)
                 continue
-            runs = [(per_shape[s][case][0], per_shape[s][case][0](None).float()) for s in shapes]
-            nbytes = sum(per_shape[s][case][1] for s in shapes)
+            runs = [(per_shape[m][s][case][0], per_shape[m][s][case][0](None).float()) for s in shapes]
+            nbytes = sum(per_shape[m][s][case][1] for s in shapes)
             timed = _time_configs(runs, _configs(case[0] == "sparse", m, case == ("dequant", "int4")) + [None])
             if not timed:
                 continue
@@ -420,7 +427,9 @@ def main(argv=None) -> int:
     p.add_argument("--sweep-shapes", default=",".join(SWEEP_SHAPES),
                    help="with --sweep: the weight shapes timed (" + ", ".join(SHAPES) + ")")
     p.add_argument("--sweep-cases", default="", help="with --sweep: only these comma-separated kernel/format "
-                   "cases (dequant/int8, dequant/int4, sparse/float, sparse/int8, sparse/int4); default all")
+                   "cases, in this order (" + ", ".join(CASES) + "); default all")
+    p.add_argument("--sweep-batches", default="1,8", help="with --sweep: the batch buckets swept, each case at "
+                   "every one before the next case")
     p.add_argument("--tuning-out", type=Path, help="with --sweep: write the best configs as a tuning table "
                    "(codegen/kernels/launch_plan.py) and use it for the comparison that follows")
     p.add_argument("--l2", choices=["cold", "hot"], default="cold",
@@ -430,6 +439,8 @@ def main(argv=None) -> int:
     for field in ("shapes", "sweep_shapes"):
         if unknown := [n for n in getattr(a, field).split(",") if n not in SHAPES]:
             p.error(f"--{field.replace('_', '-')}: unknown shapes {unknown}; known: {', '.join(SHAPES)}")
+    if unknown := [c for c in a.sweep_cases.split(",") if c and c not in CASES]:
+        p.error(f"--sweep-cases: unknown cases {unknown}; known: {', '.join(CASES)}")
     if torch.device(a.device).type != "cuda" or not torch.cuda.is_available():
         print("kernels.py times GPU kernels: it needs --device cuda on a machine with a GPU", file=sys.stderr)
         return 2
@@ -482,8 +493,8 @@ def main(argv=None) -> int:
         a.output.write_text(json.dumps(result, indent=1))
 
     if a.sweep:
-        sweep(dtype, a.device, peak, save_sweep, {c for c in a.sweep_cases.split(",") if c} or None, a.sweep_budget_s,
-              tuple(a.sweep_shapes.split(",")))
+        sweep(dtype, a.device, peak, save_sweep, tuple(c for c in a.sweep_cases.split(",") if c) or None,
+              a.sweep_budget_s, tuple(a.sweep_shapes.split(",")), tuple(int(b) for b in a.sweep_batches.split(",")))
         if a.tuning_out:
             os.environ[plan.TUNING_ENV] = str(a.tuning_out)
             plan._table.cache_clear()

@@ -49,3 +49,14 @@ def test_a_config_that_disagrees_with_the_default_launch_is_dropped(monkeypatch)
     good, wrong = plan.Config(64, 128, 4, 1), plan.Config(32, 128, 4, 1)
     runs = [(lambda cfg: torch.ones(4) * (2 if cfg == wrong else 1), torch.ones(4))]
     assert [r[1] for r in kb._time_configs(runs, [good, wrong])] == [good]
+
+
+def test_an_unknown_sweep_case_is_refused_before_any_gpu_work(capsys):
+    kb = _kernels_script()
+    try:
+        kb.main(["--sweep", "--sweep-cases", "sparse/int4,sparse/int5", "--output", "unused.json"])
+    except SystemExit as e:
+        assert e.code == 2
+    else:
+        raise AssertionError("an unknown case was accepted")
+    assert "sparse/int5" in capsys.readouterr().err
