@@ -11,8 +11,10 @@ Int8WeightOnlyConfig / Int4WeightOnlyConfig(group 128) quantizing a copy of the 
 torch.compile (``torchao-int4``; ``torchao-int4-regional`` compiles each decoder layer on its own, which
 fits a GPU session's time where a whole compiled 1B model did not) or not (``torchao-int4-eager``: its
 kernels in the eager model, under the same CUDA-graph replay). A compiled peer's row counts the graphs
-dynamo built, so a layer left eager (a recompile limit) shows. Results are written after every config,
-so a run stopped by a time limit keeps them.
+dynamo built, so a layer left eager (a recompile limit) shows. A ``-head`` suffix
+(``torchao-int4-eager-head``) quantizes the LM head too, the peer of our ``targets=(attn,ffn,head)``.
+Results are written after every batch size, so a run stopped by a time limit keeps them; every row
+checks its first decode step's logits against eager's (``logits_vs_eager_b*``).
 
     python benchmarks/decode.py [--model llama-base] [--steps 16]                       # CPU
     python benchmarks/decode.py --device cuda --dtype bfloat16 --model llama-1b --out X.json   # GPU
@@ -58,11 +60,15 @@ PEERS = {  # name -> (TorchAO weight format or None: the unquantized model, how 
     "torchao-int8-eager": ("int8", None),
     "torchao-int4-eager": ("int4", None),
 }
+# The same peers quantizing the LM head too (as TorchAO's quickstart does), against our configs with
+# targets=(attn,ffn,head): a Llama-3.2-1B step reads its 525 MB bf16 head (tied to the embedding) in ~184 us
+# of ~1150 (H100, session 13).
+PEERS.update({name + "-head": which for name, which in PEERS.items() if which[0] is not None})
 
 
-def _peer(model, which: tuple[str | None, str | None]):
-    """The peer for ``which``: TorchAO quantizes a copy of the model, then torch.compile (whole, by region, or
-    not at all)."""
+def _peer(model, which: tuple[str | None, str | None], head: bool = False):
+    """The peer for ``which``: TorchAO quantizes a copy of the model (its LM head too with ``head``), then
+    torch.compile (whole, by region, or not at all)."""
     fmt, how = which
     peer = copy.deepcopy(model) if fmt is not None or how == "regional" else model
     if fmt is not None:
@@ -72,7 +78,7 @@ def _peer(model, which: tuple[str | None, str | None]):
             group_size=128, int4_packing_format="tile_packed_to_4d")
         # TorchAO's quickstart quantizes every nn.Linear; the LM head is one too. Ours keeps it dense by
         # default (sublayer tags), so the head is left out here as well: the same weights are quantized.
-        quantize_(peer, cfg, filter_fn=lambda m, name: isinstance(m, torch.nn.Linear) and "lm_head" not in name)
+        quantize_(peer, cfg, filter_fn=lambda m, name: isinstance(m, torch.nn.Linear) and (head or "lm_head" not in name))
     if how == "whole":
         return torch.compile(peer)
     if how == "regional":
@@ -166,7 +172,7 @@ def main() -> None:
                 # No prefill call: each new shape is another Inductor compile of the whole model, and the
                 # decode steps at batch 1 and 8 need two already (session 7's run on the H100 called a
                 # prefill first and TorchAO int4 did not finish within 200 s; not timed further).
-                fast = _peer(model, PEERS[spec])
+                fast = _peer(model, PEERS[spec], head=spec.endswith("-head"))
                 rep = None
             else:
                 passes = pass_spec.parse_passes(spec)[1] if spec != "none" else []

@@ -10,8 +10,9 @@
 #           batches in that, ~35 s each), then every kernel against cuBLAS bf16 and TorchAO on KERNEL_SHAPES,
 #           L2 cold (KERNELS_S, 200 s);
 #   decode  whole-model greedy decode tok/s of the Llama-3.2-1B-shaped zoo model in bf16 under CUDA graphs:
-#           eager, then DECODE_CONFIGS (effcompile configs ~35 s each in session 10, TorchAO's kernels without
-#           Inductor a few seconds; last an int4 ablation without the launch-cutting passes) (275 s);
+#           eager, then DECODE_CONFIGS (effcompile configs ~35-45 s each in sessions 10 and 13, TorchAO's kernels
+#           without Inductor a few seconds; int4 with and without the LM head, each against TorchAO's; last
+#           an int4 ablation without the launch-cutting passes) (275 s);
 #           DECODE_MODEL=llama-8b times Llama-3.1-8B's shape instead (16 GB in bf16, never run yet: expect
 #           fewer configs to fit), where weight reads dominate a step as in the papers' headline numbers;
 #           each row checks its first decode step's logits against eager's (logits_vs_eager_b*); DECODE_S;
@@ -51,16 +52,18 @@ kernels() {
         --tuning-out "$OUT/tuning.json" --sweep-batches "${SWEEP_BATCHES:-1,8}" \
         --sweep-cases "${SWEEP_CASES:-sparse/int4,dequant/int4,sparse/float,sparse/int8}" \
         --sweep-shapes "${SWEEP_SHAPES:-8b.up,8b.down,1b.qkv,1b.o,1b.gate_up,1b.down}" \
-        --shapes "${KERNEL_SHAPES:-8b.up,8b.down}" --output "$OUT/kernels.json" 2>&1 | grep -v "^  config" | tee "$OUT/kernels.log"
+        --shapes "${KERNEL_SHAPES:-8b.up,8b.down,1b.gate_up,1b.o}" --output "$OUT/kernels.json" 2>&1 | grep -v "^  config" | tee "$OUT/kernels.log"
 }
 # int4 without session 11's launch cuts (additive mask once, one-kernel cache writes, one RoPE for q and k),
 # session 12's gated epilogue nor session 10's GQA: the same run then shows what they saved. Last, so a timeout
 # cuts it first.
+INT4="quantize(weights=int4,group_size=128)"
+INT4_HEAD="quantize(weights=int4,group_size=128,targets=(attn,ffn,head))"  # and TorchAO's -head peer: the same weights
 ABLATION="quantize(weights=int4,group_size=128)+additive_attention_mask(enabled=False)+fuse_cache_writes(enabled=False)+fuse_rotary_qk(enabled=False)+fuse_gated_activation(enabled=False)+grouped_query_attention(enabled=False)"
 decode() {  # with the tile table the kernels step wrote (if it ran and got that far) over the shipped one
     [ -s "$OUT/tuning.json" ] && export EFFCOMPILE_KERNEL_TUNING="$OUT/tuning.json"
     timeout "${DECODE_S:-275}" "$PY" benchmarks/decode.py --device cuda --dtype bfloat16 --model "${DECODE_MODEL:-llama-1b}" --steps 16 \
-        --configs "${DECODE_CONFIGS:-quantize(weights=int4,group_size=128);threshold(sparsity=0.5)+quantize(weights=int4,group_size=128);threshold(sparsity=0.5);threshold(sparsity=0.4);torchao-int4-eager;none;$ABLATION}" \
+        --configs "${DECODE_CONFIGS:-$INT4;$INT4_HEAD;threshold(sparsity=0.5)+$INT4;threshold(sparsity=0.5);torchao-int4-eager;torchao-int4-eager-head;$ABLATION}" \
         --out "$OUT/decode.json" 2>&1 | tr '\r' '\n' | grep -v "it/s\]\|s/it\]" | tee "$OUT/decode.log"
 }
 peers() {
