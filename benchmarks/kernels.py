@@ -281,8 +281,14 @@ def _configs(sparse: bool, m: int, int4: bool = False) -> list:
         configs += [plan.Config(*c, None, scale_words=True) for c in ((128, 128, 4, 3), (128, 256, 8, 3),
                                                                       (128, 256, 8, 5), (64, 256, 4, 4))]
     if sparse and m == 1:  # the same fma tiles visiting only the kept channels (Config.compact, session 10),
-        # and two with stages 2: the next chunk of kept rows prefetched in registers
-        configs += [plan.Config(*c, None, True, True) for c in fma + [(256, 16, 4, 2), (512, 16, 4, 2)]]
+        # and with stages 2: the next chunk of kept rows prefetched in registers. The compacted int4 launch
+        # looks latency-bound (H100 session 13: 26 us for 8b.up at 50 %, ~625 GB/s): each chunk's weight load
+        # waits on its index load, a segment's first chunk on its scale loads, and a CTA keeps one 2 KB chunk
+        # in flight, ~8 KB per SM at 4 CTAs, where ~23 KB per SM would cover HBM's latency at 3 TB/s. The
+        # narrow-CTA tiles below keep more chunks in flight per SM (sm_90 SASS, triton 3.6: (256, 8, 2, 2)
+        # 111 registers, 9 CTAs per SM, ~18 KB; (128, 16, 1, 2) 159, 12 CTAs, ~24 KB); untimed.
+        configs += [plan.Config(*c, None, True, True) for c in fma + [(256, 16, 4, 2), (512, 16, 4, 2), (512, 8, 4, 2),
+                                                                      (256, 8, 2, 2), (256, 16, 2, 2), (128, 16, 1, 2)]]
     return configs
 
 

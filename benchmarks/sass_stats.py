@@ -110,8 +110,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--output", help="JSON file for the rows")
     p.add_argument("--config", action="append", default=[],
-                   help="extra case kernel:fmt:rows:block_n,block_k,warps,stages,splits,fma (e.g. "
-                        "dequant:int4:1:128,128,4,3,8,1); replaces the default cases")
+                   help="extra case kernel:fmt:rows:block_n,block_k,warps,stages,splits[,fma,compact,scale_words] "
+                        "(e.g. dequant:int4:1:128,128,4,3,8,1 or sparse:int4:1:512,8,4,1,None,True,True); "
+                        "replaces the default cases")
     args = p.parse_args(argv)
     warnings.filterwarnings("ignore", message="TRITON_DEFAULT_FP_FUSION")
     cases = default_cases()
@@ -119,8 +120,10 @@ def main(argv=None) -> int:
         cases = []
         for spec in args.config:
             kernel, fmt, rows, cfg = spec.split(":")
-            v = [int(t) if t not in ("None", "") else None for t in cfg.split(",")]
-            cases.append((kernel, fmt, int(rows), plan.Config(*v[:5], bool(v[5]) if len(v) > 5 else False)))
+            v = [None if t in ("None", "") else t == "True" if t in ("True", "False") else int(t)
+                 for t in cfg.split(",")]
+            # fields after splits (fma, compact, scale_words) are flags: True/False or 1/0
+            cases.append((kernel, fmt, int(rows), plan.Config(*v[:5], *(bool(f) for f in v[5:]))))
     rows = []
     for case in cases:
         r = report(*case)
