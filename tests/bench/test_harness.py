@@ -245,9 +245,26 @@ def test_settings_validation_names_the_field():
         harness.BenchSettings(decode_batches=(1, 0))
 
 
-def test_compile_regions_compiles_every_decoder_layer_past_the_recompile_limit():
-    # Ten layers: each recompiles on its layer index, and dynamo's default limit of 8 would leave the last
-    # two eager without saying so. backend="eager" traces as Inductor would, without its compile time.
+def _counting_backend():
+    """A dynamo backend running each graph as traced, counting graphs built and calls into them."""
+    seen = {"graphs": 0, "calls": 0}
+
+    def backend(gm, example_inputs):
+        seen["graphs"] += 1
+
+        def run(*args):
+            seen["calls"] += 1
+            return gm(*args)
+        return run
+    return backend, seen
+
+
+@pytest.mark.parametrize("own_cache_view", [True, False])
+def test_compile_regions_traces_a_block_once_and_runs_every_layer_compiled(own_cache_view):
+    # Ten layers share one compiled forward. With its own KV-cache layer handed to each block, one decode step
+    # is one graph that all ten run; where a block's layer_idx is not its position (own_cache_view=False) the
+    # cache passes through and each layer is a graph of its own, past dynamo's default limit of 8 (which would
+    # leave the last two eager without saying so). Either way the logits are eager's.
     import copy
 
     from effcompile.bench import peers, timing
@@ -255,16 +272,23 @@ def test_compile_regions_compiles_every_decoder_layer_past_the_recompile_limit()
 
     model = tiny_hf("llama", layers=10)
     compiled = copy.deepcopy(model)
+    if not own_cache_view:
+        for layer in compiled.model.layers:
+            layer.mlp.layer_idx = 99  # a module of each block claims an index not its position
     torch._dynamo.reset()
-    names = peers.compile_regions(compiled, backend="eager")
+    backend, seen = _counting_backend()
+    names = peers.compile_regions(compiled, backend=backend)
     assert names == [f"model.layers.{i}" for i in range(10)]
     prompt = torch.randint(0, 128, (1, 5), generator=torch.Generator().manual_seed(0))
-    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     with torch.no_grad():
-        timing.decode_speed(compiled, model, prompt, 2, 1, "cpu")
+        r = timing.decode_speed(compiled, model, prompt, 2, 1, "cpu")
+        assert r["logits_vs_eager"]["max_abs_diff"] == 0.0
+        graphs, calls = seen["graphs"], seen["calls"]
         ids = torch.tensor([[7]])
         assert torch.equal(compiled(input_ids=ids).logits, model(input_ids=ids).logits)
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs >= 10
+    assert graphs == (1 if own_cache_view else 10)
+    assert calls == 10 * (1 + 1 + 2)  # the checked step, one warm-up and two timed steps, ten layers each
+    assert seen["calls"] - calls == 10  # the cache-less call: every layer compiled too
 
 
 def test_compile_regions_refuses_a_model_without_block_classes():
