@@ -8,8 +8,8 @@ harness's static-KV-cache decode loop (effcompile.bench.timing.decode_speed) at 
 step is captured in a CUDA graph and replayed, as serving stacks run decode. Eager is timed first and
 last so drift shows. Peers, on CUDA: ``torch.compile`` of the bf16 model, and TorchAO's
 Int8WeightOnlyConfig / Int4WeightOnlyConfig(group 128) quantizing a copy of the model, under
-torch.compile (``torchao-int4``; ``torchao-int4-regional`` compiles each decoder layer on its own, which
-fits a GPU session's time where a whole compiled 1B model did not) or not (``torchao-int4-eager``: its
+torch.compile (``torchao-int4``; ``torchao-int4-regional`` compiles the decoder layer once for all layers,
+bench.peers.compile_regions, which fits a GPU session's time where a whole compiled 1B model did not) or not (``torchao-int4-eager``: its
 kernels in the eager model, under the same CUDA-graph replay). A compiled peer's row counts the graphs
 dynamo built, so a layer left eager (a recompile limit) shows. A ``-head`` suffix
 (``torchao-int4-eager-head``) quantizes the LM head too, the peer of our ``targets=(attn,ffn,head)``.

@@ -16,12 +16,12 @@
 #           DECODE_MODEL=llama-8b times Llama-3.1-8B's shape instead (16 GB in bf16, never run yet: expect
 #           fewer configs to fit), where weight reads dominate a step as in the papers' headline numbers;
 #           each row checks its first decode step's logits against eager's (logits_vs_eager_b*); DECODE_S;
-#   peers   TorchAO int4 and the bf16 model under torch.compile, each decoder layer compiled on its own
-#           (PEERS_S, default 280 s; PEER_BATCHES, default 1): a whole compiled model did not finish within
-#           165-210 s in sessions 7 and 10, and TorchAO int4 compiled by regions not within 200 s at batches
-#           1 and 8 in session 13 (dynamo traces each of the 16 layers again per batch: HF's cache indexes
-#           its layer list by the int layer_idx, which it specializes; Inductor's FX-graph cache hits for all
-#           but the first). Rows are written per batch size now, so a cut run keeps batch 1.
+#   peers   TorchAO int4 and the bf16 model under torch.compile, compiled by region (PEERS_S, default 280 s;
+#           PEER_BATCHES, default 1,8): a whole compiled model did not finish within 165-210 s in sessions 7
+#           and 10, nor TorchAO int4 compiled per layer within 200 s in session 13 (dynamo traced each of the
+#           16 layers again per batch size: HF indexes its cache by the int layer_idx, which it specializes).
+#           Now the layers share one graph per batch size (bench.peers.compile_regions hands each its own
+#           cache layer; llama-base on the CPU: ~10 s per batch size). Rows are written per batch size.
 # Each step has its own time limit and writes under $OUT (default benchmarks/results/gpu-quick) as it goes,
 # so a step stopped by its limit keeps what it measured and the next step still runs. TorchAO comes from
 # wheels in .whl/ when they are there (the device image has none): carry .whl.
@@ -68,7 +68,7 @@ decode() {  # with the tile table the kernels step wrote (if it ran and got that
 }
 peers() {
     timeout "${PEERS_S:-280}" "$PY" benchmarks/decode.py --device cuda --dtype bfloat16 --model llama-1b --steps 16 \
-        --batches "${PEER_BATCHES:-1}" --configs "${PEER_CONFIGS:-torchao-int4-regional;torch.compile-regional}" --out "$OUT/decode-peers.json" 2>&1 \
+        --batches "${PEER_BATCHES:-1,8}" --configs "${PEER_CONFIGS:-torchao-int4-regional;torch.compile-regional}" --out "$OUT/decode-peers.json" 2>&1 \
         | tr '\r' '\n' | grep -v "it/s\]\|s/it\]" | tee "$OUT/decode-peers.log"
 }
 for step in ${STEPS//,/ }; do
