@@ -211,14 +211,17 @@ def test_decode_rope_and_one_row_rmsnorm_compile(dtype, launches, tmp_path, monk
     _compile_all(launches)
 
 
+@pytest.mark.parametrize("batch", [2, 8], ids=["one-program", "two-programs"])
 @pytest.mark.parametrize("use_position", [False, True], ids=["counter", "positions"])
-def test_cache_write_compiles(use_position, launches):
+def test_cache_write_compiles(use_position, batch, launches):
     from effcompile.codegen.kernels import cache_write as C
 
-    keys, values = torch.zeros(2, 8, 64, 64, dtype=torch.bfloat16), torch.zeros(2, 8, 64, 64, dtype=torch.bfloat16)
-    k, v = torch.randn(2, 8, 1, 64).to(torch.bfloat16), torch.randn(2, 1, 8, 64).to(torch.bfloat16).transpose(1, 2)
+    keys, values = (torch.zeros(batch, 8, 64, 64, dtype=torch.bfloat16) for _ in range(2))
+    k = torch.randn(batch, 8, 1, 64).to(torch.bfloat16)
+    v = torch.randn(batch, 1, 8, 64).to(torch.bfloat16).transpose(1, 2)
     length = torch.tensor(3)
     C.launch(keys, values, k, v, torch.tensor([3]) if use_position else None, None if use_position else length)
+    assert launches[0].kwargs["ONE_PROGRAM"] == (launches[0].grid == (1,))
     for cap in (80, 90):
         _compile_all(launches, cap)
 

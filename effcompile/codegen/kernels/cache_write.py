@@ -5,7 +5,7 @@ caches at their positions: given (``position``), or ``length`` + the token's ind
 counter advances by n. Every program reads the counter before it is advanced: each counts itself in with
 an acq_rel atomic after its read, and the last to arrive adds n and resets the count (the split-K
 epilogue's arrival pattern, launch_plan.split_workspace), so the update stays one launch under CUDA-graph
-replay. A position outside the cache is not written (the eager op raises IndexError; a GPU kernel cannot).
+replay; a launch of one program (batch 1 at decode) advances the counter itself after a barrier. A position outside the cache is not written (the eager op raises IndexError; a GPU kernel cannot).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ ELEMENTS_PER_PROGRAM = 2048  # BLOCK_R x BLOCK_D of each of k and v: a decode st
 @triton.jit
 def _cache_write_kernel(kc_ptr, vc_ptr, k_ptr, v_ptr, pos_ptr, len_ptr, cnt_ptr, R, H, N, D, L,
                         kc0, kc1, kc2, kc3, vc0, vc1, vc2, vc3, k0, k1, k2, k3, v0, v1, v2, v3, pos_stride,
-                        HAS_POS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+                        HAS_POS: tl.constexpr, ONE_PROGRAM: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     r_mask = rows < R
     i = (rows % N).to(tl.int64)  # the new token
@@ -48,7 +48,13 @@ def _cache_write_kernel(kc_ptr, vc_ptr, k_ptr, v_ptr, pos_ptr, len_ptr, cnt_ptr,
         tl.store(dst_k[:, None] + d[None, :] * kc3, kv, mask=mask)
         vv = tl.load(src_v[:, None] + d[None, :] * v3, mask=mask)
         tl.store(dst_v[:, None] + d[None, :] * vc3, vv, mask=mask)
-    if not HAS_POS:
+    if not HAS_POS and ONE_PROGRAM:
+        # The only program (a decode step's update at batch 1): once every warp has used its positions (the
+        # barrier orders their reads before the store), it advances the counter itself, with no atomic round
+        # trip on the critical path.
+        tl.debug_barrier()
+        tl.store(len_ptr, tl.load(len_ptr) + N)
+    elif not HAS_POS:
         # Counted in after this program's read of the counter (release); the last one in (acquire) saw every
         # read happen, so advancing it now cannot change any program's positions.
         if tl.atomic_add(cnt_ptr, 1) == tl.num_programs(0) - 1:
@@ -82,10 +88,11 @@ def launch(keys, values, k, v, position, length) -> None:
     block_r = max(1, min(triton.next_power_of_2(rows), ELEMENTS_PER_PROGRAM // block_d))
     cnt = plan.arrival_count(k.device)
     pos = position if position is not None else length
-    _ops.jit_variant(_cache_write_kernel, _ops.interpreting(k.device))[(triton.cdiv(rows, block_r),)](
+    grid = triton.cdiv(rows, block_r)
+    _ops.jit_variant(_cache_write_kernel, _ops.interpreting(k.device))[(grid,)](
         keys, values, k, v, pos, length if length is not None else pos, cnt, rows, h, n, d, keys.shape[2],
         *keys.stride(), *values.stride(), *k.stride(), *v.stride(), position.stride(0) if position is not None else 0,
-        HAS_POS=position is not None, BLOCK_R=block_r, BLOCK_D=block_d, num_warps=4)
+        HAS_POS=position is not None, ONE_PROGRAM=grid == 1, BLOCK_R=block_r, BLOCK_D=block_d, num_warps=4)
 
 
 def run(keys, values, k, v, position, length, mode: int = 0) -> None:
