@@ -7,6 +7,7 @@ import logging
 import math
 import operator
 import os
+import types
 from dataclasses import dataclass, field
 
 import torch
@@ -20,7 +21,7 @@ from effcompile.codegen.kernels import sparse_gemv as _sparse
 from effcompile.codegen.partition import group_tag, partition
 from effcompile.codegen.triton_gen import generate
 from effcompile.compiler import sparse_linear as _sl
-from effcompile.compiler.cache_ops import kv_cache_write_op
+from effcompile.compiler.cache_ops import kv_cache_write_op, rope_kv_cache_write_op
 from effcompile.compiler.ir import (
     TAG,
     VAL,
@@ -321,7 +322,13 @@ def _lower_cache_writes(gm: fx.GraphModule, mode: int, torch_on_cpu: bool) -> tu
     def describe(node):
         node.args = (*node.args, mode)
         return "cache-write", ("kv_cache_write", "counter" if node.args[5] is not None else "positions")
-    return _retarget(gm, kv_cache_write_op(), _cache_write, describe), []
+
+    def describe_rope(node):  # passes/fuse_rope_cache_write.py fires only where Triton runs
+        node.args = (*node.args, mode)
+        return "cache-write", ("rope_kv_cache_write", "counter" if node.args[7] is not None else "positions")
+    rope_kernel = types.SimpleNamespace(NAME=_cache_write.ROPE_NAME, __file__=_cache_write.__file__)
+    return (_retarget(gm, kv_cache_write_op(), _cache_write, describe)
+            + _retarget(gm, rope_kv_cache_write_op(), rope_kernel, describe_rope)), []
 
 
 def _inline_cache_write(graph: fx.Graph, node: fx.Node) -> None:

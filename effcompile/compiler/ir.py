@@ -11,6 +11,7 @@ Every pass and the code generator read the same two node.meta keys:
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 from collections import Counter
 from dataclasses import dataclass
@@ -402,3 +403,12 @@ def fingerprint(gm: fx.GraphModule) -> str:
         h.update(line.encode())
         h.update(b"\n")
     return h.hexdigest()[:32]
+
+
+def triton_runs(gm: fx.GraphModule, example_inputs=(), params=None) -> bool:
+    """Whether codegen will run this graph's kernels as Triton: CUDA tensors among its inputs, parameters and
+    buffers, or TRITON_INTERPRET=1 (as codegen/ops.py decides per call)."""
+    tensors = [*example_inputs, *(params or {}).values()]
+    tensors += [v for n in gm.graph.nodes if n.op == "get_attr" if (v := attr_tensor(gm, n)) is not None]
+    cuda = any(isinstance(t, torch.Tensor) and t.device.type == "cuda" for t in tensors)
+    return cuda or os.environ.get("TRITON_INTERPRET", "0") == "1"

@@ -15,6 +15,7 @@ def default_passes() -> list:
     from effcompile.passes.fuse_cache_writes import FuseCacheWrites
     from effcompile.passes.fuse_gated_activation import FuseGatedActivation
     from effcompile.passes.fuse_parallel_linears import FuseParallelLinears
+    from effcompile.passes.fuse_rope_cache_write import FuseRopeCacheWrite
     from effcompile.passes.fuse_rotary_qk import FuseRotaryQK
     from effcompile.passes.fuse_sparse_linear import FuseSparseLinear
     from effcompile.passes.grouped_attention import GroupedQueryAttention
@@ -26,7 +27,8 @@ def default_passes() -> list:
     # where several attention calls read one boolean mask; FuseCacheWrites only where a K/V pair is copied
     # into a cache at one index; RemoveUnusedFactories only where a tensor factory's result is never read;
     # FuseRotaryQK only where q and k are adjacent slices of one fused projection; FuseGatedActivation only
-    # where silu(gate) * up reads the two halves of one fused (quantized or thresholded) projection.
+    # where silu(gate) * up reads the two halves of one fused (quantized or thresholded) projection;
+    # FuseRopeCacheWrite only where a rotary embedding's k goes into a fused cache write, and Triton runs.
     return [RemoveDropout(), RemoveUnusedFactories(), FuseSparseLinear(), FuseParallelLinears(),
             FuseGatedActivation(), GroupedQueryAttention(), AdditiveAttentionMask(), FuseCacheWrites(),
-            FuseRotaryQK()]
+            FuseRotaryQK(), FuseRopeCacheWrite()]

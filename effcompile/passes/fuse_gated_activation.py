@@ -14,7 +14,6 @@ TRITON_INTERPRET=1): on CPU the epilogue would be torch ops after the GEMV, noth
 from __future__ import annotations
 
 import operator
-import os
 from dataclasses import dataclass
 
 import torch
@@ -136,21 +135,13 @@ def _feeds_silu(node) -> bool:
     return any(ir.target_name(a) == "silu" for u in node.users for a in u.users if a.op == "call_function")
 
 
-def _triton_runs(gm, ctx) -> bool:
-    """Whether codegen will run these linears as Triton kernels: CUDA tensors, or TRITON_INTERPRET=1 (as
-    codegen/ops.py decides). Without Triton the epilogue would be torch ops after the GEMV on strided halves:
-    nothing saved, and the interleaved weights change how a CPU matmul associates its sums."""
-    tensors = [*ctx.example_inputs, *ctx.params.values()]
-    tensors += [v for n in gm.graph.nodes if n.op == "get_attr" if (v := ir.attr_tensor(gm, n)) is not None]
-    cuda = any(isinstance(t, torch.Tensor) and t.device.type == "cuda" for t in tensors)
-    return cuda or os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 @register_pass(FuseGatedActivation, phase="fuse", invalidates=())
 def fuse_gated_activation(gm: fx.GraphModule, cfg: FuseGatedActivation, ctx: PassContext) -> PassResult:
     if not cfg.enabled:
         return PassResult(modified=False, note="disabled")
-    if not _triton_runs(gm, ctx):
+    # Without Triton the epilogue would be torch ops after the GEMV on strided halves: nothing saved, and the
+    # interleaved weights change how a CPU matmul associates its sums.
+    if not ir.triton_runs(gm, ctx.example_inputs, ctx.params):
         return PassResult(modified=False, note="no Triton kernel runs these linears (CPU tensors, no "
                                                "TRITON_INTERPRET=1): silu(gate) * up stays a torch op")
     wq, sparse = qops.wq_linear_op(), sl.sparse_linear_op()

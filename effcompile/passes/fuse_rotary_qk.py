@@ -34,7 +34,7 @@ class FuseRotaryQK(PassConfig):
 
 
 @dataclass
-class _Rope:
+class Rotary:
     out: fx.Node  # x cos + rotate_half(x) sin
     x: fx.Node
     cos: fx.Node
@@ -76,7 +76,8 @@ def _rotate_half_of(cat) -> tuple[fx.Node, list[fx.Node]] | None:
     return x, [cat, neg, neg.args[0], lo]
 
 
-def _rope(node: fx.Node) -> _Rope | None:
+def rotary_embedding(node: fx.Node) -> Rotary | None:
+    """The rotary embedding ``x cos + rotate_half(x) sin`` that ends at node (its add), else None."""
     if not _call(node, _ADD, 2):
         return None
     for a, b in (node.args, node.args[::-1]):
@@ -89,7 +90,7 @@ def _rope(node: fx.Node) -> _Rope | None:
             x, inner = found
             if a.args[0] is x or a.args[1] is x:
                 cos = a.args[1] if a.args[0] is x else a.args[0]
-                return _Rope(node, x, cos, sin, [node, a, b, *inner])
+                return Rotary(node, x, cos, sin, [node, a, b, *inner])
     return None
 
 
@@ -113,7 +114,7 @@ def _head_view(x: fx.Node) -> tuple[fx.Node, int, int, tuple, fx.Node, fx.Node] 
     return proj, start, stop, shape, view, sl
 
 
-def _fuse(gm: fx.GraphModule, q: _Rope, k: _Rope) -> str | None:
+def _fuse(gm: fx.GraphModule, q: Rotary, k: Rotary) -> str | None:
     hq, hk = _head_view(q.x), _head_view(k.x)
     if hq is None or hk is None:
         return "q or k is not a head view of a slice"
@@ -153,8 +154,8 @@ def _fuse(gm: fx.GraphModule, q: _Rope, k: _Rope) -> str | None:
 def fuse_rotary_qk(gm: fx.GraphModule, cfg: FuseRotaryQK, ctx: PassContext) -> PassResult:
     if not cfg.enabled:
         return PassResult(modified=False, note="disabled")
-    ropes = [r for n in gm.graph.nodes if (r := _rope(n)) is not None]
-    pairs: dict[tuple, list[_Rope]] = {}
+    ropes = [r for n in gm.graph.nodes if (r := rotary_embedding(n)) is not None]
+    pairs: dict[tuple, list[Rotary]] = {}
     for r in ropes:
         pairs.setdefault((r.cos, r.sin, ir.sublayer(r.out)), []).append(r)
     where, skipped = [], {}

@@ -60,8 +60,9 @@ def test_launches_counts_five_fewer_per_layer_with_fused_projections(tmp_path):
     eager, fused, off = (row["launches_b1"] for row in data["rows"])
     assert [row["config"] for row in data["rows"]][1:] == ["quantize(weights=int8)",
                                                            "quantize(weights=int8) [FuseParallelLinears off]"]
-    # per layer: q/k/v -> 1 and gate/up -> 1 linear, q's and k's RoPE -> 1 (FuseRotaryQK needs fused q/k), and
-    # silu(gate) * up in the gate/up kernel's epilogue (FuseGatedActivation needs them fused)
+    # per layer: q/k/v -> 1 and gate/up -> 1 linear, q's RoPE into the cache write with k's (FuseRotaryQK needs
+    # fused q/k; apart, only k's joins the write, FuseRopeCacheWrite), and silu(gate) * up in the gate/up
+    # kernel's epilogue (FuseGatedActivation needs them fused)
     assert fused == off - 5 * data["layers"] and off < eager
     # TRITON_INTERPRET=1: the dequant kernel, as on a GPU
     assert data["rows"][1]["by_op_b1"]["effcompile::dequant_linear"] == 4 * data["layers"]

@@ -83,3 +83,57 @@ def test_calls_it_cannot_take_run_the_torch_ops_and_say_so():
     assert torch.equal(five_d[0][:, :, 0], five_d[2][:, :, 0])
     with pytest.raises(ValueError, match="exactly one of position"):
         C.run(keys, values, k, v, torch.tensor([0]), length, mode=1)
+
+
+def _rope_case(b, hq, hk, n, d, cache_len, dtype, *, start, shared_positions=False, seed=0):
+    """Caches, x = q's and k's heads before the rotary embedding as HF makes them (a head view of one fused
+    projection, strided), cos, sin, v and a counter."""
+    g = torch.Generator().manual_seed(seed)
+    keys, values = (torch.randn(b, hk, cache_len, d, generator=g).to(dtype) for _ in range(2))
+    qkv = torch.randn(b, n, (hq + 2 * hk) * d, generator=g).to(dtype)
+    x = qkv[..., :(hq + hk) * d].view(b, n, hq + hk, d).transpose(1, 2)
+    v = qkv[..., (hq + hk) * d:].view(b, n, hk, d).transpose(1, 2)
+    angles = torch.rand(1 if shared_positions else b, 1, n, d // 2, generator=g) * 6
+    cos, sin = (f(torch.cat((angles, angles), -1)).to(dtype) for f in (torch.cos, torch.sin))
+    return keys, values, x, cos, sin, v, torch.tensor(start)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", [(1, 4, 2, 1, 8, 7), (2, 6, 2, 3, 10, 12), (3, 0, 2, 1, 6, 5), (2, 2, 2, 2, 130, 9)],
+                         ids=str)
+@pytest.mark.parametrize("use_position", [False, True], ids=["counter", "positions"])
+def test_rotary_variant_matches_the_torch_ops(shape, dtype, use_position):
+    # q's and k's heads rotated on the way (x cos + rotate_half(x) sin, rounded per op as eager rounds), k's into
+    # the cache, q's returned; heads_q 0 is k alone. bf16 within a rounding or two of the operands' scale (|x|
+    # < 4 here): the interpreter's fp32 -> bf16 conversion truncates where a GPU rounds to nearest
+    # (codegen/README.md), three times per value; the GPU lane checks bf16 bitwise.
+    b, hq, hk, n, d, cache_len = shape
+    keys, values, x, cos, sin, v, length = _rope_case(b, hq, hk, n, d, cache_len, dtype, start=cache_len - n,
+                                                      shared_positions=b == 3)
+    pos = torch.arange(n) + length if use_position else None
+    got = [keys.clone(), values.clone(), length.clone()]
+    want = [keys.clone(), values.clone(), length.clone()]
+    q = C.rope_run(got[0], got[1], x, cos, sin, v, pos, None if use_position else got[2], hq, mode=1)
+    q_want = cache_ops.rope_kv_cache_write_eager(want[0], want[1], x, cos, sin, v, pos,
+                                                 None if use_position else want[2], hq)
+    assert q.shape == (b, hq, n, d) and q.is_contiguous()
+    if dtype == torch.bfloat16:
+        for g_, w_ in ((q, q_want), (got[0], want[0])):
+            torch.testing.assert_close(g_, w_, rtol=2 ** -6, atol=2 ** -4)
+        assert torch.equal(got[1], want[1]) and torch.equal(got[2], want[2])
+    else:
+        for g_, w_ in zip([q, *got], [q_want, *want], strict=True):
+            assert torch.equal(g_, w_)
+    assert got[2].item() == (cache_len - n if use_position else cache_len)
+
+
+def test_rotary_variant_refuses_what_eager_would_promote():
+    keys, values, x, cos, sin, v, length = _rope_case(1, 2, 2, 1, 8, 4, torch.float16, start=0)
+    assert "dtype" in C.rope_supported(keys, values, x, cos.float(), sin.float(), v, None, length, 2)
+    assert "broadcast" in C.rope_supported(keys, values, x, cos[..., :4], sin[..., :4], v, None, length, 2)
+    # Such a call runs the torch ops, which promote k to fp32 and then refuse to copy it into an fp16 cache:
+    # the same error as eager, not a silently different result.
+    with pytest.raises(RuntimeError, match="same dtype"):
+        C.rope_run(keys, values, x, cos.float(), sin.float(), v, None, length, 2, mode=0)
+    with pytest.raises(RuntimeError, match="same dtype"):
+        cache_ops.rope_kv_cache_write_eager(keys, values, x, cos.float(), sin.float(), v, None, length, 2)

@@ -226,6 +226,22 @@ def test_cache_write_compiles(use_position, batch, launches):
         _compile_all(launches, cap)
 
 
+@pytest.mark.parametrize("heads_q", [4, 0], ids=["q-and-k", "k-alone"])
+def test_cache_write_with_rotary_embedding_compiles(heads_q, launches):
+    from effcompile.codegen.kernels import cache_write as C
+
+    b, hk, d = 2, 2, 64
+    keys, values = (torch.zeros(b, hk, 64, d, dtype=torch.bfloat16) for _ in range(2))
+    qkv = torch.randn(b, 1, (heads_q + 2 * hk) * d).to(torch.bfloat16)
+    x = qkv[..., :(heads_q + hk) * d].view(b, 1, heads_q + hk, d).transpose(1, 2)
+    v = qkv[..., (heads_q + hk) * d:].view(b, 1, hk, d).transpose(1, 2)
+    cos, sin = torch.randn(b, 1, 1, d).to(torch.bfloat16), torch.randn(b, 1, 1, d).to(torch.bfloat16)
+    C.launch(keys, values, x, v, None, torch.tensor(3), (cos, sin, heads_q))
+    assert launches[0].kwargs["ROPE"]
+    for cap in (80, 90):
+        _compile_all(launches, cap)
+
+
 def test_int4_scale_words_leave_no_synchronous_load_in_the_hot_loop(launches):
     # The point of Config.scale_words (sm_90 SASS, session 11): with 2-byte scale and zero loads the pipeliner
     # left them synchronous in the 8-row int4 tile's K loop (LDG after each chunk's cp.async wait); as int32

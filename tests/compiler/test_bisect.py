@@ -34,7 +34,8 @@ def test_lossy_pass_after_exact_ones_is_named(block):
     assert names == ["captured", "remove_dropout", "remove_unused_factories", "scale_residual_adds",
                      "scale_residual_adds", "fuse_sparse_linear", "fuse_parallel_linears", "fuse_gated_activation",
                      "grouped_query_attention",
-                     "additive_attention_mask", "fuse_cache_writes", "fuse_rotary_qk", "DecomposeGelu", "codegen"], str(r)
+                     "additive_attention_mask", "fuse_cache_writes", "fuse_rotary_qk", "fuse_rope_cache_write", "DecomposeGelu",
+                     "codegen"], str(r)
     assert r.culprit is r.stages[4] and r.culprit.config == "ScaleResidualAdds(scale=0.5)", str(r)
     assert all(s.ok for s in r.stages[:4]) and r.stages[1].fired and not r.stages[3].fired, str(r)
     assert r.culprit.ratio > 1 and "BEYOND TOLERANCE" in str(r)

@@ -330,6 +330,47 @@ def test_cache_write_under_cuda_graph_replay(batch, tokens, dtype):
     assert int(got[2]) == 5 + tokens * (steps + 1)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("batch,heads_q", [(1, 32), (8, 32), (2, 0)])
+def test_rotary_cache_write_under_cuda_graph_replay(batch, heads_q, dtype):
+    # The cache write with q's and k's rotary embedding (passes/fuse_rope_cache_write.py), Llama-3.2-1B's decode
+    # heads, replayed from a CUDA graph: q and the caches as the torch ops give them, each replay a step on.
+    # fp32 within an ulp: the GPU may contract x cos + rotate_half(x) sin into one fma where eager rounds twice.
+    from effcompile.codegen.kernels import cache_write as C
+    from effcompile.compiler import cache_ops
+
+    hk, d, steps = 8, 64, 3
+    cache_len = 5 + steps + 2
+    got = [torch.zeros(batch, hk, cache_len, d, device="cuda", dtype=dtype) for _ in range(2)] + [
+        torch.tensor(5, device="cuda")]
+    want = [t.clone() for t in got]
+    qkv = torch.randn(batch, 1, (heads_q + 2 * hk) * d, device="cuda").to(dtype)
+    x = qkv[..., :(heads_q + hk) * d].view(batch, 1, heads_q + hk, d).transpose(1, 2)
+    v = qkv[..., (heads_q + hk) * d:].view(batch, 1, hk, d).transpose(1, 2)
+    angles = torch.rand(batch, 1, 1, d // 2, device="cuda") * 6
+    cos, sin = (f(torch.cat((angles, angles), -1)).to(dtype) for f in (torch.cos, torch.sin))
+
+    def check(q, q_want, what):
+        for g, w in zip([q, *got], [q_want, *want], strict=True):
+            if dtype == torch.float32:
+                torch.testing.assert_close(g, w, rtol=2e-7, atol=1e-6, msg=what)
+            else:
+                assert torch.equal(g, w), what
+
+    q = C.rope_run(got[0], got[1], x, cos, sin, v, None, got[2], heads_q, mode=1)  # warm-up: compile
+    check(q, cache_ops.rope_kv_cache_write_eager(want[0], want[1], x, cos, sin, v, None, want[2], heads_q), "eager")
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        q = C.rope_run(got[0], got[1], x, cos, sin, v, None, got[2], heads_q, mode=1)
+    for i in range(steps):
+        qkv.copy_(torch.randn(qkv.shape, generator=torch.Generator().manual_seed(i)).to(dtype))
+        graph.replay()
+        q_want = cache_ops.rope_kv_cache_write_eager(want[0], want[1], x, cos, sin, v, None, want[2], heads_q)
+        torch.cuda.synchronize()
+        check(q, q_want, f"replay {i}")
+    assert int(got[2]) == 5 + steps + 1
+
+
 # -- fp8 / MX weights, dynamic activation quantization (W8A8, fp8) ------------------------------------
 
 

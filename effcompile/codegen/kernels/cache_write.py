@@ -23,28 +23,51 @@ ELEMENTS_PER_PROGRAM = 2048  # BLOCK_R x BLOCK_D of each of k and v: a decode st
 
 
 @triton.jit
-def _cache_write_kernel(kc_ptr, vc_ptr, k_ptr, v_ptr, pos_ptr, len_ptr, cnt_ptr, R, H, N, D, L,
-                        kc0, kc1, kc2, kc3, vc0, vc1, vc2, vc3, k0, k1, k2, k3, v0, v1, v2, v3, pos_stride,
-                        HAS_POS: tl.constexpr, ONE_PROGRAM: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+def _cache_write_kernel(kc_ptr, vc_ptr, k_ptr, v_ptr, pos_ptr, len_ptr, cnt_ptr, q_ptr, cos_ptr, sin_ptr,
+                        R, HQ, H, N, D, L, kc0, kc1, kc2, kc3, vc0, vc1, vc2, vc3, k0, k1, k2, k3, v0, v1, v2, v3,
+                        q0, q1, q2, c0, c2, c3, s0, s2, s3, pos_stride, HAS_POS: tl.constexpr, ONE_PROGRAM: tl.constexpr,
+                        ROPE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    # A row is one (batch, head, new token) of k, of D values; with ROPE the heads are q's HQ then k's H (k_ptr
+    # is the embedding's input, all of them), each rotated, q's stored to q_ptr and k's into the cache.
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     r_mask = rows < R
     i = (rows % N).to(tl.int64)  # the new token
     bh = rows // N
-    h = (bh % H).to(tl.int64)
-    b = (bh // H).to(tl.int64)
+    hh = (bh % (HQ + H)).to(tl.int64)  # the head in k_ptr
+    b = (bh // (HQ + H)).to(tl.int64)
+    is_k = hh >= HQ
+    h = tl.where(is_k, hh - HQ, 0)  # the K/V head
     if HAS_POS:
         pos = tl.load(pos_ptr + i * pos_stride, mask=r_mask, other=-1).to(tl.int64)
     else:
         pos = tl.load(len_ptr + i * 0, mask=r_mask, other=-1).to(tl.int64) + i
-    ok = r_mask & (pos >= 0) & (pos < L)
-    src_k = k_ptr + b * k0 + h * k1 + i * k2
+    ok = r_mask & is_k & (pos >= 0) & (pos < L)
+    src_k = k_ptr + b * k0 + hh * k1 + i * k2
     src_v = v_ptr + b * v0 + h * v1 + i * v2
     dst_k = kc_ptr + b * kc0 + h * kc1 + pos * kc2
     dst_v = vc_ptr + b * vc0 + h * vc1 + pos * vc2
     for d0 in range(0, D, BLOCK_D):
         d = d0 + tl.arange(0, BLOCK_D)
-        mask = ok[:, None] & (d < D)[None, :]
-        kv = tl.load(src_k[:, None] + d[None, :] * k3, mask=mask)
+        d_mask = (d < D)[None, :]
+        mask = ok[:, None] & d_mask
+        if ROPE:
+            # x cos + rotate_half(x) sin, rounded where the eager ops round (each product, then the sum);
+            # rotate_half(x)[d] = -x[d + D/2] below D/2, x[d - D/2] from it.
+            dt = k_ptr.dtype.element_ty
+            lo = (d < D // 2)[None, :]
+            read = r_mask[:, None] & d_mask
+            x = tl.load(src_k[:, None] + d[None, :] * k3, mask=read, other=0.0)
+            other = tl.load(src_k[:, None] + tl.where(lo, d[None, :] + D // 2, d[None, :] - D // 2) * k3, mask=read,
+                            other=0.0)
+            c = tl.load(cos_ptr + (b * c0 + i * c2)[:, None] + d[None, :] * c3, mask=read, other=0.0)
+            sn = tl.load(sin_ptr + (b * s0 + i * s2)[:, None] + d[None, :] * s3, mask=read, other=0.0)
+            xc = (x.to(tl.float32) * c.to(tl.float32)).to(dt).to(tl.float32)
+            other = other.to(tl.float32)  # negated in fp32: the interpreter holds bf16 as 16-bit integers
+            rs = (tl.where(lo, -other, other) * sn.to(tl.float32)).to(dt).to(tl.float32)
+            kv = (xc + rs).to(dt)
+            tl.store(q_ptr + (b * q0 + hh * q1 + i * q2)[:, None] + d[None, :], kv, mask=read & ~is_k[:, None])
+        else:
+            kv = tl.load(src_k[:, None] + d[None, :] * k3, mask=mask)
         tl.store(dst_k[:, None] + d[None, :] * kc3, kv, mask=mask)
         vv = tl.load(src_v[:, None] + d[None, :] * v3, mask=mask)
         tl.store(dst_v[:, None] + d[None, :] * vc3, vv, mask=mask)
@@ -79,20 +102,33 @@ def supported(keys, values, k, v, position, length) -> str | None:
     return None
 
 
-def launch(keys, values, k, v, position, length) -> None:
-    b, h, n, d = k.shape
-    rows = b * h * n
+def launch(keys, values, k, v, position, length, rope: tuple | None = None) -> torch.Tensor | None:
+    """One launch: k and v into the caches. With rope = (cos, sin, heads_q), k holds q's heads then k's, before
+    their rotary embedding: all are rotated, k's go into the cache and q's come back [B, heads_q, n, D]."""
+    heads_q = rope[2] if rope is not None else 0
+    b, hk, n, d = k.shape
+    h = hk - heads_q
+    q = torch.empty((b, heads_q, n, d), dtype=k.dtype, device=k.device) if rope is not None else None
+    rows = b * hk * n
     if rows == 0:
-        return
+        return q
     block_d = min(triton.next_power_of_2(d), ELEMENTS_PER_PROGRAM)
     block_r = max(1, min(triton.next_power_of_2(rows), ELEMENTS_PER_PROGRAM // block_d))
     cnt = plan.arrival_count(k.device)
     pos = position if position is not None else length
     grid = triton.cdiv(rows, block_r)
+    if rope is not None:
+        cos, sin = (t.expand(b, 1, n, d) for t in rope[:2])
+        trig = (q, cos, sin, *q.stride()[:3], cos.stride(0), *cos.stride()[2:], sin.stride(0), *sin.stride()[2:])
+    else:
+        trig = (k, k, k, 0, 0, 0, 0, 0, 0, 0, 0, 0)  # unused placeholders
     _ops.jit_variant(_cache_write_kernel, _ops.interpreting(k.device))[(grid,)](
-        keys, values, k, v, pos, length if length is not None else pos, cnt, rows, h, n, d, keys.shape[2],
-        *keys.stride(), *values.stride(), *k.stride(), *v.stride(), position.stride(0) if position is not None else 0,
-        HAS_POS=position is not None, ONE_PROGRAM=grid == 1, BLOCK_R=block_r, BLOCK_D=block_d, num_warps=4)
+        keys, values, k, v, pos, length if length is not None else pos, cnt, *trig[:3], rows, heads_q, h, n, d,
+        keys.shape[2], *keys.stride(), *values.stride(), *k.stride(), *v.stride(), *trig[3:],
+        position.stride(0) if position is not None else 0,
+        HAS_POS=position is not None, ONE_PROGRAM=grid == 1, ROPE=rope is not None, BLOCK_R=block_r,
+        BLOCK_D=block_d, num_warps=4)
+    return q
 
 
 def run(keys, values, k, v, position, length, mode: int = 0) -> None:
@@ -118,3 +154,53 @@ if not _ops.op_exists(NAME):
     @op.register_fake
     def _fake(keys, values, k, v, position, length, mode):
         return None
+
+
+ROPE_NAME = "rope_cache_write"  # effcompile::rope_cache_write, the lowered effcompile::rope_kv_cache_write
+
+
+def rope_supported(keys, values, x, cos, sin, v, position, length, heads_q: int) -> str | None:
+    """None when the kernel takes this rotary call, else why the torch ops run instead."""
+    if not (x.dim() == 4 and 0 <= heads_q < x.shape[1]):
+        return "x is not [batch, q heads + k heads, tokens, head_dim] with heads_q of its heads"
+    why = supported(keys, values, x[:, heads_q:], v, position, length)
+    if why is not None:
+        return why
+    if x.shape[3] % 2:
+        return "odd head_dim"
+    if not (cos.dtype == sin.dtype == x.dtype and cos.device == sin.device == x.device):
+        return "cos/sin differ from x in dtype or device"
+    try:
+        for t in (cos, sin):
+            t.expand(x.shape[0], 1, *x.shape[2:])
+    except RuntimeError:
+        return f"cos/sin of shape {tuple(cos.shape)} do not broadcast to [batch, 1, tokens, head_dim]"
+    return None
+
+
+def rope_run(keys, values, x, cos, sin, v, position, length, heads_q: int, mode: int = 0) -> torch.Tensor:
+    """mode 0: auto (CUDA or TRITON_INTERPRET=1 -> Triton), 1: Triton, 2: the IR op's torch ops."""
+    if (position is None) == (length is None):
+        raise ValueError("rope_cache_write takes exactly one of position (explicit) or length (a counter)")
+    if _ops.use_triton(mode, x.device) and rope_supported(keys, values, x, cos, sin, v, position, length,
+                                                          heads_q) is None:
+        q = launch(keys, values, x, v, position, length, (cos, sin, heads_q))
+        path = "triton"
+    else:
+        q = cache_ops.rope_kv_cache_write_eager(keys, values, x, cos, sin, v, position, length, heads_q)
+        path = "torch"
+    _ops.count(ROPE_NAME, path)
+    return q
+
+
+if not _ops.op_exists(ROPE_NAME):
+
+    @torch.library.custom_op("effcompile::" + ROPE_NAME, mutates_args=("keys", "values", "length"))
+    def rope_op(keys: torch.Tensor, values: torch.Tensor, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                v: torch.Tensor, position: torch.Tensor | None, length: torch.Tensor | None, heads_q: int,
+                mode: int) -> torch.Tensor:
+        return rope_run(keys, values, x, cos, sin, v, position, length, heads_q, mode)
+
+    @rope_op.register_fake
+    def _rope_fake(keys, values, x, cos, sin, v, position, length, heads_q, mode):
+        return x.new_empty((x.shape[0], heads_q, *x.shape[2:]))
