@@ -89,8 +89,9 @@ def compile_regions(model: torch.nn.Module, backend="inductor") -> list[str]:
     compiled = {cls: torch.compile(cls.forward, backend=backend) for cls in {type(m) for _, m in blocks}}
     for i, (_, block) in enumerate(blocks):
         own = {m.layer_idx for m in block.modules() if isinstance(getattr(m, "layer_idx", None), int)} == {i}
+        fn = compiled[type(block)]
 
-        def forward(*args, _block=block, _i=i, _own=own, _fn=compiled[type(block)], **kwargs):
+        def forward(*args, _block=block, _i=i, _own=own, _fn=fn, **kwargs):
             if _own:
                 for key in ("cache", "past_key_values", "past_key_value"):  # transformers 5 / 4 spellings
                     if kwargs.get(key) is not None:

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import ctypes
 import copy
+import ctypes
 import inspect
 import resource
 import statistics
@@ -204,8 +204,9 @@ def decode_speed(fn, model, prompt_ids: torch.Tensor, steps: int, warmup: int, d
     step (the one that compiles) is checked: its logits against the eager ``model``'s at the same position and
     cache, under "logits_vs_eager" (a kernel wrong at decode shapes shows here, where the timing cannot).
     """
-    from effcompile.bench.metrics import logit_agreement
     from transformers import StaticCache
+
+    from effcompile.bench.metrics import logit_agreement
 
     batch, plen = prompt_ids.shape
     total = plen + 2 * warmup + steps + 3  # checked, warm-up, capture, timed and profiled steps write the cache
