@@ -61,3 +61,23 @@ def tiny_hf(kind: str, *, layers: int = 2, hidden: int = 64, heads: int = 4, voc
     else:
         raise ValueError(f"unknown model kind {kind!r}; valid: llama, gpt2, bert")
     return model.eval()
+
+
+def static_cache_decode(model, passes, batch: int = 2, steps: int = 2):
+    """Prefill 5 random tokens eagerly into a StaticCache, then decode ``steps`` tokens through
+    ``effcompile(model, passes=passes)``; returns (the compiled model, the steps' logits, the cache)."""
+    from transformers import StaticCache
+
+    import effcompile as ec
+
+    ids = torch.randint(0, model.config.vocab_size, (batch, 5), generator=torch.Generator().manual_seed(batch))
+    cache = StaticCache(config=model.config, max_cache_len=5 + steps + 3)
+    fast = ec.effcompile(model, passes=passes, cache=False)
+    logits = []
+    with torch.no_grad():
+        model(input_ids=ids, past_key_values=cache, use_cache=True)
+        for step in range(steps):
+            out = fast(input_ids=(ids[:, -1:] + step) % model.config.vocab_size, past_key_values=cache,
+                       use_cache=True, cache_position=torch.tensor([5 + step]))
+            logits.append(out.logits)
+    return fast, torch.cat(logits), cache

@@ -8,7 +8,7 @@ import torch
 import effcompile as ec
 from effcompile.passes.fuse_rope_cache_write import FuseRopeCacheWrite
 from effcompile.passes.fuse_rotary_qk import FuseRotaryQK
-from effcompile.testing import tiny_hf
+from effcompile.testing import static_cache_decode, tiny_hf
 
 
 @pytest.fixture(scope="module")
@@ -25,19 +25,8 @@ def _rope_kernels(fast) -> int:
 
 
 def _decode(model, passes, batch=2):
-    from transformers import StaticCache
-
-    ids = torch.randint(0, 128, (batch, 5), generator=torch.Generator().manual_seed(batch))
-    cache = StaticCache(config=model.config, max_cache_len=10)
-    fast = ec.effcompile(model, passes=passes, cache=False)
-    logits = []
-    with torch.no_grad():
-        model(input_ids=ids, past_key_values=cache, use_cache=True)
-        for step in range(2):
-            out = fast(input_ids=(ids[:, -1:] + step) % 128, past_key_values=cache, use_cache=True,
-                       cache_position=torch.tensor([5 + step]))
-            logits.append(out.logits)
-    return fast, torch.cat(logits), cache.layers[0].keys.clone()
+    fast, logits, cache = static_cache_decode(model, passes, batch)
+    return fast, logits, cache.layers[0].keys.clone()
 
 
 @pytest.mark.parametrize("batch", [1, 3])
