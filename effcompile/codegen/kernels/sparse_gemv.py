@@ -83,6 +83,28 @@ def _sparse_kernel(x_ptr, t_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cn
         for g0 in range(k_lo, k_hi, SEG):  # the launcher splits K at segment boundaries
             offs_g = g0 + tl.arange(0, SEG)
             g_mask = offs_g < k_hi
+            if FMT == 1:
+                # This group's scales and zeros of the tile's outputs, one [BW] load per nibble p (output 8w + p):
+                # loaded first, so their trip to memory overlaps the compaction (nothing is hoisted above the
+                # barrier below), and already in the layout the products use (a [BW, 8] load split per nibble
+                # went through shared memory, two barriers per split, every segment).
+                gi = (g0 // G) * N + 8 * offs_w.to(tl.int64)
+                s0 = tl.load(s_ptr + gi, mask=w_mask, other=0.0)
+                s1 = tl.load(s_ptr + gi + 1, mask=w_mask, other=0.0)
+                s2 = tl.load(s_ptr + gi + 2, mask=w_mask, other=0.0)
+                s3 = tl.load(s_ptr + gi + 3, mask=w_mask, other=0.0)
+                s4 = tl.load(s_ptr + gi + 4, mask=w_mask, other=0.0)
+                s5 = tl.load(s_ptr + gi + 5, mask=w_mask, other=0.0)
+                s6 = tl.load(s_ptr + gi + 6, mask=w_mask, other=0.0)
+                s7 = tl.load(s_ptr + gi + 7, mask=w_mask, other=0.0)
+                z0 = tl.load(z_ptr + gi, mask=w_mask, other=0.0)
+                z1 = tl.load(z_ptr + gi + 1, mask=w_mask, other=0.0)
+                z2 = tl.load(z_ptr + gi + 2, mask=w_mask, other=0.0)
+                z3 = tl.load(z_ptr + gi + 3, mask=w_mask, other=0.0)
+                z4 = tl.load(z_ptr + gi + 4, mask=w_mask, other=0.0)
+                z5 = tl.load(z_ptr + gi + 5, mask=w_mask, other=0.0)
+                z6 = tl.load(z_ptr + gi + 6, mask=w_mask, other=0.0)
+                z7 = tl.load(z_ptr + gi + 7, mask=w_mask, other=0.0)
             xg = tl.load(x_ptr + offs_g, mask=g_mask, other=0.0)
             if PER_CHANNEL:
                 tg = tl.load(t_ptr + offs_g, mask=g_mask, other=0.0)
@@ -95,25 +117,15 @@ def _sparse_kernel(x_ptr, t_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cn
             count = tl.reduce(kept, 0, tl.standard._sum_combine)
             tl.debug_barrier()  # the list is complete before any warp reads it
             if FMT == 1:
-                # This group's scales and zeros of the tile's outputs, [BW, 8] each, split per nibble
-                # p = 4a + 2b + c (as dequant_matmul.py splits x); q s + z = v 16 s + (z - 16 s), v = 1 + q / 16.
-                gi = (g0 // G) * N + 8 * offs_w.to(tl.int64)[:, None] + tl.arange(0, 8)[None, :]
-                sc = 16.0 * tl.load(s_ptr + gi, mask=w_mask[:, None], other=0.0).to(tl.float32)
-                zc = tl.load(z_ptr + gi, mask=w_mask[:, None], other=0.0).to(tl.float32) - sc
-                c0, c1 = tl.split(tl.reshape(sc, (BW, 2, 2, 2)))
-                c0b0, c0b1 = tl.split(c0)
-                c1b0, c1b1 = tl.split(c1)
-                s0, s4 = tl.split(c0b0)
-                s2, s6 = tl.split(c0b1)
-                s1, s5 = tl.split(c1b0)
-                s3, s7 = tl.split(c1b1)
-                c0, c1 = tl.split(tl.reshape(zc, (BW, 2, 2, 2)))
-                c0b0, c0b1 = tl.split(c0)
-                c1b0, c1b1 = tl.split(c1)
-                z0, z4 = tl.split(c0b0)
-                z2, z6 = tl.split(c0b1)
-                z1, z5 = tl.split(c1b0)
-                z3, z7 = tl.split(c1b1)
+                # q s + z = v 16 s + (z - 16 s), v = 1 + q / 16 (the word decode below makes v)
+                s0, s1, s2, s3 = 16.0 * s0.to(tl.float32), 16.0 * s1.to(tl.float32), 16.0 * s2.to(tl.float32), \
+                    16.0 * s3.to(tl.float32)
+                s4, s5, s6, s7 = 16.0 * s4.to(tl.float32), 16.0 * s5.to(tl.float32), 16.0 * s6.to(tl.float32), \
+                    16.0 * s7.to(tl.float32)
+                z0, z1, z2, z3 = z0.to(tl.float32) - s0, z1.to(tl.float32) - s1, z2.to(tl.float32) - s2, \
+                    z3.to(tl.float32) - s3
+                z4, z5, z6, z7 = z4.to(tl.float32) - s4, z5.to(tl.float32) - s5, z6.to(tl.float32) - s6, \
+                    z7.to(tl.float32) - s7
             if PREFETCH:  # the segment's first chunk; each iteration then loads the next one (dequant_matmul.py)
                 c_mask = tl.arange(0, BLOCK_K) < count
                 idx = tl.load(slots + tl.arange(0, BLOCK_K), mask=c_mask, other=0)
