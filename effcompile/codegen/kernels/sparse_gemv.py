@@ -162,17 +162,12 @@ def _sparse_kernel(x_ptr, t_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cn
                         acc2d += xv * w.to(tl.float32)
         if FMT == 1:
             # Output 2j is in nibble 2j mod 8 of word j // 4: even nibbles interleave into the low outputs, odd
-            # into the high ones (join undoes the split above).
-            o0 = tl.reduce(acc0, 0, tl.standard._sum_combine)
-            o1 = tl.reduce(acc1, 0, tl.standard._sum_combine)
-            o2 = tl.reduce(acc2, 0, tl.standard._sum_combine)
-            o3 = tl.reduce(acc3, 0, tl.standard._sum_combine)
-            o4 = tl.reduce(acc4, 0, tl.standard._sum_combine)
-            o5 = tl.reduce(acc5, 0, tl.standard._sum_combine)
-            o6 = tl.reduce(acc6, 0, tl.standard._sum_combine)
-            o7 = tl.reduce(acc7, 0, tl.standard._sum_combine)
-            acc_lo += tl.reshape(tl.join(tl.join(o0, o4), tl.join(o2, o6)), (HALF,))[None, :]
-            acc_hi += tl.reshape(tl.join(tl.join(o1, o5), tl.join(o3, o7)), (HALF,))[None, :]
+            # into the high ones. Joined before the sum over K, so it is two reductions across warps (through
+            # shared memory) rather than eight.
+            lo = tl.join(tl.join(acc0, acc4), tl.join(acc2, acc6))
+            hi = tl.join(tl.join(acc1, acc5), tl.join(acc3, acc7))
+            acc_lo += tl.reshape(tl.reduce(lo, 0, tl.standard._sum_combine), (HALF,))[None, :]
+            acc_hi += tl.reshape(tl.reduce(hi, 0, tl.standard._sum_combine), (HALF,))[None, :]
         else:
             acc += tl.reduce(acc2d, 0, tl.standard._sum_combine)[None, :]
     else:
