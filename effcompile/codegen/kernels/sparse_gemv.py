@@ -164,10 +164,10 @@ def _sparse_kernel(x_ptr, t_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cn
             # Output 2j is in nibble 2j mod 8 of word j // 4: even nibbles interleave into the low outputs, odd
             # into the high ones. Joined before the sum over K, so it is two reductions across warps (through
             # shared memory) rather than eight.
-            lo = tl.join(tl.join(acc0, acc4), tl.join(acc2, acc6))
-            hi = tl.join(tl.join(acc1, acc5), tl.join(acc3, acc7))
-            acc_lo += tl.reshape(tl.reduce(lo, 0, tl.standard._sum_combine), (HALF,))[None, :]
-            acc_hi += tl.reshape(tl.reduce(hi, 0, tl.standard._sum_combine), (HALF,))[None, :]
+            even = tl.join(tl.join(acc0, acc4), tl.join(acc2, acc6))
+            odd = tl.join(tl.join(acc1, acc5), tl.join(acc3, acc7))
+            acc_lo += tl.reshape(tl.reduce(even, 0, tl.standard._sum_combine), (HALF,))[None, :]
+            acc_hi += tl.reshape(tl.reduce(odd, 0, tl.standard._sum_combine), (HALF,))[None, :]
         else:
             acc += tl.reduce(acc2d, 0, tl.standard._sum_combine)[None, :]
     else:
