@@ -146,6 +146,20 @@ def test_fma_decode_configs(fmt, m, dtype):
     _check(_case(fmt, 94, 288, m, dtype, per_channel=m == 3, seed=m), config=config)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("fmt", ["float", "int8"])
+@pytest.mark.parametrize("sparsity,per_channel,splits", [(0.0, False, None), (0.5, True, 3), (0.9, False, 2)])
+def test_one_row_masked_path_sums_over_k_after_the_loop(fmt, sparsity, per_channel, splits, dtype):
+    # One row, float / int8, compact=False: every chunk visited with skipped rows masked, products kept per
+    # [k, output] and summed once after the loop (session 13); odd N, K = 9 x 32 split unevenly.
+    config = plan.Config(64, 32, 4, 1, splits, fma=True)
+    _check(_case(fmt, 101, 288, 1, dtype, per_channel=per_channel, sparsity=sparsity, seed=7), config=config)
+    if sparsity == 0.9:  # every activation under its threshold: the bias alone
+        args = _case(fmt, 101, 288, 1, dtype, seed=7)
+        args = (args[0], torch.tensor(1e9), *args[2:])
+        torch.testing.assert_close(S.launch(*args, config=config), args[5][None, :])
+
+
 def test_fma_all_zero_activations_leave_the_bias():
     args = _case("int4", 70, 256, 2, torch.float32)
     args = (args[0], torch.tensor(1e9), *args[2:])

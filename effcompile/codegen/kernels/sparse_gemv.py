@@ -170,6 +170,29 @@ def _sparse_kernel(x_ptr, t_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cn
             acc_hi += tl.reshape(tl.reduce(odd, 0, tl.standard._sum_combine), (HALF,))[None, :]
         else:
             acc += tl.reduce(acc2d, 0, tl.standard._sum_combine)[None, :]
+    elif FMA and BLOCK_M == 1 and FMT != 1:
+        # One row, float / int8, every chunk visited with the skipped rows masked (no traffic for them): products
+        # kept per [k, output] and summed over K once, after the loop, as the compacted path does. A sum over the
+        # chunk's K every iteration crossed warps through shared memory: 10 barriers a chunk for (512, 16, 4, 1),
+        # session 13's sparse/float/m1 winner (sm_90 SASS, triton 3.6).
+        acc2d = tl.full((BLOCK_K, BLOCK_N), 0.0, tl.float32)
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_mask = offs_k < k_hi
+            xk = tl.load(x_ptr + offs_k, mask=k_mask, other=0.0)
+            if PER_CHANNEL:
+                t = tl.load(t_ptr + offs_k, mask=k_mask, other=0.0)
+            else:
+                t = tl.load(t_ptr + offs_k * 0)
+            keep = (tl.abs(xk.to(tl.float32)) > t.to(x_ptr.dtype.element_ty).to(tl.float32)) & k_mask
+            w = tl.load(w_ptr + offs_k.to(tl.int64)[:, None] * N + offs_n[None, :], mask=keep[:, None] & n_mask[None, :],
+                        other=0)
+            if FMT == 0:  # int8 codes by their bits: 2**23 + 128 + c, exact (the scale comes after)
+                wf = ((w.to(tl.int32) + 128) | 0x4B000000).to(tl.float32, bitcast=True) - 8388736.0
+            else:
+                wf = w.to(tl.float32)
+            acc2d += tl.where(keep, xk.to(tl.float32), 0.0)[:, None] * wf
+        acc += tl.reduce(acc2d, 0, tl.standard._sum_combine)[None, :]
     else:
         for k0 in range(k_lo, k_hi, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
