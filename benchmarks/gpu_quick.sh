@@ -50,7 +50,7 @@ tests() {
 kernels() {
     timeout "${KERNELS_S:-200}" "$PY" benchmarks/kernels.py --device cuda --sweep --sweep-budget-s "${SWEEP_S:-110}" \
         --tuning-out "$OUT/tuning.json" --sweep-batches "${SWEEP_BATCHES:-1,8}" \
-        --sweep-cases "${SWEEP_CASES:-sparse/int4,dequant/int4,sparse/float,sparse/int8}" \
+        --sweep-cases "${SWEEP_CASES:-sparse/int4,dequant/int4,sparse/float,dequant/int8,sparse/int8}" \
         --sweep-shapes "${SWEEP_SHAPES:-8b.up,8b.down,1b.qkv,1b.o,1b.gate_up,1b.down}" \
         --shapes "${KERNEL_SHAPES:-8b.up,8b.down,1b.gate_up,1b.o}" --output "$OUT/kernels.json" 2>&1 | grep -v "^  config" | tee "$OUT/kernels.log"
 }
