@@ -142,7 +142,7 @@ def main() -> None:
         for b in batches:
             with torch.no_grad():
                 r = timing.decode_speed(fn, model, prompts[b], a.steps, 3, a.device, cuda_graph=graphs,
-                                        profile=b == batches[0])
+                                        profile=b in (batches[0], batches[-1]))
             row[f"tok_s_b{b}"] = round(r["tokens_per_s"], 2)
             row[f"ms_per_step_b{b}"] = round(r["ms_per_step"], 4)
             row[f"logits_vs_eager_b{b}"] = r["logits_vs_eager"]  # the first decode step against eager's
@@ -200,7 +200,7 @@ def main() -> None:
             rep = ec.explain(fast)
             row["fallbacks"] = rep.fallbacks
             row["kernels"] = sorted({f"{k.name}:{k.kind}" for k in rep.kernels if k.ops and
-                                     k.ops[0] in ("wq_linear", "sparse_linear")})
+                                     k.ops[0] in ("wq_linear", "sparse_linear", "kv_cache_write", "rope_kv_cache_write")})
         show(row)
         write()
         # Free this config before the next one compiles: a 1B model's sparse layout is another full copy
