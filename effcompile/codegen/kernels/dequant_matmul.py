@@ -115,13 +115,24 @@ def _matmul_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, u_ptr, lb_ptr, out_ptr, ws
             offs_g = tl.arange(0, GPC)[:, None, None]  # group in chunk
             col3 = offs_n.to(tl.int64)[None, None, :]
             n3 = n_mask[None, None, :]
+            # x[8 w + p] for nibble p as [group, word, 1] loads: each thread reads the x values its products need
+            # (L1 hits), where one contiguous chunk split 8 ways moved x across threads through shared memory,
+            # four barriers a chunk (sm_90 SASS, triton 3.6).
             if PREFETCH:  # the first chunk's operands; each iteration then loads the next chunk's (see below)
-                offs_k = k_lo + tl.arange(0, BLOCK_K)
                 gi = col3 * (K // G) + k_lo // G + offs_g
                 g_mask = n3 & (k_lo + offs_g * G < k_hi)
                 words_n = tl.load(q_ptr + col3 * KW + k_lo // 8 + offs_c, mask=(k_lo // 8 + offs_c < k_hi // 8) & n3,
                                   other=0)
-                xk_n = tl.load(xrow + offs_k, mask=offs_k < k_hi, other=0.0)
+                xb = xrow + k_lo + 8 * offs_c
+                xm = k_lo + 8 * offs_c < k_hi
+                x0_n = tl.load(xb, mask=xm, other=0.0)
+                x1_n = tl.load(xb + 1, mask=xm, other=0.0)
+                x2_n = tl.load(xb + 2, mask=xm, other=0.0)
+                x3_n = tl.load(xb + 3, mask=xm, other=0.0)
+                x4_n = tl.load(xb + 4, mask=xm, other=0.0)
+                x5_n = tl.load(xb + 5, mask=xm, other=0.0)
+                x6_n = tl.load(xb + 6, mask=xm, other=0.0)
+                x7_n = tl.load(xb + 7, mask=xm, other=0.0)
                 s_n = tl.load(s_ptr + gi, mask=g_mask, other=0.0)
                 z_n = tl.load(z_ptr + gi, mask=g_mask, other=0.0)
             for k0 in range(k_lo, k_hi, BLOCK_K):
@@ -129,53 +140,55 @@ def _matmul_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, u_ptr, lb_ptr, out_ptr, ws
                     # Register double buffering: the next chunk's loads are issued before this chunk's arithmetic,
                     # so every CTA keeps a chunk of weights in flight while it computes (triton's pipeliner only
                     # stages loads that feed a tl.dot; num_stages does nothing to this loop).
-                    words, xk, sg, zg = words_n, xk_n.to(tl.float32), s_n, z_n
+                    words, sg, zg = words_n, s_n, z_n
+                    x0, x1, x2, x3 = x0_n.to(tl.float32), x1_n.to(tl.float32), x2_n.to(tl.float32), x3_n.to(tl.float32)
+                    x4, x5, x6, x7 = x4_n.to(tl.float32), x5_n.to(tl.float32), x6_n.to(tl.float32), x7_n.to(tl.float32)
                     k1 = k0 + BLOCK_K
-                    offs_k = k1 + tl.arange(0, BLOCK_K)
                     gi = col3 * (K // G) + k1 // G + offs_g
                     g_mask = n3 & (k1 + offs_g * G < k_hi)  # past k_hi (the last chunk's prefetch): nothing
                     words_n = tl.load(q_ptr + col3 * KW + k1 // 8 + offs_c, mask=(k1 // 8 + offs_c < k_hi // 8) & n3,
                                       other=0)
-                    xk_n = tl.load(xrow + offs_k, mask=offs_k < k_hi, other=0.0)
+                    xb = xrow + k1 + 8 * offs_c
+                    xm = k1 + 8 * offs_c < k_hi
+                    x0_n = tl.load(xb, mask=xm, other=0.0)
+                    x1_n = tl.load(xb + 1, mask=xm, other=0.0)
+                    x2_n = tl.load(xb + 2, mask=xm, other=0.0)
+                    x3_n = tl.load(xb + 3, mask=xm, other=0.0)
+                    x4_n = tl.load(xb + 4, mask=xm, other=0.0)
+                    x5_n = tl.load(xb + 5, mask=xm, other=0.0)
+                    x6_n = tl.load(xb + 6, mask=xm, other=0.0)
+                    x7_n = tl.load(xb + 7, mask=xm, other=0.0)
                     s_n = tl.load(s_ptr + gi, mask=g_mask, other=0.0)
                     z_n = tl.load(z_ptr + gi, mask=g_mask, other=0.0)
                 else:
                     words = tl.load(q_ptr + col3 * KW + k0 // 8 + offs_c, mask=(k0 // 8 + offs_c < k_hi // 8) & n3,
                                     other=0)
-                    offs_k = k0 + tl.arange(0, BLOCK_K)
-                    xk = tl.load(xrow + offs_k, mask=offs_k < k_hi, other=0.0).to(tl.float32)
+                    xb = xrow + k0 + 8 * offs_c
+                    xm = k0 + 8 * offs_c < k_hi
+                    x0 = tl.load(xb, mask=xm, other=0.0).to(tl.float32)
+                    x1 = tl.load(xb + 1, mask=xm, other=0.0).to(tl.float32)
+                    x2 = tl.load(xb + 2, mask=xm, other=0.0).to(tl.float32)
+                    x3 = tl.load(xb + 3, mask=xm, other=0.0).to(tl.float32)
+                    x4 = tl.load(xb + 4, mask=xm, other=0.0).to(tl.float32)
+                    x5 = tl.load(xb + 5, mask=xm, other=0.0).to(tl.float32)
+                    x6 = tl.load(xb + 6, mask=xm, other=0.0).to(tl.float32)
+                    x7 = tl.load(xb + 7, mask=xm, other=0.0).to(tl.float32)
                     gi = col3 * (K // G) + k0 // G + offs_g
                     g_mask = n3 & (k0 + offs_g * G < k_hi)
                     sg = tl.load(s_ptr + gi, mask=g_mask, other=0.0)
                     zg = tl.load(z_ptr + gi, mask=g_mask, other=0.0)
-                # x[8 w + 4 a + 2 b + c] -> the 8 [group, word] tiles x_p, p = 4 a + 2 b + c, by splitting c, b, a.
-                c0, c1 = tl.split(tl.reshape(xk, (BLOCK_K // 8, 2, 2, 2)))
-                c0b0, c0b1 = tl.split(c0)
-                c1b0, c1b1 = tl.split(c1)
-                x0, x4 = tl.split(c0b0)
-                x2, x6 = tl.split(c0b1)
-                x1, x5 = tl.split(c1b0)
-                x3, x7 = tl.split(c1b1)
-                x0 = tl.reshape(x0, (GPC, WK))
-                x1 = tl.reshape(x1, (GPC, WK))
-                x2 = tl.reshape(x2, (GPC, WK))
-                x3 = tl.reshape(x3, (GPC, WK))
-                x4 = tl.reshape(x4, (GPC, WK))
-                x5 = tl.reshape(x5, (GPC, WK))
-                x6 = tl.reshape(x6, (GPC, WK))
-                x7 = tl.reshape(x7, (GPC, WK))
                 s16 = 16.0 * sg.to(tl.float32)
                 z16 = zg.to(tl.float32) - s16
                 # Nibble p sits at bits 4p..4p+3; 0x780000 keeps bits 19..22 after the shift (>> is arithmetic,
                 # the mask drops the sign copies).
-                acc1 += x0[:, :, None] * ((((words << 19) & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True) * s16 + z16)
-                acc1 += x1[:, :, None] * ((((words << 15) & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True) * s16 + z16)
-                acc1 += x2[:, :, None] * ((((words << 11) & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True) * s16 + z16)
-                acc1 += x3[:, :, None] * ((((words << 7) & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True) * s16 + z16)
-                acc1 += x4[:, :, None] * ((((words << 3) & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True) * s16 + z16)
-                acc1 += x5[:, :, None] * ((((words >> 1) & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True) * s16 + z16)
-                acc1 += x6[:, :, None] * ((((words >> 5) & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True) * s16 + z16)
-                acc1 += x7[:, :, None] * ((((words >> 9) & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True) * s16 + z16)
+                acc1 += x0 * ((((words << 19) & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True) * s16 + z16)
+                acc1 += x1 * ((((words << 15) & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True) * s16 + z16)
+                acc1 += x2 * ((((words << 11) & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True) * s16 + z16)
+                acc1 += x3 * ((((words << 7) & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True) * s16 + z16)
+                acc1 += x4 * ((((words << 3) & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True) * s16 + z16)
+                acc1 += x5 * ((((words >> 1) & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True) * s16 + z16)
+                acc1 += x6 * ((((words >> 5) & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True) * s16 + z16)
+                acc1 += x7 * ((((words >> 9) & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True) * s16 + z16)
             acc += tl.reduce(tl.reduce(acc1, 0, tl.standard._sum_combine), 0, tl.standard._sum_combine)[None, :]
         elif FMA and BLOCK_M == 1:
             # One row (batch-1 decode): the launcher passes the codes as int32 words, 8 consecutive K values
