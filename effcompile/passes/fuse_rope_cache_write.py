@@ -53,20 +53,21 @@ def _site(k: fx.Node, write: fx.Node, order: dict) -> tuple[Rotary, int, fx.Node
     when k comes from no embedding at all."""
     q_node, heads_q = None, 0
     rope = rotary_embedding(k)
-    if rope is None and isinstance(k, fx.Node) and k.args and isinstance(k.args[0], fx.Node):
-        rope = rotary_embedding(k.args[0])
-        heads_q = _heads(k, k.args[0], start=True) if rope is not None else None
-        if rope is None or heads_q is None:
-            return None if rope is None else "k is not the embedding's heads from some h on"
+    if rope is None:  # else k may be the embedding's heads from h on, and q its heads before h
+        src = k.args[0] if isinstance(k, fx.Node) and k.args else None
+        rope = rotary_embedding(src) if isinstance(src, fx.Node) else None
+        if rope is None:
+            return None
+        heads_q = _heads(k, src, start=True)
+        if heads_q is None:
+            return "k is not the embedding's heads from some h on"
         readers = set(rope.out.users) - {k}
         q_node = next(iter(readers)) if len(readers) == 1 else None
         if q_node is None or _heads(q_node, rope.out, start=False) != heads_q:
             return "the embedding is read besides as q's heads and k's"
         if any(order[u] < order[write] for u in q_node.users):
             return "q is read before the cache write"
-    elif rope is None:
-        return None
-    if len(k.users) != 1 or (q_node is None and len(rope.out.users) != 1):
+    if len(k.users) != 1:  # k is the embedding itself, or its heads from h on
         return "the rotated k is read besides by the cache write"
     vals = [ir.tensor_val(t) for t in (rope.x, rope.cos, rope.sin)]
     if any(v is None for v in vals) or vals[0].dim() != 4 or not isinstance(vals[0].shape[-1], int):
