@@ -199,6 +199,8 @@ def triton_pow2(m: int) -> int:
     (64, 256, 781, 1216, 3, 2),  # 4 per chunk, 3 splits (the last split short), prefetch running off the end
     (128, 512, 64, 1536, 2, 2),  # 4 per chunk, even tiles; each split's prefetch reaches the other's chunk
     (128, 256, 45, 384, 1, 1),   # 2 per chunk, N under one tile
+    (64, 256, 96, 2048, 2, 2),   # even tiles, 4 chunks a split: unmasked loads, the last prefetch re-reads
+    (128, 256, 64, 1024, 1, 1),  # even tiles without prefetch
 ])
 def test_int4_one_row_chunks_span_several_groups(group, block_k, n, k, split, stages):
     # One-row int4 fma chunks longer than a group (GPC groups each, [GPC, 1, N] scales and zeros), so an
@@ -211,6 +213,7 @@ def test_int4_one_row_chunks_span_several_groups(group, block_k, n, k, split, st
     with aot.record_launches() as seen:
         D.launch(x, *qw[:3], b, "int4", group, config=config)
     assert seen[0].kwargs["GPC"] == block_k // group and seen[0].kwargs["BLOCK_K"] == block_k
+    assert seen[0].kwargs["EVEN_NK"] == (n % 32 == 0 and k % block_k == 0)
 
 
 def test_int4_chunks_stay_inside_a_group_where_a_chunk_is_scaled_as_a_whole(monkeypatch):

@@ -148,6 +148,9 @@ def test_int4_and_int8_fma_kernels_decode_codes_without_int_to_float_conversions
     q64 = _weights("int4", 96, 256, dtype, 64)  # one-row chunks of several groups (GPC 4), with and without PREFETCH
     D.launch(x, *q64[:3], None, "int4", 64, config=plan.Config(32, 256, 4, 1, 1, fma=True))
     D.launch(x, *q64[:3], None, "int4", 64, config=plan.Config(16, 256, 4, 2, 1, fma=True))
+    q64_odd = _weights("int4", 94, 384, dtype, 64)  # the same, tiles not dividing N and K: masked loads
+    D.launch(torch.randn(1, 384, dtype=dtype), *q64_odd[:3], None, "int4", 64,
+             config=plan.Config(32, 256, 4, 2, 1, fma=True))
     w = torch.randn(96, 256, generator=torch.Generator().manual_seed(0)).to(dtype)
     sq = qops.quantize_weight(w, "int4", 64)
     wt, s, z = sl.to_input_major(sq.qweight, sq.scales, sq.zeros, "int4", 64)
@@ -157,8 +160,9 @@ def test_int4_and_int8_fma_kernels_decode_codes_without_int_to_float_conversions
     D.launch(x, *q8[:3], None, "int8", 0, config=plan.Config(64, 128, 4, 1, 2, fma=True))
     w8, s8, _ = sl.to_input_major(q8.qweight, q8.scales, None, "int8", 0)
     S.launch(x, torch.tensor(0.5), w8, s8, None, None, "int8", 0, config=plan.Config(128, 32, 4, 1, 2, fma=True))
-    assert len(launches) == 9 and launches[2].kwargs["PREFETCH"] and launches[4].kwargs["PREFETCH"]
-    assert launches[3].kwargs["GPC"] == launches[4].kwargs["GPC"] == 4
+    assert len(launches) == 10 and launches[2].kwargs["PREFETCH"] and launches[4].kwargs["PREFETCH"]
+    assert launches[3].kwargs["GPC"] == launches[4].kwargs["GPC"] == launches[5].kwargs["GPC"] == 4
+    assert [lc.kwargs["EVEN_NK"] for lc in launches[3:6]] == [True, True, False]
     for launch in launches:
         ptx = _compile(launch, 90).asm["ptx"]
         found = _INT_TO_FLOAT.findall(ptx)

@@ -152,12 +152,14 @@ def _table(index: int) -> dict[str, Config]:
 
 # Launch shapes for GPUs whose table has no entry, where a measurement elsewhere (or, said so, a static count)
 # beat DECODE / SPARSE.
-# dequant/int4/m1: on the H100 (session 9 sweep) every fma tile beat the tl.dot default (128, 128, 4, 3),
-# the best (64, 128) with 8 splits: 882 against under 800 GB/s over the two Llama-3-8B MLP shapes.
+# dequant/int4/m1: on the H100 every fma tile beat the tl.dot default (128, 128, 4, 3) (session 9). Chunks of
+# two groups with register prefetch, (32, 256, 4, 2), won the session-13 sweep at 23.5 / 22.9 us on the 8B MLP
+# shapes; the one-group (64, 128, 4, 1, 8), the table's pick from session 9 on, measured 25.4 / 26.6 us in
+# session 10.
 # sparse/int4/m1: the compacted int4 word path (sparse_gemv.py, session 10), whose inner loop
 # issues ~2.6 weight bytes per warp-instruction on sm_90 for (256, 16) against 1.5 for the byte path's best
 # measured tile, and 16-row chunks waste less of a group's kept count than 32: a static choice, untimed.
-UNTUNED = {"dequant/int4/m1": Config(64, 128, 4, 1, 8, True),
+UNTUNED = {"dequant/int4/m1": Config(32, 256, 4, 2, None, True),
            "sparse/int4/m1": Config(256, 16, 4, 1, None, True, compact=True)}
 
 
