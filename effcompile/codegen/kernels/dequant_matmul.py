@@ -218,6 +218,7 @@ def _matmul_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, u_ptr, lb_ptr, out_ptr, ws
             # (exact), so q s + z = v (16 s) + (z - 16 s): one FMA per weight with no offset subtraction
             # (the cancellation is of 16 s, 2**-20 s at most; the low-bit trick below cancels 2**23 s).
             acc1 = tl.full((BLOCK_K // 8, BLOCK_N), 0.0, tl.float32)
+            one = 0x3F800000 | (K_SPLIT >> 30)  # in a register: one LOP3 a nibble (see the branch above)
             KW = K // 8
             xrow = x_ptr + pid_m.to(tl.int64) * K
             if PREFETCH:  # the first chunk's operands; each iteration then loads the next chunk's (see below)
@@ -267,14 +268,14 @@ def _matmul_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, u_ptr, lb_ptr, out_ptr, ws
                     z16 = tl.load(z_ptr + gi, mask=n_mask, other=0.0).to(tl.float32)[None, :] - s16
                 # Nibble p sits at bits 4p..4p+3; 0x780000 keeps bits 19..22 after the shift (>> is arithmetic,
                 # the mask drops the sign copies).
-                acc1 += x0[:, None] * ((((words << 19) & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True) * s16 + z16)
-                acc1 += x1[:, None] * ((((words << 15) & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True) * s16 + z16)
-                acc1 += x2[:, None] * ((((words << 11) & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True) * s16 + z16)
-                acc1 += x3[:, None] * ((((words << 7) & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True) * s16 + z16)
-                acc1 += x4[:, None] * ((((words << 3) & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True) * s16 + z16)
-                acc1 += x5[:, None] * ((((words >> 1) & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True) * s16 + z16)
-                acc1 += x6[:, None] * ((((words >> 5) & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True) * s16 + z16)
-                acc1 += x7[:, None] * ((((words >> 9) & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True) * s16 + z16)
+                acc1 += x0[:, None] * ((((words << 19) & 0x780000) | one).to(tl.float32, bitcast=True) * s16 + z16)
+                acc1 += x1[:, None] * ((((words << 15) & 0x780000) | one).to(tl.float32, bitcast=True) * s16 + z16)
+                acc1 += x2[:, None] * ((((words << 11) & 0x780000) | one).to(tl.float32, bitcast=True) * s16 + z16)
+                acc1 += x3[:, None] * ((((words << 7) & 0x780000) | one).to(tl.float32, bitcast=True) * s16 + z16)
+                acc1 += x4[:, None] * ((((words << 3) & 0x780000) | one).to(tl.float32, bitcast=True) * s16 + z16)
+                acc1 += x5[:, None] * ((((words >> 1) & 0x780000) | one).to(tl.float32, bitcast=True) * s16 + z16)
+                acc1 += x6[:, None] * ((((words >> 5) & 0x780000) | one).to(tl.float32, bitcast=True) * s16 + z16)
+                acc1 += x7[:, None] * ((((words >> 9) & 0x780000) | one).to(tl.float32, bitcast=True) * s16 + z16)
             acc += tl.reduce(acc1, 0, tl.standard._sum_combine)[None, :]
         else:
             for k0 in range(k_lo, k_hi, BLOCK_K):

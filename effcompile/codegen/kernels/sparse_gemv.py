@@ -72,6 +72,9 @@ def _sparse_kernel(x_ptr, t_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cn
         else:
             acc2d = tl.full((BLOCK_K, BLOCK_N), 0.0, tl.float32)
         lists = scr_ptr + (tl.program_id(1) * tl.num_programs(0) + pid_n).to(tl.int64) * (2 * SEG)
+        # 1.0's bits for the int4 decode, held in a register: with both of a nibble's constants immediate
+        # ptxas spent two LOP3s on each (as in dequant_matmul.py). K_SPLIT is under 2**30: the or adds nothing.
+        one = 0x3F800000 | (K_SPLIT >> 30)
         if FMT == 1:  # a kept channel's weights: N // 8 words at offs_w, else N values at offs_n
             row_len = N // 8
             cols = offs_w
@@ -147,14 +150,14 @@ def _sparse_kernel(x_ptr, t_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cn
                     xv, w = x_l.to(tl.float32)[:, None], w_l
                 if FMT == 1:
                     words = w
-                    acc0 += xv * ((((words << 19) & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True) * s0[None, :] + z0[None, :])
-                    acc1 += xv * ((((words << 15) & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True) * s1[None, :] + z1[None, :])
-                    acc2 += xv * ((((words << 11) & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True) * s2[None, :] + z2[None, :])
-                    acc3 += xv * ((((words << 7) & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True) * s3[None, :] + z3[None, :])
-                    acc4 += xv * ((((words << 3) & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True) * s4[None, :] + z4[None, :])
-                    acc5 += xv * ((((words >> 1) & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True) * s5[None, :] + z5[None, :])
-                    acc6 += xv * ((((words >> 5) & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True) * s6[None, :] + z6[None, :])
-                    acc7 += xv * ((((words >> 9) & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True) * s7[None, :] + z7[None, :])
+                    acc0 += xv * ((((words << 19) & 0x780000) | one).to(tl.float32, bitcast=True) * s0[None, :] + z0[None, :])
+                    acc1 += xv * ((((words << 15) & 0x780000) | one).to(tl.float32, bitcast=True) * s1[None, :] + z1[None, :])
+                    acc2 += xv * ((((words << 11) & 0x780000) | one).to(tl.float32, bitcast=True) * s2[None, :] + z2[None, :])
+                    acc3 += xv * ((((words << 7) & 0x780000) | one).to(tl.float32, bitcast=True) * s3[None, :] + z3[None, :])
+                    acc4 += xv * ((((words << 3) & 0x780000) | one).to(tl.float32, bitcast=True) * s4[None, :] + z4[None, :])
+                    acc5 += xv * ((((words >> 1) & 0x780000) | one).to(tl.float32, bitcast=True) * s5[None, :] + z5[None, :])
+                    acc6 += xv * ((((words >> 5) & 0x780000) | one).to(tl.float32, bitcast=True) * s6[None, :] + z6[None, :])
+                    acc7 += xv * ((((words >> 9) & 0x780000) | one).to(tl.float32, bitcast=True) * s7[None, :] + z7[None, :])
                 else:
                     if FMT == 0:  # int8 codes by their bits: 2**23 + 128 + c, exact (the scale comes after)
                         acc2d += xv * (((w.to(tl.int32) + 128) | 0x4B000000).to(tl.float32, bitcast=True) - 8388736.0)
