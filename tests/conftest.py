@@ -8,7 +8,12 @@ import torch
 
 # Every pass in the suite runs with IR invariant checks (as CI does), and never touches ~/.cache.
 os.environ.setdefault("EFFCOMPILE_CHECKS", "1")
-os.environ.setdefault("EFFCOMPILE_CACHE_DIR", tempfile.mkdtemp(prefix="effcompile-test-cache-"))
+if "EFFCOMPILE_CACHE_DIR" not in os.environ or os.environ.get("_EFFCOMPILE_TEST_CACHE"):
+    # Our own temporary dir, one per pytest-xdist worker too (workers inherit the controller's environment,
+    # and tests that list or clear the cache must not see another worker's entries); a dir the user set is kept.
+    os.environ["EFFCOMPILE_CACHE_DIR"] = tempfile.mkdtemp(
+        prefix=f"effcompile-test-cache-{os.environ.get('PYTEST_XDIST_WORKER', 'main')}-")
+    os.environ["_EFFCOMPILE_TEST_CACHE"] = "1"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
