@@ -273,6 +273,10 @@ def _configs(sparse: bool, m: int, int4: bool = False) -> list:
         # 128-256 contiguous bytes per output instead of 64. sm_90 SASS with triton 3.6: one-row (32, 256) 80
         # registers, (16, 512) 72, issue ceilings 2.4 TB/s like (64, 128)'s; the 8-row dot tile (128, 256, 8, 3)
         # 160 registers and 88 KB of shared memory, 1 CTA per SM, against 2 for (128, 128, 8, 3).
+        # Session 14 (scale and zero out of each word's nibble sum, unmasked even tiles; untimed): 8 words a thread
+        # is the sweet spot, 72 registers and 339-365 loop instructions for (32, 256) / (16, 512) at 4 warps
+        # (7 CTAs per SM); 16 words a thread ((64, 256, 4), (32, 512, 4)) spill to 255 registers.
+        fma += [(16, 512, 4, 2), (64, 256, 8, 2)]
     if m > 1:  # 8 rows multiply the register tile by 8: halve K
         fma = [(bn, bk // 2, w, st) for bn, bk, w, st in fma]
     configs = grid + [plan.Config(*c, None, True) for c in fma]
