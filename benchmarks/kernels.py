@@ -261,6 +261,10 @@ def _configs(sparse: bool, m: int, int4: bool = False) -> list:
     if sparse:
         # (512, 8): the compacted int4 word path (one row) in 8-row chunks of a group's kept channels.
         fma = [(128, 32, 4, 1), (256, 16, 4, 1), (64, 64, 4, 2), (256, 32, 8, 1), (512, 16, 4, 1), (512, 8, 4, 1)]
+        # stages 2 on the one-row float / int8 masked path: the next chunk's x, thresholds and kept rows loaded
+        # before this chunk's arithmetic (session 14, untimed; sm_90 / triton 3.6: (256, 16) 72 registers, 7 CTAs
+        # per SM; (512, 16) 146, 3 CTAs, against 127 and 4 for session 13's winner (512, 16, 4, 1)).
+        fma += [(256, 16, 4, 2), (512, 16, 4, 2), (128, 32, 4, 2)]
     else:
         # (128, 64): for int4 at one row the fewest registers of the word-decoding branch (56, 9 CTAs per SM on
         # sm_90, benchmarks/sass_stats.py; session 9, untimed).
@@ -291,8 +295,8 @@ def _configs(sparse: bool, m: int, int4: bool = False) -> list:
         # in flight, ~8 KB per SM at 4 CTAs, where ~23 KB per SM would cover HBM's latency at 3 TB/s. The
         # narrow-CTA tiles below keep more chunks in flight per SM (sm_90 SASS, triton 3.6: (256, 8, 2, 2)
         # 111 registers, 9 CTAs per SM, ~18 KB; (128, 16, 1, 2) 159, 12 CTAs, ~24 KB); untimed.
-        configs += [plan.Config(*c, None, True, True) for c in fma + [(256, 16, 4, 2), (512, 16, 4, 2), (512, 8, 4, 2),
-                                                                      (256, 8, 2, 2), (256, 16, 2, 2), (128, 16, 1, 2)]]
+        configs += [plan.Config(*c, None, True, True) for c in fma + [(512, 8, 4, 2), (256, 8, 2, 2), (256, 16, 2, 2),
+                                                                      (128, 16, 1, 2)]]
     return configs
 
 

@@ -107,6 +107,22 @@ def test_compacted_sparse_gemv_compiles(stages, launches):
     _compile_all(launches, 90)
 
 
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_masked_one_row_sparse_gemv_with_prefetch_compiles(per_channel, launches):
+    # One-row float / int8 fma launches that visit every chunk (compact=False), stages 2: the next chunk's x,
+    # thresholds and kept rows loaded in registers before this chunk's arithmetic.
+    dtype = torch.bfloat16
+    w = torch.randn(96, 512, generator=torch.Generator().manual_seed(0)).to(dtype)
+    thr = torch.full((512,), 0.5) if per_channel else torch.tensor(0.5)
+    for fmt in ("float", "int8"):
+        qw = qops.quantize_weight(w, fmt, 0) if fmt != "float" else None
+        wt, s, z = sl.to_input_major(w if qw is None else qw.qweight, None if qw is None else qw.scales, None, fmt, 0)
+        S.launch(torch.randn(1, 512, dtype=dtype), thr, wt, s, z, None, fmt, 0,
+                 config=plan.Config(256, 16, 4, 2, 2, fma=True))
+    assert len(launches) == 2 and all(lc.kwargs["PREFETCH"] and not lc.kwargs["COMPACT"] for lc in launches)
+    _compile_all(launches, 90)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_w8a8_and_activation_quantizers_compile(dtype, launches):
     qw = _weights("int8", 96, 256, dtype, 0)

@@ -146,14 +146,21 @@ def test_fma_decode_configs(fmt, m, dtype):
     _check(_case(fmt, 94, 288, m, dtype, per_channel=m == 3, seed=m), config=config)
 
 
+@pytest.mark.parametrize("stages", [1, 2])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("fmt", ["float", "int8"])
 @pytest.mark.parametrize("sparsity,per_channel,splits", [(0.0, False, None), (0.5, True, 3), (0.9, False, 2)])
-def test_one_row_masked_path_sums_over_k_after_the_loop(fmt, sparsity, per_channel, splits, dtype):
+def test_one_row_masked_path_sums_over_k_after_the_loop(fmt, sparsity, per_channel, splits, dtype, stages):
     # One row, float / int8, compact=False: every chunk visited with skipped rows masked, products kept per
-    # [k, output] and summed once after the loop (session 13); odd N, K = 9 x 32 split unevenly.
-    config = plan.Config(64, 32, 4, 1, splits, fma=True)
+    # [k, output] and summed once after the loop (session 13); odd N, K = 9 x 32 split unevenly. stages 2:
+    # the next chunk's x, thresholds and kept rows prefetched in registers, past each split's end masked off.
+    from effcompile.codegen import aot
+
+    config = plan.Config(64, 32, 4, stages, splits, fma=True)
     _check(_case(fmt, 101, 288, 1, dtype, per_channel=per_channel, sparsity=sparsity, seed=7), config=config)
+    with aot.record_launches() as seen:
+        S.launch(*_case(fmt, 101, 288, 1, dtype, seed=7), config=config)
+    assert seen[0].kwargs["PREFETCH"] == (stages == 2) and not seen[0].kwargs["COMPACT"]
     if sparsity == 0.9:  # every activation under its threshold: the bias alone
         args = _case(fmt, 101, 288, 1, dtype, seed=7)
         args = (args[0], torch.tensor(1e9), *args[2:])

@@ -178,18 +178,45 @@ def _sparse_kernel(x_ptr, t_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cn
         # kept per [k, output] and summed over K once, after the loop, as the compacted path does. A sum over the
         # chunk's K every iteration crossed warps through shared memory: 10 barriers a chunk for (512, 16, 4, 1),
         # session 13's sparse/float/m1 winner (sm_90 SASS, triton 3.6).
+        # With PREFETCH (stages >= 2) the next chunk's x, thresholds and kept weight rows are loaded before this
+        # chunk's arithmetic: a weight load waits on its chunk's keep mask (an x and a threshold load, L2 hits),
+        # and without it each chunk waited on that round trip and then on HBM with nothing else in flight.
         acc2d = tl.full((BLOCK_K, BLOCK_N), 0.0, tl.float32)
-        for k0 in range(k_lo, k_hi, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
+        if PREFETCH:  # the first chunk's operands; each iteration then loads the next chunk's
+            offs_k = k_lo + tl.arange(0, BLOCK_K)
             k_mask = offs_k < k_hi
-            xk = tl.load(x_ptr + offs_k, mask=k_mask, other=0.0)
+            xk_n = tl.load(x_ptr + offs_k, mask=k_mask, other=0.0)
             if PER_CHANNEL:
                 t = tl.load(t_ptr + offs_k, mask=k_mask, other=0.0)
             else:
                 t = tl.load(t_ptr + offs_k * 0)
-            keep = (tl.abs(xk.to(tl.float32)) > t.to(x_ptr.dtype.element_ty).to(tl.float32)) & k_mask
-            w = tl.load(w_ptr + offs_k.to(tl.int64)[:, None] * N + offs_n[None, :], mask=keep[:, None] & n_mask[None, :],
-                        other=0)
+            keep_n = (tl.abs(xk_n.to(tl.float32)) > t.to(x_ptr.dtype.element_ty).to(tl.float32)) & k_mask
+            w_n = tl.load(w_ptr + offs_k.to(tl.int64)[:, None] * N + offs_n[None, :],
+                          mask=keep_n[:, None] & n_mask[None, :], other=0)
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            if PREFETCH:
+                xk, keep, w = xk_n, keep_n, w_n
+                offs_k = k0 + BLOCK_K + tl.arange(0, BLOCK_K)
+                k_mask = offs_k < k_hi  # past k_hi (the last chunk's prefetch): nothing is read
+                xk_n = tl.load(x_ptr + offs_k, mask=k_mask, other=0.0)
+                if PER_CHANNEL:
+                    t = tl.load(t_ptr + offs_k, mask=k_mask, other=0.0)
+                else:
+                    t = tl.load(t_ptr + offs_k * 0)
+                keep_n = (tl.abs(xk_n.to(tl.float32)) > t.to(x_ptr.dtype.element_ty).to(tl.float32)) & k_mask
+                w_n = tl.load(w_ptr + offs_k.to(tl.int64)[:, None] * N + offs_n[None, :],
+                              mask=keep_n[:, None] & n_mask[None, :], other=0)
+            else:
+                offs_k = k0 + tl.arange(0, BLOCK_K)
+                k_mask = offs_k < k_hi
+                xk = tl.load(x_ptr + offs_k, mask=k_mask, other=0.0)
+                if PER_CHANNEL:
+                    t = tl.load(t_ptr + offs_k, mask=k_mask, other=0.0)
+                else:
+                    t = tl.load(t_ptr + offs_k * 0)
+                keep = (tl.abs(xk.to(tl.float32)) > t.to(x_ptr.dtype.element_ty).to(tl.float32)) & k_mask
+                w = tl.load(w_ptr + offs_k.to(tl.int64)[:, None] * N + offs_n[None, :],
+                            mask=keep[:, None] & n_mask[None, :], other=0)
             if FMT == 0:  # int8 codes by their bits: 2**23 + 128 + c, exact (the scale comes after)
                 wf = ((w.to(tl.int32) + 128) | 0x4B000000).to(tl.float32, bitcast=True) - 8388736.0
             else:
@@ -415,12 +442,15 @@ def launch(x, threshold, weight_t, scales, zeros, bias, fmt: str, group_size: in
         lists = cnt  # unused placeholder
     dot_dt = plan.dot_dtype(x.dtype, interp)
     i4_bits, i4_off = plan.int4_offset(dot_dt)
+    # Register double buffering (the kernel's PREFETCH): compacted launches, and one-row float / int8 fma ones
+    # (the masked path), with stages >= 2; triton's own pipeliner only stages loads that feed a tl.dot.
+    prefetch = stages >= 2 and (compact or (fma and m == 1 and fmt != "int4"))
     _ops.jit_variant(_sparse_kernel, interp)[grid](
         x2, t, w, s, z, b, out, ws, cnt, lists, m, n, k, ks, grid[1], FMT=_FMT[fmt], G=max(group_size, 1),
         PER_CHANNEL=t.numel() > 1, HAS_BIAS=bias is not None, DOT_DT=dot_dt, I4_BITS=i4_bits, I4_OFF=i4_off,
-        I4_ASM=plan.int4_asm(dot_dt, interp), SPLIT=split, FMA=fma, COMPACT=compact, SEG=seg, PREFETCH=compact and stages >= 2,
+        I4_ASM=plan.int4_asm(dot_dt, interp), SPLIT=split, FMA=fma, COMPACT=compact, SEG=seg, PREFETCH=prefetch,
         EPILOGUE=int(epilogue != "none"),
-        BLOCK_M=plan.block_m(m, config), BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=1 if compact else stages)
+        BLOCK_M=plan.block_m(m, config), BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=1 if compact or prefetch else stages)
     return out.view(*x.shape[:-1], width)
 
 
