@@ -176,7 +176,7 @@ def stdlib_lm(args, emit) -> None:
     for name, passes in speed_cfgs.items():
         torch._dynamo.reset()
         fns[name] = ec.effcompile(model, passes=passes, dynamic=False, cache=False)
-    speed = round_robin({k: (lambda f: lambda **kw: f(**kw, use_cache=True))(f) for k, f in fns.items()},
+    speed = round_robin({k: (lambda f: lambda **kw: f(**kw, use_cache=True))(f) for k, f in fns.items()},  # noqa: B023
                         {"input_ids": wins[:8]}, args.reps)
     for name in speed_cfgs:
         emit({"model": "stdlib-lm", "passes": name, "shape": [8, 128], "phase": "prefill",

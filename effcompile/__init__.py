@@ -8,8 +8,17 @@
 from effcompile.compiler.api import effcompile, explain
 from effcompile.compiler.pass_manager import PassConfig, PassResult
 from effcompile.compiler.speculative import generate
-from effcompile.passes import (EarlyExit, MergeTokens, PruneTokens, Quantize, RemoveDropout, SkipLayers,
-                               ThresholdChannels, register_pass, rewrite)
+from effcompile.passes import (
+    EarlyExit,
+    MergeTokens,
+    PruneTokens,
+    Quantize,
+    RemoveDropout,
+    SkipLayers,
+    ThresholdChannels,
+    register_pass,
+    rewrite,
+)
 
 __version__ = "0.1.0"
 

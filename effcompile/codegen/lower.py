@@ -246,7 +246,7 @@ def _eora_site(gm: fx.GraphModule, add) -> tuple | None:
     the next step (so erasing the side path changes nothing else). None for anything else."""
     if add.op != "call_function" or add.target not in (operator.add, torch.add) or add.kwargs or len(add.args) != 2:
         return None
-    for q, bax in (add.args, add.args[::-1]):
+    for q, bax in (add.args, add.args[::-1]):  # noqa: B007 - both are read after the break
         if isinstance(q, fx.Node) and q.op == "call_function" and q.target is wq_linear_op() and len(q.users) == 1:
             break
     else:

@@ -82,7 +82,7 @@ class _Compiler:
             # user gets it as itself (naming the pass and what is valid), not as a compiler crash.
             inner = getattr(e, "inner_exception", None)
             if isinstance(inner, PassInputError):
-                raise inner  # keeps its __cause__: the pass's own ValueError and traceback
+                raise inner  # noqa: B904 - keeps its own __cause__: the pass's ValueError and traceback
             raise
         except Exception as e:
             hint = _pruned_chunk_hint(self.fn, args, kwargs)
@@ -185,7 +185,7 @@ def _replay_args(gm, recorded: dict[str, torch.Tensor]) -> list | None:
             t = recorded[n.name]
             # A graph is specialised on its static sizes (dynamo fixes size-1 dims even in dynamic
             # graphs): a recording of another size would run it on shapes it was not traced for.
-            if t.dim() != val.dim() or any(isinstance(d, int) and d != s for d, s in zip(val.shape, t.shape)):
+            if t.dim() != val.dim() or any(isinstance(d, int) and d != s for d, s in zip(val.shape, t.shape, strict=True)):
                 return None
             args.append(t)
         elif isinstance(val, torch.SymInt):

@@ -21,8 +21,8 @@ from effcompile.passes.patterns import pattern, rewrite
 from effcompile.passes.prune_tokens import PruneTokens
 from effcompile.passes.quantize import Quantize
 from effcompile.passes.remove_dropout import RemoveDropout
-from effcompile.passes.threshold_channels import ThresholdChannels
 from effcompile.passes.skip_layers import SkipLayers
+from effcompile.passes.threshold_channels import ThresholdChannels
 
 __all__ = [
     "EarlyExit",

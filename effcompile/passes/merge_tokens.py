@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 from typing import ClassVar
-
-import operator
 
 import torch
 import torch.fx as fx

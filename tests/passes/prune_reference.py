@@ -31,6 +31,7 @@ def pruned_prefill(model, ids, keep_ratio, layer, method="received"):
     b, s = ids.shape
     h = base.embed_tokens(ids)
     pos = torch.arange(s)[None].expand(b, s)
+    h_in_prev = pe_prev = None  # the previous layer's input, set from layer 0 on (layer >= 1)
     for i, blk in enumerate(base.layers):
         pe = base.rotary_emb(h, pos)
         if i == layer:
