@@ -4,11 +4,12 @@
 #   tests   the gpu test lane, 16 xdist workers (TESTS_S, 170 s; session 10's lane of ~340 tests took 146 s;
 #           TESTS_K: a pytest -k expression to run part of it);
 #   kernels the decode-kernel sweep (tl.dot, fma and compact tiles, K splits up to 128) for the cases in
-#           SWEEP_CASES, in that order (session 14's untimed changes first: one-row int4, the sparse masked
-#           prefetch), each at SWEEP_BATCHES (1; the tables' m8 entries are from sessions 10-13) before the
-#           next, on SWEEP_SHAPES (the two Llama-3-8B MLP shapes and the four GEMVs of the 1B decode model; a shape clearly faster with a tile
-#           of its own gets a shape-keyed entry; no new case after SWEEP_S, 110 s: session 13 swept 3 case-
-#           batches in that, ~35 s each), then every kernel against cuBLAS bf16 and TorchAO on KERNEL_SHAPES,
+#           SWEEP_CASES, in that order (kernel/format at every SWEEP_BATCHES, 1,8, or kernel/format/mN at
+#           batch N; default: session 14's untimed changes first, one-row int4 and the sparse masked prefetch,
+#           then int4 at 8 rows, never swept since its scale-word tiles were added in session 11), on
+#           SWEEP_SHAPES (the two Llama-3-8B MLP shapes and the four GEMVs of the 1B decode model; a shape
+#           clearly faster with a tile of its own gets a shape-keyed entry; no new case after SWEEP_S, 110 s:
+#           session 13 swept 3 case-batches in that, ~35 s each), then every kernel against cuBLAS bf16 and TorchAO on KERNEL_SHAPES,
 #           L2 cold (KERNELS_S, 200 s);
 #   decode  whole-model greedy decode tok/s of the Llama-3.2-1B-shaped zoo model in bf16 under CUDA graphs:
 #           eager, then DECODE_CONFIGS (effcompile configs ~35-45 s each in sessions 10 and 13, TorchAO's kernels
@@ -53,8 +54,8 @@ tests() {
 }
 kernels() {
     timeout "${KERNELS_S:-200}" "$PY" benchmarks/kernels.py --device cuda --sweep --sweep-budget-s "${SWEEP_S:-110}" \
-        --tuning-out "$OUT/tuning.json" --sweep-batches "${SWEEP_BATCHES:-1}" \
-        --sweep-cases "${SWEEP_CASES:-dequant/int4,sparse/float,sparse/int4,sparse/int8,dequant/int8}" \
+        --tuning-out "$OUT/tuning.json" --sweep-batches "${SWEEP_BATCHES:-1,8}" \
+        --sweep-cases "${SWEEP_CASES:-dequant/int4/m1,sparse/float/m1,sparse/int4/m1,dequant/int4/m8,sparse/int8/m1,dequant/int8/m1}" \
         --sweep-shapes "${SWEEP_SHAPES:-8b.up,8b.down,1b.qkv,1b.o,1b.gate_up,1b.down}" \
         --shapes "${KERNEL_SHAPES:-8b.up,8b.down,1b.gate_up,1b.o}" --output "$OUT/kernels.json" 2>&1 | grep -v "^  config" | tee "$OUT/kernels.log"
 }

@@ -357,6 +357,22 @@ def _per_shape(runs: list, timed: list, shapes) -> dict:
 CASES = ("dequant/int8", "dequant/int4", "sparse/float", "sparse/int8", "sparse/int4")
 
 
+def parse_case(item: str) -> tuple[str, int | None]:
+    """"kernel/format" (every swept batch) or "kernel/format/mN" (batch N only) -> (case, N or None)."""
+    parts = item.split("/")
+    case, rows = "/".join(parts[:2]), parts[2] if len(parts) == 3 else None
+    if case not in CASES or len(parts) > 3 or (rows is not None and not (rows[:1] == "m" and rows[1:].isdigit())):
+        raise ValueError(f"sweep case {item!r} unknown: kernel/format[/mN] with kernel/format one of {', '.join(CASES)}")
+    return case, int(rows[1:]) if rows is not None else None
+
+
+def sweep_plan(cases: tuple[str, ...] | None, batches: tuple[int, ...]) -> list[tuple[str, int]]:
+    """The (case, batch) pairs a sweep times, in order: each case at every batch before the next, a
+    "kernel/format/mN" case at batch N only."""
+    return [(case, m) for case, only in map(parse_case, cases or CASES)
+            for m in ((only,) if only is not None else batches)]
+
+
 def sweep(dtype, device: str, peak: float, on_case: Callable[[list, dict], None] | None = None,
           cases: tuple[str, ...] | None = None, budget_s: float | None = None, shapes=SWEEP_SHAPES,
           batches: tuple[int, ...] = (1, 8)) -> tuple[list, dict]:
@@ -365,12 +381,12 @@ def sweep(dtype, device: str, peak: float, on_case: Callable[[list, dict], None]
     per shape its own best where that is clearly faster there (a shape-keyed entry, launch_plan.tuning_key).
     Returns (rows, tuning table); on_case gets both after every case, so a run stopped by a time limit keeps
     what it swept. cases: "kernel/format" cases (e.g. ("sparse/int4", "dequant/int4")), swept in that order,
-    each at every batch in ``batches`` before the next; default CASES. budget_s: start no new case after that
+    each at every batch in ``batches`` before the next, or "kernel/format/mN" at batch N only; default CASES. budget_s: start no new case after that
     many seconds (the comparison that follows still runs, with what was swept): name first what matters most."""
     import time
 
-    if unknown := [c for c in cases or () if c not in CASES]:
-        raise ValueError(f"sweep cases {unknown} unknown; known: {', '.join(CASES)}")
+    order = sweep_plan(cases, batches)
+    built = tuple(dict.fromkeys(m for _, m in order))
     start = time.perf_counter()
     setups = {}
     for name in shapes:
@@ -379,52 +395,51 @@ def sweep(dtype, device: str, peak: float, on_case: Callable[[list, dict], None]
         w = (torch.randn(n, k, generator=gen) / k**0.5).to(dtype).to(device)
         setups[name] = (w, {(f, g): qops.quantize_weight(w, f, g) for f, g in (("int8", 0), ("int4", 128))})
     per_shape = {}  # batch -> shape name -> the cases' launches on that batch's input
-    for m in batches:
+    for m in built:
         per_shape[m] = {}
         for name in shapes:
             w, quant = setups[name]
             x = torch.randn(m, SHAPES[name][1], device=device, dtype=dtype)
             per_shape[m][name] = _sweep_cases(x, w, quant)
     rows, table = [], {}
-    for case_name in cases or CASES:
+    for case_name, m in order:
         case = tuple(case_name.split("/"))
-        for m in batches:
-            if budget_s is not None and time.perf_counter() - start > budget_s:
-                print(f"sweep m={m} {case_name}: skipped, the {budget_s:.0f} s sweep budget is spent", flush=True)
-                continue
-            runs = [(per_shape[m][s][case][0], per_shape[m][s][case][0](None).float()) for s in shapes]
-            nbytes = sum(per_shape[m][s][case][1] for s in shapes)
-            timed = _time_configs(runs, _configs(case[0] == "sparse", m, case == ("dequant", "int4")) + [None])
-            if not timed:
-                continue
-            # K splits around the best config and around the best fma one (None: the built-in default,
-            # nothing to explore): on the H100 (session 7) fma tiles lost at their auto split but won the
-            # sparse GEMV at 64 splits, the largest then tried. Up to one K chunk per program (TEAL's
-            # sparse GEMV launches that way).
-            around = {cfg for _, cfg, _ in timed[:1] + [next((r for r in timed if r[1] and r[1].fma), timed[0])]
-                      + [next((r for r in timed if r[1] and r[1].compact), timed[0])]}
-            more = _with_splits(around)
-            timed = sorted(timed + _time_configs(runs, [c for c in more if c not in {r[1] for r in timed}]),
-                           key=lambda r: r[0])
-            for rank, (ms, cfg, each) in enumerate(timed[:5]):
-                gbps = nbytes / (ms / 1e3) / 1e9
-                rows.append(dict(case="/".join(case), m=m, shapes=list(shapes), rank=rank,
-                                 config=list(cfg) if cfg else "default", ms_total=ms, ms_per_shape=each,
-                                 gb_per_s=gbps, fraction_of_read_peak=gbps / peak))
-            ms, cfg, _ = timed[0]
-            if cfg is not None:
-                table[plan.tuning_key(case[0], case[1], m)] = list(cfg)
-            print(f"sweep m={m} {'/'.join(case):14} best {tuple(cfg) if cfg else 'default'} "
-                  f"{ms * 1e3:7.1f} us for {len(shapes)} shapes, {nbytes / (ms / 1e3) / 1e9:6.0f} GB/s", flush=True)
-            if len(shapes) > 1:
-                for name, (own, own_ms, bucket_ms) in _per_shape(runs, timed, shapes).items():
-                    table[plan.tuning_key(case[0], case[1], m, SHAPES[name])] = list(own)
-                    rows.append(dict(case="/".join(case), m=m, shapes=[name], rank=0, config=list(own),
-                                     ms_total=own_ms, bucket_best_ms=bucket_ms))
-                    print(f"    {name:10} own best {tuple(own)} {own_ms * 1e3:7.1f} us "
-                          f"(the bucket's best: {bucket_ms * 1e3:7.1f} us)", flush=True)
-            if on_case:
-                on_case(rows, table)
+        if budget_s is not None and time.perf_counter() - start > budget_s:
+            print(f"sweep m={m} {case_name}: skipped, the {budget_s:.0f} s sweep budget is spent", flush=True)
+            continue
+        runs = [(per_shape[m][s][case][0], per_shape[m][s][case][0](None).float()) for s in shapes]
+        nbytes = sum(per_shape[m][s][case][1] for s in shapes)
+        timed = _time_configs(runs, _configs(case[0] == "sparse", m, case == ("dequant", "int4")) + [None])
+        if not timed:
+            continue
+        # K splits around the best config and around the best fma one (None: the built-in default,
+        # nothing to explore): on the H100 (session 7) fma tiles lost at their auto split but won the
+        # sparse GEMV at 64 splits, the largest then tried. Up to one K chunk per program (TEAL's
+        # sparse GEMV launches that way).
+        around = {cfg for _, cfg, _ in timed[:1] + [next((r for r in timed if r[1] and r[1].fma), timed[0])]
+                  + [next((r for r in timed if r[1] and r[1].compact), timed[0])]}
+        more = _with_splits(around)
+        timed = sorted(timed + _time_configs(runs, [c for c in more if c not in {r[1] for r in timed}]),
+                       key=lambda r: r[0])
+        for rank, (ms, cfg, each) in enumerate(timed[:5]):
+            gbps = nbytes / (ms / 1e3) / 1e9
+            rows.append(dict(case="/".join(case), m=m, shapes=list(shapes), rank=rank,
+                             config=list(cfg) if cfg else "default", ms_total=ms, ms_per_shape=each,
+                             gb_per_s=gbps, fraction_of_read_peak=gbps / peak))
+        ms, cfg, _ = timed[0]
+        if cfg is not None:
+            table[plan.tuning_key(case[0], case[1], m)] = list(cfg)
+        print(f"sweep m={m} {'/'.join(case):14} best {tuple(cfg) if cfg else 'default'} "
+              f"{ms * 1e3:7.1f} us for {len(shapes)} shapes, {nbytes / (ms / 1e3) / 1e9:6.0f} GB/s", flush=True)
+        if len(shapes) > 1:
+            for name, (own, own_ms, bucket_ms) in _per_shape(runs, timed, shapes).items():
+                table[plan.tuning_key(case[0], case[1], m, SHAPES[name])] = list(own)
+                rows.append(dict(case="/".join(case), m=m, shapes=[name], rank=0, config=list(own),
+                                 ms_total=own_ms, bucket_best_ms=bucket_ms))
+                print(f"    {name:10} own best {tuple(own)} {own_ms * 1e3:7.1f} us "
+                      f"(the bucket's best: {bucket_ms * 1e3:7.1f} us)", flush=True)
+        if on_case:
+            on_case(rows, table)
     return rows, table
 
 
@@ -441,7 +456,8 @@ def main(argv=None) -> int:
     p.add_argument("--sweep-shapes", default=",".join(SWEEP_SHAPES),
                    help="with --sweep: the weight shapes timed (" + ", ".join(SHAPES) + ")")
     p.add_argument("--sweep-cases", default="", help="with --sweep: only these comma-separated kernel/format "
-                   "cases, in this order (" + ", ".join(CASES) + "); default all")
+                   "cases, in this order (" + ", ".join(CASES) + "), each at every --sweep-batches, or "
+                   "kernel/format/mN at batch N only; default all")
     p.add_argument("--sweep-batches", default="1,8", help="with --sweep: the batch buckets swept, each case at "
                    "every one before the next case")
     p.add_argument("--tuning-out", type=Path, help="with --sweep: write the best configs as a tuning table "
@@ -453,8 +469,10 @@ def main(argv=None) -> int:
     for field in ("shapes", "sweep_shapes"):
         if unknown := [n for n in getattr(a, field).split(",") if n not in SHAPES]:
             p.error(f"--{field.replace('_', '-')}: unknown shapes {unknown}; known: {', '.join(SHAPES)}")
-    if unknown := [c for c in a.sweep_cases.split(",") if c and c not in CASES]:
-        p.error(f"--sweep-cases: unknown cases {unknown}; known: {', '.join(CASES)}")
+    try:
+        [parse_case(c) for c in a.sweep_cases.split(",") if c]
+    except ValueError as e:
+        p.error(f"--sweep-cases: {e}")
     if torch.device(a.device).type != "cuda" or not torch.cuda.is_available():
         print("kernels.py times GPU kernels: it needs --device cuda on a machine with a GPU", file=sys.stderr)
         return 2

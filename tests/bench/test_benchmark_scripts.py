@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -30,6 +32,23 @@ def test_decode_benchmark_runs_a_quantized_and_a_thresholded_config(tmp_path):
 def test_kernel_benchmark_refuses_without_a_gpu(tmp_path):
     r = _run("benchmarks/kernels.py", "--device", "cpu", "--output", str(tmp_path / "k.json"), timeout=120)
     assert r.returncode == 2 and "needs --device cuda" in r.stderr
+
+
+def test_sweep_cases_name_their_batch_or_take_every_one(tmp_path):
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import kernels
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    assert kernels.sweep_plan(("dequant/int4/m1", "sparse/float", "dequant/int4/m8"), (1, 8)) == [
+        ("dequant/int4", 1), ("sparse/float", 1), ("sparse/float", 8), ("dequant/int4", 8)]
+    assert [c for c, _ in kernels.sweep_plan(None, (1,))] == list(kernels.CASES)
+    for bad in ("dequant/int5", "dequant/int4/8", "dequant/int4/m8/x"):
+        with pytest.raises(ValueError, match="kernel/format"):
+            kernels.parse_case(bad)
+    r = _run("benchmarks/kernels.py", "--device", "cpu", "--sweep", "--sweep-cases", "sparse/int4/m1,dequant/int4/x",
+             "--output", str(tmp_path / "k.json"), timeout=120)
+    assert r.returncode == 2 and "'dequant/int4/x' unknown" in r.stderr  # refused before the GPU check
 
 
 def test_gpu_quick_script_parses():
