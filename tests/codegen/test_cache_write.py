@@ -127,6 +127,23 @@ def test_rotary_variant_matches_the_torch_ops(shape, dtype, use_position):
     assert got[2].item() == (cache_len - n if use_position else cache_len)
 
 
+@pytest.mark.parametrize("hq,hk,d,warps", [(32, 8, 64, 8), (32, 8, 128, 16), (6, 2, 8, 4)])
+def test_a_batch_one_rotary_step_is_one_program(hq, hk, d, warps):
+    # Llama-3's decode step (32 q + 8 k heads): one program of more warps, so the counter advances without an
+    # arrival atomic; matches the torch ops bitwise in fp16.
+    from effcompile.codegen import aot
+
+    keys, values, x, cos, sin, v, length = _rope_case(1, hq, hk, 1, d, 16, torch.float16, start=5)
+    with aot.record_launches() as seen:
+        C.launch(keys, values, x, v, None, length, (cos, sin, hq))
+    assert seen[0].grid == (1,) and seen[0].kwargs["ONE_PROGRAM"] and seen[0].kwargs["num_warps"] == warps
+    got, want = [keys.clone(), values.clone(), length.clone()], [keys.clone(), values.clone(), length.clone()]
+    q = C.rope_run(got[0], got[1], x, cos, sin, v, None, got[2], hq, mode=1)
+    q_want = cache_ops.rope_kv_cache_write_eager(want[0], want[1], x, cos, sin, v, None, want[2], hq)
+    for g_, w_ in zip([q, *got], [q_want, *want], strict=True):
+        assert torch.equal(g_, w_)
+
+
 def test_rotary_variant_refuses_what_eager_would_promote():
     keys, values, x, cos, sin, v, length = _rope_case(1, 2, 2, 1, 8, 4, torch.float16, start=0)
     assert "dtype" in C.rope_supported(keys, values, x, cos.float(), sin.float(), v, None, length, 2)

@@ -262,6 +262,20 @@ def test_cache_write_with_rotary_embedding_compiles(heads_q, launches):
         _compile_all(launches, cap)
 
 
+@pytest.mark.parametrize("d", [64, 128])
+def test_a_batch_one_rotary_cache_write_compiles_as_one_program(d, launches):
+    # Llama-3's decode step, 32 q + 8 k heads: one program of 8 (d 64) or 16 (d 128) warps.
+    from effcompile.codegen.kernels import cache_write as C
+
+    keys, values = (torch.zeros(1, 8, 64, d, dtype=torch.bfloat16) for _ in range(2))
+    qkv = torch.randn(1, 1, 48 * d).to(torch.bfloat16)
+    x, v = qkv[..., :40 * d].view(1, 1, 40, d).transpose(1, 2), qkv[..., 40 * d:].view(1, 1, 8, d).transpose(1, 2)
+    cos, sin = torch.randn(1, 1, 1, d).to(torch.bfloat16), torch.randn(1, 1, 1, d).to(torch.bfloat16)
+    C.launch(keys, values, x, v, None, torch.tensor(3), (cos, sin, 32))
+    assert launches[0].grid == (1,) and launches[0].kwargs["num_warps"] == d // 8
+    _compile_all(launches, 90)
+
+
 def test_int4_scale_words_leave_no_synchronous_load_in_the_hot_loop(launches):
     # The point of Config.scale_words (sm_90 SASS, session 11): with 2-byte scale and zero loads the pipeliner
     # left them synchronous in the 8-row int4 tile's K loop (LDG after each chunk's cp.async wait); as int32

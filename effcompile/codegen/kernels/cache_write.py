@@ -20,6 +20,10 @@ from effcompile.compiler import cache_ops
 
 NAME = "cache_write"  # the custom op (effcompile::cache_write) and its PATH_COUNTS key
 ELEMENTS_PER_PROGRAM = 2048  # BLOCK_R x BLOCK_D of each of k and v: a decode step's update is 1-8 programs
+# With RoPE the rows are q's heads too (40 for Llama-3's 32 + 8 at batch 1, 2560 elements of a 64-wide head):
+# where up to 4x the elements in as many more warps (16 per thread either way) make a step's update one
+# program, it takes them: that program advances the counter itself, with no arrival atomic after the copy.
+ROPE_WARPS = 16
 
 
 @triton.jit
@@ -46,10 +50,14 @@ def _cache_write_kernel(kc_ptr, vc_ptr, k_ptr, v_ptr, pos_ptr, len_ptr, cnt_ptr,
     src_v = v_ptr + b * v0 + h * v1 + i * v2
     dst_k = kc_ptr + b * kc0 + h * kc1 + pos * kc2
     dst_v = vc_ptr + b * vc0 + h * vc1 + pos * vc2
+    # Loads are masked by the rows alone, not by their positions: they then need not wait for the position
+    # load (a round trip before the copy, most of a one-program launch); only the stores check the positions.
+    kv_row = r_mask & is_k
     for d0 in range(0, D, BLOCK_D):
         d = d0 + tl.arange(0, BLOCK_D)
         d_mask = (d < D)[None, :]
         mask = ok[:, None] & d_mask
+        load_mask = kv_row[:, None] & d_mask
         if ROPE:
             # x cos + rotate_half(x) sin, rounded where the eager ops round (each product, then the sum);
             # rotate_half(x)[d] = -x[d + D/2] below D/2, x[d - D/2] from it.
@@ -67,9 +75,9 @@ def _cache_write_kernel(kc_ptr, vc_ptr, k_ptr, v_ptr, pos_ptr, len_ptr, cnt_ptr,
             kv = (xc + rs).to(dt)
             tl.store(q_ptr + (b * q0 + hh * q1 + i * q2)[:, None] + d[None, :], kv, mask=read & ~is_k[:, None])
         else:
-            kv = tl.load(src_k[:, None] + d[None, :] * k3, mask=mask)
+            kv = tl.load(src_k[:, None] + d[None, :] * k3, mask=load_mask)
         tl.store(dst_k[:, None] + d[None, :] * kc3, kv, mask=mask)
-        vv = tl.load(src_v[:, None] + d[None, :] * v3, mask=mask)
+        vv = tl.load(src_v[:, None] + d[None, :] * v3, mask=load_mask)
         tl.store(dst_v[:, None] + d[None, :] * vc3, vv, mask=mask)
     if not HAS_POS and ONE_PROGRAM:
         # The only program (a decode step's update at batch 1): once every warp has used its positions (the
@@ -112,8 +120,14 @@ def launch(keys, values, k, v, position, length, rope: tuple | None = None) -> t
     rows = b * hk * n
     if rows == 0:
         return q
-    block_d = min(triton.next_power_of_2(d), ELEMENTS_PER_PROGRAM)
-    block_r = max(1, min(triton.next_power_of_2(rows), ELEMENTS_PER_PROGRAM // block_d))
+    warps = 4
+    if rope is not None and triton.next_power_of_2(rows) * triton.next_power_of_2(d) <= ELEMENTS_PER_PROGRAM * ROPE_WARPS // 4:
+        # 4 warps per 2048 elements, where that makes the launch one program (else the 4-warp programs: more
+        # of them share a larger update)
+        warps = max(4, triton.next_power_of_2(rows) * triton.next_power_of_2(d) // (ELEMENTS_PER_PROGRAM // 4))
+    elements = ELEMENTS_PER_PROGRAM * warps // 4
+    block_d = min(triton.next_power_of_2(d), elements)
+    block_r = max(1, min(triton.next_power_of_2(rows), elements // block_d))
     cnt = plan.arrival_count(k.device)
     pos = position if position is not None else length
     grid = triton.cdiv(rows, block_r)
@@ -127,7 +141,7 @@ def launch(keys, values, k, v, position, length, rope: tuple | None = None) -> t
         keys.shape[2], *keys.stride(), *values.stride(), *k.stride(), *v.stride(), *trig[3:],
         position.stride(0) if position is not None else 0,
         HAS_POS=position is not None, ONE_PROGRAM=grid == 1, ROPE=rope is not None, BLOCK_R=block_r,
-        BLOCK_D=block_d, num_warps=4)
+        BLOCK_D=block_d, num_warps=warps)
     return q
 
 
