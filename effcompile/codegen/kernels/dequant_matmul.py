@@ -126,6 +126,8 @@ def _matmul_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, u_ptr, lb_ptr, out_ptr, ws
             # after the last chunk reads that chunk again rather than past it.
             if EVEN_NK:  # else the masks are set where they are used, and are tensors throughout the loop
                 wm, xm, g_mask, wo, xo = None, None, None, None, None
+            else:
+                wo, xo = 0, 0.0
             if PREFETCH:  # the first chunk's operands; each iteration then loads the next chunk's (see below)
                 gi = col3 * (K // G) + k_lo // G + offs_g
                 xb = xrow + k_lo + 8 * offs_c
@@ -133,7 +135,6 @@ def _matmul_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, u_ptr, lb_ptr, out_ptr, ws
                     g_mask = n3 & (k_lo + offs_g * G < k_hi)
                     wm = (k_lo // 8 + offs_c < k_hi // 8) & n3
                     xm = k_lo + 8 * offs_c < k_hi
-                    wo, xo = 0, 0.0
                 words_n = tl.load(q_ptr + col3 * KW + k_lo // 8 + offs_c, mask=wm, other=wo)
                 x0_n = tl.load(xb, mask=xm, other=xo)
                 x1_n = tl.load(xb + 1, mask=xm, other=xo)
@@ -146,52 +147,39 @@ def _matmul_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, u_ptr, lb_ptr, out_ptr, ws
                 s_n = tl.load(s_ptr + gi, mask=g_mask, other=xo)
                 z_n = tl.load(z_ptr + gi, mask=g_mask, other=xo)
             for k0 in range(k_lo, k_hi, BLOCK_K):
+                # This chunk's operands, or with PREFETCH (register double buffering) the next chunk's, issued
+                # before this chunk's arithmetic so every CTA keeps a chunk of weights in flight while it computes
+                # (triton's pipeliner only stages loads that feed a tl.dot; num_stages does nothing to this loop).
+                k1 = k0 + BLOCK_K * PREFETCH
+                if EVEN_NK:
+                    k1 = tl.where(k1 < k_hi, k1, k0)
+                else:
+                    g_mask = n3 & (k1 + offs_g * G < k_hi)  # past k_hi (the last chunk's prefetch): nothing
+                    wm = (k1 // 8 + offs_c < k_hi // 8) & n3
+                    xm = k1 + 8 * offs_c < k_hi
+                gi = col3 * (K // G) + k1 // G + offs_g
+                xb = xrow + k1 + 8 * offs_c
+                words_l = tl.load(q_ptr + col3 * KW + k1 // 8 + offs_c, mask=wm, other=wo)
+                x0_l = tl.load(xb, mask=xm, other=xo)
+                x1_l = tl.load(xb + 1, mask=xm, other=xo)
+                x2_l = tl.load(xb + 2, mask=xm, other=xo)
+                x3_l = tl.load(xb + 3, mask=xm, other=xo)
+                x4_l = tl.load(xb + 4, mask=xm, other=xo)
+                x5_l = tl.load(xb + 5, mask=xm, other=xo)
+                x6_l = tl.load(xb + 6, mask=xm, other=xo)
+                x7_l = tl.load(xb + 7, mask=xm, other=xo)
+                s_l = tl.load(s_ptr + gi, mask=g_mask, other=xo)
+                z_l = tl.load(z_ptr + gi, mask=g_mask, other=xo)
                 if PREFETCH:
-                    # Register double buffering: the next chunk's loads are issued before this chunk's arithmetic,
-                    # so every CTA keeps a chunk of weights in flight while it computes (triton's pipeliner only
-                    # stages loads that feed a tl.dot; num_stages does nothing to this loop).
                     words, sg, zg = words_n, s_n, z_n
                     x0, x1, x2, x3 = x0_n.to(tl.float32), x1_n.to(tl.float32), x2_n.to(tl.float32), x3_n.to(tl.float32)
                     x4, x5, x6, x7 = x4_n.to(tl.float32), x5_n.to(tl.float32), x6_n.to(tl.float32), x7_n.to(tl.float32)
-                    k1 = k0 + BLOCK_K
-                    if EVEN_NK:
-                        k1 = tl.where(k1 < k_hi, k1, k0)
-                    else:
-                        g_mask = n3 & (k1 + offs_g * G < k_hi)  # past k_hi (the last chunk's prefetch): nothing
-                        wm = (k1 // 8 + offs_c < k_hi // 8) & n3
-                        xm = k1 + 8 * offs_c < k_hi
-                    gi = col3 * (K // G) + k1 // G + offs_g
-                    xb = xrow + k1 + 8 * offs_c
-                    words_n = tl.load(q_ptr + col3 * KW + k1 // 8 + offs_c, mask=wm, other=wo)
-                    x0_n = tl.load(xb, mask=xm, other=xo)
-                    x1_n = tl.load(xb + 1, mask=xm, other=xo)
-                    x2_n = tl.load(xb + 2, mask=xm, other=xo)
-                    x3_n = tl.load(xb + 3, mask=xm, other=xo)
-                    x4_n = tl.load(xb + 4, mask=xm, other=xo)
-                    x5_n = tl.load(xb + 5, mask=xm, other=xo)
-                    x6_n = tl.load(xb + 6, mask=xm, other=xo)
-                    x7_n = tl.load(xb + 7, mask=xm, other=xo)
-                    s_n = tl.load(s_ptr + gi, mask=g_mask, other=xo)
-                    z_n = tl.load(z_ptr + gi, mask=g_mask, other=xo)
+                    words_n, s_n, z_n = words_l, s_l, z_l
+                    x0_n, x1_n, x2_n, x3_n, x4_n, x5_n, x6_n, x7_n = x0_l, x1_l, x2_l, x3_l, x4_l, x5_l, x6_l, x7_l
                 else:
-                    gi = col3 * (K // G) + k0 // G + offs_g
-                    xb = xrow + k0 + 8 * offs_c
-                    if not EVEN_NK:
-                        g_mask = n3 & (k0 + offs_g * G < k_hi)
-                        wm = (k0 // 8 + offs_c < k_hi // 8) & n3
-                        xm = k0 + 8 * offs_c < k_hi
-                        wo, xo = 0, 0.0
-                    words = tl.load(q_ptr + col3 * KW + k0 // 8 + offs_c, mask=wm, other=wo)
-                    x0 = tl.load(xb, mask=xm, other=xo).to(tl.float32)
-                    x1 = tl.load(xb + 1, mask=xm, other=xo).to(tl.float32)
-                    x2 = tl.load(xb + 2, mask=xm, other=xo).to(tl.float32)
-                    x3 = tl.load(xb + 3, mask=xm, other=xo).to(tl.float32)
-                    x4 = tl.load(xb + 4, mask=xm, other=xo).to(tl.float32)
-                    x5 = tl.load(xb + 5, mask=xm, other=xo).to(tl.float32)
-                    x6 = tl.load(xb + 6, mask=xm, other=xo).to(tl.float32)
-                    x7 = tl.load(xb + 7, mask=xm, other=xo).to(tl.float32)
-                    sg = tl.load(s_ptr + gi, mask=g_mask, other=xo)
-                    zg = tl.load(z_ptr + gi, mask=g_mask, other=xo)
+                    words, sg, zg = words_l, s_l, z_l
+                    x0, x1, x2, x3 = x0_l.to(tl.float32), x1_l.to(tl.float32), x2_l.to(tl.float32), x3_l.to(tl.float32)
+                    x4, x5, x6, x7 = x4_l.to(tl.float32), x5_l.to(tl.float32), x6_l.to(tl.float32), x7_l.to(tl.float32)
                 # The scale and zero are taken out of the sum over a word's 8 nibbles: sum_p x_p (v_p 16 s + z - 16 s)
                 # = 16 s (sum_p x_p v_p) + (z - 16 s) (sum_p x_p), so a nibble costs a shift, a mask-or and one FMA,
                 # and the scale and zero two FMAs a word, not one a nibble (sum_p x_p is one per word position,

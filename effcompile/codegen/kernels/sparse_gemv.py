@@ -194,29 +194,23 @@ def _sparse_kernel(x_ptr, t_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cn
             w_n = tl.load(w_ptr + offs_k.to(tl.int64)[:, None] * N + offs_n[None, :],
                           mask=keep_n[:, None] & n_mask[None, :], other=0)
         for k0 in range(k_lo, k_hi, BLOCK_K):
+            # This chunk's operands, or with PREFETCH the next chunk's (this one's came last iteration; past k_hi,
+            # the last chunk's prefetch, nothing is read).
+            offs_k = k0 + BLOCK_K * PREFETCH + tl.arange(0, BLOCK_K)
+            k_mask = offs_k < k_hi
+            xk_l = tl.load(x_ptr + offs_k, mask=k_mask, other=0.0)
+            if PER_CHANNEL:
+                t = tl.load(t_ptr + offs_k, mask=k_mask, other=0.0)
+            else:
+                t = tl.load(t_ptr + offs_k * 0)
+            keep_l = (tl.abs(xk_l.to(tl.float32)) > t.to(x_ptr.dtype.element_ty).to(tl.float32)) & k_mask
+            w_l = tl.load(w_ptr + offs_k.to(tl.int64)[:, None] * N + offs_n[None, :],
+                          mask=keep_l[:, None] & n_mask[None, :], other=0)
             if PREFETCH:
                 xk, keep, w = xk_n, keep_n, w_n
-                offs_k = k0 + BLOCK_K + tl.arange(0, BLOCK_K)
-                k_mask = offs_k < k_hi  # past k_hi (the last chunk's prefetch): nothing is read
-                xk_n = tl.load(x_ptr + offs_k, mask=k_mask, other=0.0)
-                if PER_CHANNEL:
-                    t = tl.load(t_ptr + offs_k, mask=k_mask, other=0.0)
-                else:
-                    t = tl.load(t_ptr + offs_k * 0)
-                keep_n = (tl.abs(xk_n.to(tl.float32)) > t.to(x_ptr.dtype.element_ty).to(tl.float32)) & k_mask
-                w_n = tl.load(w_ptr + offs_k.to(tl.int64)[:, None] * N + offs_n[None, :],
-                              mask=keep_n[:, None] & n_mask[None, :], other=0)
+                xk_n, keep_n, w_n = xk_l, keep_l, w_l
             else:
-                offs_k = k0 + tl.arange(0, BLOCK_K)
-                k_mask = offs_k < k_hi
-                xk = tl.load(x_ptr + offs_k, mask=k_mask, other=0.0)
-                if PER_CHANNEL:
-                    t = tl.load(t_ptr + offs_k, mask=k_mask, other=0.0)
-                else:
-                    t = tl.load(t_ptr + offs_k * 0)
-                keep = (tl.abs(xk.to(tl.float32)) > t.to(x_ptr.dtype.element_ty).to(tl.float32)) & k_mask
-                w = tl.load(w_ptr + offs_k.to(tl.int64)[:, None] * N + offs_n[None, :],
-                            mask=keep[:, None] & n_mask[None, :], other=0)
+                xk, keep, w = xk_l, keep_l, w_l
             if FMT == 0:  # int8 codes by their bits: 2**23 + 128 + c, exact (the scale comes after)
                 wf = ((w.to(tl.int32) + 128) | 0x4B000000).to(tl.float32, bitcast=True) - 8388736.0
             else:
