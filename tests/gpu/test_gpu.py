@@ -513,14 +513,16 @@ def test_int4_scale_words_on_device(config, m, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("m", [1, 8, 24])
+@pytest.mark.parametrize("n", [782, 768])
 @pytest.mark.parametrize("config", [(32, 256, 4, 1, None, True), (16, 512, 4, 2, None, True), (128, 256, 8, 3),
                                     (64, 256, 4, 4)], ids=str)
-def test_int4_chunks_spanning_groups_on_device(config, m, dtype):
+def test_int4_chunks_spanning_groups_on_device(config, n, m, dtype):
     # K chunks of several whole groups (dequant_matmul GPC, session 12): one-row fma words and 16-bit dot tiles
-    # (several-row fma tiles cut the chunk to one group), with and without split-K; K / G = 12, N = 782.
+    # (several-row fma tiles cut the chunk to one group), with and without split-K; K / G = 12. N = 768: tiles
+    # dividing N and K, so the one-row branch loads unmasked and its last prefetch re-reads (session 14).
     from effcompile.codegen.kernels import launch_plan as plan
 
-    qw = qops.quantize_weight((torch.randn(782, 1536, generator=torch.Generator().manual_seed(m)) / 20).to(dtype),
+    qw = qops.quantize_weight((torch.randn(n, 1536, generator=torch.Generator().manual_seed(m)) / 20).to(dtype),
                               "int4", 128)
     args = (torch.randn(m, 1536, dtype=dtype).cuda(), *(t.cuda() for t in qw[:3]), None, "int4", 128)
     for splits in (None, 3):
