@@ -295,8 +295,11 @@ def _configs(sparse: bool, m: int, int4: bool = False) -> list:
         # in flight, ~8 KB per SM at 4 CTAs, where ~23 KB per SM would cover HBM's latency at 3 TB/s. The
         # narrow-CTA tiles below keep more chunks in flight per SM (sm_90 SASS, triton 3.6: (256, 8, 2, 2)
         # 111 registers, 9 CTAs per SM, ~18 KB; (128, 16, 1, 2) 159, 12 CTAs, ~24 KB); untimed.
+        # Stages 3 (session 14, untimed): the kept-row indices loaded two chunks ahead too, so a weight load never
+        # waits on an index load just issued (sm_90: (256, 16, 4, 3) 118 registers against 116 at stages 2).
         configs += [plan.Config(*c, None, True, True) for c in fma + [(512, 8, 4, 2), (256, 8, 2, 2), (256, 16, 2, 2),
-                                                                      (128, 16, 1, 2)]]
+                                                                      (128, 16, 1, 2), (256, 16, 4, 3), (512, 8, 4, 3),
+                                                                      (256, 8, 2, 3)]]
     return configs
 
 

@@ -90,7 +90,7 @@ def test_fma_decode_variants_compile(m, launches):
     _compile_all(launches, 90)
 
 
-@pytest.mark.parametrize("stages", [1, 2])
+@pytest.mark.parametrize("stages", [1, 2, 3])
 def test_compacted_sparse_gemv_compiles(stages, launches):
     # One-row Config.compact launches (kept channels compacted through a scratch list, stages 2 prefetching the
     # next chunk in registers) for the three formats, per-channel thresholds, K split at segment boundaries.
@@ -102,8 +102,8 @@ def test_compacted_sparse_gemv_compiles(stages, launches):
                                                                       (qw.scales, qw.zeros)), fmt, group)
         S.launch(torch.randn(1, 512, dtype=dtype), torch.full((512,), 0.5), wt, s, z, None, fmt, group,
                  config=plan.Config(128, 16, 4, stages, 2, fma=True, compact=True))
-    assert len(launches) == 3 and all(lc.kwargs["COMPACT"] and lc.kwargs["PREFETCH"] == (stages == 2)
-                                      for lc in launches)
+    assert len(launches) == 3 and all(lc.kwargs["COMPACT"] and lc.kwargs["PREFETCH"] == (stages >= 2)
+                                      and lc.kwargs["IDX_AHEAD"] == (stages == 3) for lc in launches)
     _compile_all(launches, 90)
 
 

@@ -178,23 +178,38 @@ def test_fma_all_zero_activations_leave_the_bias():
 @pytest.mark.parametrize("n,splits,per_channel,sparsity", [(200, None, False, 0.5), (96, 3, True, 0.5),
                                                             (136, 2, False, 0.0), (136, 3, True, 0.9),
                                                             (200, 3, False, 1.0)])
-@pytest.mark.parametrize("stages", [1, 2])
+@pytest.mark.parametrize("stages", [1, 2, 3])
 def test_int4_one_row_compacted_word_path(n, splits, per_channel, sparsity, dtype, stages, monkeypatch):
     # One row, int4, fma: kept channels are compacted per group and read as int32 words (8 outputs each).
     # N a multiple of 8 but not of the 64-output tile, K = 9 groups of 32 split in 2 or 3 (whole groups),
     # chunks of 16 kept rows (a group keeps 0..32), nothing / everything / 90 % skipped; stages 2 prefetches
-    # the next chunk in registers.
+    # the next chunk in registers, stages 3 its kept-row indices a chunk earlier still.
     lists = _spy_lists(monkeypatch)
     args = _case("int4", n, 288, 1, dtype, per_channel=per_channel, seed=n, sparsity=sparsity)
     _check(args, config=plan.Config(64, 16, 4, stages, splits, fma=True, compact=True))
     assert lists, "the compacted word path did not run"
 
 
+@pytest.mark.parametrize("sparsity", [0.0, 0.3])
+@pytest.mark.parametrize("stages", [2, 3])
+def test_int4_compacted_groups_of_many_chunks(sparsity, stages):
+    # Groups of 128 (up to 8 chunks of 16 kept rows a group): the prefetch and the indices loaded two chunks
+    # ahead (stages 3) run through whole groups, and off each group's end.
+    from effcompile.codegen import aot
+
+    args = _case("int4", 72, 384, 1, torch.float16, seed=stages, sparsity=sparsity, group=128)
+    config = plan.Config(64, 16, 4, stages, 2, fma=True, compact=True)
+    _check(args, config=config)
+    with aot.record_launches() as seen:
+        S.launch(*args, config=config)
+    assert seen[0].kwargs["COMPACT"] and seen[0].kwargs["IDX_AHEAD"] == (stages == 3)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("fmt", ["float", "int8"])
 @pytest.mark.parametrize("n,k,splits,per_channel,sparsity", [(93, 300, None, False, 0.5), (200, 640, 3, True, 0.5),
                                                               (136, 256, 2, False, 0.0), (93, 640, 3, True, 1.0)])
-@pytest.mark.parametrize("stages", [1, 2])
+@pytest.mark.parametrize("stages", [1, 2, 3])
 def test_one_row_compacted_path_float_and_int8(fmt, n, k, splits, per_channel, sparsity, dtype, stages, monkeypatch):
     # float / int8 rows compacted per segment of 128 channels: K = 300 (the last segment partial), 640 split
     # in 3 (segments of 128 per split), odd N; stages 2 prefetches the next chunk.

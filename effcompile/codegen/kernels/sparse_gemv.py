@@ -30,6 +30,7 @@ def _sparse_kernel(x_ptr, t_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cn
                    SPLITS, FMT: tl.constexpr, G: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr,
                    DOT_DT: tl.constexpr, I4_BITS: tl.constexpr, I4_OFF: tl.constexpr, I4_ASM: tl.constexpr,
                    SPLIT: tl.constexpr, FMA: tl.constexpr, COMPACT: tl.constexpr, SEG: tl.constexpr, PREFETCH: tl.constexpr,
+                   IDX_AHEAD: tl.constexpr,
                    EPILOGUE: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_n = tl.program_id(0)
@@ -135,11 +136,22 @@ def _sparse_kernel(x_ptr, t_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cn
                 xv_n = tl.load(x_ptr + idx, mask=c_mask, other=0.0)
                 w_n = tl.load(w_ptr + idx.to(tl.int64)[:, None] * row_len + cols[None, :],
                               mask=c_mask[:, None] & cols_mask[None, :], other=0)
+                if IDX_AHEAD:
+                    # And the second chunk's indices: each iteration then loads the next chunk's rows by indices
+                    # loaded an iteration earlier, and the indices of the chunk after it, so a weight load never
+                    # waits on an index load just issued (stages >= 3; sm_90: a few more registers).
+                    idx_n = tl.load(slots + BLOCK_K + tl.arange(0, BLOCK_K),
+                                    mask=BLOCK_K + tl.arange(0, BLOCK_K) < count, other=0)
             for c in range(0, count, BLOCK_K):
                 # This chunk's rows, or with PREFETCH the next chunk's (this one's came last iteration). Past the
                 # count x is 0, so the padding rows (masked to 0; int4 word 0 is v = 1) add nothing.
                 c_mask = c + BLOCK_K * PREFETCH + tl.arange(0, BLOCK_K) < count
-                idx = tl.load(slots + c + BLOCK_K * PREFETCH + tl.arange(0, BLOCK_K), mask=c_mask, other=0)
+                if IDX_AHEAD:
+                    idx = idx_n
+                    idx_n = tl.load(slots + c + 2 * BLOCK_K + tl.arange(0, BLOCK_K),
+                                    mask=c + 2 * BLOCK_K + tl.arange(0, BLOCK_K) < count, other=0)
+                else:
+                    idx = tl.load(slots + c + BLOCK_K * PREFETCH + tl.arange(0, BLOCK_K), mask=c_mask, other=0)
                 x_l = tl.load(x_ptr + idx, mask=c_mask, other=0.0)
                 w_l = tl.load(w_ptr + idx.to(tl.int64)[:, None] * row_len + cols[None, :],
                               mask=c_mask[:, None] & cols_mask[None, :], other=0)
@@ -439,10 +451,12 @@ def launch(x, threshold, weight_t, scales, zeros, bias, fmt: str, group_size: in
     # Register double buffering (the kernel's PREFETCH): compacted launches, and one-row float / int8 fma ones
     # (the masked path), with stages >= 2; triton's own pipeliner only stages loads that feed a tl.dot.
     prefetch = stages >= 2 and (compact or (fma and m == 1 and fmt != "int4"))
+    # stages >= 3 on a compacted launch: the kept-row indices two chunks ahead as well (the kernel's IDX_AHEAD).
     _ops.jit_variant(_sparse_kernel, interp)[grid](
         x2, t, w, s, z, b, out, ws, cnt, lists, m, n, k, ks, grid[1], FMT=_FMT[fmt], G=max(group_size, 1),
         PER_CHANNEL=t.numel() > 1, HAS_BIAS=bias is not None, DOT_DT=dot_dt, I4_BITS=i4_bits, I4_OFF=i4_off,
         I4_ASM=plan.int4_asm(dot_dt, interp), SPLIT=split, FMA=fma, COMPACT=compact, SEG=seg, PREFETCH=prefetch,
+        IDX_AHEAD=compact and stages >= 3,
         EPILOGUE=int(epilogue != "none"),
         BLOCK_M=plan.block_m(m, config), BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=1 if compact or prefetch else stages)
     return out.view(*x.shape[:-1], width)
