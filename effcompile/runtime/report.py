@@ -114,4 +114,18 @@ class Report:
                 lines.append(f"      source: {k.source_path}")
             for what, why in g.fallbacks:
                 lines.append(f"  not fused: {what}: {why}")
+        if shapes := self.launch_shapes():
+            lines.append("")
+            lines.append("decode kernel launch shapes chosen on the GPU in this process (codegen/kernels/tuning):")
+            for (key, shape), (config, source) in shapes.items():
+                tile = tuple(config) if config is not None else "built-in"
+                lines.append(f"  {key}{'' if shape is None else f' {shape[0]}x{shape[1]}'}: {tile}  from {source}")
         return "\n".join(lines)
+
+    @staticmethod
+    def launch_shapes() -> dict:
+        """(kernel/format/bucket, (N, K)) -> (launch_plan.Config or None for the built-in tiles, its source), for
+        every decode kernel launched on a GPU in this process so far."""
+        from effcompile.codegen.kernels import launch_plan
+
+        return dict(launch_plan.CHOSEN)

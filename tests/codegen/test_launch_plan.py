@@ -169,6 +169,31 @@ def test_untuned_gpus_get_the_measured_fallback(monkeypatch):
     assert plan.tuned("dequant", "int4", 1, torch.bfloat16, cuda) == own  # a table entry wins
 
 
+def test_explain_lists_the_launch_shapes_chosen_and_where_from(monkeypatch):
+    from effcompile.runtime.report import Report
+
+    cuda = torch.device("cuda", 0)  # a device object only: _table is replaced, nothing touches a GPU
+    monkeypatch.setattr(plan, "CHOSEN", {})
+    own, bucket = plan.Config(16, 512, 4, 1, 1, True), plan.Config(64, 128, 4, 1, 8, True)
+    monkeypatch.setattr(plan, "_table", lambda index: {"dequant/int4/m1/2048x2048": own, "sparse/float/m1": bucket})
+    assert str(Report()).count("\n") == 0  # nothing launched on a GPU: no section
+    plan.tuned("dequant", "int4", 1, torch.bfloat16, cuda, (2048, 2048))
+    plan.tuned("sparse", "float", 1, torch.bfloat16, cuda, (4096, 2048))
+    plan.tuned("sparse", "int4", 1, torch.bfloat16, cuda, (4096, 2048))
+    plan.tuned("dequant", "int8", 8, torch.bfloat16, cuda, (4096, 2048))
+    plan.tuned("dequant", "int8", 1, torch.float32, cuda, (4096, 2048))  # fp32: not a tuned call, not listed
+    plan.tuned("dequant", "int8", 1, torch.bfloat16, torch.device("cpu"), (4096, 2048))  # CPU: not listed
+    assert Report.launch_shapes() == {
+        ("dequant/int4/m1", (2048, 2048)): (own, "tuning table, dequant/int4/m1/2048x2048"),
+        ("sparse/float/m1", (4096, 2048)): (bucket, "tuning table, sparse/float/m1"),
+        ("sparse/int4/m1", (4096, 2048)): (plan.UNTUNED["sparse/int4/m1"], "launch_plan.UNTUNED (no table entry)"),
+        ("dequant/int8/m8", (4096, 2048)): (None, "built-in tiles (no table entry)")}
+    text = str(Report())
+    assert "launch shapes chosen on the GPU" in text
+    assert "dequant/int4/m1 2048x2048: (16, 512, 4, 1, 1, True, False, False)  from tuning table" in text
+    assert "dequant/int8/m8 4096x2048: built-in  from built-in tiles" in text
+
+
 def test_a_weight_shapes_own_entry_wins_over_its_bucket(tmp_path, monkeypatch, caplog):
     f = tmp_path / "t.json"
     f.write_text(json.dumps({"device": "GPU X", "configs": {

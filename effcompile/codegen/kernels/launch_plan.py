@@ -163,17 +163,31 @@ UNTUNED = {"dequant/int4/m1": Config(32, 256, 4, 2, None, True),
            "sparse/int4/m1": Config(256, 16, 4, 1, None, True, compact=True)}
 
 
+# What tuned() chose on a GPU in this process, per (kernel/format/bucket key, weight shape (N, K) or None):
+# (the config or None for the built-in tiles, where it came from). explain() lists it, so a missing table entry
+# or a table for another GPU shows as such instead of as a slow kernel.
+CHOSEN: dict[tuple[str, tuple[int, int] | None], tuple[Config | None, str]] = {}
+
+
 def tuned(kernel: str, fmt: str, rows: int, dtype: torch.dtype, device: torch.device,
           shape: tuple[int, int] | None = None) -> Config | None:
     """The measured launch shape for this call on this GPU: its tuning table's entry for this weight shape
-    (N, K), else for its decode bucket, else UNTUNED's, if any."""
+    (N, K), else for its decode bucket, else UNTUNED's, if any (recorded in CHOSEN)."""
     if device.type != "cuda" or dtype == torch.float32:
         return None
-    key = tuning_key(kernel, fmt, rows)
-    table = _table(device.index if device.index is not None else torch.cuda.current_device())
-    if shape is not None and (own := table.get(tuning_key(kernel, fmt, rows, shape))) is not None:
-        return own
-    return table.get(key, UNTUNED.get(key))
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    key, own_key = tuning_key(kernel, fmt, rows), tuning_key(kernel, fmt, rows, shape) if shape else None
+    table = _table(index)
+    if own_key in table:
+        config, source = table[own_key], f"tuning table, {own_key}"
+    elif key in table:
+        config, source = table[key], f"tuning table, {key}"
+    elif key in UNTUNED:
+        config, source = UNTUNED[key], "launch_plan.UNTUNED (no table entry)"
+    else:
+        config, source = None, "built-in tiles (no table entry)"
+    CHOSEN.setdefault((key, shape), (config, source))
+    return config
 
 
 @functools.cache
