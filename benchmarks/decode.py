@@ -38,6 +38,7 @@ import effcompile as ec
 from effcompile.bench import peers, timing, zoo
 from effcompile.bench import spec as pass_spec
 from effcompile.codegen import ops as cg_ops
+from effcompile.codegen.kernels import launch_plan
 from effcompile.compiler import attention_ops
 
 CONFIGS = ["none", "quantize(weights=int8)", "quantize(weights=int4,group_size=128)",
@@ -129,7 +130,11 @@ def main() -> None:
             "cuda_graph": graphs, "versions": {"torch": torch.__version__, "torchao": ao,
                                                "python": platform.python_version()},
             "threads": torch.get_num_threads(), "date": datetime.date.today().isoformat(),
-            "load_avg_at_start": os.getloadavg(), "rows": rows}, indent=1))
+            "load_avg_at_start": os.getloadavg(), "rows": rows,
+            # the tile each decode kernel got and where from (explain()'s list; empty off a GPU)
+            "launch_shapes": [{"key": key, "shape": shape, "config": list(cfg) if cfg is not None else "built-in",
+                               "source": source} for (key, shape), (cfg, source) in launch_plan.CHOSEN.items()],
+        }, indent=1))
 
     def show(r: dict) -> None:  # the log line: a profile's kernel list stays in the JSON
         print({k: {kk: vv for kk, vv in v.items() if kk != "top"} if k.startswith("profile") and isinstance(v, dict)
