@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import logging
 import os
@@ -59,6 +60,28 @@ def jit_variant(kernel, interpret: bool):
         if key not in _JIT:
             _JIT[key] = InterpretedFunction(kernel.fn) if interpret else JITFunction(kernel.fn)
         return _JIT[key]
+
+
+def kernel_helper(fn):
+    """``@triton.jit`` for a function that kernels call, which the interpreter can run too.
+
+    A plain ``@triton.jit`` helper is a JITFunction, and the interpreter refuses to call one ("outside of the
+    scope of a kernel") unless TRITON_INTERPRET was set before triton was imported, which kernels must not
+    rely on (``jit_variant``). This subclass runs the helper through the interpreter when called; the GPU
+    compiler never calls it, it reads its source and inlines it like any JITFunction."""
+    return _helper_class()(fn)
+
+
+@functools.cache
+def _helper_class():
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    class KernelHelper(JITFunction):
+        def __call__(self, *args, **kwargs):
+            return InterpretedFunction(self.fn)(*args, **kwargs)
+
+    return KernelHelper
 
 
 log = logging.getLogger("effcompile.codegen")

@@ -24,8 +24,37 @@ _FMT = {"int8": 0, "fp8": 0, "int4": 1, "mxint8": 2, "mxfp8": 2}
 _FP8_FORMATS = ("fp8", "mxfp8")
 
 # Interpreter note (codegen/README.md): only tl builtins and tl.reduce with triton's own combine
-# functions; no tl.sum or @jit helpers, which the interpreter cannot run when TRITON_INTERPRET was set
-# after `import triton`. Hence the repeated inline dequantization below instead of a shared helper.
+# functions; no tl.sum or plain @triton.jit helpers, which the interpreter cannot run when TRITON_INTERPRET
+# was set after `import triton`. Our helpers are ops.kernel_helper functions, which it can.
+
+
+@_ops.kernel_helper
+def _int4_chunk_of_groups(q_ptr, s_ptr, z_ptr, xrow, col3, n3, offs_c, offs_g, k, k_hi, K, G: tl.constexpr,
+                          EVEN: tl.constexpr):
+    """One row's int4 chunk of several groups at K offset k (the one-row branch with GPC > 1 below): its int32
+    words [GPC, WK, N], x for each nibble p as [GPC, WK, 1] (x[8 w + p]) and the groups' scales and zeros
+    [GPC, 1, N]. EVEN (the tiles divide N and K): no mask (a masked load costs a zeroing move or a select per
+    register); else nothing past k_hi or N is read."""
+    gi = col3 * (K // G) + k // G + offs_g
+    xb = xrow + k + 8 * offs_c
+    if EVEN:
+        wm, xm, g_mask, wo, xo = None, None, None, None, None
+    else:
+        g_mask = n3 & (k + offs_g * G < k_hi)
+        wm = (k // 8 + offs_c < k_hi // 8) & n3
+        xm = k + 8 * offs_c < k_hi
+        wo, xo = 0, 0.0
+    words = tl.load(q_ptr + col3 * (K // 8) + k // 8 + offs_c, mask=wm, other=wo)
+    x0 = tl.load(xb, mask=xm, other=xo)
+    x1 = tl.load(xb + 1, mask=xm, other=xo)
+    x2 = tl.load(xb + 2, mask=xm, other=xo)
+    x3 = tl.load(xb + 3, mask=xm, other=xo)
+    x4 = tl.load(xb + 4, mask=xm, other=xo)
+    x5 = tl.load(xb + 5, mask=xm, other=xo)
+    x6 = tl.load(xb + 6, mask=xm, other=xo)
+    x7 = tl.load(xb + 7, mask=xm, other=xo)
+    return (words, x0, x1, x2, x3, x4, x5, x6, x7, tl.load(s_ptr + gi, mask=g_mask, other=xo),
+            tl.load(z_ptr + gi, mask=g_mask, other=xo))
 
 
 @triton.jit
@@ -109,7 +138,6 @@ def _matmul_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, u_ptr, lb_ptr, out_ptr, ws
             # decides. (The 3-D tile costs registers at GPC 1: 128 against 80 for (64, 128), sm_90 SASS.)
             WK: tl.constexpr = BLOCK_K // 8 // GPC  # words of one group in a chunk
             acc1 = tl.full((GPC, WK, BLOCK_N), 0.0, tl.float32)
-            KW = K // 8
             xrow = x_ptr + pid_m.to(tl.int64) * K
             offs_c = (tl.arange(0, GPC)[:, None] * WK + tl.arange(0, WK)[None, :])[:, :, None]  # word in chunk
             offs_g = tl.arange(0, GPC)[:, None, None]  # group in chunk
@@ -121,55 +149,20 @@ def _matmul_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, u_ptr, lb_ptr, out_ptr, ws
             one = 0x3F800000 | (K_SPLIT >> 30)
             # x[8 w + p] for nibble p as [group, word, 1] loads: each thread reads the x values its products need
             # (L1 hits), where one contiguous chunk split 8 ways moved x across threads through shared memory,
-            # four barriers a chunk (sm_90 SASS, triton 3.6). When the tiles divide N and K (EVEN_NK) no load is
-            # masked (mask None: a masked load costs a zeroing move or a select per register), and the prefetch
-            # after the last chunk reads that chunk again rather than past it.
-            if EVEN_NK:  # else the masks are set where they are used, and are tensors throughout the loop
-                wm, xm, g_mask, wo, xo = None, None, None, None, None
-            else:
-                wo, xo = 0, 0.0
+            # four barriers a chunk (sm_90 SASS, triton 3.6); unmasked when the tiles divide N and K (the helper).
             if PREFETCH:  # the first chunk's operands; each iteration then loads the next chunk's (see below)
-                gi = col3 * (K // G) + k_lo // G + offs_g
-                xb = xrow + k_lo + 8 * offs_c
-                if not EVEN_NK:
-                    g_mask = n3 & (k_lo + offs_g * G < k_hi)
-                    wm = (k_lo // 8 + offs_c < k_hi // 8) & n3
-                    xm = k_lo + 8 * offs_c < k_hi
-                words_n = tl.load(q_ptr + col3 * KW + k_lo // 8 + offs_c, mask=wm, other=wo)
-                x0_n = tl.load(xb, mask=xm, other=xo)
-                x1_n = tl.load(xb + 1, mask=xm, other=xo)
-                x2_n = tl.load(xb + 2, mask=xm, other=xo)
-                x3_n = tl.load(xb + 3, mask=xm, other=xo)
-                x4_n = tl.load(xb + 4, mask=xm, other=xo)
-                x5_n = tl.load(xb + 5, mask=xm, other=xo)
-                x6_n = tl.load(xb + 6, mask=xm, other=xo)
-                x7_n = tl.load(xb + 7, mask=xm, other=xo)
-                s_n = tl.load(s_ptr + gi, mask=g_mask, other=xo)
-                z_n = tl.load(z_ptr + gi, mask=g_mask, other=xo)
+                words_n, x0_n, x1_n, x2_n, x3_n, x4_n, x5_n, x6_n, x7_n, s_n, z_n = _int4_chunk_of_groups(
+                    q_ptr, s_ptr, z_ptr, xrow, col3, n3, offs_c, offs_g, k_lo, k_hi, K, G, EVEN_NK)
             for k0 in range(k_lo, k_hi, BLOCK_K):
                 # This chunk's operands, or with PREFETCH (register double buffering) the next chunk's, issued
                 # before this chunk's arithmetic so every CTA keeps a chunk of weights in flight while it computes
                 # (triton's pipeliner only stages loads that feed a tl.dot; num_stages does nothing to this loop).
+                # With even tiles the prefetch after the last chunk reads that chunk again, not past it.
                 k1 = k0 + BLOCK_K * PREFETCH
                 if EVEN_NK:
                     k1 = tl.where(k1 < k_hi, k1, k0)
-                else:
-                    g_mask = n3 & (k1 + offs_g * G < k_hi)  # past k_hi (the last chunk's prefetch): nothing
-                    wm = (k1 // 8 + offs_c < k_hi // 8) & n3
-                    xm = k1 + 8 * offs_c < k_hi
-                gi = col3 * (K // G) + k1 // G + offs_g
-                xb = xrow + k1 + 8 * offs_c
-                words_l = tl.load(q_ptr + col3 * KW + k1 // 8 + offs_c, mask=wm, other=wo)
-                x0_l = tl.load(xb, mask=xm, other=xo)
-                x1_l = tl.load(xb + 1, mask=xm, other=xo)
-                x2_l = tl.load(xb + 2, mask=xm, other=xo)
-                x3_l = tl.load(xb + 3, mask=xm, other=xo)
-                x4_l = tl.load(xb + 4, mask=xm, other=xo)
-                x5_l = tl.load(xb + 5, mask=xm, other=xo)
-                x6_l = tl.load(xb + 6, mask=xm, other=xo)
-                x7_l = tl.load(xb + 7, mask=xm, other=xo)
-                s_l = tl.load(s_ptr + gi, mask=g_mask, other=xo)
-                z_l = tl.load(z_ptr + gi, mask=g_mask, other=xo)
+                words_l, x0_l, x1_l, x2_l, x3_l, x4_l, x5_l, x6_l, x7_l, s_l, z_l = _int4_chunk_of_groups(
+                    q_ptr, s_ptr, z_ptr, xrow, col3, n3, offs_c, offs_g, k1, k_hi, K, G, EVEN_NK)
                 if PREFETCH:
                     words, sg, zg = words_n, s_n, z_n
                     x0, x1, x2, x3 = x0_n.to(tl.float32), x1_n.to(tl.float32), x2_n.to(tl.float32), x3_n.to(tl.float32)
@@ -413,7 +406,7 @@ def _matmul_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, u_ptr, lb_ptr, out_ptr, ws
         # launch. The sums' atomics are relaxed: the barrier and the count's release / acquire (a barrier
         # follows it before the reads) order them, and an acq_rel atomic per thread cost a MEMBAR.GPU each, two
         # of the epilogue's three on sm_90 (every CTA waits out each one). (Repeated in sparse_gemv /
-        # act_quant: the interpreter cannot run a shared @jit helper.)
+        # act_quant, from before ops.kernel_helper.)
         ws = ws_ptr + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
         tl.atomic_add(ws, acc, mask=omask, sem="relaxed")
         tl.debug_barrier()

@@ -25,6 +25,29 @@ COMPACT_SEGMENT = 128  # channels compacted at a time by one-row float / int8 la
 # Interpreter rules as in codegen/README.md: tl builtins and tl.reduce with triton's own combine fns.
 
 
+@_ops.kernel_helper
+def _kept(x_ptr, t_ptr, offs_k, k_mask, PER_CHANNEL: tl.constexpr):
+    """One row's x at channels offs_k and which of them it keeps: |x| above the channel's threshold (one for
+    all, unless PER_CHANNEL), compared in the activation dtype as the reference does (|x| > t.to(x.dtype): an
+    fp32 threshold between two bf16 values would flip channels that sit right at it)."""
+    xk = tl.load(x_ptr + offs_k, mask=k_mask, other=0.0)
+    if PER_CHANNEL:
+        t = tl.load(t_ptr + offs_k, mask=k_mask, other=0.0)
+    else:
+        t = tl.load(t_ptr + offs_k * 0)
+    return xk, (tl.abs(xk.to(tl.float32)) > t.to(x_ptr.dtype.element_ty).to(tl.float32)) & k_mask
+
+
+@_ops.kernel_helper
+def _kept_rows(x_ptr, t_ptr, w_ptr, offs_k, k_hi, offs_n, n_mask, N, PER_CHANNEL: tl.constexpr):
+    """One row's chunk of input channels offs_k (the one-row masked path below): x, which channels it keeps,
+    and their weight rows (the skipped ones are never read; nothing past k_hi either)."""
+    xk, keep = _kept(x_ptr, t_ptr, offs_k, offs_k < k_hi, PER_CHANNEL)
+    w = tl.load(w_ptr + offs_k.to(tl.int64)[:, None] * N + offs_n[None, :], mask=keep[:, None] & n_mask[None, :],
+                other=0)
+    return xk, keep, w
+
+
 @triton.jit
 def _sparse_kernel(x_ptr, t_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, scr_ptr, M, N, K, K_SPLIT,
                    SPLITS, FMT: tl.constexpr, G: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -109,12 +132,7 @@ def _sparse_kernel(x_ptr, t_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cn
                 z5 = tl.load(z_ptr + gi + 5, mask=w_mask, other=0.0)
                 z6 = tl.load(z_ptr + gi + 6, mask=w_mask, other=0.0)
                 z7 = tl.load(z_ptr + gi + 7, mask=w_mask, other=0.0)
-            xg = tl.load(x_ptr + offs_g, mask=g_mask, other=0.0)
-            if PER_CHANNEL:
-                tg = tl.load(t_ptr + offs_g, mask=g_mask, other=0.0)
-            else:
-                tg = tl.load(t_ptr + offs_g * 0)
-            keep = (tl.abs(xg.to(tl.float32)) > tg.to(x_ptr.dtype.element_ty).to(tl.float32)) & g_mask
+            keep = _kept(x_ptr, t_ptr, offs_g, g_mask, PER_CHANNEL)[1]
             kept = keep.to(tl.int32)
             slots = lists + ((g0 - k_lo) // SEG % 2) * SEG
             tl.store(slots + tl.associative_scan(kept, 0, tl.standard._sum_combine) - 1, offs_g, mask=keep)
@@ -195,29 +213,12 @@ def _sparse_kernel(x_ptr, t_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cn
         # and without it each chunk waited on that round trip and then on HBM with nothing else in flight.
         acc2d = tl.full((BLOCK_K, BLOCK_N), 0.0, tl.float32)
         if PREFETCH:  # the first chunk's operands; each iteration then loads the next chunk's
-            offs_k = k_lo + tl.arange(0, BLOCK_K)
-            k_mask = offs_k < k_hi
-            xk_n = tl.load(x_ptr + offs_k, mask=k_mask, other=0.0)
-            if PER_CHANNEL:
-                t = tl.load(t_ptr + offs_k, mask=k_mask, other=0.0)
-            else:
-                t = tl.load(t_ptr + offs_k * 0)
-            keep_n = (tl.abs(xk_n.to(tl.float32)) > t.to(x_ptr.dtype.element_ty).to(tl.float32)) & k_mask
-            w_n = tl.load(w_ptr + offs_k.to(tl.int64)[:, None] * N + offs_n[None, :],
-                          mask=keep_n[:, None] & n_mask[None, :], other=0)
+            xk_n, keep_n, w_n = _kept_rows(x_ptr, t_ptr, w_ptr, k_lo + tl.arange(0, BLOCK_K), k_hi, offs_n, n_mask, N,
+                                           PER_CHANNEL)
         for k0 in range(k_lo, k_hi, BLOCK_K):
-            # This chunk's operands, or with PREFETCH the next chunk's (this one's came last iteration; past k_hi,
-            # the last chunk's prefetch, nothing is read).
-            offs_k = k0 + BLOCK_K * PREFETCH + tl.arange(0, BLOCK_K)
-            k_mask = offs_k < k_hi
-            xk_l = tl.load(x_ptr + offs_k, mask=k_mask, other=0.0)
-            if PER_CHANNEL:
-                t = tl.load(t_ptr + offs_k, mask=k_mask, other=0.0)
-            else:
-                t = tl.load(t_ptr + offs_k * 0)
-            keep_l = (tl.abs(xk_l.to(tl.float32)) > t.to(x_ptr.dtype.element_ty).to(tl.float32)) & k_mask
-            w_l = tl.load(w_ptr + offs_k.to(tl.int64)[:, None] * N + offs_n[None, :],
-                          mask=keep_l[:, None] & n_mask[None, :], other=0)
+            # This chunk's operands, or with PREFETCH the next chunk's (this one's came last iteration).
+            xk_l, keep_l, w_l = _kept_rows(x_ptr, t_ptr, w_ptr, k0 + BLOCK_K * PREFETCH + tl.arange(0, BLOCK_K), k_hi,
+                                           offs_n, n_mask, N, PER_CHANNEL)
             if PREFETCH:
                 xk, keep, w = xk_n, keep_n, w_n
                 xk_n, keep_n, w_n = xk_l, keep_l, w_l
