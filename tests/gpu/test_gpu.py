@@ -565,7 +565,7 @@ def test_gated_epilogue_on_device(kernel, m):
 @pytest.mark.parametrize("m", [1, 3, 8])
 @pytest.mark.parametrize("kernel,fmt", [("dequant", "int8"), ("dequant", "int4"), ("dequant", "mxint8"),
                                         ("sparse", "float"), ("sparse", "int8"), ("sparse", "int4")])
-@pytest.mark.parametrize("variant", ["plain", "stages2", "compact", "compact-stages2"])
+@pytest.mark.parametrize("variant", ["plain", "stages2", "compact", "compact-stages2", "compact-stages3"])
 def test_fma_configs_on_device(kernel, fmt, m, dtype, variant):
     from effcompile.codegen.kernels import launch_plan as plan
     from effcompile.codegen.kernels import sparse_gemv as S
@@ -582,7 +582,7 @@ def test_fma_configs_on_device(kernel, fmt, m, dtype, variant):
     group = {"int4": 128, "mxint8": 32}.get(fmt, 0)
     # fma tiles of benchmarks/kernels.py's sweep (dense: K-contiguous, short N; sparse: wide N), 2 splits;
     # stages 2: one-row int4 dequant and compact sparse launches double-buffer their loads in registers.
-    stages = 2 if variant.endswith("stages2") else 1
+    stages = int(variant[-1]) if variant[-1].isdigit() else 1  # compact stages 3: indices two chunks ahead
     cfg = (plan.Config(64, 128, 4, stages, 2, True) if kernel == "dequant"
            else plan.Config(128, 32, 4, stages, 2, True, compact))
     if kernel == "dequant":
