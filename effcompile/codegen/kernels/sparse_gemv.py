@@ -39,6 +39,16 @@ def _kept(x_ptr, t_ptr, offs_k, k_mask, PER_CHANNEL: tl.constexpr):
 
 
 @_ops.kernel_helper
+def _per_nibble(ptr, gi, mask):
+    """The values at gi + p for nibble p = 0..7 (output 8 w + p of int32 word w), one [BW] load each, in the
+    layout the products use."""
+    return (tl.load(ptr + gi, mask=mask, other=0.0), tl.load(ptr + gi + 1, mask=mask, other=0.0),
+            tl.load(ptr + gi + 2, mask=mask, other=0.0), tl.load(ptr + gi + 3, mask=mask, other=0.0),
+            tl.load(ptr + gi + 4, mask=mask, other=0.0), tl.load(ptr + gi + 5, mask=mask, other=0.0),
+            tl.load(ptr + gi + 6, mask=mask, other=0.0), tl.load(ptr + gi + 7, mask=mask, other=0.0))
+
+
+@_ops.kernel_helper
 def _kept_rows(x_ptr, t_ptr, w_ptr, offs_k, k_hi, offs_n, n_mask, N, PER_CHANNEL: tl.constexpr):
     """One row's chunk of input channels offs_k (the one-row masked path below): x, which channels it keeps,
     and their weight rows (the skipped ones are never read; nothing past k_hi either)."""
@@ -116,22 +126,8 @@ def _sparse_kernel(x_ptr, t_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cn
                 # barrier below), and already in the layout the products use (a [BW, 8] load split per nibble
                 # went through shared memory, two barriers per split, every segment).
                 gi = (g0 // G) * N + 8 * offs_w.to(tl.int64)
-                s0 = tl.load(s_ptr + gi, mask=w_mask, other=0.0)
-                s1 = tl.load(s_ptr + gi + 1, mask=w_mask, other=0.0)
-                s2 = tl.load(s_ptr + gi + 2, mask=w_mask, other=0.0)
-                s3 = tl.load(s_ptr + gi + 3, mask=w_mask, other=0.0)
-                s4 = tl.load(s_ptr + gi + 4, mask=w_mask, other=0.0)
-                s5 = tl.load(s_ptr + gi + 5, mask=w_mask, other=0.0)
-                s6 = tl.load(s_ptr + gi + 6, mask=w_mask, other=0.0)
-                s7 = tl.load(s_ptr + gi + 7, mask=w_mask, other=0.0)
-                z0 = tl.load(z_ptr + gi, mask=w_mask, other=0.0)
-                z1 = tl.load(z_ptr + gi + 1, mask=w_mask, other=0.0)
-                z2 = tl.load(z_ptr + gi + 2, mask=w_mask, other=0.0)
-                z3 = tl.load(z_ptr + gi + 3, mask=w_mask, other=0.0)
-                z4 = tl.load(z_ptr + gi + 4, mask=w_mask, other=0.0)
-                z5 = tl.load(z_ptr + gi + 5, mask=w_mask, other=0.0)
-                z6 = tl.load(z_ptr + gi + 6, mask=w_mask, other=0.0)
-                z7 = tl.load(z_ptr + gi + 7, mask=w_mask, other=0.0)
+                s0, s1, s2, s3, s4, s5, s6, s7 = _per_nibble(s_ptr, gi, w_mask)
+                z0, z1, z2, z3, z4, z5, z6, z7 = _per_nibble(z_ptr, gi, w_mask)
             keep = _kept(x_ptr, t_ptr, offs_g, g_mask, PER_CHANNEL)[1]
             kept = keep.to(tl.int32)
             slots = lists + ((g0 - k_lo) // SEG % 2) * SEG
