@@ -120,11 +120,11 @@ def launch(keys, values, k, v, position, length, rope: tuple | None = None) -> t
     rows = b * hk * n
     if rows == 0:
         return q
-    warps = 4
-    if rope is not None and triton.next_power_of_2(rows) * triton.next_power_of_2(d) <= ELEMENTS_PER_PROGRAM * ROPE_WARPS // 4:
+    warps, tile = 4, triton.next_power_of_2(rows) * triton.next_power_of_2(d)
+    if rope is not None and tile <= ELEMENTS_PER_PROGRAM * ROPE_WARPS // 4:
         # 4 warps per 2048 elements, where that makes the launch one program (else the 4-warp programs: more
         # of them share a larger update)
-        warps = max(4, triton.next_power_of_2(rows) * triton.next_power_of_2(d) // (ELEMENTS_PER_PROGRAM // 4))
+        warps = max(4, tile // (ELEMENTS_PER_PROGRAM // 4))
     elements = ELEMENTS_PER_PROGRAM * warps // 4
     block_d = min(triton.next_power_of_2(d), elements)
     block_r = max(1, min(triton.next_power_of_2(rows), elements // block_d))

@@ -178,15 +178,12 @@ def tuned(kernel: str, fmt: str, rows: int, dtype: torch.dtype, device: torch.de
     index = device.index if device.index is not None else torch.cuda.current_device()
     key, own_key = tuning_key(kernel, fmt, rows), tuning_key(kernel, fmt, rows, shape) if shape else None
     table = _table(index)
-    if own_key in table:
-        config, source = table[own_key], f"tuning table, {own_key}"
-    elif key in table:
-        config, source = table[key], f"tuning table, {key}"
-    elif key in UNTUNED:
-        config, source = UNTUNED[key], "launch_plan.UNTUNED (no table entry)"
-    else:
-        config, source = None, "built-in tiles (no table entry)"
-    CHOSEN.setdefault((key, shape), (config, source))
+    entry = own_key if own_key in table else key if key in table else None
+    config = table[entry] if entry is not None else UNTUNED.get(key)
+    if (key, shape) not in CHOSEN:  # the source is worded once per shape, not on every launch
+        CHOSEN[(key, shape)] = (config, f"tuning table, {entry}" if entry is not None else
+                                "launch_plan.UNTUNED (no table entry)" if config is not None else
+                                "built-in tiles (no table entry)")
     return config
 
 
