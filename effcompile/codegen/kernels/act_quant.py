@@ -7,6 +7,7 @@ import triton
 import triton.language as tl
 
 from effcompile.codegen import ops as _ops
+from effcompile.codegen.kernels import epilogue as _epilogue
 from effcompile.codegen.kernels import launch_plan as plan
 
 _ACT = {"int8": 0, "fp8": 1}
@@ -118,20 +119,8 @@ def _w8a8_kernel(xq_ptr, sx_ptr, q_ptr, s_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, 
         first = (offs_n * 0 + k_lo) == 0  # a tensor: the interpreter refuses a scalar bool in a mask
         b = tl.load(b_ptr + offs_n, mask=n_mask & first, other=0.0).to(tl.float32)  # added by split 0 only
         y += b[None, :]
-    out = out_ptr + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
-    omask = m_mask[:, None] & n_mask[None, :]
-    if SPLIT == 2:
-        ws = ws_ptr + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
-        tl.atomic_add(ws, y, mask=omask, sem="relaxed")
-        tl.debug_barrier()
-        tile = pid_m * tl.num_programs(1) + pid_n
-        if tl.atomic_add(cnt_ptr + tile, 1) == SPLITS - 1:
-            zero = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
-            tl.store(out, tl.atomic_add(ws, zero, mask=omask, sem="relaxed").to(out_ptr.dtype.element_ty), mask=omask)
-            tl.store(ws, zero, mask=omask)
-            tl.store(cnt_ptr + tile, 0)
-    else:
-        tl.store(out, y.to(out_ptr.dtype.element_ty), mask=omask)
+    _epilogue.finish(y, out_ptr, ws_ptr, cnt_ptr, pid_m, pid_n, offs_m, offs_n, m_mask,
+                     n_mask, N, SPLITS, SPLIT, 0, BLOCK_M, BLOCK_N)
 
 
 def w8a8(x, qweight, scales, bias, split_k: int | None = None, config: plan.Config | None = None) -> torch.Tensor:

@@ -12,6 +12,7 @@ import triton.language as tl
 
 from effcompile.codegen import ops as _ops
 from effcompile.codegen.kernels import act_quant as aq
+from effcompile.codegen.kernels import epilogue as _epilogue
 from effcompile.codegen.kernels import int4_rows
 from effcompile.codegen.kernels import launch_plan as plan
 from effcompile.compiler import ops as qops
@@ -243,49 +244,9 @@ def _matmul_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, u_ptr, lb_ptr, out_ptr, ws
         first = (offs_n * 0 + k_lo) == 0  # a tensor: the interpreter refuses a scalar bool in a mask
         b = tl.load(b_ptr + offs_n, mask=n_mask & first, other=0.0).to(tl.float32)  # added by split 0 only
         acc += b[None, :]
-    out = out_ptr + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
-    omask = m_mask[:, None] & n_mask[None, :]
-    if EPILOGUE == 1:
-        # silu(gate) * up (passes/fuse_gated_activation.py): outputs 2i / 2i + 1 of the tile are gate i / up i,
-        # the result is output i of an [M, N / 2] tensor. Rounded as the unfused graph rounds (the linear's
-        # output, then silu's, then the product), with the sigmoid of codegen/triton_gen.py.
-        offs_h = pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
-        out_h = out_ptr + offs_m.to(tl.int64)[:, None] * (N // 2) + offs_h[None, :]
-        hmask = m_mask[:, None] & (offs_h < N // 2)[None, :]
-    if SPLIT == 2:
-        # All threads' adds before the count (the barrier), the count an acq_rel atomic: the split that counts
-        # last reads every sum, through an atomic (L2, never a stale L1 line), then leaves zeros for the next
-        # launch. The sums' atomics are relaxed: the barrier and the count's release / acquire (a barrier
-        # follows it before the reads) order them, and an acq_rel atomic per thread cost a MEMBAR.GPU each, two
-        # of the epilogue's three on sm_90 (every CTA waits out each one). (Repeated in sparse_gemv /
-        # act_quant, from before ops.kernel_helper.)
-        ws = ws_ptr + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
-        tl.atomic_add(ws, acc, mask=omask, sem="relaxed")
-        tl.debug_barrier()
-        tile = pid_m * tl.num_programs(1) + pid_n
-        if tl.atomic_add(cnt_ptr + tile, 1) == SPLITS - 1:
-            zero = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
-            total = tl.atomic_add(ws, zero, mask=omask, sem="relaxed")
-            if EPILOGUE == 1:
-                g, u = tl.split(tl.reshape(total, (BLOCK_M, BLOCK_N // 2, 2)))
-                g = g.to(out_ptr.dtype.element_ty).to(tl.float32)
-                a = (g * (1.0 / (1.0 + tl.exp(-g)))).to(out_ptr.dtype.element_ty).to(tl.float32)
-                h = a * u.to(out_ptr.dtype.element_ty).to(tl.float32)
-                tl.store(out_h, h.to(out_ptr.dtype.element_ty), mask=hmask)
-            else:
-                tl.store(out, total.to(out_ptr.dtype.element_ty), mask=omask)
-            tl.store(ws, zero, mask=omask)
-            tl.store(cnt_ptr + tile, 0)
-    elif SPLIT == 1:
-        tl.atomic_add(out, acc, mask=omask)
-    elif EPILOGUE == 1:
-        g, u = tl.split(tl.reshape(acc, (BLOCK_M, BLOCK_N // 2, 2)))
-        g = g.to(out_ptr.dtype.element_ty).to(tl.float32)
-        a = (g * (1.0 / (1.0 + tl.exp(-g)))).to(out_ptr.dtype.element_ty).to(tl.float32)
-        h = a * u.to(out_ptr.dtype.element_ty).to(tl.float32)
-        tl.store(out_h, h.to(out_ptr.dtype.element_ty), mask=hmask)
-    else:
-        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=omask)
+    # Split-K sums, then the store, as it is or gated (EPILOGUE 1: silu(gate) * up, fuse_gated_activation.py)
+    _epilogue.finish(acc, out_ptr, ws_ptr, cnt_ptr, pid_m, pid_n, offs_m, offs_n, m_mask,
+                     n_mask, N, SPLITS, SPLIT, EPILOGUE, BLOCK_M, BLOCK_N)
 
 
 def low_rank(x, lora_a, lora_b) -> torch.Tensor:

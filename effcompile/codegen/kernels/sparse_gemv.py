@@ -13,6 +13,7 @@ import triton
 import triton.language as tl
 
 from effcompile.codegen import ops as _ops
+from effcompile.codegen.kernels import epilogue as _epilogue
 from effcompile.codegen.kernels import launch_plan as plan
 from effcompile.compiler import ops as qops
 from effcompile.compiler import sparse_linear as sl
@@ -313,76 +314,19 @@ def _sparse_kernel(x_ptr, t_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cn
         if HAS_BIAS:
             acc_lo += tl.load(b_ptr + 2 * offs_j, mask=j_mask & first, other=0.0).to(tl.float32)[None, :]
             acc_hi += tl.load(b_ptr + 2 * offs_j + 1, mask=j_mask & first, other=0.0).to(tl.float32)[None, :]
-        out = out_ptr + offs_m.to(tl.int64)[:, None] * N + 2 * offs_j[None, :]
-        omask = m_mask[:, None] & j_mask[None, :]
-        # EPILOGUE 1, silu(gate) * up (dequant_matmul.py): byte j holds gate j (low) and up j (high), so output j
-        # of the [M, N / 2] result is silu(lo) * hi.
-        out_h = out_ptr + offs_m.to(tl.int64)[:, None] * (N // 2) + offs_j[None, :]
-        if SPLIT == 2:  # the self-cleaning split-K workspace, as in dequant_matmul.py (SPLIT 1 is not used)
-            ws = ws_ptr + offs_m.to(tl.int64)[:, None] * N + 2 * offs_j[None, :]
-            tl.atomic_add(ws, acc_lo, mask=omask, sem="relaxed")
-            tl.atomic_add(ws + 1, acc_hi, mask=omask, sem="relaxed")
-            tl.debug_barrier()
-            if tl.atomic_add(cnt_ptr + pid_n, 1) == SPLITS - 1:
-                zero = tl.full((BLOCK_M, HALF), 0.0, tl.float32)
-                lo = tl.atomic_add(ws, zero, mask=omask, sem="relaxed")
-                hi = tl.atomic_add(ws + 1, zero, mask=omask, sem="relaxed")
-                if EPILOGUE == 1:
-                    g = lo.to(out_ptr.dtype.element_ty).to(tl.float32)
-                    a = (g * (1.0 / (1.0 + tl.exp(-g)))).to(out_ptr.dtype.element_ty).to(tl.float32)
-                    tl.store(out_h, (a * hi.to(out_ptr.dtype.element_ty).to(tl.float32)).to(out_ptr.dtype.element_ty),
-                             mask=omask)
-                else:
-                    tl.store(out, lo.to(out_ptr.dtype.element_ty), mask=omask)
-                    tl.store(out + 1, hi.to(out_ptr.dtype.element_ty), mask=omask)
-                tl.store(ws, zero, mask=omask)
-                tl.store(ws + 1, zero, mask=omask)
-                tl.store(cnt_ptr + pid_n, 0)
-        elif EPILOGUE == 1:
-            g = acc_lo.to(out_ptr.dtype.element_ty).to(tl.float32)
-            a = (g * (1.0 / (1.0 + tl.exp(-g)))).to(out_ptr.dtype.element_ty).to(tl.float32)
-            tl.store(out_h, (a * acc_hi.to(out_ptr.dtype.element_ty).to(tl.float32)).to(out_ptr.dtype.element_ty),
-                     mask=omask)
-        else:
-            tl.store(out, acc_lo.to(out_ptr.dtype.element_ty), mask=omask)
-            tl.store(out + 1, acc_hi.to(out_ptr.dtype.element_ty), mask=omask)
+        # Outputs 2j / 2j + 1 interleaved into one [M, BLOCK_N] tile (the workspace, output and gated pairs'
+        # order), so the epilogue is the other formats' one.
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        _epilogue.finish(tl.reshape(tl.join(acc_lo, acc_hi), (BLOCK_M, BLOCK_N)), out_ptr, ws_ptr, cnt_ptr, 0, pid_n,
+                         offs_m, offs_n, m_mask, offs_n < N, N, SPLITS, SPLIT, EPILOGUE, BLOCK_M, BLOCK_N)
     else:
         if FMT == 0:  # per-output scale: once on the accumulated dot
             acc = acc * tl.load(s_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
         if HAS_BIAS:
             first = (offs_n * 0 + k_lo) == 0
             acc += tl.load(b_ptr + offs_n, mask=n_mask & first, other=0.0).to(tl.float32)[None, :]
-        out = out_ptr + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
-        omask = m_mask[:, None] & n_mask[None, :]
-        # EPILOGUE 1: outputs 2i / 2i + 1 of the tile are gate i / up i (dequant_matmul.py).
-        offs_h = pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
-        out_h = out_ptr + offs_m.to(tl.int64)[:, None] * (N // 2) + offs_h[None, :]
-        hmask = m_mask[:, None] & (offs_h < N // 2)[None, :]
-        if SPLIT == 2:
-            ws = ws_ptr + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
-            tl.atomic_add(ws, acc, mask=omask, sem="relaxed")
-            tl.debug_barrier()
-            if tl.atomic_add(cnt_ptr + pid_n, 1) == SPLITS - 1:
-                zero = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
-                total = tl.atomic_add(ws, zero, mask=omask, sem="relaxed")
-                if EPILOGUE == 1:
-                    g, u = tl.split(tl.reshape(total, (BLOCK_M, BLOCK_N // 2, 2)))
-                    g = g.to(out_ptr.dtype.element_ty).to(tl.float32)
-                    a = (g * (1.0 / (1.0 + tl.exp(-g)))).to(out_ptr.dtype.element_ty).to(tl.float32)
-                    tl.store(out_h, (a * u.to(out_ptr.dtype.element_ty).to(tl.float32)).to(out_ptr.dtype.element_ty),
-                             mask=hmask)
-                else:
-                    tl.store(out, total.to(out_ptr.dtype.element_ty), mask=omask)
-                tl.store(ws, zero, mask=omask)
-                tl.store(cnt_ptr + pid_n, 0)
-        elif EPILOGUE == 1:
-            g, u = tl.split(tl.reshape(acc, (BLOCK_M, BLOCK_N // 2, 2)))
-            g = g.to(out_ptr.dtype.element_ty).to(tl.float32)
-            a = (g * (1.0 / (1.0 + tl.exp(-g)))).to(out_ptr.dtype.element_ty).to(tl.float32)
-            tl.store(out_h, (a * u.to(out_ptr.dtype.element_ty).to(tl.float32)).to(out_ptr.dtype.element_ty),
-                     mask=hmask)
-        else:
-            tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=omask)
+        _epilogue.finish(acc, out_ptr, ws_ptr, cnt_ptr, 0, pid_n, offs_m, offs_n, m_mask, n_mask, N, SPLITS, SPLIT,
+                         EPILOGUE, BLOCK_M, BLOCK_N)
 
 
 def supported(x: torch.Tensor, weight_t: torch.Tensor, fmt: str, decode_only: bool) -> str | None:
