@@ -14,7 +14,10 @@ kernels in the eager model, under the same CUDA-graph replay). A compiled peer's
 dynamo built, so a layer left eager (a recompile limit) shows. A ``-head`` suffix
 (``torchao-int4-eager-head``) quantizes the LM head too, the peer of our ``targets=(attn,ffn,head)``.
 Results are written after every batch size, so a run stopped by a time limit keeps them; every row
-checks its first decode step's logits against eager's (``logits_vs_eager_b*``).
+checks its first decode step's logits against eager's (``logits_vs_eager_b*``). A ``no-pdl:`` prefix
+(``no-pdl:quantize(weights=int4,group_size=128)``) compiles and times that config with effcompile's kernels
+launched without programmatic dependent launch (codegen/ops.py launch_options; EFFCOMPILE_PDL=0): the
+ablation of PDL on a Hopper GPU, in the same run.
 
     python benchmarks/decode.py [--model llama-base] [--steps 16]                       # CPU
     python benchmarks/decode.py --device cuda --dtype bfloat16 --model llama-1b --out X.json   # GPU
@@ -172,6 +175,9 @@ def main() -> None:
         t0 = time.perf_counter()
         row = {"config": spec}
         rows.append(row)
+        pdl_before = cg_ops.PDL_ENABLED
+        if spec.startswith("no-pdl:"):
+            spec, cg_ops.PDL_ENABLED = spec.removeprefix("no-pdl:"), False
         try:
             if spec in PEERS:
                 # No prefill call: each new shape is another Inductor compile of the whole model, and the
@@ -187,12 +193,15 @@ def main() -> None:
             graphs_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
             before = dict(cg_ops.PATH_COUNTS.get("bag_linear", {}))
             attention_before = dict(attention_ops.PATH_COUNTS)
+            row["pdl"] = cg_ops.pdl(torch.device(a.device))  # effcompile's kernels launched with PDL
             decode(fast, row)
         except Exception as e:  # noqa: BLE001 - one failing config (e.g. a peer not installed) is recorded
             row["failed"] = f"{type(e).__name__}: {str(e)[:400]}"
             show(row)
             write()
             continue
+        finally:
+            cg_ops.PDL_ENABLED = pdl_before
         row["compile_and_time_s"] = round(time.perf_counter() - t0, 1)
         if spec in PEERS and PEERS[spec][1] is not None:
             row["dynamo_graphs"] = torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs_before

@@ -13,9 +13,11 @@
 #           L2 cold (KERNELS_S, 200 s);
 #   decode  whole-model greedy decode tok/s of the Llama-3.2-1B-shaped zoo model in bf16 under CUDA graphs:
 #           eager, then DECODE_CONFIGS (effcompile configs ~35-45 s each in sessions 10 and 13, TorchAO's kernels
-#           without Inductor a few seconds; int4 with and without the LM head, each against TorchAO's; last
-#           'none', effcompile's dense bf16, the baseline thresholds are held to; $ABLATION, int4 without the
-#           launch-cutting passes, ran in session 13: 690 against 872 tok/s at batch 1) (275 s);
+#           without Inductor a few seconds): int4; int4 launched without programmatic dependent launch
+#           (no-pdl:, session 15's untimed change); 50 % thresholds and 'none', effcompile's dense bf16, the
+#           baseline thresholds are held to; thresholds x int4; TorchAO's int4; last, int4 with the LM head and
+#           its TorchAO peer ($ABLATION, int4 without the launch-cutting passes, ran in session 13: 690 against
+#           872 tok/s at batch 1) (275 s);
 #           DECODE_MODEL=llama-8b times Llama-3.1-8B's shape instead (16 GB in bf16, never run yet: expect
 #           fewer configs to fit), where weight reads dominate a step as in the papers' headline numbers;
 #           each row checks its first decode step's logits against eager's (logits_vs_eager_b*); DECODE_S;
@@ -68,7 +70,7 @@ ABLATION="quantize(weights=int4,group_size=128)+additive_attention_mask(enabled=
 decode() {  # with the tile table the kernels step wrote (if it ran and got that far) over the shipped one
     [ -s "$OUT/tuning.json" ] && export EFFCOMPILE_KERNEL_TUNING="$OUT/tuning.json"
     timeout "${DECODE_S:-275}" "$PY" benchmarks/decode.py --device cuda --dtype bfloat16 --model "${DECODE_MODEL:-llama-1b}" --steps 16 \
-        --configs "${DECODE_CONFIGS:-$INT4;$INT4_HEAD;threshold(sparsity=0.5)+$INT4;threshold(sparsity=0.5);torchao-int4-eager;torchao-int4-eager-head;none}" \
+        --configs "${DECODE_CONFIGS:-$INT4;no-pdl:$INT4;threshold(sparsity=0.5);none;threshold(sparsity=0.5)+$INT4;torchao-int4-eager;$INT4_HEAD;torchao-int4-eager-head}" \
         --out "$OUT/decode.json" 2>&1 | tr '\r' '\n' | grep -v "it/s\]\|s/it\]" | tee "$OUT/decode.log"
 }
 peers() {

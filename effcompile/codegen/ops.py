@@ -14,6 +14,7 @@ from pathlib import Path
 from types import ModuleType
 
 import torch
+import triton.language as tl
 
 # Which implementation ran, per op name: PATH_COUNTS[name]["triton" | "torch"]. explain() reads it.
 PATH_COUNTS: defaultdict[str, Counter] = defaultdict(Counter)
@@ -82,6 +83,42 @@ def _helper_class():
             return InterpretedFunction(self.fn)(*args, **kwargs)
 
     return KernelHelper
+
+
+# Programmatic dependent launch (PDL, compute capability 9+): a decode step is ~100 small kernels, and between
+# two of them the GPU idles while the second launches and its CTAs ramp up (session 13's H100 profile of a
+# 1B int4 step: ~160 of 1146 us). Launched with PDL, a kernel's CTAs may start while the kernel before it
+# finishes; each first lets the next kernel launch, then waits for its predecessor (wait_for_producers).
+# EFFCOMPILE_PDL=0 launches as before (the decode benchmark's ablation).
+PDL_ENABLED = os.environ.get("EFFCOMPILE_PDL", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+@functools.cache
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+def pdl(device: torch.device) -> bool:
+    """Whether effcompile's kernels launch on ``device`` with programmatic dependent launch."""
+    if not PDL_ENABLED or device.type != "cuda" or env_interpret():
+        return False
+    return _capability(device.index if device.index is not None else torch.cuda.current_device())[0] >= 9
+
+
+def launch_options(device: torch.device) -> dict:
+    """The launch arguments every effcompile kernel takes for PDL: its PDL constexpr, and triton's launch_pdl."""
+    return {"PDL": True, "launch_pdl": True} if pdl(device) else {"PDL": False}
+
+
+@kernel_helper
+def wait_for_producers(PDL: tl.constexpr):
+    """A kernel's first statement. With PDL (launch_options): let the next kernel launch, then wait until the
+    kernels before this one have finished and their writes are visible. Nothing may come before it that
+    reads memory another kernel writes, or writes at all: a buffer this kernel writes may have been freed by a
+    kernel still running (torch's allocator reuses memory in stream order). Without PDL it is nothing."""
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
 
 
 log = logging.getLogger("effcompile.codegen")

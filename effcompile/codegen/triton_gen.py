@@ -212,7 +212,8 @@ def generate(group: FusionGroup) -> GeneratedKernel:
     strides = [f"{x}_{w}" for x, cls in zip(ins, classes, strict=True) if cls == "full" for w in ("in", "si", "so")]
     k = [
         "@triton.jit",
-        f"def _kernel({', '.join(ptrs)}, N, {', '.join(strides)}, BLOCK_N: tl.constexpr):",
+        f"def _kernel({', '.join(ptrs)}, N, {', '.join(strides)}, BLOCK_N: tl.constexpr, PDL: tl.constexpr):",
+        "    _ops.wait_for_producers(PDL)  # first: with PDL, nothing may read another kernel's output before it",
         "    # One program per row; int64 row offsets so M * N may exceed 2**31.",
         "    row = tl.program_id(0).to(tl.int64)",
         "    offs = tl.arange(0, BLOCK_N)",
@@ -279,7 +280,8 @@ def launch({", ".join(ins)}):
     if M > 0 and N > 0:
         block = triton.next_power_of_2(N)
         _ops.jit_variant(_kernel, _ops.interpreting(dev))[(M,)](*args, *outs, N, *strides, BLOCK_N=block,
-                                                             num_warps=min(max(block // 256, 1), 16))
+                                                             num_warps=min(max(block // 256, 1), 16),
+                                                             **_ops.launch_options(dev))
     return tuple(outs)
 
 

@@ -322,3 +322,77 @@ def test_gated_epilogues_compile(cap, launches):
                      epilogue="silu_mul")
     assert len(launches) == 10 and all(launch.kwargs["EPILOGUE"] == 1 for launch in launches)
     _compile_all(launches, cap)
+
+
+_MEMORY_OP = re.compile(r"^\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?(LDG|STG|ATOM|ATOMG|RED|REDG|LDGSTS|LD|ST)\b")
+
+
+def _memory_before_wait(sass: str) -> list[str]:
+    """SASS lines that touch global memory before the first griddepcontrol.wait (ACQBULK) of the kernel."""
+    before = []
+    for line in sass.splitlines():
+        if "ACQBULK" in line:
+            return before
+        if _MEMORY_OP.match(line):
+            before.append(line.strip())
+    raise AssertionError("no ACQBULK (griddepcontrol.wait) in the kernel")
+
+
+def test_pdl_launches_wait_before_touching_memory(launches, tmp_path, monkeypatch):
+    # Programmatic dependent launch (ops.launch_options): a kernel may start while the one before it still runs,
+    # so it must wait (griddepcontrol.wait, ACQBULK in sm_90 SASS) before any global load or store, not only
+    # before reading its input: a buffer it writes may have been freed by a kernel that is still running. One
+    # launch of every kernel family, with PDL forced on as on an H100.
+    from effcompile.codegen import ops as cg_ops
+    from effcompile.codegen.kernels import act_quant as AQ
+    from effcompile.codegen.kernels import cache_write as C
+
+    monkeypatch.setattr(cg_ops, "pdl", lambda device: True)
+    dtype = torch.bfloat16
+    qw = _weights("int4", 96, 256, dtype, 128)
+    D.launch(torch.randn(1, 256, dtype=dtype), *qw[:3], None, "int4", 128, split_k=2,
+             config=plan.Config(32, 256, 4, 2, None, True))  # one-row words with the register prefetch
+    D.launch(torch.randn(8, 256, dtype=dtype), *qw[:3], None, "int4", 128, epilogue="silu_mul")
+    w = torch.randn(96, 512, generator=torch.Generator().manual_seed(0)).to(dtype)
+    q8 = qops.quantize_weight(w, "int8", 0)
+    wt, s, z = sl.to_input_major(q8.qweight, q8.scales, None, "int8", 0)
+    for compact in (False, True):
+        S.launch(torch.randn(1, 512, dtype=dtype), torch.tensor(0.5), wt, s, z, None, "int8", 0,
+                 config=plan.Config(128, 16, 4, 2, 2, fma=True, compact=compact))
+    AQ.w8a8(torch.randn(2, 512, dtype=dtype), *q8[:2], None, split_k=2)  # its row quantizer, then the GEMM
+    keys, values = (torch.zeros(1, 2, 16, 64, dtype=dtype) for _ in range(2))
+    qkv = torch.randn(1, 1, 8 * 64).to(dtype)
+    x, v = qkv[..., :6 * 64].view(1, 1, 6, 64).transpose(1, 2), qkv[..., 6 * 64:].view(1, 1, 2, 64).transpose(1, 2)
+    C.launch(keys, values, x, v, None, torch.tensor(3), (torch.randn(1, 1, 1, 64).to(dtype),
+                                                         torch.randn(1, 1, 1, 64).to(dtype), 4))
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # generate the row kernel on CPU (its launch is recorded)
+    fn = CASES["rmsnorm_decomposed"]
+    args = _inputs(fn, (3,), 96, dtype, torch.Generator().manual_seed(0))
+    gm = capture(fn, *args)
+    assert lower(gm, tmp_path, use_triton=None).kernels
+    gm(*args)
+    assert len(launches) == 8, [lc.kernel for lc in launches]
+    for launch in launches:
+        assert launch.kwargs["PDL"] and launch.kwargs["launch_pdl"], launch.kwargs
+        compiled = _compile(launch, 90)
+        assert compiled.metadata.launch_pdl
+        sass = aot.sass(compiled)
+        assert "PREEXIT" in sass  # griddepcontrol.launch_dependents: the next kernel may launch
+        assert not _memory_before_wait(sass), (launch.kernel, _memory_before_wait(sass))
+
+
+def test_no_pdl_off_the_gpu_or_when_disabled(monkeypatch):
+    from effcompile.codegen import ops as cg_ops
+
+    assert cg_ops.launch_options(torch.device("cpu")) == {"PDL": False}
+    monkeypatch.setattr(cg_ops, "_capability", lambda index: (9, 0))
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert cg_ops.launch_options(torch.device("cuda", 0)) == {"PDL": True, "launch_pdl": True}
+    monkeypatch.setattr(cg_ops, "_capability", lambda index: (8, 0))  # griddepcontrol needs sm_90
+    assert cg_ops.launch_options(torch.device("cuda", 0)) == {"PDL": False}
+    monkeypatch.setattr(cg_ops, "_capability", lambda index: (9, 0))
+    monkeypatch.setattr(cg_ops, "PDL_ENABLED", False)  # EFFCOMPILE_PDL=0
+    assert cg_ops.launch_options(torch.device("cuda", 0)) == {"PDL": False}
+    monkeypatch.setattr(cg_ops, "PDL_ENABLED", True)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # the interpreter cannot run griddepcontrol
+    assert cg_ops.launch_options(torch.device("cuda", 0)) == {"PDL": False}

@@ -255,6 +255,68 @@ def test_dequant_split_k_on_device(splits):
     assert _rel_err(got, D.reference(x, q, s, z, None, "int4", 128)) <= 1e-5
 
 
+@pytest.mark.parametrize("pdl", [True, False], ids=["pdl", "no-pdl"])
+def test_dependent_kernel_chain_under_cuda_graph_replay(pdl, monkeypatch):
+    # Programmatic dependent launch (ops.launch_options): each kernel may start while the one before it still
+    # runs, and waits (griddepcontrol.wait) before it touches memory. A chain of decode GEMVs, each reading the
+    # one before's output, several sharing a split-K workspace, replayed from a CUDA graph: a kernel that read
+    # its input or wrote early would show as a wrong stage.
+    from effcompile.codegen.kernels import act_quant as AQ
+    from effcompile.codegen.kernels import launch_plan as plan
+    from effcompile.codegen.kernels import sparse_gemv as S
+    from effcompile.compiler import sparse_linear as sl
+
+    if pdl and torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("programmatic dependent launch needs compute capability 9+")
+    monkeypatch.setattr(cg_ops, "PDL_ENABLED", pdl)
+    assert cg_ops.pdl(torch.device("cuda")) == pdl
+    gen = torch.Generator().manual_seed(3)
+    k = 1024
+    t = torch.tensor(0.4, device="cuda")
+    stages = []
+    for i, (kind, fmt) in enumerate([("dequant", "int4"), ("sparse", "int8"), ("dequant", "int8"), ("sparse", "int4"),
+                                     ("w8a8", "int8"), ("sparse", "float"), ("dequant", "int4")]):
+        w = (torch.randn(k, k, generator=gen) / 32).to(torch.bfloat16)
+        group = 64 if fmt == "int4" else 0
+        qw = qops.quantize_weight(w, fmt, group) if fmt != "float" else None
+        if kind == "sparse":
+            wt, ws, wz = (u.cuda() if u is not None else None for u in sl.to_input_major(
+                w if qw is None else qw.qweight, *((None, None) if qw is None else (qw.scales, qw.zeros)), fmt, group))
+            cfg = plan.Config(128, 16, 4, 2, 4, True, compact=i == 3)
+            stages.append((functools.partial(S.launch, threshold=t, weight_t=wt, scales=ws, zeros=wz, bias=None, fmt=fmt,
+                                             group_size=group, config=cfg),
+                           functools.partial(S.reference, threshold=t, weight_t=wt, scales=ws, zeros=wz, bias=None,
+                                             fmt=fmt, group_size=group)))
+            continue
+        q, s, z = (u.cuda() if u is not None else None for u in qw[:3])
+        if kind == "w8a8":
+            stages.append((lambda x, q=q, s=s: AQ.w8a8(x, q, s, None, split_k=4),
+                           lambda x, q=q, s=s: D.reference(x, q, s, None, None, "int8", 0, "int8")))
+        else:
+            stages.append((lambda x, q=q, s=s, z=z, f=fmt, g=group: D.launch(x, q, s, z, None, f, g, split_k=4),
+                           lambda x, q=q, s=s, z=z, f=fmt, g=group: D.reference(x, q, s, z, None, f, g)))
+
+    def chain(x):
+        outs = [x]
+        for fn, _ in stages:
+            outs.append(fn(outs[-1]))
+        return outs
+
+    static_x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+    chain(static_x)  # warm-up: compile
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_outs = chain(static_x)
+    for r in range(20):
+        static_x.copy_(torch.randn(1, k, generator=torch.Generator().manual_seed(r)).to(torch.bfloat16))
+        graph.replay()
+        torch.cuda.synchronize()
+        for i, (_, ref) in enumerate(stages):
+            # a few bf16 ulps (K = 1024, thresholds): a stage that read early or was overwritten is off by ~1
+            err = _rel_err(static_outs[i + 1], ref(static_outs[i]))
+            assert err <= 5e-2, f"replay {r}, stage {i}: {err}"
+
+
 @pytest.mark.parametrize("kernel", ["dequant-int4", "dequant-int8", "sparse-int4", "sparse-int4-compact", "w8a8"])
 def test_split_k_workspace_under_cuda_graph_replay(kernel):
     # Split-K launches sum into a cached workspace that the last split of each tile zeroes again

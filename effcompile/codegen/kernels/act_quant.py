@@ -30,7 +30,8 @@ ROW_BLOCK = 256  # K elements a row-quantize program reads per step
 
 @triton.jit
 def _quantize_rows_kernel(x_ptr, out_ptr, s_ptr, K, ACT: tl.constexpr, FAKE: tl.constexpr, BF16: tl.constexpr,
-                          BLOCK_K: tl.constexpr):
+                          BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+    _ops.wait_for_producers(PDL)  # first: with PDL, nothing may read another kernel's output before it
     # One program per row: pass 1 finds the row's absmax, pass 2 writes the codes (int8), or with FAKE the
     # values they stand for (codes * scale in x's dtype, what ops.fake_quantize_activation returns).
     pid = tl.program_id(0)
@@ -84,13 +85,16 @@ def quantize_rows(x: torch.Tensor, act: str, fake: bool = False) -> tuple[torch.
     s = torch.empty((m, 1), dtype=torch.float32, device=x.device)
     if m and k:
         _ops.jit_variant(_quantize_rows_kernel, _ops.interpreting(x.device))[(m,)](
-            x2, out, s, k, ACT=_ACT[act], FAKE=fake, BF16=fake and x.dtype == torch.bfloat16, BLOCK_K=min(ROW_BLOCK, triton.next_power_of_2(k)))
+            x2, out, s, k, ACT=_ACT[act], FAKE=fake, BF16=fake and x.dtype == torch.bfloat16, BLOCK_K=min(ROW_BLOCK, triton.next_power_of_2(k)),
+            **_ops.launch_options(x.device))
     return out.view(x.shape), s.view(*x.shape[:-1], 1)
 
 
 @triton.jit
 def _w8a8_kernel(xq_ptr, sx_ptr, q_ptr, s_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, K_SPLIT, SPLITS,
-                 HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                 HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 PDL: tl.constexpr):
+    _ops.wait_for_producers(PDL)  # first: with PDL, nothing may read another kernel's output before it
     # int8 activation codes x int8 weight codes on the integer tensor cores, exact int32 sums; then
     # sum * token scale * channel scale (+ bias) in fp32, in ops._w8a8's order. Split-K as in
     # dequant_matmul: each split rescales its own partial sum and adds it atomically (fp32) into the
@@ -147,5 +151,5 @@ def w8a8(x, qweight, scales, bias, split_k: int | None = None, config: plan.Conf
     ws, cnt = plan.split_workspace(m, n, grid[0] * grid[1], dev) if split else (s, s)
     _ops.jit_variant(_w8a8_kernel, _ops.interpreting(dev))[grid](
         xq, sx, q, s, b, out, ws, cnt, m, n, k, ks, grid[2], HAS_BIAS=bias is not None, SPLIT=split, BLOCK_M=bm,
-        BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
+        BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages, **_ops.launch_options(dev))
     return out.view(*x.shape[:-1], n)

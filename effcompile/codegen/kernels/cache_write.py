@@ -30,7 +30,9 @@ ROPE_WARPS = 16
 def _cache_write_kernel(kc_ptr, vc_ptr, k_ptr, v_ptr, pos_ptr, len_ptr, cnt_ptr, q_ptr, cos_ptr, sin_ptr,
                         R, HQ, H, N, D, L, kc0, kc1, kc2, kc3, vc0, vc1, vc2, vc3, k0, k1, k2, k3, v0, v1, v2, v3,
                         q0, q1, q2, c0, c2, c3, s0, s2, s3, pos_stride, HAS_POS: tl.constexpr, ONE_PROGRAM: tl.constexpr,
-                        ROPE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+                        ROPE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+                        PDL: tl.constexpr):
+    _ops.wait_for_producers(PDL)  # first: with PDL, nothing may read another kernel's output before it
     # A row is one (batch, head, new token) of k, of D values; with ROPE the heads are q's HQ then k's H (k_ptr
     # is the embedding's input, all of them), each rotated, q's stored to q_ptr and k's into the cache.
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -141,7 +143,7 @@ def launch(keys, values, k, v, position, length, rope: tuple | None = None) -> t
         keys.shape[2], *keys.stride(), *values.stride(), *k.stride(), *v.stride(), *trig[3:],
         position.stride(0) if position is not None else 0,
         HAS_POS=position is not None, ONE_PROGRAM=grid == 1, ROPE=rope is not None, BLOCK_R=block_r,
-        BLOCK_D=block_d, num_warps=warps)
+        BLOCK_D=block_d, num_warps=warps, **_ops.launch_options(k.device))
     return q
 
 

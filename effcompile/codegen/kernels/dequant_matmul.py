@@ -37,7 +37,8 @@ def _matmul_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, u_ptr, lb_ptr, out_ptr, ws
                    DOT_DT: tl.constexpr, I4_BITS: tl.constexpr, I4_OFF: tl.constexpr, I4_ASM: tl.constexpr,
                    EVEN_NK: tl.constexpr, GPC: tl.constexpr, EPILOGUE: tl.constexpr,
                    SPLIT: tl.constexpr, FMA: tl.constexpr, PREFETCH: tl.constexpr, BLOCK_M: tl.constexpr,
-                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
+                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, PDL: tl.constexpr):
+    _ops.wait_for_producers(PDL)  # first: with PDL, nothing may read another kernel's output before it
     # Tiled tl.dot: the weight tile is dequantized in registers right before the dot (never in memory).
     # Decode (few rows) pads M to 16 for the tensor cores and splits K over programs, so a handful of output
     # tiles still fills every SM: SPLIT (launch_plan.SPLIT_*) 2 adds fp32 partial sums into a self-cleaning
@@ -399,7 +400,7 @@ def launch(x, qweight, scales, zeros, bias, fmt: str, group_size: int, split_k: 
         I4_BITS=i4_bits, I4_OFF=i4_off, I4_ASM=plan.int4_asm(dot_dt, interp),
         EVEN_NK=n % bn == 0 and k % bk == 0 and ks % bk == 0, GPC=gpc, EPILOGUE=int(in_kernel),
         SPLIT=split, FMA=fma, PREFETCH=prefetch, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=block_r,
-        num_warps=warps, num_stages=1 if prefetch else stages)
+        num_warps=warps, num_stages=1 if prefetch else stages, **_ops.launch_options(dev))
     out = out.to(x.dtype).view(*x.shape[:-1], width)
     return out if in_kernel else qops.apply_epilogue(out, epilogue)
 

@@ -66,7 +66,8 @@ def _sparse_kernel(x_ptr, t_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cn
                    SPLIT: tl.constexpr, FMA: tl.constexpr, COMPACT: tl.constexpr, SEG: tl.constexpr, PREFETCH: tl.constexpr,
                    IDX_AHEAD: tl.constexpr,
                    EPILOGUE: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+    _ops.wait_for_producers(PDL)  # first: with PDL, nothing may read another kernel's output before it
     pid_n = tl.program_id(0)
     k_lo = tl.program_id(1) * K_SPLIT
     k_hi = tl.minimum(k_lo + K_SPLIT, K)
@@ -399,7 +400,8 @@ def launch(x, threshold, weight_t, scales, zeros, bias, fmt: str, group_size: in
         I4_ASM=plan.int4_asm(dot_dt, interp), SPLIT=split, FMA=fma, COMPACT=compact, SEG=seg, PREFETCH=prefetch,
         IDX_AHEAD=compact and stages >= 3,
         EPILOGUE=int(epilogue != "none"),
-        BLOCK_M=plan.block_m(m, config), BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=1 if compact or prefetch else stages)
+        BLOCK_M=plan.block_m(m, config), BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=1 if compact or prefetch else stages,
+        **_ops.launch_options(dev))
     return out.view(*x.shape[:-1], width)
 
 
