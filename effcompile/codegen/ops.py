@@ -102,7 +102,9 @@ def pdl(device: torch.device) -> bool:
     """Whether effcompile's kernels launch on ``device`` with programmatic dependent launch."""
     if not PDL_ENABLED or device.type != "cuda" or env_interpret():
         return False
-    return _capability(device.index if device.index is not None else torch.cuda.current_device())[0] >= 9
+    # Hopper and data-center Blackwell (griddepcontrol is sm_90+). Consumer Blackwell (sm_120) is left out:
+    # CUDA-graph capture of PDL launches failed there ("invalid resource handle", sglang PR 18596).
+    return _capability(device.index if device.index is not None else torch.cuda.current_device())[0] in (9, 10)
 
 
 def launch_options(device: torch.device) -> dict:

@@ -388,8 +388,9 @@ def test_no_pdl_off_the_gpu_or_when_disabled(monkeypatch):
     monkeypatch.setattr(cg_ops, "_capability", lambda index: (9, 0))
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     assert cg_ops.launch_options(torch.device("cuda", 0)) == {"PDL": True, "launch_pdl": True}
-    monkeypatch.setattr(cg_ops, "_capability", lambda index: (8, 0))  # griddepcontrol needs sm_90
-    assert cg_ops.launch_options(torch.device("cuda", 0)) == {"PDL": False}
+    for major in (8, 12):  # griddepcontrol needs sm_90; sm_120 failed graph capture (ops.pdl)
+        monkeypatch.setattr(cg_ops, "_capability", lambda index, major=major: (major, 0))
+        assert cg_ops.launch_options(torch.device("cuda", 0)) == {"PDL": False}
     monkeypatch.setattr(cg_ops, "_capability", lambda index: (9, 0))
     monkeypatch.setattr(cg_ops, "PDL_ENABLED", False)  # EFFCOMPILE_PDL=0
     assert cg_ops.launch_options(torch.device("cuda", 0)) == {"PDL": False}
