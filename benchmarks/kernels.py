@@ -467,6 +467,10 @@ def main(argv=None) -> int:
                    "(codegen/kernels/launch_plan.py) and use it for the comparison that follows")
     p.add_argument("--l2", choices=["cold", "hot"], default="cold",
                    help="cold: every timed call reads its weights from HBM, as a decode step's layers do")
+    p.add_argument("--pdl", action="store_true",
+                   help="launch effcompile's kernels with programmatic dependent launch (codegen/ops.py) as a "
+                        "decode step does; off by default, so a kernel's time includes its launch gap as cuBLAS's "
+                        "and TorchAO's do (and as before session 15)")
     p.add_argument("--output", type=Path, required=True)
     a = p.parse_args(argv)
     for field in ("shapes", "sweep_shapes"):
@@ -483,6 +487,9 @@ def main(argv=None) -> int:
 
     dtype = getattr(torch, a.dtype)
     L2["mode"] = a.l2
+    from effcompile.codegen import ops as cg_ops
+
+    cg_ops.PDL_ENABLED = a.pdl
     copy_peak = copy_bandwidth(a.device)
     peak = read_bandwidth(a.device)
     print(f"device-to-device copy: {copy_peak:.0f} GB/s (read + write); 2 GiB sum: {peak:.0f} GB/s read",
@@ -519,7 +526,8 @@ def main(argv=None) -> int:
             "timing": {"method": "CUDA-graph replays (median); L2 " + a.l2 + (
                            ": each call after a read of 4x L2, that read's time subtracted" if a.l2 == "cold"
                            else ": back-to-back calls (do_bench_cudagraph)") +
-                           "; triton do_bench (events) where capture failed", "counts": TIMING},
+                           "; triton do_bench (events) where capture failed", "counts": TIMING,
+                       "pdl": a.pdl},
             "tuning": str(a.tuning_out) if a.sweep and a.tuning_out else "built-in defaults",
             "rows": rows,
             "sweep": swept,
