@@ -38,7 +38,11 @@ def _matmul_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, u_ptr, lb_ptr, out_ptr, ws
                    EVEN_NK: tl.constexpr, GPC: tl.constexpr, EPILOGUE: tl.constexpr,
                    SPLIT: tl.constexpr, FMA: tl.constexpr, PREFETCH: tl.constexpr, BLOCK_M: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, PDL: tl.constexpr):
-    _ops.wait_for_producers(PDL)  # first: with PDL, nothing may read another kernel's output before it
+    # First: with PDL, nothing may read another kernel's output before it. One-row int4 chunks of several groups
+    # wait inside int4_rows.chunks_of_groups instead, after loading their first weights (no kernel writes those).
+    EARLY_WEIGHTS: tl.constexpr = FMT == 1 and FMA and BLOCK_M == 1 and GPC > 1
+    if not EARLY_WEIGHTS:
+        _ops.wait_for_producers(PDL)
     # Tiled tl.dot: the weight tile is dequantized in registers right before the dot (never in memory).
     # Decode (few rows) pads M to 16 for the tensor cores and splits K over programs, so a handful of output
     # tiles still fills every SM: SPLIT (launch_plan.SPLIT_*) 2 adds fp32 partial sums into a self-cleaning
@@ -107,7 +111,7 @@ def _matmul_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, u_ptr, lb_ptr, out_ptr, ws
         if FMA and BLOCK_M == 1 and GPC > 1:
             # One row, chunks of GPC > 1 whole groups (int4_rows.py: [group, word, output] tiles).
             acc += int4_rows.chunks_of_groups(x_ptr, q_ptr, s_ptr, z_ptr, pid_m, offs_n, n_mask, k_lo, k_hi, K, K_SPLIT,
-                                              G, GPC, EVEN_NK, PREFETCH, BLOCK_N, BLOCK_K)[None, :]
+                                              G, GPC, EVEN_NK, PREFETCH, BLOCK_N, BLOCK_K, PDL)[None, :]
         elif FMA and BLOCK_M == 1:
             # One row, one group a chunk at most (int4_rows.py: [word, output] tiles).
             acc += int4_rows.one_group_chunks(x_ptr, q_ptr, s_ptr, z_ptr, pid_m, offs_n, n_mask, k_lo, k_hi, K, K_SPLIT,

@@ -11,43 +11,61 @@ from effcompile.codegen import ops as _ops
 
 
 @_ops.kernel_helper
-def _chunk_of_groups(q_ptr, s_ptr, z_ptr, xrow, col3, n3, offs_c, offs_g, k, k_hi, K, G: tl.constexpr,
-                     EVEN: tl.constexpr):
-    """One row's int4 chunk of several groups at K offset k (chunks_of_groups below): its int32
-    words [GPC, WK, N], x for each nibble p as [GPC, WK, 1] (x[8 w + p]) and the groups' scales and zeros
-    [GPC, 1, N]. EVEN (the tiles divide N and K): no mask (a masked load costs a zeroing move or a select per
-    register); else nothing past k_hi or N is read."""
-    gi = col3 * (K // G) + k // G + offs_g
+def _words_of_chunk(q_ptr, col3, n3, offs_c, k, k_hi, K, EVEN: tl.constexpr):
+    """One row's int4 chunk of several groups at K offset k (chunks_of_groups below): its int32 words
+    [GPC, WK, N]. EVEN (the tiles divide N and K): no mask (a masked load costs a zeroing move or a select per
+    register); else nothing past k_hi or N is read (as in the two helpers below)."""
+    if EVEN:
+        wm, wo = None, None
+    else:
+        wm, wo = (k // 8 + offs_c < k_hi // 8) & n3, 0
+    return tl.load(q_ptr + col3 * (K // 8) + k // 8 + offs_c, mask=wm, other=wo)
+
+
+@_ops.kernel_helper
+def _x_of_chunk(xrow, offs_c, k, k_hi, EVEN: tl.constexpr):
+    """The chunk's x for each nibble p as [GPC, WK, 1] (x[8 w + p])."""
     xb = xrow + k + 8 * offs_c
     if EVEN:
-        wm, xm, g_mask, wo, xo = None, None, None, None, None
+        xm, xo = None, None
     else:
-        g_mask = n3 & (k + offs_g * G < k_hi)
-        wm = (k // 8 + offs_c < k_hi // 8) & n3
-        xm = k + 8 * offs_c < k_hi
-        wo, xo = 0, 0.0
-    words = tl.load(q_ptr + col3 * (K // 8) + k // 8 + offs_c, mask=wm, other=wo)
-    x0 = tl.load(xb, mask=xm, other=xo)
-    x1 = tl.load(xb + 1, mask=xm, other=xo)
-    x2 = tl.load(xb + 2, mask=xm, other=xo)
-    x3 = tl.load(xb + 3, mask=xm, other=xo)
-    x4 = tl.load(xb + 4, mask=xm, other=xo)
-    x5 = tl.load(xb + 5, mask=xm, other=xo)
-    x6 = tl.load(xb + 6, mask=xm, other=xo)
-    x7 = tl.load(xb + 7, mask=xm, other=xo)
-    return (words, x0, x1, x2, x3, x4, x5, x6, x7, tl.load(s_ptr + gi, mask=g_mask, other=xo),
-            tl.load(z_ptr + gi, mask=g_mask, other=xo))
+        xm, xo = k + 8 * offs_c < k_hi, 0.0
+    return (tl.load(xb, mask=xm, other=xo), tl.load(xb + 1, mask=xm, other=xo), tl.load(xb + 2, mask=xm, other=xo),
+            tl.load(xb + 3, mask=xm, other=xo), tl.load(xb + 4, mask=xm, other=xo), tl.load(xb + 5, mask=xm, other=xo),
+            tl.load(xb + 6, mask=xm, other=xo), tl.load(xb + 7, mask=xm, other=xo))
+
+
+@_ops.kernel_helper
+def _scales_of_chunk(s_ptr, z_ptr, col3, n3, offs_g, k, k_hi, K, G: tl.constexpr, EVEN: tl.constexpr):
+    """The chunk's groups' scales and zeros [GPC, 1, N]."""
+    gi = col3 * (K // G) + k // G + offs_g
+    if EVEN:
+        g_mask, go = None, None
+    else:
+        g_mask, go = n3 & (k + offs_g * G < k_hi), 0.0
+    return tl.load(s_ptr + gi, mask=g_mask, other=go), tl.load(z_ptr + gi, mask=g_mask, other=go)
+
+
+@_ops.kernel_helper
+def _chunk_of_groups(q_ptr, s_ptr, z_ptr, xrow, col3, n3, offs_c, offs_g, k, k_hi, K, G: tl.constexpr,
+                     EVEN: tl.constexpr):
+    """The chunk's words, its x for each nibble, then its scales and zeros (the helpers above)."""
+    words = _words_of_chunk(q_ptr, col3, n3, offs_c, k, k_hi, K, EVEN)
+    x0, x1, x2, x3, x4, x5, x6, x7 = _x_of_chunk(xrow, offs_c, k, k_hi, EVEN)
+    sg, zg = _scales_of_chunk(s_ptr, z_ptr, col3, n3, offs_g, k, k_hi, K, G, EVEN)
+    return words, x0, x1, x2, x3, x4, x5, x6, x7, sg, zg
 
 
 @_ops.kernel_helper
 def chunks_of_groups(x_ptr, q_ptr, s_ptr, z_ptr, pid_m, offs_n, n_mask, k_lo, k_hi, K, K_SPLIT, G: tl.constexpr,
                      GPC: tl.constexpr, EVEN_NK: tl.constexpr, PREFETCH: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_K: tl.constexpr):
+                     BLOCK_K: tl.constexpr, PDL: tl.constexpr):
     """Chunks of GPC > 1 whole groups (BLOCK_K = GPC G): one_group_chunks' loop in a [group, word, output]
     tile, so scales and zeros stay one [GPC, 1, N] load per chunk. An output's codes in a chunk are then
     BLOCK_K / 2 contiguous bytes: 64-byte row segments (one group of 128) were the int4 tiles' access pattern
     where int8's 128-byte ones read ~2x faster on the H100 (session 10); the sweep decides. (The 3-D tile
-    costs registers at GPC 1: 128 against 80 for (64, 128), sm_90 SASS.)"""
+    costs registers at GPC 1: 128 against 80 for (64, 128), sm_90 SASS.) The kernel's wait for the kernel
+    before it (ops.wait_for_producers, PDL) is here: after the first chunk's weights with PREFETCH, else first."""
     WK: tl.constexpr = BLOCK_K // 8 // GPC  # words of one group in a chunk
     acc1 = tl.full((GPC, WK, BLOCK_N), 0.0, tl.float32)
     xrow = x_ptr + pid_m.to(tl.int64) * K
@@ -63,8 +81,14 @@ def chunks_of_groups(x_ptr, q_ptr, s_ptr, z_ptr, pid_m, offs_n, n_mask, k_lo, k_
     # (L1 hits), where one contiguous chunk split 8 ways moved x across threads through shared memory,
     # four barriers a chunk (sm_90 SASS, triton 3.6); unmasked when the tiles divide N and K (the helper).
     if PREFETCH:  # the first chunk's operands; each iteration then loads the next chunk's (see below)
-        words_n, x0_n, x1_n, x2_n, x3_n, x4_n, x5_n, x6_n, x7_n, s_n, z_n = _chunk_of_groups(
-            q_ptr, s_ptr, z_ptr, xrow, col3, n3, offs_c, offs_g, k_lo, k_hi, K, G, EVEN_NK)
+        # The weights first: no kernel writes them, so with PDL they are read before waiting for the kernel
+        # before this one (the caller's EARLY_WEIGHTS), overlapping the first round trip to memory with its end.
+        words_n = _words_of_chunk(q_ptr, col3, n3, offs_c, k_lo, k_hi, K, EVEN_NK)
+        _ops.wait_for_producers(PDL)
+        x0_n, x1_n, x2_n, x3_n, x4_n, x5_n, x6_n, x7_n = _x_of_chunk(xrow, offs_c, k_lo, k_hi, EVEN_NK)
+        s_n, z_n = _scales_of_chunk(s_ptr, z_ptr, col3, n3, offs_g, k_lo, k_hi, K, G, EVEN_NK)
+    else:
+        _ops.wait_for_producers(PDL)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         # This chunk's operands, or with PREFETCH (register double buffering) the next chunk's, issued
         # before this chunk's arithmetic so every CTA keeps a chunk of weights in flight while it computes
