@@ -27,12 +27,15 @@
 #           16 layers again per batch size: HF indexes its cache by the int layer_idx, which it specializes).
 #           Now the layers share one graph per batch size (bench.peers.compile_regions hands each its own
 #           cache layer; llama-base on the CPU: ~10 s per batch size). Rows are written per batch size.
+#   pdlcheck  the GPU lane's programmatic-dependent-launch tests (a chain of dependent GEMVs replayed from a CUDA
+#           graph, and a compiled decode step captured in one; ~1 min with compiles): if they fail, the steps
+#           after it run with EFFCOMPILE_PDL=0 (effcompile's kernels launched as before session 15), and say so.
 # Each step has its own time limit and writes under $OUT (default benchmarks/results/gpu-quick) as it goes,
 # so a step stopped by its limit keeps what it measured and the next step still runs. TorchAO comes from
 # wheels in .whl/ when they are there (the device image has none): carry .whl.
 #
 #   OUT=$OUT benchmarks/gpu_quick.sh                                  # on the device machine, repo root
-#   STEPS=kernels,decode OUT=$OUT benchmarks/gpu_quick.sh             # ~500 s; then at once, still warm:
+#   STEPS=pdlcheck,kernels,decode OUT=$OUT benchmarks/gpu_quick.sh    # ~560 s; then at once, still warm:
 #   STEPS=tests,peers PEERS_S=200 OUT=$OUT benchmarks/gpu_quick.sh
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 2
@@ -53,6 +56,16 @@ tests() {
     # the rest of its worker's tests.
     timeout "${TESTS_S:-170}" "$PY" -m pytest -q -m gpu -n 16 -p no:cacheprovider tests/gpu ${TESTS_K:+-k "$TESTS_K"} 2>&1 \
         | grep -v "Benchmark\|IndexKernel.cu" | tee "$OUT/gpu-tests-full.log" | tail -40 | tee "$OUT/gpu-tests.log"
+}
+pdlcheck() {
+    if timeout "${PDLCHECK_S:-150}" "$PY" -m pytest -q -m gpu -n 4 -p no:cacheprovider tests/gpu \
+            -k "dependent_kernel_chain or compiled_decode_stays_on_device" 2>&1 | tail -15 | tee "$OUT/pdlcheck.log" \
+            | grep -q " passed" && ! grep -q "failed\|error" "$OUT/pdlcheck.log"; then
+        echo "gpu_quick: PDL checks passed; kernels launch with PDL" | tee -a "$OUT/pdlcheck.log"
+    else
+        export EFFCOMPILE_PDL=0
+        echo "gpu_quick: PDL checks failed or timed out: EFFCOMPILE_PDL=0 for the steps after this one" | tee -a "$OUT/pdlcheck.log"
+    fi
 }
 kernels() {
     timeout "${KERNELS_S:-200}" "$PY" benchmarks/kernels.py --device cuda --sweep --sweep-budget-s "${SWEEP_S:-110}" \
@@ -80,8 +93,8 @@ peers() {
 }
 for step in ${STEPS//,/ }; do
     case $step in
-        tests|kernels|decode|peers) "$step" ;;
-        *) echo "gpu_quick: unknown step $step (tests, kernels, decode, peers)"; exit 2 ;;
+        pdlcheck|tests|kernels|decode|peers) "$step" ;;
+        *) echo "gpu_quick: unknown step $step (pdlcheck, tests, kernels, decode, peers)"; exit 2 ;;
     esac
 done
 echo "gpu_quick: done; results in $OUT"
