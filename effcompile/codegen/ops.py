@@ -85,7 +85,7 @@ def _helper_class():
     return KernelHelper
 
 
-# Programmatic dependent launch (PDL, compute capability 9+): a decode step is ~100 small kernels, and between
+# Programmatic dependent launch (PDL, compute capability 9 and 10): a decode step is ~100 small kernels; between
 # two of them the GPU idles while the second launches and its CTAs ramp up (session 13's H100 profile of a
 # 1B int4 step: ~160 of 1146 us). Launched with PDL, a kernel's CTAs may start while the kernel before it
 # finishes; each first lets the next kernel launch, then waits for its predecessor (wait_for_producers).
