@@ -58,9 +58,11 @@ tests() {
         | grep -v "Benchmark\|IndexKernel.cu" | tee "$OUT/gpu-tests-full.log" | tail -40 | tee "$OUT/gpu-tests.log"
 }
 pdlcheck() {
-    if timeout "${PDLCHECK_S:-150}" "$PY" -m pytest -q -m gpu -n 4 -p no:cacheprovider tests/gpu \
-            -k "dependent_kernel_chain or compiled_decode_stays_on_device" 2>&1 | tail -15 | tee "$OUT/pdlcheck.log" \
-            | grep -q " passed" && ! grep -q "failed\|error" "$OUT/pdlcheck.log"; then
+    timeout "${PDLCHECK_S:-150}" "$PY" -m pytest -q -m gpu -n 4 -p no:cacheprovider tests/gpu \
+        -k "dependent_kernel_chain or compiled_decode_stays_on_device" 2>&1 | tail -15 | tee "$OUT/pdlcheck.log"
+    # pytest's summary line, e.g. "5 passed in 41.2s" (not "1 failed, 4 passed", "4 skipped", nor a timeout's nothing)
+    summary=$(grep -E " in [0-9.]+s" "$OUT/pdlcheck.log" | tail -1)
+    if [[ $summary == *" passed"* && $summary != *failed* && $summary != *error* && $summary != *skipped* ]]; then
         echo "gpu_quick: PDL checks passed; kernels launch with PDL" | tee -a "$OUT/pdlcheck.log"
     else
         export EFFCOMPILE_PDL=0
