@@ -107,9 +107,16 @@ def pdl(device: torch.device) -> bool:
     return _capability(device.index if device.index is not None else torch.cuda.current_device())[0] in (9, 10)
 
 
+# GPU -> whether its launches used PDL, for explain() (the last launch's answer per device).
+PDL_SEEN: dict[str, bool] = {}
+
+
 def launch_options(device: torch.device) -> dict:
     """The launch arguments every effcompile kernel takes for PDL: its PDL constexpr, and triton's launch_pdl."""
-    return {"PDL": True, "launch_pdl": True} if pdl(device) else {"PDL": False}
+    on = pdl(device)
+    if device.type == "cuda":
+        PDL_SEEN[str(device)] = on
+    return {"PDL": True, "launch_pdl": True} if on else {"PDL": False}
 
 
 @kernel_helper

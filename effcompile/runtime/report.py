@@ -120,6 +120,13 @@ class Report:
             for (key, shape), (config, source) in shapes.items():
                 tile = tuple(config) if config is not None else "built-in"
                 lines.append(f"  {key}{'' if shape is None else f' {shape[0]}x{shape[1]}'}: {tile}  from {source}")
+        from effcompile.codegen import ops as cg_ops
+
+        if cg_ops.PDL_SEEN:  # a process-wide launch mode that changes how every kernel runs: say which
+            lines.append("")
+            lines.append("effcompile kernels launched on " + ", ".join(
+                f"{dev} {'with' if on else 'without'} programmatic dependent launch"
+                for dev, on in sorted(cg_ops.PDL_SEEN.items())) + " (EFFCOMPILE_PDL=0: without; codegen/README.md)")
         return "\n".join(lines)
 
     @staticmethod

@@ -414,6 +414,7 @@ def test_pdl_launches_wait_before_touching_memory(launches, tmp_path, monkeypatc
 def test_no_pdl_off_the_gpu_or_when_disabled(monkeypatch):
     from effcompile.codegen import ops as cg_ops
 
+    monkeypatch.setattr(cg_ops, "PDL_SEEN", {})  # what explain() reports: not this test's fake devices
     assert cg_ops.launch_options(torch.device("cpu")) == {"PDL": False}
     monkeypatch.setattr(cg_ops, "_capability", lambda index: (9, 0))
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)

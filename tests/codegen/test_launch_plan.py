@@ -170,10 +170,12 @@ def test_untuned_gpus_get_the_measured_fallback(monkeypatch):
 
 
 def test_explain_lists_the_launch_shapes_chosen_and_where_from(monkeypatch):
+    from effcompile.codegen import ops as cg_ops
     from effcompile.runtime.report import Report
 
     cuda = torch.device("cuda", 0)  # a device object only: _table is replaced, nothing touches a GPU
     monkeypatch.setattr(plan, "CHOSEN", {})
+    monkeypatch.setattr(cg_ops, "PDL_SEEN", {})
     own, bucket = plan.Config(16, 512, 4, 1, 1, True), plan.Config(64, 128, 4, 1, 8, True)
     monkeypatch.setattr(plan, "_table", lambda index: {"dequant/int4/m1/2048x2048": own, "sparse/float/m1": bucket})
     assert str(Report()).count("\n") == 0  # nothing launched on a GPU: no section
@@ -192,6 +194,22 @@ def test_explain_lists_the_launch_shapes_chosen_and_where_from(monkeypatch):
     assert "launch shapes chosen on the GPU" in text
     assert "dequant/int4/m1 2048x2048: (16, 512, 4, 1, 1, True, False, False)  from tuning table" in text
     assert "dequant/int8/m8 4096x2048: built-in  from built-in tiles" in text
+
+
+def test_explain_says_whether_gpu_launches_used_pdl(monkeypatch):
+    from effcompile.codegen import ops as cg_ops
+    from effcompile.runtime.report import Report
+
+    monkeypatch.setattr(cg_ops, "PDL_SEEN", {})
+    cg_ops.launch_options(torch.device("cpu"))
+    assert "programmatic dependent launch" not in str(Report())  # CPU launches: nothing to say
+    monkeypatch.setattr(cg_ops, "_capability", lambda index: (9, 0))
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    cg_ops.launch_options(torch.device("cuda", 0))  # a device object only: nothing touches a GPU
+    assert "cuda:0 with programmatic dependent launch" in str(Report())
+    monkeypatch.setattr(cg_ops, "PDL_ENABLED", False)
+    cg_ops.launch_options(torch.device("cuda", 0))
+    assert "cuda:0 without programmatic dependent launch" in str(Report())
 
 
 def test_a_weight_shapes_own_entry_wins_over_its_bucket(tmp_path, monkeypatch, caplog):
