@@ -193,7 +193,8 @@ def main() -> None:
             graphs_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
             before = dict(cg_ops.PATH_COUNTS.get("bag_linear", {}))
             attention_before = dict(attention_ops.PATH_COUNTS)
-            row["pdl"] = cg_ops.pdl(torch.device(a.device))  # effcompile's kernels launched with PDL
+            if spec not in PEERS:  # effcompile's kernels launched with PDL (a peer's kernels are not ours)
+                row["pdl"] = cg_ops.pdl(torch.device(a.device))
             decode(fast, row)
         except Exception as e:  # noqa: BLE001 - one failing config (e.g. a peer not installed) is recorded
             row["failed"] = f"{type(e).__name__}: {str(e)[:400]}"
