@@ -16,7 +16,8 @@
 #           without Inductor a few seconds): int4, and int4 launched without programmatic dependent launch
 #           (no-pdl:, session 15's untimed change); 50 % thresholds, with and without PDL ('none' runs its
 #           linears in cuBLAS, which PDL does not reach: the no-pdl row shows how much of the thresholds' gain
-#           over it is PDL's); 'none', effcompile's dense bf16, the baseline thresholds are held to;
+#           over it is PDL's); 'none', effcompile's dense bf16, the baseline thresholds are held to; int4 with
+#           session 15's decode attention kernel instead of SDPA (GroupedQueryAttention(decode_kernel=True));
 #           thresholds x int4; TorchAO's int4; last, int4 with the LM head and
 #           its TorchAO peer ($ABLATION, int4 without the launch-cutting passes, ran in session 13: 690 against
 #           872 tok/s at batch 1) (275 s);
@@ -88,7 +89,7 @@ ABLATION="quantize(weights=int4,group_size=128)+additive_attention_mask(enabled=
 decode() {  # with the tile table the kernels step wrote (if it ran and got that far) over the shipped one
     [ -s "$OUT/tuning.json" ] && export EFFCOMPILE_KERNEL_TUNING="$OUT/tuning.json"
     timeout "${DECODE_S:-275}" "$PY" benchmarks/decode.py --device cuda --dtype bfloat16 --model "${DECODE_MODEL:-llama-1b}" --steps 16 \
-        --configs "${DECODE_CONFIGS:-$INT4;no-pdl:$INT4;threshold(sparsity=0.5);no-pdl:threshold(sparsity=0.5);none;threshold(sparsity=0.5)+$INT4;torchao-int4-eager;$INT4_HEAD;torchao-int4-eager-head}" \
+        --configs "${DECODE_CONFIGS:-$INT4;no-pdl:$INT4;threshold(sparsity=0.5);no-pdl:threshold(sparsity=0.5);none;grouped_query_attention(decode_kernel=True)+$INT4;threshold(sparsity=0.5)+$INT4;torchao-int4-eager;$INT4_HEAD;torchao-int4-eager-head}" \
         --out "$OUT/decode.json" 2>&1 | tr '\r' '\n' | grep -v "it/s\]\|s/it\]" | tee "$OUT/decode.log"
 }
 peers() {

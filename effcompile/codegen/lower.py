@@ -16,6 +16,7 @@ import torch.fx as fx
 from effcompile.codegen import ops as _ops
 from effcompile.codegen.kernels import cache_write as _cache_write
 from effcompile.codegen.kernels import cpu_bag_gemv as _bag
+from effcompile.codegen.kernels import decode_attention as _decode_attention
 from effcompile.codegen.kernels import dequant_matmul as _dequant
 from effcompile.codegen.kernels import sparse_gemv as _sparse
 from effcompile.codegen.partition import group_tag, partition
@@ -109,7 +110,8 @@ def lower(
     # torch path it turns one addmm into a matmul plus a separate add (measured 7-13 % on MiniLM, CPU).
     torch_on_cpu = _torch_on_cpu(gm, mode)
     cache_writes, cache_fallbacks = _lower_cache_writes(gm, mode, torch_on_cpu)
-    retargeted = bags + _lower_quantized_linears(gm, mode) + _lower_sparse_linears(gm, mode) + cache_writes
+    retargeted = (bags + _lower_quantized_linears(gm, mode) + _lower_sparse_linears(gm, mode) + cache_writes
+                  + _lower_decode_attention(gm, mode))
     part = partition(gm, epilogues=not torch_on_cpu)
     result = LoweringResult(kernels=retargeted,
                             fallbacks=bag_fallbacks + eora_fallbacks + cache_fallbacks + list(part.fallbacks))
@@ -329,6 +331,15 @@ def _lower_cache_writes(gm: fx.GraphModule, mode: int, torch_on_cpu: bool) -> tu
     rope_kernel = types.SimpleNamespace(NAME=_cache_write.ROPE_NAME, __file__=_cache_write.__file__)
     return (_retarget(gm, kv_cache_write_op(), _cache_write, describe)
             + _retarget(gm, rope_kv_cache_write_op(), rope_kernel, describe_rope)), []
+
+
+def _lower_decode_attention(gm: fx.GraphModule, mode: int) -> list[KernelRecord]:
+    """effcompile::decode_gqa_attention (GroupedQueryAttention(decode_kernel=True)) -> the decode attention
+    kernels (same arguments + mode), which run SDPA for calls they do not take (more than one query token)."""
+    def describe(node):
+        node.args = (*node.args, mode)
+        return "attention", ("decode_gqa_attention", "masked" if node.args[3] is not None else "unmasked")
+    return _retarget(gm, torch.ops.effcompile.decode_gqa_attention.default, _decode_attention, describe)
 
 
 def _inline_cache_write(graph: fx.Graph, node: fx.Node) -> None:

@@ -64,3 +64,22 @@ if not hasattr(torch.ops.effcompile, "gqa_attention"):
     @gqa_attention.register_fake
     def _fake(q, k, v, attn_mask, dropout_p, is_causal, scale):
         return q.new_empty((*q.shape[:-1], v.shape[-1]))
+
+
+if not hasattr(torch.ops.effcompile, "decode_gqa_attention"):
+
+    # The same attention, marked for the decode kernel (GroupedQueryAttention(decode_kernel=True)): lower()
+    # retargets it to codegen/kernels/decode_attention.py, which runs SDPA as above for calls it does not take.
+    @torch.library.custom_op("effcompile::decode_gqa_attention", mutates_args=())
+    def decode_gqa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
+                             dropout_p: float, is_causal: bool, scale: float | None) -> torch.Tensor:
+        return gqa_attention_eager(q, k, v, attn_mask, dropout_p, is_causal, scale)
+
+    @decode_gqa_attention.register_fake
+    def _decode_fake(q, k, v, attn_mask, dropout_p, is_causal, scale):
+        return q.new_empty((*q.shape[:-1], v.shape[-1]))
+
+
+def attention_op_targets() -> tuple:
+    """The IR attention ops (the SDPA call sites a mask pass may rewrite)."""
+    return (torch.ops.effcompile.gqa_attention.default, torch.ops.effcompile.decode_gqa_attention.default)

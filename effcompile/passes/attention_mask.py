@@ -37,7 +37,7 @@ def _mask_arg(node: fx.Node) -> tuple[str | int, object] | None:
         if "attn_mask" in node.kwargs:
             return "attn_mask", node.kwargs["attn_mask"]
         return (3, node.args[3]) if len(node.args) > 3 else None
-    if node.target is torch.ops.effcompile.gqa_attention.default:
+    if node.target in attention_ops.attention_op_targets():
         return 3, node.args[3]
     return None
 

@@ -29,9 +29,13 @@ _ALL = slice(None, None, None)
 class GroupedQueryAttention(PassConfig):
     """Run SDPA on un-repeated K/V heads (grouped-query attention); part of the default pipeline.
 
-    enabled=False keeps the repeated heads (pass ``GroupedQueryAttention(enabled=False)`` to compare)."""
+    enabled=False keeps the repeated heads (pass ``GroupedQueryAttention(enabled=False)`` to compare).
+    decode_kernel=True runs one-token (decode) calls in effcompile's Triton kernels instead of SDPA
+    (codegen/kernels/decode_attention.py: split over the cache, blocks the mask hides are not read, a PDL
+    launch on Hopper); off by default until timed on a GPU."""
 
     enabled: bool = True
+    decode_kernel: bool = False
 
 
 def _unrepeated(node) -> tuple[fx.Node, int] | str:
@@ -57,7 +61,7 @@ def _unrepeated(node) -> tuple[fx.Node, int] | str:
     return src, int(rep)
 
 
-def _rewrite(gm: fx.GraphModule, sdpa: fx.Node) -> str | None:
+def _rewrite(gm: fx.GraphModule, sdpa: fx.Node, decode_kernel: bool = False) -> str | None:
     """Replace one SDPA node; None when done, else why not."""
     kw = dict(sdpa.kwargs)
     q, k, v = (sdpa.args[i] if i < len(sdpa.args) else kw.pop(n, None) for i, n in enumerate(("query", "key", "value")))
@@ -70,9 +74,10 @@ def _rewrite(gm: fx.GraphModule, sdpa: fx.Node) -> str | None:
         return ks if isinstance(ks, str) else vs
     if ks[1] != vs[1]:
         return "K and V repeated differently"
+    op = torch.ops.effcompile.decode_gqa_attention if decode_kernel else torch.ops.effcompile.gqa_attention
     with gm.graph.inserting_before(sdpa):
         new = gm.graph.call_function(
-            torch.ops.effcompile.gqa_attention.default,
+            op.default,
             (q, ks[0], vs[0], kw.get("attn_mask"), float(kw.get("dropout_p", 0.0)), bool(kw.get("is_causal", False)),
              kw.get("scale")))
     new.meta.update(sdpa.meta)
@@ -94,7 +99,7 @@ def grouped_query_attention(gm: fx.GraphModule, cfg: GroupedQueryAttention, ctx:
         if node.op != "call_function" or node.target is not F.scaled_dot_product_attention:
             continue
         tag = str(ir.sublayer(node) or node.name)
-        why = _rewrite(gm, node)
+        why = _rewrite(gm, node, cfg.decode_kernel)
         if why is None:
             where.append(tag)
         else:

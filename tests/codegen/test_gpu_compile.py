@@ -388,13 +388,17 @@ def test_pdl_launches_wait_before_touching_memory(launches, tmp_path, monkeypatc
     x, v = qkv[..., :6 * 64].view(1, 1, 6, 64).transpose(1, 2), qkv[..., 6 * 64:].view(1, 1, 2, 64).transpose(1, 2)
     C.launch(keys, values, x, v, None, torch.tensor(3), (torch.randn(1, 1, 1, 64).to(dtype),
                                                          torch.randn(1, 1, 1, 64).to(dtype), 4))
+    from effcompile.codegen.kernels import decode_attention as DA
+
+    qa, ka, va = torch.randn(1, 8, 1, 64).to(dtype), torch.randn(1, 2, 100, 64).to(dtype), torch.randn(1, 2, 100, 64).to(dtype)
+    DA.launch(qa, ka, va, torch.zeros(1, 1, 1, 100, dtype=dtype), None, splits=2)  # the split kernel, then the combine
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # generate the row kernel on CPU (its launch is recorded)
     fn = CASES["rmsnorm_decomposed"]
     args = _inputs(fn, (3,), 96, dtype, torch.Generator().manual_seed(0))
     gm = capture(fn, *args)
     assert lower(gm, tmp_path, use_triton=None).kernels
     gm(*args)
-    assert len(launches) == 8, [lc.kernel for lc in launches]
+    assert len(launches) == 10, [lc.kernel for lc in launches]
     for i, launch in enumerate(launches):
         assert launch.kwargs["PDL"] and launch.kwargs["launch_pdl"], launch.kwargs
         compiled = _compile(launch, 90)
@@ -428,3 +432,17 @@ def test_no_pdl_off_the_gpu_or_when_disabled(monkeypatch):
     monkeypatch.setattr(cg_ops, "PDL_ENABLED", True)
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # the interpreter cannot run griddepcontrol
     assert cg_ops.launch_options(torch.device("cuda", 0)) == {"PDL": False}
+
+
+@pytest.mark.parametrize("cap", [80, 90])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+def test_decode_attention_compiles(dtype, cap, launches):
+    # GQA groups of 1, 4 and 8 query heads (dot rows padded to 16), head dims 64 / 128, one split (the output
+    # written directly) and several (a workspace, then the combine kernel), with and without a mask.
+    from effcompile.codegen.kernels import decode_attention as DA
+
+    for hq, hkv, d, splits, masked in ((8, 8, 64, 1, True), (32, 8, 128, 4, True), (16, 2, 64, 3, False)):
+        q, k, v = torch.randn(2, hq, 1, d).to(dtype), torch.randn(2, hkv, 300, d).to(dtype), torch.randn(2, hkv, 300, d).to(dtype)
+        DA.launch(q, k, v, torch.zeros(2, 1, 1, 300, dtype=dtype) if masked else None, None, splits=splits)
+    assert len(launches) == 5  # one direct launch, two split + combine pairs
+    _compile_all(launches, cap)

@@ -317,6 +317,33 @@ def test_dependent_kernel_chain_under_cuda_graph_replay(pdl, monkeypatch):
             assert err <= 5e-2, f"replay {r}, stage {i}: {err}"
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("hq,hkv,d,length,last", [(32, 8, 64, 48, 40), (32, 8, 128, 4096, 1000), (12, 3, 64, 777, 776)],
+                         ids=["1b-short", "8b-long-cache", "odd"])
+def test_decode_attention_on_device_under_cuda_graph_replay(hq, hkv, d, length, last, dtype):
+    # codegen/kernels/decode_attention.py against SDPA, in a CUDA graph replayed as the decode position moves
+    # (the mask changes in place; blocks past the position are skipped, split count from the SM count).
+    from effcompile.codegen.kernels import decode_attention as DA
+    from effcompile.compiler import attention_ops
+
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(*shape, generator=gen).to(dtype).cuda() for shape in
+               ((2, hq, 1, d), (2, hkv, length, d), (2, hkv, length, d)))
+    mask = torch.zeros(2, 1, 1, length, dtype=dtype, device="cuda")
+    assert DA.supported(q, k, v, mask, 0.0, False) is None
+    DA.launch(q, k, v, mask, None)  # warm-up: compile
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = DA.launch(q, k, v, mask, None)
+    for pos in (0, last // 2, last):
+        mask.zero_()
+        mask[..., pos + 1:] = float("-inf")
+        graph.replay()
+        torch.cuda.synchronize()
+        want = attention_ops.gqa_attention_eager(q, k, v, mask, 0.0, False, None)
+        assert _rel_err(out, want) <= REL_TOL[dtype], (pos, _rel_err(out, want))
+
+
 @pytest.mark.parametrize("kernel", ["dequant-int4", "dequant-int8", "sparse-int4", "sparse-int4-compact", "w8a8"])
 def test_split_k_workspace_under_cuda_graph_replay(kernel):
     # Split-K launches sum into a cached workspace that the last split of each tile zeroes again

@@ -99,3 +99,22 @@ def test_without_a_fused_gqa_backend_the_op_repeats_the_heads(monkeypatch):
     got = torch.ops.effcompile.gqa_attention(q, k, v, mask, 0.0, False, 0.3)
     assert attention_ops.PATH_COUNTS["repeat"] == before + 1
     torch.testing.assert_close(got, _sdpa_of_repeats(q, k, v, mask), rtol=1e-6, atol=1e-6)
+
+
+def test_decode_kernel_option_runs_one_token_calls_in_the_triton_kernel_and_matches_eager(llama, monkeypatch):
+    # GroupedQueryAttention(decode_kernel=True): the op lower() retargets to codegen/kernels/decode_attention.py,
+    # run here by the interpreter as on a GPU (calls of more than one query token run SDPA inside the same op:
+    # test_decode_attention.py).
+    from effcompile.codegen import ops as cg_ops
+    from effcompile.codegen.kernels import decode_attention as DA
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    before = dict(cg_ops.PATH_COUNTS[DA.NAME])
+    fast, got = _decode(llama, [GroupedQueryAttention(decode_kernel=True)])
+    _, want = _decode(llama, [GroupedQueryAttention(enabled=False)])
+    targets = _targets(fast)
+    assert targets.count("effcompile.decode_attention.default") == 2 and "effcompile.gqa_attention.default" not in targets
+    kernels = [k for g in ec.explain(fast).graphs for k in g.kernels if k.name == DA.NAME]
+    assert len(kernels) == 2 and kernels[0].ops == ("decode_gqa_attention", "masked")
+    assert cg_ops.PATH_COUNTS[DA.NAME]["triton"] == before.get("triton", 0) + 2  # both layers' decode steps
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
