@@ -83,6 +83,8 @@ def _combine_kernel(out_ptr, ws_ptr, ml_ptr, HKV, G, SPLITS, o0, o1, SP: tl.cons
                     D: tl.constexpr, PDL: tl.constexpr):
     # The splits of one (sequence, K/V head): softmax over all positions = sum_s e^(m_s - M) acc_s / sum_s
     # e^(m_s - M) l_s, M the largest running max (a split the mask skipped entirely has m_s = -inf: weight 0).
+    # The maxima are one [SP, GP] load; the values, a [GP, D] tile each, are summed one split at a time (all
+    # of them at once were 512 registers a thread for 32 splits of 16 x 128).
     _ops.wait_for_producers(PDL)
     bh = tl.program_id(0)
     b = (bh // HKV).to(tl.int64)
@@ -90,15 +92,18 @@ def _combine_kernel(out_ptr, ws_ptr, ml_ptr, HKV, G, SPLITS, o0, o1, SP: tl.cons
     offs_s = tl.arange(0, SP)
     offs_g = tl.arange(0, GP)
     offs_d = tl.arange(0, D)
-    s_mask = offs_s < SPLITS
-    row = (bh * SPLITS + offs_s).to(tl.int64)[:, None] * GP + offs_g[None, :]  # [SP, GP]
-    m = tl.load(ml_ptr + row * 2, mask=s_mask[:, None], other=float("-inf"))
-    lsum = tl.load(ml_ptr + row * 2 + 1, mask=s_mask[:, None], other=0.0)
+    first = (bh * SPLITS).to(tl.int64) * GP  # this (sequence, head)'s first workspace row
+    rows = first + offs_s.to(tl.int64)[:, None] * GP + offs_g[None, :]  # [SP, GP]
+    m = tl.load(ml_ptr + rows * 2, mask=(offs_s < SPLITS)[:, None], other=float("-inf"))
     top = tl.reduce(m, 0, tl.standard._elementwise_max)  # [GP]
-    w = tl.where(m > float("-inf"), tl.exp(m - top[None, :]), 0.0)
-    acc = tl.load(ws_ptr + row[:, :, None] * D + offs_d[None, None, :], mask=s_mask[:, None, None], other=0.0)
-    num = tl.reduce(acc * w[:, :, None], 0, tl.standard._sum_combine)  # [GP, D]
-    den = tl.reduce(lsum * w, 0, tl.standard._sum_combine)  # [GP]
+    num = tl.full((GP, D), 0.0, tl.float32)
+    den = tl.full((GP,), 0.0, tl.float32)
+    for split in range(0, SPLITS):
+        row = first + split * GP + offs_g  # [GP]
+        m_s = tl.load(ml_ptr + row * 2)
+        w = tl.where(m_s > float("-inf"), tl.exp(m_s - top), 0.0)
+        den += tl.load(ml_ptr + row * 2 + 1) * w
+        num += tl.load(ws_ptr + row[:, None] * D + offs_d[None, :]) * w[:, None]
     heads = h * G + offs_g
     out = out_ptr + b * o0 + heads[:, None] * o1 + offs_d[None, :]
     tl.store(out, (num / den[:, None]).to(out_ptr.dtype.element_ty), mask=(offs_g < G)[:, None])
