@@ -54,30 +54,25 @@ def gqa_attention_eager(q, k, v, attn_mask, dropout_p: float, is_causal: bool, s
                                           attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale)
 
 
-if not hasattr(torch.ops.effcompile, "gqa_attention"):
+def _register(name: str) -> None:
+    """An IR attention op ``effcompile::<name>`` whose eager implementation is gqa_attention_eager."""
+    if hasattr(torch.ops.effcompile, name):
+        return
 
-    @torch.library.custom_op("effcompile::gqa_attention", mutates_args=())
-    def gqa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
-                      dropout_p: float, is_causal: bool, scale: float | None) -> torch.Tensor:
+    @torch.library.custom_op("effcompile::" + name, mutates_args=())
+    def op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None, dropout_p: float,
+           is_causal: bool, scale: float | None) -> torch.Tensor:
         return gqa_attention_eager(q, k, v, attn_mask, dropout_p, is_causal, scale)
 
-    @gqa_attention.register_fake
+    @op.register_fake
     def _fake(q, k, v, attn_mask, dropout_p, is_causal, scale):
         return q.new_empty((*q.shape[:-1], v.shape[-1]))
 
 
-if not hasattr(torch.ops.effcompile, "decode_gqa_attention"):
-
-    # The same attention, marked for the decode kernel (GroupedQueryAttention(decode_kernel=True)): lower()
-    # retargets it to codegen/kernels/decode_attention.py, which runs SDPA as above for calls it does not take.
-    @torch.library.custom_op("effcompile::decode_gqa_attention", mutates_args=())
-    def decode_gqa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
-                             dropout_p: float, is_causal: bool, scale: float | None) -> torch.Tensor:
-        return gqa_attention_eager(q, k, v, attn_mask, dropout_p, is_causal, scale)
-
-    @decode_gqa_attention.register_fake
-    def _decode_fake(q, k, v, attn_mask, dropout_p, is_causal, scale):
-        return q.new_empty((*q.shape[:-1], v.shape[-1]))
+_register("gqa_attention")
+# The same attention, marked for the decode kernel (GroupedQueryAttention(decode_kernel=True)): lower() retargets
+# it to codegen/kernels/decode_attention.py, which runs SDPA as above for the calls it does not take.
+_register("decode_gqa_attention")
 
 
 def attention_op_targets() -> tuple:
