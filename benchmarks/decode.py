@@ -100,6 +100,9 @@ def main() -> None:
     ap.add_argument("--configs", default=";".join(CONFIGS), help="';'-separated pass specs, or peers: "
                     + ", ".join(PEERS) + " (TorchAO's int4: CUDA only)")
     ap.add_argument("--no-cuda-graph", action="store_true", help="on CUDA, time the plain Python loop")
+    ap.add_argument("--cache-len", type=int, default=None,
+                    help="static KV cache length (default: the prompt and the steps; e.g. 4096, as a server "
+                         "allocates for its longest sequence: SDPA then reads all of it every step)")
     ap.add_argument("--out", type=Path, help="result file (default results/decode-<device>-<model>-<date>.json)")
     a = ap.parse_args()
     dtype = getattr(torch, a.dtype)
@@ -130,6 +133,7 @@ def main() -> None:
             ao = "not installed"
         out.write_text(json.dumps({
             "benchmark": "decode", "model": a.model, "device": machine, "dtype": a.dtype, "steps": a.steps,
+            "cache_len": a.cache_len,
             "cuda_graph": graphs, "versions": {"torch": torch.__version__, "torchao": ao,
                                                "python": platform.python_version()},
             "threads": torch.get_num_threads(), "date": datetime.date.today().isoformat(),
@@ -150,9 +154,10 @@ def main() -> None:
         for b in batches:
             with torch.no_grad():
                 r = timing.decode_speed(fn, model, prompts[b], a.steps, 3, a.device, cuda_graph=graphs,
-                                        profile=b in (batches[0], batches[-1]))
+                                        profile=b in (batches[0], batches[-1]), cache_len=a.cache_len)
             row[f"tok_s_b{b}"] = round(r["tokens_per_s"], 2)
             row[f"ms_per_step_b{b}"] = round(r["ms_per_step"], 4)
+            row["max_cache_len"] = r["max_cache_len"]  # the static cache's positions (--cache-len)
             row[f"logits_vs_eager_b{b}"] = r["logits_vs_eager"]  # the first decode step against eager's
             if "profile" in r:  # one un-graphed step's GPU kernels: busy time vs the step time = launch gaps
                 row[f"profile_b{b}"] = r["profile"]

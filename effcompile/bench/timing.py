@@ -191,8 +191,11 @@ def kernel_profile(step: Callable[[], None]) -> dict:
 
 @torch.no_grad()
 def decode_speed(fn, model, prompt_ids: torch.Tensor, steps: int, warmup: int, device: str,
-                 cuda_graph: bool = False, profile: bool = False) -> dict:
+                 cuda_graph: bool = False, profile: bool = False, cache_len: int | None = None) -> dict:
     """Greedy decode ``steps`` tokens one at a time through ``fn`` with an HF StaticCache.
+
+    The cache holds the prompt and the steps, or ``cache_len`` positions if that is more: serving stacks
+    allocate a static cache for the longest sequence, and attention may read all of it every step.
 
     The prompt is prefilled by the eager ``model`` (prefill is measured separately); each timed step is
     ``fn(input_ids=[B,1], cache=StaticCache, cache_position=[1])`` + argmax, with the token and position
@@ -210,7 +213,7 @@ def decode_speed(fn, model, prompt_ids: torch.Tensor, steps: int, warmup: int, d
 
     batch, plen = prompt_ids.shape
     total = plen + 2 * warmup + steps + 3  # checked, warm-up, capture, timed and profiled steps write the cache
-    cache = StaticCache(config=model.config, max_cache_len=total)
+    cache = StaticCache(config=model.config, max_cache_len=max(total, cache_len or 0))
     kw = cache_kwarg(model)
     out = model(input_ids=prompt_ids, **{kw: cache}, use_cache=True)
     tok = out.logits[:, -1:].argmax(-1)
@@ -252,7 +255,8 @@ def decode_speed(fn, model, prompt_ids: torch.Tensor, steps: int, warmup: int, d
                 times.append(dt * 1e3)
     ms = statistics.median(times)
     res = {"ms_per_step": ms, "tokens_per_s": batch * 1e3 / ms, "steps": steps, "first_step_s": first,
-           "kv_bytes_per_step": kv_cache_bytes(cache), "max_cache_len": total, "cuda_graph": graphed,
+           "kv_bytes_per_step": kv_cache_bytes(cache), "max_cache_len": max(total, cache_len or 0),
+           "cuda_graph": graphed,
            "logits_vs_eager": {k: round(v, 5) for k, v in check.items()}}
     if profile and torch.device(device).type == "cuda":
         try:

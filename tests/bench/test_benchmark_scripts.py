@@ -19,11 +19,13 @@ def _run(*args, timeout=300):
 def test_decode_benchmark_runs_a_quantized_and_a_thresholded_config(tmp_path):
     out = tmp_path / "decode.json"
     r = _run("benchmarks/decode.py", "--model", "llama-tiny", "--steps", "1", "--batches", "1,2", "--configs",
-             "quantize(weights=int4,group_size=32,smooth=0.5,eora_rank=2);threshold(sparsity=0.5)", "--out", str(out))
+             "quantize(weights=int4,group_size=32,smooth=0.5,eora_rank=2);threshold(sparsity=0.5)", "--out", str(out),
+             "--cache-len", "64")
     assert r.returncode == 0, r.stderr[-2000:]
     data = json.loads(out.read_text())
     rows = data["rows"]
     assert data["launch_shapes"] == []  # GPU tiles only: none on the CPU
+    assert data["cache_len"] == 64 and all(row["max_cache_len"] == 64 for row in rows)  # --cache-len reached the cache
     assert [row["config"] for row in rows] == ["eager (first)", "quantize(weights=int4,group_size=32,smooth=0.5,eora_rank=2)",
                                               "threshold(sparsity=0.5)", "eager (last)"]
     for row in rows[1:-1]:
