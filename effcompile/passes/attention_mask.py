@@ -16,7 +16,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F  # its scaled_dot_product_attention is the graph's torch._C._nn one
 
-from effcompile.compiler import attention_ops, ir  # noqa: F401 - attention_ops registers gqa_attention
+from effcompile.compiler import attention_ops, ir
 from effcompile.compiler.pass_manager import PassConfig, PassContext, PassResult, register_pass
 
 

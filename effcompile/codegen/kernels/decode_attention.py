@@ -158,16 +158,17 @@ def launch(q, k, v, attn_mask, scale: float | None, splits: int | None = None) -
     mb = attn_mask.stride(0) if attn_mask is not None and attn_mask.shape[0] > 1 else 0
     ml = attn_mask.stride(3) if attn_mask is not None else 0
     interp = _ops.interpreting(dev)
+    pdl = _ops.launch_options(dev)
     _ops.jit_variant(_attention_kernel, interp)[(b * hkv, splits)](
         q, k, v, mask, out, ws, mls, length, hkv, g, l_split, splits, scale if scale is not None else d ** -0.5,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         mb, ml, out.stride(0), out.stride(1), HAS_MASK=attn_mask is not None, DIRECT=direct,
         DOT_DT=plan.dot_dtype(q.dtype, interp), GP=gp, D=d,
-        BLOCK_L=BLOCK_L, num_warps=4, **_ops.launch_options(dev))
+        BLOCK_L=BLOCK_L, num_warps=4, **pdl)
     if not direct:
         _ops.jit_variant(_combine_kernel, interp)[(b * hkv,)](
             out, ws, mls, hkv, g, splits, out.stride(0), out.stride(1), SP=triton.next_power_of_2(splits), GP=gp,
-            D=d, num_warps=4, **_ops.launch_options(dev))
+            D=d, num_warps=4, **pdl)
     return out
 
 
