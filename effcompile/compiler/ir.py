@@ -19,6 +19,9 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
+from effcompile.compiler import meta
+from effcompile.compiler.meta import fake_mode_for, propagate_meta, refresh_meta  # noqa: F401 - the IR's API
+
 TAG = "ec_tag"
 VAL = "val"
 
@@ -304,47 +307,6 @@ def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
     return fx.GraphModule(gm, graph)
 
 
-def fake_mode_for(gm: fx.GraphModule, example_inputs=()):
-    """The fake-tensor mode the graph's metadata lives in (dynamo's), or a fresh one."""
-    from torch._guards import detect_fake_mode
-    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
-
-    # The placeholders' own mode, not the ambient tracing context's: inside a backend call dynamo's
-    # TracingContext can hold a different mode from the one that made the graph's example values.
-    for n in gm.graph.nodes:
-        v = node_val(n)
-        if isinstance(v, FakeTensor):
-            return v.fake_mode
-    return detect_fake_mode(list(example_inputs)) or FakeTensorMode(allow_non_fake_inputs=True)
-
-
-def propagate_meta(gm: fx.GraphModule, example_inputs=()) -> None:
-    """Recompute ``meta["val"]`` for every node (after a pass changed the graph)."""
-    from torch.fx.passes.fake_tensor_prop import FakeTensorProp
-
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    mode = fake_mode_for(gm, example_inputs)
-    args = []
-    for i, p in enumerate(placeholders):
-        v = node_val(p)
-        if v is None and i < len(example_inputs):
-            v = example_inputs[i]
-        if isinstance(v, torch.Tensor) and not isinstance(v, torch._subclasses.FakeTensor):
-            v = mode.from_tensor(v)
-        args.append(v)
-    class _Prop(FakeTensorProp):
-        def get_attr(self, target, args, kwargs):
-            # Buffers passes added (packed weights, thresholds) are real tensors: fake them in this mode.
-            v = super().get_attr(target, args, kwargs)
-            # Static shapes: a weight's size is not an input dimension (a symbolic N would make every
-            # stride downstream symbolic).
-            return mode.from_tensor(v, static_shapes=True) if isinstance(v, torch.Tensor) and not isinstance(
-                v, torch._subclasses.FakeTensor) else v
-
-    with mode:
-        _Prop(gm, mode).propagate_dont_convert_inputs(*args)
-
-
 def annotate(gm: fx.GraphModule, example_inputs=()) -> dict[str, int]:
     """Make a freshly captured graph into IR: fill ``meta["val"]`` and sublayer tags."""
     missing = False
@@ -355,6 +317,8 @@ def annotate(gm: fx.GraphModule, example_inputs=()) -> dict[str, int]:
             missing = True
     if missing:
         propagate_meta(gm, example_inputs)
+    else:
+        meta.record_fingerprints(gm)  # dynamo's values, computed from the nodes as they are now
     return tag_sublayers(gm)
 
 

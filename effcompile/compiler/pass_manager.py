@@ -225,7 +225,7 @@ class PassManager:
             if result.modified:
                 gm.recompile()
                 if "meta" in entry.invalidates:
-                    ir.propagate_meta(gm, ctx.example_inputs)
+                    ir.refresh_meta(gm, ctx.example_inputs)
                 ir.tag_sublayers(gm) if "tags" in entry.invalidates else _tag_new_nodes(gm)
             rec.ran, rec.modified, rec.count = True, result.modified, result.count
             rec.where, rec.note, rec.artifacts = list(result.where), result.note, dict(result.artifacts)

@@ -162,7 +162,7 @@ def fuse_parallel_linears(gm: fx.GraphModule, cfg: FuseParallelLinears, ctx: Pas
         where.append(f"{ir.sublayer(nodes[0])}: {len(nodes)} linears")
     gm.recompile()
     try:  # fresh metadata (the slices are strided views); a consumer that cannot take one fails here
-        ir.propagate_meta(gm, ctx.example_inputs)
+        ir.refresh_meta(gm, ctx.example_inputs)
     except Exception as e:  # noqa: BLE001 - any failure means: keep the graph as it was
         gm.graph = saved
         for name in set(gm._buffers) - buffers:
