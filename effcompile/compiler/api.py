@@ -8,6 +8,7 @@ shown by ``explain()``; ``fullgraph=True`` turns them into errors instead.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import threading
@@ -29,9 +30,17 @@ class _Compiler:
     """The state shared by a compiled module or function: settings, dynamo wrapper, report."""
 
     def __init__(self, fn, settings: Settings, dynamic: bool | None, fullgraph: bool):
-        self.settings = settings
         self.fn = fn
         self.report = Report()
+        if settings.calibration is not None and not _calibrated(settings.passes):
+            # Every calibration batch is a forward pass through an instrumented graph (17 s for llama-1b's
+            # four on the CPU box): run none that no pass reads, and say so.
+            note = ("calibration batches were given but no pass needs them (ThresholdChannels, Quantize with "
+                    "smooth= or eora_rank=, SkipLayers choosing its layers): not run")
+            self.report.notes.append(note)
+            log.info("effcompile: %s", note)
+            settings = dataclasses.replace(settings, calibration=None)
+        self.settings = settings
         self.calls = 0
         self.recording = False  # True while calibration batches run through the captured graphs
         self.recordings: dict[tuple, list] = {}  # graph input names -> recorded input lists
@@ -243,6 +252,11 @@ class CompiledModule(nn.Module):
             return getattr(self._orig_mod, name)
 
 
+def _calibrated(passes) -> list[str]:
+    """The names of the passes (configs) that read calibration data."""
+    return [type(p).__name__ for p in passes if getattr(p, "needs_calibration", False)]
+
+
 def _make_settings(passes, calibration, cache_dir, cache, opt_level, use_triton) -> Settings:
     from effcompile.compiler.pipeline import default_passes
 
@@ -253,7 +267,7 @@ def _make_settings(passes, calibration, cache_dir, cache, opt_level, use_triton)
         passes = [p for p in default_passes() if type(p) not in user_types] + list(passes)
     settings = Settings.make(passes=passes, opt_level=opt_level, cache_dir=cache_dir, cache=cache,
                              use_triton=use_triton, calibration=calibration)
-    needing = [type(p).__name__ for p in settings.passes if getattr(p, "needs_calibration", False)]
+    needing = _calibrated(settings.passes)
     if needing and calibration is None:
         raise ValueError(f"calibration= is required by pass(es) {needing}: give an iterable of example batches")
     return settings
@@ -277,7 +291,8 @@ def effcompile(
         obj: an ``nn.Module``, an ``nn.Module`` subclass (decorator on a class) or a function.
         passes: pass configs run after the default exact ones (e.g. ``[RemoveDropout()]``);
             ``None`` means the default exact pipeline (canonicalize + fused kernels).
-        calibration: example batches (tuples of args or dicts of kwargs) for calibrated lossy passes.
+        calibration: example batches (tuples of args or dicts of kwargs) for calibrated lossy passes;
+            not run when no pass reads them (``explain()`` notes it).
         dynamic: passed to dynamo (``None`` = specialise first, generalise on the first size change).
         cache_dir: compiled-graph cache directory (default ``$EFFCOMPILE_CACHE_DIR`` or the per-user one).
         cache: ``False`` keeps compiled graphs in memory only.

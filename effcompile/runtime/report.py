@@ -54,6 +54,7 @@ class Report:
     graphs: list[GraphReport] = field(default_factory=list)
     graph_breaks: list[str] = field(default_factory=list)
     fallbacks: list[str] = field(default_factory=list)  # whole-call fallbacks to eager, with reasons
+    notes: list[str] = field(default_factory=list)  # what the compiler chose not to do, and why
 
     @property
     def kernels(self) -> list[Any]:
@@ -81,6 +82,8 @@ class Report:
             lines.append(f"  graph break: {reason}")
         for reason in self.fallbacks:
             lines.append(f"  FALLBACK to eager: {reason}")
+        for note in self.notes:
+            lines.append(f"  note: {note}")
         for g in self.graphs:
             lines.append("")
             lines.append(

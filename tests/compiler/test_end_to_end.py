@@ -164,3 +164,27 @@ def test_grad_mode_call_warns_that_outputs_do_not_require_grad():
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("error")
         fast(torch.randn(2, 4))  # no warning under no_grad
+
+
+@pytest.mark.parametrize("passes,runs", [
+    ([ec.Quantize(weights="int8")], False),  # reads no data: the batches are not run
+    ([ec.Quantize(weights="int8", smooth=0.5)], True),  # SmoothQuant calibrates its scales
+    ([ec.ThresholdChannels(sparsity=0.5)], True),
+])
+def test_calibration_batches_run_only_when_a_pass_reads_them(passes, runs):
+    model = tiny_hf("llama", layers=1)
+    seen = []
+    model.register_forward_pre_hook(lambda m, args, kwargs: seen.append(1), with_kwargs=True)
+    batches = [_lm_inputs() for _ in range(3)]
+    fast = ec.effcompile(model, passes=passes, calibration=batches, cache=False)
+    inputs = _lm_inputs()
+    with torch.no_grad():
+        out = fast(**inputs).logits
+    rep = ec.explain(fast)
+    noted = any("no pass needs them" in n for n in rep.notes)
+    assert noted != runs and ("no pass needs them" in str(rep)) == noted
+    assert (len(seen) > 1) == runs, seen  # the call itself enters forward once (dynamo), calibration more
+    if not runs:  # the same result as compiling without the batches
+        with torch.no_grad():
+            ref = ec.effcompile(model, passes=passes, cache=False)(**inputs).logits
+        torch.testing.assert_close(out, ref)
