@@ -214,6 +214,23 @@ def test_int4_one_row_chunks_span_several_groups(group, block_k, n, k, split, st
         D.launch(x, *qw[:3], b, "int4", group, config=config)
     assert seen[0].kwargs["GPC"] == block_k // group and seen[0].kwargs["BLOCK_K"] == block_k
     assert seen[0].kwargs["EVEN_NK"] == (n % 32 == 0 and k % block_k == 0)
+    assert seen[0].kwargs["X_PAIRS"]  # bf16 x, two values a load
+
+
+@pytest.mark.parametrize("dtype,offset,pairs", [
+    (torch.bfloat16, 0, True), (torch.bfloat16, 1, False),  # a view 2 bytes into its storage: one value a load
+    (torch.bfloat16, 2, True), (torch.float16, 0, False), (torch.float32, 0, False)])
+def test_int4_one_row_x_pairs_only_where_bf16_x_is_4_byte_aligned(dtype, offset, pairs):
+    from effcompile.codegen import aot
+
+    n, k, group = 96, 512, 64
+    x, qw, b = _case("int4", group, n, k, 1, dtype, seed=offset)
+    x = torch.cat([torch.zeros(offset, dtype=dtype), x.flatten()])[offset:].view(1, k)  # same values, shifted storage
+    config = plan.Config(32, 256, 4, 2, 2, fma=True)
+    _check(x, qw, b, config=config)
+    with aot.record_launches() as seen:
+        D.launch(x, *qw[:3], b, "int4", group, config=config)
+    assert seen[0].kwargs["GPC"] == 4 and seen[0].kwargs["X_PAIRS"] == pairs
 
 
 def test_int4_chunks_stay_inside_a_group_where_a_chunk_is_scaled_as_a_whole(monkeypatch):

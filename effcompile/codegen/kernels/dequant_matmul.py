@@ -37,7 +37,8 @@ def _matmul_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, u_ptr, lb_ptr, out_ptr, ws
                    DOT_DT: tl.constexpr, I4_BITS: tl.constexpr, I4_OFF: tl.constexpr, I4_ASM: tl.constexpr,
                    EVEN_NK: tl.constexpr, GPC: tl.constexpr, EPILOGUE: tl.constexpr,
                    SPLIT: tl.constexpr, FMA: tl.constexpr, PREFETCH: tl.constexpr, BLOCK_M: tl.constexpr,
-                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, PDL: tl.constexpr):
+                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, PDL: tl.constexpr,
+                   X_PAIRS: tl.constexpr = False):
     # First: with PDL, nothing may read another kernel's output before it. One-row int4 chunks of several groups
     # wait inside int4_rows.chunks_of_groups instead, after loading their first weights (no kernel writes those).
     EARLY_WEIGHTS: tl.constexpr = FMT == 1 and FMA and BLOCK_M == 1 and GPC > 1
@@ -111,7 +112,7 @@ def _matmul_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, u_ptr, lb_ptr, out_ptr, ws
         if FMA and BLOCK_M == 1 and GPC > 1:
             # One row, chunks of GPC > 1 whole groups (int4_rows.py: [group, word, output] tiles).
             acc += int4_rows.chunks_of_groups(x_ptr, q_ptr, s_ptr, z_ptr, pid_m, offs_n, n_mask, k_lo, k_hi, K, K_SPLIT,
-                                              G, GPC, EVEN_NK, PREFETCH, BLOCK_N, BLOCK_K, PDL)[None, :]
+                                              G, GPC, EVEN_NK, PREFETCH, BLOCK_N, BLOCK_K, PDL, X_PAIRS)[None, :]
         elif FMA and BLOCK_M == 1:
             # One row, one group a chunk at most (int4_rows.py: [word, output] tiles).
             acc += int4_rows.one_group_chunks(x_ptr, q_ptr, s_ptr, z_ptr, pid_m, offs_n, n_mask, k_lo, k_hi, K, K_SPLIT,
@@ -404,7 +405,10 @@ def launch(x, qweight, scales, zeros, bias, fmt: str, group_size: int, split_k: 
         I4_BITS=i4_bits, I4_OFF=i4_off, I4_ASM=plan.int4_asm(dot_dt, interp),
         EVEN_NK=n % bn == 0 and k % bk == 0 and ks % bk == 0, GPC=gpc, EPILOGUE=int(in_kernel),
         SPLIT=split, FMA=fma, PREFETCH=prefetch, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=block_r,
-        num_warps=warps, num_stages=1 if prefetch else stages, **_ops.launch_options(dev))
+        num_warps=warps, num_stages=1 if prefetch else stages,
+        # The one-row int4 loop of several groups a chunk reads bf16 x two values a load (int4_rows._x_of_chunk).
+        X_PAIRS=words and gpc > 1 and x2.dtype == torch.bfloat16 and x2.data_ptr() % 4 == 0,
+        **_ops.launch_options(dev))
     out = out.to(x.dtype).view(*x.shape[:-1], width)
     return out if in_kernel else qops.apply_epilogue(out, epilogue)
 
