@@ -44,6 +44,7 @@ class _Compiler:
         self.calls = 0
         self.recording = False  # True while calibration batches run through the captured graphs
         self.recordings: dict[tuple, list] = {}  # graph input names -> recorded input lists
+        self.shared: dict = {}  # PassContext.shared of every graph of this model
         # Dynamo is not thread-safe about compiling (pytorch#105943): threads that miss its cache
         # together each compile the frame again, adding one duplicate graph per thread and using up
         # recompile_limit. Calls whose input signature has not completed yet are serialized; once
@@ -62,7 +63,7 @@ class _Compiler:
         # A graph with no recordings of its own reuses other graphs' fits: their data goes in its cache key.
         model_calibration = None if self.settings.calibration is None or calibration_inputs else self.recordings
         graph = CompiledGraph(gm, example_inputs, self.settings, calibration_inputs, index=len(self.report.graphs),
-                              model_calibration=model_calibration)
+                              model_calibration=model_calibration, shared=self.shared)
         self.report.graphs.append(graph.report)
         return graph
 

@@ -139,10 +139,12 @@ class CompiledGraph:
     """A compiled dynamo graph: guarded by shape bucket, one compiled variant per bucket."""
 
     def __init__(self, gm: fx.GraphModule, example_inputs: Sequence[Any], settings: Settings,
-                 calibration_inputs: list | None = None, index: int = 0, model_calibration: dict | None = None):
+                 calibration_inputs: list | None = None, index: int = 0, model_calibration: dict | None = None,
+                 shared: dict | None = None):
         # model_calibration: every graph's recorded calibration inputs, for a graph that got none of its
         # own (a decode step): its calibrated passes reuse what the others fitted, so that data is in its key.
         self.model_calibration = model_calibration
+        self.shared = {} if shared is None else shared  # PassContext.shared: the compiled model's, or this graph's
         self.settings = settings
         self.pristine = gm
         self.example_inputs = list(example_inputs)
@@ -290,7 +292,8 @@ class CompiledGraph:
 
         gm = ir.copy_graph_module(self.pristine)
         ir.annotate(gm, self.example_inputs)
-        ctx = PassContext(self.example_inputs, self.calibration_inputs, self.params, self.settings.opt_level)
+        ctx = PassContext(self.example_inputs, self.calibration_inputs, self.params, self.settings.opt_level,
+                          shared=self.shared)
         if self.settings.opt_level == 0:
             self.report.cache = "off"
             return gm.forward

@@ -64,6 +64,9 @@ class PassContext:
     calibration: Iterable[Any] | None = None
     params: dict[str, Any] = field(default_factory=dict)  # placeholder name -> real tensor, when known
     opt_level: int = 1
+    # One per compiled model: what a pass made that the model's other graphs may reuse (Quantize's packed
+    # weights), so it lives as long as the compiled model and no longer.
+    shared: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

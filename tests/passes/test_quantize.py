@@ -289,3 +289,33 @@ def test_minilm_end_to_end_quality(minilm, minilm_batch, cfg, budget):
     assert rec.count == 36 and "head" not in rec.where  # 6 blocks x (q, k, v, o, up, down); pooler dense
     assert rec.artifacts["bytes_quantized"] < rec.artifacts["bytes_dense"] / (3.9 if cfg.weights == "int8" else 5)
     assert F.cosine_similarity(ref, out).min() >= budget
+
+
+def test_a_models_graphs_share_its_packed_weights(monkeypatch):
+    """Each graph of one compiled model (a prefill and a decode shape here) reuses the weights the first quantized
+    (ctx.shared); a weight changed in place since is quantized again; another compiled model quantizes its own."""
+    model = tiny_hf("llama", layers=2, hidden=64)
+    calls = []
+    real = qops.quantize_weight
+
+    def counting(w, fmt, group):
+        calls.append(tuple(w.shape))
+        return real(w, fmt, group)
+
+    monkeypatch.setattr(qops, "quantize_weight", counting)
+    ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(0))
+    fast = ec.effcompile(model, passes=[ec.Quantize(weights="int4", group_size=32)], cache=False)
+    with torch.no_grad():
+        fast(ids[:, :5])
+        first = len(calls)
+        out = fast(ids[:1, :7]).logits  # another shape: dynamo hands over a second graph
+        rep = ec.explain(fast)
+        assert len(rep.graphs) == 2 and first == 14  # 2 layers x 7 linears
+        assert [p.count for g in rep.graphs for p in g.passes if p.name == "quantize"] == [14, 14]  # both fired
+        assert len(calls) == first  # the second graph quantized nothing
+        ref = ec.effcompile(model, passes=[ec.Quantize(weights="int4", group_size=32)], cache=False)(ids[:1, :7])
+        assert len(calls) == 2 * first  # a new compiled model: its own
+        torch.testing.assert_close(out, ref.logits)
+        model.model.layers[0].mlp.down_proj.weight.mul_(2)  # in place: the next graph must not reuse its codes
+        fast(ids[:2, :3])
+        assert calls[2 * first:] == [tuple(model.model.layers[0].mlp.down_proj.weight.shape)]
