@@ -12,7 +12,8 @@
 #           session 13 swept 3 case-batches in that, ~35 s each), then every kernel against cuBLAS bf16 and TorchAO on KERNEL_SHAPES,
 #           L2 cold (KERNELS_S, 200 s);
 #   decode  whole-model greedy decode tok/s of the Llama-3.2-1B-shaped zoo model in bf16 under CUDA graphs:
-#           eager, then DECODE_CONFIGS (effcompile configs ~35-45 s each in sessions 10 and 13, TorchAO's kernels
+#           eager, then DECODE_CONFIGS (effcompile configs ~35-45 s each in sessions 10 and 13, less since session 16's
+#           compile-time cuts, never timed on a GPU; TorchAO's kernels
 #           without Inductor a few seconds): int4, and int4 launched without programmatic dependent launch
 #           (no-pdl:, session 15's untimed change); 50 % thresholds, with and without PDL ('none' runs its
 #           linears in cuBLAS, which PDL does not reach: the no-pdl row shows how much of the thresholds' gain

@@ -16,6 +16,8 @@ import torch.fx as fx
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 from torch.utils import _pytree as pytree
 
+from effcompile import config
+
 VAL = "val"  # ir.VAL: torch's own key for a node's (fake) output
 _FP = "ec_meta_from"  # what the node's VAL was computed from (fingerprint below)
 
@@ -163,8 +165,6 @@ def refresh_meta(gm: fx.GraphModule, example_inputs=()) -> int:
             n.meta[_FP] = fingerprint(n)
             if not _same_val(old, n.meta.get(VAL)):
                 changed.add(n)
-    from effcompile import config
-
     if config.checks_enabled():
         _check_against_full(gm, example_inputs)
     return done
@@ -176,7 +176,7 @@ def _check_against_full(gm: fx.GraphModule, example_inputs) -> None:
     propagate_meta(gm, example_inputs)
     for n in gm.graph.nodes:
         if n.op != "output" and n.users and not _same_val(refreshed[n], n.meta.get(VAL)):
-            from effcompile.compiler.ir import InvariantError
+            from effcompile.compiler.ir import InvariantError  # here: ir imports this module
 
             raise InvariantError(f"refresh_meta left node {n.name} ({n.op} {n.target}) stale: "
                                  f"{_describe(refreshed[n])} where a full propagation gives {_describe(n.meta.get(VAL))}")
