@@ -319,3 +319,16 @@ def test_a_models_graphs_share_its_packed_weights(monkeypatch):
         model.model.layers[0].mlp.down_proj.weight.mul_(2)  # in place: the next graph must not reuse its codes
         fast(ids[:2, :3])
         assert calls[2 * first:] == [tuple(model.model.layers[0].mlp.down_proj.weight.shape)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int4_quantizes_the_same_in_row_blocks(dtype, monkeypatch):
+    """On the CPU int4 quantization runs a few rows at a time (cache-sized temporaries): bit for bit what one block
+    of all rows gives, with a short last block."""
+    w = (torch.randn(37, 256, generator=torch.Generator().manual_seed(1)) / 20).to(dtype)
+    monkeypatch.setattr(qops, "_INT4_BLOCK_ELEMENTS", 1 << 40)
+    whole = qops.quantize_weight(w, "int4", 64)
+    monkeypatch.setattr(qops, "_INT4_BLOCK_ELEMENTS", 256 * 5)  # 5 rows a block: 8 blocks, the last of 2
+    blocks = qops.quantize_weight(w, "int4", 64)
+    for a, b in zip(whole[:3], blocks[:3], strict=True):
+        assert torch.equal(a, b)
