@@ -111,21 +111,23 @@ def _why_not(w: torch.Tensor | None, cfg: Quantize) -> str | None:
     return None
 
 
+def _quantized(w: torch.Tensor, fmt: str, group: int) -> tuple[qops.QuantizedWeight, float]:
+    """``w`` quantized, and its weight SQNR."""
+    # Looked up on the module at call time, so a test can prove a warm start never gets here.
+    qw = qops.quantize_weight(w.detach(), fmt, group)
+    return qw, round(qops.sqnr(w, qops.dequantize(*qw[:3], fmt, group, torch.float32)), 2)
+
+
 def _packed(real: torch.Tensor, fmt: str, group: int, shared: dict) -> tuple[qops.QuantizedWeight, float]:
-    """``real`` quantized, and its weight SQNR. Shared by the compiled model's graphs (its prefill and each decode
-    batch size: ctx.shared) instead of quantizing every weight again for each (llama-1b int4 on the CPU box: 54 s
-    a graph before the row blocks of ops._quantize); a parameter changed in place since (its _version) is
-    quantized again."""
+    """``_quantized(real)``, shared by the compiled model's graphs (its prefill and each decode batch size:
+    ctx.shared) instead of quantizing every weight again for each (llama-1b int4 on the CPU box: 54 s a graph
+    before the row blocks of ops._quantize); a parameter changed in place since (its _version) is quantized again.
+    An entry holds its parameter, so the id in its key is not reused while it is cached."""
     memo = shared.setdefault("quantize.packed", {})
     key = (id(real), fmt, group, real._version, real.dtype, real.device)
-    hit = memo.get(key)
-    if hit is not None and hit[0] is real:  # the same tensor, not one that reused a freed one's id
-        return hit[1], hit[2]
-    # Looked up on the module at call time, so a test can prove a warm start never gets here.
-    qw = qops.quantize_weight(real.detach(), fmt, group)
-    sqnr = round(qops.sqnr(real, qops.dequantize(*qw[:3], fmt, group, torch.float32)), 2)
-    memo[key] = (real, qw, sqnr)
-    return qw, sqnr
+    if key not in memo:
+        memo[key] = (real, *_quantized(real, fmt, group))
+    return memo[key][1], memo[key][2]
 
 
 @register_pass(Quantize, phase="quantize", invalidates=())
@@ -158,11 +160,8 @@ def quantize(gm: fx.GraphModule, cfg: Quantize, ctx: PassContext) -> PassResult:
         label = tag.module or node.name
         x, w_node, b_node = _linear_args(node)
         w = smoothed.get(node, real.detach())
-        if node in smoothed:  # this graph's own smoothed copy
-            qw = qops.quantize_weight(w, cfg.fmt, group)
-            sqnr = round(qops.sqnr(w, qops.dequantize(*qw[:3], cfg.fmt, group, torch.float32)), 2)
-        else:
-            qw, sqnr = _packed(real, cfg.fmt, group, ctx.shared)
+        # A smoothed weight is this graph's own copy; a parameter's codes are shared with the model's other graphs.
+        qw, sqnr = _quantized(w, cfg.fmt, group) if node in smoothed else _packed(real, cfg.fmt, group, ctx.shared)
         base = f"_ec_q_{node.name}"
         qnode = ir.add_buffer(gm, node, f"{base}_qweight", qw.qweight, tag, mode)
         snode = ir.add_buffer(gm, node, f"{base}_scales", qw.scales, tag, mode)
