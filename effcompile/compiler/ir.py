@@ -20,10 +20,15 @@ import torch
 import torch.fx as fx
 
 from effcompile.compiler import meta
-from effcompile.compiler.meta import fake_mode_for, propagate_meta, refresh_meta  # noqa: F401 - the IR's API
+from effcompile.compiler.meta import (  # noqa: F401 - the IR's API
+    VAL,
+    fake_mode_for,
+    node_val,
+    propagate_meta,
+    refresh_meta,
+)
 
 TAG = "ec_tag"
-VAL = "val"
 
 _ATTN_WORDS = ("attn", "attention")
 _FFN_WORDS = ("mlp", "ffn", "feed_forward", "feedforward", "intermediate", "output", "fc1", "fc2")
@@ -41,11 +46,6 @@ class Sublayer:
 
     def __str__(self) -> str:
         return f"layers.{self.block}.{self.part}" if self.block is not None else self.part
-
-
-def node_val(node: fx.Node):
-    """The node's (fake) output value, or None."""
-    return node.meta.get(VAL, node.meta.get("example_value"))
 
 
 def tensor_val(node) -> torch.Tensor | None:

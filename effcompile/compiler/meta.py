@@ -18,11 +18,12 @@ from torch.utils import _pytree as pytree
 
 from effcompile import config
 
-VAL = "val"  # ir.VAL: torch's own key for a node's (fake) output
+VAL = "val"  # torch's own key for a node's (fake) output (ir re-exports it and node_val)
 _FP = "ec_meta_from"  # what the node's VAL was computed from (fingerprint below)
 
 
-def _val(node: fx.Node):
+def node_val(node: fx.Node):
+    """The node's (fake) output value, or None."""
     return node.meta.get(VAL, node.meta.get("example_value"))
 
 
@@ -34,7 +35,7 @@ def fake_mode_for(gm: fx.GraphModule, example_inputs=()):
     # The placeholders' own mode, not the ambient tracing context's: inside a backend call dynamo's
     # TracingContext can hold a different mode from the one that made the graph's example values.
     for n in gm.graph.nodes:
-        v = _val(n)
+        v = node_val(n)
         if isinstance(v, FakeTensor):
             return v.fake_mode
     return detect_fake_mode(list(example_inputs)) or FakeTensorMode(allow_non_fake_inputs=True)
@@ -54,7 +55,7 @@ class _Prop(FakeTensorProp):
 def _inputs(gm: fx.GraphModule, mode, example_inputs) -> list:
     args = []
     for i, p in enumerate(n for n in gm.graph.nodes if n.op == "placeholder"):
-        v = _val(p)
+        v = node_val(p)
         if v is None and i < len(example_inputs):
             v = example_inputs[i]
         if isinstance(v, torch.Tensor) and not isinstance(v, torch._subclasses.FakeTensor):
