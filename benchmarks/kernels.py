@@ -170,12 +170,20 @@ def sparse_inputs(x, w, quant, fmt: str, sparsity: float):
     return (x, t, wt, st, zt, None, fmt, group), read
 
 
+# One-row int4 at 50 % in the flat compacted form too (Config.flat, session 17, untimed), on launch_plan.UNTUNED's
+# tile with 4 chunks prefetched: the rows compare it with the default launch whether or not a sweep ran.
+FLAT_INT4 = plan.Config(256, 16, 4, 5, None, True, True, flat=True)
+
+
 def sparse_variants(x, w, quant, out_bytes: int) -> dict:
     out = {}
     for fmt, sparsity in SPARSE:
         args, read = sparse_inputs(x, w, quant, fmt, sparsity)
         label = f"ec-sparse{int(sparsity * 100)}-{fmt if fmt != 'int4' else 'int4-g128'}"
         out[label] = (lambda args=args: S.launch(*args), read + _nbytes(x) + out_bytes, S.reference(*args))
+        if fmt == "int4" and sparsity == 0.5 and x.shape[0] == 1:
+            out[label + "-flat"] = (lambda args=args: S.launch(*args, config=FLAT_INT4), read + _nbytes(x) + out_bytes,
+                                    S.reference(*args))
     return out
 
 
@@ -300,6 +308,12 @@ def _configs(sparse: bool, m: int, int4: bool = False) -> list:
         configs += [plan.Config(*c, None, True, True) for c in fma + [(512, 8, 4, 2), (256, 8, 2, 2), (256, 16, 2, 2),
                                                                       (128, 16, 1, 2), (256, 16, 4, 3), (512, 8, 4, 3),
                                                                       (256, 8, 2, 3)]]
+        # Config.flat (session 17, untimed): the whole K split compacted first, then one chunk loop prefetching
+        # stages - 1 chunks across segments (sm_90 SASS, triton 3.6, (256, 16, 4, s), int4: 96-126 registers,
+        # ~200-214 instructions a chunk against the per-segment path's 182 plus ~270 a segment, no barrier).
+        configs += [plan.Config(*c, None, True, True, flat=True) for c in ((256, 16, 4, 2), (256, 16, 4, 3),
+                                                                           (256, 16, 4, 5), (512, 8, 4, 3),
+                                                                           (512, 8, 4, 5), (128, 16, 4, 5))]
     return configs
 
 
@@ -420,7 +434,8 @@ def sweep(dtype, device: str, peak: float, on_case: Callable[[list, dict], None]
         # sparse GEMV at 64 splits, the largest then tried. Up to one K chunk per program (TEAL's
         # sparse GEMV launches that way).
         around = {cfg for _, cfg, _ in timed[:1] + [next((r for r in timed if r[1] and r[1].fma), timed[0])]
-                  + [next((r for r in timed if r[1] and r[1].compact), timed[0])]}
+                  + [next((r for r in timed if r[1] and r[1].compact), timed[0])]
+                  + [next((r for r in timed if r[1] and r[1].flat), timed[0])]}
         more = _with_splits(around)
         timed = sorted(timed + _time_configs(runs, [c for c in more if c not in {r[1] for r in timed}]),
                        key=lambda r: r[0])

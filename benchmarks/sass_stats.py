@@ -6,7 +6,8 @@ instructions on B bytes of weights cannot read faster than B / I x 4 x SMs x clo
 fast HBM is. The report gives that ceiling, the loads' widths (a 2-byte load per activation element costs
 an instruction each), conversions and shuffles per iteration, registers and CTAs per SM. It is a proxy that
 ranks kernel variants on a CPU-only machine; speed is only ever what benchmarks/kernels.py measures on a GPU.
-Counts are static: a branch inside the loop counts as if it ran every iteration.
+Counts are static: a branch inside the loop counts as if it ran every iteration (loop_if_body_instructions says
+how many of them an if inside the loop can skip, e.g. the flat sparse path's scale reload at a group change).
 
     python benchmarks/sass_stats.py --output benchmarks/results/sass-sm90-<date>.json
 """
@@ -66,13 +67,31 @@ def ctas_per_sm(regs: int, warps: int, smem: int, gpu=SM90) -> int:
                gpu["ctas"])
 
 
+def segment_cost(kw: dict, found: list) -> dict | None:
+    """A compacted sparse launch's instructions per segment (an int4 group) that keeps 2, 4 or 8 chunks (8b.up at
+    50 % keeps ~64 of 128 channels: 4 chunks of 16), from its loops: the per-segment path's chunk loop inside its
+    segment loop; the flat path's chunk loop without its if-body (the scale reload, once a segment) and its
+    compaction step, shared by SEGS segments. None for other launches."""
+    if not kw.get("COMPACT"):
+        return None
+    if kw.get("FLAT"):
+        chunk, compaction = found[-1], found[0]
+        common, once = chunk.instructions - chunk.skippable, chunk.skippable + compaction.instructions / kw["SEGS"]
+    else:
+        chunk, segment = found[0], found[1]
+        common, once = chunk.instructions, segment.instructions - chunk.instructions
+    return {f"{c}_chunks": round(c * common + once) for c in (2, 4, 8)}
+
+
 def report(kernel: str, fmt: str, rows: int, config, n: int = 14336, k: int = 4096, gpu=SM90) -> dict:
     launch = _launch(kernel, fmt, rows, config, n, k)
     compiled = aot.compile_launch(launch, 90)
     kw = launch.kwargs
     warps, block_n, block_k = kw["num_warps"], kw["BLOCK_N"], kw["BLOCK_K"]
     regs, smem = aot.registers(compiled), compiled.metadata.shared
-    hot = max(aot.loops(aot.sass(compiled)), key=lambda lp: lp.instructions)  # the K loop
+    found = aot.loops(aot.sass(compiled))
+    # The K loop: the longest, or a flat compacted launch's chunk loop, its last (after the compaction's).
+    hot = found[-1] if kw.get("FLAT") else max(found, key=lambda lp: lp.instructions)
     weight_bytes = block_n * block_k * BYTES_PER_WEIGHT[fmt]  # read by one CTA per iteration
     per_instr = weight_bytes / (hot.instructions * warps)
     ops = hot.opcodes
@@ -81,7 +100,8 @@ def report(kernel: str, fmt: str, rows: int, config, n: int = 14336, k: int = 40
         "block_m": kw["BLOCK_M"], "block_n": block_n, "block_k": block_k, "warps": warps,
         "stages": kw.get("num_stages"), "fma": bool(kw.get("FMA")), "grid": list(launch.grid),
         "registers": regs, "shared_bytes": smem, "ctas_per_sm": ctas_per_sm(regs, warps, smem, gpu),
-        "loop_instructions": hot.instructions, "weight_bytes_per_iteration": weight_bytes,
+        "loop_instructions": hot.instructions, "loop_if_body_instructions": hot.skippable,
+        "weight_bytes_per_iteration": weight_bytes,
         "weight_bytes_per_warp_instruction": round(per_instr, 3),
         "issue_ceiling_gbs": round(per_instr * gpu["sms"] * gpu["issue_per_clock"] * gpu["ghz"]),
         "load_bytes_per_thread": hot.load_bytes, "loads": dict(hot.loads),
@@ -90,6 +110,7 @@ def report(kernel: str, fmt: str, rows: int, config, n: int = 14336, k: int = 40
         "barriers": sum(v for o, v in ops.items() if o.startswith("BAR")),
         "mma": sum(v for o, v in ops.items() if o.startswith(("HMMA", "HGMMA"))),
         "top_opcodes": dict(ops.most_common(8)),
+        "instructions_per_segment": segment_cost(kw, found),
     }
 
 
@@ -110,7 +131,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--output", help="JSON file for the rows")
     p.add_argument("--config", action="append", default=[],
-                   help="extra case kernel:fmt:rows:block_n,block_k,warps,stages,splits[,fma,compact,scale_words] "
+                   help="extra case kernel:fmt:rows:block_n,block_k,warps,stages,splits[,fma,compact,scale_words,flat] "
                         "(e.g. dequant:int4:1:128,128,4,3,8,1 or sparse:int4:1:512,8,4,1,None,True,True); "
                         "replaces the default cases")
     args = p.parse_args(argv)
@@ -131,7 +152,8 @@ def main(argv=None) -> int:
         print(f"{r['kernel']:7s} {r['fmt']:5s} m={r['rows']} {str(r['config']):32s} regs {r['registers']:3d} "
               f"ctas/SM {r['ctas_per_sm']} loop {r['loop_instructions']:4d} instr  "
               f"{r['weight_bytes_per_warp_instruction']:5.2f} B/warp-instr  ceiling {r['issue_ceiling_gbs']:5d} GB/s  "
-              f"loads {r['loads']}  i2f {r['int_to_float']} shfl {r['shuffles']}", flush=True)
+              f"loads {r['loads']}  i2f {r['int_to_float']} shfl {r['shuffles']}"
+              + (f"  per segment {r['instructions_per_segment']}" if r["instructions_per_segment"] else ""), flush=True)
     if args.output:
         import triton
         meta = {"what": "static SASS hot-loop statistics of effcompile decode kernels, compiled for sm_90 without "

@@ -124,14 +124,18 @@ class Loop:
     opcodes: Counter = field(default_factory=Counter)
     load_bytes: int = 0  # global bytes one thread's loads request per iteration (masks ignored)
     loads: Counter = field(default_factory=Counter)  # load opcodes with their width, e.g. LDG.E.U16
+    # Instructions that a predicated forward branch inside the loop jumps over (an if's body, e.g. a reload
+    # that runs once every few iterations): instructions - skippable is the path an iteration without it takes.
+    skippable: int = 0
 
 
 def loops(sass_text: str) -> list[Loop]:
     """Every loop closed by a backward branch, innermost first in address order."""
-    instrs, labels = [], {}
+    instrs, guarded, labels = [], [], {}
     for line in sass_text.splitlines():
         if m := _INSTR.search(line):
             instrs.append(_GUARD.sub("", m.group(2)))
+            guarded.append(bool(_GUARD.match(m.group(2))))
         elif m := _LABEL.match(line.strip()):
             labels[m.group(1)] = len(instrs)
     found = []
@@ -147,5 +151,11 @@ def loops(sass_text: str) -> list[Loop]:
             if width := load_width(op):
                 loop.load_bytes += width
                 loop.loads[op] += 1
+        skipped = set()
+        for i in range(start, end):
+            target = labels.get(b.group(1)) if guarded[i] and (b := _BRANCH.search(instrs[i])) else None
+            if target is not None and i < target <= end:
+                skipped.update(range(i + 1, target))
+        loop.skippable = len(skipped)
         found.append(loop)
     return found

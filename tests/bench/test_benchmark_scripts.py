@@ -62,9 +62,15 @@ def test_gpu_quick_script_parses():
 def test_sass_stats_reads_the_hot_loop_of_a_compiled_decode_kernel(tmp_path):
     out = tmp_path / "sass.json"
     r = _run("benchmarks/sass_stats.py", "--config", "dequant:int4:1:128,128,4,3,,0", "--config",
-             "sparse:float:1:256,16,4,1,64,1", "--output", str(out))
+             "sparse:float:1:256,16,4,1,64,1", "--config", "sparse:int4:1:256,16,4,3,,1,1,0,1", "--output", str(out))
     assert r.returncode == 0, r.stderr[-2000:]
-    int4, sparse = json.loads(out.read_text())["rows"]
+    int4, sparse, flat = json.loads(out.read_text())["rows"]
+    # Config.flat: the chunk loop (not the compaction's, with its barriers), whose group-change scale reload
+    # is an if-body the common path skips
+    assert flat["config"][-1] is True and flat["barriers"] == 0 and flat["loop_if_body_instructions"] > 100
+    per_segment = flat["instructions_per_segment"]  # each chunk more adds the same common path
+    assert per_segment["8_chunks"] - per_segment["4_chunks"] == 2 * (per_segment["4_chunks"] - per_segment["2_chunks"])
+    assert int4["instructions_per_segment"] is None
     assert int4["block_n"] == 128 and int4["block_k"] == 128 and not int4["fma"] and sparse["fma"]
     for row in (int4, sparse):  # a real K loop: loads, arithmetic, and a ceiling that follows from them
         assert row["loop_instructions"] > 50 and row["load_bytes_per_thread"] > 0, row

@@ -107,6 +107,28 @@ def test_compacted_sparse_gemv_compiles(stages, launches):
     _compile_all(launches, 90)
 
 
+@pytest.mark.parametrize("stages", [1, 2, 5])
+def test_flat_compacted_sparse_gemv_compiles_with_no_barrier_in_its_chunk_loop(stages, launches):
+    # Config.flat for the three formats (K split in 2, per-channel thresholds; stages 5: four chunks prefetched).
+    # Its point in SASS (sm_90): one loop over every chunk of the split with no barrier in it (the per-segment
+    # path has a scan and a barrier each segment), and int4's scale reload an if-body the common path skips.
+    dtype = torch.bfloat16
+    w = torch.randn(96, 1024, generator=torch.Generator().manual_seed(0)).to(dtype)
+    for fmt, group in (("float", 0), ("int8", 0), ("int4", 64)):
+        qw = qops.quantize_weight(w, fmt, group) if fmt != "float" else None
+        wt, s, z = sl.to_input_major(w if qw is None else qw.qweight, *((None, None) if qw is None else
+                                                                      (qw.scales, qw.zeros)), fmt, group)
+        S.launch(torch.randn(1, 1024, dtype=dtype), torch.full((1024,), 0.5), wt, s, z, None, fmt, group,
+                 config=plan.Config(128, 16, 4, stages, 2, fma=True, compact=True, flat=True))
+    assert len(launches) == 3 and all(lc.kwargs["FLAT"] and lc.kwargs["PREFETCH"] == stages - 1 for lc in launches)
+    for launch in launches:
+        loops = aot.loops(aot.sass(_compile(launch, 90)))
+        chunk_loop = loops[-1]  # after the compaction loop(s)
+        assert not any(op.startswith("BAR") for op in chunk_loop.opcodes), chunk_loop.opcodes
+        if launch.kwargs["FMT"] == 1:
+            assert chunk_loop.skippable > 100, "the int4 scale reload is not a skipped if-body"
+
+
 @pytest.mark.parametrize("per_channel", [False, True])
 def test_masked_one_row_sparse_gemv_with_prefetch_compiles(per_channel, launches):
     # One-row float / int8 fma launches that visit every chunk (compact=False), stages 2: the next chunk's x,

@@ -50,13 +50,21 @@ def test_fma_entries_parse_and_a_non_bool_flag_is_refused(tmp_path, caplog):
     bad_words = tmp_path / "f.json"
     bad_words.write_text(json.dumps({"device": "GPU X", "configs": {"dequant/int4/m1": [64, 128, 4, 1, 8, True, False,
                                                                                         "no"]}}))
+    flat = tmp_path / "g.json"  # the 9th field (Config.flat, session 17)
+    flat.write_text(json.dumps({"device": "GPU X", "configs": {"sparse/int8/m1/64x64": [256, 16, 4, 3, None, True,
+                                                                                         True, False, True]}}))
+    bad_flat = tmp_path / "h.json"
+    bad_flat.write_text(json.dumps({"device": "GPU X", "configs": {"sparse/int4/m8": [256, 16, 4, 3, None, True, True,
+                                                                                      False, 0]}}))
     with caplog.at_level(logging.WARNING, logger="effcompile.codegen"):
-        table = plan.read_tables([ok, bad, compact, bad_compact, words, bad_words], "GPU X")
+        table = plan.read_tables([ok, bad, compact, bad_compact, words, bad_words, flat, bad_flat], "GPU X")
     assert table == {"sparse/float/m1": plan.Config(128, 32, 4, 1, 64, fma=True),
                      "sparse/int4/m1": plan.Config(256, 16, 4, 1, None, True, compact=True),
-                     "dequant/int4/m8": plan.Config(128, 128, 4, 3, 8, scale_words=True)}
+                     "dequant/int4/m8": plan.Config(128, 128, 4, 3, 8, scale_words=True),
+                     "sparse/int8/m1/64x64": plan.Config(256, 16, 4, 3, None, True, True, flat=True)}
     assert not table["sparse/float/m1"].compact and not table["sparse/int4/m1"].scale_words
-    assert sum("ignored" in r.message for r in caplog.records) == 3
+    assert not table["sparse/int4/m1"].flat
+    assert sum("ignored" in r.message for r in caplog.records) == 4
 
 
 def test_block_m_pads_fma_decode_to_a_power_of_two_and_dots_to_16():
@@ -192,7 +200,7 @@ def test_explain_lists_the_launch_shapes_chosen_and_where_from(monkeypatch):
         ("dequant/int8/m8", (4096, 2048)): (None, "built-in tiles (no table entry)")}
     text = str(Report())
     assert "launch shapes chosen on the GPU" in text
-    assert "dequant/int4/m1 2048x2048: (16, 512, 4, 1, 1, True, False, False)  from tuning table" in text
+    assert "dequant/int4/m1 2048x2048: (16, 512, 4, 1, 1, True, False, False, False)  from tuning table" in text
     assert "dequant/int8/m8 4096x2048: built-in  from built-in tiles" in text
 
 

@@ -219,6 +219,64 @@ def test_one_row_compacted_path_float_and_int8(fmt, n, k, splits, per_channel, s
     assert lists, "the compacted path did not run"
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("stages", [1, 2, 3, 5])
+@pytest.mark.parametrize("group,n,k,splits,per_channel,sparsity", [
+    (32, 96, 288, None, False, 0.5),  # 9 groups: two compaction steps of 8 segments
+    (32, 136, 288, 3, True, 0.5),  # split in 3 (3 groups each), per-channel thresholds
+    (128, 72, 384, 2, False, 0.3),  # up to 8 chunks a group, splits of 1-2 groups
+    (64, 96, 320, 2, False, 0.0),  # nothing skipped: every chunk full, no pads
+    (32, 200, 288, 3, True, 0.9),  # most groups keep 0-4 channels: runs of one padded chunk, or none
+    (32, 96, 288, 2, False, 1.0)])  # everything skipped: an empty list, the bias alone
+def test_int4_flat_compacted_path(group, n, k, splits, per_channel, sparsity, stages, dtype):
+    # Config.flat: the whole K split compacted first (each group's kept channels padded to whole chunks of 16),
+    # then one loop over the chunks, prefetching stages - 1 of them across group boundaries and loading a
+    # group's scales when the chunk's group changes.
+    from effcompile.codegen import aot
+
+    args = _case("int4", n, k, 1, dtype, per_channel=per_channel, seed=n + stages, sparsity=sparsity, group=group)
+    config = plan.Config(64, 16, 4, stages, splits, fma=True, compact=True, flat=True)
+    _check(args, config=config)
+    with aot.record_launches() as seen:
+        S.launch(*args, config=config)
+    kw = seen[0].kwargs
+    assert kw["COMPACT"] and kw["FLAT"] and kw["PREFETCH"] == stages - 1 and not kw["IDX_AHEAD"]
+    if sparsity == 1.0:
+        torch.testing.assert_close(S.launch(*args, config=config), args[5][None, :], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("fmt", ["float", "int8"])
+@pytest.mark.parametrize("n,k,splits,per_channel,sparsity,stages", [
+    (93, 300, None, False, 0.5, 2),  # the last segment partial, no padding between segments
+    (93, 1100, None, True, 0.5, 4),  # 9 segments: two compaction steps
+    (200, 640, 3, False, 0.9, 3),  # split in 3, chunks spanning segments
+    (136, 256, 2, False, 0.0, 1),
+    (93, 640, 3, True, 1.0, 5)])
+def test_flat_compacted_path_float_and_int8(fmt, n, k, splits, per_channel, sparsity, stages, dtype):
+    config = plan.Config(64, 16, 4, stages, splits, fma=True, compact=True, flat=True)
+    _check(_case(fmt, n, k, 1, dtype, per_channel=per_channel, seed=k, sparsity=sparsity), config=config)
+
+
+def test_flat_compaction_pads_each_int4_group_to_whole_chunks(monkeypatch):
+    # The list itself: each group's kept channels in order, then -1 up to a multiple of the chunk (16), groups
+    # in order, nothing for a group that keeps nothing; a float list has no pads.
+    x = torch.zeros(1, 96)
+    x[0, [1, 5, 31]] = 1.0  # group 0 keeps 3 channels
+    x[0, 64:64 + 20] = 1.0  # group 2 keeps 20: a full chunk and 4 of the next; group 1 keeps none
+    taken = []
+    scratch = plan.scratch_lists
+    monkeypatch.setattr(plan, "scratch_lists", lambda *a: taken.append(scratch(*a)) or taken[-1])
+    for fmt, pads in (("int4", True), ("float", False)):
+        args = _case(fmt, 64, 96, 1, torch.float32, group=32)
+        args = (x, torch.tensor(0.5), *args[2:])
+        _check(args, config=plan.Config(64, 16, 4, 2, None, fma=True, compact=True, flat=True))
+        got = taken[-1][:96].tolist()
+        kept = [1, 5, 31] + list(range(64, 84))
+        want = ([1, 5, 31] + [-1] * 13 + list(range(64, 84)) + [-1] * 12) if pads else kept
+        assert got[:len(want)] == want, fmt
+
+
 def _spy_lists(monkeypatch) -> list:
     """Calls of launch_plan.scratch_lists (the compacted path's scratch) made from here on."""
     lists = []

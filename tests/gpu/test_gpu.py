@@ -654,13 +654,14 @@ def test_gated_epilogue_on_device(kernel, m):
 @pytest.mark.parametrize("m", [1, 3, 8])
 @pytest.mark.parametrize("kernel,fmt", [("dequant", "int8"), ("dequant", "int4"), ("dequant", "mxint8"),
                                         ("sparse", "float"), ("sparse", "int8"), ("sparse", "int4")])
-@pytest.mark.parametrize("variant", ["plain", "stages2", "compact", "compact-stages2", "compact-stages3"])
+@pytest.mark.parametrize("variant", ["plain", "stages2", "compact", "compact-stages2", "compact-stages3", "flat-stages2",
+                                     "flat-stages5"])
 def test_fma_configs_on_device(kernel, fmt, m, dtype, variant):
     from effcompile.codegen.kernels import launch_plan as plan
     from effcompile.codegen.kernels import sparse_gemv as S
     from effcompile.compiler import sparse_linear as sl
 
-    compact = variant.startswith("compact")
+    compact = variant.startswith(("compact", "flat"))  # flat: compacted per K split, chunks prefetched across groups
     if compact and kernel == "dequant" or variant != "plain" and (m > 1 or dtype == torch.float32):
         pytest.skip("stages 2 (register prefetch) and compact are one-row bf16 variants; compact is sparse only")
     gen = torch.Generator().manual_seed(m)
@@ -673,7 +674,7 @@ def test_fma_configs_on_device(kernel, fmt, m, dtype, variant):
     # stages 2: one-row int4 dequant and compact sparse launches double-buffer their loads in registers.
     stages = int(variant[-1]) if variant[-1].isdigit() else 1  # compact stages 3: indices two chunks ahead
     cfg = (plan.Config(64, 128, 4, stages, 2, True) if kernel == "dequant"
-           else plan.Config(128, 32, 4, stages, 2, True, compact))
+           else plan.Config(128, 32, 4, stages, 2, True, compact, flat=variant.startswith("flat")))
     if kernel == "dequant":
         qw = qops.quantize_weight(w, fmt, group)
         args = (x, *(t.cuda() if t is not None else None for t in qw[:3]), None, fmt, group)

@@ -26,7 +26,8 @@ class Config(NamedTuple):
     compact (sparse GEMV, one-row fma launches): visit only the kept channels' weight rows, compacted per
     segment, instead of masking the loads of skipped ones (sparse_gemv.py). scale_words (int4 dequant, 16-bit
     tl.dot tiles): read 16-bit scales and zeros as int32 words of two groups, so the pipeliner stages them with
-    the weights instead of leaving a synchronous load per chunk (dequant_matmul.py)."""
+    the weights instead of leaving a synchronous load per chunk (dequant_matmul.py). flat (with compact): compact
+    a program's whole K range first, then visit its kept rows in one loop across segments (sparse_gemv.py)."""
 
     block_n: int
     block_k: int
@@ -36,6 +37,7 @@ class Config(NamedTuple):
     fma: bool = False
     compact: bool = False
     scale_words: bool = False
+    flat: bool = False
 
 
 # Decode (<= 8 rows) tile shapes per weight format, (block_n, block_k, warps, stages).
@@ -133,8 +135,8 @@ def read_tables(paths, device_name: str) -> dict[str, Config]:
                 raise ValueError(f"keys {bad} are not kernel/format/m1|m8[/NxK]")
             if not all(isinstance(c.block_n, int) and c.block_n > 0 for c in configs.values()):
                 raise ValueError("block sizes must be positive integers")
-            if not all(isinstance(f, bool) for c in configs.values() for f in (c.fma, c.compact, c.scale_words)):
-                raise ValueError("fma, compact and scale_words must be true or false")
+            if not all(isinstance(f, bool) for c in configs.values() for f in (c.fma, c.compact, c.scale_words, c.flat)):
+                raise ValueError("fma, compact, scale_words and flat must be true or false")
             table.update(configs)
         except (ValueError, TypeError, KeyError, AttributeError) as e:
             log.warning("kernel tuning %s is unreadable (%s): ignored", path, e)

@@ -15,6 +15,7 @@ import triton.language as tl
 from effcompile.codegen import ops as _ops
 from effcompile.codegen.kernels import epilogue as _epilogue
 from effcompile.codegen.kernels import launch_plan as plan
+from effcompile.codegen.kernels import sparse_rows
 from effcompile.compiler import ops as qops
 from effcompile.compiler import sparse_linear as sl
 from effcompile.compiler import sparse_ops
@@ -22,41 +23,10 @@ from effcompile.compiler import sparse_ops
 NAME = "sparse_gemv"  # the custom op (effcompile::sparse_gemv) and its PATH_COUNTS key
 _FMT = {"int8": 0, "int4": 1, "float": 2}
 COMPACT_SEGMENT = 128  # channels compacted at a time by one-row float / int8 launches (int4: its group)
+FLAT_SEGS = 8  # segments a Config.flat launch compacts per step, at most
+FLAT_TAIL = 8  # chunks of -1 after a flat launch's list, the kernel's TAIL: reads past it reach at most 5 (PREFETCH 4)
 
 # Interpreter rules as in codegen/README.md: tl builtins and tl.reduce with triton's own combine fns.
-
-
-@_ops.kernel_helper
-def _kept(x_ptr, t_ptr, offs_k, k_mask, PER_CHANNEL: tl.constexpr):
-    """One row's x at channels offs_k and which of them it keeps: |x| above the channel's threshold (one for
-    all, unless PER_CHANNEL), compared in the activation dtype as the reference does (|x| > t.to(x.dtype): an
-    fp32 threshold between two bf16 values would flip channels that sit right at it)."""
-    xk = tl.load(x_ptr + offs_k, mask=k_mask, other=0.0)
-    if PER_CHANNEL:
-        t = tl.load(t_ptr + offs_k, mask=k_mask, other=0.0)
-    else:
-        t = tl.load(t_ptr + offs_k * 0)
-    return xk, (tl.abs(xk.to(tl.float32)) > t.to(x_ptr.dtype.element_ty).to(tl.float32)) & k_mask
-
-
-@_ops.kernel_helper
-def _per_nibble(ptr, gi, mask):
-    """The values at gi + p for nibble p = 0..7 (output 8 w + p of int32 word w), one [BW] load each, in the
-    layout the products use."""
-    return (tl.load(ptr + gi, mask=mask, other=0.0), tl.load(ptr + gi + 1, mask=mask, other=0.0),
-            tl.load(ptr + gi + 2, mask=mask, other=0.0), tl.load(ptr + gi + 3, mask=mask, other=0.0),
-            tl.load(ptr + gi + 4, mask=mask, other=0.0), tl.load(ptr + gi + 5, mask=mask, other=0.0),
-            tl.load(ptr + gi + 6, mask=mask, other=0.0), tl.load(ptr + gi + 7, mask=mask, other=0.0))
-
-
-@_ops.kernel_helper
-def _kept_rows(x_ptr, t_ptr, w_ptr, offs_k, k_hi, offs_n, n_mask, N, PER_CHANNEL: tl.constexpr):
-    """One row's chunk of input channels offs_k (the one-row masked path below): x, which channels it keeps,
-    and their weight rows (the skipped ones are never read; nothing past k_hi either)."""
-    xk, keep = _kept(x_ptr, t_ptr, offs_k, offs_k < k_hi, PER_CHANNEL)
-    w = tl.load(w_ptr + offs_k.to(tl.int64)[:, None] * N + offs_n[None, :], mask=keep[:, None] & n_mask[None, :],
-                other=0)
-    return xk, keep, w
 
 
 @triton.jit
@@ -64,7 +34,7 @@ def _sparse_kernel(x_ptr, t_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cn
                    SPLITS, FMT: tl.constexpr, G: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr,
                    DOT_DT: tl.constexpr, I4_BITS: tl.constexpr, I4_OFF: tl.constexpr, I4_ASM: tl.constexpr,
                    SPLIT: tl.constexpr, FMA: tl.constexpr, COMPACT: tl.constexpr, SEG: tl.constexpr, PREFETCH: tl.constexpr,
-                   IDX_AHEAD: tl.constexpr,
+                   IDX_AHEAD: tl.constexpr, FLAT: tl.constexpr, SEGS: tl.constexpr,
                    EPILOGUE: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
     _ops.wait_for_producers(PDL)  # first: with PDL, nothing may read another kernel's output before it
@@ -87,12 +57,11 @@ def _sparse_kernel(x_ptr, t_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cn
         n_mask = offs_n < N
         acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
     if COMPACT:
-        # One row, and only the rows it keeps visited: per segment of SEG channels (an int4 group), the kept
-        # channels are compacted (a cumsum gives each its slot in a per-program scratch list; two lists used
-        # in turn, so a segment's stores never overwrite indices another warp still reads), then their weight
-        # rows are loaded BLOCK_K at a time. Skipped channels cost neither bytes nor arithmetic, and every
-        # chunk loads BLOCK_K needed rows (the masked path loads about half of its chunk at 50 % sparsity).
-        # Products accumulate per [chunk row, output] and are summed over K once, after the loop.
+        # One row, and only the rows it keeps visited: the kept channels are compacted into a per-program scratch
+        # list (a cumsum gives each its slot), then their weight rows are loaded BLOCK_K at a time. Skipped
+        # channels cost neither bytes nor arithmetic, and every chunk loads BLOCK_K needed rows (the masked path
+        # loads about half of its chunk at 50 % sparsity). Products accumulate per [chunk row, output] and are
+        # summed over K once, after the loop.
         if FMT == 1:  # int4 as int32 words: 8 outputs each, output 8w + p in nibble p
             BW: tl.constexpr = BLOCK_N // 8
             offs_w = pid_n * BW + tl.arange(0, BW)
@@ -105,92 +74,136 @@ def _sparse_kernel(x_ptr, t_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cn
             acc5 = tl.full((BLOCK_K, BW), 0.0, tl.float32)
             acc6 = tl.full((BLOCK_K, BW), 0.0, tl.float32)
             acc7 = tl.full((BLOCK_K, BW), 0.0, tl.float32)
-        else:
-            acc2d = tl.full((BLOCK_K, BLOCK_N), 0.0, tl.float32)
-        lists = scr_ptr + (tl.program_id(1) * tl.num_programs(0) + pid_n).to(tl.int64) * (2 * SEG)
-        # 1.0's bits for the int4 decode, held in a register: with both of a nibble's constants immediate
-        # ptxas spent two LOP3s on each (as in dequant_matmul.py). K_SPLIT is under 2**30: the or adds nothing.
-        one = 0x3F800000 | (K_SPLIT >> 30)
-        if FMT == 1:  # a kept channel's weights: N // 8 words at offs_w, else N values at offs_n
-            row_len = N // 8
+            row_len = N // 8  # a kept channel's weights: N // 8 words at offs_w, else N values at offs_n
             cols = offs_w
             cols_mask = w_mask
         else:
+            acc2d = tl.full((BLOCK_K, BLOCK_N), 0.0, tl.float32)
             row_len = N
             cols = offs_n
             cols_mask = n_mask
-        for g0 in range(k_lo, k_hi, SEG):  # the launcher splits K at segment boundaries
-            offs_g = g0 + tl.arange(0, SEG)
-            g_mask = offs_g < k_hi
-            if FMT == 1:
-                # This group's scales and zeros of the tile's outputs, one [BW] load per nibble p (output 8w + p):
-                # loaded first, so their trip to memory overlaps the compaction (nothing is hoisted above the
-                # barrier below), and already in the layout the products use (a [BW, 8] load split per nibble
-                # went through shared memory, two barriers per split, every segment).
-                gi = (g0 // G) * N + 8 * offs_w.to(tl.int64)
-                s0, s1, s2, s3, s4, s5, s6, s7 = _per_nibble(s_ptr, gi, w_mask)
-                z0, z1, z2, z3, z4, z5, z6, z7 = _per_nibble(z_ptr, gi, w_mask)
-            keep = _kept(x_ptr, t_ptr, offs_g, g_mask, PER_CHANNEL)[1]
-            kept = keep.to(tl.int32)
-            slots = lists + ((g0 - k_lo) // SEG % 2) * SEG
-            tl.store(slots + tl.associative_scan(kept, 0, tl.standard._sum_combine) - 1, offs_g, mask=keep)
-            count = tl.reduce(kept, 0, tl.standard._sum_combine)
+        # 1.0's bits for the int4 decode, held in a register: with both of a nibble's constants immediate
+        # ptxas spent two LOP3s on each (as in dequant_matmul.py). K_SPLIT is under 2**30: the or adds nothing.
+        one = 0x3F800000 | (K_SPLIT >> 30)
+        if FLAT:
+            # The whole K split compacted first, SEGS segments per step, into one list of K_SPLIT entries whose
+            # int4 segments (groups) are padded to whole chunks, and one barrier; then a single loop over its
+            # chunks, whose prefetch runs across segments. The per-segment path below pays a scan, a barrier and
+            # a drained prefetch at every segment (sm_90 SASS, triton 3.6, (256, 16, 4, 1): 241 instructions a
+            # segment against 173 per chunk of 16 rows, ~4 chunks a segment at 50 %).
+            TAIL: tl.constexpr = 8 * BLOCK_K  # -1s after the list (PREFETCH <= 4): chunk loads need no mask
+            lists = scr_ptr + (tl.program_id(1) * tl.num_programs(0) + pid_n).to(tl.int64) * (K_SPLIT + TAIL)
+            length = k_lo * 0
+            for s0 in range(k_lo, k_hi, SEGS * SEG):
+                length = sparse_rows.compact_segments(x_ptr, t_ptr, lists, s0, k_hi, length, PER_CHANNEL, SEGS, SEG,
+                                                      BLOCK_K if FMT == 1 else 1)
+            tl.store(lists + length + tl.arange(0, TAIL), tl.full((TAIL,), -1, tl.int32))
             tl.debug_barrier()  # the list is complete before any warp reads it
+            # The int4 scales and zeros (affine form) of group g_cur. A chunk's group is its first entry's.
+            grp = sparse_rows.list_chunk(lists, 0, G, BLOCK_K)[1]
             if FMT == 1:
-                # q s + z = v 16 s + (z - 16 s), v = 1 + q / 16 (the word decode below makes v)
-                s0, s1, s2, s3 = 16.0 * s0.to(tl.float32), 16.0 * s1.to(tl.float32), 16.0 * s2.to(tl.float32), \
-                    16.0 * s3.to(tl.float32)
-                s4, s5, s6, s7 = 16.0 * s4.to(tl.float32), 16.0 * s5.to(tl.float32), 16.0 * s6.to(tl.float32), \
-                    16.0 * s7.to(tl.float32)
-                z0, z1, z2, z3 = z0.to(tl.float32) - s0, z1.to(tl.float32) - s1, z2.to(tl.float32) - s2, \
-                    z3.to(tl.float32) - s3
-                z4, z5, z6, z7 = z4.to(tl.float32) - s4, z5.to(tl.float32) - s5, z6.to(tl.float32) - s6, \
-                    z7.to(tl.float32) - s7
-            if PREFETCH:  # the segment's first chunk; each iteration then loads the next one (dequant_matmul.py)
-                c_mask = tl.arange(0, BLOCK_K) < count
-                idx = tl.load(slots + tl.arange(0, BLOCK_K), mask=c_mask, other=0)
-                xv_n = tl.load(x_ptr + idx, mask=c_mask, other=0.0)
-                w_n = tl.load(w_ptr + idx.to(tl.int64)[:, None] * row_len + cols[None, :],
-                              mask=c_mask[:, None] & cols_mask[None, :], other=0)
-                if IDX_AHEAD:
-                    # And the second chunk's indices: each iteration then loads the next chunk's rows by indices
-                    # loaded an iteration earlier, and the indices of the chunk after it, so a weight load never
-                    # waits on an index load just issued (stages >= 3; sm_90: a few more registers).
-                    idx_n = tl.load(slots + BLOCK_K + tl.arange(0, BLOCK_K),
-                                    mask=BLOCK_K + tl.arange(0, BLOCK_K) < count, other=0)
-            for c in range(0, count, BLOCK_K):
-                # This chunk's rows, or with PREFETCH the next chunk's (this one's came last iteration). Past the
-                # count x is 0, so the padding rows (masked to 0; int4 word 0 is v = 1) add nothing.
-                c_mask = c + BLOCK_K * PREFETCH + tl.arange(0, BLOCK_K) < count
-                if IDX_AHEAD:
-                    idx = idx_n
-                    idx_n = tl.load(slots + c + 2 * BLOCK_K + tl.arange(0, BLOCK_K),
-                                    mask=c + 2 * BLOCK_K + tl.arange(0, BLOCK_K) < count, other=0)
-                else:
-                    idx = tl.load(slots + c + BLOCK_K * PREFETCH + tl.arange(0, BLOCK_K), mask=c_mask, other=0)
-                x_l = tl.load(x_ptr + idx, mask=c_mask, other=0.0)
-                w_l = tl.load(w_ptr + idx.to(tl.int64)[:, None] * row_len + cols[None, :],
-                              mask=c_mask[:, None] & cols_mask[None, :], other=0)
-                if PREFETCH:
-                    xv, w = xv_n.to(tl.float32)[:, None], w_n
-                    xv_n, w_n = x_l, w_l
-                else:
-                    xv, w = x_l.to(tl.float32)[:, None], w_l
-                if FMT == 1:
-                    words = w
-                    acc0 += xv * ((((words << 19) & 0x780000) | one).to(tl.float32, bitcast=True) * s0[None, :] + z0[None, :])
-                    acc1 += xv * ((((words << 15) & 0x780000) | one).to(tl.float32, bitcast=True) * s1[None, :] + z1[None, :])
-                    acc2 += xv * ((((words << 11) & 0x780000) | one).to(tl.float32, bitcast=True) * s2[None, :] + z2[None, :])
-                    acc3 += xv * ((((words << 7) & 0x780000) | one).to(tl.float32, bitcast=True) * s3[None, :] + z3[None, :])
-                    acc4 += xv * ((((words << 3) & 0x780000) | one).to(tl.float32, bitcast=True) * s4[None, :] + z4[None, :])
-                    acc5 += xv * ((((words >> 1) & 0x780000) | one).to(tl.float32, bitcast=True) * s5[None, :] + z5[None, :])
-                    acc6 += xv * ((((words >> 5) & 0x780000) | one).to(tl.float32, bitcast=True) * s6[None, :] + z6[None, :])
-                    acc7 += xv * ((((words >> 9) & 0x780000) | one).to(tl.float32, bitcast=True) * s7[None, :] + z7[None, :])
-                else:
-                    if FMT == 0:  # int8 codes by their bits: 2**23 + 128 + c, exact (the scale comes after)
-                        acc2d += xv * (((w.to(tl.int32) + 128) | 0x4B000000).to(tl.float32, bitcast=True) - 8388736.0)
+                s0, s1, s2, s3, s4, s5, s6, s7, z0, z1, z2, z3, z4, z5, z6, z7 = sparse_rows.affine(
+                    *sparse_rows.group_scales(s_ptr, z_ptr, grp, N, offs_w, w_mask))
+                g_cur = grp
+            # PREFETCH chunks (0-4) ahead in registers: each iteration loads the rows of the chunk PREFETCH ahead
+            # of the one it multiplies, across segment boundaries. A CTA keeps PREFETCH chunks of weights in flight
+            # (2 KB each at (256, 16), ~4 registers a thread), where the per-segment path drains at every segment.
+            if PREFETCH >= 1:
+                x_1, w_1, grp_1 = sparse_rows.chunk_rows(lists, 0, G, BLOCK_K, x_ptr, w_ptr, row_len,
+                                                         cols, cols_mask)
+            if PREFETCH >= 2:
+                x_2, w_2, grp_2 = sparse_rows.chunk_rows(lists, BLOCK_K, G, BLOCK_K, x_ptr, w_ptr, row_len,
+                                                         cols, cols_mask)
+            if PREFETCH >= 3:
+                x_3, w_3, grp_3 = sparse_rows.chunk_rows(lists, 2 * BLOCK_K, G, BLOCK_K, x_ptr, w_ptr,
+                                                         row_len, cols, cols_mask)
+            if PREFETCH >= 4:
+                x_4, w_4, grp_4 = sparse_rows.chunk_rows(lists, 3 * BLOCK_K, G, BLOCK_K, x_ptr, w_ptr,
+                                                         row_len, cols, cols_mask)
+            for c in range(0, length, BLOCK_K):
+                x_l, w_l, grp_l = sparse_rows.chunk_rows(lists, c + BLOCK_K * PREFETCH, G, BLOCK_K, x_ptr,
+                                                         w_ptr, row_len, cols, cols_mask)
+                if PREFETCH == 0:
+                    x_c, w, grp_c = x_l, w_l, grp_l
+                else:  # the oldest prefetched chunk is this one; the others move up, the new one last
+                    x_c, w, grp_c = x_1, w_1, grp_1
+                    if PREFETCH == 1:
+                        x_1, w_1, grp_1 = x_l, w_l, grp_l
                     else:
-                        acc2d += xv * w.to(tl.float32)
+                        x_1, w_1, grp_1 = x_2, w_2, grp_2
+                        if PREFETCH == 2:
+                            x_2, w_2, grp_2 = x_l, w_l, grp_l
+                        else:
+                            x_2, w_2, grp_2 = x_3, w_3, grp_3
+                            if PREFETCH == 3:
+                                x_3, w_3, grp_3 = x_l, w_l, grp_l
+                            else:
+                                x_3, w_3, grp_3 = x_4, w_4, grp_4
+                                x_4, w_4, grp_4 = x_l, w_l, grp_l
+                xv = x_c.to(tl.float32)[:, None]
+                if FMT == 1:
+                    if grp_c != g_cur:  # a new group: its scales, loaded after the next chunk's rows were asked for
+                        s0, s1, s2, s3, s4, s5, s6, s7, z0, z1, z2, z3, z4, z5, z6, z7 = sparse_rows.affine(
+                            *sparse_rows.group_scales(s_ptr, z_ptr, grp_c, N, offs_w, w_mask))
+                        g_cur = grp_c
+                    acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7 = sparse_rows.int4_products(
+                        acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, xv, w, one,
+                        s0, s1, s2, s3, s4, s5, s6, s7, z0, z1, z2, z3, z4, z5, z6, z7)
+                else:
+                    acc2d = sparse_rows.float_products(acc2d, xv, w, FMT)
+        else:
+            # Per segment of SEG channels (an int4 group): compacted, then its chunks; two lists used in turn, so a
+            # segment's stores never overwrite indices another warp still reads.
+            lists = scr_ptr + (tl.program_id(1) * tl.num_programs(0) + pid_n).to(tl.int64) * (2 * SEG)
+            for g0 in range(k_lo, k_hi, SEG):  # the launcher splits K at segment boundaries
+                offs_g = g0 + tl.arange(0, SEG)
+                g_mask = offs_g < k_hi
+                if FMT == 1:
+                    # This group's scales and zeros: loaded first, so their trip to memory overlaps the compaction
+                    # (nothing is hoisted above the barrier below).
+                    s0, s1, s2, s3, s4, s5, s6, s7, z0, z1, z2, z3, z4, z5, z6, z7 = sparse_rows.group_scales(
+                        s_ptr, z_ptr, g0 // G, N, offs_w, w_mask)
+                keep = sparse_rows.kept(x_ptr, t_ptr, offs_g, g_mask, PER_CHANNEL)[1]
+                ones = keep.to(tl.int32)
+                slots = lists + ((g0 - k_lo) // SEG % 2) * SEG
+                tl.store(slots + tl.associative_scan(ones, 0, tl.standard._sum_combine) - 1, offs_g, mask=keep)
+                count = tl.reduce(ones, 0, tl.standard._sum_combine)
+                tl.debug_barrier()  # the list is complete before any warp reads it
+                if FMT == 1:
+                    s0, s1, s2, s3, s4, s5, s6, s7, z0, z1, z2, z3, z4, z5, z6, z7 = sparse_rows.affine(
+                        s0, s1, s2, s3, s4, s5, s6, s7, z0, z1, z2, z3, z4, z5, z6, z7)
+                if PREFETCH:  # the segment's first chunk; each iteration then loads the next one (dequant_matmul.py)
+                    c_mask = tl.arange(0, BLOCK_K) < count
+                    idx = tl.load(slots + tl.arange(0, BLOCK_K), mask=c_mask, other=-1)
+                    xv_n, w_n = sparse_rows.list_rows(idx, x_ptr, w_ptr, row_len, cols, cols_mask)
+                    if IDX_AHEAD:
+                        # And the second chunk's indices: each iteration then loads the next chunk's rows by indices
+                        # loaded an iteration earlier, and the indices of the chunk after it, so a weight load never
+                        # waits on an index load just issued (stages >= 3; sm_90: a few more registers).
+                        idx_n = tl.load(slots + BLOCK_K + tl.arange(0, BLOCK_K),
+                                        mask=BLOCK_K + tl.arange(0, BLOCK_K) < count, other=-1)
+                for c in range(0, count, BLOCK_K):
+                    # This chunk's rows, or with PREFETCH the next chunk's (this one's came last iteration). Past the
+                    # count x is 0, so the padding rows (masked to 0; int4 word 0 is v = 1) add nothing.
+                    if IDX_AHEAD:
+                        idx = idx_n
+                        idx_n = tl.load(slots + c + 2 * BLOCK_K + tl.arange(0, BLOCK_K),
+                                        mask=c + 2 * BLOCK_K + tl.arange(0, BLOCK_K) < count, other=-1)
+                    else:
+                        idx = tl.load(slots + c + BLOCK_K * PREFETCH + tl.arange(0, BLOCK_K),
+                                      mask=c + BLOCK_K * PREFETCH + tl.arange(0, BLOCK_K) < count, other=-1)
+                    x_l, w_l = sparse_rows.list_rows(idx, x_ptr, w_ptr, row_len, cols, cols_mask)
+                    if PREFETCH:
+                        xv, w = xv_n.to(tl.float32)[:, None], w_n
+                        xv_n, w_n = x_l, w_l
+                    else:
+                        xv, w = x_l.to(tl.float32)[:, None], w_l
+                    if FMT == 1:
+                        acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7 = sparse_rows.int4_products(
+                            acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, xv, w, one,
+                            s0, s1, s2, s3, s4, s5, s6, s7, z0, z1, z2, z3, z4, z5, z6, z7)
+                    else:
+                        acc2d = sparse_rows.float_products(acc2d, xv, w, FMT)
         if FMT == 1:
             # Output 2j is in nibble 2j mod 8 of word j // 4: even nibbles interleave into the low outputs, odd
             # into the high ones. Joined before the sum over K, so it is two reductions across warps (through
@@ -211,11 +224,11 @@ def _sparse_kernel(x_ptr, t_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cn
         # and without it each chunk waited on that round trip and then on HBM with nothing else in flight.
         acc2d = tl.full((BLOCK_K, BLOCK_N), 0.0, tl.float32)
         if PREFETCH:  # the first chunk's operands; each iteration then loads the next chunk's
-            xk_n, keep_n, w_n = _kept_rows(x_ptr, t_ptr, w_ptr, k_lo + tl.arange(0, BLOCK_K), k_hi, offs_n, n_mask, N,
+            xk_n, keep_n, w_n = sparse_rows.kept_rows(x_ptr, t_ptr, w_ptr, k_lo + tl.arange(0, BLOCK_K), k_hi, offs_n, n_mask, N,
                                            PER_CHANNEL)
         for k0 in range(k_lo, k_hi, BLOCK_K):
             # This chunk's operands, or with PREFETCH the next chunk's (this one's came last iteration).
-            xk_l, keep_l, w_l = _kept_rows(x_ptr, t_ptr, w_ptr, k0 + BLOCK_K * PREFETCH + tl.arange(0, BLOCK_K), k_hi,
+            xk_l, keep_l, w_l = sparse_rows.kept_rows(x_ptr, t_ptr, w_ptr, k0 + BLOCK_K * PREFETCH + tl.arange(0, BLOCK_K), k_hi,
                                            offs_n, n_mask, N, PER_CHANNEL)
             if PREFETCH:
                 xk, keep, w = xk_n, keep_n, w_n
@@ -383,22 +396,27 @@ def launch(x, threshold, weight_t, scales, zeros, bias, fmt: str, group_size: in
     out = torch.empty((m, width), dtype=x.dtype, device=dev)
     split = plan.SPLIT_FIXUP if ks < k else plan.SPLIT_NONE
     ws, cnt = plan.split_workspace(m, n, tiles, dev) if split else (t, t)
+    # Config.flat: the whole split compacted up front into one list of ks entries (ks is whole segments), SEGS
+    # segments at a time (at most FLAT_SEGS: one [SEGS, SEG] tile of x per step).
+    flat = compact and bool(config.flat)
+    segs = min(triton.next_power_of_2(ks // seg), FLAT_SEGS) if flat else 1
     if compact:
         w = w.view(torch.int32) if fmt == "int4" else w
-        lists = plan.scratch_lists(grid[0] * grid[1] * 2 * seg, dev)
+        lists = plan.scratch_lists(grid[0] * grid[1] * (ks + FLAT_TAIL * bk if flat else 2 * seg), dev)
     else:
         lists = cnt  # unused placeholder
     dot_dt = plan.dot_dtype(x.dtype, interp)
     i4_bits, i4_off = plan.int4_offset(dot_dt)
     # Register double buffering (the kernel's PREFETCH): compacted launches, and one-row float / int8 fma ones
     # (the masked path), with stages >= 2; triton's own pipeliner only stages loads that feed a tl.dot.
-    prefetch = stages >= 2 and (compact or (fma and m == 1 and fmt != "int4"))
-    # stages >= 3 on a compacted launch: the kept-row indices two chunks ahead as well (the kernel's IDX_AHEAD).
+    # A flat launch prefetches stages - 1 chunks ahead (at most 4).
+    prefetch = min(stages - 1, 4) if flat else int(stages >= 2 and (compact or (fma and m == 1 and fmt != "int4")))
+    # stages >= 3 on a per-segment compacted launch: the kept-row indices two chunks ahead as well (IDX_AHEAD).
     _ops.jit_variant(_sparse_kernel, interp)[grid](
         x2, t, w, s, z, b, out, ws, cnt, lists, m, n, k, ks, grid[1], FMT=_FMT[fmt], G=max(group_size, 1),
         PER_CHANNEL=t.numel() > 1, HAS_BIAS=bias is not None, DOT_DT=dot_dt, I4_BITS=i4_bits, I4_OFF=i4_off,
         I4_ASM=plan.int4_asm(dot_dt, interp), SPLIT=split, FMA=fma, COMPACT=compact, SEG=seg, PREFETCH=prefetch,
-        IDX_AHEAD=compact and stages >= 3,
+        IDX_AHEAD=compact and not flat and stages >= 3, FLAT=flat, SEGS=segs,
         EPILOGUE=int(epilogue != "none"),
         BLOCK_M=plan.block_m(m, config), BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=1 if compact or prefetch else stages,
         **_ops.launch_options(dev))
