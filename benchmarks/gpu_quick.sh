@@ -23,7 +23,8 @@
 #           its TorchAO peer ($ABLATION, int4 without the launch-cutting passes, ran in session 13: 690 against
 #           872 tok/s at batch 1) (275 s);
 #           DECODE_MODEL=llama-8b times Llama-3.1-8B's shape instead (16 GB in bf16, never run yet: expect
-#           fewer configs to fit), where weight reads dominate a step as in the papers' headline numbers;
+#           fewer configs to fit; DECODE_BATCHES=1 builds one decode graph per config, not two), where weight reads
+#           dominate a step as in the papers' headline numbers;
 #           each row checks its first decode step's logits against eager's (logits_vs_eager_b*); DECODE_S;
 #           DECODE_CACHE_LEN=4096 allocates the static KV cache that long (as a server would), where SDPA reads
 #           all of it every step and the decode attention kernel only the positions written so far;
@@ -92,6 +93,7 @@ ABLATION="quantize(weights=int4,group_size=128)+additive_attention_mask(enabled=
 decode() {  # with the tile table the kernels step wrote (if it ran and got that far) over the shipped one
     [ -s "$OUT/tuning.json" ] && export EFFCOMPILE_KERNEL_TUNING="$OUT/tuning.json"
     timeout "${DECODE_S:-275}" "$PY" benchmarks/decode.py --device cuda --dtype bfloat16 --model "${DECODE_MODEL:-llama-1b}" --steps 16 \
+        --batches "${DECODE_BATCHES:-1,8}" \
         ${DECODE_CACHE_LEN:+--cache-len "$DECODE_CACHE_LEN"} \
         --configs "${DECODE_CONFIGS:-$INT4;no-pdl:$INT4;threshold(sparsity=0.5);no-pdl:threshold(sparsity=0.5);none;grouped_query_attention(decode_kernel=True)+$INT4;threshold(sparsity=0.5)+$INT4;torchao-int4-eager;$INT4_HEAD;torchao-int4-eager-head}" \
         --out "$OUT/decode.json" 2>&1 | tr '\r' '\n' | grep -v "it/s\]\|s/it\]" | tee "$OUT/decode.log"
