@@ -567,3 +567,21 @@ def test_minilm_quality_budget_and_achieved_sparsity():
     (rec,) = _bench().minilm_cases(["tensor"], [0.4], n_calib=4, n_queries=64, n_docs=128)
     assert rec["cosine"]["mean"] > 0.95 and rec["retrieval_agreement"]["top1"] > 0.7
     assert abs(rec["achieved"]["weighted"] - 0.4) <= 0.02
+
+
+def test_threshold_cuts_by_selection_equal_a_sorted_sample(monkeypatch):
+    # _Sample: the first two distinct cuts by torch.kthvalue, later ones from one sort; every cut equals the
+    # sorted sample's (halfway between neighbours, ties included), memoized per sparsity.
+    from effcompile.passes import threshold_channels as tc
+
+    values = torch.randint(0, 50, (1001,)).float() / 7  # many ties
+    ref = torch.sort(values).values
+    sorts = []
+    real_sort = torch.sort
+    monkeypatch.setattr(torch, "sort", lambda *a, **k: sorts.append(1) or real_sort(*a, **k))
+    sample = tc._Sample(values.view(7, 143))
+    for i, s in enumerate([0.5, 0.5, 0.25, 0.0, 1.0, 0.4, 0.999, 0.5]):
+        k = min(max(int(round(s * 1001)), 0), 1001)
+        want = (tc._NO_THRESHOLD if k == 0 else float(ref[-1]) if k == 1001 else float((ref[k - 1] + ref[k]) / 2))
+        assert sample.cut(s) == want, s
+        assert len(sorts) == (0 if i < 4 else 1), (i, s)  # 0.5, 0.25: selections; 0.0 reads none; 1.0: one sort
