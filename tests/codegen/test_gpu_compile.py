@@ -90,18 +90,23 @@ def test_fma_decode_variants_compile(m, launches):
     _compile_all(launches, 90)
 
 
-@pytest.mark.parametrize("stages", [1, 2, 3])
-def test_compacted_sparse_gemv_compiles(stages, launches):
-    # One-row Config.compact launches (kept channels compacted through a scratch list, stages 2 prefetching the
-    # next chunk in registers) for the three formats, per-channel thresholds, K split at segment boundaries.
+def _sparse_one_row_launches(k: int, config):
+    """One bf16 row through the sparse GEMV for float, int8 and int4 (groups of 64) weights [96, k], per-channel
+    thresholds, under ``config``."""
     dtype = torch.bfloat16
-    w = torch.randn(96, 512, generator=torch.Generator().manual_seed(0)).to(dtype)
+    w = torch.randn(96, k, generator=torch.Generator().manual_seed(0)).to(dtype)
     for fmt, group in (("float", 0), ("int8", 0), ("int4", 64)):
         qw = qops.quantize_weight(w, fmt, group) if fmt != "float" else None
         wt, s, z = sl.to_input_major(w if qw is None else qw.qweight, *((None, None) if qw is None else
                                                                       (qw.scales, qw.zeros)), fmt, group)
-        S.launch(torch.randn(1, 512, dtype=dtype), torch.full((512,), 0.5), wt, s, z, None, fmt, group,
-                 config=plan.Config(128, 16, 4, stages, 2, fma=True, compact=True))
+        S.launch(torch.randn(1, k, dtype=dtype), torch.full((k,), 0.5), wt, s, z, None, fmt, group, config=config)
+
+
+@pytest.mark.parametrize("stages", [1, 2, 3])
+def test_compacted_sparse_gemv_compiles(stages, launches):
+    # One-row Config.compact launches (kept channels compacted through a scratch list, stages 2 prefetching the
+    # next chunk in registers) for the three formats, per-channel thresholds, K split at segment boundaries.
+    _sparse_one_row_launches(512, plan.Config(128, 16, 4, stages, 2, fma=True, compact=True))
     assert len(launches) == 3 and all(lc.kwargs["COMPACT"] and lc.kwargs["PREFETCH"] == (stages >= 2)
                                       and lc.kwargs["IDX_AHEAD"] == (stages == 3) for lc in launches)
     _compile_all(launches, 90)
@@ -112,14 +117,7 @@ def test_flat_compacted_sparse_gemv_compiles_with_no_barrier_in_its_chunk_loop(s
     # Config.flat for the three formats (K split in 2, per-channel thresholds; stages 5: four chunks prefetched).
     # Its point in SASS (sm_90): one loop over every chunk of the split with no barrier in it (the per-segment
     # path has a scan and a barrier each segment), and int4's scale reload an if-body the common path skips.
-    dtype = torch.bfloat16
-    w = torch.randn(96, 1024, generator=torch.Generator().manual_seed(0)).to(dtype)
-    for fmt, group in (("float", 0), ("int8", 0), ("int4", 64)):
-        qw = qops.quantize_weight(w, fmt, group) if fmt != "float" else None
-        wt, s, z = sl.to_input_major(w if qw is None else qw.qweight, *((None, None) if qw is None else
-                                                                      (qw.scales, qw.zeros)), fmt, group)
-        S.launch(torch.randn(1, 1024, dtype=dtype), torch.full((1024,), 0.5), wt, s, z, None, fmt, group,
-                 config=plan.Config(128, 16, 4, stages, 2, fma=True, compact=True, flat=True))
+    _sparse_one_row_launches(1024, plan.Config(128, 16, 4, stages, 2, fma=True, compact=True, flat=True))
     assert len(launches) == 3 and all(lc.kwargs["FLAT"] and lc.kwargs["PREFETCH"] == stages - 1 for lc in launches)
     for launch in launches:
         loops = aot.loops(aot.sass(_compile(launch, 90)))
