@@ -5,8 +5,10 @@
 #           TESTS_K: a pytest -k expression to run part of it);
 #   kernels the decode-kernel sweep (tl.dot, fma and compact tiles, K splits up to 128) for the cases in
 #           SWEEP_CASES, in that order (kernel/format at every SWEEP_BATCHES, 1,8, or kernel/format/mN at
-#           batch N; default: session 14's untimed changes first, one-row int4 and the sparse masked prefetch,
-#           then int4 at 8 rows, never swept since its scale-word tiles were added in session 11), on
+#           batch N; default: one-row sparse int4 first, never swept (session 10's compacted tiles, session 17's
+#           flat ones; the decode step's thresholds x int4 rows use its pick), then session 14's untimed changes,
+#           one-row int4 and the sparse masked prefetch, then int4 at 8 rows, never swept since its scale-word
+#           tiles were added in session 11), on
 #           SWEEP_SHAPES (the two Llama-3-8B MLP shapes and the four GEMVs of the 1B decode model; a shape
 #           clearly faster with a tile of its own gets a shape-keyed entry; no new case after SWEEP_S, 110 s:
 #           session 13 swept 3 case-batches in that, ~35 s each), then every kernel against cuBLAS bf16 and TorchAO on KERNEL_SHAPES,
@@ -80,7 +82,7 @@ pdlcheck() {
 kernels() {
     timeout "${KERNELS_S:-200}" "$PY" benchmarks/kernels.py --device cuda --sweep --sweep-budget-s "${SWEEP_S:-110}" \
         --tuning-out "$OUT/tuning.json" --sweep-batches "${SWEEP_BATCHES:-1,8}" \
-        --sweep-cases "${SWEEP_CASES:-dequant/int4/m1,sparse/float/m1,sparse/int4/m1,dequant/int4/m8,sparse/int8/m1,dequant/int8/m1}" \
+        --sweep-cases "${SWEEP_CASES:-sparse/int4/m1,dequant/int4/m1,sparse/float/m1,dequant/int4/m8,sparse/int8/m1,dequant/int8/m1}" \
         --sweep-shapes "${SWEEP_SHAPES:-8b.up,8b.down,1b.qkv,1b.o,1b.gate_up,1b.down}" \
         --shapes "${KERNEL_SHAPES:-8b.up,8b.down,1b.gate_up,1b.o}" --output "$OUT/kernels.json" 2>&1 | grep -v "^  config" | tee "$OUT/kernels.log"
 }
