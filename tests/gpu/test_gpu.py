@@ -344,7 +344,8 @@ def test_decode_attention_on_device_under_cuda_graph_replay(hq, hkv, d, length, 
         assert _rel_err(out, want) <= REL_TOL[dtype], (pos, _rel_err(out, want))
 
 
-@pytest.mark.parametrize("kernel", ["dequant-int4", "dequant-int8", "sparse-int4", "sparse-int4-compact", "w8a8"])
+@pytest.mark.parametrize("kernel", ["dequant-int4", "dequant-int8", "sparse-int4", "sparse-int4-compact",
+                                    "sparse-int4-flat", "w8a8"])
 def test_split_k_workspace_under_cuda_graph_replay(kernel):
     # Split-K launches sum into a cached workspace that the last split of each tile zeroes again
     # (launch_plan.split_workspace): one kernel per linear instead of memset + kernel + cast. Replayed from a
@@ -356,8 +357,9 @@ def test_split_k_workspace_under_cuda_graph_replay(kernel):
 
     gen = torch.Generator().manual_seed(1)
     # int4 input-major packs output pairs (even N); the compacted path reads int32 words of 8 outputs
-    n, k = {"sparse-int4": 782, "sparse-int4-compact": 784}.get(kernel, 781), 1920
-    rows = 1 if kernel.endswith("compact") else 2  # compact: one-row launches (their scratch list, in the graph)
+    n, k = {"sparse-int4": 782, "sparse-int4-compact": 784, "sparse-int4-flat": 784}.get(kernel, 781), 1920
+    compact = kernel.endswith(("compact", "flat"))
+    rows = 1 if compact else 2  # compact: one-row launches (their scratch list, in the graph)
     w = (torch.randn(n, k, generator=gen) / 20).to(torch.bfloat16)
     b = torch.randn(n, generator=gen).to(torch.bfloat16).cuda()
     fmt = "int8" if kernel in ("dequant-int8", "w8a8") else "int4"
@@ -366,7 +368,9 @@ def test_split_k_workspace_under_cuda_graph_replay(kernel):
     if kernel.startswith("sparse"):
         wt, ws, wz = (t.cuda() for t in sl.to_input_major(qw.qweight, qw.scales, qw.zeros, "int4", 64))
         t = torch.tensor(0.4, device="cuda")
-        cfg = plan.Config(128, 16, 4, 2, 4, True, compact=True) if rows == 1 else None
+        # flat: the list of a whole K split and its -1 tail rewritten by every replay, 4 chunks prefetched
+        cfg = plan.Config(128, 16, 4, 5 if kernel.endswith("flat") else 2, 4, True, compact=True,
+                          flat=kernel.endswith("flat")) if compact else None
         fn = lambda x: S.launch(x, t, wt, ws, wz, b, "int4", 64, split_k=4, config=cfg)  # noqa: E731
         ref = lambda x: S.reference(x, t, wt, ws, wz, b, "int4", 64)  # noqa: E731
     elif kernel == "w8a8":
