@@ -24,7 +24,7 @@ NAME = "sparse_gemv"  # the custom op (effcompile::sparse_gemv) and its PATH_COU
 _FMT = {"int8": 0, "int4": 1, "float": 2}
 COMPACT_SEGMENT = 128  # channels compacted at a time by one-row float / int8 launches (int4: its group)
 FLAT_SEGS = 8  # segments a Config.flat launch compacts per step, at most
-FLAT_TAIL = 8  # chunks of -1 after a flat launch's list, the kernel's TAIL: reads past it reach at most 5 (PREFETCH 4)
+FLAT_TAIL = 8  # chunks of -1 after a flat launch's list, the kernel's TAIL: reads past it reach at most 6 (PREFETCH 4)
 
 # Interpreter rules as in codegen/README.md: tl builtins and tl.reduce with triton's own combine fns.
 
@@ -91,7 +91,7 @@ def _sparse_kernel(x_ptr, t_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cn
             # chunks, whose prefetch runs across segments. The per-segment path below pays a scan, a barrier and
             # a drained prefetch at every segment (sm_90 SASS, triton 3.6, (256, 16, 4, 1): 241 instructions a
             # segment against 173 per chunk of 16 rows, ~4 chunks a segment at 50 %).
-            TAIL: tl.constexpr = 8 * BLOCK_K  # -1s after the list (PREFETCH <= 4): chunk loads need no mask
+            TAIL: tl.constexpr = 8 * BLOCK_K  # -1s after the list (PREFETCH <= 4): entry loads need no mask
             lists = scr_ptr + (tl.program_id(1) * tl.num_programs(0) + pid_n).to(tl.int64) * (K_SPLIT + TAIL)
             length = k_lo * 0
             for s0 in range(k_lo, k_hi, SEGS * SEG):
@@ -120,9 +120,18 @@ def _sparse_kernel(x_ptr, t_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cn
             if PREFETCH >= 4:
                 x_4, w_4, grp_4 = sparse_rows.chunk_rows(lists, 3 * BLOCK_K, G, BLOCK_K, x_ptr, w_ptr,
                                                          row_len, cols, cols_mask)
+            if PREFETCH >= 1:  # and the entries of the chunk after those (see below)
+                idx_n, grp_n = sparse_rows.list_chunk(lists, PREFETCH * BLOCK_K, G, BLOCK_K)
             for c in range(0, length, BLOCK_K):
-                x_l, w_l, grp_l = sparse_rows.chunk_rows(lists, c + BLOCK_K * PREFETCH, G, BLOCK_K, x_ptr,
-                                                         w_ptr, row_len, cols, cols_mask)
+                if PREFETCH == 0:
+                    x_l, w_l, grp_l = sparse_rows.chunk_rows(lists, c, G, BLOCK_K, x_ptr, w_ptr, row_len, cols,
+                                                             cols_mask)
+                else:
+                    # Rows by entries loaded an iteration earlier, and the next chunk's entries: a weight load
+                    # never waits on an entry load just issued (a round trip to L2 every iteration otherwise).
+                    x_l, w_l = sparse_rows.list_rows(idx_n, x_ptr, w_ptr, row_len, cols, cols_mask)
+                    grp_l = grp_n
+                    idx_n, grp_n = sparse_rows.list_chunk(lists, c + (PREFETCH + 1) * BLOCK_K, G, BLOCK_K)
                 if PREFETCH == 0:
                     x_c, w, grp_c = x_l, w_l, grp_l
                 else:  # the oldest prefetched chunk is this one; the others move up, the new one last
