@@ -309,9 +309,9 @@ def _configs(sparse: bool, m: int, int4: bool = False) -> list:
                                                                       (128, 16, 1, 2), (256, 16, 4, 3), (512, 8, 4, 3),
                                                                       (256, 8, 2, 3)]]
         # Config.flat (session 17, untimed): the whole K split compacted first, then one chunk loop prefetching
-        # stages - 1 chunks across segments (sm_90 SASS, int4 8b.up: (256, 16, 4, s) 93-124 registers, 884-1013
-        # instructions a group of 4 kept chunks against 934-1008 per segment, no barrier in the chunk loop;
-        # (512, 16, 4, 3) 160 registers, 3 CTAs per SM, 15 % fewer instructions per weight byte).
+        # stages - 1 chunks across segments (sm_90 SASS, int4 8b.up, triton 3.6 / 3.9: (256, 16, 4, s) 93-126
+        # registers, 884-1017 instructions a group of 4 kept chunks against 934-1008 per segment, no barrier in the
+        # chunk loop; (512, 16, 4, 3) 161-167 registers, 3 CTAs per SM, ~15 % fewer instructions per weight byte).
         configs += [plan.Config(*c, None, True, True, flat=True) for c in ((256, 16, 4, 2), (256, 16, 4, 3),
                                                                            (256, 16, 4, 5), (512, 8, 4, 3),
                                                                            (512, 8, 4, 5), (512, 16, 4, 3))]
