@@ -87,7 +87,8 @@ def test_bad_epilogues_are_refused():
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("fmt", ["float", "int8", "int4"])
-@pytest.mark.parametrize("m,config", [(1, None), (1, plan.Config(256, 16, 4, 2, 2, True, True)), (3, None),
+@pytest.mark.parametrize("m,config", [(1, None), (1, plan.Config(256, 16, 4, 2, 2, True, True)),
+                                      (1, plan.Config(256, 16, 4, 3, 2, True, True, flat=True)), (3, None),
                                       (8, plan.Config(64, 64, 4, 3, 3))])
 def test_sparse_epilogue_matches_the_unfused_gate(fmt, m, config, dtype):
     gen = torch.Generator().manual_seed(m)
