@@ -294,3 +294,12 @@ def test_compacted_path_needs_a_compact_one_row_fma_config_and_whole_int4_words(
     # are right there.
     monkeypatch.setattr(plan, "scratch_lists", lambda *a: pytest.fail("compacted path taken"))
     _check(_case(fmt, n, 288, m, torch.float32), config=plan.Config(64, 32, 4, 1, 3, fma=fma, compact=compact))
+
+
+def test_int4_flat_path_with_the_gated_epilogue():
+    # Gate/up pairs (FuseGatedActivation) through the flat int4 path: the same GEMV, silu(gate) * up in the store.
+    args = _case("int4", 96, 384, 1, torch.bfloat16, seed=5, group=128)
+    config = plan.Config(64, 16, 4, 3, 2, fma=True, compact=True, flat=True)
+    got = S.launch(*args, config=config, epilogue="silu_mul")
+    torch.testing.assert_close(got, qops.apply_epilogue(S.launch(*args, config=config), "silu_mul"), rtol=1.6e-2,
+                               atol=1e-6)
