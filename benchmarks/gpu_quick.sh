@@ -46,6 +46,7 @@
 #   OUT=$OUT benchmarks/gpu_quick.sh                                  # on the device machine, repo root
 #   STEPS=pdlcheck,kernels,decode OUT=$OUT benchmarks/gpu_quick.sh    # ~560 s; then at once, still warm:
 #   STEPS=tests,peers PEERS_S=200 OUT=$OUT benchmarks/gpu_quick.sh
+# Then, here: benchmarks/compare.py <last session's kernels / decode JSON> <this run's> (same card only).
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 2
 OUT=${OUT:-benchmarks/results/gpu-quick}

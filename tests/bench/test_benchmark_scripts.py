@@ -95,3 +95,21 @@ def test_launches_counts_five_fewer_per_layer_with_fused_projections(tmp_path):
     assert fused == off - 5 * data["layers"] and off < eager
     # TRITON_INTERPRET=1: the dequant kernel, as on a GPU
     assert data["rows"][1]["by_op_b1"]["effcompile::dequant_linear"] == 4 * data["layers"]
+
+
+def test_compare_reads_two_sessions_results_and_refuses_unlike_files(tmp_path):
+    res = REPO / "benchmarks" / "results"
+    out = tmp_path / "cmp.json"
+    r = _run("benchmarks/compare.py", str(res / "decode-h100-llama-1b-2026-11-26-s10.json"),
+             str(res / "decode-h100-llama-1b-2026-11-27-s13.json"), "--json", str(out))
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = {(x["row"], x["field"]): x for x in json.loads(out.read_text())["rows"]}
+    int4 = rows[("quantize(weights=int4,group_size=128)", "tok_s_b1")]  # 623 -> 872 tok/s: faster is better
+    assert int4["before"] == 622.97 and int4["after"] == 872.44 and int4["better"] and int4["ratio"] > 1.39
+    assert not rows[("quantize(weights=int4,group_size=128)", "compile_and_time_s")]["better"]  # 33.9 -> 46.7 s
+    r = _run("benchmarks/compare.py", str(res / "kernels-h100-2026-11-26-s10.json"),
+             str(res / "kernels-h200-2026-11-26.json"))
+    assert r.returncode == 2 and "devices differ" in r.stderr
+    r = _run("benchmarks/compare.py", str(res / "kernels-h100-2026-11-26-s10.json"),
+             str(res / "decode-h100-llama-1b-2026-11-27-s13.json"))
+    assert r.returncode == 2 and "compare like with like" in r.stderr
