@@ -46,6 +46,9 @@
 #   OUT=$OUT benchmarks/gpu_quick.sh                                  # on the device machine, repo root
 #   STEPS=pdlcheck,kernels,decode OUT=$OUT benchmarks/gpu_quick.sh    # ~560 s; then at once, still warm:
 #   STEPS=tests,peers PEERS_S=200 OUT=$OUT benchmarks/gpu_quick.sh
+# With #6's decode target in view (reachable only on the 8B shape), the 8B decode in the first call instead:
+#   STEPS=pdlcheck,kernels,decode PDLCHECK_S=60 SWEEP_S=120 KERNELS_S=200 DECODE_S=300 DECODE_MODEL=llama-8b \
+#     DECODE_BATCHES=1 DECODE_CONFIGS="none;threshold(sparsity=0.5);..." OUT=$OUT benchmarks/gpu_quick.sh
 # Then, here: benchmarks/compare.py <last session's kernels / decode JSON> <this run's> (same card only).
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 2
