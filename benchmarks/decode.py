@@ -103,6 +103,10 @@ def main() -> None:
     ap.add_argument("--cache-len", type=int, default=None,
                     help="static KV cache length (default: the prompt and the steps; e.g. 4096, as a server "
                          "allocates for its longest sequence: SDPA then reads all of it every step)")
+    ap.add_argument("--prefill", action="store_true",
+                    help="also time a compiled prefill of one calibration batch (2 x 64 tokens: time to first token's "
+                         "work) per config, median of 3 after a warm call; compiles the prefill graph where a "
+                         "config would not (uncalibrated effcompile configs, peers)")
     ap.add_argument("--out", type=Path, help="result file (default results/decode-<device>-<model>-<date>.json)")
     a = ap.parse_args()
     dtype = getattr(torch, a.dtype)
@@ -147,6 +151,24 @@ def main() -> None:
         print({k: {kk: vv for kk, vv in v.items() if kk != "top"} if k.startswith("profile") and isinstance(v, dict)
                else v for k, v in r.items()}, flush=True)
 
+    def prefill(fn, row: dict) -> None:
+        """With --prefill: the median of 3 timed prefills of calib[0] after a warm (compiling) one, in ms."""
+        if not a.prefill:
+            return
+        cuda = torch.device(a.device).type == "cuda"
+        times = []
+        with torch.no_grad():
+            for _ in range(4):
+                if cuda:
+                    torch.cuda.synchronize()
+                t = time.perf_counter()
+                fn(**calib[0])
+                if cuda:
+                    torch.cuda.synchronize()
+                times.append(time.perf_counter() - t)
+        row["prefill_ms"] = round(sorted(times[1:])[1] * 1e3, 3)
+        row["prefill_tokens"] = int(calib[0]["input_ids"].numel())
+
     def decode(fn, row: dict) -> dict:
         """Times fn at each batch size into ``row`` (already in rows), written after each one: a run stopped by
         its time limit keeps the batch sizes it finished (a compiled peer compiles again for each)."""
@@ -170,6 +192,7 @@ def main() -> None:
         return row
 
     rows.append({"config": "eager (first)"})
+    prefill(model, rows[-1])
     decode(model, rows[-1])
     show(rows[-1])
     write()
@@ -201,6 +224,7 @@ def main() -> None:
             attention_before = dict(attention_ops.PATH_COUNTS)
             if spec not in PEERS:  # effcompile's kernels launched with PDL (a peer's kernels are not ours)
                 row["pdl"] = cg_ops.pdl(torch.device(a.device))
+            prefill(fast, row)
             decode(fast, row)
         except Exception as e:  # noqa: BLE001 - one failing config (e.g. a peer not installed) is recorded
             row["failed"] = f"{type(e).__name__}: {str(e)[:400]}"
@@ -232,6 +256,7 @@ def main() -> None:
         if torch.device(a.device).type == "cuda":
             torch.cuda.empty_cache()
     rows.append({"config": "eager (last)"})
+    prefill(model, rows[-1])
     decode(model, rows[-1])
     show(rows[-1])
     write()

@@ -20,7 +20,7 @@ def test_decode_benchmark_runs_a_quantized_and_a_thresholded_config(tmp_path):
     out = tmp_path / "decode.json"
     r = _run("benchmarks/decode.py", "--model", "llama-tiny", "--steps", "1", "--batches", "1,2", "--configs",
              "quantize(weights=int4,group_size=32,smooth=0.5,eora_rank=2);threshold(sparsity=0.5)", "--out", str(out),
-             "--cache-len", "64")
+             "--cache-len", "64", "--prefill")
     assert r.returncode == 0, r.stderr[-2000:]
     data = json.loads(out.read_text())
     rows = data["rows"]
@@ -31,6 +31,7 @@ def test_decode_benchmark_runs_a_quantized_and_a_thresholded_config(tmp_path):
     for row in rows[1:-1]:
         assert "failed" not in row and row["tok_s_b1"] > 0 and row["tok_s_b2"] > 0 and row["vs_eager_b1"] > 0, row
         assert row["kernels"], row  # the rewrite reached a kernel, not just the eager graph
+    assert all(row["prefill_ms"] > 0 and row["prefill_tokens"] == 2 * 64 for row in rows)  # --prefill: every row
 
 
 def test_kernel_benchmark_refuses_without_a_gpu(tmp_path):
