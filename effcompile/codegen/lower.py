@@ -16,6 +16,7 @@ import torch.fx as fx
 from effcompile.codegen import ops as _ops
 from effcompile.codegen.kernels import cache_write as _cache_write
 from effcompile.codegen.kernels import cpu_bag_gemv as _bag
+from effcompile.codegen.kernels import cpu_int4pack as _int4pack
 from effcompile.codegen.kernels import decode_attention as _decode_attention
 from effcompile.codegen.kernels import dequant_matmul as _dequant
 from effcompile.codegen.kernels import sparse_gemv as _sparse
@@ -104,7 +105,9 @@ def lower(
     reference); True = always the Triton kernel (interpreted on CPU); False = always the reference.
     """
     mode = _mode(use_triton)
-    bags, bag_fallbacks = _lower_cpu_bags(gm, mode)
+    bags, bag_fallbacks = _lower_cpu_int4pack(gm, mode)  # before the bags, which would take these linears too
+    more_bags, more_fallbacks = _lower_cpu_bags(gm, mode)
+    bags, bag_fallbacks = bags + more_bags, bag_fallbacks + more_fallbacks
     eora_fallbacks = _fuse_eora_side_paths(gm, mode)  # after the bags: only wq_linear left for Triton
     # Splitting a linear's bias into its consumer's kernel only pays when that kernel is Triton: on the
     # torch path it turns one addmm into a matmul plus a separate add (measured 7-13 % on MiniLM, CPU).
@@ -387,6 +390,42 @@ def _bag_plan(gm: fx.GraphModule, node) -> tuple | str | None:
         return "weight is not a CPU buffer"
     why = _bag.unavailable(fmt)
     return why if why else (x, thr, wt, st, zt, b, fmt, group, label, decode_only)
+
+
+def _lower_cpu_int4pack(gm: fx.GraphModule, mode: int) -> tuple[list[KernelRecord], list[tuple[str, str]]]:
+    """On CPU, weight-only int4 wq_linear with bf16 / fp16 activations -> torch's packed int4 matmul
+    (cpu_int4pack.py; faster there than the bag GEMV, which fp32 activations keep). The same conditions as the
+    bags (no Triton in this graph); a linear it cannot take is listed with the reason and left to them."""
+    if mode == _ops.MODE_TRITON or _ops.env_interpret():
+        return [], []
+    records, fallbacks = [], []
+    fake_mode = None
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target is not wq_linear_op() or len(node.args) < 7 or node.args[5] != "int4":
+            continue
+        x, q, s, z, b, _, group = node.args[:7]
+        act = node.args[7] if len(node.args) > 7 else node.kwargs.get("act", "none")
+        qt, st, zt, val = attr_tensor(gm, q), attr_tensor(gm, s), attr_tensor(gm, z), tensor_val(x)
+        if act != "none" or _sl.linear_epilogue(node) not in (None, "none") or qt is None or st is None or zt is None \
+                or qt.device.type != "cpu" or val is None or val.dtype not in _int4pack.DTYPES:
+            continue  # fp32 activations take the bag GEMV by design; its own checks say why where it matters
+        why = _int4pack.unavailable(val.dtype, qt.shape[0], group)
+        if why:
+            fallbacks.append((node.name, f"torch's int4 matmul not used: {why}"))
+            continue
+        packed, sz = _int4pack.pack(qt, st, zt, val.dtype)
+        tag = node.meta.get(TAG)
+        fake_mode = fake_mode or fake_mode_for(gm)
+        new_args = [add_buffer(gm, node, f"_ec_i4p_{node.name}_{suffix}", t, tag, fake_mode)
+                    for suffix, t in (("packed", packed), ("scales_and_zeros", sz))]
+        old = node.args[1:4]
+        node.target = _ops.op_for(_int4pack.NAME)
+        node.args, node.kwargs = (x, *new_args, b, group), {}
+        drop_unused_attrs(gm, old)
+        records.append(KernelRecord(_int4pack.NAME, f"torch.ops.effcompile.{_int4pack.NAME}.default",
+                                    _int4pack.__file__, "cpu-int4pack-mm", ("wq_linear", f"int4g{group}"),
+                                    (node.name,), (str(tag),) if tag is not None else ()))
+    return records, fallbacks
 
 
 def _lower_cpu_bags(gm: fx.GraphModule, mode: int) -> tuple[list[KernelRecord], list[tuple[str, str]]]:
