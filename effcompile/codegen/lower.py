@@ -16,12 +16,12 @@ import torch.fx as fx
 from effcompile.codegen import ops as _ops
 from effcompile.codegen.kernels import cache_write as _cache_write
 from effcompile.codegen.kernels import cpu_bag_gemv as _bag
-from effcompile.codegen.kernels import cpu_int4pack as _int4pack
 from effcompile.codegen.kernels import decode_attention as _decode_attention
 from effcompile.codegen.kernels import dequant_matmul as _dequant
 from effcompile.codegen.kernels import sparse_gemv as _sparse
 from effcompile.codegen.partition import group_tag, partition
 from effcompile.codegen.triton_gen import generate
+from effcompile.compiler import ops as _qops
 from effcompile.compiler import sparse_linear as _sl
 from effcompile.compiler.cache_ops import kv_cache_write_op, rope_kv_cache_write_op
 from effcompile.compiler.ir import (
@@ -105,9 +105,7 @@ def lower(
     reference); True = always the Triton kernel (interpreted on CPU); False = always the reference.
     """
     mode = _mode(use_triton)
-    bags, bag_fallbacks = _lower_cpu_int4pack(gm, mode)  # before the bags, which would take these linears too
-    more_bags, more_fallbacks = _lower_cpu_bags(gm, mode)
-    bags, bag_fallbacks = bags + more_bags, bag_fallbacks + more_fallbacks
+    bags, bag_fallbacks = _lower_cpu_bags(gm, mode)
     eora_fallbacks = _fuse_eora_side_paths(gm, mode)  # after the bags: only wq_linear left for Triton
     # Splitting a linear's bias into its consumer's kernel only pays when that kernel is Triton: on the
     # torch path it turns one addmm into a matmul plus a separate add (measured 7-13 % on MiniLM, CPU).
@@ -227,11 +225,12 @@ def _lower_quantized_linears(gm: fx.GraphModule, mode: int) -> list[KernelRecord
             label += f"+eora-r{attr_tensor(gm, lora[0]).shape[0]}"
         if epilogue != "none":
             label += f"+{epilogue}"
-        return _dequant.kind_for(_static_rows(x), fmt, act), ("wq_linear", label)
+        return node.meta.pop(_CPU_PACKED, None) or _dequant.kind_for(_static_rows(x), fmt, act), ("wq_linear", label)
     return _retarget(gm, wq_linear_op(), _dequant, describe)
 
 
 _EORA = "ec_eora"  # node.meta key: the (A, B) get_attr nodes a wq_linear node takes over
+_CPU_PACKED = "ec_cpu_packed"  # node.meta key: the kind of a wq_linear that runs torch's packed CPU matmul
 _LINEARS = (torch._C._nn.linear, torch.nn.functional.linear)
 
 
@@ -359,6 +358,20 @@ def _inline_cache_write(graph: fx.Graph, node: fx.Node) -> None:
     graph.erase_node(node)
 
 
+def _packed_kind(gm: fx.GraphModule, node) -> str | None:
+    """"cpu-int4pack-mm" / "cpu-int8pack-mm" for a weight-only int4 / int8 wq_linear whose 16-bit activations
+    torch's packed CPU matmul takes (left as wq_linear, whose eager path runs it); None otherwise."""
+    if node.op != "call_function" or node.target is not wq_linear_op() or len(node.args) < 7:
+        return None
+    x, q, _, _, _, fmt, _ = node.args[:7]
+    act = node.args[7] if len(node.args) > 7 else node.kwargs.get("act", "none")
+    qt, val = attr_tensor(gm, q), tensor_val(x)
+    if act != "none" or _sl.linear_epilogue(node) not in (None, "none") or qt is None or qt.device.type != "cpu" \
+            or val is None or val.dtype not in _qops.PACKED_DTYPES:
+        return None
+    return None if _qops.packed_cpu_unavailable(fmt, val.dtype, qt.shape[0]) else f"cpu-{fmt}pack-mm"
+
+
 def _bag_plan(gm: fx.GraphModule, node) -> tuple | str | None:
     """(x, threshold, weight_t, scales, zeros, bias, fmt, group, label, decode_only) in sparse_linear's
     input-major layout for a node the CPU bag GEMV can take; a reason string if it cannot; None if the
@@ -392,42 +405,6 @@ def _bag_plan(gm: fx.GraphModule, node) -> tuple | str | None:
     return why if why else (x, thr, wt, st, zt, b, fmt, group, label, decode_only)
 
 
-def _lower_cpu_int4pack(gm: fx.GraphModule, mode: int) -> tuple[list[KernelRecord], list[tuple[str, str]]]:
-    """On CPU, weight-only int4 wq_linear with bf16 / fp16 activations -> torch's packed int4 matmul
-    (cpu_int4pack.py; faster there than the bag GEMV, which fp32 activations keep). The same conditions as the
-    bags (no Triton in this graph); a linear it cannot take is listed with the reason and left to them."""
-    if mode == _ops.MODE_TRITON or _ops.env_interpret():
-        return [], []
-    records, fallbacks = [], []
-    fake_mode = None
-    for node in list(gm.graph.nodes):
-        if node.op != "call_function" or node.target is not wq_linear_op() or len(node.args) < 7 or node.args[5] != "int4":
-            continue
-        x, q, s, z, b, _, group = node.args[:7]
-        act = node.args[7] if len(node.args) > 7 else node.kwargs.get("act", "none")
-        qt, st, zt, val = attr_tensor(gm, q), attr_tensor(gm, s), attr_tensor(gm, z), tensor_val(x)
-        if act != "none" or _sl.linear_epilogue(node) not in (None, "none") or qt is None or st is None or zt is None \
-                or qt.device.type != "cpu" or val is None or val.dtype not in _int4pack.DTYPES:
-            continue  # fp32 activations take the bag GEMV by design; its own checks say why where it matters
-        why = _int4pack.unavailable(val.dtype, qt.shape[0], group)
-        if why:
-            fallbacks.append((node.name, f"torch's int4 matmul not used: {why}"))
-            continue
-        packed, sz = _int4pack.pack(qt, st, zt, val.dtype)
-        tag = node.meta.get(TAG)
-        fake_mode = fake_mode or fake_mode_for(gm)
-        new_args = [add_buffer(gm, node, f"_ec_i4p_{node.name}_{suffix}", t, tag, fake_mode)
-                    for suffix, t in (("packed", packed), ("scales_and_zeros", sz))]
-        old = node.args[1:4]
-        node.target = _ops.op_for(_int4pack.NAME)
-        node.args, node.kwargs = (x, *new_args, b, group), {}
-        drop_unused_attrs(gm, old)
-        records.append(KernelRecord(_int4pack.NAME, f"torch.ops.effcompile.{_int4pack.NAME}.default",
-                                    _int4pack.__file__, "cpu-int4pack-mm", ("wq_linear", f"int4g{group}"),
-                                    (node.name,), (str(tag),) if tag is not None else ()))
-    return records, fallbacks
-
-
 def _lower_cpu_bags(gm: fx.GraphModule, mode: int) -> tuple[list[KernelRecord], list[tuple[str, str]]]:
     """On CPU, decode-time sparse_linear and weight-only int8/int4 wq_linear -> the embedding-bag GEMV.
 
@@ -439,6 +416,13 @@ def _lower_cpu_bags(gm: fx.GraphModule, mode: int) -> tuple[list[KernelRecord], 
     records, fallbacks = [], []
     fake_mode = None
     for node in list(gm.graph.nodes):
+        if (packed := _packed_kind(gm, node)) is not None:
+            # 16-bit activations: wq_linear's eager path runs torch's packed int4 / int8 matmul (compiler/ops.py,
+            # checked against the reference), faster there than the bag (session 17, dev box, AVX512, bf16:
+            # int4 3-9x at 1-8 rows, int8 1.5-3.7x; fp32 activations make those kernels 4-100x slower instead).
+            # The node stays for the dequant op, whose CPU path that is; its record names the kind.
+            node.meta[_CPU_PACKED] = packed
+            continue
         plan = _bag_plan(gm, node)
         if plan is None:
             continue

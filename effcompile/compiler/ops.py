@@ -224,13 +224,30 @@ def _int4_cpu_packed(qweight, scales, zeros, group_size, dtype):
 
 # torch's packed CPU ops are GEMV-style kernels: measured here they lose to dequantize + a BLAS matmul
 # as soon as there are more than a few rows (MiniLM 8x64 prefill: 6.8 s packed vs dense 0.39 s), so
-# they serve decode-shaped calls only.
+# they serve decode-shaped calls only. Except int4 with 16-bit activations (session 17, dev box, AVX512, bf16,
+# 2048x768 g128): 3.4 ms at 128 rows against ~4 ms just to dequantize, so it takes every row count.
 PACKED_MAX_ROWS = 8
+PACKED_DTYPES = (torch.bfloat16, torch.float16)  # where the packed ops beat the CPU bag GEMV (codegen/lower.py)
+
+
+def packed_cpu_unavailable(fmt: str, dtype: torch.dtype, out_features: int) -> str | None:
+    """None when wq_linear's eager path runs torch's packed CPU matmul for this format, activation dtype and
+    weight (checked against the reference once per format and dtype), else why not."""
+    if fmt not in ("int8", "int4"):
+        return f"no packed CPU matmul for {fmt!r}"
+    if fmt == "int4" and out_features % 16:
+        return f"int4 out_features={out_features} is not a multiple of 16"
+    _self_check(fmt, dtype)
+    return FAST_PATH_DISABLED.get((fmt, dtype))
 
 
 def _fast_cpu(x2, qweight, scales, zeros, fmt, group_size) -> tuple[torch.Tensor, str] | None:
     n = qweight.shape[0]
-    if x2.shape[0] > PACKED_MAX_ROWS:
+    if x2.shape[0] > PACKED_MAX_ROWS and fmt == "int8" and x2.dtype in PACKED_DTYPES:
+        # The codes in x's dtype (exact), one matmul, the scales after: what the CPU bag GEMV's dense path does
+        # (llama-base bf16 prefill of 128 tokens: 87-115 ms that way, 142-145 ms dequantizing in fp32 first).
+        return (x2 @ qweight.to(x2.dtype).t()) * scales.to(x2.dtype), "int8-dense"
+    if x2.shape[0] > PACKED_MAX_ROWS and not (fmt == "int4" and x2.dtype in PACKED_DTYPES):
         return None
     if fmt == "int8" and _has("_weight_int8pack_mm"):
         return torch.ops.aten._weight_int8pack_mm(x2, qweight, scales.to(x2.dtype)), "int8pack"
@@ -337,5 +354,5 @@ def wq_linear_op():
     return torch.ops.effcompile.wq_linear.default
 
 
-__all__ = ["ACTIVATIONS", "EPILOGUES", "FORMATS", "apply_epilogue", "FP8", "PATH_COUNTS", "fake_quantize_activation", "quantize_activation", "QuantizedWeight", "check_format", "dequantize", "quantize_weight",
+__all__ = ["ACTIVATIONS", "EPILOGUES", "FORMATS", "apply_epilogue", "FP8", "PATH_COUNTS", "packed_cpu_unavailable", "fake_quantize_activation", "quantize_activation", "QuantizedWeight", "check_format", "dequantize", "quantize_weight",
            "reference", "sqnr", "unpack_int4", "wq_linear_eager", "wq_linear_op"]

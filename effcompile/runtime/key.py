@@ -279,15 +279,11 @@ def numerics_flags() -> dict:
 
 
 def device_capability(device: Any) -> str:
-    """``cuda:sm90``-style for CUDA (kernels are tuned per architecture), ``cpu:AVX512``-style for the CPU
-    (a cached graph may hold weights packed for torch's CPU int4 matmul, whose kernels are per instruction set),
-    else the device type."""
+    """``cuda:sm90``-style for CUDA (kernels are tuned per architecture), else the device type."""
     dev = torch.device(device)
     if dev.type == "cuda":
         major, minor = torch.cuda.get_device_capability(dev)
         return f"cuda:sm{major}{minor}"
-    if dev.type == "cpu":
-        return f"cpu:{torch.backends.cpu.get_cpu_capability()}"
     return dev.type
 
 
