@@ -419,7 +419,8 @@ def _lower_cpu_bags(gm: fx.GraphModule, mode: int) -> tuple[list[KernelRecord], 
         if (packed := _packed_kind(gm, node)) is not None:
             # 16-bit activations: wq_linear's eager path runs torch's packed int4 / int8 matmul (compiler/ops.py,
             # checked against the reference), faster there than the bag (session 17, dev box, AVX512, bf16:
-            # int4 3-9x at 1-8 rows, int8 1.5-3.7x; fp32 activations make those kernels 4-100x slower instead).
+            # int4 3-9x at 1-8 rows, int8 1.5-3.7x. With fp32 activations they are slow: int8 4-15x slower than the
+            # bag, int4 1.6 ms at one row and 220 ms at 128 for 2048x768).
             # The node stays for the dequant op, whose CPU path that is; its record names the kind.
             node.meta[_CPU_PACKED] = packed
             continue
