@@ -285,6 +285,12 @@ def node_tensor(gm: fx.GraphModule, node, params: dict) -> torch.Tensor | None:
     return params.get(node.name) if node.op == "placeholder" else attr_tensor(gm, node)
 
 
+def value_key(t: torch.Tensor) -> tuple:
+    """(dtype, shape, bytes): equal exactly when two tensors hold the same values (the bytes, not .numpy():
+    numpy has no bf16)."""
+    return t.dtype, tuple(t.shape), t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
 def drop_unused_attrs(gm: fx.GraphModule, nodes) -> None:
     """Erase the get_attr nodes among ``nodes`` that a rewrite left without users, and their buffers,
     so a replaced weight layout is neither kept in memory nor cached."""

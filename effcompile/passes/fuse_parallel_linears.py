@@ -80,9 +80,7 @@ def _sparse_key(gm, node, ctx) -> tuple | str:
         return "its threshold or weight is not a graph buffer"
     if b is not None and ir.node_tensor(gm, b, ctx.params) is None:
         return "its bias is not a parameter or buffer"
-    # The bytes, not .numpy() of the tensor: numpy has no bf16.
-    thr_values = (tt.dtype, tuple(tt.shape), tt.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return ("sparse", x, fmt, group, decode_only, str(ir.sublayer(node)), thr_values, wtt.dtype, wtt.shape[0],
+    return ("sparse", x, fmt, group, decode_only, str(ir.sublayer(node)), ir.value_key(tt), wtt.dtype, wtt.shape[0],
             None if stt is None else stt.dtype)
 
 

@@ -136,5 +136,38 @@ def test_unfusable_pairs_stay_and_say_why(llama):
     with torch.no_grad():
         out = fast(ids).logits
     (rec,) = _record(fast)
-    assert not rec.modified and "activations='int8'" in rec.note and len(rec.artifacts["unfused"]) == 14
+    assert rec.count == 0 and "activations='int8'" in rec.note and len(rec.artifacts["unfused"]) == 14
+    # the pairs' sparsify ops of one input and one threshold merge (q/k/v: 2, gate/up: 1 a layer), so the
+    # linears can still fuse in parallel
+    assert "6 sparsify op(s) merged" in rec.note
     torch.testing.assert_close(out, _hooked_reference(llama, ids, passes=[cfg]), rtol=1e-4, atol=1e-4)
+
+
+def test_bf16_int4_on_cpu_stays_unfused_for_the_packed_matmul_with_merged_sparsify():
+    # bf16 int4 on the CPU: torch's packed matmul of the thresholded input beat the row-skipping bag 1.9-4.1x
+    # (session 17), so sparsify + wq_linear stay; q/k/v's and gate/up's sparsify ops (one input, equal per-tensor
+    # thresholds) merge into one each, so FuseParallelLinears still fuses their linears.
+    from effcompile.compiler import ops as qops
+
+    if qops.packed_cpu_unavailable("int4", torch.bfloat16, 64):
+        pytest.skip(qops.packed_cpu_unavailable("int4", torch.bfloat16, 64))
+    model = tiny_hf("llama", layers=2, hidden=64).to(torch.bfloat16)
+    calib = [{"input_ids": torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(i))} for i in range(2)]
+    passes = [ec.ThresholdChannels(sparsity=0.5), ec.Quantize(weights="int4", group_size=32)]
+    fast = ec.effcompile(model, passes=passes, calibration=calib, cache=False)
+    ids = torch.randint(0, 128, (1, 1), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        fast(**calib[0])
+        with sparse_ops.measure_sparsity() as got:
+            out = fast(ids).logits
+    (rec,) = [r for r in _record(fast) if r.count == 0 and "merged" in r.note][-1:]
+    assert "6 sparsify op(s) merged" in rec.note and "packed int4 matmul" in rec.note
+    graph = [g for g in ec.explain(fast).graphs][-1]
+    assert [p.count for p in graph.passes if p.name == "fuse_parallel_linears"] == [4]  # qkv and gate/up, 2 layers
+    assert {k.kind for k in ec.explain(fast).kernels if k.ops[:1] == ("wq_linear",)} == {"cpu-int4pack-mm"}
+    assert len(got) == 14  # every linear's achieved sparsity, merged labels counted under each part
+    ref = ec.effcompile(model, passes=passes, calibration=calib, cache=False, use_triton=True)
+    with torch.no_grad():
+        ref(**calib[0])
+        want = ref(ids).logits  # the same thresholds through the interpreted dequant kernel
+    torch.testing.assert_close(out.float(), want.float(), rtol=3e-2, atol=3e-2)
