@@ -367,7 +367,7 @@ def _packed_kind(gm: fx.GraphModule, node) -> str | None:
     act = node.args[7] if len(node.args) > 7 else node.kwargs.get("act", "none")
     qt, val = attr_tensor(gm, q), tensor_val(x)
     if act != "none" or _sl.linear_epilogue(node) not in (None, "none") or qt is None or qt.device.type != "cpu" \
-            or val is None or val.dtype not in _qops.PACKED_DTYPES:
+            or val is None:
         return None
     return None if _qops.packed_cpu_unavailable(fmt, val.dtype, qt.shape[0]) else f"cpu-{fmt}pack-mm"
 

@@ -232,9 +232,12 @@ PACKED_DTYPES = (torch.bfloat16, torch.float16)  # where the packed ops beat the
 
 def packed_cpu_unavailable(fmt: str, dtype: torch.dtype, out_features: int) -> str | None:
     """None when wq_linear's eager path runs torch's packed CPU matmul for this format, activation dtype and
-    weight (checked against the reference once per format and dtype), else why not."""
+    weight, and it beats the CPU bag GEMV (16-bit activations only; checked against the reference once per
+    format and dtype), else why not."""
     if fmt not in ("int8", "int4"):
         return f"no packed CPU matmul for {fmt!r}"
+    if dtype not in PACKED_DTYPES:
+        return f"{dtype} activations: torch's packed CPU matmuls lose to the bag GEMV there"
     if fmt == "int4" and out_features % 16:
         return f"int4 out_features={out_features} is not a multiple of 16"
     _self_check(fmt, dtype)

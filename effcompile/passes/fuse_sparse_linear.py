@@ -41,7 +41,7 @@ def _plan(gm, node, ctx) -> tuple[tuple, str] | str:
     if q is None or s is None or fmt not in sl.FORMATS:
         return f"quantized weight ({fmt}) is not a buffer this pass can re-lay out"
     val = ir.tensor_val(node.args[0])
-    if fmt == "int4" and q.device.type == "cpu" and val is not None and val.dtype in qops.PACKED_DTYPES \
+    if fmt == "int4" and q.device.type == "cpu" and val is not None \
             and qops.packed_cpu_unavailable(fmt, val.dtype, q.shape[0]) is None:
         # bf16 / fp16 on the CPU: torch's packed int4 matmul over every row beat the row-skipping bag GEMV at
         # 50 % sparsity, 1.9-4.1x (session 17, dev box, 2048x768 to 8192x2048, 1 and 8 rows).

@@ -59,6 +59,7 @@ def test_int4_rows_over_eight_stay_packed_only_for_16_bit_activations():
 
 def test_an_int4_weight_it_cannot_take_keeps_the_bag():
     assert "multiple of 16" in qops.packed_cpu_unavailable("int4", torch.bfloat16, 120)
+    assert "lose to the bag" in qops.packed_cpu_unavailable("int4", torch.float32, 128)
     odd = tiny_hf("llama", layers=1, hidden=64, vocab=120).to(torch.bfloat16)  # the LM head: 120 outputs
     fast = ec.effcompile(odd, passes=[ec.Quantize(weights="int4", group_size=32, targets=("attn", "ffn", "head"))],
                          cache=False)

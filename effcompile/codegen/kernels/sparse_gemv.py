@@ -34,7 +34,7 @@ def _sparse_kernel(x_ptr, t_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cn
                    SPLITS, FMT: tl.constexpr, G: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr,
                    DOT_DT: tl.constexpr, I4_BITS: tl.constexpr, I4_OFF: tl.constexpr, I4_ASM: tl.constexpr,
                    SPLIT: tl.constexpr, FMA: tl.constexpr, COMPACT: tl.constexpr, SEG: tl.constexpr, PREFETCH: tl.constexpr,
-                   IDX_AHEAD: tl.constexpr, FLAT: tl.constexpr, SEGS: tl.constexpr,
+                   IDX_AHEAD: tl.constexpr, FLAT: tl.constexpr, SEGS: tl.constexpr, TAIL: tl.constexpr,
                    EPILOGUE: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
     _ops.wait_for_producers(PDL)  # first: with PDL, nothing may read another kernel's output before it
@@ -91,7 +91,7 @@ def _sparse_kernel(x_ptr, t_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cn
             # chunks, whose prefetch runs across segments. The per-segment path below pays a scan, a barrier and
             # a drained prefetch at every segment (sm_90 SASS, triton 3.6, (256, 16, 4, 1): 241 instructions a
             # segment against 173 per chunk of 16 rows, ~4 chunks a segment at 50 %).
-            TAIL: tl.constexpr = 8 * BLOCK_K  # -1s after the list (PREFETCH <= 4): entry loads need no mask
+            # TAIL: -1s after the list (FLAT_TAIL chunks), so entry loads need no mask
             lists = scr_ptr + (tl.program_id(1) * tl.num_programs(0) + pid_n).to(tl.int64) * (K_SPLIT + TAIL)
             length = k_lo * 0
             for s0 in range(k_lo, k_hi, SEGS * SEG):
@@ -425,7 +425,7 @@ def launch(x, threshold, weight_t, scales, zeros, bias, fmt: str, group_size: in
         x2, t, w, s, z, b, out, ws, cnt, lists, m, n, k, ks, grid[1], FMT=_FMT[fmt], G=max(group_size, 1),
         PER_CHANNEL=t.numel() > 1, HAS_BIAS=bias is not None, DOT_DT=dot_dt, I4_BITS=i4_bits, I4_OFF=i4_off,
         I4_ASM=plan.int4_asm(dot_dt, interp), SPLIT=split, FMA=fma, COMPACT=compact, SEG=seg, PREFETCH=prefetch,
-        IDX_AHEAD=compact and not flat and stages >= 3, FLAT=flat, SEGS=segs,
+        IDX_AHEAD=compact and not flat and stages >= 3, FLAT=flat, SEGS=segs, TAIL=FLAT_TAIL * bk,
         EPILOGUE=int(epilogue != "none"),
         BLOCK_M=plan.block_m(m, config), BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=1 if compact or prefetch else stages,
         **_ops.launch_options(dev))
