@@ -188,15 +188,62 @@ def config_json(cfg: Any) -> str:
     return dumps(body)
 
 
-def _tensor_bytes(t: torch.Tensor) -> bytes:
-    t = t.detach().to("cpu").contiguous().reshape(-1)
-    return t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
+def _signed64(c: int) -> int:
+    return c - (1 << 64) if c >= 1 << 63 else c
+
+
+# splitmix64's finalizer constants, and the golden-ratio constant that gives the second lane other inputs
+_MIX1, _MIX2, _LANE2 = _signed64(0xBF58476D1CE4E5B9), _signed64(0x94D049BB133111EB), _signed64(0x9E3779B97F4A7C15)
+DEVICE_CHUNK = 1 << 24  # 32-bit words per step of device_checksum: 128 MiB of int64 temporaries
+
+
+def _shr(x: torch.Tensor, n: int) -> torch.Tensor:  # logical right shift (>> on int64 is arithmetic)
+    return (x >> n) & ((1 << (64 - n)) - 1)
+
+
+def _mix(x: torch.Tensor) -> torch.Tensor:
+    x = (x ^ _shr(x, 30)) * _MIX1
+    x = (x ^ _shr(x, 27)) * _MIX2
+    return x ^ _shr(x, 31)
+
+
+def device_checksum(t: torch.Tensor) -> bytes:
+    """A 128-bit checksum of t's bytes, computed where t lives: two wrapping sums of splitmix64(position, word)
+    over its 32-bit words, plus the trailing bytes. A GPU-resident 8B model's weights (16 GB) would otherwise be
+    copied to the host and SHA-256'd on every compile of a calibrated graph (~15 s each on the H100 box); here one
+    flipped bit or two swapped words changes a sum but for a 2**-64 chance per lane. Not cryptographic: it finds
+    changed weights (a fine-tuned model), it is no defence against crafted collisions (the cache is local)."""
+    b = t.detach().contiguous().reshape(-1).view(torch.uint8)
+    if b.storage_offset() % 4:  # a view of int32 words must start on a word
+        b = b.clone()
+    n4 = b.numel() // 4
+    words = (b[: n4 * 4] if b.numel() % 4 else b).view(torch.int32)
+    sums = torch.zeros(2, dtype=torch.int64, device=t.device)
+    for c in range(0, n4, DEVICE_CHUNK):
+        w = words[c:c + DEVICE_CHUNK].to(torch.int64) & 0xFFFFFFFF
+        x = (torch.arange(c, c + w.numel(), dtype=torch.int64, device=t.device) << 32) | w
+        sums[0] += _mix(x).sum()
+        sums[1] += _mix(x ^ _LANE2).sum()
+    lanes = [v & ((1 << 64) - 1) for v in sums.tolist()]
+    return b"".join(v.to_bytes(8, "little") for v in lanes) + bytes(b[n4 * 4:].tolist())
+
+
+def _feed_tensor(h, t: torch.Tensor) -> None:
+    h.update(f"T|{t.dtype}|{list(t.shape)}|".encode())
+    if not t.numel():
+        return
+    if t.device.type == "meta":
+        raise UnkeyableValue(f"a meta tensor {list(t.shape)} has no data to key")
+    if t.device.type != "cpu":
+        h.update(b"C|" + device_checksum(t))  # the bytes never leave the device
+        return
+    # The buffer itself, not a bytes copy of it (hashlib reads anything with the buffer protocol).
+    h.update(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy())
 
 
 def _feed(h, v: Any) -> None:
     if isinstance(v, torch.Tensor):
-        h.update(f"T|{v.dtype}|{list(v.shape)}|".encode())
-        h.update(_tensor_bytes(v))
+        _feed_tensor(h, v)
     elif isinstance(v, dict):
         h.update(f"D{len(v)}|".encode())
         for k in sorted(v, key=str):
@@ -212,7 +259,8 @@ def _feed(h, v: Any) -> None:
 
 
 def calibration_hash(artifacts: dict | None) -> str | None:
-    """sha256 over sorted names + dtype + shape + bytes of calibration tensors (JSON for the rest)."""
+    """sha256 over sorted names + dtype + shape + bytes of calibration tensors (JSON for the rest); a tensor on
+    an accelerator contributes its ``device_checksum`` instead of its bytes."""
     if artifacts is None:
         return None
     h = hashlib.sha256()

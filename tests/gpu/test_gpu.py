@@ -730,3 +730,17 @@ def test_compiled_decode_stays_on_device_and_captures_in_a_cuda_graph(passes, tm
         on_cpu = [(n.target, hit) for g in graphs for gm in g.graph_modules() for n in gm.graph.nodes
                   if n.op == "get_attr" and functools.reduce(getattr, n.target.split("."), gm).device.type != "cuda"]
         assert not on_cpu, on_cpu
+
+
+def test_cache_key_checksums_device_weights_in_place():
+    # A calibrated graph's key covers the model's weights; on the GPU they are checksummed where they live
+    # (runtime/key.py device_checksum), not copied to the host, and a changed weight still changes the key.
+    from effcompile.runtime import key as K
+
+    w = torch.randn(4099, 33, device="cuda").to(torch.bfloat16)
+    digest = K.calibration_hash({"w": w})
+    assert digest == K.calibration_hash({"w": w.clone()})
+    assert K.device_checksum(w) == K.device_checksum(w.cpu())  # same sums on either device
+    changed = w.clone()
+    changed.view(torch.int16)[4098, 32] ^= 1  # one flipped bit
+    assert K.calibration_hash({"w": changed}) != digest

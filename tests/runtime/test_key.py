@@ -142,3 +142,44 @@ def test_digest_stable_across_processes():
     ns = {}
     exec(CODE, ns)
     assert ns["stable_key"](json.loads(vers)).digest == digest
+
+
+def test_cpu_tensor_digest_is_the_bytes_digest():
+    # The buffer is hashed in place (no bytes copy) but the digest is what it always was: entries written
+    # before that change still hit.
+    import hashlib
+
+    t = torch.randn(3, 5).to(torch.bfloat16)
+    h = hashlib.sha256()
+    h.update(b"D1|K1|w|" + f"T|{t.dtype}|{list(t.shape)}|".encode() + t.view(torch.uint8).numpy().tobytes())
+    assert K.calibration_hash({"w": t}) == h.hexdigest()
+    assert K.calibration_hash({"w": t[:, 1:]}) != K.calibration_hash({"w": t[:, :4]})  # strided views hashed as values
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.uint8])
+def test_device_checksum_sees_every_change(dtype):
+    t = (torch.randn(1031) * 100).to(dtype)  # an odd byte count for uint8: trailing bytes count too
+    base = K.device_checksum(t)
+    assert base == K.device_checksum(t.clone()) and len(base) == 16 + t.numel() * t.element_size() % 4
+    raw = t.view(torch.uint8)
+    for pos in (0, 5, raw.numel() - 1):  # a flipped bit at the start, inside, and in the trailing bytes
+        flipped = raw.clone()
+        flipped[pos] ^= 1
+        assert K.device_checksum(flipped.view(dtype)) != base, pos
+    words = t.view(torch.uint8)[: raw.numel() // 4 * 4].view(torch.int32).clone()
+    words[[3, 7]] = words[[7, 3]]  # two swapped words: a plain sum would not see it
+    assert words[3] != words[7] and K.device_checksum(words) != K.device_checksum(
+        t.view(torch.uint8)[: raw.numel() // 4 * 4].view(torch.int32))
+
+
+def test_device_checksum_does_not_depend_on_chunking(monkeypatch):
+    t = torch.randn(1000, 3)
+    whole = K.device_checksum(t)
+    monkeypatch.setattr(K, "DEVICE_CHUNK", 64)  # positions are absolute: chunks only split the sums
+    assert K.device_checksum(t) == whole
+    assert K.device_checksum(t.reshape(-1)[1:]) != K.device_checksum(t.reshape(-1)[:-1])  # an unaligned view works
+
+
+def test_meta_tensors_are_unkeyable():
+    with pytest.raises(K.UnkeyableValue, match="meta tensor"):
+        K.calibration_hash({"w": torch.empty(4, device="meta")})
