@@ -309,7 +309,7 @@ def _lower_sparse_linears(gm: fx.GraphModule, mode: int) -> list[KernelRecord]:
         node.args, node.kwargs = (*node.args[:10], mode, epilogue), {}
         x, fmt, group = node.args[0], node.args[6], node.args[7]
         label = fmt + (f"g{group}" if group else "") + (f"+{epilogue}" if epilogue != "none" else "")
-        return _sparse.kind_for(_static_rows(x)), ("sparse_linear", label)
+        return _sparse.kind_for(_static_rows(x), fmt), ("sparse_linear", label)
     return _retarget(gm, sparse_linear_op(), _sparse, describe)
 
 

@@ -168,6 +168,20 @@ def test_sparse_gemv_compiles(fmt, group, dtype, launches):
     _compile_all(launches)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("fmt,group", [("int8", 0), ("int4", 128)])
+def test_quantized_sparse_gemm_compiles(fmt, group, dtype, launches):
+    # Past the decode rows (a prefill) quantized weights run the kernel over M tiles: 70 rows (a partial tile
+    # of 64), thresholded and, for a prefill with decode_only thresholds, not.
+    qw = _weights(fmt, 256, 512, dtype, group)
+    wt, s, z = sl.to_input_major(qw.qweight, qw.scales, qw.zeros, fmt, group)
+    for thresholded in (True, False):
+        S.launch(torch.randn(70, 512, dtype=dtype), torch.tensor(0.5), wt, s, z, None, fmt, group, gemm=True,
+                 thresholded=thresholded)
+    assert [lc.kwargs["BLOCK_M"] for lc in launches] == [64, 64] and all(lc.grid[2] == 2 for lc in launches)
+    _compile_all(launches)
+
+
 _INT_TO_FLOAT = re.compile(r"\bcvt\.rn\.(?:f16|bf16|f32)\.[su](?:8|16|32)\b")  # integer-to-float cvt
 
 

@@ -96,7 +96,7 @@ def test_no_zero_and_all_zero_activations(sparsity):
 def test_dense_rule_and_path_counts(monkeypatch):
     args = _case("float", 32, 64, 2, torch.float32)
     assert S.supported(args[0], args[2], "float", False) is None
-    assert "dense path" in S.supported(torch.randn(9, 64), args[2], "float", False)
+    assert "dense path" in S.supported(torch.randn(9, 64), args[2], "float", False)  # quantized: a GEMM
     assert "prefill" in S.supported(torch.randn(1, 5, 64), args[2], "float", True)
     assert S.supported(torch.randn(1, 1, 64), args[2], "float", True) is None
     before = dict(cg_ops.PATH_COUNTS[S.NAME])
@@ -105,6 +105,38 @@ def test_dense_rule_and_path_counts(monkeypatch):
     S.run(*args, "lbl", False, cg_ops.MODE_AUTO)
     after = cg_ops.PATH_COUNTS[S.NAME]
     assert after["triton"] == before.get("triton", 0) + 1 and after["torch"] == before.get("torch", 0) + 1
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_quantized_gemm_past_the_decode_rows(fmt, dtype):
+    # Past DECODE_MAX_ROWS (a prefill) quantized weights take the kernel as a GEMM over M tiles, which decodes the
+    # packed rows in registers (the eager path dequantizes the whole weight per call). 70 rows: a partial third
+    # M tile of 32; N = 94 and K = 288 as above, per-channel thresholds.
+    args = _case(fmt, 94, 288, 70, dtype, per_channel=True, seed=11)
+    assert S.supported(args[0], args[2], fmt, False) is None and S.gemm_call(args[0], False)
+    got = S.launch(*args, gemm=True)
+    want = S.reference(*args)
+    err = (got.float() - want.float()).abs().max().item() / want.float().abs().max().item()
+    assert got.shape == want.shape and err <= TOL[dtype], f"relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_decode_only_prefill_runs_unthresholded_in_the_kernel(fmt):
+    # decode_only thresholds leave a prefill's input as it is: the GEMM skips the compare (THRESHOLD False) and
+    # reads every row, also for a prompt of fewer rows than DECODE_MAX_ROWS; decode steps still threshold.
+    x, t, *rest = _case(fmt, 64, 256, 1, torch.float32, seed=5)
+    prompt = torch.randn(1, 5, 256, generator=torch.Generator().manual_seed(1))
+    assert S.supported(prompt, rest[0], fmt, True) is None and S.gemm_call(prompt, True)
+    assert not S.gemm_call(prompt[:, :1], True) and not S.gemm_call(prompt, False)
+    got = S.run(prompt, t, *rest, "l", True, cg_ops.MODE_TRITON)
+    dense = S.reference(prompt, torch.tensor(0.0), *rest)  # nothing thresholded
+    thresholded = S.reference(prompt, t, *rest)
+    torch.testing.assert_close(got, S.reference(prompt, t, *rest, "l", True), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got, dense, rtol=1e-5, atol=1e-5)
+    assert (got - thresholded).abs().max() > 1e-3  # the thresholds were not applied
+    assert S.kind_for(5, fmt) == "sparse-gemv" and S.kind_for(9, fmt) == "sparse-gemm"
+    assert S.kind_for(None, fmt) == "sparse-gemv|sparse-gemm" and S.kind_for(9, "float") == "dense"
 
 
 def test_measured_sparsity_counts_on_the_kernel_path():

@@ -1,4 +1,5 @@
-"""Sparse-activation GEMV (decode, 1-8 rows): threshold the input and read only the weight rows still needed.
+"""Sparse-activation GEMV (decode, 1-8 rows): threshold the input and read only the weight rows still needed;
+past 8 rows, for int4 / int8 weights, the same kernel as a GEMM over M tiles (prefill).
 
 Weights are input-major (compiler/sparse_linear.py): row k of W^T holds every output's weight for input
 channel k, contiguous, so when no activation row needs channel k the masked load of that row issues no
@@ -35,13 +36,14 @@ def _sparse_kernel(x_ptr, t_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cn
                    DOT_DT: tl.constexpr, I4_BITS: tl.constexpr, I4_OFF: tl.constexpr, I4_ASM: tl.constexpr,
                    SPLIT: tl.constexpr, FMA: tl.constexpr, COMPACT: tl.constexpr, SEG: tl.constexpr, PREFETCH: tl.constexpr,
                    IDX_AHEAD: tl.constexpr, FLAT: tl.constexpr, SEGS: tl.constexpr, TAIL: tl.constexpr,
-                   EPILOGUE: tl.constexpr,
+                   EPILOGUE: tl.constexpr, THRESHOLD: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
     _ops.wait_for_producers(PDL)  # first: with PDL, nothing may read another kernel's output before it
     pid_n = tl.program_id(0)
     k_lo = tl.program_id(1) * K_SPLIT
     k_hi = tl.minimum(k_lo + K_SPLIT, K)
-    offs_m = tl.arange(0, BLOCK_M)
+    # Decode grids have one program along axis 2; a prefill launch (launch's gemm) tiles M there.
+    offs_m = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
     m_mask = offs_m < M
     row = offs_m.to(tl.int64)[:, None] * K
     HALF: tl.constexpr = BLOCK_N // 2
@@ -255,17 +257,21 @@ def _sparse_kernel(x_ptr, t_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cn
             offs_k = k0 + tl.arange(0, BLOCK_K)
             k_mask = offs_k < k_hi
             x = tl.load(x_ptr + row + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-            if PER_CHANNEL:
-                t = tl.load(t_ptr + offs_k, mask=k_mask, other=0.0)
-            else:
-                t = tl.load(t_ptr + offs_k * 0)  # one threshold, broadcast
-            # Compared in the activation dtype, as the reference does (|x| > t.to(x.dtype)): an fp32
-            # threshold between two bf16 values would flip channels that sit right at it.
-            t = t.to(x_ptr.dtype.element_ty).to(tl.float32)[None, :]
-            keep = tl.abs(x.to(tl.float32)) > t
-            x = tl.where(keep, x, 0.0).to(DOT_DT)
-            # A weight row is needed when any activation row keeps its channel: skipped rows are never read.
-            need = tl.reduce(keep.to(tl.int32), 0, tl.standard._sum_combine) > 0
+            if THRESHOLD:
+                if PER_CHANNEL:
+                    t = tl.load(t_ptr + offs_k, mask=k_mask, other=0.0)
+                else:
+                    t = tl.load(t_ptr + offs_k * 0)  # one threshold, broadcast
+                # Compared in the activation dtype, as the reference does (|x| > t.to(x.dtype)): an fp32
+                # threshold between two bf16 values would flip channels that sit right at it.
+                t = t.to(x_ptr.dtype.element_ty).to(tl.float32)[None, :]
+                keep = tl.abs(x.to(tl.float32)) > t
+                x = tl.where(keep, x, 0.0).to(DOT_DT)
+                # A weight row is needed when any activation row keeps its channel: skipped rows are never read.
+                need = tl.reduce(keep.to(tl.int32), 0, tl.standard._sum_combine) > 0
+            else:  # a prefill with decode_only thresholds: the input as it is, every row needed
+                x = x.to(DOT_DT)
+                need = k_mask
             if FMT == 1:
                 # The launcher keeps BLOCK_K <= G, so this chunk lies inside one group: its scales and zeros are
                 # one [N] load each, not a gather per weight.
@@ -353,23 +359,42 @@ def _sparse_kernel(x_ptr, t_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cn
 
 
 def supported(x: torch.Tensor, weight_t: torch.Tensor, fmt: str, decode_only: bool) -> str | None:
-    """None when the kernel takes this call, else why the eager path runs instead (the dense rule)."""
+    """None when the kernel takes this call, else why the eager path runs instead (the dense rule).
+
+    Quantized weights take the kernel at any row count: past DECODE_MAX_ROWS (or for a prefill with
+    decode_only thresholds) as a GEMM over M tiles (``gemm_call``), which decodes the packed rows in registers,
+    where the eager path would dequantize the whole input-major weight on every call. Float weights there
+    run the eager path: one cuBLAS matmul reads the input-major weight as it is."""
     if fmt not in _FMT:
         return f"no sparse kernel for format {fmt!r}"
     if x.dtype not in plan.DOT_DTYPES:
         return f"activation dtype {x.dtype} is not fp32/fp16/bf16"
-    if decode_only and sparse_ops.is_prefill(x):
+    if fmt == "float" and decode_only and sparse_ops.is_prefill(x):
         return "prefill input with decode_only thresholds: dense path"
     rows = x.numel() // max(x.shape[-1], 1)
-    if rows > sl.DECODE_MAX_ROWS:
+    if fmt == "float" and rows > sl.DECODE_MAX_ROWS:
         return f"{rows} rows > {sl.DECODE_MAX_ROWS}: every weight row is needed, dense path"
     return None
 
 
+def gemm_call(x: torch.Tensor, decode_only: bool) -> bool:
+    """Whether a supported call runs as a GEMM (M tiles, every weight row read) rather than a decode GEMV."""
+    return x.numel() // max(x.shape[-1], 1) > sl.DECODE_MAX_ROWS or (decode_only and sparse_ops.is_prefill(x))
+
+
+# A GEMM launch's tile (block_m by rows, block_n, block_k, warps, stages): dequant_matmul's prefill tile, with
+# 128 int4 outputs so a weight row's load is 64 contiguous bytes. Untimed on a GPU.
+def _gemm_tiles(m: int, fmt: str) -> tuple[int, int, int, int, int]:
+    return (64 if m >= 64 else 32 if m >= 32 else 16), (128 if fmt == "int4" else 64), 64, 4, 3
+
+
 def launch(x, threshold, weight_t, scales, zeros, bias, fmt: str, group_size: int,
-           split_k: int | None = None, config: plan.Config | None = None, epilogue: str = "none") -> torch.Tensor:
-    """Run the kernel on x [..., K] (at most DECODE_MAX_ROWS rows); the result is [..., N] in x's dtype, or
-    [..., N / 2] with epilogue "silu_mul" (compiler/ops.py EPILOGUES), applied in the kernel's store.
+           split_k: int | None = None, config: plan.Config | None = None, epilogue: str = "none",
+           gemm: bool = False, thresholded: bool = True) -> torch.Tensor:
+    """Run the kernel on x [..., K]; the result is [..., N] in x's dtype, or [..., N / 2] with epilogue
+    "silu_mul" (compiler/ops.py EPILOGUES), applied in the kernel's store. A decode GEMV (at most
+    DECODE_MAX_ROWS rows) unless ``gemm``: then M tiles along the grid's third axis, one K split, dot tiles
+    (``thresholded`` False: x as it is, for a prefill with decode_only thresholds).
     split_k forces the K split (tests); config overrides the tile shape (benchmarks/kernels.py --sweep)."""
     k = x.shape[-1]
     n = weight_t.shape[1] * (2 if fmt == "int4" else 1)
@@ -387,8 +412,13 @@ def launch(x, threshold, weight_t, scales, zeros, bias, fmt: str, group_size: in
     z = _ops.on_device(zeros, dev, f"{NAME} zeros") if zeros is not None else s
     b = _ops.on_device(bias, dev, f"{NAME} bias") if bias is not None else t
     interp = _ops.interpreting(dev)
-    config = config if config is not None else plan.tuned("sparse", fmt, m, x.dtype, dev, (n, k))
-    bn, bk, warps, stages = config[:4] if config is not None else plan.sparse_config(fmt, x.dtype)
+    if gemm:  # the decode tables' buckets do not cover it; its own tile, no K split, no register tricks
+        bm, bn, bk, warps, stages = _gemm_tiles(m, fmt)
+        config, split_k = None, 1
+    else:
+        config = config if config is not None else plan.tuned("sparse", fmt, m, x.dtype, dev, (n, k))
+        bn, bk, warps, stages = config[:4] if config is not None else plan.sparse_config(fmt, x.dtype)
+        bm = plan.block_m(m, config)
     if fmt == "int4":
         bk = min(bk, group_size)  # one group per K chunk: the kernel scales each chunk's partial sums
     if config is not None and split_k is None:
@@ -401,7 +431,8 @@ def launch(x, threshold, weight_t, scales, zeros, bias, fmt: str, group_size: in
     seg = group_size if fmt == "int4" else COMPACT_SEGMENT
     tiles = triton.cdiv(n, bn)
     ks = plan.k_split(tiles, k, seg if compact else bk, dev, split_k)
-    grid = (tiles, triton.cdiv(k, ks))
+    # Axis 2 tiles M (gemm); the epilogue's split-K fixup counts tiles by pid_n alone, so gemm never splits K.
+    grid = (tiles, triton.cdiv(k, ks), triton.cdiv(m, bm) if gemm else 1)
     out = torch.empty((m, width), dtype=x.dtype, device=dev)
     split = plan.SPLIT_FIXUP if ks < k else plan.SPLIT_NONE
     ws, cnt = plan.split_workspace(m, n, tiles, dev) if split else (t, t)
@@ -426,8 +457,8 @@ def launch(x, threshold, weight_t, scales, zeros, bias, fmt: str, group_size: in
         PER_CHANNEL=t.numel() > 1, HAS_BIAS=bias is not None, DOT_DT=dot_dt, I4_BITS=i4_bits, I4_OFF=i4_off,
         I4_ASM=plan.int4_asm(dot_dt, interp), SPLIT=split, FMA=fma, COMPACT=compact, SEG=seg, PREFETCH=prefetch,
         IDX_AHEAD=compact and not flat and stages >= 3, FLAT=flat, SEGS=segs, TAIL=FLAT_TAIL * bk,
-        EPILOGUE=int(epilogue != "none"),
-        BLOCK_M=plan.block_m(m, config), BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=1 if compact or prefetch else stages,
+        EPILOGUE=int(epilogue != "none"), THRESHOLD=thresholded,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=1 if compact or prefetch else stages,
         **_ops.launch_options(dev))
     return out.view(*x.shape[:-1], width)
 
@@ -436,9 +467,12 @@ def run(x, threshold, weight_t, scales, zeros, bias, fmt, group_size, label, dec
         epilogue: str = "none"):
     """mode 0: auto (CUDA or TRITON_INTERPRET=1 -> Triton where supported), 1: Triton, 2: eager path."""
     if _ops.use_triton(mode, x.device) and supported(x, weight_t, fmt, decode_only) is None:
-        if sparse_ops.measuring():  # the kernel does not count; count here only when asked to
+        thresholded = not (decode_only and sparse_ops.is_prefill(x))
+        if thresholded and sparse_ops.measuring():  # the kernel does not count; count here only when asked to
             sparse_ops.record(label, sparse_ops.keep_mask(x, threshold), x.numel())
-        out, path = launch(x, threshold, weight_t, scales, zeros, bias, fmt, group_size, epilogue=epilogue), "triton"
+        out = launch(x, threshold, weight_t, scales, zeros, bias, fmt, group_size, epilogue=epilogue,
+                     gemm=gemm_call(x, decode_only), thresholded=thresholded)
+        path = "triton"
     else:
         out, path = qops.apply_epilogue(sl.sparse_linear_eager(x, threshold, weight_t, scales, zeros, bias, fmt,
                                                                group_size, label, decode_only), epilogue), "torch"
@@ -450,8 +484,13 @@ def reference(x, threshold, weight_t, scales, zeros, bias, fmt, group_size, labe
     return sl.reference(x, threshold, weight_t, scales, zeros, bias, fmt, group_size, label, decode_only)
 
 
-def kind_for(rows: int | None) -> str:
-    return "sparse-gemv" if rows is not None and rows <= sl.DECODE_MAX_ROWS else "sparse-gemv|dense"
+def kind_for(rows: int | None, fmt: str = "float") -> str:
+    """explain()'s kernel kind: the GEMV up to DECODE_MAX_ROWS rows; past it a GEMM for quantized weights, the
+    eager matmul (dense) for float ones; "a|b" when the rows are not static (either, by the call's rows)."""
+    if rows is not None and rows <= sl.DECODE_MAX_ROWS:
+        return "sparse-gemv"
+    many = "dense" if fmt == "float" else "sparse-gemm"
+    return many if rows is not None else "sparse-gemv|" + many
 
 
 if not _ops.op_exists(NAME):
