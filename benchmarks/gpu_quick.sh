@@ -12,7 +12,8 @@
 #           SWEEP_SHAPES (the two Llama-3-8B MLP shapes and the four GEMVs of the 1B decode model; a shape
 #           clearly faster with a tile of its own gets a shape-keyed entry; no new case after SWEEP_S, 110 s:
 #           session 13 swept 3 case-batches in that, ~35 s each), then every kernel against cuBLAS bf16 and TorchAO on KERNEL_SHAPES,
-#           L2 cold (KERNELS_S, 200 s);
+#           L2 cold (KERNELS_S, 200 s; KERNEL_BATCHES, 1,8: add 128 for prefill rows, where int4 / int8 sparse
+#           variants run session 18's GEMM over M tiles against dequant+mm, what the eager path did before);
 #   decode  whole-model greedy decode tok/s of the Llama-3.2-1B-shaped zoo model in bf16 under CUDA graphs:
 #           eager, then DECODE_CONFIGS (effcompile configs ~35-45 s each in sessions 10 and 13, less since session 16's
 #           compile-time cuts, never timed on a GPU; TorchAO's kernels
@@ -38,6 +39,7 @@
 #           16 layers again per batch size: HF indexes its cache by the int layer_idx, which it specializes).
 #           Now the layers share one graph per batch size (bench.peers.compile_regions hands each its own
 #           cache layer; llama-base on the CPU: ~10 s per batch size). Rows are written per batch size.
+#           PEER_MODEL=llama-8b: against session 18's 8B rows (#5's compiled-TorchAO comparison, never run).
 #   pdlcheck  the GPU lane's programmatic-dependent-launch tests (a chain of dependent GEMVs replayed from a CUDA
 #           graph, and a thresholded decode step captured in one; ~1 min with compiles): if they fail, the steps
 #           after it run with EFFCOMPILE_PDL=0 (effcompile's kernels launched as before session 15), and say so.
@@ -90,7 +92,7 @@ kernels() {
         --tuning-out "$OUT/tuning.json" --sweep-batches "${SWEEP_BATCHES:-1,8}" \
         --sweep-cases "${SWEEP_CASES:-sparse/int4/m1,dequant/int4/m1,sparse/float/m1,dequant/int4/m8,sparse/int8/m1,dequant/int8/m1}" \
         --sweep-shapes "${SWEEP_SHAPES:-8b.up,8b.down,1b.qkv,1b.o,1b.gate_up,1b.down}" \
-        --shapes "${KERNEL_SHAPES:-8b.up,8b.down,1b.gate_up,1b.o}" --output "$OUT/kernels.json" 2>&1 | grep -v "^  config" | tee "$OUT/kernels.log"
+        --shapes "${KERNEL_SHAPES:-8b.up,8b.down,1b.gate_up,1b.o}" --batches "${KERNEL_BATCHES:-1,8}" --output "$OUT/kernels.json" 2>&1 | grep -v "^  config" | tee "$OUT/kernels.log"
 }
 # int4 without session 11's launch cuts (additive mask once, one-kernel cache writes, one RoPE for q and k),
 # session 12's gated epilogue nor session 10's GQA: the same run then shows what they saved. Last, so a timeout
@@ -107,7 +109,7 @@ decode() {  # with the tile table the kernels step wrote (if it ran and got that
         --out "$OUT/decode.json" 2>&1 | tr '\r' '\n' | grep -v "it/s\]\|s/it\]" | tee "$OUT/decode.log"
 }
 peers() {
-    timeout "${PEERS_S:-280}" "$PY" benchmarks/decode.py --device cuda --dtype bfloat16 --model llama-1b --steps 16 \
+    timeout "${PEERS_S:-280}" "$PY" benchmarks/decode.py --device cuda --dtype bfloat16 --model "${PEER_MODEL:-llama-1b}" --steps 16 \
         --batches "${PEER_BATCHES:-1,8}" --configs "${PEER_CONFIGS:-torchao-int4-regional;torch.compile-regional}" --out "$OUT/decode-peers.json" 2>&1 \
         | tr '\r' '\n' | grep -v "it/s\]\|s/it\]" | tee "$OUT/decode-peers.log"
 }

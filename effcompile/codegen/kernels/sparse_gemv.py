@@ -404,6 +404,7 @@ def launch(x, threshold, weight_t, scales, zeros, bias, fmt: str, group_size: in
     dev = x.device
     x2 = x.reshape(-1, k).contiguous()
     m = x2.shape[0]
+    gemm = gemm or m > sl.DECODE_MAX_ROWS  # the GEMV grid covers BLOCK_M rows only
     if not (m and n):
         return torch.empty((*x.shape[:-1], width), dtype=x.dtype, device=dev)
     t = _ops.on_device(threshold, dev, f"{NAME} threshold").float()
