@@ -141,6 +141,24 @@ def test_decode_only_prefill_runs_unthresholded_in_the_kernel(fmt):
     assert S.kind_for(None, fmt) == "sparse-gemv|sparse-gemm" and S.kind_for(9, "float") == "dense"
 
 
+@pytest.mark.parametrize("m", [1, 2, 3, 8])
+def test_unneeded_weight_rows_are_skipped_up_to_skip_rows_max(m):
+    # Weight rows of channels no activation row keeps hold NaN: up to SKIP_ROWS_MAX rows the masked path never
+    # reads them (a finite result equal to the reference on clean weights); past it every row is read (the
+    # NaN shows) and only x is thresholded, which costs less than the keep reduction (sparse_gemv.SKIP_ROWS_MAX).
+    x, t, wt, *rest = _case("float", 64, 256, m, torch.float32, seed=m, bias=False)
+    x[:, ::7] = 0  # channels no row keeps, at any row count
+    want = S.reference(x, t, wt, *rest)
+    unneeded = ~sparse_ops.keep_mask(x, t).any(0)
+    poisoned = wt.clone()
+    poisoned[unneeded] = float("nan")
+    got = S.launch(x, t, poisoned, *rest, config=plan.Config(64, 32, 4, 1))  # a dot tile: the masked path
+    if m <= S.SKIP_ROWS_MAX:
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    else:
+        assert got.isnan().any()
+
+
 def test_measured_sparsity_counts_on_the_kernel_path():
     args = _case("float", 32, 256, 1, torch.float32, sparsity=0.5)
     with sparse_ops.measure_sparsity() as got:
