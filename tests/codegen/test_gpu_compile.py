@@ -176,7 +176,7 @@ def test_quantized_sparse_gemm_compiles(fmt, group, dtype, launches):
     qw = _weights(fmt, 256, 512, dtype, group)
     wt, s, z = sl.to_input_major(qw.qweight, qw.scales, qw.zeros, fmt, group)
     for thresholded in (True, False):
-        S.launch(torch.randn(70, 512, dtype=dtype), torch.tensor(0.5), wt, s, z, None, fmt, group, gemm=True,
+        S.launch(torch.randn(70, 512, dtype=dtype), torch.tensor(0.5), wt, s, z, None, fmt, group,
                  thresholded=thresholded)
     assert [lc.kwargs["BLOCK_M"] for lc in launches] == [64, 64] and all(lc.grid[2] == 2 for lc in launches)
     _compile_all(launches)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from effcompile.codegen import aot
 from effcompile.codegen import ops as cg_ops
 from effcompile.codegen.kernels import launch_plan as plan
 from effcompile.codegen.kernels import sparse_gemv as S
@@ -114,13 +115,14 @@ def test_quantized_gemm_past_the_decode_rows(fmt, dtype):
     # packed rows in registers (the eager path dequantizes the whole weight per call). 70 rows: a partial third
     # M tile of 32; N = 94 and K = 288 as above, per-channel thresholds.
     args = _case(fmt, 94, 288, 70, dtype, per_channel=True, seed=11)
-    assert S.supported(args[0], args[2], fmt, False) is None and S.gemm_call(args[0], False)
-    got = S.launch(*args, gemm=True)
+    assert S.supported(args[0], args[2], fmt, False) is None
+    with aot.record_launches() as seen:
+        S.launch(*args)
+    assert seen[0].grid[2] == 2 and seen[0].kwargs["BLOCK_M"] == 64  # M tiles: the GEMM
+    got = S.launch(*args)
     want = S.reference(*args)
     err = (got.float() - want.float()).abs().max().item() / want.float().abs().max().item()
     assert got.shape == want.shape and err <= TOL[dtype], f"relative error {err:.2e}"
-    if dtype == torch.float32:  # a plain launch of more rows than a GEMV grid covers is a GEMM too (benchmarks)
-        torch.testing.assert_close(S.launch(*args), got)
 
 
 @pytest.mark.parametrize("fmt", ["int8", "int4"])
@@ -129,8 +131,11 @@ def test_decode_only_prefill_runs_unthresholded_in_the_kernel(fmt):
     # reads every row, also for a prompt of fewer rows than DECODE_MAX_ROWS; decode steps still threshold.
     x, t, *rest = _case(fmt, 64, 256, 1, torch.float32, seed=5)
     prompt = torch.randn(1, 5, 256, generator=torch.Generator().manual_seed(1))
-    assert S.supported(prompt, rest[0], fmt, True) is None and S.gemm_call(prompt, True)
-    assert not S.gemm_call(prompt[:, :1], True) and not S.gemm_call(prompt, False)
+    assert S.supported(prompt, rest[0], fmt, True) is None
+    with aot.record_launches() as seen:
+        S.run(prompt, t, *rest, "l", True, cg_ops.MODE_TRITON)
+        S.run(prompt[:, :1], t, *rest, "l", True, cg_ops.MODE_TRITON)  # a decode step
+    assert [(lc.kwargs["THRESHOLD"], lc.grid[2]) for lc in seen] == [(False, 1), (True, 1)]
     got = S.run(prompt, t, *rest, "l", True, cg_ops.MODE_TRITON)
     dense = S.reference(prompt, torch.tensor(0.0), *rest)  # nothing thresholded
     thresholded = S.reference(prompt, t, *rest)

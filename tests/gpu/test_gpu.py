@@ -243,7 +243,7 @@ def test_sparse_gemv_on_device(fmt, m, dtype, per_channel):
     t = q * (0.5 + torch.rand(k, generator=gen)) if per_channel else q
     b = torch.randn(n, generator=gen).to(dtype)
     args = [a.cuda() if isinstance(a, torch.Tensor) else a for a in (x, t, wt, s, z, b)]
-    got = S.launch(*args, fmt, group, gemm=m > 8)
+    got = S.launch(*args, fmt, group)  # past 8 rows the GEMM over M tiles
     want = S.reference(*args, fmt, group)
     assert got.shape == want.shape and got.dtype == dtype
     assert _rel_err(got, want) <= REL_TOL[dtype]
@@ -645,7 +645,7 @@ def test_gated_epilogue_on_device(kernel, m):
     else:
         wt, st, zt = sl.to_input_major(qw.qweight, qw.scales, qw.zeros, "int4", 128)
         args = (x, torch.tensor(0.5).cuda(), wt.cuda(), st.cuda(), zt.cuda(), None, "int4", 128)
-        fn = functools.partial(S.launch, gemm=m > 8)  # past 8 rows: the GEMM over M tiles (one K split)
+        fn = S.launch  # past 8 rows: the GEMM over M tiles (one K split)
     for splits in (None, 3):
         got = fn(*args, split_k=splits, epilogue="silu_mul")
         want = qops.apply_epilogue(fn(*args, split_k=splits), "silu_mul")

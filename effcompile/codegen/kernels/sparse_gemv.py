@@ -26,13 +26,10 @@ _FMT = {"int8": 0, "int4": 1, "float": 2}
 COMPACT_SEGMENT = 128  # channels compacted at a time by one-row float / int8 launches (int4: its group)
 FLAT_SEGS = 8  # segments a Config.flat launch compacts per step, at most
 FLAT_TAIL = 8  # chunks of -1 after a flat launch's list, the kernel's TAIL: reads past it reach at most 6 (PREFETCH 4)
-# Rows up to which a masked (not compacted) launch skips the weight rows no activation row keeps (SKIP_ROWS).
-# Past it every row is read and only x is thresholded: with half of each row's channels kept at random, 3 rows
-# need 88 % of the weight rows and 8 rows 99.6 %, and the keep reduction across rows (20 shuffles) plus weight
-# loads masked by it cost more than the rows skipped. sm_90 SASS at 8 rows (triton 3.6, the m8 table tiles):
-# loop instructions int8 1005 -> 789, int4 560 -> 401, float 414 -> 249 without it; untimed. Session 18 measured
-# the masked kernel at 8 rows on 8b.up: float 52.5 us against cuBLAS's 42.3, int8 46.3 against the dense
-# int8 kernel's 25.3.
+# Rows up to which a masked launch skips the weight rows no activation row keeps (SKIP_ROWS); past it every row is
+# read and only x thresholded. At 50 % random sparsity 3 rows need 88 % of the rows, 8 rows 99.6 %, and the keep
+# reduction across rows costs more (sm_90 SASS at 8 rows, triton 3.6: loop instructions int8 1005 -> 789, int4
+# 560 -> 401, float 414 -> 249 without it, no shuffles; untimed).
 SKIP_ROWS_MAX = 2
 
 # Interpreter rules as in codegen/README.md: tl builtins and tl.reduce with triton's own combine fns.
@@ -370,12 +367,9 @@ def _sparse_kernel(x_ptr, t_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cn
 
 
 def supported(x: torch.Tensor, weight_t: torch.Tensor, fmt: str, decode_only: bool) -> str | None:
-    """None when the kernel takes this call, else why the eager path runs instead (the dense rule).
-
-    Quantized weights take the kernel at any row count: past DECODE_MAX_ROWS (or for a prefill with
-    decode_only thresholds) as a GEMM over M tiles (``gemm_call``), which decodes the packed rows in registers,
-    where the eager path would dequantize the whole input-major weight on every call. Float weights there
-    run the eager path: one cuBLAS matmul reads the input-major weight as it is."""
+    """None when the kernel takes this call, else why the eager path runs instead (the dense rule). Past
+    DECODE_MAX_ROWS, or for a prefill with decode_only thresholds, quantized weights run launch's GEMM (the eager
+    path would dequantize the whole weight per call); float ones the eager cuBLAS matmul."""
     if fmt not in _FMT:
         return f"no sparse kernel for format {fmt!r}"
     if x.dtype not in plan.DOT_DTYPES:
@@ -388,11 +382,6 @@ def supported(x: torch.Tensor, weight_t: torch.Tensor, fmt: str, decode_only: bo
     return None
 
 
-def gemm_call(x: torch.Tensor, decode_only: bool) -> bool:
-    """Whether a supported call runs as a GEMM (M tiles, every weight row read) rather than a decode GEMV."""
-    return x.numel() // max(x.shape[-1], 1) > sl.DECODE_MAX_ROWS or (decode_only and sparse_ops.is_prefill(x))
-
-
 # A GEMM launch's tile (block_m by rows, block_n, block_k, warps, stages): dequant_matmul's prefill tile, with
 # 128 int4 outputs so a weight row's load is 64 contiguous bytes. Untimed on a GPU.
 def _gemm_tiles(m: int, fmt: str) -> tuple[int, int, int, int, int]:
@@ -401,11 +390,11 @@ def _gemm_tiles(m: int, fmt: str) -> tuple[int, int, int, int, int]:
 
 def launch(x, threshold, weight_t, scales, zeros, bias, fmt: str, group_size: int,
            split_k: int | None = None, config: plan.Config | None = None, epilogue: str = "none",
-           gemm: bool = False, thresholded: bool = True) -> torch.Tensor:
+           thresholded: bool = True) -> torch.Tensor:
     """Run the kernel on x [..., K]; the result is [..., N] in x's dtype, or [..., N / 2] with epilogue
-    "silu_mul" (compiler/ops.py EPILOGUES), applied in the kernel's store. A decode GEMV (at most
-    DECODE_MAX_ROWS rows) unless ``gemm``: then M tiles along the grid's third axis, one K split, dot tiles
-    (``thresholded`` False: x as it is, for a prefill with decode_only thresholds).
+    "silu_mul" (compiler/ops.py EPILOGUES), applied in the kernel's store. A decode GEMV up to DECODE_MAX_ROWS
+    rows, else a GEMM: M tiles along the grid's third axis, one K split, dot tiles; also with ``thresholded``
+    False (x as it is: a prefill with decode_only thresholds).
     split_k forces the K split (tests); config overrides the tile shape (benchmarks/kernels.py --sweep)."""
     k = x.shape[-1]
     n = weight_t.shape[1] * (2 if fmt == "int4" else 1)
@@ -415,7 +404,7 @@ def launch(x, threshold, weight_t, scales, zeros, bias, fmt: str, group_size: in
     dev = x.device
     x2 = x.reshape(-1, k).contiguous()
     m = x2.shape[0]
-    gemm = gemm or m > sl.DECODE_MAX_ROWS  # the GEMV grid covers BLOCK_M rows only
+    gemm = m > sl.DECODE_MAX_ROWS or not thresholded  # only the GEMM's path has the unthresholded branch
     if not (m and n):
         return torch.empty((*x.shape[:-1], width), dtype=x.dtype, device=dev)
     t = _ops.on_device(threshold, dev, f"{NAME} threshold").float()
@@ -483,7 +472,7 @@ def run(x, threshold, weight_t, scales, zeros, bias, fmt, group_size, label, dec
         if thresholded and sparse_ops.measuring():  # the kernel does not count; count here only when asked to
             sparse_ops.record(label, sparse_ops.keep_mask(x, threshold), x.numel())
         out = launch(x, threshold, weight_t, scales, zeros, bias, fmt, group_size, epilogue=epilogue,
-                     gemm=gemm_call(x, decode_only), thresholded=thresholded)
+                     thresholded=thresholded)
         path = "triton"
     else:
         out, path = qops.apply_epilogue(sl.sparse_linear_eager(x, threshold, weight_t, scales, zeros, bias, fmt,
