@@ -24,10 +24,10 @@ class Config(NamedTuple):
     and how a decode tile is reduced: fma=False pads the rows to a 16-row tl.dot (tensor cores), fma=True
     multiplies and sums in registers over the real rows only (TEAL's and gemlite's batch-1 GEMV style).
     compact (sparse GEMV, one-row fma launches): visit only the kept channels' weight rows, compacted per
-    segment, instead of masking the loads of skipped ones (sparse_gemv.py). scale_words (int4 dequant, 16-bit
+    segment, instead of masking the loads of skipped ones (sparse_kernel.py). scale_words (int4 dequant, 16-bit
     tl.dot tiles): read 16-bit scales and zeros as int32 words of two groups, so the pipeliner stages them with
     the weights instead of leaving a synchronous load per chunk (dequant_matmul.py). flat (with compact): compact
-    a program's whole K range first, then visit its kept rows in one loop across segments (sparse_gemv.py)."""
+    a program's whole K range first, then visit its kept rows in one loop across segments (sparse_kernel.py)."""
 
     block_n: int
     block_k: int
@@ -158,7 +158,7 @@ def _table(index: int) -> dict[str, Config]:
 # two groups with register prefetch, (32, 256, 4, 2), won the session-13 sweep at 23.5 / 22.9 us on the 8B MLP
 # shapes; the one-group (64, 128, 4, 1, 8), the table's pick from session 9 on, measured 25.4 / 26.6 us in
 # session 10.
-# sparse/int4/m1: the compacted int4 word path (sparse_gemv.py, session 10), whose inner loop
+# sparse/int4/m1: the compacted int4 word path (sparse_kernel.py, session 10), whose inner loop
 # issues ~2.6 weight bytes per warp-instruction on sm_90 for (256, 16) against 1.5 for the byte path's best
 # measured tile, and 16-row chunks waste less of a group's kept count than 32: a static choice, untimed.
 UNTUNED = {"dequant/int4/m1": Config(32, 256, 4, 2, None, True),

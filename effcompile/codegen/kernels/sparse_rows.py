@@ -1,4 +1,4 @@
-"""One-row helpers of the sparse GEMV (sparse_gemv.py): which channels a row keeps, the compacted lists of them,
+"""One-row helpers of the sparse GEMV (sparse_kernel.py): which channels a row keeps, the compacted lists of them,
 and the products of their weight rows. Kernel helpers (ops.kernel_helper), inlined by the GPU compiler."""
 
 from __future__ import annotations
