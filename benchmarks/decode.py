@@ -3,7 +3,7 @@
 Speed only: the model is a zoo random-init Llama (``llama-base``, 110 M, on the CPU; ``llama-1b``,
 Llama-3.2-1B-shaped, on a GPU), big enough that a decode step is bound by reading its weights; quality of
 these passes is measured on real weights elsewhere (benchmarks/quantize.py, thresholding.py). Each config
-is compiled with effcompile (calibration: 4 random-token batches for the thresholds), then timed with the
+is compiled with effcompile (calibration: 4 random-token batches, --calib-batches, for the thresholds), then timed with the
 harness's static-KV-cache decode loop (effcompile.bench.timing.decode_speed) at batch 1 and 8; on CUDA a
 step is captured in a CUDA graph and replayed, as serving stacks run decode. Eager is timed first and
 last so drift shows. Peers, on CUDA: ``torch.compile`` of the bf16 model, and TorchAO's
@@ -107,12 +107,18 @@ def main() -> None:
                     help="also time a compiled prefill of one calibration batch (2 x 64 tokens: time to first token's "
                          "work) per config, median of 3 after a warm call; compiles the prefill graph where a "
                          "config would not (uncalibrated effcompile configs, peers)")
+    ap.add_argument("--calib-batches", type=int, default=4,
+                    help="random-token calibration batches (2 x 64 tokens each) for calibrated configs (default 4); "
+                         "a speed-only run on random weights can take 1: the thresholds' calibrated prefill runs "
+                         "the model 3 times per batch (65 s of the 8B thresholds config on an H100 with 4)")
     ap.add_argument("--out", type=Path, help="result file (default results/decode-<device>-<model>-<date>.json)")
     a = ap.parse_args()
+    if a.calib_batches < 1:
+        ap.error(f"--calib-batches must be at least 1, got {a.calib_batches}")
     dtype = getattr(torch, a.dtype)
     zm = zoo.get_model(a.model, device=a.device, dtype=dtype)
     model = zm.model.to(device=a.device, dtype=dtype).eval()
-    calib = [zm.make_inputs(batch=2, seq=64, seed=s) for s in range(4)]
+    calib = [zm.make_inputs(batch=2, seq=64, seed=s) for s in range(a.calib_batches)]
     batches = [int(b) for b in a.batches.split(",")]
     prompts = {b: zm.make_inputs(batch=b, seq=32, seed=100 + b)["input_ids"].to(a.device) for b in batches}
     graphs = torch.device(a.device).type == "cuda" and not a.no_cuda_graph
@@ -137,7 +143,7 @@ def main() -> None:
             ao = "not installed"
         out.write_text(json.dumps({
             "benchmark": "decode", "model": a.model, "device": machine, "dtype": a.dtype, "steps": a.steps,
-            "cache_len": a.cache_len,
+            "cache_len": a.cache_len, "calibration_batches": a.calib_batches,
             "cuda_graph": graphs, "versions": {"torch": torch.__version__, "torchao": ao,
                                                "python": platform.python_version()},
             "threads": torch.get_num_threads(), "date": datetime.date.today().isoformat(),

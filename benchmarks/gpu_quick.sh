@@ -31,6 +31,8 @@
 #           each row checks its first decode step's logits against eager's (logits_vs_eager_b*); DECODE_S;
 #           DECODE_PREFILL=1 also times each config's compiled prefill of 2 x 64 tokens (prefill_ms; a fused
 #           quantized sparse linear dequantizes its whole weight per prefill call on a GPU, never measured);
+#           DECODE_CALIB=1 calibrates thresholds on one random batch instead of 4 (speed only: session 18's 8B
+#           thresholds config spent 65 s of its 114 s calibrating);
 #           DECODE_CACHE_LEN=4096 allocates the static KV cache that long (as a server would), where SDPA reads
 #           all of it every step and the decode attention kernel only the positions written so far;
 #   peers   TorchAO int4 and the bf16 model under torch.compile, compiled by region (PEERS_S, default 280 s;
@@ -105,6 +107,7 @@ decode() {  # with the tile table the kernels step wrote (if it ran and got that
     timeout "${DECODE_S:-275}" "$PY" benchmarks/decode.py --device cuda --dtype bfloat16 --model "${DECODE_MODEL:-llama-1b}" --steps 16 \
         --batches "${DECODE_BATCHES:-1,8}" \
         ${DECODE_CACHE_LEN:+--cache-len "$DECODE_CACHE_LEN"} ${DECODE_PREFILL:+--prefill} \
+        ${DECODE_CALIB:+--calib-batches "$DECODE_CALIB"} \
         --configs "${DECODE_CONFIGS:-$INT4;no-pdl:$INT4;threshold(sparsity=0.5);no-pdl:threshold(sparsity=0.5);none;grouped_query_attention(decode_kernel=True)+$INT4;threshold(sparsity=0.5)+$INT4;torchao-int4-eager;$INT4_HEAD;torchao-int4-eager-head}" \
         --out "$OUT/decode.json" 2>&1 | tr '\r' '\n' | grep -v "it/s\]\|s/it\]" | tee "$OUT/decode.log"
 }

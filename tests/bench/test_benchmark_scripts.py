@@ -20,18 +20,25 @@ def test_decode_benchmark_runs_a_quantized_and_a_thresholded_config(tmp_path):
     out = tmp_path / "decode.json"
     r = _run("benchmarks/decode.py", "--model", "llama-tiny", "--steps", "1", "--batches", "1,2", "--configs",
              "quantize(weights=int4,group_size=32,smooth=0.5,eora_rank=2);threshold(sparsity=0.5)", "--out", str(out),
-             "--cache-len", "64", "--prefill")
+             "--cache-len", "64", "--prefill", "--calib-batches", "1")
     assert r.returncode == 0, r.stderr[-2000:]
     data = json.loads(out.read_text())
     rows = data["rows"]
     assert data["launch_shapes"] == []  # GPU tiles only: none on the CPU
     assert data["cache_len"] == 64 and all(row["max_cache_len"] == 64 for row in rows)  # --cache-len reached the cache
+    assert data["calibration_batches"] == 1
     assert [row["config"] for row in rows] == ["eager (first)", "quantize(weights=int4,group_size=32,smooth=0.5,eora_rank=2)",
                                               "threshold(sparsity=0.5)", "eager (last)"]
     for row in rows[1:-1]:
         assert "failed" not in row and row["tok_s_b1"] > 0 and row["tok_s_b2"] > 0 and row["vs_eager_b1"] > 0, row
         assert row["kernels"], row  # the rewrite reached a kernel, not just the eager graph
     assert all(row["prefill_ms"] > 0 and row["prefill_tokens"] == 2 * 64 for row in rows)  # --prefill: every row
+
+
+def test_decode_benchmark_refuses_no_calibration_batches(tmp_path):
+    r = _run("benchmarks/decode.py", "--model", "llama-tiny", "--calib-batches", "0", "--out", str(tmp_path / "d.json"),
+             timeout=120)
+    assert r.returncode == 2 and "--calib-batches must be at least 1, got 0" in r.stderr
 
 
 def test_kernel_benchmark_refuses_without_a_gpu(tmp_path):
