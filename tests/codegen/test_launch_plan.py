@@ -167,13 +167,13 @@ def test_split_k_workspace_is_per_shape_and_stream():
 
 def test_untuned_gpus_get_the_measured_fallback(monkeypatch):
     cuda = torch.device("cuda", 0)  # a device object only: _table is replaced, nothing touches a GPU
-    monkeypatch.setattr(plan, "_table", lambda index: {})
+    monkeypatch.setattr(plan, "_table", lambda index: ({}, {}))
     assert plan.tuned("dequant", "int4", 1, torch.bfloat16, cuda) == plan.UNTUNED["dequant/int4/m1"]
     assert plan.tuned("dequant", "int4", 8, torch.bfloat16, cuda) is None  # 2-8 rows: the built-in tiles
     assert plan.tuned("dequant", "int4", 1, torch.float32, cuda) is None  # fp32: FP32 tiles
     assert plan.tuned("dequant", "int4", 1, torch.bfloat16, torch.device("cpu")) is None
     own = plan.Config(32, 256, 4, 1, 4, True)
-    monkeypatch.setattr(plan, "_table", lambda index: {"dequant/int4/m1": own})
+    monkeypatch.setattr(plan, "_table", lambda index: ({"dequant/int4/m1": own}, {}))
     assert plan.tuned("dequant", "int4", 1, torch.bfloat16, cuda) == own  # a table entry wins
 
 
@@ -185,7 +185,8 @@ def test_explain_lists_the_launch_shapes_chosen_and_where_from(monkeypatch):
     monkeypatch.setattr(plan, "CHOSEN", {})
     monkeypatch.setattr(cg_ops, "PDL_SEEN", {})
     own, bucket = plan.Config(16, 512, 4, 1, 1, True), plan.Config(64, 128, 4, 1, 8, True)
-    monkeypatch.setattr(plan, "_table", lambda index: {"dequant/int4/m1/2048x2048": own, "sparse/float/m1": bucket})
+    monkeypatch.setattr(plan, "_table", lambda index: ({"dequant/int4/m1/2048x2048": own, "sparse/float/m1": bucket},
+                                                       {"sparse/float/m1": "GPU Y"}))
     assert str(Report()).count("\n") == 0  # nothing launched on a GPU: no section
     plan.tuned("dequant", "int4", 1, torch.bfloat16, cuda, (2048, 2048))
     plan.tuned("sparse", "float", 1, torch.bfloat16, cuda, (4096, 2048))
@@ -195,7 +196,7 @@ def test_explain_lists_the_launch_shapes_chosen_and_where_from(monkeypatch):
     plan.tuned("dequant", "int8", 1, torch.bfloat16, torch.device("cpu"), (4096, 2048))  # CPU: not listed
     assert Report.launch_shapes() == {
         ("dequant/int4/m1", (2048, 2048)): (own, "tuning table, dequant/int4/m1/2048x2048"),
-        ("sparse/float/m1", (4096, 2048)): (bucket, "tuning table, sparse/float/m1"),
+        ("sparse/float/m1", (4096, 2048)): (bucket, "tuning table, sparse/float/m1 (measured on GPU Y, untimed on this GPU)"),
         ("sparse/int4/m1", (4096, 2048)): (plan.UNTUNED["sparse/int4/m1"], "launch_plan.UNTUNED (no table entry)"),
         ("dequant/int8/m8", (4096, 2048)): (None, "built-in tiles (no table entry)")}
     text = str(Report())
@@ -220,6 +221,18 @@ def test_explain_says_whether_gpu_launches_used_pdl(monkeypatch):
     assert "cuda:0 without programmatic dependent launch" in str(Report())
 
 
+def test_a_table_borrowed_from_another_gpu_says_so_until_a_measured_one_overrides_it(tmp_path):
+    borrowed, measured = tmp_path / "a.json", tmp_path / "b.json"
+    borrowed.write_text(json.dumps({"device": "GPU X", "measured_on": "GPU Y", "configs": {
+        "sparse/float/m1": [512, 16, 4, 1, None, True], "dequant/int8/m1": [32, 128, 4, 3, None, False]}}))
+    measured.write_text(json.dumps({"device": "GPU X", "configs": {"dequant/int8/m1": [64, 128, 4, 3, None, False]}}))
+    where: dict[str, str] = {}
+    table = plan.read_tables([borrowed, measured], "GPU X", where)
+    assert table["dequant/int8/m1"].block_n == 64 and where == {"sparse/float/m1": "GPU Y"}
+    shipped = json.loads((plan.TUNING_DIR / "NVIDIA_H200.json").read_text())
+    assert shipped["measured_on"] == "NVIDIA H100 80GB HBM3"  # session 18's copy: untimed on an H200
+
+
 def test_a_weight_shapes_own_entry_wins_over_its_bucket(tmp_path, monkeypatch, caplog):
     f = tmp_path / "t.json"
     f.write_text(json.dumps({"device": "GPU X", "configs": {
@@ -233,7 +246,7 @@ def test_a_weight_shapes_own_entry_wins_over_its_bucket(tmp_path, monkeypatch, c
     f.write_text(json.dumps(data))
     table = plan.read_tables([f], "GPU X")
     assert plan.tuning_key("dequant", "int4", 1, (2048, 2048)) == "dequant/int4/m1/2048x2048"
-    monkeypatch.setattr(plan, "_table", lambda index: table)
+    monkeypatch.setattr(plan, "_table", lambda index: (table, {}))
     cuda = torch.device("cuda", 0)  # a device object only: nothing touches a GPU
     assert plan.tuned("dequant", "int4", 1, torch.bfloat16, cuda, (2048, 2048)) == plan.Config(16, 512, 4, 1, 1, True)
     assert plan.tuned("dequant", "int4", 1, torch.bfloat16, cuda, (3072, 2048)) == plan.Config(64, 128, 4, 1, 8, True)

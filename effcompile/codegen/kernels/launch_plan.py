@@ -118,9 +118,10 @@ def device_file_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_") + ".json"
 
 
-def read_tables(paths, device_name: str) -> dict[str, Config]:
+def read_tables(paths, device_name: str, measured_on: dict[str, str] | None = None) -> dict[str, Config]:
     """Merge tuning tables (later files win); a file for another device or one that does not parse is
-    ignored with a warning, never trusted."""
+    ignored with a warning, never trusted. A table whose entries were measured on another GPU says so in
+    "measured_on"; ``measured_on`` (when given) receives that GPU per key it supplied."""
     table: dict[str, Config] = {}
     for path in map(Path, paths):
         if not path.is_file():
@@ -138,18 +139,26 @@ def read_tables(paths, device_name: str) -> dict[str, Config]:
             if not all(isinstance(f, bool) for c in configs.values() for f in (c.fma, c.compact, c.scale_words, c.flat)):
                 raise ValueError("fma, compact, scale_words and flat must be true or false")
             table.update(configs)
+            if measured_on is not None:
+                for k in configs:
+                    if data.get("measured_on", device_name) != device_name:
+                        measured_on[k] = data["measured_on"]
+                    else:
+                        measured_on.pop(k, None)
         except (ValueError, TypeError, KeyError, AttributeError) as e:
             log.warning("kernel tuning %s is unreadable (%s): ignored", path, e)
     return table
 
 
 @functools.cache
-def _table(index: int) -> dict[str, Config]:
+def _table(index: int) -> tuple[dict[str, Config], dict[str, str]]:
+    """(this GPU's merged table, the GPU each borrowed entry was measured on)."""
     name = torch.cuda.get_device_name(index)
     paths = [TUNING_DIR / device_file_name(name)]
     if os.environ.get(TUNING_ENV):
         paths.append(Path(os.environ[TUNING_ENV]))
-    return read_tables(paths, name)
+    measured_on: dict[str, str] = {}
+    return read_tables(paths, name, measured_on), measured_on
 
 
 # Launch shapes for GPUs whose table has no entry, where a measurement elsewhere (or, said so, a static count)
@@ -179,11 +188,12 @@ def tuned(kernel: str, fmt: str, rows: int, dtype: torch.dtype, device: torch.de
         return None
     index = device.index if device.index is not None else torch.cuda.current_device()
     key, own_key = tuning_key(kernel, fmt, rows), tuning_key(kernel, fmt, rows, shape) if shape else None
-    table = _table(index)
+    table, measured_on = _table(index)
     entry = own_key if own_key in table else key if key in table else None
     config = table[entry] if entry is not None else UNTUNED.get(key)
     if (key, shape) not in CHOSEN:  # the source is worded once per shape, not on every launch
-        CHOSEN[(key, shape)] = (config, f"tuning table, {entry}" if entry is not None else
+        borrowed = f" (measured on {measured_on[entry]}, untimed on this GPU)" if entry in measured_on else ""
+        CHOSEN[(key, shape)] = (config, f"tuning table, {entry}{borrowed}" if entry is not None else
                                 "launch_plan.UNTUNED (no table entry)" if config is not None else
                                 "built-in tiles (no table entry)")
     return config
