@@ -110,7 +110,8 @@ def main() -> None:
     ap.add_argument("--calib-batches", type=int, default=4,
                     help="random-token calibration batches (2 x 64 tokens each) for calibrated configs (default 4); "
                          "a speed-only run on random weights can take 1: the thresholds' calibrated prefill runs "
-                         "the model 3 times per batch (65 s of the 8B thresholds config on an H100 with 4)")
+                         "the model 4 times per batch: recording, statistics, two refinements (65 s of the 8B "
+                         "thresholds config on an H100 with 4)")
     ap.add_argument("--out", type=Path, help="result file (default results/decode-<device>-<model>-<date>.json)")
     a = ap.parse_args()
     if a.calib_batches < 1:
