@@ -210,14 +210,14 @@ def _mix(x: torch.Tensor) -> torch.Tensor:
 def device_checksum(t: torch.Tensor) -> bytes:
     """A 128-bit checksum of t's bytes, computed where t lives: two wrapping sums of splitmix64(position, word)
     over its 32-bit words, plus the trailing bytes. A GPU-resident 8B model's weights (16 GB) would otherwise be
-    copied to the host and SHA-256'd on every compile of a calibrated graph (~15 s each on the H100 box); here one
+    copied to the host and SHA-256'd on every compile of a calibrated graph (an estimated ~15 s each); here one
     flipped bit or two swapped words changes a sum but for a 2**-64 chance per lane. Not cryptographic: it finds
     changed weights (a fine-tuned model), it is no defence against crafted collisions (the cache is local)."""
     b = t.detach().contiguous().reshape(-1).view(torch.uint8)
     if b.storage_offset() % 4:  # a view of int32 words must start on a word
         b = b.clone()
     n4 = b.numel() // 4
-    words = (b[: n4 * 4] if b.numel() % 4 else b).view(torch.int32)
+    words = b[: n4 * 4].view(torch.int32)
     sums = torch.zeros(2, dtype=torch.int64, device=t.device)
     for c in range(0, n4, DEVICE_CHUNK):
         w = words[c:c + DEVICE_CHUNK].to(torch.int64) & 0xFFFFFFFF

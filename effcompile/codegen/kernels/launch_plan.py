@@ -140,11 +140,11 @@ def read_tables(paths, device_name: str, measured_on: dict[str, str] | None = No
                 raise ValueError("fma, compact, scale_words and flat must be true or false")
             table.update(configs)
             if measured_on is not None:
-                for k in configs:
-                    if data.get("measured_on", device_name) != device_name:
-                        measured_on[k] = data["measured_on"]
-                    else:
-                        measured_on.pop(k, None)
+                source = data.get("measured_on", device_name)
+                for k in configs:  # a later table's entry replaces the mark along with the config
+                    measured_on.pop(k, None)
+                    if source != device_name:
+                        measured_on[k] = source
         except (ValueError, TypeError, KeyError, AttributeError) as e:
             log.warning("kernel tuning %s is unreadable (%s): ignored", path, e)
     return table

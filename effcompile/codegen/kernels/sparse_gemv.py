@@ -43,12 +43,6 @@ def supported(x: torch.Tensor, weight_t: torch.Tensor, fmt: str, decode_only: bo
     return None
 
 
-# A GEMM launch's tile (block_m by rows, block_n, block_k, warps, stages): dequant_matmul's prefill tile, with
-# 128 int4 outputs so a weight row's load is 64 contiguous bytes. Untimed on a GPU.
-def _gemm_tiles(m: int, fmt: str) -> tuple[int, int, int, int, int]:
-    return (64 if m >= 64 else 32 if m >= 32 else 16), (128 if fmt == "int4" else 64), 64, 4, 3
-
-
 def launch(x, threshold, weight_t, scales, zeros, bias, fmt: str, group_size: int,
            split_k: int | None = None, config: plan.Config | None = None, epilogue: str = "none",
            thresholded: bool = True) -> torch.Tensor:
@@ -74,9 +68,10 @@ def launch(x, threshold, weight_t, scales, zeros, bias, fmt: str, group_size: in
     z = _ops.on_device(zeros, dev, f"{NAME} zeros") if zeros is not None else s
     b = _ops.on_device(bias, dev, f"{NAME} bias") if bias is not None else t
     interp = _ops.interpreting(dev)
-    if gemm:  # the decode tables' buckets do not cover it; its own tile, no K split, no register tricks
-        bm, bn, bk, warps, stages = _gemm_tiles(m, fmt)
-        config, split_k = None, 1
+    if gemm:  # the decode tables' buckets do not cover it: the matmuls' prefill tile, no K split (untimed here)
+        bm, bn, bk, warps, stages, split_k = plan.matmul_tiles(max(m, plan.GEMV_MAX_M + 1), fmt, x.dtype)
+        bn = 128 if fmt == "int4" else bn  # 128 int4 outputs: a weight row's load is 64 contiguous bytes
+        config = None
     else:
         config = config if config is not None else plan.tuned("sparse", fmt, m, x.dtype, dev, (n, k))
         bn, bk, warps, stages = config[:4] if config is not None else plan.sparse_config(fmt, x.dtype)
