@@ -1,7 +1,7 @@
 """Diagnose a greedy threshold allocation on MiniLM: quality along the line from uniform to it.
 
 Allocation(lam) = target + lam * (greedy - target) keeps the weighted sparsity on target for every lam.
-For each lam the pass is compiled with that allocation forced (fixed-point refinement as usual), and the
+For each lam the pass is compiled with that allocation forced (fitted in order as usual), and the
 script records held-out quality (mean cosine, retrieval top-1, as benchmarks/thresholding.py) next to
 the calibration objectives the greedy search can minimize ("mse", "cosine", via the pass's own
 _distance). An objective that keeps falling while held-out quality turns down is the wrong objective.
@@ -67,7 +67,7 @@ def main(argv=None) -> int:
         lam = lam_now[0]
         return {k: cfg.sparsity + lam * (v - cfg.sparsity) for k, v in searched.items()}, {"lam": lam}
 
-    tg.allocate = forced  # the rest of the pass (refinement, buffers, explain) runs unchanged
+    tg.allocate = forced  # the rest of the pass (the in-order fit, buffers, explain) runs unchanged
     rows = []
     # minilm_cases builds the model, data and quality functions; drive it one lam at a time.
     for lam in (float(x) for x in a.lams.split(",")):

@@ -180,6 +180,13 @@ class _Recorder(fx.Interpreter):
         return out
 
 
+def _no_data_error() -> ValueError:
+    return ValueError(
+        "this pass needs calibration data, but this graph received none: pass "
+        "effcompile(model, calibration=[batch, ...]) with batches shaped like real inputs"
+    )
+
+
 def collect_stats(
     gm: fx.GraphModule,
     ctx: PassContext,
@@ -199,10 +206,7 @@ def collect_stats(
     from tqdm.auto import tqdm
 
     if not ctx.calibration:
-        raise ValueError(
-            "this pass needs calibration data, but this graph received none: pass "
-            "effcompile(model, calibration=[batch, ...]) with batches shaped like real inputs"
-        )
+        raise _no_data_error()
     nodes = [n for n in gm.graph.nodes if select(n)] if callable(select) else list(select)
     watch = {n.name for n in nodes}
     stats: dict[str, ActivationStats] = {}
@@ -210,4 +214,54 @@ def collect_stats(
     with torch.no_grad():
         for args in tqdm(batches, desc=desc, leave=False):
             _Recorder(gm, watch, stats, rows, padding_mask(gm, args) if skip_padding else None).run(*args)
+    return stats
+
+
+def _node_by_node(gm: fx.GraphModule, args):
+    """Run ``gm`` on one batch a node at a time: yields (node, its value) after each node, before values that
+    no later node reads are dropped (as fx.Interpreter.run drops them)."""
+    run = fx.Interpreter(gm)
+    run.env, run.args_iter = {}, iter(gm.graph.process_inputs(*args))
+    for node in gm.graph.nodes:
+        run.env[node] = value = run.run_node(node)
+        yield node, value
+        for dead in run.user_to_last_uses.get(node, []):
+            del run.env[dead]
+
+
+def collect_stats_in_order(
+    gm: fx.GraphModule,
+    ctx: PassContext,
+    nodes: Iterable[fx.Node],
+    on_ready: Callable[[str, ActivationStats], None],
+    *,
+    desc: str = "calibrating in order",
+    rows: int = 0,
+    skip_padding: bool = False,
+) -> dict[str, ActivationStats]:
+    """:func:`collect_stats` for fits that change the graph's own behaviour downstream (a threshold buffer):
+    the batches run in lockstep, node by node, and once a watched node's output is known for every batch,
+    ``on_ready(name, stats)`` runs before any later node does. What it writes into a buffer is then what every
+    batch's later nodes read, so one pass over the data fits each node with every node upstream already fitted:
+    the fixed point that re-collecting with the fits in place only approaches (one pass of the model, not one
+    per round). The price is memory: the values still live at a node are held for all batches at once."""
+    from tqdm.auto import tqdm
+
+    if not ctx.calibration:
+        raise _no_data_error()
+    watch = {n.name for n in nodes}
+    batches = list(ctx.calibration)
+    masks = [padding_mask(gm, args) if skip_padding else None for args in batches]
+    stats: dict[str, ActivationStats] = {}
+    with torch.no_grad():
+        for step in tqdm(zip(*(_node_by_node(gm, args) for args in batches)), total=len(gm.graph.nodes),
+                         desc=desc, leave=False):
+            name = step[0][0].name
+            if name not in watch:
+                continue
+            st = stats.setdefault(name, ActivationStats(row_sample_size=rows))
+            for (_, value), mask in zip(step, masks, strict=True):
+                if isinstance(value, torch.Tensor):
+                    st.update(real_rows(value, mask))
+            on_ready(name, st)
     return stats

@@ -18,6 +18,7 @@ from effcompile.passes.calibration import (
     ActivationStats,
     calibrated_for,
     collect_stats,
+    collect_stats_in_order,
     fit_key,
     padding_mask,
 )
@@ -30,7 +31,7 @@ _ALIASES = {"all": KINDS, "attn": ("attn_in", "attn_out"), "ffn": ("mlp_in", "ml
 _TAG = re.compile(r"^layers\.\d+\.(attn|ffn)$")
 METHODS = ("tensor", "channel", "greedy", "greedy-channel")
 _ROW_ELEMENTS = 4_000_000  # per activation: enough rows for 0.1-point quantiles, bounded memory
-_REFINE_ROUNDS = 2  # re-calibrations with the thresholds in place (see the pass)
+_NORM_ROWS = 4096  # weight rows cast / dequantized to fp32 at a time for column norms (see _Site.norms)
 
 
 def _kind_names(value) -> tuple[str, ...]:
@@ -139,9 +140,22 @@ class _Site:
     kind: str
     tag: ir.Sublayer
     label: str
-    weight: torch.Tensor  # dense float [N, K], for column norms and byte weighting
+    elements: int  # N * K of the weight: what byte weighting counts
+    in_features: int
+    device: torch.device
+    rows: Any  # rows(r0, r1): the weight's rows r0..r1 as fp32 [r1 - r0, K] (dequantized when quantized)
     source: torch.Tensor | None = None  # the model's own weight tensor (identity across graphs)
     sparsify: fx.Node | None = None  # the node inserted before it
+    _norms: torch.Tensor | None = None
+
+    def norms(self) -> torch.Tensor:
+        """||W[:, j]|| per input channel (CHESS), from fp32 blocks of _NORM_ROWS rows, computed once: a whole fp32
+        copy of every targeted weight, which this pass used to hold for each site, is 28 GB for an 8B model."""
+        if self._norms is None:
+            n = self.elements // self.in_features
+            sq = sum(self.rows(r, min(r + _NORM_ROWS, n)).square().sum(0) for r in range(0, n, _NORM_ROWS))
+            self._norms = sq.sqrt()
+        return self._norms
 
 
 def _is_linear(node: fx.Node) -> bool:
@@ -149,7 +163,9 @@ def _is_linear(node: fx.Node) -> bool:
         ir.target_name(node) == "linear" or node.target is qops.wq_linear_op())
 
 
-def _weight(gm: fx.GraphModule, node: fx.Node, ctx: PassContext) -> torch.Tensor | None:
+def _weight(gm: fx.GraphModule, node: fx.Node, ctx: PassContext):
+    """(the weight tensor, N * K, K, its device, rows(r0, r1) as fp32), or None when it is not a 2-D model
+    parameter."""
     def real(n):
         if not isinstance(n, fx.Node):
             return None
@@ -163,10 +179,18 @@ def _weight(gm: fx.GraphModule, node: fx.Node, ctx: PassContext) -> torch.Tensor
         q, s, z = (real(a) for a in node.args[1:4])
         if q is None or s is None:
             return None
-        return q, qops.dequantize(q, s, z, node.args[5], node.args[6], torch.float32)
+        fmt, group = node.args[5], node.args[6]
+        n, k = qops.dequantize(q[:1], s[:1], None if z is None else z[:1], fmt, group).shape
+
+        def rows(r0, r1):  # every format's codes, scales and zeros are per output row
+            return qops.dequantize(q[r0:r1], s[r0:r1], None if z is None else z[r0:r1], fmt, group, torch.float32)
+
+        return q, n * k, k, q.device, rows
     w = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
     w = real(w)
-    return (w, w.detach().float()) if isinstance(w, torch.Tensor) and w.dim() == 2 else None
+    if not (isinstance(w, torch.Tensor) and w.dim() == 2):
+        return None
+    return w, w.numel(), w.shape[1], w.device, lambda r0, r1: w[r0:r1].detach().float()
 
 
 def _reaches_linear(start: fx.Node, tag: ir.Sublayer) -> bool:
@@ -212,7 +236,7 @@ def _sites(gm: fx.GraphModule, cfg: ThresholdChannels, ctx: PassContext) -> tupl
         if w is None:
             skipped[label] = "weight is not a 2-D parameter of the model"
             continue
-        sites.append(_Site(node, x, kind, tag, label, w[1], w[0]))
+        sites.append(_Site(node, x, kind, tag, label, *w[1:], source=w[0]))
     return sites, skipped
 
 
@@ -245,22 +269,27 @@ class _Sample:
 
 
 class _Calib:
-    """Per-site samples, so any sparsity's threshold is a cut of one (greedy asks for many)."""
+    """Per-site samples, so any sparsity's threshold is a cut of one (greedy asks for many). Sites come all at
+    once (``sites`` with ``stats``) or an input at a time (``add``, as the in-order calibration sees them)."""
 
-    def __init__(self, sites: list[_Site], stats: dict[str, ActivationStats], method: str):
+    def __init__(self, method: str, sites: list[_Site] = (), stats: dict[str, ActivationStats] | None = None):
+        self.method = method
         self.flat: dict[str, _Sample] = {}
         self.score: dict[str, tuple[_Sample, torch.Tensor]] = {}
-        by_input: dict[str, _Sample] = {}
+        self._by_input: dict[str, _Sample] = {}
         for s in sites:
-            rows = _rows(stats[s.x.name])
-            if method in ("channel", "greedy-channel"):
-                # CHESS: a zeroed x_j removes x_j * W[:, j] from the output; rank entries by that size.
-                col = s.weight.norm(dim=0).to(rows.dtype)
-                self.score[s.label] = (_Sample(rows * col), col)
-            else:
-                if s.x.name not in by_input:
-                    by_input[s.x.name] = _Sample(rows)
-                self.flat[s.label] = by_input[s.x.name]
+            self.add(s, stats[s.x.name])
+
+    def add(self, s: _Site, stats: ActivationStats) -> None:
+        rows = _rows(stats)
+        if self.method in ("channel", "greedy-channel"):
+            # CHESS: a zeroed x_j removes x_j * W[:, j] from the output; rank entries by that size.
+            col = s.norms().to(rows.device, rows.dtype)
+            self.score[s.label] = (_Sample(rows * col), col)
+        else:
+            if s.x.name not in self._by_input:
+                self._by_input[s.x.name] = _Sample(rows)
+            self.flat[s.label] = self._by_input[s.x.name]
 
     def threshold(self, site: _Site, s: float) -> torch.Tensor:
         if site.label in self.score:
@@ -291,13 +320,20 @@ def _summary(thr: torch.Tensor) -> float | dict:
     return {"channels": thr.numel(), "min": round(q[0], 6), "median": round(q[1], 6), "max": round(q[2], 6)}
 
 
+def _dense(s: _Site, method: str) -> torch.Tensor:
+    """A threshold that keeps every value, shaped as the method's thresholds are (one, or one per channel)."""
+    if method in ("channel", "greedy-channel"):
+        return torch.full((s.in_features,), _NO_THRESHOLD)
+    return torch.tensor(_NO_THRESHOLD)
+
+
 def _insert(gm, s: _Site, thr: torch.Tensor, mode, decode_only: bool) -> torch.Tensor:
     name = _buffer_name(s.label)
     # A buffer, not a constant: the cache stores it as safetensors, and changing its value later
     # (thresholds(compiled)[label].fill_(...)) changes behaviour without recompiling anything. On the
     # weight's device: a CPU threshold beside CUDA weights was copied to the GPU on every call, which
     # synchronizes each linear and cannot be captured in a CUDA graph (H100, session 7: 23.6 tok/s).
-    gm.register_buffer(name, thr.detach().clone().to(s.weight.device))
+    gm.register_buffer(name, thr.detach().clone().to(s.device))
     buf = getattr(gm, name)
     with gm.graph.inserting_before(s.node):
         thr_node = gm.graph.get_attr(name)
@@ -322,8 +358,8 @@ def _reuse(gm, sites, cfg, ctx, base, skipped) -> PassResult | None:
     for s, (thr, info) in zip(sites, found, strict=True):
         _insert(gm, s, thr, mode, cfg.decode_only)
         layers[s.label] = info
-    total = sum(s.weight.numel() for s in sites)
-    weighted = sum(layers[s.label]["target"] * s.weight.numel() for s in sites) / total
+    total = sum(s.elements for s in sites)
+    weighted = sum(layers[s.label]["target"] * s.elements for s in sites) / total
     note = ("no calibration data reached this graph (e.g. a decode step after prefill-shaped calibration): "
             "thresholds reused from the graph of this model calibrated earlier in this process")
     return PassResult(modified=True, count=len(sites), where=[str(s.tag) for s in sites], note=note,
@@ -350,30 +386,43 @@ def threshold_channels(gm: fx.GraphModule, cfg: ThresholdChannels, ctx: PassCont
     inputs = {s.x.name: s.x for s in sites}
     width = max(ir.tensor_val(x).shape[-1] for x in inputs.values() if ir.tensor_val(x) is not None)
     rows = max(256, min(16384, _ROW_ELEMENTS // max(width, 1)))
-    stats = collect_stats(gm, ctx, list(inputs.values()), desc="threshold_channels", rows=rows,
-                          skip_padding=cfg.skip_padding)
-    calib = _Calib(sites, stats, cfg.method)
-
     mode = ir.fake_mode_for(gm, ctx.example_inputs)
-    # decode_only=False while calibrating (the calibration batches are prefill-shaped); set at the end.
-    bufs = {s.label: _insert(gm, s, calib.threshold(s, cfg.target_for(s.kind)), mode, False) for s in sites}
-    gm.recompile()
-
     alloc = {s.label: cfg.target_for(s.kind) for s in sites}
     extra: dict[str, Any] = {}
+    greedy = cfg.method in ("greedy", "greedy-channel")
+    # decode_only=False while calibrating (the calibration batches are prefill-shaped); set at the end.
+    if greedy:  # the greedy search scores every (block, kind) alone, with thresholds cut from the dense model
+        dense = _Calib(cfg.method, sites, collect_stats(gm, ctx, list(inputs.values()), desc="threshold_channels dense",
+                                                        rows=rows, skip_padding=cfg.skip_padding))
+        bufs = {s.label: _insert(gm, s, dense.threshold(s, alloc[s.label]), mode, False) for s in sites}
+    else:  # placeholders of the thresholds' shape: the fit below sets each before anything reads it
+        bufs = {s.label: _insert(gm, s, _dense(s, cfg.method), mode, False) for s in sites}
+    gm.recompile()
+    # Thresholds cut from the dense model undershoot downstream: an o_proj or down_proj input computed from
+    # sparsified q/k/v or gate/up (and every later block) is smaller than in the dense model, so more of it
+    # falls below a dense-calibrated threshold (+2..7 points on the stdlib LM). So each input's thresholds are
+    # cut from its values with every upstream threshold already in place: one pass of the calibration batches
+    # through the graph in lockstep (collect_stats_in_order), where re-collecting twice with the thresholds in
+    # place (sessions 3-18) ran the model three times and only approached that fixed point.
+    calib = _Calib(cfg.method)
+    by_input: dict[str, list[_Site]] = {}
+    for s in sites:
+        by_input.setdefault(s.x.name, []).append(s)
+
+    def fit(name: str, st: ActivationStats) -> None:
+        for s in by_input[name]:
+            calib.add(s, st)
+            bufs[s.label].copy_(calib.threshold(s, alloc[s.label]))
+
     with sparse_ops.not_measuring():  # the pass's own runs are not the model's sparsity
-        if cfg.method in ("greedy", "greedy-channel"):
-            alloc, extra = threshold_greedy.allocate(gm, sites, bufs, calib, cfg, ctx)
-        # Thresholds from the dense model undershoot downstream: an o_proj or down_proj input computed
-        # from sparsified q/k/v or gate/up (and every later block) is smaller than in the dense model, so
-        # more of it falls below a dense-calibrated threshold (measured: +2..7 points on the stdlib LM).
-        # Re-collect with the thresholds in place and recompute: a fixed-point iteration.
-        for _ in range(_REFINE_ROUNDS):
-            for s in sites:
-                bufs[s.label].copy_(calib.threshold(s, alloc[s.label]))
-            stats = collect_stats(gm, ctx, list(inputs.values()), desc="threshold_channels refine", rows=rows,
-                                  skip_padding=cfg.skip_padding)
-            calib = _Calib(sites, stats, cfg.method)
+        if greedy:
+            alloc, extra = threshold_greedy.allocate(gm, sites, bufs, dense, cfg, ctx)
+        stats = collect_stats_in_order(gm, ctx, list(inputs.values()), fit, desc="threshold_channels", rows=rows,
+                                       skip_padding=cfg.skip_padding)
+    unfitted = [s.label for s in sites if s.label not in calib.flat and s.label not in calib.score]
+    if unfitted:
+        raise RuntimeError(f"threshold_channels: the calibration runs produced no tensor at the input of {unfitted}; "
+                           "their thresholds cannot be calibrated")
     layers: dict[str, dict] = {}
     for s in sites:
         thr = calib.threshold(s, alloc[s.label])
@@ -382,16 +431,16 @@ def threshold_channels(gm: fx.GraphModule, cfg: ThresholdChannels, ctx: PassCont
         rows_x = _rows(stats[s.x.name])
         layers[s.label] = {"kind": s.kind, "tag": str(s.tag), "target": round(alloc[s.label], 4),
                            "calibrated": round(calib.achieved(s, thr, rows_x), 4), "threshold": _summary(thr),
-                           "weight_elements": s.weight.numel()}
+                           "weight_elements": s.elements}
         if s.source is not None:
             calibrated_for(s.source)[fit_key("threshold", cfg, s.label)] = (thr.clone(), dict(layers[s.label]))
-    total = sum(s.weight.numel() for s in sites)
+    total = sum(s.elements for s in sites)
     masks = [padding_mask(gm, args) for args in ctx.calibration] if cfg.skip_padding else []
     if any(m is not None for m in masks):  # what share of the calibration positions was padding, left out
         pads = sum(int((~m).sum()) for m in masks if m is not None)
         base["padding_left_out"] = round(pads / sum(m.numel() for m in masks if m is not None), 4)
     artifacts = {**base, **extra, "layers": layers, "dense": skipped,
-                 "weighted_target": round(sum(alloc[s.label] * s.weight.numel() for s in sites) / total, 4),
+                 "weighted_target": round(sum(alloc[s.label] * s.elements for s in sites) / total, 4),
                  "calibration_rows": {k: int(v.count) for k, v in stats.items()}}
     note = extra.get("fallback", "")
     if skipped:

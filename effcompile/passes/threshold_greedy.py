@@ -78,7 +78,7 @@ def allocate(gm, sites, bufs, calib, cfg, ctx) -> tuple[dict[str, float], dict]:
             for s in members:
                 bufs[s.label].fill_(NO_THRESHOLD)
             curves[g] = errs
-    weight = {g: sum(s.weight.numel() for s in m) for g, m in groups.items()}
+    weight = {g: sum(s.elements for s in m) for g, m in groups.items()}
     level = {g: 0.0 for g in groups}
     # One budget per constraint: model-wide, or one per kind when the targets are per kind.
     per_kind = not isinstance(cfg.sparsity, float)
