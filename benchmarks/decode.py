@@ -90,6 +90,18 @@ def _peer(model, which: tuple[str | None, str | None], head: bool = False):
     return peer
 
 
+def _compile_breakdown(rep) -> dict:
+    """Where effcompile's compile time went, over every graph of a config: the graphs' own compile seconds
+    (cache-key hashing, passes, lowering, codegen; not dynamo's tracing, the calibration runs or Triton's
+    first-launch builds) and each pass's seconds summed over graphs, largest first."""
+    per_pass: dict[str, float] = {}
+    for g in rep.graphs:
+        for p in g.passes:
+            per_pass[p.name] = per_pass.get(p.name, 0.0) + p.seconds
+    return {"graphs": len(rep.graphs), "graph_compile": round(sum(g.compile_seconds for g in rep.graphs), 2),
+            "passes": {k: round(v, 2) for k, v in sorted(per_pass.items(), key=lambda kv: -kv[1]) if v >= 0.01}}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="llama-base")
@@ -110,8 +122,9 @@ def main() -> None:
     ap.add_argument("--calib-batches", type=int, default=4,
                     help="random-token calibration batches (2 x 64 tokens each) for calibrated configs (default 4); "
                          "a speed-only run on random weights can take 1: the thresholds' calibrated prefill runs "
-                         "the model 4 times per batch: recording, statistics, two refinements (65 s of the 8B "
-                         "thresholds config on an H100 with 4)")
+                         "the model twice per batch (recording, then the in-order fit; 4 times until session 18, "
+                         "when the 8B thresholds config spent 65 s in calibration and its compiled prefill on an "
+                         "H100 with 4)")
     ap.add_argument("--out", type=Path, help="result file (default results/decode-<device>-<model>-<date>.json)")
     a = ap.parse_args()
     if a.calib_batches < 1:
@@ -224,8 +237,10 @@ def main() -> None:
                 passes = pass_spec.parse_passes(spec)[1] if spec != "none" else []
                 fast = ec.effcompile(model, passes=passes, calibration=calib if passes else None, cache=False)
                 if any(getattr(p, "needs_calibration", False) for p in passes):
+                    t_cal = time.perf_counter()
                     with torch.no_grad():  # a compiled prefill first: decode graphs reuse what it calibrates
                         fast(**calib[0])  # (uncalibrated configs skip it: one dynamo trace and build less)
+                    row["calibrated_prefill_s"] = round(time.perf_counter() - t_cal, 1)
             graphs_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
             before = dict(cg_ops.PATH_COUNTS.get("bag_linear", {}))
             attention_before = dict(attention_ops.PATH_COUNTS)
@@ -253,6 +268,7 @@ def main() -> None:
             row["fallbacks"] = rep.fallbacks
             row["kernels"] = sorted({f"{k.name}:{k.kind}" for k in rep.kernels if k.ops and
                                      k.ops[0] in ("wq_linear", "sparse_linear", "kv_cache_write", "rope_kv_cache_write")})
+            row["compile_breakdown_s"] = _compile_breakdown(rep)
         show(row)
         write()
         # Free this config before the next one compiles: a 1B model's sparse layout is another full copy

@@ -141,6 +141,10 @@ def _torchao_linear(w: torch.Tensor, which: str):
 
 
 SPARSE = [("float", 0.0), ("float", 0.4), ("float", 0.5), ("int8", 0.5), ("int4", 0.4), ("int4", 0.5)]
+# One row only: sparse x int4 with every channel kept and with none. Time = fixed cost + bytes / rate, so the two
+# ends separate what a launch costs before reading any weight row (compaction, scales, the sum across warps,
+# the epilogue) from the rate at which it reads them: session 18 found the 50 % row latency-bound, not issue-bound.
+SPARSE_ENDS = [("int4", 0.0), ("int4", 1.0)]
 
 
 def sparse_threshold(x: torch.Tensor, sparsity: float) -> torch.Tensor:
@@ -177,7 +181,7 @@ FLAT_INT4 = plan.Config(256, 16, 4, 5, None, True, True, flat=True)
 
 def sparse_variants(x, w, quant, out_bytes: int) -> dict:
     out = {}
-    for fmt, sparsity in SPARSE:
+    for fmt, sparsity in SPARSE + (SPARSE_ENDS if x.shape[0] == 1 else []):
         args, read = sparse_inputs(x, w, quant, fmt, sparsity)
         label = f"ec-sparse{int(sparsity * 100)}-{fmt if fmt != 'int4' else 'int4-g128'}"
         out[label] = (lambda args=args: S.launch(*args), read + _nbytes(x) + out_bytes, S.reference(*args))

@@ -254,7 +254,7 @@ def collect_stats_in_order(
     masks = [padding_mask(gm, args) if skip_padding else None for args in batches]
     stats: dict[str, ActivationStats] = {}
     with torch.no_grad():
-        for step in tqdm(zip(*(_node_by_node(gm, args) for args in batches)), total=len(gm.graph.nodes),
+        for step in tqdm(zip(*(_node_by_node(gm, args) for args in batches), strict=True), total=len(gm.graph.nodes),
                          desc=desc, leave=False):
             name = step[0][0].name
             if name not in watch:
