@@ -32,6 +32,9 @@ def test_decode_benchmark_runs_a_quantized_and_a_thresholded_config(tmp_path):
     for row in rows[1:-1]:
         assert "failed" not in row and row["tok_s_b1"] > 0 and row["tok_s_b2"] > 0 and row["vs_eager_b1"] > 0, row
         assert row["kernels"], row  # the rewrite reached a kernel, not just the eager graph
+        assert row["calibrated_prefill_s"] > 0 and row["compile_breakdown_s"]["graph_compile"] > 0, row
+    # where the thresholds config's compile went: its pass among the timed ones
+    assert "threshold_channels" in rows[2]["compile_breakdown_s"]["passes"], rows[2]["compile_breakdown_s"]
     assert all(row["prefill_ms"] > 0 and row["prefill_tokens"] == 2 * 64 for row in rows)  # --prefill: every row
 
 
