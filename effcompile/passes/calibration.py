@@ -229,6 +229,35 @@ def _node_by_node(gm: fx.GraphModule, args):
             del run.env[dead]
 
 
+def run_in_order(
+    gm: fx.GraphModule,
+    ctx: PassContext,
+    nodes: Iterable[fx.Node],
+    on_ready: Callable[[str, list[torch.Tensor]], None],
+    *,
+    desc: str = "calibrating in order",
+) -> None:
+    """Run the calibration batches through ``gm`` in lockstep, node by node; once a watched node's output is
+    known for every batch, ``on_ready(name, [its value in each batch])`` runs before any later node does. What
+    it writes into a buffer is then what every batch's later nodes read, so one pass over the data fits each
+    node with every node upstream already fitted: the fixed point that re-collecting with the fits in place only
+    approaches, in one run of the model. Only one watched node's data needs to be reduced at a time (EoRA's
+    covariances: one [K, K] matrix alive, not one per linear). The price is that the values still live at a
+    node are held for all batches at once."""
+    from tqdm.auto import tqdm
+
+    if not ctx.calibration:
+        raise _no_data_error()
+    watch = {n.name for n in nodes}
+    batches = list(ctx.calibration)
+    with torch.no_grad():
+        for step in tqdm(zip(*(_node_by_node(gm, args) for args in batches), strict=True), total=len(gm.graph.nodes),
+                         desc=desc, leave=False):
+            name = step[0][0].name
+            if name in watch and all(isinstance(v, torch.Tensor) for _, v in step):
+                on_ready(name, [v for _, v in step])
+
+
 def collect_stats_in_order(
     gm: fx.GraphModule,
     ctx: PassContext,
@@ -240,28 +269,15 @@ def collect_stats_in_order(
     skip_padding: bool = False,
 ) -> dict[str, ActivationStats]:
     """:func:`collect_stats` for fits that change the graph's own behaviour downstream (a threshold buffer):
-    the batches run in lockstep, node by node, and once a watched node's output is known for every batch,
-    ``on_ready(name, stats)`` runs before any later node does. What it writes into a buffer is then what every
-    batch's later nodes read, so one pass over the data fits each node with every node upstream already fitted:
-    the fixed point that re-collecting with the fits in place only approaches (one pass of the model, not one
-    per round). The price is memory: the values still live at a node are held for all batches at once."""
-    from tqdm.auto import tqdm
-
-    if not ctx.calibration:
-        raise _no_data_error()
-    watch = {n.name for n in nodes}
-    batches = list(ctx.calibration)
-    masks = [padding_mask(gm, args) if skip_padding else None for args in batches]
+    :func:`run_in_order`, with ``on_ready(name, stats)`` getting the node's statistics over every batch."""
+    masks = [padding_mask(gm, args) if skip_padding else None for args in ctx.calibration or ()]
     stats: dict[str, ActivationStats] = {}
-    with torch.no_grad():
-        for step in tqdm(zip(*(_node_by_node(gm, args) for args in batches), strict=True), total=len(gm.graph.nodes),
-                         desc=desc, leave=False):
-            name = step[0][0].name
-            if name not in watch:
-                continue
-            st = stats.setdefault(name, ActivationStats(row_sample_size=rows))
-            for (_, value), mask in zip(step, masks, strict=True):
-                if isinstance(value, torch.Tensor):
-                    st.update(real_rows(value, mask))
-            on_ready(name, st)
+
+    def ready(name: str, values: list[torch.Tensor]) -> None:
+        st = stats.setdefault(name, ActivationStats(row_sample_size=rows))
+        for value, mask in zip(values, masks, strict=True):
+            st.update(real_rows(value, mask))
+        on_ready(name, st)
+
+    run_in_order(gm, ctx, nodes, ready, desc=desc)
     return stats

@@ -10,48 +10,28 @@ Triton (except W8A8), and leaves them as ordinary matmuls on the CPU paths.
 from __future__ import annotations
 
 import operator
+from collections.abc import Callable
 
 import torch
 import torch.fx as fx
 
 from effcompile.compiler import ir
 from effcompile.compiler.pass_manager import PassContext
-from effcompile.passes.calibration import calibrated_for, fit_key
+from effcompile.passes.calibration import calibrated_for, fit_key, run_in_order
 
 _EPS = 1e-6
 
 
-class _Covariance(fx.Interpreter):
-    """Accumulates x^T x (fp64) of the watched nodes' outputs over the calibration batches."""
-
-    def __init__(self, gm: fx.GraphModule, watch: set[str], acc: dict[str, list]):
-        super().__init__(gm)
-        self.watch, self.acc = watch, acc
-
-    def run_node(self, n: fx.Node):
-        out = super().run_node(n)
-        if n.name in self.watch and isinstance(out, torch.Tensor):
-            x = out.detach().reshape(-1, out.shape[-1]).double()
-            entry = self.acc.setdefault(n.name, [x.new_zeros(x.shape[1], x.shape[1]), 0])  # on x's device
-            entry[0] += x.T @ x
-            entry[1] += x.shape[0]
-        return out
+def _covariance(values: list[torch.Tensor]) -> torch.Tensor:
+    """E[x^T x] (fp64, on x's device) over every row of every batch's value."""
+    rows = [v.detach().reshape(-1, v.shape[-1]).double() for v in values]
+    return sum(x.T @ x for x in rows) / max(sum(x.shape[0] for x in rows), 1)
 
 
-def covariances(gm: fx.GraphModule, ctx: PassContext, nodes: list[fx.Node]) -> dict[str, torch.Tensor]:
-    if not ctx.calibration:
-        raise ValueError("Quantize(eora_rank=...) needs calibration data: pass effcompile(model, "
-                         "calibration=[batch, ...]) with batches shaped like real inputs")
-    acc: dict[str, list] = {}
-    with torch.no_grad():
-        for args in ctx.calibration:
-            _Covariance(gm, {n.name for n in nodes}, acc).run(*args)
-    return {k: s / max(n, 1) for k, (s, n) in acc.items()}
-
-
-def low_rank_fix(error: torch.Tensor, cov: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """(B [N, r], A [r, K], fraction of the activation-weighted error removed) for error [N, K]."""
-    evals, vecs = torch.linalg.eigh(cov)
+def low_rank_fix(error: torch.Tensor, cov: torch.Tensor, rank: int, eig=None) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(B [N, r], A [r, K], fraction of the activation-weighted error removed) for error [N, K]. ``eig``: cov's
+    torch.linalg.eigh, when the caller has it (linears reading one input share it)."""
+    evals, vecs = torch.linalg.eigh(cov) if eig is None else eig
     root = evals.clamp_min(_EPS * evals.max().clamp_min(_EPS)).sqrt()
     e = error.double() @ vecs * root[None, :]  # the error as the activations see it
     u, s, vh = torch.linalg.svd(e, full_matrices=False)
@@ -62,26 +42,32 @@ def low_rank_fix(error: torch.Tensor, cov: torch.Tensor, rank: int) -> tuple[tor
     return b, a, removed
 
 
-def compensate(gm: fx.GraphModule, ctx: PassContext, sites: list[tuple[fx.Node, fx.Node, torch.Tensor, torch.Tensor]],
+def compensate(gm: fx.GraphModule, ctx: PassContext, sites: list[tuple[fx.Node, fx.Node, Callable, torch.Tensor]],
                rank: int, mode, key=None) -> dict:
-    """sites: (quantized node, its input node, error W - W_q as fp32, the model's weight tensor). Adds the
-    B(Ax) side path after each. ``key`` (the pass config): a graph without calibration data reuses the
-    factors fitted for the same weights under the same key earlier in this process (a decode graph after
-    prefill-shaped calibration); with neither, raises ValueError."""
+    """sites: (quantized node, its input node, a function giving the error W - W_q as fp32, the model's weight
+    tensor). Adds the B(Ax) side path after each. ``key`` (the pass config): a graph without calibration data
+    reuses the factors fitted for the same weights under the same key earlier in this process (a decode graph
+    after prefill-shaped calibration); with neither, raises ValueError.
+
+    The factors are fitted in graph order in one pass over the calibration data (calibration.run_in_order): the
+    side paths go in first with zero factors, then each input's covariance is taken with every upstream side
+    path already fitted, its linears' factors fitted and written, and the covariance dropped. Holding every
+    input's covariance and every weight's error at once, as the pass did until session 18, is ~65 GB of fp64
+    covariances and 28 GB of fp32 errors for an 8B model."""
     fits = [calibrated_for(w).get(fit_key("eora", key)) for *_, w in sites]
     reused = not ctx.calibration and key is not None and all(f is not None for f in fits)
     if not reused:
-        covs = covariances(gm, ctx, list({x: None for _, x, _, _ in sites}))
-        fits = [low_rank_fix(err, covs[x.name], rank) if x.name in covs else None for _, x, err, _ in sites]
-        for (*_, w), fit in zip(sites, fits, strict=True):
-            if fit is not None and key is not None:
-                calibrated_for(w)[fit_key("eora", key)] = fit
+        if not ctx.calibration:
+            raise ValueError("Quantize(eora_rank=...) needs calibration data: pass effcompile(model, "
+                             "calibration=[batch, ...]) with batches shaped like real inputs")
+        # Zero factors of the fitted shapes (low_rank_fix keeps min(rank, N, K) directions of a [N, K] weight)
+        # until the fit.
+        fits = [(torch.zeros(w.shape[0], min(rank, *w.shape)), torch.zeros(min(rank, *w.shape), w.shape[1]), None)
+                for *_, w in sites]
     linear = torch._C._nn.linear  # what dynamo records for F.linear, so later passes recognise it
-    layers = {}
+    buffers = []
     for i, ((qnode, x, _, _), fit) in enumerate(zip(sites, fits, strict=True)):
-        if fit is None:
-            continue
-        b, a, removed = fit
+        b, a, _ = fit
         val = ir.node_val(x)
         dtype = val.dtype if isinstance(val, torch.Tensor) else torch.float32
         # On the activations' device: a CPU buffer in a CUDA graph is copied to the GPU on every call
@@ -96,6 +82,7 @@ def compensate(gm: fx.GraphModule, ctx: PassContext, sites: list[tuple[fx.Node, 
                 nodes[name] = gm.graph.get_attr(attr)
             nodes[name].meta[ir.VAL] = mode.from_tensor(getattr(gm, attr))
             nodes[name].meta[ir.TAG] = tag
+        buffers.append((getattr(gm, f"_ec_eora_{i}_b"), getattr(gm, f"_ec_eora_{i}_a")))
         with gm.graph.inserting_after(nodes["a"]):
             ax = gm.graph.call_function(linear, (x, nodes["a"]))
         with gm.graph.inserting_after(ax):
@@ -110,6 +97,30 @@ def compensate(gm: fx.GraphModule, ctx: PassContext, sites: list[tuple[fx.Node, 
         for n in (ax, bax, total):
             n.meta[ir.TAG] = tag
         qnode.replace_all_uses_with(total, delete_user_cb=lambda user, total=total: user is not total)
+    if not reused:
+        gm.recompile()
+        by_input: dict[str, list[int]] = {}
+        for i, (_, x, _, _) in enumerate(sites):
+            by_input.setdefault(x.name, []).append(i)
+
+        def fit(name: str, values: list[torch.Tensor]) -> None:
+            cov = _covariance(values)
+            eig = torch.linalg.eigh(cov)  # once for the linears reading this input (q / k / v, gate / up)
+            for i in by_input[name]:
+                _, _, error, w = sites[i]
+                fits[i] = low_rank_fix(error(), cov, rank, eig)
+                for buf, t in zip(buffers[i], fits[i][:2], strict=True):
+                    buf.copy_(t)
+                if key is not None:
+                    calibrated_for(w)[fit_key("eora", key)] = fits[i]
+
+        run_in_order(gm, ctx, [x for _, x, _, _ in sites], fit, desc="eora")
+        unfitted = [q.name for (q, _, _, _), f in zip(sites, fits, strict=True) if f[2] is None]
+        if unfitted:
+            raise RuntimeError(f"EoRA: the calibration runs produced no tensor at the input of {unfitted}")
+    layers = {}
+    for (qnode, _, _, _), (_, a, removed) in zip(sites, fits, strict=True):
+        tag = ir.sublayer(qnode)
         layers[tag.module if tag is not None and tag.module else qnode.name] = {
             "rank": int(a.shape[0]), "error_removed": round(removed, 4)}
     return {"rank": rank, "layers": layers, **({"reused": True} if reused else {})}

@@ -173,7 +173,9 @@ def quantize(gm: fx.GraphModule, cfg: Quantize, ctx: PassContext) -> PassResult:
         node.replace_all_uses_with(new)
         gm.graph.erase_node(node)
         if cfg.eora_rank:
-            compensated.append((new, x, w.float() - qops.dequantize(*qw[:3], cfg.fmt, group, torch.float32), real))
+            # The error W - W_q as a function: EoRA computes it when it fits this linear, and drops it after.
+            compensated.append((new, x, lambda w=w, qw=qw: w.float() - qops.dequantize(*qw[:3], cfg.fmt, group),
+                                real))
         layers[label] = {
             "shape": list(w.shape),
             "bytes_dense": w.numel() * w.element_size(),

@@ -199,6 +199,48 @@ def test_eora_fires_and_cuts_the_error_on_a_tiny_llama():
     assert err[8] < 0.8 * err[0], err
 
 
+def test_eora_fits_each_linear_with_the_side_paths_upstream_in_place(monkeypatch):
+    # One pass in graph order (calibration.run_in_order): each input's covariance is taken with every upstream
+    # side path already fitted, so refitting on the finished graph changes nothing; and only one covariance
+    # is alive at a time (held all at once, an 8B model's would be ~65 GB of fp64).
+    import weakref
+
+    from effcompile.compiler import ir
+    from effcompile.compiler.backend import _params
+    from effcompile.compiler.pass_manager import PassContext, PassManager
+    from effcompile.passes import eora
+    from effcompile.passes.calibration import run_in_order
+    from effcompile.testing import capture, tiny_hf
+
+    alive, most = [0], [0]
+    real_cov = eora._covariance
+
+    def tracked(values):
+        cov = real_cov(values)
+        alive[0] += 1
+        most[0] = max(most[0], alive[0])
+        weakref.finalize(cov, lambda: alive.__setitem__(0, alive[0] - 1))
+        return cov
+
+    monkeypatch.setattr(eora, "_covariance", tracked)
+    model = tiny_hf("llama", layers=3, hidden=64)
+    ids = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(7))
+    (gm, ex), = capture(model, ids)
+    ir.annotate(gm, ex)
+    ctx = PassContext(ex, [ex], _params(gm, ex))
+    (rec,) = PassManager([ec.Quantize(weights="int4", group_size=32, eora_rank=4)]).run(gm, ctx)
+    assert len(rec.artifacts["eora"]["layers"]) == 3 * 7 and most[0] == 1
+    covs = {}
+    sites = [n for n in gm.graph.nodes if n.target is qops.wq_linear_op()]
+    run_in_order(gm, ctx, [n.args[0] for n in sites], lambda name, values: covs.setdefault(name, real_cov(values)))
+    for i, (q, label) in enumerate(zip(sites, rec.artifacts["eora"]["layers"], strict=True)):
+        qw, sc, z = (getattr(gm, a.target) for a in q.args[1:4])
+        err = model.get_submodule(label).weight.float() - qops.dequantize(qw, sc, z, "int4", 32)
+        b, a, _ = eora.low_rank_fix(err, covs[q.args[0].name], 4)
+        fitted = getattr(gm, f"_ec_eora_{i}_b") @ getattr(gm, f"_ec_eora_{i}_a")
+        torch.testing.assert_close(fitted, (b @ a).float(), rtol=1e-4, atol=1e-6, msg=label)
+
+
 def test_decode_graph_reuses_smoothing_and_eora_of_the_calibrated_graph():
     # Calibration batches are prefill-shaped: the decode graph (one token, a KV cache) records nothing, so
     # it used to fail with "needs calibration data". It now reuses the scales and factors fitted for the
