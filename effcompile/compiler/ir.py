@@ -293,8 +293,9 @@ def value_key(t: torch.Tensor) -> tuple:
 
 def drop_unused_attrs(gm: fx.GraphModule, nodes) -> None:
     """Erase the get_attr nodes among ``nodes`` that a rewrite left without users, and their buffers,
-    so a replaced weight layout is neither kept in memory nor cached."""
-    for n in nodes:
+    so a replaced weight layout is neither kept in memory nor cached. A node listed twice (an attribute several
+    rewritten nodes read, e.g. the threshold that q / k / v share) is erased once."""
+    for n in dict.fromkeys(nodes):
         if isinstance(n, fx.Node) and n.op == "get_attr" and not n.users:
             gm.graph.erase_node(n)
             if "." not in n.target and n.target in gm._buffers:

@@ -95,3 +95,26 @@ def test_an_indexed_sequential_is_not_mistaken_for_blocks():
     gm, example = graphs[0]
     ir.annotate(gm, example)
     assert all(n.meta[ir.TAG].block is None for n in gm.graph.nodes if n.op != "output")
+
+
+def test_drop_unused_attrs_erases_a_node_listed_twice_once():
+    # FuseParallelLinears lists each fused linear's attributes; q / k / v share one threshold, so it came three
+    # times and fx warned "erase_node on an already erased node" twice per fused group.
+    import warnings
+
+    class M(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("t", torch.ones(2))
+
+        def forward(self, x):
+            return x + self.t
+
+    gm = torch.fx.symbolic_trace(M())
+    (attr,) = [n for n in gm.graph.nodes if n.op == "get_attr"]
+    add = next(iter(attr.users))
+    add.replace_input_with(attr, add.args[0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ir.drop_unused_attrs(gm, [attr, attr, attr])
+    assert not [n for n in gm.graph.nodes if n.op == "get_attr"] and "t" not in dict(gm.named_buffers())
