@@ -392,9 +392,10 @@ def threshold_channels(gm: fx.GraphModule, cfg: ThresholdChannels, ctx: PassCont
     greedy = cfg.method in ("greedy", "greedy-channel")
     # decode_only=False while calibrating (the calibration batches are prefill-shaped); set at the end.
     if greedy:  # the greedy search scores every (block, kind) alone, with thresholds cut from the dense model
-        dense = _Calib(cfg.method, sites, collect_stats(gm, ctx, list(inputs.values()), desc="threshold_channels dense",
-                                                        rows=rows, skip_padding=cfg.skip_padding))
-        bufs = {s.label: _insert(gm, s, dense.threshold(s, alloc[s.label]), mode, False) for s in sites}
+        from_dense = _Calib(cfg.method, sites, collect_stats(gm, ctx, list(inputs.values()), rows=rows,
+                                                             desc="threshold_channels dense",
+                                                             skip_padding=cfg.skip_padding))
+        bufs = {s.label: _insert(gm, s, from_dense.threshold(s, alloc[s.label]), mode, False) for s in sites}
     else:  # placeholders of the thresholds' shape: the fit below sets each before anything reads it
         bufs = {s.label: _insert(gm, s, _dense(s, cfg.method), mode, False) for s in sites}
     gm.recompile()
@@ -416,7 +417,7 @@ def threshold_channels(gm: fx.GraphModule, cfg: ThresholdChannels, ctx: PassCont
 
     with sparse_ops.not_measuring():  # the pass's own runs are not the model's sparsity
         if greedy:
-            alloc, extra = threshold_greedy.allocate(gm, sites, bufs, dense, cfg, ctx)
+            alloc, extra = threshold_greedy.allocate(gm, sites, bufs, from_dense, cfg, ctx)
         stats = collect_stats_in_order(gm, ctx, list(inputs.values()), fit, desc="threshold_channels", rows=rows,
                                        skip_padding=cfg.skip_padding)
     unfitted = [s.label for s in sites if s.label not in calib.flat and s.label not in calib.score]
