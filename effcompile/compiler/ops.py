@@ -77,9 +77,12 @@ def _int4_codes(g: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, dtype: torc
     # Round the stored scale/zero first, so the integer codes are chosen against what dequant will use.
     s = ((hi - lo) / 15.0).clamp_min(1e-8).to(dtype).float()
     z = lo.to(dtype).float()
-    q = torch.round((g - z[..., None]) / s[..., None]).clamp(0, 15)
-    err = (q * s[..., None] + z[..., None] - g).square().sum(-1)
-    return q, s, z, err
+    # In place where the value is a fresh temporary: two weight-sized allocations, not eight. The same operations
+    # in the same order; only the error's sum may round differently (vecdot), which left every code unchanged
+    # on the weights tried (session 19: four shapes, bf16 / fp16 / fp32, groups 32-128).
+    q = (g - z[..., None]).div_(s[..., None]).round_().clamp_(0, 15)
+    e = (q * s[..., None]).add_(z[..., None]).sub_(g)
+    return q, s, z, torch.linalg.vecdot(e, e)
 
 
 _INT4_BLOCK_ELEMENTS = 1 << 18  # weights per CPU block of int4 quantization (see _quantize)
@@ -90,17 +93,13 @@ def _int4_block(wf: torch.Tensor, group_size: int, dtype: torch.dtype):
     from each group's min and max, the one with the least squared error."""
     g = wf.view(wf.shape[0], -1, group_size)
     lo, hi = g.amin(-1), g.amax(-1)
-    best = None
-    for r in _INT4_SHRINK:
-        mid = (hi + lo) / 2
-        cand = _int4_codes(g, mid - (mid - lo) * r, mid + (hi - mid) * r, dtype)
-        if best is None:
-            best = list(cand)
-            continue
-        better = cand[3] < best[3]
-        for i in range(4):
-            best[i] = torch.where(better[..., None] if i == 0 else better, cand[i], best[i])
-    return best[0].to(torch.uint8), best[1], best[2]
+    mid = (hi + lo) / 2
+    # Each candidate's error per group, then the codes of the winner alone (the first of equal errors, as
+    # before): selecting every candidate's codes with torch.where cost a weight-sized pass per candidate.
+    errs = torch.stack([_int4_codes(g, mid - (mid - lo) * r, mid + (hi - mid) * r, dtype)[3] for r in _INT4_SHRINK])
+    r = torch.tensor(_INT4_SHRINK, dtype=torch.float32)[errs.argmin(0)]
+    q, s, z, _ = _int4_codes(g, mid - (mid - lo) * r, mid + (hi - mid) * r, dtype)
+    return q.to(torch.uint8), s, z
 
 
 def _quantize(w: torch.Tensor, fmt: str, group_size: int = 0) -> QuantizedWeight:
