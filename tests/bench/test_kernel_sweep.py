@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+import pytest
 import torch
 
 from effcompile.codegen.kernels import launch_plan as plan
@@ -60,3 +61,26 @@ def test_an_unknown_sweep_case_is_refused_before_any_gpu_work(capsys):
     else:
         raise AssertionError("an unknown case was accepted")
     assert "sparse/int5" in capsys.readouterr().err
+
+
+@pytest.mark.interpreter
+def test_sparse_rows_run_and_match_their_references_at_both_ends():
+    # benchmarks/kernels.py's sparse rows on a small shape (CPU tensors: the Triton interpreter): every variant,
+    # one row and two, including the one-row int4 ends (every channel kept, none kept) that separate a launch's
+    # fixed cost from its read rate; the bytes counted read shrink with sparsity and are only x and the output
+    # at 100 %.
+    from effcompile.compiler import ops as qops
+
+    kb = _kernels_script()
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(72, 256, generator=gen) / 16
+    quant = {(f, g): qops.quantize_weight(w, f, g) for f, g in (("int8", 0), ("int4", 128))}
+    for m in (1, 2):
+        x = torch.randn(m, 256, generator=gen)
+        rows = kb.sparse_variants(x, w, quant, out_bytes=m * 72 * 4)
+        assert ("ec-sparse0-int4-g128" in rows and "ec-sparse100-int4-g128" in rows) == (m == 1), sorted(rows)
+        for label, (fn, _read, ref) in rows.items():
+            torch.testing.assert_close(fn(), ref, rtol=1e-3, atol=1e-3, msg=label)
+        if m == 1:
+            ends = rows["ec-sparse100-int4-g128"][1], rows["ec-sparse50-int4-g128"][1], rows["ec-sparse0-int4-g128"][1]
+            assert ends[0] == x.numel() * 4 + 72 * 4 < ends[1] < ends[2], ends
