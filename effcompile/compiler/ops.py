@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import threading
 import weakref
 from collections import Counter, defaultdict
@@ -193,6 +194,23 @@ def sqnr(ref: torch.Tensor, approx: torch.Tensor) -> float:
     if noise == 0:
         return float("inf")
     return float(20 * torch.log10(ref.norm() / noise))
+
+
+def weight_sqnr(w: torch.Tensor, qw: QuantizedWeight) -> float:
+    """sqnr(w, dequantize(qw)) from blocks of rows, so on the CPU no weight-sized fp32 temporaries leave the
+    cache (as _quantize's blocks; every format's codes, scales and zeros are per output row)."""
+    n, k = w.shape
+    rows = n if w.is_cuda else max(1, _INT4_BLOCK_ELEMENTS // k)
+    signal = noise = 0.0
+    for r in range(0, n, rows):
+        part = w[r:r + rows].detach().float()
+        dq = dequantize(qw.qweight[r:r + rows], qw.scales[r:r + rows],
+                        None if qw.zeros is None else qw.zeros[r:r + rows], qw.fmt, qw.group_size)
+        signal += float(part.square().sum())
+        noise += float(dq.sub_(part).square_().sum())
+    if noise == 0:
+        return float("inf")
+    return 10 * math.log10(signal / noise)
 
 
 # ---------------------------------------------------------------------------------------------

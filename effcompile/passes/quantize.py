@@ -115,7 +115,7 @@ def _quantized(w: torch.Tensor, fmt: str, group: int) -> tuple[qops.QuantizedWei
     """``w`` quantized, and its weight SQNR."""
     # Looked up on the module at call time, so a test can prove a warm start never gets here.
     qw = qops.quantize_weight(w.detach(), fmt, group)
-    return qw, round(qops.sqnr(w, qops.dequantize(*qw[:3], fmt, group, torch.float32)), 2)
+    return qw, round(qops.weight_sqnr(w, qw), 2)
 
 
 def _packed(real: torch.Tensor, fmt: str, group: int, shared: dict) -> tuple[qops.QuantizedWeight, float]:

@@ -35,6 +35,22 @@ def test_bad_combinations_name_the_field_and_what_is_supported(kwargs, match):
     assert "supported" in str(e.value)
 
 
+@pytest.mark.parametrize("fmt,group", [("int8", 0), ("int4", 32), ("int4", 128), ("fp8", 0), ("mxint8", 32),
+                                       ("mxfp8", 32)])
+def test_weight_sqnr_in_row_blocks_equals_the_exact_one(fmt, group, monkeypatch):
+    # The pass reports each weight's SQNR from blocks of rows (ops.weight_sqnr: no weight-sized fp32 temporaries
+    # on the CPU, 0.5 -> 0.13 s per llama-1b layer); blocks of 3 rows here, against fp64 over the whole weight.
+    import math
+
+    monkeypatch.setattr(qops, "_INT4_BLOCK_ELEMENTS", 3 * 256)
+    w = (torch.randn(37, 256, generator=torch.Generator().manual_seed(2)) / 10).to(torch.bfloat16)
+    qw = qops.quantize_weight(w, fmt, group)
+    wd, dq = w.double(), qops.dequantize(*qw[:3], fmt, group, torch.float64)
+    exact = 10 * math.log10(float(wd.square().sum()) / float((wd - dq).square().sum()))
+    assert qops.weight_sqnr(w, qw) == pytest.approx(exact, abs=1e-3)
+    assert qops.weight_sqnr(w, qops.QuantizedWeight(w, torch.ones(37), None, "int8", 0)) == math.inf  # exact
+
+
 @pytest.mark.parametrize("fmt,floor", [("fp8", 28.0), ("mxint8", 38.0), ("mxfp8", 28.0)])
 def test_round_trip_bounds_and_storage(fmt, floor):
     w = torch.randn(96, 384, generator=torch.Generator().manual_seed(1)) / 10
