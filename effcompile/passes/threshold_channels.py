@@ -180,7 +180,7 @@ def _weight(gm: fx.GraphModule, node: fx.Node, ctx: PassContext):
         if q is None or s is None:
             return None
         fmt, group = node.args[5], node.args[6]
-        n, k = qops.dequantize(q[:1], s[:1], None if z is None else z[:1], fmt, group).shape
+        n, k = q.shape[0], qops.dequantize(q[:1], s[:1], None if z is None else z[:1], fmt, group).shape[1]
 
         def rows(r0, r1):  # every format's codes, scales and zeros are per output row
             return qops.dequantize(q[r0:r1], s[r0:r1], None if z is None else z[r0:r1], fmt, group, torch.float32)

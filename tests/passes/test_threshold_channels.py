@@ -555,6 +555,23 @@ def test_composes_with_quantize(llama):
     assert cos > 0.99, cos
 
 
+def test_a_quantized_linears_size_and_column_norms_come_from_all_its_rows(llama, monkeypatch):
+    # A site reading a wq_linear (a pipeline that quantizes first) weighs it by N x K and takes CHESS's column
+    # norms from its dequantized rows, in blocks (2 rows here), without an fp32 copy of the whole weight.
+    from effcompile.compiler.pass_manager import PassContext
+    from effcompile.passes import threshold_channels as tc
+
+    monkeypatch.setattr(tc, "_NORM_ROWS", 2)
+    gm, _, _ = _run_passes(llama, [ec.Quantize(weights="int4", group_size=32)])
+    node = next(n for n in gm.graph.nodes if n.target is qops.wq_linear_op())
+    q, sc, z = (getattr(gm, a.target) for a in node.args[1:4])
+    full = qops.dequantize(q, sc, z, "int4", 32)
+    weight, elements, k, device, rows = tc._weight(gm, node, PassContext())
+    assert weight is q and elements == full.numel() and k == full.shape[1] and device == q.device
+    site = tc._Site(node, node.args[0], "attn_in", None, "l", elements, k, device, rows)
+    torch.testing.assert_close(site.norms(), full.norm(dim=0), rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.slow  # a whole bench record (quality, prefill timing, greedy agreement) on a tiny model
 def test_bench_record_shows_achieved_sparsity_per_layer():
     from effcompile.bench import harness
