@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
@@ -143,7 +144,7 @@ class _Site:
     elements: int  # N * K of the weight: what byte weighting counts
     in_features: int
     device: torch.device
-    rows: Any  # rows(r0, r1): the weight's rows r0..r1 as fp32 [r1 - r0, K] (dequantized when quantized)
+    rows: Callable[[int, int], torch.Tensor]  # rows(r0, r1): the weight's rows r0..r1 as fp32 [r1 - r0, K] (dequantized when quantized)
     source: torch.Tensor | None = None  # the model's own weight tensor (identity across graphs)
     sparsify: fx.Node | None = None  # the node inserted before it
     _norms: torch.Tensor | None = None
