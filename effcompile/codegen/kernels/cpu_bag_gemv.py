@@ -99,56 +99,60 @@ def _dense(x2, rows, scales, zeros, fmt, group_size, chunks) -> torch.Tensor:
     return x2 @ sl.rows_of(unpack(rows, fmt, chunks), scales, zeros, fmt, group_size, x2.dtype)
 
 
-def _bags(x2: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(indices, offsets, per-sample weights): one bag per run of ``width`` inputs of each row."""
-    xb = x2.reshape(-1, width)
-    nz = xb != 0
-    flat = nz.view(-1).nonzero().squeeze(1)  # row-major: bag by bag, ascending inside each bag
-    counts = nz.sum(1)
-    offsets = torch.zeros_like(counts)
-    offsets[1:] = counts.cumsum(0)[:-1]
-    # flat = row * K + column, bags tile each row in order: the weight row to read is flat % K
-    return flat % x2.shape[1], offsets, xb.view(-1).index_select(0, flat)
+def _bags(x2: torch.Tensor, keep: torch.Tensor, width: int, chunks: int = 1
+          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(indices, offsets, per-sample weights) for the inputs ``keep`` marks: one bag per run of ``width`` inputs
+    of each row, the bags repeated for each of ``chunks`` output chunks (chunk c reads rows c*K + k)."""
+    k = x2.shape[1]
+    flat = keep.reshape(-1).nonzero().squeeze(1)  # row-major: bag by bag, ascending inside each bag
+    w = x2.reshape(-1).index_select(0, flat)
+    idx = flat if x2.shape[0] == 1 else flat % k  # flat = row * K + column: the weight row to read is flat % K
+    counts = keep.reshape(-1, width).sum(1)
+    off = counts.cumsum(0) - counts
+    if chunks > 1:  # a handful of small ops per call (~10 us each): one broadcast each, not a concatenation
+        c = torch.arange(chunks, device=flat.device).unsqueeze(1)
+        idx = (idx + c * k).view(-1)
+        off = (off + c * flat.numel()).view(-1)
+        w = w.repeat(chunks)
+    return idx, off, w
 
 
-def _bag(x2, rows, scales, zeros, fmt, group_size, chunks) -> torch.Tensor:
+def _bag(x2, keep, rows, scales, zeros, fmt, group_size, chunks) -> torch.Tensor:
     m, k = x2.shape
     if fmt == "int4":
-        idx, off, w = _bags(x2, group_size)
+        idx, off, w = _bags(x2, keep, group_size)
         p = torch.ops.quantized.embedding_bag_4bit_rowwise_offsets(rows, idx, off, False, 0, False, w.float())
         p = p.view(m, k // group_size, -1)
-        xg = x2.float().view(m, k // group_size, group_size).sum(2)
+        xg = torch.where(keep, x2, 0).float().view(m, k // group_size, group_size).sum(2)
         return torch.einsum("bgn,gn->bn", p, scales.float()) + xg @ zeros.float()
-    # Bags ordered (chunk, row): chunk c of row b reads rows c*K + k, so repeat the bags per chunk.
-    idx, off, w = _bags(x2, k)
-    if chunks > 1:
-        nnz = idx.numel()
-        idx = torch.cat([idx + c * k for c in range(chunks)])
-        off = torch.cat([off + c * nnz for c in range(chunks)])
-        w = w.repeat(chunks)
+    idx, off, w = _bags(x2, keep, k, chunks)  # bags ordered (chunk, row)
     if fmt == "float":
-        y = torch.nn.functional.embedding_bag(idx, rows, off, mode="sum", per_sample_weights=w.to(rows.dtype))
+        y = torch.ops.aten._embedding_bag_forward_only(rows, idx, off, False, 0, False, w.to(rows.dtype))[0]
     else:
         y = torch.ops.quantized.embedding_bag_byte_rowwise_offsets(rows, idx, off, False, 0, False, w.float())
     if chunks > 1:
-        y = y.view(chunks, m, -1).transpose(0, 1).reshape(m, -1)
+        y = y.view(chunks, m, -1).transpose(0, 1).reshape(m, -1)  # a view at one row
     return y if fmt == "float" else y * scales.float()
 
 
 def run(x, threshold, rows, scales, zeros, bias, fmt: str, group_size: int, chunks: int, label: str,
         decode_only: bool) -> torch.Tensor:
     """threshold None: a dense quantized linear (exact zeros still skip their rows); else sparse_linear."""
-    applied = threshold is not None
-    if applied:
-        x, applied = sparse_ops.threshold_input(x, threshold, label, decode_only)
+    applied = threshold is not None and not (decode_only and sparse_ops.is_prefill(x))
     x2 = x.reshape(-1, x.shape[-1])
     decode = x2.shape[0] <= BAG_MAX_ROWS[fmt] and (applied or threshold is None)
     if fmt == "float" and rows.numel() < FLOAT_BAG_MIN_WEIGHTS:
         decode = False  # a cache-resident sgemv beats the bag's ~0.07 ms of set-up (768 x 2048: 0.10 vs 0.13 ms)
     if decode and x2.numel() and unavailable(fmt) is None:
-        y, path = _bag(x2, rows, scales, zeros, fmt, group_size, chunks).to(x.dtype), "bag"
+        # The bags come straight from the keep mask (|x| > t implies x != 0): no thresholded copy of x.
+        keep = sparse_ops.keep_mask(x, threshold) if applied else x != 0
+        if applied:
+            sparse_ops.record(label, keep, keep.numel())
+        y, path = _bag(x2, keep.reshape(x2.shape), rows, scales, zeros, fmt, group_size, chunks).to(x.dtype), "bag"
     else:
-        y, path = _dense(x2, rows, scales, zeros, fmt, group_size, chunks), "dense"
+        if applied:
+            x, _ = sparse_ops.threshold_input(x, threshold, label, decode_only)
+        y, path = _dense(x.reshape(x2.shape), rows, scales, zeros, fmt, group_size, chunks), "dense"
     _ops.count(NAME, path)
     if bias is not None:
         y = y + bias.to(y.dtype)
