@@ -3,7 +3,8 @@
 The greedy search measures each (block, kind) group's error curve on the calibration data, then
 allocates; the curves do not depend on the target. Each compile here would measure them again (12-20
 minutes on 2 CPU cores), so the pass's ``_error`` is memoized on the threshold buffers' values: same
-calibration data, same graph, same thresholds, same error. The allocations are the pass's own.
+calibration data, same graph, same thresholds, same error; the curves (``_curves``) likewise, by levels and
+groups. The allocations are the pass's own.
 
     python benchmarks/greedy_targets.py --metric pooled --out benchmarks/results/threshold-....jsonl
 """
@@ -43,7 +44,15 @@ def main(argv=None) -> int:
             memo[key] = base(gm, batches, refs, metric, skip_padding)
         return memo[key]
 
-    tg._error = error
+    base_curves, curves_memo = tg._curves, {}
+
+    def curves(gm, groups, bufs, calib, levels, batches, refs, metric, skip_padding):
+        key = (metric, skip_padding, tuple(levels), tuple(groups))
+        if key not in curves_memo:
+            curves_memo[key] = base_curves(gm, groups, bufs, calib, levels, batches, refs, metric, skip_padding)
+        return curves_memo[key]
+
+    tg._error, tg._curves = error, curves
     meta = {"versions": record.versions(), "device": record.device_name("cpu"), "threads": 1,
             "note": "greedy curves measured once for all targets (benchmarks/greedy_targets.py)"}
     targets = [float(t) for t in a.targets.split(",")]

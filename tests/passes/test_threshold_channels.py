@@ -393,6 +393,54 @@ def test_greedy_cosine_metric_ignores_scale_mse_does_not():
     assert tg._distance(scalar * 2, scalar, "cosine") == pytest.approx(1.0)  # no rows: relative squared error
 
 
+def test_greedy_curves_from_resumed_runs_equal_whole_graph_errors(llama, monkeypatch):
+    # The search runs each batch once up to a group's first sparsify and from there once per level; every
+    # curve point must be the error of running the whole graph with that group at that level (the search
+    # before session 20), to the bit.
+    seen = {}
+
+    def whole_graph(gm, groups, bufs, calib, levels, batches, refs, metric, skip_padding):
+        out = {}
+        for g, members in groups.items():
+            errs = [0.0]
+            for lv in levels[1:]:
+                for s in members:
+                    bufs[s.label].copy_(calib.threshold(s, lv))
+                errs.append(tg._error(gm, batches, refs, metric, skip_padding))
+            for s in members:
+                bufs[s.label].fill_(tg.NO_THRESHOLD)
+            out[g] = errs
+        seen["whole"] = out
+        seen["resumed"] = resumed(gm, groups, bufs, calib, levels, batches, refs, metric, skip_padding)
+        return seen["resumed"]
+
+    resumed = tg._curves
+    monkeypatch.setattr(tg, "_curves", whole_graph)
+
+    cfg = ec.ThresholdChannels(sparsity=0.5, method="greedy", greedy_step=0.25, greedy_batches=2)
+    with torch.no_grad():
+        _compile(llama, cfg)(**CALIB[0])
+    assert seen["whole"] and seen["resumed"] == seen["whole"]
+    assert len(seen["whole"]) == 8 and all(len(c) == 4 and c[-1] > 0 for c in seen["whole"].values())
+
+
+def test_a_resumed_run_starts_from_the_same_values_after_an_in_place_op():
+    # HF code can mutate an intermediate in place; the paused values are copied for each run from the pause,
+    # so the second run starts where the first did.
+    def f(x):
+        a = x * 2
+        b = torch.relu(x)
+        a.mul_(3)
+        return a + b
+
+    gm = torch.fx.symbolic_trace(f)
+    x = torch.randn(5)
+    run = tg._Resumable(gm, (x,))
+    run.pause_before(2)  # placeholder, mul: paused before relu, with a = 2x computed
+    first, second = run.rest(), run.rest()
+    assert torch.equal(first[0], gm(x)) and torch.equal(second[0], first[0])
+
+
 # -- buffers, explain, cache ---------------------------------------------------------------------------
 
 
