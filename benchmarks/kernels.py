@@ -188,6 +188,12 @@ def sparse_variants(x, w, quant, out_bytes: int) -> dict:
         if fmt == "int4" and sparsity == 0.5 and x.shape[0] == 1:
             out[label + "-flat"] = (lambda args=args: S.launch(*args, config=FLAT_INT4), read + _nbytes(x) + out_bytes,
                                     S.reference(*args))
+        if fmt == "float" and sparsity == 0.5 and x.shape[0] > S.SKIP_ROWS_MAX:
+            # Past SKIP_ROWS_MAX the kernel reads every weight row: the alternative is x thresholded by torch, then
+            # cuBLAS on the input-major weight as it is (an NN GEMM; session 18 timed only the TN dense row).
+            xx, t, wt = args[:3]
+            out["thr+mm-sparse50-float"] = (lambda xx=xx, t=t, wt=wt: torch.where(xx.abs() > t, xx, 0) @ wt,
+                                            _nbytes(wt, xx) + out_bytes, S.reference(*args))
     return out
 
 

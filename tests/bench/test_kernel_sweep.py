@@ -66,7 +66,7 @@ def test_an_unknown_sweep_case_is_refused_before_any_gpu_work(capsys):
 @pytest.mark.interpreter
 def test_sparse_rows_run_and_match_their_references_at_both_ends():
     # benchmarks/kernels.py's sparse rows on a small shape (CPU tensors: the Triton interpreter): every variant,
-    # one row and two, including the one-row int4 ends (every channel kept, none kept) that separate a launch's
+    # one to three rows, including the one-row int4 ends (every channel kept, none kept) that separate a launch's
     # fixed cost from its read rate; the bytes counted read shrink with sparsity and are only x and the output
     # at 100 %.
     from effcompile.compiler import ops as qops
@@ -75,10 +75,12 @@ def test_sparse_rows_run_and_match_their_references_at_both_ends():
     gen = torch.Generator().manual_seed(0)
     w = torch.randn(72, 256, generator=gen) / 16
     quant = {(f, g): qops.quantize_weight(w, f, g) for f, g in (("int8", 0), ("int4", 128))}
-    for m in (1, 2):
+    for m in (1, 2, 3):
         x = torch.randn(m, 256, generator=gen)
         rows = kb.sparse_variants(x, w, quant, out_bytes=m * 72 * 4)
         assert ("ec-sparse0-int4-g128" in rows and "ec-sparse100-int4-g128" in rows) == (m == 1), sorted(rows)
+        # past SKIP_ROWS_MAX (2) rows: x thresholded by torch, then one matmul on the input-major weight
+        assert ("thr+mm-sparse50-float" in rows) == (m > 2), sorted(rows)
         for label, (fn, _read, ref) in rows.items():
             torch.testing.assert_close(fn(), ref, rtol=1e-3, atol=1e-3, msg=label)
         if m == 1:
