@@ -188,6 +188,11 @@ def sparse_variants(x, w, quant, out_bytes: int) -> dict:
         if fmt == "int4" and sparsity == 0.5 and x.shape[0] == 1:
             out[label + "-flat"] = (lambda args=args: S.launch(*args, config=FLAT_INT4), read + _nbytes(x) + out_bytes,
                                     S.reference(*args))
+        if fmt != "float" and sparsity == 0.5 and S.SKIP_ROWS_MAX < x.shape[0] <= sl.DECODE_MAX_ROWS:
+            # The same launch as a GEMM over M tiles (dot tiles, the prefill path), which also reads every row here:
+            # is it faster than the GEMV at these rows (session 18, 8 rows: int8 46 us, int4 63 us)?
+            out[label + "-gemm"] = (lambda args=args: S.launch(*args, gemm=True), read + _nbytes(x) + out_bytes,
+                                    S.reference(*args))
         if fmt == "float" and sparsity == 0.5 and x.shape[0] > S.SKIP_ROWS_MAX:
             # Past SKIP_ROWS_MAX the kernel reads every weight row: the alternative is x thresholded by torch, then
             # cuBLAS on the input-major weight as it is (an NN GEMM; session 18 timed only the TN dense row).

@@ -81,6 +81,7 @@ def test_sparse_rows_run_and_match_their_references_at_both_ends():
         assert ("ec-sparse0-int4-g128" in rows and "ec-sparse100-int4-g128" in rows) == (m == 1), sorted(rows)
         # past SKIP_ROWS_MAX (2) rows: x thresholded by torch, then one matmul on the input-major weight
         assert ("thr+mm-sparse50-float" in rows) == (m > 2), sorted(rows)
+        assert ("ec-sparse50-int8-gemm" in rows and "ec-sparse50-int4-g128-gemm" in rows) == (m > 2), sorted(rows)
         for label, (fn, _read, ref) in rows.items():
             torch.testing.assert_close(fn(), ref, rtol=1e-3, atol=1e-3, msg=label)
         if m == 1:

@@ -45,12 +45,13 @@ def supported(x: torch.Tensor, weight_t: torch.Tensor, fmt: str, decode_only: bo
 
 def launch(x, threshold, weight_t, scales, zeros, bias, fmt: str, group_size: int,
            split_k: int | None = None, config: plan.Config | None = None, epilogue: str = "none",
-           thresholded: bool = True) -> torch.Tensor:
+           thresholded: bool = True, gemm: bool | None = None) -> torch.Tensor:
     """Run the kernel on x [..., K]; the result is [..., N] in x's dtype, or [..., N / 2] with epilogue
     "silu_mul" (compiler/ops.py EPILOGUES), applied in the kernel's store. A decode GEMV up to DECODE_MAX_ROWS
     rows, else a GEMM: M tiles along the grid's third axis, one K split, dot tiles; also with ``thresholded``
     False (x as it is: a prefill with decode_only thresholds).
-    split_k forces the K split (tests); config overrides the tile shape (benchmarks/kernels.py --sweep)."""
+    split_k forces the K split (tests); config overrides the tile shape (benchmarks/kernels.py --sweep); gemm=True
+    runs the GEMM at any row count (benchmarks/kernels.py times it against the GEMV at 3-8 rows)."""
     k = x.shape[-1]
     n = weight_t.shape[1] * (2 if fmt == "int4" else 1)
     if epilogue not in qops.EPILOGUES or (epilogue != "none" and n % 2):
@@ -59,7 +60,8 @@ def launch(x, threshold, weight_t, scales, zeros, bias, fmt: str, group_size: in
     dev = x.device
     x2 = x.reshape(-1, k).contiguous()
     m = x2.shape[0]
-    gemm = m > sl.DECODE_MAX_ROWS or not thresholded  # only the GEMM's path has the unthresholded branch
+    if gemm is None:
+        gemm = m > sl.DECODE_MAX_ROWS or not thresholded  # only the GEMM's path has the unthresholded branch
     if not (m and n):
         return torch.empty((*x.shape[:-1], width), dtype=x.dtype, device=dev)
     t = _ops.on_device(threshold, dev, f"{NAME} threshold").float()
