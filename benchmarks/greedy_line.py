@@ -9,7 +9,7 @@ _distance). An objective that keeps falling while held-out quality turns down is
     python benchmarks/greedy_line.py --target 0.6 --metric mse --out results/x.json [--alloc saved.json]
 
 --alloc reuses a saved allocation ({layer label: sparsity}, written by an earlier run) instead of
-searching again (12-20 min on MiniLM, 2 cores).
+searching again (12-20 min on MiniLM, 2 cores, until session 20; about half that since).
 """
 
 from __future__ import annotations
