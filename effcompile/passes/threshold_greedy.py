@@ -68,6 +68,10 @@ class _Resumable:
         self.gm, self.nodes, self.at = gm, list(gm.graph.nodes), 0
         self.walk, self.again = fx.Interpreter(gm), fx.Interpreter(gm)
         self.walk.env, self.walk.args_iter = {}, iter(gm.graph.process_inputs(*args))
+        # Storage of the weights and inputs (dynamo can pass parameters as inputs): a computed value that is a view
+        # of one (a transposed weight) is not copied for each run; the graph does not write into its weights.
+        self.fixed = {t.untyped_storage().data_ptr() for t in [*gm.parameters(), *gm.buffers(), *args]
+                      if isinstance(t, torch.Tensor)}
 
     def pause_before(self, index: int) -> None:
         """Run the nodes up to (not including) ``index``; values no later node reads are dropped."""
@@ -78,14 +82,17 @@ class _Resumable:
     def rest(self) -> list[torch.Tensor]:
         """The graph's float outputs (as _outputs), running the nodes from the pause on. The values computed
         before it are copied first: an in-place op downstream must not change what the next run starts from."""
-        env = {n: v.clone() if n.op.startswith("call") and isinstance(v, torch.Tensor) else v
-               for n, v in self.walk.env.items()}
-        self.again.env = env
+        self.again.env = self.start()
         out = None
         for node in self.nodes[self.at:]:
             out = self._step(self.again, node)
         out = self.gm.graph.process_outputs(out)
         return [t.float() for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+
+    def start(self) -> dict:
+        """The values at the pause, computed ones copied (not views of weights or inputs)."""
+        return {n: v.clone() if n.op.startswith("call") and isinstance(v, torch.Tensor)
+                and v.untyped_storage().data_ptr() not in self.fixed else v for n, v in self.walk.env.items()}
 
     @staticmethod
     def _step(run: fx.Interpreter, node: fx.Node):

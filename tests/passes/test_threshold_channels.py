@@ -427,16 +427,27 @@ def test_greedy_curves_from_resumed_runs_equal_whole_graph_errors(llama, monkeyp
 def test_a_resumed_run_starts_from_the_same_values_after_an_in_place_op():
     # HF code can mutate an intermediate in place; the paused values are copied for each run from the pause,
     # so the second run starts where the first did.
-    def f(x):
-        a = x * 2
-        b = torch.relu(x)
-        a.mul_(3)
-        return a + b
+    # A computed view of a weight (its transpose) is not copied.
+    class M(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.randn(5, 5))
 
-    gm = torch.fx.symbolic_trace(f)
+        def forward(self, x):
+            wt = self.w.t()
+            a = x * 2
+            b = torch.relu(x)
+            a.mul_(3)
+            return a @ wt + b
+
+    gm = torch.fx.symbolic_trace(M())
     x = torch.randn(5)
     run = tg._Resumable(gm, (x,))
-    run.pause_before(2)  # placeholder, mul: paused before relu, with a = 2x computed
+    nodes = list(gm.graph.nodes)
+    run.pause_before(4)  # placeholder, get_attr, t, mul: paused before relu, with wt and a = 2x computed
+    assert [n.name for n in nodes[2:5]] == ["t", "mul", "relu"]
+    env = run.start()
+    assert env[nodes[2]] is run.walk.env[nodes[2]] and env[nodes[3]] is not run.walk.env[nodes[3]]
     first, second = run.rest(), run.rest()
     assert torch.equal(first[0], gm(x)) and torch.equal(second[0], first[0])
 
