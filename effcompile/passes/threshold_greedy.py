@@ -34,7 +34,9 @@ def _distance(out: torch.Tensor, ref: torch.Tensor, metric: str, mask: torch.Ten
         o, r = out.reshape(-1, out.shape[-1]), ref.reshape(-1, ref.shape[-1])
         live = r.norm(dim=-1) > 0
         if bool(live.any()):
-            return float(1 - torch.nn.functional.cosine_similarity(o[live], r[live], dim=-1).mean())
+            if not bool(live.all()):  # (indexing copies both: a logits-sized copy per point of greedy's curves)
+                o, r = o[live], r[live]
+            return float(1 - torch.nn.functional.cosine_similarity(o, r, dim=-1).mean())
     return float((out - ref).pow(2).sum() / ref.pow(2).sum().clamp_min(1e-30))
 
 
