@@ -217,16 +217,29 @@ def collect_stats(
     return stats
 
 
-def _node_by_node(gm: fx.GraphModule, args):
-    """Run ``gm`` on one batch a node at a time: yields (node, its value) after each node, before values that
-    no later node reads are dropped (as fx.Interpreter.run drops them)."""
+def start_run(gm: fx.GraphModule, args) -> fx.Interpreter:
+    """An interpreter of ``gm`` set up to run one batch node by node with :func:`run_node` (placeholders
+    take ``args``)."""
     run = fx.Interpreter(gm)
     run.env, run.args_iter = {}, iter(gm.graph.process_inputs(*args))
+    return run
+
+
+def run_node(run: fx.Interpreter, node: fx.Node):
+    """Run one node into ``run.env``, then drop the values no later node reads (as fx.Interpreter.run does);
+    returns the node's value."""
+    run.env[node] = value = run.run_node(node)
+    for dead in run.user_to_last_uses.get(node, []):
+        del run.env[dead]
+    return value
+
+
+def _node_by_node(gm: fx.GraphModule, args):
+    """Run ``gm`` on one batch a node at a time: yields (node, its value) after each node (values no later
+    node reads already dropped; the node's own is passed on even when nothing reads it)."""
+    run = start_run(gm, args)
     for node in gm.graph.nodes:
-        run.env[node] = value = run.run_node(node)
-        yield node, value
-        for dead in run.user_to_last_uses.get(node, []):
-            del run.env[dead]
+        yield node, run_node(run, node)
 
 
 def run_in_order(

@@ -6,7 +6,7 @@ import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 
-from effcompile.passes.calibration import padding_mask, real_rows
+from effcompile.passes.calibration import padding_mask, real_rows, run_node, start_run
 
 GREEDY_METRICS = ("cosine", "pooled", "mse")
 NO_THRESHOLD = -1.0  # |x| > -1 always: the greedy search's "this layer dense" value
@@ -68,8 +68,7 @@ class _Resumable:
 
     def __init__(self, gm: fx.GraphModule, args):
         self.gm, self.nodes, self.at = gm, list(gm.graph.nodes), 0
-        self.walk, self.again = fx.Interpreter(gm), fx.Interpreter(gm)
-        self.walk.env, self.walk.args_iter = {}, iter(gm.graph.process_inputs(*args))
+        self.walk, self.again = start_run(gm, args), fx.Interpreter(gm)
         # Storage of the weights and inputs (dynamo can pass parameters as inputs): a computed value that is a view
         # of one (a transposed weight) is not copied for each run; the graph does not write into its weights.
         self.fixed = {t.untyped_storage().data_ptr() for t in [*gm.parameters(), *gm.buffers(), *args]
@@ -78,7 +77,7 @@ class _Resumable:
     def pause_before(self, index: int) -> None:
         """Run the nodes up to (not including) ``index``; values no later node reads are dropped."""
         for node in self.nodes[self.at:index]:
-            self._step(self.walk, node)
+            run_node(self.walk, node)
         self.at = max(self.at, index)
 
     def rest(self) -> list[torch.Tensor]:
@@ -87,7 +86,7 @@ class _Resumable:
         self.again.env = self.start()
         out = None
         for node in self.nodes[self.at:]:
-            out = self._step(self.again, node)
+            out = run_node(self.again, node)
         out = self.gm.graph.process_outputs(out)
         return [t.float() for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor) and t.is_floating_point()]
 
@@ -95,13 +94,6 @@ class _Resumable:
         """The values at the pause, computed ones copied (not views of weights or inputs)."""
         return {n: v.clone() if n.op.startswith("call") and isinstance(v, torch.Tensor)
                 and v.untyped_storage().data_ptr() not in self.fixed else v for n, v in self.walk.env.items()}
-
-    @staticmethod
-    def _step(run: fx.Interpreter, node: fx.Node):
-        run.env[node] = value = run.run_node(node)
-        for dead in run.user_to_last_uses.get(node, []):
-            del run.env[dead]
-        return value
 
 
 def _curves(gm, groups: dict[tuple, list], bufs, calib, levels: list[float], batches, refs, metric: str,
