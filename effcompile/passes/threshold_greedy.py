@@ -12,9 +12,12 @@ GREEDY_METRICS = ("cosine", "pooled", "mse")
 NO_THRESHOLD = -1.0  # |x| > -1 always: the greedy search's "this layer dense" value
 
 
-def _outputs(gm: fx.GraphModule, args) -> list[torch.Tensor]:
-    out = gm(*args)
+def _float_leaves(out) -> list[torch.Tensor]:
     return [t.float() for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+
+
+def _outputs(gm: fx.GraphModule, args) -> list[torch.Tensor]:
+    return _float_leaves(gm(*args))
 
 
 def _distance(out: torch.Tensor, ref: torch.Tensor, metric: str, mask: torch.Tensor | None = None) -> float:
@@ -87,8 +90,7 @@ class _Resumable:
         out = None
         for node in self.nodes[self.at:]:
             out = run_node(self.again, node)
-        out = self.gm.graph.process_outputs(out)
-        return [t.float() for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+        return _float_leaves(self.gm.graph.process_outputs(out))
 
     def start(self) -> dict:
         """The values at the pause, computed ones copied (not views of weights or inputs)."""
@@ -116,7 +118,7 @@ def _curves(gm, groups: dict[tuple, list], bufs, calib, levels: list[float], bat
         for s in groups[g]:
             bufs[s.label].fill_(NO_THRESHOLD)
         curves[g] = errs
-    return {g: curves[g] for g in groups}
+    return curves
 
 
 def allocate(gm, sites, bufs, calib, cfg, ctx) -> tuple[dict[str, float], dict]:
