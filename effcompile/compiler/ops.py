@@ -98,7 +98,7 @@ def _int4_block(wf: torch.Tensor, group_size: int, dtype: torch.dtype):
     # Each candidate's error per group, then the codes of the winner alone (the first of equal errors, as
     # before): selecting every candidate's codes with torch.where cost a weight-sized pass per candidate.
     errs = torch.stack([_int4_codes(g, mid - (mid - lo) * r, mid + (hi - mid) * r, dtype)[3] for r in _INT4_SHRINK])
-    r = torch.tensor(_INT4_SHRINK, dtype=torch.float32)[errs.argmin(0)]
+    r = torch.tensor(_INT4_SHRINK, dtype=torch.float32, device=errs.device)[errs.argmin(0)]
     q, s, z, _ = _int4_codes(g, mid - (mid - lo) * r, mid + (hi - mid) * r, dtype)
     return q.to(torch.uint8), s, z
 

@@ -51,6 +51,17 @@ def test_weight_sqnr_in_row_blocks_equals_the_exact_one(fmt, group, monkeypatch)
     assert qops.weight_sqnr(w, qops.QuantizedWeight(w, torch.ones(37), None, "int8", 0)) == math.inf  # exact
 
 
+@pytest.mark.parametrize("fmt,group", [(f, g) for f, groups in qops.FORMATS.items() for g in groups])
+def test_quantize_weight_keeps_every_tensor_on_the_weight_device(fmt, group):
+    # CI has no GPU: fake tensors on another device than the CPU catch a CPU constant meeting the weight's tensors
+    # (session 21's H100 run: int4's candidate-range table indexed by the GPU's argmin stopped every int4 config).
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        q = qops.quantize_weight(torch.empty(48, 256, device="meta"), fmt, group)
+    assert {t.device.type for t in (q.qweight, q.scales, q.zeros) if t is not None} == {"meta"}
+
+
 @pytest.mark.parametrize("fmt,floor", [("fp8", 28.0), ("mxint8", 38.0), ("mxfp8", 28.0)])
 def test_round_trip_bounds_and_storage(fmt, floor):
     w = torch.randn(96, 384, generator=torch.Generator().manual_seed(1)) / 10
