@@ -17,8 +17,7 @@ Results are written after every batch size, so a run stopped by a time limit kee
 checks its first decode step's logits against eager's (``logits_vs_eager_b*``). A ``no-pdl:`` prefix
 (``no-pdl:quantize(weights=int4,group_size=128)``) compiles and times that config with effcompile's kernels
 launched without programmatic dependent launch (codegen/ops.py launch_options; EFFCOMPILE_PDL=0): the
-ablation of PDL on a Hopper GPU, in the same run. A ``mid-gemm:`` prefix runs 3-8-row sparse linears
-through the GEMM / cuBLAS path instead of the GEMV (codegen/kernels/sparse_gemv.py MID_ROWS; time it at batch 8).
+ablation of PDL on a Hopper GPU, in the same run.
 
     python benchmarks/decode.py [--model llama-base] [--steps 16]                       # CPU
     python benchmarks/decode.py --device cuda --dtype bfloat16 --model llama-1b --out X.json   # GPU
@@ -42,7 +41,7 @@ import effcompile as ec
 from effcompile.bench import peers, timing, zoo
 from effcompile.bench import spec as pass_spec
 from effcompile.codegen import ops as cg_ops
-from effcompile.codegen.kernels import launch_plan, sparse_gemv
+from effcompile.codegen.kernels import launch_plan
 from effcompile.compiler import attention_ops
 
 CONFIGS = ["none", "quantize(weights=int8)", "quantize(weights=int4,group_size=128)",
@@ -224,11 +223,9 @@ def main() -> None:
         t0 = time.perf_counter()
         row = {"config": spec}
         rows.append(row)
-        pdl_before, mid_before = cg_ops.PDL_ENABLED, sparse_gemv.MID_ROWS
+        pdl_before = cg_ops.PDL_ENABLED
         if spec.startswith("no-pdl:"):
             spec, cg_ops.PDL_ENABLED = spec.removeprefix("no-pdl:"), False
-        if spec.startswith("mid-gemm:"):
-            spec, sparse_gemv.MID_ROWS = spec.removeprefix("mid-gemm:"), "gemm"
         try:
             if spec in PEERS:
                 # No prefill call: each new shape is another Inductor compile of the whole model, and the
@@ -257,7 +254,7 @@ def main() -> None:
             write()
             continue
         finally:
-            cg_ops.PDL_ENABLED, sparse_gemv.MID_ROWS = pdl_before, mid_before
+            cg_ops.PDL_ENABLED = pdl_before
         row["compile_and_time_s"] = round(time.perf_counter() - t0, 1)
         if spec in PEERS and PEERS[spec][1] is not None:
             row["dynamo_graphs"] = torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs_before

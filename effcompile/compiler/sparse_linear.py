@@ -59,13 +59,11 @@ def rows_of(weight_t, scales, zeros, fmt: str, group_size: int, dtype: torch.dty
 
 
 def sparse_linear_eager(x, threshold, weight_t, scales, zeros, bias, fmt: str, group_size: int, label: str,
-                        decode_only: bool, gather: bool = True) -> torch.Tensor:
-    """linear(sparsify(x), W); up to DECODE_MAX_ROWS rows it reads only the weight rows some input row keeps
-    (float: when few enough are, FLOAT_GATHER_MAX), unless gather is False."""
+                        decode_only: bool) -> torch.Tensor:
     xs, applied = sparse_ops.threshold_input(x, threshold, label, decode_only)
     x2 = xs.reshape(-1, xs.shape[-1])
     n = weight_t.shape[1] * (2 if fmt == "int4" else 1)
-    active = (x2 != 0).any(0).nonzero().squeeze(1) if gather and applied and x2.shape[0] <= DECODE_MAX_ROWS else None
+    active = (x2 != 0).any(0).nonzero().squeeze(1) if applied and x2.shape[0] <= DECODE_MAX_ROWS else None
     if active is not None and (fmt != "float" or active.numel() <= FLOAT_GATHER_MAX * x2.shape[1]):
         y = x2.index_select(1, active) @ rows_of(weight_t, scales, zeros, fmt, group_size, x.dtype, active)
     else:

@@ -375,34 +375,3 @@ def test_int4_flat_path_with_the_gated_epilogue():
     got = S.launch(*args, config=config, epilogue="silu_mul")
     torch.testing.assert_close(got, qops.apply_epilogue(S.launch(*args, config=config), "silu_mul"), rtol=1.6e-2,
                                atol=1e-6)
-
-
-@pytest.mark.parametrize("fmt", ["float", "int8", "int4"])
-def test_mid_rows_leave_the_gemv_only_when_asked(fmt, monkeypatch):
-    # EFFCOMPILE_SPARSE_MID_ROWS=gemm (sparse_gemv.MID_ROWS): 3-8 rows leave the GEMV, quantized weights for launch's
-    # GEMM (its prefill tile), float ones for thresholded x @ W without the active-column gather (its nonzero()
-    # would sync the GPU and stop a CUDA graph capture); 1-2 rows, 9+ and the default "gemv" are as before.
-    args = _case(fmt, 94, 288, 5, torch.float32, per_channel=True, seed=3)
-    with aot.record_launches() as gemv:
-        S.run(*args, "lbl", False, cg_ops.MODE_AUTO)
-    assert S.kind_for(5, fmt) == "sparse-gemv" and len(gemv) == 1
-    monkeypatch.setattr(S, "MID_ROWS", "gemm")
-    assert [S.mid_gemm(m) for m in (1, 2, 3, 8, 9)] == [False, False, True, True, False]
-    rows_of, gathered = sl.rows_of, []
-    monkeypatch.setattr(sl, "rows_of", lambda *a: gathered.append(len(a) > 6 and a[6] is not None) or rows_of(*a))
-    with aot.record_launches() as seen:  # records the launches without running them
-        S.run(*args, "lbl", False, cg_ops.MODE_AUTO)
-    got = S.run(*args, "lbl", False, cg_ops.MODE_AUTO)
-    if fmt == "float":
-        assert "cuBLAS" in S.supported(args[0], args[2], fmt, False) and not seen and gathered == [False, False]
-        assert S.kind_for(5, fmt) == "dense"
-    else:
-        assert len(seen) == 1 and seen[0].kwargs["BLOCK_M"] != gemv[0].kwargs["BLOCK_M"]  # the GEMM's tile
-        assert S.kind_for(5, fmt) == "sparse-gemm"
-    assert S.kind_for(2, fmt) == "sparse-gemv"
-    want = S.reference(*args)
-    err = (got.float() - want.float()).abs().max().item() / want.float().abs().max().item()
-    assert err <= TOL[torch.float32], f"relative error {err:.2e}"
-    monkeypatch.setattr(S, "MID_ROWS", "gemv-please")
-    with pytest.raises(ValueError, match="EFFCOMPILE_SPARSE_MID_ROWS='gemv-please'"):
-        S.mid_gemm(3)

@@ -5,8 +5,6 @@ launcher, the dense rule and the custom op; the kernel is sparse_kernel.py.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 
@@ -27,19 +25,6 @@ FLAT_TAIL = 8  # chunks of -1 after a flat launch's list, the kernel's TAIL: rea
 # reduction across rows costs more (sm_90 SASS at 8 rows, triton 3.6: loop instructions int8 1005 -> 789, int4
 # 560 -> 401, float 414 -> 249 without it, no shuffles; untimed).
 SKIP_ROWS_MAX = 2
-# Rows past SKIP_ROWS_MAX up to DECODE_MAX_ROWS, where the GEMV reads every weight row anyway: "gemv" (default) runs
-# it; "gemm" runs quantized weights through launch's GEMM (dot tiles over M) and float ones as thresholded x @ W in
-# cuBLAS. At 8 rows session 18's GEMV lost to each format's dense kernel (float 52 vs 42 us, int8 46 vs 25, int4 63
-# vs 45 on 8b.up); benchmarks/decode.py's ``mid-gemm:`` rows time the alternative on a whole model.
-MID_ROWS = os.environ.get("EFFCOMPILE_SPARSE_MID_ROWS", "gemv").strip().lower()
-MID_ROWS_CHOICES = ("gemv", "gemm")
-
-
-def mid_gemm(rows: int) -> bool:
-    """Whether a call of this many rows leaves the GEMV for the GEMM / cuBLAS path (MID_ROWS)."""
-    if MID_ROWS not in MID_ROWS_CHOICES:
-        raise ValueError(f"EFFCOMPILE_SPARSE_MID_ROWS={MID_ROWS!r}: expected one of {MID_ROWS_CHOICES}")
-    return MID_ROWS == "gemm" and SKIP_ROWS_MAX < rows <= sl.DECODE_MAX_ROWS
 
 
 def supported(x: torch.Tensor, weight_t: torch.Tensor, fmt: str, decode_only: bool) -> str | None:
@@ -55,8 +40,6 @@ def supported(x: torch.Tensor, weight_t: torch.Tensor, fmt: str, decode_only: bo
     rows = x.numel() // max(x.shape[-1], 1)
     if fmt == "float" and rows > sl.DECODE_MAX_ROWS:
         return f"{rows} rows > {sl.DECODE_MAX_ROWS}: every weight row is needed, dense path"
-    if fmt == "float" and mid_gemm(rows):
-        return f"{rows} rows with EFFCOMPILE_SPARSE_MID_ROWS=gemm: thresholded x @ W in cuBLAS"
     return None
 
 
@@ -78,8 +61,7 @@ def launch(x, threshold, weight_t, scales, zeros, bias, fmt: str, group_size: in
     x2 = x.reshape(-1, k).contiguous()
     m = x2.shape[0]
     if gemm is None:
-        # only the GEMM's path has the unthresholded branch
-        gemm = m > sl.DECODE_MAX_ROWS or not thresholded or mid_gemm(m)
+        gemm = m > sl.DECODE_MAX_ROWS or not thresholded  # only the GEMM's path has the unthresholded branch
     if not (m and n):
         return torch.empty((*x.shape[:-1], width), dtype=x.dtype, device=dev)
     t = _ops.on_device(threshold, dev, f"{NAME} threshold").float()
@@ -151,10 +133,8 @@ def run(x, threshold, weight_t, scales, zeros, bias, fmt, group_size, label, dec
                      thresholded=thresholded)
         path = "triton"
     else:
-        # mid_gemm's float rows: no gather of the active columns (its nonzero() would sync, and stop a CUDA graph)
-        gather = not mid_gemm(x.numel() // max(x.shape[-1], 1))
         out, path = qops.apply_epilogue(sl.sparse_linear_eager(x, threshold, weight_t, scales, zeros, bias, fmt,
-                                                               group_size, label, decode_only, gather), epilogue), "torch"
+                                                               group_size, label, decode_only), epilogue), "torch"
     _ops.count(NAME, path)
     return out
 
@@ -166,7 +146,7 @@ def reference(x, threshold, weight_t, scales, zeros, bias, fmt, group_size, labe
 def kind_for(rows: int | None, fmt: str = "float") -> str:
     """explain()'s kernel kind: the GEMV up to DECODE_MAX_ROWS rows; past it a GEMM for quantized weights, the
     eager matmul (dense) for float ones; "a|b" when the rows are not static (either, by the call's rows)."""
-    if rows is not None and rows <= sl.DECODE_MAX_ROWS and not mid_gemm(rows):
+    if rows is not None and rows <= sl.DECODE_MAX_ROWS:
         return "sparse-gemv"
     many = "dense" if fmt == "float" else "sparse-gemm"
     return many if rows is not None else "sparse-gemv|" + many
