@@ -177,6 +177,10 @@ def sparse_inputs(x, w, quant, fmt: str, sparsity: float):
 # One-row int4 at 50 % in the flat compacted form too (Config.flat, session 17, untimed), on launch_plan.UNTUNED's
 # tile with 4 chunks prefetched: the rows compare it with the default launch whether or not a sweep ran.
 FLAT_INT4 = plan.Config(256, 16, 4, 5, None, True, True, flat=True)
+# Rows up to SKIP_ROWS_MAX at 50 % int4 also on the 8-row sweep's winner of session 21, a 16-row dot tile with 16 K
+# splits: at 8 rows, reading every weight row, it ran 8b.up in 23.9 us, faster than the one-row launches reading half
+# of them (26.8 us session 18's default, 23.1 its sweep's compacted tile). Masked loads skip the rows not kept here.
+DOT_INT4 = plan.Config(256, 64, 4, 3, 16)
 
 
 def sparse_variants(x, w, quant, out_bytes: int) -> dict:
@@ -188,6 +192,9 @@ def sparse_variants(x, w, quant, out_bytes: int) -> dict:
         if fmt == "int4" and sparsity == 0.5 and x.shape[0] == 1:
             out[label + "-flat"] = (lambda args=args: S.launch(*args, config=FLAT_INT4), read + _nbytes(x) + out_bytes,
                                     S.reference(*args))
+        if fmt == "int4" and sparsity == 0.5 and x.shape[0] <= S.SKIP_ROWS_MAX:
+            out[label + "-dot"] = (lambda args=args: S.launch(*args, config=DOT_INT4), read + _nbytes(x) + out_bytes,
+                                   S.reference(*args))
         if fmt != "float" and sparsity == 0.5 and S.SKIP_ROWS_MAX < x.shape[0] <= sl.DECODE_MAX_ROWS:
             # The same launch as a GEMM over M tiles (dot tiles, the prefill path), which also reads every row here:
             # is it faster than the GEMV at these rows (session 18, 8 rows: int8 46 us, int4 63 us)?
@@ -449,7 +456,10 @@ def sweep(dtype, device: str, peak: float, on_case: Callable[[list, dict], None]
         # nothing to explore): on the H100 (session 7) fma tiles lost at their auto split but won the
         # sparse GEMV at 64 splits, the largest then tried. Up to one K chunk per program (TEAL's
         # sparse GEMV launches that way).
+        # And around the best dot tile (session 21: 8-row sparse int4 took 62.8 us on the shipped dot tile with its
+        # auto split and 23.9 us with 16 splits, which the sweep found only from a dot tile that was best overall).
         around = {cfg for _, cfg, _ in timed[:1] + [next((r for r in timed if r[1] and r[1].fma), timed[0])]
+                  + [next((r for r in timed if r[1] and not r[1].fma), timed[0])]
                   + [next((r for r in timed if r[1] and r[1].compact), timed[0])]
                   + [next((r for r in timed if r[1] and r[1].flat), timed[0])]}
         more = _with_splits(around)
