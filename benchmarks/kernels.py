@@ -180,6 +180,7 @@ FLAT_INT4 = plan.Config(256, 16, 4, 5, None, True, True, flat=True)
 # Rows up to SKIP_ROWS_MAX at 50 % int4 also on the 8-row sweep's winner of session 21, a 16-row dot tile with 16 K
 # splits: at 8 rows, reading every weight row, it ran 8b.up in 23.9 us, faster than the one-row launches reading half
 # of them (26.8 us session 18's default, 23.1 its sweep's compacted tile). Masked loads skip the rows not kept here.
+# At 0 % (one row) it is dense int4 in the input-major layout, against the output-major dequant GEMV (ec-int4-g128).
 DOT_INT4 = plan.Config(256, 64, 4, 3, 16)
 
 
@@ -192,7 +193,7 @@ def sparse_variants(x, w, quant, out_bytes: int) -> dict:
         if fmt == "int4" and sparsity == 0.5 and x.shape[0] == 1:
             out[label + "-flat"] = (lambda args=args: S.launch(*args, config=FLAT_INT4), read + _nbytes(x) + out_bytes,
                                     S.reference(*args))
-        if fmt == "int4" and sparsity == 0.5 and x.shape[0] <= S.SKIP_ROWS_MAX:
+        if fmt == "int4" and sparsity in (0.0, 0.5) and x.shape[0] <= S.SKIP_ROWS_MAX:  # 0 %: input-major dense int4
             out[label + "-dot"] = (lambda args=args: S.launch(*args, config=DOT_INT4), read + _nbytes(x) + out_bytes,
                                    S.reference(*args))
         if fmt != "float" and sparsity == 0.5 and S.SKIP_ROWS_MAX < x.shape[0] <= sl.DECODE_MAX_ROWS:

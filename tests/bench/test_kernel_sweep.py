@@ -83,6 +83,7 @@ def test_sparse_rows_run_and_match_their_references_at_both_ends():
         assert ("thr+mm-sparse50-float" in rows) == (m > 2), sorted(rows)
         assert ("ec-sparse50-int8-gemm" in rows and "ec-sparse50-int4-g128-gemm" in rows) == (m > 2), sorted(rows)
         assert ("ec-sparse50-int4-g128-dot" in rows) == (m <= 2), sorted(rows)  # the 16-row dot tile, 16 K splits
+        assert ("ec-sparse0-int4-g128-dot" in rows) == (m == 1), sorted(rows)
         for label, (fn, _read, ref) in rows.items():
             torch.testing.assert_close(fn(), ref, rtol=1e-3, atol=1e-3, msg=label)
         if m == 1:
