@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from filelock import FileLock
 
 from effcompile.bench import corpus, train_lm
 from effcompile.testing import load_minilm, tiny_hf
@@ -146,19 +147,24 @@ def load_stdlib_lm(cache_dir: str | Path | None = None, *, train_if_missing: boo
     settings = train_lm.TrainSettings.with_overrides(**overrides)
     default, key = train_lm.default_dir(settings)
     path = Path(cache_dir) if cache_dir is not None else default
-    try:
-        return train_lm.load(path, key)
-    except train_lm.CacheError as e:
-        if path.exists():
-            if not train_if_missing:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # One process trains, the others (pytest-xdist workers, parallel benchmarks) wait for it and then load: without
+    # the lock a caller that does not train found no model mid-training (CI, session 21), and two that do trained twice.
+    with FileLock(str(path.with_name(f".{path.name}.lock"))):
+        try:
+            return train_lm.load(path, key)
+        except train_lm.CacheError as e:
+            if path.exists():
+                if not train_if_missing:
+                    raise
+                warnings.warn(f"stdlib-lm cache rejected ({e}); retraining", RuntimeWarning, stacklevel=2)
+            elif not train_if_missing:
                 raise
-            warnings.warn(f"stdlib-lm cache rejected ({e}); retraining", RuntimeWarning, stacklevel=2)
-        elif not train_if_missing:
-            raise
-        else:
-            log.warning("stdlib-lm: no cached model at %s; training it now, once (about 10 min on 2 CPU cores)", path)
-    train_lm.train(path, max_minutes=max_minutes, progress=progress, **dataclasses.asdict(settings))
-    return train_lm.load(path, key)
+            else:
+                log.warning("stdlib-lm: no cached model at %s; training it now, once (about 10 min on 2 CPU cores)",
+                            path)
+        train_lm.train(path, max_minutes=max_minutes, progress=progress, **dataclasses.asdict(settings))
+        return train_lm.load(path, key)
 
 
 PIN_ENV = "EFFCOMPILE_STDLIB_LM"

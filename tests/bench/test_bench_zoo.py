@@ -1,6 +1,8 @@
 """Model zoo: registry, random configs at every size, and the stdlib-LM cache's verification (no training)."""
 
 import json
+import threading
+import time
 
 import pytest
 import torch
@@ -125,6 +127,34 @@ def test_corrupt_cache_retrains_with_warning(tmp_path, monkeypatch):
     assert len(calls) == 1
     with pytest.raises(train_lm.CacheError):
         zoo.load_stdlib_lm(tmp_path / "none", train_if_missing=False)
+
+
+def test_concurrent_loads_train_once_and_all_get_the_model(tmp_path, monkeypatch):
+    # Two callers at once on an empty cache (CI's two xdist workers): one trains while the other waits on the lock,
+    # then loads the verified artifact. Without the lock both trained, or a caller that may not train found nothing.
+    path = tmp_path / "m"
+    key = train_lm.default_dir(train_lm.TrainSettings(max_steps=3))[1]
+    calls, started = [], threading.Event()
+
+    def slow_train(out, **kw):
+        calls.append(out)
+        started.set()
+        time.sleep(0.5)  # long enough for the other caller to arrive mid-training
+        _fake_artifact(out, key)
+        return out
+
+    monkeypatch.setattr(train_lm, "train", slow_train)
+    got = {}
+
+    def load(name, **kw):
+        got[name] = zoo.load_stdlib_lm(path, max_steps=3, progress=False, **kw)[0]
+
+    trainer = threading.Thread(target=load, args=("trainer",))
+    trainer.start()
+    assert started.wait(30)
+    load("reader", train_if_missing=False)  # arrives mid-training: waits, then loads
+    trainer.join()
+    assert len(calls) == 1 and all(isinstance(m, torch.nn.Module) for m in got.values()) and len(got) == 2
 
 
 def test_pinned_model_dir_is_verified_never_trained(tmp_path, monkeypatch):

@@ -20,7 +20,9 @@ def lm():
     """The stdlib LM (trained here on real text, cached) and held-out token ids."""
     from effcompile.bench.zoo import heldout_ids, load_stdlib_lm
 
-    model, tok = load_stdlib_lm(train_if_missing=False)
+    # Trains on a fresh machine if no other test did first (test order across xdist workers is not fixed); a
+    # worker training it already holds the model's lock, so this one waits and loads.
+    model, tok = load_stdlib_lm()
     return model, heldout_ids(tok)
 
 
