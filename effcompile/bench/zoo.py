@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -147,24 +148,40 @@ def load_stdlib_lm(cache_dir: str | Path | None = None, *, train_if_missing: boo
     settings = train_lm.TrainSettings.with_overrides(**overrides)
     default, key = train_lm.default_dir(settings)
     path = Path(cache_dir) if cache_dir is not None else default
-    path.parent.mkdir(parents=True, exist_ok=True)
+    # A verified model needs no lock: training builds it beside the directory and renames it in whole (train_lm.train),
+    # so a read-only models directory holding a good model still loads.
+    with contextlib.suppress(train_lm.CacheError):
+        return train_lm.load(path, key)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(path.with_name(f".{path.name}.lock")))
+        lock.acquire()
+    except OSError as e:
+        raise train_lm.CacheError(f"stdlib-lm: no valid model at {path}, and its directory cannot be written to train "
+                                  f"one ({e}); pass cache_dir= a writable directory, or set {PIN_ENV} to a trained "
+                                  "model's directory") from e
     # One process trains, the others (pytest-xdist workers, parallel benchmarks) wait for it and then load: without
     # the lock a caller that does not train found no model mid-training (CI, session 21), and two that do trained twice.
-    with FileLock(str(path.with_name(f".{path.name}.lock"))):
-        try:
-            return train_lm.load(path, key)
-        except train_lm.CacheError as e:
-            if path.exists():
-                if not train_if_missing:
-                    raise
-                warnings.warn(f"stdlib-lm cache rejected ({e}); retraining", RuntimeWarning, stacklevel=2)
-            elif not train_if_missing:
-                raise
-            else:
-                log.warning("stdlib-lm: no cached model at %s; training it now, once (about 10 min on 2 CPU cores)",
-                            path)
-        train_lm.train(path, max_minutes=max_minutes, progress=progress, **dataclasses.asdict(settings))
+    try:
+        return _load_or_train(path, key, settings, train_if_missing, max_minutes, progress)
+    finally:
+        lock.release()
+
+
+def _load_or_train(path: Path, key: str, settings, train_if_missing: bool, max_minutes: float, progress: bool):
+    try:
         return train_lm.load(path, key)
+    except train_lm.CacheError as e:
+        if path.exists():
+            if not train_if_missing:
+                raise
+            warnings.warn(f"stdlib-lm cache rejected ({e}); retraining", RuntimeWarning, stacklevel=3)
+        elif not train_if_missing:
+            raise
+        else:
+            log.warning("stdlib-lm: no cached model at %s; training it now, once (about 10 min on 2 CPU cores)", path)
+    train_lm.train(path, max_minutes=max_minutes, progress=progress, **dataclasses.asdict(settings))
+    return train_lm.load(path, key)
 
 
 PIN_ENV = "EFFCOMPILE_STDLIB_LM"

@@ -157,6 +157,26 @@ def test_concurrent_loads_train_once_and_all_get_the_model(tmp_path, monkeypatch
     assert len(calls) == 1 and all(isinstance(m, torch.nn.Module) for m in got.values()) and len(got) == 2
 
 
+def test_a_valid_model_loads_without_the_lock_and_an_unwritable_dir_says_what_to_do(tmp_path, monkeypatch):
+    # A read-only models directory (a shared or carried cache; the dev box runs as root, so the lock's failure to
+    # be created is simulated): a verified model loads without taking the lock, a missing one names the way out.
+    class Unwritable:
+        def __init__(self, path):
+            self.path = path
+
+        def acquire(self):
+            raise PermissionError(13, "Permission denied", self.path)
+
+    monkeypatch.setattr(zoo, "FileLock", Unwritable)
+    monkeypatch.setattr(train_lm, "train", lambda *a, **k: pytest.fail("nothing may train here"))
+    path = tmp_path / "m"
+    _fake_artifact(path, train_lm.default_dir(train_lm.TrainSettings(max_steps=3))[1])
+    model, _ = zoo.load_stdlib_lm(path, max_steps=3)
+    assert isinstance(model, torch.nn.Module)
+    with pytest.raises(train_lm.CacheError, match=f"cannot be written.*{zoo.PIN_ENV}"):
+        zoo.load_stdlib_lm(tmp_path / "absent", max_steps=3)
+
+
 def test_pinned_model_dir_is_verified_never_trained(tmp_path, monkeypatch):
     # A model carried from a machine with another stdlib: other key, still verified, used with a warning.
     pinned = tmp_path / "carried"
