@@ -316,9 +316,14 @@ def _configs(sparse: bool, m: int, int4: bool = False) -> list:
         fma = [(bn, bk // 2, w, st) for bn, bk, w, st in fma]
     configs = grid + [plan.Config(*c, None, True) for c in fma]
     if int4 and not sparse:  # 16-bit dot tiles reading scales and zeros as int32 words (Config.scale_words,
-        # session 11, untimed): no synchronous load left in the K loop on sm_90, for 5-40 % more instructions
-        configs += [plan.Config(*c, None, scale_words=True) for c in ((128, 128, 4, 3), (128, 256, 8, 3),
-                                                                      (128, 256, 8, 5), (64, 256, 4, 4))]
+        # session 11, untimed): no synchronous load left in the K loop on sm_90, for 5-40 % more instructions.
+        # Words apply to one-group chunks only (block_k = 128): until session 22 three of these four had block_k 256,
+        # which the launcher runs as plain two-group chunks (GPC 2, 2-byte scale loads), so the sweep never timed
+        # words on them. sm_90 SASS, triton 3.6, 8b.up at 8 rows: (128, 128, 8, 3) 89 registers, 391 loop
+        # instructions, no plain load, against 106 / 274 and four synchronous LDG.E.U16 for the shipped tile;
+        # (128, 128, 4, 3) 167 / 486, 3 CTAs per SM; (256, 128, 8, 3) 185 / 450, 1 CTA.
+        configs += [plan.Config(*c, None, scale_words=True) for c in ((128, 128, 4, 3), (128, 128, 8, 3),
+                                                                      (256, 128, 8, 3), (64, 128, 4, 4))]
     if sparse and m == 1:  # the same fma tiles visiting only the kept channels (Config.compact, session 10),
         # and with stages 2: the next chunk of kept rows prefetched in registers. The compacted int4 launch
         # looks latency-bound (H100 session 13: 26 us for 8b.up at 50 %, ~625 GB/s): each chunk's weight load
