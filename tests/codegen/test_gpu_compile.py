@@ -324,6 +324,16 @@ def test_int4_scale_words_leave_no_synchronous_load_in_the_hot_loop(launches):
     assert not any(op.startswith("LDG.") for op in hot_staged.loads), hot_staged.loads
 
 
+def test_int4_scale_words_on_chunks_of_several_groups_are_refused(launches):
+    # Words hold one group's scale per chunk; a chunk of two groups (block_k 256, G 128) used to run with plain
+    # 2-byte scales, so the sweep timed a "scale_words" tile that had none (session 22). Now it says so.
+    qw = _weights("int4", 512, 1024, torch.bfloat16, 128)
+    with pytest.raises(ValueError, match=r"Config.scale_words.*block_k=256 spans 2 groups"):
+        D.launch(torch.randn(8, 1024, dtype=torch.bfloat16), *qw[:3], None, "int4", 128,
+                 config=plan.Config(128, 256, 8, 3, 2, scale_words=True))
+    assert not launches
+
+
 @pytest.mark.parametrize("cap", [80, 90])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_int4_dot_tiles_spanning_groups_compile(dtype, cap, launches):

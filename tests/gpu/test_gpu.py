@@ -593,10 +593,10 @@ def test_eora_llama_fused_on_device_matches_torch_path():
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("m", [1, 8, 24])
-@pytest.mark.parametrize("config", [(128, 128, 4, 3), (128, 256, 8, 5), (64, 256, 4, 4)], ids=str)
+@pytest.mark.parametrize("config", [(128, 128, 4, 3), (128, 128, 8, 3), (256, 128, 8, 3)], ids=str)
 def test_int4_scale_words_on_device(config, m, dtype):
     # Config.scale_words (session 11): the sweep times these tiles, so they must be right on the device, with
-    # and without split-K, even and odd groups (K / G = 12).
+    # and without split-K, even and odd groups (K / G = 12). One-group chunks (block_k 128): words apply only there.
     from effcompile.codegen.kernels import launch_plan as plan
 
     qw = qops.quantize_weight((torch.randn(782, 1536, generator=torch.Generator().manual_seed(m)) / 20).to(dtype),

@@ -370,6 +370,9 @@ def launch(x, qweight, scales, zeros, bias, fmt: str, group_size: int, split_k: 
     gpc = 1
     if (words or dot16) and bk > group_size and config is not None:
         gpc = bk // group_size
+        if dot16 and config.scale_words:  # before session 22 the sweep asked this and silently got plain scales
+            raise ValueError(f"Config.scale_words reads one group's scales per chunk, but block_k={bk} spans {gpc} "
+                             f"groups of {group_size}: use block_k <= {group_size} or scale_words=False")
     elif fmt == "int4":
         bk = min(bk, group_size)
     tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
