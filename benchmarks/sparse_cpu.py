@@ -50,12 +50,11 @@ def main() -> None:
                 packed = None if fmt == "float" else median_ms(
                     lambda x=x, q=q, s=s, z=z, g=g, fmt=fmt: qops.wq_linear_eager(x, q, s, z, None, fmt, g), a.reps)
                 wt, st, zt = sl.to_input_major(q, s, z, fmt, g)
-                chunks = bag.chunks_for(n, fmt)
-                rows_t = bag.pack(wt, fmt, chunks)
+                rows_t = bag.pack(wt, fmt)
                 for sp in SPARSITY:
                     t = torch.quantile(x.abs().flatten(), sp) if sp else torch.tensor(0.0)
-                    bag_ms = median_ms(lambda x=x, t=t, st=st, zt=zt, g=g, fmt=fmt, r=rows_t, c=chunks:
-                                       bag.run(x, t, r, st, zt, None, fmt, g, c, "bench", False), a.reps)
+                    bag_ms = median_ms(lambda x=x, t=t, st=st, zt=zt, g=g, fmt=fmt, r=rows_t:
+                                       bag.run(x, t, r, st, zt, None, fmt, g, "bench", False), a.reps)
                     gather = median_ms(lambda x=x, t=t, wt=wt, st=st, zt=zt, g=g, fmt=fmt:
                                        sl.sparse_linear_eager(x, t, wt, st, zt, None, fmt, g, "bench", False), a.reps)
                     needed = float((x.abs() > t).any(0).float().mean())

@@ -39,14 +39,11 @@ def _input(m, k, zero_frac, dtype, seed=0):
 
 @pytest.mark.parametrize("fmt,group", CASES)
 @pytest.mark.parametrize("k,n", [(96, 40), (160, 72), (64, 10)])
-@pytest.mark.parametrize("chunks", [1, 2])
-def test_pack_round_trip(fmt, group, k, n, chunks):
-    if fmt == "int4":
-        chunks = 1
+def test_pack_round_trip(fmt, group, k, n):
     wt, _, _ = _weights(fmt, group, k, n)
-    rows = B.pack(wt, fmt, chunks)
-    assert torch.equal(B.unpack(rows, fmt, chunks), wt)
-    assert B.out_features(rows, fmt, chunks) == n
+    rows = B.pack(wt, fmt)
+    assert torch.equal(B.unpack(rows, fmt), wt)
+    assert B.out_features(rows, fmt) == n
 
 
 @pytest.mark.parametrize("fmt,group", CASES)
@@ -54,15 +51,17 @@ def test_pack_round_trip(fmt, group, k, n, chunks):
 @pytest.mark.parametrize("m", [1, 3, 8, 17])  # 17 rows: the dense (prefill) path
 @pytest.mark.parametrize("zero_frac", [0.0, 0.6, 1.0])  # no zeros, sparse, all zeros
 @pytest.mark.parametrize("thresholded", [False, True])
-def test_matches_reference(fmt, group, k, n, m, zero_frac, thresholded):
+@pytest.mark.parametrize("threads", [1, 3])  # 3 threads: a one-row call splits each row's kept inputs over 3 bags
+def test_matches_reference(fmt, group, k, n, m, zero_frac, thresholded, threads, monkeypatch):
+    monkeypatch.setattr(B, "ROW_SPLIT_MIN_WEIGHTS", 0)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
     wt, s, z = _weights(fmt, group, k, n)
-    chunks = B.chunks_for(n, fmt, threads=2)
-    rows = B.pack(wt, fmt, chunks)
+    rows = B.pack(wt, fmt)
     x = _input(m, k, zero_frac, torch.float32, seed=m)
     bias = torch.randn(n)
     thr = torch.tensor(0.4) if thresholded else None
     before = dict(cg_ops.PATH_COUNTS[B.NAME])
-    got = B.run(x, thr, rows, s, z, bias, fmt, group, chunks, "t", False)
+    got = B.run(x, thr, rows, s, z, bias, fmt, group, "t", False)
     want = sl.reference(x, thr if thresholded else torch.tensor(0.0), wt, s, z, bias, fmt, group, "t", False)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     path = "bag" if m <= B.BAG_MAX_ROWS[fmt] else "dense"
@@ -73,9 +72,9 @@ def test_matches_reference(fmt, group, k, n, m, zero_frac, thresholded):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_dtypes(fmt, group, dtype):
     wt, s, z = _weights(fmt, group, 128, 48, dtype)
-    rows = B.pack(wt, fmt, 2 if fmt != "int4" else 1)
+    rows = B.pack(wt, fmt)
     x = _input(4, 128, 0.5, dtype)
-    got = B.run(x, torch.tensor(0.2), rows, s, z, None, fmt, group, 2 if fmt != "int4" else 1, "t", False)
+    got = B.run(x, torch.tensor(0.2), rows, s, z, None, fmt, group, "t", False)
     want = sl.reference(x.float(), torch.tensor(0.2), wt.float() if fmt == "float" else wt, s, z, None, fmt, group,
                         "t", False)
     assert got.dtype == dtype
@@ -84,19 +83,35 @@ def test_half_dtypes(fmt, group, dtype):
 
 def test_decode_only_prefill_is_dense_and_unthresholded():
     wt, s, z = _weights("int8", 0, 64, 32)
-    rows = B.pack(wt, "int8", 1)
+    rows = B.pack(wt, "int8")
     x = _input(1, 64, 0.0, torch.float32).expand(5, 64).contiguous().view(1, 5, 64)  # prefill-shaped
     before = cg_ops.PATH_COUNTS[B.NAME]["dense"]
-    got = B.run(x, torch.tensor(10.0), rows, s, z, None, "int8", 0, 1, "t", True)  # would zero everything
+    got = B.run(x, torch.tensor(10.0), rows, s, z, None, "int8", 0, "t", True)  # would zero everything
     torch.testing.assert_close(got, qops.reference(x, wt.t(), s, None, None, "int8", 0), rtol=1e-5, atol=1e-5)
     assert cg_ops.PATH_COUNTS[B.NAME]["dense"] == before + 1
 
 
-def test_bad_layouts_are_refused():
-    wt, _, _ = _weights("int8", 0, 64, 30)
-    with pytest.raises(ValueError, match="chunks=4 does not divide out_features=30"):
-        B.pack(wt, "int8", 4)
-    assert B.chunks_for(30, "int8", threads=4) == 3 and B.chunks_for(30, "int4", threads=4) == 1
+@pytest.mark.parametrize("fmt", ["float", "int8"])
+def test_row_splits_stay_inside_their_row_when_a_row_keeps_fewer_inputs_than_splits(fmt, monkeypatch):
+    # Two rows keeping 1 and 5 inputs, cut into 3 bags each: row 0's cuts (0, 1, 2) must stop at its one input,
+    # or its last bag reads row 1's first input.
+    monkeypatch.setattr(B, "ROW_SPLIT_MIN_WEIGHTS", 0)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 6)
+    wt, s, z = _weights(fmt, 0, 16, 8)
+    x = torch.zeros(2, 16)
+    x[0, 3] = 1.5
+    x[1, [0, 2, 5, 9, 15]] = torch.tensor([1.0, -2.0, 0.5, 3.0, -1.0])
+    got = B.run(x, None, B.pack(wt, fmt), s, z, None, fmt, 0, "t", False)
+    want = sl.reference(x, torch.tensor(0.0), wt, s, z, None, fmt, 0, "t", False)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_row_splits_only_where_a_thread_would_otherwise_idle(monkeypatch):
+    big = torch.empty(2048, 1024)  # 2M elements: ROW_SPLIT_MIN_WEIGHTS
+    assert B.row_splits(big, 1, "float", threads=4) == 4 and B.row_splits(big, 2, "int8", threads=4) == 2
+    assert B.row_splits(big, 8, "float", threads=4) == 1  # as many rows as threads: a bag each already
+    assert B.row_splits(big, 1, "int4", threads=4) == 1  # one bag per K-group already
+    assert B.row_splits(big[:1000], 1, "float", threads=4) == 1  # a cache-resident weight: one thread
     assert "supported" in B.unavailable("fp8")
 
 
@@ -154,7 +169,7 @@ def test_fp16_large_activations_do_not_overflow_the_unscaled_sums(m):
     # while the scaled result is not.
     wt, s, _ = _weights("int8", 0, 512, 24)
     x = (_input(m, 512, 0.0, torch.float32) * 60).half()
-    got = B.run(x, None, B.pack(wt, "int8", 1), s, None, None, "int8", 0, 1, "", False)
+    got = B.run(x, None, B.pack(wt, "int8"), s, None, None, "int8", 0, "", False)
     want = qops.reference(x.float(), wt.t(), s, None, None, "int8", 0)
     assert torch.isfinite(got).all()
     torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=0.5)
@@ -165,6 +180,6 @@ def test_small_float_weights_take_sgemv(monkeypatch):
     wt, _, _ = _weights("float", 0, 64, 32)
     x = _input(1, 64, 0.5, torch.float32)
     before = cg_ops.PATH_COUNTS[B.NAME]["dense"]
-    got = B.run(x, torch.tensor(0.3), B.pack(wt, "float", 1), None, None, None, "float", 0, 1, "", False)
+    got = B.run(x, torch.tensor(0.3), B.pack(wt, "float"), None, None, None, "float", 0, "", False)
     assert cg_ops.PATH_COUNTS[B.NAME]["dense"] == before + 1
     torch.testing.assert_close(got, sl.reference(x, torch.tensor(0.3), wt, None, None, None, "float", 0, "", False))

@@ -7,18 +7,23 @@ the fast int8/int4 decode GEMV torch lacks and the row-skipping kernel activatio
 
 Row layouts (built once by ``pack`` at lowering time from sparse_linear's input-major layout):
 
-  float  [C*K, N/C] in the weight dtype: output chunk c of input row k is row c*K + k. Bags run in
-         parallel, so C chunks give one batch-1 bag per thread.
-  int8   [C*K, N/C + 8] uint8: codes + 128, then the row's fp32 (scale, bias) = (1, -128), which turns
+  float  [K, N] in the weight dtype: sparse_linear's layout as it is.
+  int8   [K, N + 8] uint8: codes + 128, then the row's fp32 (scale, bias) = (1, -128), which turns
          each row back into the int8 codes exactly; the per-output-channel scales multiply afterwards.
   int4   [K, N/2 + 4] uint8: sparse_linear's packed int4 row (output 2j in the low nibble, FBGEMM's
          order too), then fp16 (scale, bias) = (1, 0). Quantize's scales/zeros vary per (group, output),
          which a per-row scale cannot express, so each K-group is its own bag and the group partial sums
          P[g] are combined afterwards: y = sum_g scales[g] * P[g] + zeros[g] * sum_{k in g} x_k.
 
+Bags run in parallel, one per thread, so a float / int8 call with fewer rows than threads splits each row's kept
+inputs into several bags and adds their partial sums (ROW_SPLIT_MIN_WEIGHTS). Session 22 measured that against the
+layout it replaced, output chunks (row c*K + k held output chunk c of input k, one bag per chunk), on the 2-core box
+with the weights streaming from DRAM (Llama-3.2-1B's four linear shapes, fp32, one row, 50 % kept): 1.1-1.3x faster
+for float and within noise for int8; llama-1b's thresholded decode 5.54-5.57 -> 5.98-6.10 tok/s.
+
 Above BAG_MAX_ROWS[fmt] activation rows every weight row is needed anyway (prefill), or a float bag per
 row loses to one sgemm (measured: 8 rows of 4096 x 11008 at 50 % sparsity, 0.77x dense): the same buffers
-are dequantized and multiplied densely, chunk by chunk. Quantized bags still win at 8 rows (int8 1.7-4.3x
+are dequantized and multiplied densely. Quantized bags still win at 8 rows (int8 1.7-4.3x
 fp32 dense, benchmarks/results/sparse-cpu-2026-11-26.json), since the alternative is a dequantization.
 """
 
@@ -34,7 +39,7 @@ NAME = "bag_linear"  # the custom op (effcompile::bag_linear) and its PATH_COUNT
 FORMATS = ("float", "int8", "int4")
 BAG_MAX_ROWS = {"float": 1, "int8": 8, "int4": 8}  # activation rows up to which the bag path runs
 FLOAT_BAG_MIN_WEIGHTS = 1 << 21  # float weights smaller than this (8 MB fp32) stay in cache: sgemv wins
-CHUNK_MIN_WEIGHTS = 1 << 21  # below this a bag takes ~0.1 ms: waking a second thread costs more than it saves
+ROW_SPLIT_MIN_WEIGHTS = 1 << 21  # below this a bag takes ~0.1 ms: waking a second thread costs more than it saves
 _QOPS = {"int8": "embedding_bag_byte_rowwise_offsets", "int4": "embedding_bag_4bit_rowwise_offsets"}
 _INT8_TAIL = torch.tensor([1.0, -128.0], dtype=torch.float32).view(torch.uint8)  # (scale, bias) per row
 _INT4_TAIL = torch.tensor([1.0, 0.0], dtype=torch.float16).view(torch.uint8)
@@ -49,75 +54,61 @@ def unavailable(fmt: str) -> str | None:
     return None
 
 
-def chunks_for(n: int, fmt: str, threads: int | None = None, k: int | None = None) -> int:
-    """Output chunks: one batch-1 bag per thread for large weights; int4 already has one bag per K-group."""
-    if fmt == "int4" or (k is not None and k * n < CHUNK_MIN_WEIGHTS):
+def row_splits(rows: torch.Tensor, m: int, fmt: str, threads: int | None = None) -> int:
+    """Bags per activation row: enough for one bag per thread on a large float / int8 weight (int4 has one bag per
+    K-group already)."""
+    if fmt == "int4" or rows.numel() < ROW_SPLIT_MIN_WEIGHTS:
         return 1
-    c = max(1, threads or torch.get_num_threads())
-    while n % c:
-        c -= 1
-    return c
+    return max(1, (threads or torch.get_num_threads()) // max(m, 1))
 
 
-def pack(weight_t: torch.Tensor, fmt: str, chunks: int) -> torch.Tensor:
+def pack(weight_t: torch.Tensor, fmt: str) -> torch.Tensor:
     """sparse_linear's input-major weight ([K, N], or [K, N/2] packed int4) -> the bag rows above."""
     k = weight_t.shape[0]
     if fmt == "int4":
-        if chunks != 1:
-            raise ValueError("int4 bag rows take chunks=1 (parallelism comes from the K-groups)")
         return torch.cat([weight_t, _INT4_TAIL.expand(k, 4)], 1).contiguous()
-    n = weight_t.shape[1]
-    if n % chunks:
-        raise ValueError(f"chunks={chunks} does not divide out_features={n}")
-    rows = weight_t.reshape(k, chunks, n // chunks).transpose(0, 1).reshape(chunks * k, n // chunks)
     if fmt == "float":
-        return rows.contiguous()
-    codes = (rows.to(torch.int16) + 128).to(torch.uint8)
-    return torch.cat([codes, _INT8_TAIL.expand(chunks * k, 8)], 1).contiguous()
+        return weight_t.contiguous()
+    codes = (weight_t.to(torch.int16) + 128).to(torch.uint8)
+    return torch.cat([codes, _INT8_TAIL.expand(k, 8)], 1).contiguous()
 
 
-def unpack(rows: torch.Tensor, fmt: str, chunks: int) -> torch.Tensor:
+def unpack(rows: torch.Tensor, fmt: str) -> torch.Tensor:
     """The inverse of ``pack``: sparse_linear's input-major weight (int8 as int8 codes)."""
     if fmt == "int4":
         return rows[:, :-4].contiguous()
-    k = rows.shape[0] // chunks
-    body = rows if fmt == "float" else (rows[:, :-8].to(torch.int16) - 128).to(torch.int8)
-    return body.reshape(chunks, k, -1).transpose(0, 1).reshape(k, -1).contiguous()
+    return rows if fmt == "float" else (rows[:, :-8].to(torch.int16) - 128).to(torch.int8)
 
 
-def _dense(x2, rows, scales, zeros, fmt, group_size, chunks) -> torch.Tensor:
-    """Every row needed (prefill): chunk by chunk for float (no weight copy), else dequantize + matmul."""
-    k = rows.shape[0] // chunks
+def _dense(x2, rows, scales, zeros, fmt, group_size) -> torch.Tensor:
+    """Every row needed (prefill): one matmul on the rows (float), else dequantize + matmul."""
     if fmt == "float":
-        return torch.cat([x2 @ rows[c * k:(c + 1) * k].to(x2.dtype) for c in range(chunks)], 1)
-    if fmt == "int8":  # per chunk: codes = bytes - 128, one conversion pass, the scales on the output
+        return x2 @ rows.to(x2.dtype)
+    if fmt == "int8":  # codes = bytes - 128, one conversion pass, the scales on the output
         # (unscaled sums reach 127 * sum|x|: past fp16's range, so fp16 inputs accumulate in fp32)
         dt = torch.float32 if x2.dtype == torch.float16 else x2.dtype
-        xd = x2.to(dt)
-        ys = [xd @ (rows[c * k:(c + 1) * k, :-8].to(dt) - 128) for c in range(chunks)]
-        return ((torch.cat(ys, 1) if chunks > 1 else ys[0]) * scales.to(dt)).to(x2.dtype)
-    return x2 @ sl.rows_of(unpack(rows, fmt, chunks), scales, zeros, fmt, group_size, x2.dtype)
+        return ((x2.to(dt) @ (rows[:, :-8].to(dt) - 128)) * scales.to(dt)).to(x2.dtype)
+    return x2 @ sl.rows_of(unpack(rows, fmt), scales, zeros, fmt, group_size, x2.dtype)
 
 
-def _bags(x2: torch.Tensor, keep: torch.Tensor, width: int, chunks: int = 1
+def _bags(x2: torch.Tensor, keep: torch.Tensor, width: int, splits: int = 1
           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(indices, offsets, per-sample weights) for the inputs ``keep`` marks: one bag per run of ``width`` inputs
-    of each row, the bags repeated for each of ``chunks`` output chunks (chunk c reads rows c*K + k)."""
+    """(indices, offsets, per-sample weights) for the inputs ``keep`` marks: one bag per run of ``width`` inputs of
+    each row, each cut into ``splits`` consecutive bags (the last ones empty when a run keeps fewer inputs)."""
     k = x2.shape[1]
     flat = keep.reshape(-1).nonzero().squeeze(1)  # row-major: bag by bag, ascending inside each bag
     w = x2.reshape(-1).index_select(0, flat)
     idx = flat if x2.shape[0] == 1 else flat % k  # flat = row * K + column: the weight row to read is flat % K
     counts = keep.reshape(-1, width).sum(1)
     off = counts.cumsum(0) - counts
-    if chunks > 1:  # a handful of small ops per call (~10 us each): one broadcast each, not a concatenation
-        c = torch.arange(chunks, device=flat.device).unsqueeze(1)
-        idx = (idx + c * k).view(-1)
-        off = (off + c * flat.numel()).view(-1)
-        w = w.repeat(chunks)
+    if splits > 1:
+        step = (counts + splits - 1) // splits
+        cut = torch.arange(splits, device=flat.device) * step[:, None]
+        off = (off[:, None] + torch.minimum(cut, counts[:, None])).view(-1)
     return idx, off, w
 
 
-def _bag(x2, keep, rows, scales, zeros, fmt, group_size, chunks) -> torch.Tensor:
+def _bag(x2, keep, rows, scales, zeros, fmt, group_size) -> torch.Tensor:
     m, k = x2.shape
     if fmt == "int4":
         idx, off, w = _bags(x2, keep, group_size)
@@ -125,17 +116,18 @@ def _bag(x2, keep, rows, scales, zeros, fmt, group_size, chunks) -> torch.Tensor
         p = p.view(m, k // group_size, -1)
         xg = torch.where(keep, x2, 0).float().view(m, k // group_size, group_size).sum(2)
         return torch.einsum("bgn,gn->bn", p, scales.float()) + xg @ zeros.float()
-    idx, off, w = _bags(x2, keep, k, chunks)  # bags ordered (chunk, row)
+    splits = row_splits(rows, m, fmt)
+    idx, off, w = _bags(x2, keep, k, splits)
     if fmt == "float":
         y = torch.ops.aten._embedding_bag_forward_only(rows, idx, off, False, 0, False, w.to(rows.dtype))[0]
     else:
         y = torch.ops.quantized.embedding_bag_byte_rowwise_offsets(rows, idx, off, False, 0, False, w.float())
-    if chunks > 1:
-        y = y.view(chunks, m, -1).transpose(0, 1).reshape(m, -1)  # a view at one row
+    if splits > 1:
+        y = y.view(m, splits, -1).sum(1)
     return y if fmt == "float" else y * scales.float()
 
 
-def run(x, threshold, rows, scales, zeros, bias, fmt: str, group_size: int, chunks: int, label: str,
+def run(x, threshold, rows, scales, zeros, bias, fmt: str, group_size: int, label: str,
         decode_only: bool) -> torch.Tensor:
     """threshold None: a dense quantized linear (exact zeros still skip their rows); else sparse_linear."""
     applied = threshold is not None and not (decode_only and sparse_ops.is_prefill(x))
@@ -148,19 +140,19 @@ def run(x, threshold, rows, scales, zeros, bias, fmt: str, group_size: int, chun
         keep = sparse_ops.keep_mask(x, threshold) if applied else x != 0
         if applied:
             sparse_ops.record(label, keep, keep.numel())
-        y, path = _bag(x2, keep.reshape(x2.shape), rows, scales, zeros, fmt, group_size, chunks).to(x.dtype), "bag"
+        y, path = _bag(x2, keep.reshape(x2.shape), rows, scales, zeros, fmt, group_size).to(x.dtype), "bag"
     else:
         if applied:
             x, _ = sparse_ops.threshold_input(x, threshold, label, decode_only)
-        y, path = _dense(x.reshape(x2.shape), rows, scales, zeros, fmt, group_size, chunks), "dense"
+        y, path = _dense(x.reshape(x2.shape), rows, scales, zeros, fmt, group_size), "dense"
     _ops.count(NAME, path)
     if bias is not None:
         y = y + bias.to(y.dtype)
     return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
-def out_features(rows: torch.Tensor, fmt: str, chunks: int) -> int:
-    return 2 * (rows.shape[1] - 4) if fmt == "int4" else chunks * (rows.shape[1] - (8 if fmt == "int8" else 0))
+def out_features(rows: torch.Tensor, fmt: str) -> int:
+    return 2 * (rows.shape[1] - 4) if fmt == "int4" else rows.shape[1] - (8 if fmt == "int8" else 0)
 
 
 def kind_for(rows: int | None, fmt: str) -> str:
@@ -171,10 +163,10 @@ if not _ops.op_exists(NAME):
 
     @torch.library.custom_op("effcompile::" + NAME, mutates_args=())
     def op(x: torch.Tensor, threshold: torch.Tensor | None, rows: torch.Tensor, scales: torch.Tensor | None,
-           zeros: torch.Tensor | None, bias: torch.Tensor | None, fmt: str, group_size: int, chunks: int,
-           label: str, decode_only: bool) -> torch.Tensor:
-        return run(x, threshold, rows, scales, zeros, bias, fmt, group_size, chunks, label, decode_only)
+           zeros: torch.Tensor | None, bias: torch.Tensor | None, fmt: str, group_size: int, label: str,
+           decode_only: bool) -> torch.Tensor:
+        return run(x, threshold, rows, scales, zeros, bias, fmt, group_size, label, decode_only)
 
     @op.register_fake
-    def _fake(x, threshold, rows, scales, zeros, bias, fmt, group_size, chunks, label, decode_only):
-        return x.new_empty((*x.shape[:-1], out_features(rows, fmt, chunks)))
+    def _fake(x, threshold, rows, scales, zeros, bias, fmt, group_size, label, decode_only):
+        return x.new_empty((*x.shape[:-1], out_features(rows, fmt)))
