@@ -19,7 +19,8 @@ Bags run in parallel, one per thread, so a float / int8 call with fewer rows tha
 inputs into several bags and adds their partial sums (ROW_SPLIT_MIN_WEIGHTS). Session 22 measured that against the
 layout it replaced, output chunks (row c*K + k held output chunk c of input k, one bag per chunk), on the 2-core box
 with the weights streaming from DRAM (Llama-3.2-1B's four linear shapes, fp32, one row, 50 % kept): 1.1-1.3x faster
-for float and within noise for int8; llama-1b's thresholded decode 5.54-5.57 -> 5.98-6.10 tok/s.
+for float and within noise for int8; llama-1b's decode at 50 % thresholds 5.77 -> 5.97 tok/s, 1.035x -> 1.08x eager
+(medians of 8, benchmarks/results/cpu-bag-rowsplit-ab-2026-11-28-s22.json).
 
 Above BAG_MAX_ROWS[fmt] activation rows every weight row is needed anyway (prefill), or a float bag per
 row loses to one sgemm (measured: 8 rows of 4096 x 11008 at 50 % sparsity, 0.77x dense): the same buffers
