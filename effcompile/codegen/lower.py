@@ -360,7 +360,8 @@ def _inline_cache_write(graph: fx.Graph, node: fx.Node) -> None:
 
 def _packed_kind(gm: fx.GraphModule, node) -> str | None:
     """"cpu-int4pack-mm" / "cpu-int8pack-mm" for a weight-only int4 / int8 wq_linear whose 16-bit activations
-    torch's packed CPU matmul takes (left as wq_linear, whose eager path runs it); None otherwise."""
+    torch's packed CPU matmul takes (left as wq_linear, whose eager path runs it), "cpu-int4pack-mm-bf16x" for int4
+    with fp32 activations rounded to bf16 for it (ops.BF16_ACTIVATIONS); None otherwise."""
     if node.op != "call_function" or node.target is not wq_linear_op() or len(node.args) < 7:
         return None
     x, q, _, _, _, fmt, _ = node.args[:7]
@@ -369,7 +370,9 @@ def _packed_kind(gm: fx.GraphModule, node) -> str | None:
     if act != "none" or _sl.linear_epilogue(node) not in (None, "none") or qt is None or qt.device.type != "cpu" \
             or val is None:
         return None
-    return None if _qops.packed_cpu_unavailable(fmt, val.dtype, qt.shape[0]) else f"cpu-{fmt}pack-mm"
+    if _qops.packed_cpu_unavailable(fmt, val.dtype, qt.shape[0]):
+        return None
+    return f"cpu-{fmt}pack-mm" + ("-bf16x" if (fmt, val.dtype) in _qops.BF16_ACTIVATIONS else "")
 
 
 def _bag_plan(gm: fx.GraphModule, node) -> tuple | str | None:

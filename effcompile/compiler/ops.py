@@ -245,6 +245,12 @@ def _int4_cpu_packed(qweight, scales, zeros, group_size, dtype):
 # 2048x768 g128): 3.4 ms at 128 rows against ~4 ms just to dequantize, so it takes every row count.
 PACKED_MAX_ROWS = 8
 PACKED_DTYPES = (torch.bfloat16, torch.float16)  # where the packed ops beat the CPU bag GEMV (codegen/lower.py)
+# int4 with fp32 activations runs the same bf16 kernel on x rounded to bf16: torch's int4 CPU matmul with fp32
+# activations is slow, and so is FBGEMM's 4-bit bag (llama-1b fp32 decode with int4 linears was 0.88x eager through
+# the bags). Session 22, 2-core box, weights streaming from DRAM, one row, Llama-3.2-1B shapes: 3.3-3.6x dense fp32
+# and 2.9-4.7x the bag; rounding x to bf16 adds 0.3 % relative error to outputs whose int4 weights already differ
+# from the fp32 ones by several percent.
+BF16_ACTIVATIONS = {("int4", torch.float32)}
 
 
 def packed_cpu_unavailable(fmt: str, dtype: torch.dtype, out_features: int) -> str | None:
@@ -253,7 +259,7 @@ def packed_cpu_unavailable(fmt: str, dtype: torch.dtype, out_features: int) -> s
     format and dtype), else why not."""
     if fmt not in ("int8", "int4"):
         return f"no packed CPU matmul for {fmt!r}"
-    if dtype not in PACKED_DTYPES:
+    if dtype not in PACKED_DTYPES and (fmt, dtype) not in BF16_ACTIVATIONS:
         return f"{dtype} activations: torch's packed CPU matmuls lose to the bag GEMV there"
     if fmt == "int4" and out_features % 16:
         return f"int4 out_features={out_features} is not a multiple of 16"
@@ -267,14 +273,17 @@ def _fast_cpu(x2, qweight, scales, zeros, fmt, group_size) -> tuple[torch.Tensor
         # The codes in x's dtype (exact), one matmul, the scales after: what the CPU bag GEMV's dense path does
         # (llama-base bf16 prefill of 128 tokens: 87-115 ms that way, 142-145 ms dequantizing in fp32 first).
         return (x2 @ qweight.to(x2.dtype).t()) * scales.to(x2.dtype), "int8-dense"
-    if x2.shape[0] > PACKED_MAX_ROWS and not (fmt == "int4" and x2.dtype in PACKED_DTYPES):
+    rounded = (fmt, x2.dtype) in BF16_ACTIVATIONS
+    if x2.shape[0] > PACKED_MAX_ROWS and not (fmt == "int4" and (x2.dtype in PACKED_DTYPES or rounded)):
         return None
     if fmt == "int8" and _has("_weight_int8pack_mm"):
         return torch.ops.aten._weight_int8pack_mm(x2, qweight, scales.to(x2.dtype)), "int8pack"
     if (fmt == "int4" and n % 16 == 0 and _has("_weight_int4pack_mm_for_cpu")
             and _has("_convert_weight_to_int4pack_for_cpu")):
-        packed, sz = _int4_cpu_packed(qweight, scales, zeros, group_size, x2.dtype)
-        return torch.ops.aten._weight_int4pack_mm_for_cpu(x2, packed, group_size, sz), "int4pack"
+        dt = torch.bfloat16 if rounded else x2.dtype
+        packed, sz = _int4_cpu_packed(qweight, scales, zeros, group_size, dt)
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(dt), packed, group_size, sz)
+        return (y.to(x2.dtype), "int4pack-bf16x") if rounded else (y, "int4pack")
     return None
 
 
@@ -298,7 +307,7 @@ def _self_check(fmt: str, dtype: torch.dtype) -> None:
         return
     want = reference(x.float(), *qw[:3], None, fmt, group)
     err = (got[0].float() - want).abs().max().item()
-    tol = 1e-3 if dtype == torch.float32 else 0.1
+    tol = 0.1 if dtype != torch.float32 else 1e-2 if (fmt, dtype) in BF16_ACTIVATIONS else 1e-3
     if not err <= tol * max(1.0, want.abs().max().item()):
         FAST_PATH_DISABLED[key] = f"packed op disagrees with the reference (max err {err:.3g})"
 
@@ -374,5 +383,5 @@ def wq_linear_op():
     return torch.ops.effcompile.wq_linear.default
 
 
-__all__ = ["ACTIVATIONS", "EPILOGUES", "FORMATS", "apply_epilogue", "FP8", "PATH_COUNTS", "packed_cpu_unavailable", "fake_quantize_activation", "quantize_activation", "QuantizedWeight", "check_format", "dequantize", "quantize_weight",
+__all__ = ["ACTIVATIONS", "BF16_ACTIVATIONS", "EPILOGUES", "FORMATS", "apply_epilogue", "FP8", "PATH_COUNTS", "packed_cpu_unavailable", "fake_quantize_activation", "quantize_activation", "QuantizedWeight", "check_format", "dequantize", "quantize_weight",
            "reference", "sqnr", "unpack_int4", "wq_linear_eager", "wq_linear_op"]

@@ -24,7 +24,7 @@ class FuseSparseLinear(PassConfig):
     """Merge ``sparsify`` into the linear it feeds (float, int8 or int4 weights); part of the default pipeline."""
 
 
-def _plan(gm, node, ctx) -> tuple[tuple, str] | str:
+def _plan(gm, node, ctx, triton: bool) -> tuple[tuple, str] | str:
     """((weight, scales, zeros, bias node, fmt, group), why) for a linear fed by sparsify, or why not."""
     if ir.target_name(node) == "linear":
         args = list(node.args) + [None] * (3 - len(node.args))
@@ -41,12 +41,15 @@ def _plan(gm, node, ctx) -> tuple[tuple, str] | str:
     if q is None or s is None or fmt not in sl.FORMATS:
         return f"quantized weight ({fmt}) is not a buffer this pass can re-lay out"
     val = ir.tensor_val(node.args[0])
-    if fmt == "int4" and q.device.type == "cpu" and val is not None \
+    if fmt == "int4" and not triton and q.device.type == "cpu" and val is not None \
             and qops.packed_cpu_unavailable(fmt, val.dtype, q.shape[0]) is None:
         # bf16 / fp16 on the CPU: torch's packed int4 matmul over every row beat the row-skipping bag GEMV at
-        # 50 % sparsity, 1.9-4.1x (session 17, dev box, 2048x768 to 8192x2048, 1 and 8 rows).
-        return (f"int4 with {val.dtype} activations on the CPU: torch's packed int4 matmul of the thresholded input "
-                "beats skipping rows")
+        # 50 % sparsity, 1.9-4.1x (session 17, dev box, 2048x768 to 8192x2048, 1 and 8 rows); fp32 too since
+        # session 22, on x rounded to bf16 (ops.BF16_ACTIVATIONS). Where Triton runs (a GPU, the interpreter) the
+        # sparse kernel takes it.
+        rounded = " (x rounded to bf16 for it)" if ("int4", val.dtype) in qops.BF16_ACTIVATIONS else ""
+        return (f"int4 with {val.dtype} activations on the CPU: torch's packed int4 matmul of the thresholded input"
+                f"{rounded} beats skipping rows")
     if fmt == "int4" and q.shape[0] % 2:
         return f"int4 with odd out_features={q.shape[0]} cannot pack two outputs per byte"
     return (q, s, z, b, fmt, group), ""
@@ -55,6 +58,7 @@ def _plan(gm, node, ctx) -> tuple[tuple, str] | str:
 @register_pass(FuseSparseLinear, phase="fuse", invalidates=())
 def fuse_sparse_linear(gm: fx.GraphModule, cfg: FuseSparseLinear, ctx: PassContext) -> PassResult:
     sparsify, wq = sparse_ops.sparsify_op(), qops.wq_linear_op()
+    triton = ir.triton_runs(gm, ctx.example_inputs, ctx.params)
     mode = None
     where, kept = [], {}
     for node in list(gm.graph.nodes):
@@ -65,7 +69,7 @@ def fuse_sparse_linear(gm: fx.GraphModule, cfg: FuseSparseLinear, ctx: PassConte
             continue
         tag = ir.sublayer(node)
         label = str(src.args[2])
-        plan = _plan(gm, node, ctx)
+        plan = _plan(gm, node, ctx, triton)
         if isinstance(plan, str):
             kept[label] = plan
             continue

@@ -127,7 +127,7 @@ def _bag_kernels(fast):
     return [k for k in ec.explain(fast).kernels if k.name == B.NAME]
 
 
-@pytest.mark.parametrize("weights,group", [("int8", None), ("int4", 32)])
+@pytest.mark.parametrize("weights,group", [("int8", None)])  # fp32 int4: torch's packed op on bf16 x (test_cpu_packed)
 def test_quantized_decode_lowers_to_bag_on_cpu(llama, weights, group):
     ids = torch.randint(0, 128, (1, 1), generator=torch.Generator().manual_seed(0))
     cfg = ec.Quantize(weights=weights, group_size=group)

@@ -134,7 +134,8 @@ def test_op_paths_are_counted(monkeypatch):
     eager = op(x, *qw[:3], b, "int4", 64, "none", cg_ops.MODE_AUTO)  # CPU without interpreter -> eager path
     after = cg_ops.PATH_COUNTS[D.NAME]
     assert after["triton"] == before.get("triton", 0) + 1 and after["torch"] == before.get("torch", 0) + 1
-    torch.testing.assert_close(tri, eager, rtol=1e-4, atol=1e-4)
+    # The eager path runs torch's packed int4 kernel on x rounded to bf16 (ops.BF16_ACTIVATIONS): ~0.3 % apart.
+    assert ((tri - eager).norm() / tri.norm()).item() < 1e-2
 
 
 def test_unsupported_inputs_use_the_eager_path():

@@ -117,7 +117,11 @@ def test_cpu_packed_paths_match_reference():
         qw = qops.quantize_weight(torch.randn(48, 256) / 10, fmt, group)
         before = sum(qops.PATH_COUNTS["wq_linear"].values())
         got = torch.ops.effcompile.wq_linear(x, *qw[:3], None, fmt, group)
-        torch.testing.assert_close(got, qops.reference(x, *qw[:3], None, fmt, group), rtol=1e-4, atol=1e-4)
+        want = qops.reference(x, *qw[:3], None, fmt, group)
+        if (fmt, x.dtype) in qops.BF16_ACTIVATIONS:  # int4: x rounded to bf16 for torch's packed kernel
+            assert ((got - want).norm() / want.norm()).item() < 1e-2
+        else:
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
         assert sum(qops.PATH_COUNTS["wq_linear"].values()) == before + 1
     assert not qops.FAST_PATH_DISABLED  # both packed ops agree with the reference on this torch
 
