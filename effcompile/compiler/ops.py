@@ -249,9 +249,11 @@ PACKED_DTYPES = (torch.bfloat16, torch.float16)  # where the packed ops beat the
 # activations is slow, and so is FBGEMM's 4-bit bag (llama-1b fp32 decode with int4 linears was 0.88x eager through
 # the bags). Session 22, 2-core box, weights streaming from DRAM, one row, Llama-3.2-1B shapes: 3.3-3.6x dense fp32
 # and 2.9-4.7x the bag; rounding x to bf16 adds 0.3 % relative error to outputs whose int4 weights already differ
-# from the fp32 ones by several percent. Not int8: the same rounding before torch's packed int8 kernel made llama-1b's
-# int8 decode 1.40x -> 1.60x eager (1.42x -> 1.82x with the head) but moved its logits 14 % further from fp32 (cosine
-# 0.99881 -> 0.99864), a visible share of int8's own error (session 22, not shipped).
+# from the fp32 ones by several percent. It takes prefill rows too, as for bf16: 16 / 128 / 512 rows of 16384x2048
+# in 7 / 53 / 231 ms against 245 / 263 / 331 ms for the bag path's dequantize + matmul (fp32 dense: 13 / 35 / 119).
+# Not int8: the same rounding before torch's packed int8 kernel made llama-1b's int8 decode 1.40x -> 1.60x eager
+# (1.42x -> 1.82x with the head) but moved its logits 14 % further from fp32 (cosine 0.99881 -> 0.99864), a visible
+# share of int8's own error (session 22, not shipped).
 BF16_ACTIVATIONS = {("int4", torch.float32)}
 
 
