@@ -64,7 +64,8 @@ def test_matches_reference(fmt, group, k, n, m, zero_frac, thresholded, threads,
     got = B.run(x, thr, rows, s, z, bias, fmt, group, "t", False)
     want = sl.reference(x, thr if thresholded else torch.tensor(0.0), wt, s, z, bias, fmt, group, "t", False)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    path = "bag" if m <= B.BAG_MAX_ROWS[fmt] else "dense"
+    kept = float((x.abs() > (thr if thresholded else 0)).float().mean())
+    path = "bag" if m <= B.BAG_MAX_ROWS[fmt] and not (fmt == "float" and kept > B.FLOAT_BAG_MAX_KEPT) else "dense"
     assert cg_ops.PATH_COUNTS[B.NAME][path] == before.get(path, 0) + 1
 
 
@@ -104,6 +105,20 @@ def test_row_splits_stay_inside_their_row_when_a_row_keeps_fewer_inputs_than_spl
     got = B.run(x, None, B.pack(wt, fmt), s, z, None, fmt, 0, "t", False)
     want = sl.reference(x, torch.tensor(0.0), wt, s, z, None, fmt, 0, "t", False)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_float_call_keeping_most_inputs_runs_the_dense_matmul():
+    # A float bag pays only when few inputs are kept (FLOAT_BAG_MAX_KEPT): per call, more kept -> dense matmul of
+    # the thresholded x, fewer -> the bag; both equal the reference.
+    wt, _, _ = _weights("float", 0, 200, 48)
+    rows = B.pack(wt, "float")
+    for zero_frac, path in ((0.2, "dense"), (0.7, "bag")):
+        x = _input(1, 200, zero_frac, torch.float32, seed=3)
+        before = cg_ops.PATH_COUNTS[B.NAME][path]
+        got = B.run(x, torch.tensor(0.0), rows, None, None, None, "float", 0, "t", False)
+        torch.testing.assert_close(got, sl.reference(x, torch.tensor(0.0), wt, None, None, None, "float", 0, "t", False),
+                                   rtol=1e-5, atol=1e-5)
+        assert cg_ops.PATH_COUNTS[B.NAME][path] == before + 1, zero_frac
 
 
 def test_row_splits_only_where_a_thread_would_otherwise_idle(monkeypatch):

@@ -40,6 +40,12 @@ NAME = "bag_linear"  # the custom op (effcompile::bag_linear) and its PATH_COUNT
 FORMATS = ("float", "int8", "int4")
 BAG_MAX_ROWS = {"float": 1, "int8": 8, "int4": 8}  # activation rows up to which the bag path runs
 FLOAT_BAG_MIN_WEIGHTS = 1 << 21  # float weights smaller than this (8 MB fp32) stay in cache: sgemv wins
+# A float bag reads a kept row at ~20 GB/s where sgemv streams every row at ~28 (2-core box, weights from DRAM), so it
+# pays only when few enough inputs are kept: Llama-3.2-1B shapes, one row, 0.48-0.57x dense with every input kept,
+# 0.76-0.96x at 40 % sparsity, 0.90-1.17x at 50 %, 0.95-1.51x at 60 % (sparse-cpu-1b-stream-2026-11-28-s22.json).
+# Past this share of kept inputs a call runs the dense matmul of the thresholded x instead (per call: the keep mask is
+# computed anyway).
+FLOAT_BAG_MAX_KEPT = 0.55
 ROW_SPLIT_MIN_WEIGHTS = 1 << 21  # below this a bag takes ~0.1 ms: waking a second thread costs more than it saves
 _QOPS = {"int8": "embedding_bag_byte_rowwise_offsets", "int4": "embedding_bag_4bit_rowwise_offsets"}
 _INT8_TAIL = torch.tensor([1.0, -128.0], dtype=torch.float32).view(torch.uint8)  # (scale, bias) per row
@@ -141,7 +147,10 @@ def run(x, threshold, rows, scales, zeros, bias, fmt: str, group_size: int, labe
         keep = sparse_ops.keep_mask(x, threshold) if applied else x != 0
         if applied:
             sparse_ops.record(label, keep, keep.numel())
-        y, path = _bag(x2, keep.reshape(x2.shape), rows, scales, zeros, fmt, group_size).to(x.dtype), "bag"
+        if fmt == "float" and int(keep.sum()) > FLOAT_BAG_MAX_KEPT * keep.numel():
+            y, path = _dense(torch.where(keep, x, 0).reshape(x2.shape), rows, scales, zeros, fmt, group_size), "dense"
+        else:
+            y, path = _bag(x2, keep.reshape(x2.shape), rows, scales, zeros, fmt, group_size).to(x.dtype), "bag"
     else:
         if applied:
             x, _ = sparse_ops.threshold_input(x, threshold, label, decode_only)
