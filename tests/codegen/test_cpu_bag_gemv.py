@@ -121,12 +121,15 @@ def test_a_float_call_keeping_most_inputs_runs_the_dense_matmul():
         assert cg_ops.PATH_COUNTS[B.NAME][path] == before + 1, zero_frac
 
 
-def test_row_splits_only_where_a_thread_would_otherwise_idle(monkeypatch):
+def test_row_splits_fill_the_threads_and_cap_the_inputs_per_bag(monkeypatch):
     big = torch.empty(2048, 1024)  # 2M elements: ROW_SPLIT_MIN_WEIGHTS
-    assert B.row_splits(big, 1, "float", threads=4) == 4 and B.row_splits(big, 2, "int8", threads=4) == 2
-    assert B.row_splits(big, 8, "float", threads=4) == 1  # as many rows as threads: a bag each already
-    assert B.row_splits(big, 1, "int4", threads=4) == 1  # one bag per K-group already
-    assert B.row_splits(big[:1000], 1, "float", threads=4) == 1  # a cache-resident weight: one thread
+    assert B.row_splits(big, 1, "float", 10, threads=4) == 4 and B.row_splits(big, 2, "int8", 10, threads=4) == 2
+    assert B.row_splits(big, 8, "float", 10, threads=4) == 1  # as many rows as threads: a bag each already
+    # Past BAG_INPUTS kept inputs, more bags: 1000 kept -> 32 bags of at most 32 (31.25) inputs
+    assert B.row_splits(big, 1, "float", 1000, threads=2) == -(-1000 // B.BAG_INPUTS) == 32
+    assert B.row_splits(big, 8, "int8", B.BAG_INPUTS + 1, threads=4) == 2
+    assert B.row_splits(big, 1, "int4", 1000, threads=4) == 1  # one bag per K-group already
+    assert B.row_splits(big[:1000], 1, "float", 1000, threads=4) == 1  # a cache-resident weight: one bag
     assert "supported" in B.unavailable("fp8")
 
 

@@ -15,12 +15,14 @@ Row layouts (built once by ``pack`` at lowering time from sparse_linear's input-
          which a per-row scale cannot express, so each K-group is its own bag and the group partial sums
          P[g] are combined afterwards: y = sum_g scales[g] * P[g] + zeros[g] * sum_{k in g} x_k.
 
-Bags run in parallel, one per thread, so a float / int8 call with fewer rows than threads splits each row's kept
-inputs into several bags and adds their partial sums (ROW_SPLIT_MIN_WEIGHTS). Session 22 measured that against the
-layout it replaced, output chunks (row c*K + k held output chunk c of input k, one bag per chunk), on the 2-core box
-with the weights streaming from DRAM (Llama-3.2-1B's four linear shapes, fp32, one row, 50 % kept): 1.1-1.3x faster
-for float and within noise for int8; llama-1b's decode at 50 % thresholds 5.77 -> 5.97 tok/s, 1.035x -> 1.08x eager
-(medians of 8, benchmarks/results/cpu-bag-rowsplit-ab-2026-11-28-s22.json).
+A float / int8 call cuts each row's kept inputs into bags of at most BAG_INPUTS inputs and adds their partial sums:
+FBGEMM's kernel walks a bag's output in register-sized blocks, one pass over all of the bag's rows per block, so a bag of
+a thousand 8-64 KB rows is a thousand interleaved strided streams the prefetcher cannot follow. With 32 rows a bag it
+streams. Session 23, against one bag per thread (same box, weights from DRAM): Llama-3.2-1B's four GEMV shapes at one
+row 1.0-1.9x faster per call (median ~1.2x; benchmarks/results/sparse-cpu-1b-stream-2026-11-28-s23.json against -s22),
+and llama-1b fp32 decode, A/B in one process (cpu-bag-inputs-ab-2026-11-28-s23.json): 50 % thresholds 1.07x -> 1.12x
+eager, int8 1.45x -> 1.61x, 50 % + int8 1.82x -> 1.92x. Bags run in parallel, so the cut also fills the threads; a
+weight under ROW_SPLIT_MIN_WEIGHTS (cache-resident) stays one bag per row.
 
 Above BAG_MAX_ROWS[fmt] activation rows every weight row is needed anyway (prefill), or a float bag per
 row loses to one sgemm (measured: 8 rows of 4096 x 11008 at 50 % sparsity, 0.77x dense): the same buffers
@@ -47,6 +49,7 @@ FLOAT_BAG_MIN_WEIGHTS = 1 << 21  # float weights smaller than this (8 MB fp32) s
 # computed anyway).
 FLOAT_BAG_MAX_KEPT = 0.55
 ROW_SPLIT_MIN_WEIGHTS = 1 << 21  # below this a bag takes ~0.1 ms: waking a second thread costs more than it saves
+BAG_INPUTS = 32  # kept inputs per float / int8 bag at most (16-64 measured alike; 128 and up back to strided passes)
 _QOPS = {"int8": "embedding_bag_byte_rowwise_offsets", "int4": "embedding_bag_4bit_rowwise_offsets"}
 _INT8_TAIL = torch.tensor([1.0, -128.0], dtype=torch.float32).view(torch.uint8)  # (scale, bias) per row
 _INT4_TAIL = torch.tensor([1.0, 0.0], dtype=torch.float16).view(torch.uint8)
@@ -61,12 +64,12 @@ def unavailable(fmt: str) -> str | None:
     return None
 
 
-def row_splits(rows: torch.Tensor, m: int, fmt: str, threads: int | None = None) -> int:
-    """Bags per activation row: enough for one bag per thread on a large float / int8 weight (int4 has one bag per
-    K-group already)."""
+def row_splits(rows: torch.Tensor, m: int, fmt: str, most_kept: int, threads: int | None = None) -> int:
+    """Bags per activation row of a float / int8 call whose fullest row keeps ``most_kept`` inputs: bags of at most
+    BAG_INPUTS inputs, and at least one per thread (int4 has one bag per K-group already)."""
     if fmt == "int4" or rows.numel() < ROW_SPLIT_MIN_WEIGHTS:
         return 1
-    return max(1, (threads or torch.get_num_threads()) // max(m, 1))
+    return max(1, (threads or torch.get_num_threads()) // max(m, 1), -(-most_kept // BAG_INPUTS))
 
 
 def pack(weight_t: torch.Tensor, fmt: str) -> torch.Tensor:
@@ -123,8 +126,15 @@ def _bag(x2, keep, rows, scales, zeros, fmt, group_size) -> torch.Tensor:
         p = p.view(m, k // group_size, -1)
         xg = torch.where(keep, x2, 0).float().view(m, k // group_size, group_size).sum(2)
         return torch.einsum("bgn,gn->bn", p, scales.float()) + xg @ zeros.float()
-    splits = row_splits(rows, m, fmt)
-    idx, off, w = _bags(x2, keep, k, splits)
+    if m == 1:  # decode: the same bags as _bags builds, in a third of the small ops (~50 us a call less)
+        idx = keep.view(-1).nonzero().squeeze(1)
+        splits = row_splits(rows, 1, fmt, idx.numel())
+        step = max(1, -(-idx.numel() // splits))
+        off = torch.arange(0, splits * step, step, device=idx.device).clamp_(max=idx.numel())
+        w = x2.view(-1).index_select(0, idx)
+    else:
+        splits = row_splits(rows, m, fmt, int(keep.sum(1).max()))
+        idx, off, w = _bags(x2, keep, k, splits)
     if fmt == "float":
         y = torch.ops.aten._embedding_bag_forward_only(rows, idx, off, False, 0, False, w.to(rows.dtype))[0]
     else:

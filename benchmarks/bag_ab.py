@@ -1,0 +1,55 @@
+"""A/B of CPU bag-GEMV settings on whole-model decode, in one process: compile once, alternate the settings.
+
+cpu_bag_gemv's tuning knobs (BAG_INPUTS, FLOAT_BAG_MAX_KEPT, ROW_SPLIT_MIN_WEIGHTS, ...) are module globals its op
+reads on every call, so one compiled model can be timed under each variant in turn, with eager timed in the same
+rounds: alternating in one process removes the compile-to-compile and process-to-process noise a two-checkout A/B
+has (~10-15 % on the 2-core box). Prints one JSON line per run (tok/s per round, per variant and eager).
+
+    python benchmarks/bag_ab.py "threshold(sparsity=0.5)" '{"new": {"BAG_INPUTS": 32}, "old": {"BAG_INPUTS": 1073741824}}'
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+import effcompile as ec
+from effcompile.bench import spec as pass_spec
+from effcompile.bench import timing, zoo
+from effcompile.codegen.kernels import cpu_bag_gemv
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("spec", help='pass config, as benchmarks/decode.py takes it: "threshold(sparsity=0.5)"')
+    ap.add_argument("variants", help='JSON: {name: {cpu_bag_gemv global: value}}')
+    ap.add_argument("--rounds", type=int, default=6)
+    ap.add_argument("--model", default="llama-1b")
+    ap.add_argument("--steps", type=int, default=16)
+    a = ap.parse_args()
+    variants = json.loads(a.variants)
+    for name, knobs in variants.items():
+        for knob in knobs:
+            if not hasattr(cpu_bag_gemv, knob):
+                raise ValueError(f"variant {name!r}: cpu_bag_gemv has no {knob!r}")
+    zm = zoo.get_model(a.model, device="cpu", dtype=torch.float32)
+    model = zm.model.eval()
+    calib = [zm.make_inputs(batch=2, seq=64, seed=0)]
+    prompt = zm.make_inputs(batch=1, seq=32, seed=101)["input_ids"]
+    fast = ec.effcompile(model, passes=pass_spec.parse_passes(a.spec)[1], calibration=calib, cache=False)
+    tok_s: dict[str, list[float]] = {name: [] for name in [*variants, "eager"]}
+    with torch.no_grad():
+        fast(**calib[0])  # compiles
+        for _ in range(a.rounds):
+            for name, knobs in variants.items():
+                for knob, value in knobs.items():
+                    setattr(cpu_bag_gemv, knob, value)
+                tok_s[name].append(round(timing.decode_speed(fast, model, prompt, a.steps, 3, "cpu")["tokens_per_s"], 2))
+            tok_s["eager"].append(round(timing.decode_speed(model, model, prompt, a.steps, 3, "cpu")["tokens_per_s"], 2))
+    print(json.dumps({"spec": a.spec, "model": a.model, "variants": variants, "tok_s": tok_s}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
