@@ -43,11 +43,11 @@ FORMATS = ("float", "int8", "int4")
 BAG_MAX_ROWS = {"float": 1, "int8": 8, "int4": 8}  # activation rows up to which the bag path runs
 FLOAT_BAG_MIN_WEIGHTS = 1 << 21  # float weights smaller than this (8 MB fp32) stay in cache: sgemv wins
 # A float bag reads a kept row at ~20 GB/s where sgemv streams every row at ~28 (2-core box, weights from DRAM), so it
-# pays only when few enough inputs are kept: Llama-3.2-1B shapes, one row, 0.48-0.57x dense with every input kept,
-# 0.76-0.96x at 40 % sparsity, 0.90-1.17x at 50 %, 0.95-1.51x at 60 % (sparse-cpu-1b-stream-2026-11-28-s22.json).
-# Past this share of kept inputs a call runs the dense matmul of the thresholded x instead (per call: the keep mask is
-# computed anyway).
-FLOAT_BAG_MAX_KEPT = 0.55
+# pays only when few enough inputs are kept. Past this share of kept inputs a call runs the dense matmul of the
+# thresholded x instead (per call: the keep mask is computed anyway). Whole model, llama-1b fp32, 32-input bags
+# (bag_ab.py, medians of 4, cpu-bag-max-kept-ab-2026-11-28-s23.json): 40 % thresholds 0.96x eager at 0.55, 1.01x at
+# 0.65 and with no limit; 25 % 0.96x at 0.55 and 0.70, 0.88x at 0.80 and with no limit.
+FLOAT_BAG_MAX_KEPT = 0.65
 ROW_SPLIT_MIN_WEIGHTS = 1 << 21  # below this a bag takes ~0.1 ms: waking a second thread costs more than it saves
 BAG_INPUTS = 32  # kept inputs per float / int8 bag at most (16-64 measured alike; 128 and up back to strided passes)
 _QOPS = {"int8": "embedding_bag_byte_rowwise_offsets", "int4": "embedding_bag_4bit_rowwise_offsets"}
