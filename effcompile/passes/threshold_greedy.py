@@ -35,11 +35,15 @@ def _distance(out: torch.Tensor, ref: torch.Tensor, metric: str, mask: torch.Ten
         out, ref = real_rows(out, mask), real_rows(ref, mask)
     if metric in ("cosine", "pooled") and out.dim() >= 2 and out.shape[-1] > 1:
         o, r = out.reshape(-1, out.shape[-1]), ref.reshape(-1, ref.shape[-1])
-        live = r.norm(dim=-1) > 0
+        r_norm = r.norm(dim=-1)
+        live = r_norm > 0
         if bool(live.any()):
             if not bool(live.all()):  # (indexing copies both: a logits-sized copy per point of greedy's curves)
-                o, r = o[live], r[live]
-            return float(1 - torch.nn.functional.cosine_similarity(o, r, dim=-1).mean())
+                o, r, r_norm = o[live], r[live], r_norm[live]
+            # cosine_similarity's value from the reference norms the live check needs anyway: 2.4x faster on a
+            # stdlib-LM logits batch (1016 x 4096), where it was 14 % of the greedy search
+            cos = torch.linalg.vecdot(o, r) / (o.norm(dim=-1) * r_norm).clamp_min(1e-8)
+            return float(1 - cos.mean())
     return float((out - ref).pow(2).sum() / ref.pow(2).sum().clamp_min(1e-30))
 
 
