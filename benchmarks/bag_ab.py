@@ -28,13 +28,14 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--model", default="llama-1b")
     ap.add_argument("--steps", type=int, default=16)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     a = ap.parse_args()
     variants = json.loads(a.variants)
     for name, knobs in variants.items():
         for knob in knobs:
             if not hasattr(cpu_bag_gemv, knob):
                 raise ValueError(f"variant {name!r}: cpu_bag_gemv has no {knob!r}")
-    zm = zoo.get_model(a.model, device="cpu", dtype=torch.float32)
+    zm = zoo.get_model(a.model, device="cpu", dtype=getattr(torch, a.dtype))
     model = zm.model.eval()
     calib = [zm.make_inputs(batch=2, seq=64, seed=0)]
     prompt = zm.make_inputs(batch=1, seq=32, seed=101)["input_ids"]
@@ -48,7 +49,7 @@ def main() -> None:
                     setattr(cpu_bag_gemv, knob, value)
                 tok_s[name].append(round(timing.decode_speed(fast, model, prompt, a.steps, 3, "cpu")["tokens_per_s"], 2))
             tok_s["eager"].append(round(timing.decode_speed(model, model, prompt, a.steps, 3, "cpu")["tokens_per_s"], 2))
-    print(json.dumps({"spec": a.spec, "model": a.model, "variants": variants, "tok_s": tok_s}), flush=True)
+    print(json.dumps({"spec": a.spec, "model": a.model, "dtype": a.dtype, "variants": variants, "tok_s": tok_s}), flush=True)
 
 
 if __name__ == "__main__":

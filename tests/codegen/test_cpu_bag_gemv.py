@@ -121,6 +121,18 @@ def test_a_float_call_keeping_most_inputs_runs_the_dense_matmul():
         assert cg_ops.PATH_COUNTS[B.NAME][path] == before + 1, zero_frac
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_half_float_call_runs_the_bag_however_many_inputs_it_keeps(dtype):
+    # FLOAT_BAG_MAX_KEPT is for fp32 weights only: a half-precision bag beats the dense matmul with every input kept.
+    wt, _, _ = _weights("float", 0, 200, 48, dtype)
+    x = _input(1, 200, 0.0, dtype, seed=3)
+    before = cg_ops.PATH_COUNTS[B.NAME]["bag"]
+    got = B.run(x, torch.tensor(0.0), B.pack(wt, "float"), None, None, None, "float", 0, "t", False)
+    want = sl.reference(x.float(), torch.tensor(0.0), wt.float(), None, None, None, "float", 0, "t", False)
+    torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=2e-2)
+    assert cg_ops.PATH_COUNTS[B.NAME]["bag"] == before + 1
+
+
 def test_row_splits_fill_the_threads_and_cap_the_inputs_per_bag(monkeypatch):
     big = torch.empty(2048, 1024)  # 2M elements: ROW_SPLIT_MIN_WEIGHTS
     assert B.row_splits(big, 1, "float", 10, threads=4) == 4 and B.row_splits(big, 2, "int8", 10, threads=4) == 2

@@ -46,7 +46,11 @@ FLOAT_BAG_MIN_WEIGHTS = 1 << 21  # float weights smaller than this (8 MB fp32) s
 # pays only when few enough inputs are kept. Past this share of kept inputs a call runs the dense matmul of the
 # thresholded x instead (per call: the keep mask is computed anyway). Whole model, llama-1b fp32, 32-input bags
 # (bag_ab.py, medians of 4, cpu-bag-max-kept-ab-2026-11-28-s23.json): 40 % thresholds 0.96x eager at 0.55, 1.01x at
-# 0.65 and with no limit; 25 % 0.96x at 0.55 and 0.70, 0.88x at 0.80 and with no limit.
+# 0.65 and with no limit; 25 % 0.96x at 0.55 and 0.70, 0.88x at 0.80 and with no limit. fp32 weights only: a bf16 /
+# fp16 bag beats the dense matmul even with every input kept (llama-1b gate_up, one row, from DRAM: bf16 1.03x,
+# fp16 1.95x), and the dense matmul on the input-major half weight is a slow path (bf16 at one row 2.2x slower than
+# F.linear on the output-major one); llama-1b bf16 decode at 25 % thresholds: 0.59x eager with the limit, 1.25x
+# without (same file).
 FLOAT_BAG_MAX_KEPT = 0.65
 ROW_SPLIT_MIN_WEIGHTS = 1 << 21  # below this a bag takes ~0.1 ms: waking a second thread costs more than it saves
 BAG_INPUTS = 32  # kept inputs per float / int8 bag at most (16-64 measured alike; 128 and up back to strided passes)
@@ -157,7 +161,7 @@ def run(x, threshold, rows, scales, zeros, bias, fmt: str, group_size: int, labe
         keep = sparse_ops.keep_mask(x, threshold) if applied else x != 0
         if applied:
             sparse_ops.record(label, keep, keep.numel())
-        if fmt == "float" and int(keep.sum()) > FLOAT_BAG_MAX_KEPT * keep.numel():
+        if fmt == "float" and rows.dtype == torch.float32 and int(keep.sum()) > FLOAT_BAG_MAX_KEPT * keep.numel():
             y, path = _dense(torch.where(keep, x, 0).reshape(x2.shape), rows, scales, zeros, fmt, group_size), "dense"
         else:
             y, path = _bag(x2, keep.reshape(x2.shape), rows, scales, zeros, fmt, group_size).to(x.dtype), "bag"
