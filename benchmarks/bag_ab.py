@@ -3,7 +3,8 @@
 cpu_bag_gemv's tuning knobs (BAG_INPUTS, FLOAT_BAG_MAX_KEPT, ROW_SPLIT_MIN_WEIGHTS, ...) are module globals its op
 reads on every call, so one compiled model can be timed under each variant in turn, with eager timed in the same
 rounds: alternating in one process removes the compile-to-compile and process-to-process noise a two-checkout A/B
-has (~10-15 % on the 2-core box). Prints one JSON line per run (tok/s per round, per variant and eager).
+has (~10-15 % on the 2-core box). Prints one JSON line (tok/s per round, per variant and eager); --out also writes it
+with the medians, their ratios to eager and the versions (benchmarks/results/cpu-bag-*-ab-*.json hold such runs).
 
     python benchmarks/bag_ab.py "threshold(sparsity=0.5)" '{"new": {"BAG_INPUTS": 32}, "old": {"BAG_INPUTS": 1073741824}}'
 """
@@ -11,7 +12,10 @@ has (~10-15 % on the 2-core box). Prints one JSON line per run (tok/s per round,
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
+import statistics
+from pathlib import Path
 
 import torch
 
@@ -29,6 +33,7 @@ def main() -> None:
     ap.add_argument("--model", default="llama-1b")
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    ap.add_argument("--out", type=Path, help="also write the run, with medians, to this JSON file")
     a = ap.parse_args()
     variants = json.loads(a.variants)
     for name, knobs in variants.items():
@@ -49,7 +54,15 @@ def main() -> None:
                     setattr(cpu_bag_gemv, knob, value)
                 tok_s[name].append(round(timing.decode_speed(fast, model, prompt, a.steps, 3, "cpu")["tokens_per_s"], 2))
             tok_s["eager"].append(round(timing.decode_speed(model, model, prompt, a.steps, 3, "cpu")["tokens_per_s"], 2))
-    print(json.dumps({"spec": a.spec, "model": a.model, "dtype": a.dtype, "variants": variants, "tok_s": tok_s}), flush=True)
+    run = {"spec": a.spec, "model": a.model, "dtype": a.dtype, "variants": variants, "tok_s": tok_s}
+    print(json.dumps(run), flush=True)
+    if a.out:
+        med = {name: statistics.median(v) for name, v in tok_s.items()}
+        a.out.write_text(json.dumps({
+            "benchmark": "bag_ab", **run, "rounds": a.rounds, "steps": a.steps, "median_tok_s": med,
+            "median_vs_eager": {name: round(m / med["eager"], 3) for name, m in med.items() if name != "eager"},
+            "torch": torch.__version__, "threads": torch.get_num_threads(), "date": datetime.date.today().isoformat(),
+            "calibration": "1 random batch of 2 x 64 tokens"}, indent=1))
 
 
 if __name__ == "__main__":

@@ -38,6 +38,18 @@ def test_decode_benchmark_runs_a_quantized_and_a_thresholded_config(tmp_path):
     assert all(row["prefill_ms"] > 0 and row["prefill_tokens"] == 2 * 64 for row in rows)  # --prefill: every row
 
 
+def test_bag_ab_times_each_variant_and_eager(tmp_path):
+    out = tmp_path / "ab.json"
+    r = _run("benchmarks/bag_ab.py", "threshold(sparsity=0.5)", '{"a": {"BAG_INPUTS": 32}, "b": {"BAG_INPUTS": 4}}',
+             "--model", "llama-tiny", "--rounds", "2", "--steps", "2", "--out", str(out))
+    assert r.returncode == 0, r.stderr[-2000:]
+    data = json.loads(out.read_text())
+    assert {k: len(v) for k, v in data["tok_s"].items()} == {"a": 2, "b": 2, "eager": 2}
+    assert all(v > 0 for v in data["median_vs_eager"].values()) and set(data["median_vs_eager"]) == {"a", "b"}
+    bad = _run("benchmarks/bag_ab.py", "threshold(sparsity=0.5)", '{"a": {"NO_SUCH_KNOB": 1}}', timeout=120)
+    assert bad.returncode != 0 and "cpu_bag_gemv has no 'NO_SUCH_KNOB'" in bad.stderr
+
+
 def test_decode_benchmark_refuses_no_calibration_batches(tmp_path):
     r = _run("benchmarks/decode.py", "--model", "llama-tiny", "--calib-batches", "0", "--out", str(tmp_path / "d.json"),
              timeout=120)
