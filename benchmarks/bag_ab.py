@@ -32,6 +32,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--model", default="llama-1b")
     ap.add_argument("--steps", type=int, default=16)
+    ap.add_argument("--batch", type=int, default=1, help="sequences decoded together")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--out", type=Path, help="also write the run, with medians, to this JSON file")
     a = ap.parse_args()
@@ -43,7 +44,7 @@ def main() -> None:
     zm = zoo.get_model(a.model, device="cpu", dtype=getattr(torch, a.dtype))
     model = zm.model.eval()
     calib = [zm.make_inputs(batch=2, seq=64, seed=0)]
-    prompt = zm.make_inputs(batch=1, seq=32, seed=101)["input_ids"]
+    prompt = zm.make_inputs(batch=a.batch, seq=32, seed=101)["input_ids"]
     fast = ec.effcompile(model, passes=pass_spec.parse_passes(a.spec)[1], calibration=calib, cache=False)
     tok_s: dict[str, list[float]] = {name: [] for name in [*variants, "eager"]}
     with torch.no_grad():
@@ -54,7 +55,7 @@ def main() -> None:
                     setattr(cpu_bag_gemv, knob, value)
                 tok_s[name].append(round(timing.decode_speed(fast, model, prompt, a.steps, 3, "cpu")["tokens_per_s"], 2))
             tok_s["eager"].append(round(timing.decode_speed(model, model, prompt, a.steps, 3, "cpu")["tokens_per_s"], 2))
-    run = {"spec": a.spec, "model": a.model, "dtype": a.dtype, "variants": variants, "tok_s": tok_s}
+    run = {"spec": a.spec, "model": a.model, "dtype": a.dtype, "batch": a.batch, "variants": variants, "tok_s": tok_s}
     print(json.dumps(run), flush=True)
     if a.out:
         med = {name: statistics.median(v) for name, v in tok_s.items()}

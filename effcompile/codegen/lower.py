@@ -437,14 +437,15 @@ def _lower_cpu_bags(gm: fx.GraphModule, mode: int) -> tuple[list[KernelRecord], 
         old = node.args[1:5]
         tag = node.meta.get(TAG)
         fake_mode = fake_mode or fake_mode_for(gm)
+        rows = _bag.pack(wt, fmt)
         new_args = [add_buffer(gm, node, f"_ec_bag_{node.name}_{suffix}", t, tag, fake_mode)
-                    for suffix, t in (("rows", _bag.pack(wt, fmt)), ("scales", st), ("zeros", zt))]
+                    for suffix, t in (("rows", rows), ("scales", st), ("zeros", zt))]
         kind = "sparse_linear" if thr is not None else "wq_linear"
         node.target = _ops.op_for(_bag.NAME)
         node.args, node.kwargs = (x, thr, *new_args, b, fmt, group, label, decode_only), {}
         drop_unused_attrs(gm, old)  # the original layout is no longer read: do not keep (or cache) it
         records.append(KernelRecord(_bag.NAME, f"torch.ops.effcompile.{_bag.NAME}.default", _bag.__file__,
-                                    _bag.kind_for(_static_rows(x), fmt), (kind, fmt + (f"g{group}" if group else "")),
+                                    _bag.kind_for(_static_rows(x), fmt, rows.dtype), (kind, fmt + (f"g{group}" if group else "")),
                                     (node.name,), (str(tag),) if tag is not None else ()))
     return records, fallbacks
 

@@ -65,7 +65,7 @@ def test_matches_reference(fmt, group, k, n, m, zero_frac, thresholded, threads,
     want = sl.reference(x, thr if thresholded else torch.tensor(0.0), wt, s, z, bias, fmt, group, "t", False)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     kept = float((x.abs() > (thr if thresholded else 0)).float().mean())
-    path = "bag" if m <= B.BAG_MAX_ROWS[fmt] and not (fmt == "float" and kept > B.FLOAT_BAG_MAX_KEPT) else "dense"
+    path = "bag" if m <= B.max_rows(fmt, rows.dtype) and not (fmt == "float" and kept > B.FLOAT_BAG_MAX_KEPT) else "dense"
     assert cg_ops.PATH_COUNTS[B.NAME][path] == before.get(path, 0) + 1
 
 
@@ -131,6 +131,21 @@ def test_a_half_float_call_runs_the_bag_however_many_inputs_it_keeps(dtype):
     want = sl.reference(x.float(), torch.tensor(0.0), wt.float(), None, None, None, "float", 0, "t", False)
     torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=2e-2)
     assert cg_ops.PATH_COUNTS[B.NAME]["bag"] == before + 1
+
+
+@pytest.mark.parametrize("dtype,m,path", [(torch.bfloat16, 4, "bag"), (torch.bfloat16, 5, "dense"),
+                                          (torch.float16, 2, "bag"), (torch.float32, 2, "dense")])
+def test_half_float_weights_take_the_bag_up_to_four_rows(dtype, m, path):
+    # The dense matmul of an input-major half weight is a slow path: one bag per row wins up to 4 rows
+    wt, _, _ = _weights("float", 0, 96, 40, dtype)
+    x = _input(m, 96, 0.6, dtype, seed=m)
+    before = cg_ops.PATH_COUNTS[B.NAME][path]
+    thr = torch.tensor(0.375)  # exact in bf16 / fp16: no channel flips between the op's and the fp32 reference's test
+    got = B.run(x, thr, B.pack(wt, "float"), None, None, None, "float", 0, "t", False)
+    want = sl.reference(x.float(), thr, wt.float(), None, None, None, "float", 0, "t", False)
+    torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=2e-2)
+    assert cg_ops.PATH_COUNTS[B.NAME][path] == before + 1
+    assert B.kind_for(m, "float", dtype) == ("cpu-bag-gemv" if path == "bag" else "cpu-bag-gemv|dense")
 
 
 def test_row_splits_fill_the_threads_and_cap_the_inputs_per_bag(monkeypatch):

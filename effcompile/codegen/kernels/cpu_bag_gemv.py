@@ -41,6 +41,10 @@ from effcompile.compiler import sparse_ops
 NAME = "bag_linear"  # the custom op (effcompile::bag_linear) and its PATH_COUNTS key
 FORMATS = ("float", "int8", "int4")
 BAG_MAX_ROWS = {"float": 1, "int8": 8, "int4": 8}  # activation rows up to which the bag path runs
+# bf16 / fp16 float weights: one bag per row still wins at 2-4 rows, since the dense matmul of the input-major half
+# weight is a slow path (llama-1b shapes, 50 % kept, from DRAM: gate_up 2 rows 2.70 vs 5.70 ms, 4 rows 4.47 vs 5.74,
+# 8 rows 7.95 vs 6.37; down 1.69 vs 3.60, 2.88 vs 3.36, 4.72 vs 3.02).
+HALF_FLOAT_BAG_MAX_ROWS = 4
 FLOAT_BAG_MIN_WEIGHTS = 1 << 21  # float weights smaller than this (8 MB fp32) stay in cache: sgemv wins
 # A float bag reads a kept row at ~20 GB/s where sgemv streams every row at ~28 (2-core box, weights from DRAM), so it
 # pays only when few enough inputs are kept. Past this share of kept inputs a call runs the dense matmul of the
@@ -57,6 +61,12 @@ BAG_INPUTS = 32  # kept inputs per float / int8 bag at most (16-64 measured alik
 _QOPS = {"int8": "embedding_bag_byte_rowwise_offsets", "int4": "embedding_bag_4bit_rowwise_offsets"}
 _INT8_TAIL = torch.tensor([1.0, -128.0], dtype=torch.float32).view(torch.uint8)  # (scale, bias) per row
 _INT4_TAIL = torch.tensor([1.0, 0.0], dtype=torch.float16).view(torch.uint8)
+
+
+def max_rows(fmt: str, weight_dtype: torch.dtype) -> int:
+    """Activation rows up to which a call of this format and weight dtype takes the bag path."""
+    half = fmt == "float" and weight_dtype in (torch.bfloat16, torch.float16)
+    return HALF_FLOAT_BAG_MAX_ROWS if half else BAG_MAX_ROWS[fmt]
 
 
 def unavailable(fmt: str) -> str | None:
@@ -153,7 +163,7 @@ def run(x, threshold, rows, scales, zeros, bias, fmt: str, group_size: int, labe
     """threshold None: a dense quantized linear (exact zeros still skip their rows); else sparse_linear."""
     applied = threshold is not None and not (decode_only and sparse_ops.is_prefill(x))
     x2 = x.reshape(-1, x.shape[-1])
-    decode = x2.shape[0] <= BAG_MAX_ROWS[fmt] and (applied or threshold is None)
+    decode = x2.shape[0] <= max_rows(fmt, rows.dtype) and (applied or threshold is None)
     if fmt == "float" and rows.numel() < FLOAT_BAG_MIN_WEIGHTS:
         decode = False  # a cache-resident sgemv beats the bag's ~0.07 ms of set-up (768 x 2048: 0.10 vs 0.13 ms)
     if decode and x2.numel() and unavailable(fmt) is None:
@@ -179,8 +189,8 @@ def out_features(rows: torch.Tensor, fmt: str) -> int:
     return 2 * (rows.shape[1] - 4) if fmt == "int4" else rows.shape[1] - (8 if fmt == "int8" else 0)
 
 
-def kind_for(rows: int | None, fmt: str) -> str:
-    return "cpu-bag-gemv" if rows is not None and rows <= BAG_MAX_ROWS[fmt] else "cpu-bag-gemv|dense"
+def kind_for(rows: int | None, fmt: str, weight_dtype: torch.dtype = torch.float32) -> str:
+    return "cpu-bag-gemv" if rows is not None and rows <= max_rows(fmt, weight_dtype) else "cpu-bag-gemv|dense"
 
 
 if not _ops.op_exists(NAME):
