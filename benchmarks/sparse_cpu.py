@@ -12,9 +12,11 @@ Without --stream every call reads the same weight, which a large last-level cach
 the 7B projections fit), so the ratios are cache-resident. --stream gives each call the next of enough copies of
 the weights to fill twice the last-level cache, so every call reads them from DRAM as a model's decode step does
 (session 22: there the float bag streamed at ~20 GB/s against sgemv's ~28); it skips the slow gather column.
---shapes 1b times Llama-3.2-1B's four decode GEMVs instead of the 7B projections.
+--shapes 1b times Llama-3.2-1B's four decode GEMVs instead of the 7B projections. A float bag_ms is the dense
+matmul where a call keeps more than cpu_bag_gemv.FLOAT_BAG_MAX_KEPT of its inputs (fp32, as shipped); --raw-bags lifts
+that limit so every float row times the bag itself (sparse-cpu-1b-stream-2026-11-28-s23.json ran so).
 
-    python benchmarks/sparse_cpu.py [--reps 20] [--stream] [--shapes 7b|1b]
+    python benchmarks/sparse_cpu.py [--reps 20] [--stream] [--shapes 7b|1b] [--raw-bags]
 """
 
 from __future__ import annotations
@@ -74,7 +76,10 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--stream", action="store_true", help="weights from DRAM on every call (copies fill 2x the LLC)")
     ap.add_argument("--shapes", choices=sorted(SHAPE_SETS), default="7b")
+    ap.add_argument("--raw-bags", action="store_true", help="float bags at every sparsity (no FLOAT_BAG_MAX_KEPT)")
     a = ap.parse_args()
+    if a.raw_bags:
+        bag.FLOAT_BAG_MAX_KEPT = float("inf")
     llc = last_level_cache_bytes()
     rows = []
     gen = torch.Generator().manual_seed(0)
@@ -112,7 +117,7 @@ def main() -> None:
     out = Path(__file__).parent / "results" / f"sparse-cpu{tag if tag != '-7b' else ''}-{datetime.date.today().isoformat()}.json"
     out.write_text(json.dumps({"benchmark": "sparse_cpu", "torch": torch.__version__, "threads": torch.get_num_threads(),
                                "date": datetime.date.today().isoformat(), "machine": "2-core CPU dev box",
-                               "stream": a.stream, "last_level_cache_bytes": llc,
+                               "stream": a.stream, "raw_bags": a.raw_bags, "last_level_cache_bytes": llc,
                                "load_avg_at_start": os.getloadavg(), "rows": rows}, indent=1))
 
 
