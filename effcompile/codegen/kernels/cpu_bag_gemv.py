@@ -20,11 +20,11 @@ FBGEMM's kernel walks a bag's output in register-sized blocks, one pass over all
 a thousand 8-64 KB rows is a thousand interleaved strided streams the prefetcher cannot follow. With 32 rows a bag it
 streams. Session 23, against one bag per thread (same box, weights from DRAM): Llama-3.2-1B's four GEMV shapes at one
 row 1.0-1.9x faster per call (median ~1.2x; benchmarks/results/sparse-cpu-1b-stream-2026-11-28-s23.json against -s22),
-and llama-1b fp32 decode, A/B in one process (cpu-bag-inputs-ab-2026-11-28-s23.json): 50 % thresholds 1.07x -> 1.12x
+and llama-1b fp32 decode, A/B in one process (cpu-bag-inputs-ab-2026-11-28-s23.json): 50 % thresholds 1.07x -> 1.13x
 eager, int8 1.45x -> 1.61x, 50 % + int8 1.82x -> 1.92x. Bags run in parallel, so the cut also fills the threads; a
 weight under ROW_SPLIT_MIN_WEIGHTS (cache-resident) stays one bag per row.
 
-Above BAG_MAX_ROWS[fmt] activation rows every weight row is needed anyway (prefill), or a float bag per
+Above max_rows(fmt, weight dtype) activation rows (BAG_MAX_ROWS; 4 for bf16 / fp16 float weights) every weight row is needed anyway (prefill), or a float bag per
 row loses to one sgemm (measured: 8 rows of 4096 x 11008 at 50 % sparsity, 0.77x dense): the same buffers
 are dequantized and multiplied densely. Quantized bags still win at 8 rows (int8 1.7-4.3x
 fp32 dense, benchmarks/results/sparse-cpu-2026-11-26.json), since the alternative is a dequantization.
