@@ -5,6 +5,7 @@ Llama-7B projections (4096 -> 11008, 11008 -> 4096), fp32 activations, 1 and 8 r
   packed_ms   the format's previous CPU path (torch's packed int8/int4 ops: wq_linear_eager)
   gather_ms   the row-gather sparse path (sparse_linear_eager) at the same sparsity
   bag_ms      the embedding-bag GEMV codegen lowers sparse_linear / wq_linear to on CPU
+  kernel_ms   int4 only: the C kernel (cpu_int4_gemv) codegen lowers an int4 sparse_linear to on CPU
 at 0/25/40/50/60 % activation sparsity (thresholds = quantiles of |x|). Median of --reps calls.
 Writes benchmarks/results/sparse-cpu-<date>.json.
 
@@ -16,7 +17,7 @@ the weights to fill twice the last-level cache, so every call reads them from DR
 matmul where a call keeps more than cpu_bag_gemv.FLOAT_BAG_MAX_KEPT of its inputs (fp32, as shipped); --raw-bags lifts
 that limit so every float row times the bag itself (sparse-cpu-1b-stream-2026-11-28-s23.json ran so).
 
-    python benchmarks/sparse_cpu.py [--reps 20] [--stream] [--shapes 7b|1b] [--raw-bags]
+    python benchmarks/sparse_cpu.py [--reps 20] [--stream] [--shapes 7b|1b] [--weights float,int8,int4] [--raw-bags]
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import torch.nn.functional as F
 from quantize import median_ms  # benchmarks/quantize.py: warm-up + median, no grad
 
 from effcompile.codegen.kernels import cpu_bag_gemv as bag
+from effcompile.codegen.kernels import cpu_int4_gemv as int4_gemv
 from effcompile.compiler import ops as qops
 from effcompile.compiler import sparse_linear as sl
 
@@ -76,6 +78,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--stream", action="store_true", help="weights from DRAM on every call (copies fill 2x the LLC)")
     ap.add_argument("--shapes", choices=sorted(SHAPE_SETS), default="7b")
+    ap.add_argument("--weights", default="float,int8,int4", help="comma-separated weight formats to time")
     ap.add_argument("--raw-bags", action="store_true", help="float bags at every sparsity (no FLOAT_BAG_MAX_KEPT)")
     a = ap.parse_args()
     if a.raw_bags:
@@ -94,11 +97,15 @@ def main() -> None:
             x = torch.randn(m, k, generator=gen)
             fp32 = timed_ms(lambda w, x=x: F.linear(x, w), ws, a.reps)
             for fmt, (q, s, z, g) in formats.items():
+                if fmt not in a.weights.split(","):
+                    continue
                 qs = copies_of((q, s, z), llc, a.stream)
                 packed = None if fmt == "float" else timed_ms(
                     lambda q, s, z, x=x, g=g, fmt=fmt: qops.wq_linear_eager(x, q, s, z, None, fmt, g), qs, a.reps)
                 wt, st, zt = sl.to_input_major(q, s, z, fmt, g)
                 bags = copies_of((bag.pack(wt, fmt), st, zt), llc, a.stream)
+                kernel = fmt == "int4" and int4_gemv.unavailable() is None
+                panels = copies_of(int4_gemv.pack(wt, st, zt), llc, a.stream) if kernel else None
                 for sp in SPARSITY:
                     t = torch.quantile(x.abs().flatten(), sp) if sp else torch.tensor(0.0)
                     bag_ms = timed_ms(lambda r, st, zt, x=x, t=t, g=g, fmt=fmt: bag.run(x, t, r, st, zt, None, fmt, g,
@@ -106,18 +113,23 @@ def main() -> None:
                     gather = None if a.stream else median_ms(
                         lambda x=x, t=t, wt=wt, st=st, zt=zt, g=g, fmt=fmt:
                         sl.sparse_linear_eager(x, t, wt, st, zt, None, fmt, g, "bench", False), a.reps)
+                    kernel_ms = timed_ms(
+                        lambda p, sz, x=x, t=t, g=g, n=n: int4_gemv.run(x, t, p, sz, None, n, g, "bench", False),
+                        panels, a.reps) if kernel else None
                     needed = float((x.abs() > t).any(0).float().mean())
                     rows.append(dict(shape=name, m=m, weights=fmt, sparsity=sp, rows_needed=round(needed, 3),
                                      fp32_ms=round(fp32, 3), packed_ms=packed and round(packed, 3),
                                      gather_ms=gather and round(gather, 3), bag_ms=round(bag_ms, 3),
                                      bag_vs_fp32=round(fp32 / bag_ms, 3),
-                                     bag_vs_packed=packed and round(packed / bag_ms, 3)))
+                                     bag_vs_packed=packed and round(packed / bag_ms, 3),
+                                     kernel_ms=kernel_ms and round(kernel_ms, 3),
+                                     kernel_vs_packed=kernel_ms and round(packed / kernel_ms, 3)))
                     print(rows[-1], flush=True)
-    tag = f"-{a.shapes}" + ("-stream" if a.stream else "")
+    tag = f"-{a.shapes}" + ("-stream" if a.stream else "") + ("" if a.weights == "float,int8,int4" else "-" + a.weights.replace(",", "-"))
     out = Path(__file__).parent / "results" / f"sparse-cpu{tag if tag != '-7b' else ''}-{datetime.date.today().isoformat()}.json"
     out.write_text(json.dumps({"benchmark": "sparse_cpu", "torch": torch.__version__, "threads": torch.get_num_threads(),
                                "date": datetime.date.today().isoformat(), "machine": "2-core CPU dev box",
-                               "stream": a.stream, "raw_bags": a.raw_bags, "last_level_cache_bytes": llc,
+                               "stream": a.stream, "weights": a.weights, "raw_bags": a.raw_bags, "last_level_cache_bytes": llc,
                                "load_avg_at_start": os.getloadavg(), "rows": rows}, indent=1))
 
 

@@ -16,6 +16,7 @@ import torch.fx as fx
 from effcompile.codegen import ops as _ops
 from effcompile.codegen.kernels import cache_write as _cache_write
 from effcompile.codegen.kernels import cpu_bag_gemv as _bag
+from effcompile.codegen.kernels import cpu_int4_gemv as _int4_gemv
 from effcompile.codegen.kernels import decode_attention as _decode_attention
 from effcompile.codegen.kernels import dequant_matmul as _dequant
 from effcompile.codegen.kernels import sparse_gemv as _sparse
@@ -437,6 +438,13 @@ def _lower_cpu_bags(gm: fx.GraphModule, mode: int) -> tuple[list[KernelRecord], 
         old = node.args[1:5]
         tag = node.meta.get(TAG)
         fake_mode = fake_mode or fake_mode_for(gm)
+        if fmt == "int4" and thr is not None:
+            why = _int4_gemv.unavailable()
+            if why is None:  # FBGEMM's 4-bit bag converts codes too slowly to gain from skipping rows (module doc)
+                records.append(_lower_int4_gemv(gm, node, plan, tag, fake_mode))
+                drop_unused_attrs(gm, old)
+                continue
+            fallbacks.append((node.name, f"{why}: the 4-bit embedding bag runs instead"))
         rows = _bag.pack(wt, fmt)
         new_args = [add_buffer(gm, node, f"_ec_bag_{node.name}_{suffix}", t, tag, fake_mode)
                     for suffix, t in (("rows", rows), ("scales", st), ("zeros", zt))]
@@ -448,6 +456,19 @@ def _lower_cpu_bags(gm: fx.GraphModule, mode: int) -> tuple[list[KernelRecord], 
                                     _bag.kind_for(_static_rows(x), fmt, rows.dtype), (kind, fmt + (f"g{group}" if group else "")),
                                     (node.name,), (str(tag),) if tag is not None else ()))
     return records, fallbacks
+
+
+def _lower_int4_gemv(gm: fx.GraphModule, node, plan: tuple, tag, fake_mode) -> KernelRecord:
+    """A thresholded int4 sparse_linear -> the C kernel's op on its panel layout (cpu_int4_gemv)."""
+    x, thr, wt, st, zt, b, _, group, label, decode_only = plan
+    panels, sz = _int4_gemv.pack(wt, st, zt)
+    new_args = [add_buffer(gm, node, f"_ec_int4_{node.name}_{suffix}", t, tag, fake_mode)
+                for suffix, t in (("panels", panels), ("sz", sz))]
+    node.target = _ops.op_for(_int4_gemv.NAME)
+    node.args, node.kwargs = (x, thr, *new_args, b, 2 * wt.shape[1], group, label, decode_only), {}
+    return KernelRecord(_int4_gemv.NAME, f"torch.ops.effcompile.{_int4_gemv.NAME}.default", str(_int4_gemv.SOURCE),
+                        "cpu-int4-gemv", ("sparse_linear", f"int4g{group}"), (node.name,),
+                        (str(tag),) if tag is not None else ())
 
 
 def load_kernels(paths) -> list[str]:

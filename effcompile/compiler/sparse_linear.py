@@ -26,6 +26,14 @@ from effcompile.compiler import sparse_ops
 FORMATS = ("float", "int8", "int4")
 DECODE_MAX_ROWS = 8  # rows up to which the row-skipping path runs; beyond it every column is needed anyway
 FLOAT_GATHER_MAX = 1 / 3  # float rows gathered only when at most this share is needed (copy + matmul < dense)
+# codegen's CPU int4 sparse GEMV (codegen/kernels/cpu_int4_gemv) registers its availability probe here on import:
+# FuseSparseLinear needs to know whether it exists, and passes do not import codegen.
+CPU_INT4_PROBE: list = []
+
+
+def cpu_int4_kernel_unavailable() -> str | None:
+    """None when codegen's CPU int4 sparse GEMV can run here, else why not."""
+    return CPU_INT4_PROBE[0]() if CPU_INT4_PROBE else "codegen's CPU int4 GEMV is not loaded"
 
 
 def to_input_major(weight: torch.Tensor, scales: torch.Tensor | None, zeros: torch.Tensor | None, fmt: str,

@@ -42,14 +42,14 @@ def _plan(gm, node, ctx, triton: bool) -> tuple[tuple, str] | str:
         return f"quantized weight ({fmt}) is not a buffer this pass can re-lay out"
     val = ir.tensor_val(node.args[0])
     if fmt == "int4" and not triton and q.device.type == "cpu" and val is not None \
-            and qops.packed_cpu_unavailable(fmt, val.dtype, q.shape[0]) is None:
-        # bf16 / fp16 on the CPU: torch's packed int4 matmul over every row beat the row-skipping bag GEMV at
-        # 50 % sparsity, 1.9-4.1x (session 17, dev box, 2048x768 to 8192x2048, 1 and 8 rows); fp32 too since
-        # session 22, on x rounded to bf16 (ops.BF16_ACTIVATIONS). Where Triton runs (a GPU, the interpreter) the
-        # sparse kernel takes it.
+            and qops.packed_cpu_unavailable(fmt, val.dtype, q.shape[0]) is None and (why := sl.cpu_int4_kernel_unavailable()):
+        # Without codegen's C kernel (cpu_int4_gemv: no C compiler here), torch's packed int4 matmul over every
+        # row beat the row-skipping 4-bit bag GEMV at 50 % sparsity, 1.9-4.1x (session 17, dev box, 2048x768 to
+        # 8192x2048, 1 and 8 rows; fp32 on x rounded to bf16, ops.BF16_ACTIVATIONS). Where Triton runs (a GPU,
+        # the interpreter) the sparse kernel takes it.
         rounded = " (x rounded to bf16 for it)" if ("int4", val.dtype) in qops.BF16_ACTIVATIONS else ""
         return (f"int4 with {val.dtype} activations on the CPU: torch's packed int4 matmul of the thresholded input"
-                f"{rounded} beats skipping rows")
+                f"{rounded} beats skipping rows in the 4-bit bag ({why})")
     if fmt == "int4" and q.shape[0] % 2:
         return f"int4 with odd out_features={q.shape[0]} cannot pack two outputs per byte"
     return (q, s, z, b, fmt, group), ""

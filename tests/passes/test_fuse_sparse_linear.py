@@ -146,13 +146,16 @@ def test_unfusable_pairs_stay_and_say_why(llama):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
-def test_int4_on_cpu_stays_unfused_for_the_packed_matmul_with_merged_sparsify(dtype):
-    # bf16 int4 on the CPU: torch's packed matmul of the thresholded input beat the row-skipping bag 1.9-4.1x
-    # (session 17), so sparsify + wq_linear stay; q/k/v's and gate/up's sparsify ops (one input, equal per-tensor
-    # thresholds) merge into one each, so FuseParallelLinears still fuses their linears. fp32 the same since
-    # session 22, x rounded to bf16 for that kernel (ops.BF16_ACTIVATIONS).
+def test_int4_on_cpu_without_the_c_kernel_stays_unfused_for_the_packed_matmul(dtype, monkeypatch):
+    # No C kernel (codegen/kernels/cpu_int4_gemv: no compiler): torch's packed matmul of the thresholded input beat
+    # the row-skipping 4-bit bag 1.9-4.1x (session 17), so sparsify + wq_linear stay; q/k/v's and gate/up's
+    # sparsify ops (one input, equal per-tensor thresholds) merge into one each, so FuseParallelLinears still fuses
+    # their linears. fp32 the same, x rounded to bf16 for that kernel (ops.BF16_ACTIVATIONS). With the kernel:
+    # tests/codegen/test_cpu_int4_gemv.py.
+    from effcompile.codegen.kernels import cpu_int4_gemv
     from effcompile.compiler import ops as qops
 
+    monkeypatch.setattr(cpu_int4_gemv, "_STATE", {"fn": None, "why": "CPU int4 GEMV kernel unavailable: test"})
     if qops.packed_cpu_unavailable("int4", dtype, 64):
         pytest.skip(qops.packed_cpu_unavailable("int4", dtype, 64))
     model = tiny_hf("llama", layers=2, hidden=64).to(dtype)
@@ -166,6 +169,7 @@ def test_int4_on_cpu_stays_unfused_for_the_packed_matmul_with_merged_sparsify(dt
             out = fast(ids).logits
     rec = _record(fast)[-1]  # the decode graph's
     assert "6 sparsify op(s) merged" in rec.note and "packed int4 matmul" in rec.note
+    assert "CPU int4 GEMV kernel unavailable: test" in rec.note
     graph = [g for g in ec.explain(fast).graphs][-1]
     assert [p.count for p in graph.passes if p.name == "fuse_parallel_linears"] == [4]  # qkv and gate/up, 2 layers
     kind = "cpu-int4pack-mm" + ("-bf16x" if dtype == torch.float32 else "")
