@@ -420,6 +420,15 @@ def _lower_cpu_bags(gm: fx.GraphModule, mode: int) -> tuple[list[KernelRecord], 
     records, fallbacks = [], []
     fake_mode = None
     for node in list(gm.graph.nodes):
+        if _one_row_int4(gm, node) and isinstance(plan := _bag_plan(gm, node), tuple):
+            # One activation row (a batch-1 decode graph): the C kernel beats torch's packed int4 matmul even
+            # reading every row, on fp32 x unrounded (Llama-3.2-1B shapes from DRAM, session 24: 1.08-1.63x; from
+            # 2 rows on it loses, 0.7-1.0x, so wider graphs keep the packed matmul).
+            old = node.args[1:5]
+            fake_mode = fake_mode or fake_mode_for(gm)
+            records.append(_lower_int4_gemv(gm, node, plan, node.meta.get(TAG), fake_mode))
+            drop_unused_attrs(gm, old)
+            continue
         if (packed := _packed_kind(gm, node)) is not None:
             # 16-bit activations: wq_linear's eager path runs torch's packed int4 / int8 matmul (compiler/ops.py,
             # checked against the reference), faster there than the bag (session 17, dev box, AVX512, bf16:
@@ -458,8 +467,17 @@ def _lower_cpu_bags(gm: fx.GraphModule, mode: int) -> tuple[list[KernelRecord], 
     return records, fallbacks
 
 
+def _one_row_int4(gm: fx.GraphModule, node) -> bool:
+    """A weight-only int4 wq_linear on CPU weights whose graph calls it with one activation row, the C kernel here."""
+    if node.op != "call_function" or node.target is not wq_linear_op() or len(node.args) < 7 or node.args[5] != "int4":
+        return False
+    q = attr_tensor(gm, node.args[1])
+    return q is not None and q.device.type == "cpu" and _static_rows(node.args[0]) == 1 \
+        and _int4_gemv.unavailable() is None
+
+
 def _lower_int4_gemv(gm: fx.GraphModule, node, plan: tuple, tag, fake_mode) -> KernelRecord:
-    """A thresholded int4 sparse_linear -> the C kernel's op on its panel layout (cpu_int4_gemv)."""
+    """A thresholded int4 sparse_linear, or a one-row int4 wq_linear -> the C kernel's op on its panel layout."""
     x, thr, wt, st, zt, b, _, group, label, decode_only = plan
     panels, sz = _int4_gemv.pack(wt, st, zt)
     new_args = [add_buffer(gm, node, f"_ec_int4_{node.name}_{suffix}", t, tag, fake_mode)
@@ -467,7 +485,7 @@ def _lower_int4_gemv(gm: fx.GraphModule, node, plan: tuple, tag, fake_mode) -> K
     node.target = _ops.op_for(_int4_gemv.NAME)
     node.args, node.kwargs = (x, thr, *new_args, b, 2 * wt.shape[1], group, label, decode_only), {}
     return KernelRecord(_int4_gemv.NAME, f"torch.ops.effcompile.{_int4_gemv.NAME}.default", str(_int4_gemv.SOURCE),
-                        "cpu-int4-gemv", ("sparse_linear", f"int4g{group}"), (node.name,),
+                        "cpu-int4-gemv", ("wq_linear" if thr is None else "sparse_linear", f"int4g{group}"), (node.name,),
                         (str(tag),) if tag is not None else ())
 
 

@@ -188,3 +188,26 @@ def test_thresholded_int4_decode_lowers_to_the_kernel(llama, dtype):
     tol = 1e-4 if dtype == torch.float32 else 3e-2
     torch.testing.assert_close(out.float(), want.float(), rtol=tol, atol=tol)
 
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_one_row_int4_decode_takes_the_kernel_and_wider_graphs_the_packed_matmul(llama, dtype):
+    if qops.packed_cpu_unavailable("int4", dtype, 64):
+        pytest.skip(qops.packed_cpu_unavailable("int4", dtype, 64))
+    model = copy.deepcopy(llama).to(dtype)
+    cfg = [ec.Quantize(weights="int4", group_size=32, targets=("attn", "ffn", "head"))]
+    gen = torch.Generator().manual_seed(3)
+    one, two = torch.randint(0, 128, (1, 1), generator=gen), torch.randint(0, 128, (2, 1), generator=gen)
+    fast = ec.effcompile(model, passes=cfg, cache=False)
+    ref = ec.effcompile(model, passes=cfg, cache=False, use_triton=True)  # the dequant kernel, interpreted
+    with torch.no_grad():
+        out, want = fast(one).logits, ref(one).logits
+    kinds = [k.kind for k in ec.explain(fast).kernels if k.ops[:1] == ("wq_linear",)]
+    assert kinds == ["cpu-int4-gemv"] * 9  # 2 layers x (q/k/v, o, gate/up, down) and the head
+    tol = 1e-4 if dtype == torch.float32 else 3e-2  # fp32: x is not rounded to bf16 as the packed matmul needs
+    torch.testing.assert_close(out.float(), want.float(), rtol=tol, atol=tol)
+    wide = ec.effcompile(model, passes=cfg, cache=False)
+    with torch.no_grad():
+        wide(two)
+    kinds = {k.kind for k in ec.explain(wide).kernels if k.ops[:1] == ("wq_linear",)}
+    assert kinds == {"cpu-int4pack-mm" + ("-bf16x" if dtype == torch.float32 else "")}
