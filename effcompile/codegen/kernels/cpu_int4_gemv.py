@@ -3,9 +3,9 @@
 Sparse activations x int4 weights on the CPU. torch has no kernel for the pair: its packed int4 matmul
 (_weight_int4pack_mm_for_cpu) reads every weight row, and FBGEMM's 4-bit embedding bag, which does skip rows,
 converts codes at ~9 GB/s even from cache, slower at 50 % kept than the packed matmul over all rows (session 24,
-2048 x 16384, one row: 1.6-3.7 ms against 0.9-1.3). This kernel, cpu_int4_gemv.c, is ~120 lines of C with
-AVX-512 intrinsics where the CPU has them (plain loops otherwise), compiled with the system C compiler into
-the effcompile cache directory and checked against the reference before first use.
+2048 x 16384, one row: 1.6-3.7 ms against 0.9-1.3). This kernel, cpu_int4_gemv.c, is ~150 lines of C with
+AVX-512 intrinsics where the CPU has them (plain loops otherwise), built by codegen/native.py (the system C
+compiler, the effcompile cache directory) and checked against the reference before first use.
 
 Layout (``pack``, from sparse_linear's input-major packed int4 [K, N/2] and its [G, N] scales / zeros):
   panels [P, K, 128] uint8, P = ceil(N / 256): each input's 256 codes of one panel in 128 contiguous bytes, so
@@ -21,16 +21,13 @@ waited on memory (50 % kept: 1.22 -> 0.70 ms, 2048 x 16384 from DRAM).
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import logging
-import os
-import platform
-import shutil
 import subprocess
 from pathlib import Path
 
 import torch
 
+from effcompile.codegen import native
 from effcompile.codegen import ops as _ops
 from effcompile.compiler import sparse_linear as sl
 from effcompile.compiler import sparse_ops
@@ -41,7 +38,6 @@ NAME = "int4_gemv"  # the custom op (effcompile::int4_gemv) and its PATH_COUNTS 
 OUTS = 256  # outputs per panel (the C kernel's OUTS)
 ROW_BYTES = 128
 SOURCE = Path(__file__).with_suffix(".c")
-FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
 _ARGTYPES = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
              ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
              ctypes.c_int]
@@ -52,62 +48,12 @@ def unavailable() -> str | None:
     """None when the C kernel is built, loaded and agrees with the reference here, else why not."""
     if not _STATE:
         try:
-            _STATE["fn"] = _load()
+            _STATE["fn"] = native.load(SOURCE, "ec_int4_gemv", _ARGTYPES, ctypes.c_int64, _self_check)
             _STATE["why"] = None
         except (OSError, RuntimeError, subprocess.SubprocessError) as e:
             _STATE["fn"], _STATE["why"] = None, f"CPU int4 GEMV kernel unavailable: {e}"
             log.warning("%s; int4 sparse linears fall back to slower paths", _STATE["why"])
     return _STATE["why"]
-
-
-def _compiler() -> str:
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if not cc:
-        raise RuntimeError("no C compiler found (set CC, or install gcc / clang)")
-    return cc
-
-
-def _machine() -> str:
-    """What -march=native compiles for: a library built on another CPU (a shared home directory) must not load."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith("flags")), "")
-    except OSError:
-        flags = ""
-    return f"{platform.machine()} {platform.processor()} {flags}"
-
-
-def _build(cc: str, out: Path, flags: tuple[str, ...]) -> None:
-    tmp = out.with_suffix(f".{os.getpid()}.tmp")
-    res = subprocess.run([cc, *flags, str(SOURCE), "-o", str(tmp)], capture_output=True, text=True, timeout=120)
-    if res.returncode:
-        tmp.unlink(missing_ok=True)
-        raise RuntimeError(f"{cc} failed ({res.returncode}): {res.stderr.strip()[-500:]}")
-    os.replace(tmp, out)  # atomic: a concurrent process sees the whole library or none
-
-
-def _load():
-    from effcompile.runtime.cache import default_root, ensure_private_dir  # the cache directory's owner
-
-    cc = _compiler()
-    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
-    directory = ensure_private_dir(default_root() / "native")
-    last = None
-    # Without OpenMP (e.g. clang lacking libomp) the kernel still runs, on one thread.
-    for flags in (FLAGS, tuple(f for f in FLAGS if f != "-fopenmp")):
-        key = hashlib.sha256(b"\0".join(x.encode() for x in (SOURCE.read_text(), cc, version, *flags, _machine())))
-        path = directory / f"cpu_int4_gemv-{key.hexdigest()[:20]}.so"
-        for attempt in range(2):  # a library that fails its check is rebuilt once
-            try:
-                if not path.exists() or attempt:
-                    _build(cc, path, flags)
-                fn = ctypes.CDLL(str(path)).ec_int4_gemv  # ctypes releases the GIL during the call
-                fn.argtypes, fn.restype = _ARGTYPES, ctypes.c_int64
-                _self_check(fn)
-                return fn
-            except (OSError, RuntimeError) as e:
-                last = e
-    raise RuntimeError(str(last))
 
 
 def pack(weight_t: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
