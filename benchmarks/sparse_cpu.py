@@ -5,7 +5,8 @@ Llama-7B projections (4096 -> 11008, 11008 -> 4096), fp32 activations, 1 and 8 r
   packed_ms   the format's previous CPU path (torch's packed int8/int4 ops: wq_linear_eager)
   gather_ms   the row-gather sparse path (sparse_linear_eager) at the same sparsity
   bag_ms      the embedding-bag GEMV codegen lowers sparse_linear / wq_linear to on CPU
-  kernel_ms   int4 only: the C kernel (cpu_int4_gemv) codegen lowers an int4 sparse_linear to on CPU
+  kernel_ms   int4: the C kernel (cpu_int4_gemv) codegen lowers an int4 sparse_linear to on CPU; float, one row:
+              bag_linear with its C kernel (cpu_float_gemv), where bag_ms is then torch's float bag
 at 0/25/40/50/60 % activation sparsity (thresholds = quantiles of |x|). Median of --reps calls.
 Writes benchmarks/results/sparse-cpu-<date>.json.
 
@@ -35,6 +36,7 @@ import torch.nn.functional as F
 from quantize import median_ms  # benchmarks/quantize.py: warm-up + median, no grad
 
 from effcompile.codegen.kernels import cpu_bag_gemv as bag
+from effcompile.codegen.kernels import cpu_float_gemv as float_gemv
 from effcompile.codegen.kernels import cpu_int4_gemv as int4_gemv
 from effcompile.compiler import ops as qops
 from effcompile.compiler import sparse_linear as sl
@@ -108,14 +110,18 @@ def main() -> None:
                 panels = copies_of(int4_gemv.pack(wt, st, zt), llc, a.stream) if kernel else None
                 for sp in SPARSITY:
                     t = torch.quantile(x.abs().flatten(), sp) if sp else torch.tensor(0.0)
-                    bag_ms = timed_ms(lambda r, st, zt, x=x, t=t, g=g, fmt=fmt: bag.run(x, t, r, st, zt, None, fmt, g,
-                                                                                          "bench", False), bags, a.reps)
+                    run_bag = lambda r, st, zt, x=x, t=t, g=g, fmt=fmt: bag.run(x, t, r, st, zt, None, fmt, g, "bench",
+                                                                                 False)
+                    float_kernel = fmt == "float" and m == 1 and float_gemv.unavailable() is None
+                    bag.FLOAT_KERNEL = False  # bag_ms: torch's bag, as where no C compiler is
+                    bag_ms = timed_ms(run_bag, bags, a.reps)
+                    bag.FLOAT_KERNEL = True
                     gather = None if a.stream else median_ms(
                         lambda x=x, t=t, wt=wt, st=st, zt=zt, g=g, fmt=fmt:
                         sl.sparse_linear_eager(x, t, wt, st, zt, None, fmt, g, "bench", False), a.reps)
                     kernel_ms = timed_ms(
                         lambda p, sz, x=x, t=t, g=g, n=n: int4_gemv.run(x, t, p, sz, None, n, g, "bench", False),
-                        panels, a.reps) if kernel else None
+                        panels, a.reps) if kernel else timed_ms(run_bag, bags, a.reps) if float_kernel else None
                     needed = float((x.abs() > t).any(0).float().mean())
                     rows.append(dict(shape=name, m=m, weights=fmt, sparsity=sp, rows_needed=round(needed, 3),
                                      fp32_ms=round(fp32, 3), packed_ms=packed and round(packed, 3),
@@ -123,7 +129,8 @@ def main() -> None:
                                      bag_vs_fp32=round(fp32 / bag_ms, 3),
                                      bag_vs_packed=packed and round(packed / bag_ms, 3),
                                      kernel_ms=kernel_ms and round(kernel_ms, 3),
-                                     kernel_vs_packed=kernel_ms and round(packed / kernel_ms, 3)))
+                                     kernel_vs_fp32=kernel_ms and round(fp32 / kernel_ms, 3),
+                                     kernel_vs_packed=packed and kernel_ms and round(packed / kernel_ms, 3)))
                     print(rows[-1], flush=True)
     tag = f"-{a.shapes}" + ("-stream" if a.stream else "") + ("" if a.weights == "float,int8,int4" else "-" + a.weights.replace(",", "-"))
     out = Path(__file__).parent / "results" / f"sparse-cpu{tag if tag != '-7b' else ''}-{datetime.date.today().isoformat()}.json"

@@ -8,6 +8,7 @@ import torch
 import effcompile as ec
 from effcompile.codegen import ops as cg_ops
 from effcompile.codegen.kernels import cpu_bag_gemv as B
+from effcompile.codegen.kernels import cpu_float_gemv
 from effcompile.codegen.kernels import dequant_matmul as D
 from effcompile.compiler import ops as qops
 from effcompile.compiler import sparse_linear as sl
@@ -20,6 +21,22 @@ CASES = [("float", 0), ("int8", 0), ("int4", 32)]
 def _float_bags_at_test_sizes(monkeypatch):
     """The shapes here are tiny; production sends float weights under 2M elements to sgemv instead."""
     monkeypatch.setattr(B, "FLOAT_BAG_MIN_WEIGHTS", 0)
+
+
+def _no_float_kernel(monkeypatch):
+    """As where no C compiler is: one-row fp32 float calls take torch's float bag."""
+    monkeypatch.setattr(cpu_float_gemv, "_STATE", {"fn": None, "why": "CPU float GEMV kernel unavailable: test"})
+
+
+def _path(fmt, m, rows, kept_share) -> str:
+    """Which path B.run takes: dense beyond max_rows or (fp32 float) past FLOAT_BAG_MAX_KEPT, the C kernel for one
+    fp32 float row where it builds, else the bag."""
+    if m > B.max_rows(fmt, rows.dtype) or (fmt == "float" and rows.dtype == torch.float32
+                                            and kept_share > B.FLOAT_BAG_MAX_KEPT):
+        return "dense"
+    if fmt == "float" and rows.dtype == torch.float32 and m == 1 and cpu_float_gemv.unavailable() is None:
+        return "kernel"
+    return "bag"
 
 
 def _weights(fmt, group, k, n, dtype=torch.float32):
@@ -53,6 +70,20 @@ def test_pack_round_trip(fmt, group, k, n):
 @pytest.mark.parametrize("thresholded", [False, True])
 @pytest.mark.parametrize("threads", [1, 3])  # 3 threads: a one-row call splits each row's kept inputs over 3 bags
 def test_matches_reference(fmt, group, k, n, m, zero_frac, thresholded, threads, monkeypatch):
+    _check_reference(fmt, group, k, n, m, zero_frac, thresholded, threads, monkeypatch)
+
+
+@pytest.mark.parametrize("k,n", [(96, 40), (160, 74)])
+@pytest.mark.parametrize("zero_frac", [0.0, 0.6, 1.0])
+@pytest.mark.parametrize("thresholded", [False, True])
+@pytest.mark.parametrize("threads", [1, 3])
+def test_one_fp32_float_row_without_the_c_kernel_takes_the_float_bag(k, n, zero_frac, thresholded, threads,
+                                                                       monkeypatch):
+    _no_float_kernel(monkeypatch)
+    _check_reference("float", 0, k, n, 1, zero_frac, thresholded, threads, monkeypatch)
+
+
+def _check_reference(fmt, group, k, n, m, zero_frac, thresholded, threads, monkeypatch):
     monkeypatch.setattr(B, "ROW_SPLIT_MIN_WEIGHTS", 0)
     monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
     wt, s, z = _weights(fmt, group, k, n)
@@ -65,7 +96,7 @@ def test_matches_reference(fmt, group, k, n, m, zero_frac, thresholded, threads,
     want = sl.reference(x, thr if thresholded else torch.tensor(0.0), wt, s, z, bias, fmt, group, "t", False)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     kept = float((x.abs() > (thr if thresholded else 0)).float().mean())
-    path = "bag" if m <= B.max_rows(fmt, rows.dtype) and not (fmt == "float" and kept > B.FLOAT_BAG_MAX_KEPT) else "dense"
+    path = _path(fmt, m, rows, kept)
     assert cg_ops.PATH_COUNTS[B.NAME][path] == before.get(path, 0) + 1
 
 
@@ -107,12 +138,15 @@ def test_row_splits_stay_inside_their_row_when_a_row_keeps_fewer_inputs_than_spl
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
-def test_a_float_call_keeping_most_inputs_runs_the_dense_matmul():
-    # A float bag pays only when few inputs are kept (FLOAT_BAG_MAX_KEPT): per call, more kept -> dense matmul of
-    # the thresholded x, fewer -> the bag; both equal the reference.
+@pytest.mark.parametrize("float_kernel", [True, False])
+def test_a_float_call_keeping_most_inputs_runs_the_dense_matmul(float_kernel, monkeypatch):
+    # A float bag (or the C kernel in its place) pays only when few inputs are kept (FLOAT_BAG_MAX_KEPT): per call,
+    # more kept -> dense matmul of the thresholded x, fewer -> the row-skipping path; both equal the reference.
+    if not float_kernel:
+        _no_float_kernel(monkeypatch)
     wt, _, _ = _weights("float", 0, 200, 48)
     rows = B.pack(wt, "float")
-    for zero_frac, path in ((0.2, "dense"), (0.7, "bag")):
+    for zero_frac, path in ((0.2, "dense"), (0.7, _path("float", 1, rows, 0.3))):
         x = _input(1, 200, zero_frac, torch.float32, seed=3)
         before = cg_ops.PATH_COUNTS[B.NAME][path]
         got = B.run(x, torch.tensor(0.0), rows, None, None, None, "float", 0, "t", False)

@@ -35,6 +35,7 @@ from __future__ import annotations
 import torch
 
 from effcompile.codegen import ops as _ops
+from effcompile.codegen.kernels import cpu_float_gemv
 from effcompile.compiler import sparse_linear as sl
 from effcompile.compiler import sparse_ops
 
@@ -60,6 +61,7 @@ ROW_SPLIT_MIN_WEIGHTS = 1 << 21  # below this a bag takes ~0.1 ms: waking a seco
 # Kept inputs per float / int8 bag at most: llama-1b's layer shapes ran alike at 16-64 and slower from 128 up; its
 # 128256-wide int8 head only at 32 (7.6 ms at 50 % kept, 8.3 at 24, 12.6 at 48, from DRAM).
 BAG_INPUTS = 32
+FLOAT_KERNEL = True  # one fp32 float row runs cpu_float_gemv's C kernel where it builds (False: the float bag)
 _QOPS = {"int8": "embedding_bag_byte_rowwise_offsets", "int4": "embedding_bag_4bit_rowwise_offsets"}
 _INT8_TAIL = torch.tensor([1.0, -128.0], dtype=torch.float32).view(torch.uint8)  # (scale, bias) per row
 _INT4_TAIL = torch.tensor([1.0, 0.0], dtype=torch.float16).view(torch.uint8)
@@ -168,7 +170,18 @@ def run(x, threshold, rows, scales, zeros, bias, fmt: str, group_size: int, labe
     decode = x2.shape[0] <= max_rows(fmt, rows.dtype) and (applied or threshold is None)
     if fmt == "float" and rows.numel() < FLOAT_BAG_MIN_WEIGHTS:
         decode = False  # a cache-resident sgemv beats the bag's ~0.07 ms of set-up (768 x 2048: 0.10 vs 0.13 ms)
-    if decode and x2.numel() and unavailable(fmt) is None:
+    if decode and fmt == "float" and rows.dtype == torch.float32 and x2.shape[0] == 1 and FLOAT_KERNEL \
+            and cpu_float_gemv.unavailable() is None:
+        # One row, fp32 weights: the C kernel on the same rows, faster than the float bag (cpu_float_gemv.py)
+        if applied and sparse_ops.measuring():
+            sparse_ops.record(label, sparse_ops.keep_mask(x, threshold), x.numel())
+        y = cpu_float_gemv.call(x2, threshold if applied else None, rows, int(FLOAT_BAG_MAX_KEPT * x2.shape[1]))
+        if y is not None:
+            y, path = y.view(1, -1).to(x.dtype), "kernel"
+        else:
+            xs = torch.where(sparse_ops.keep_mask(x, threshold), x, 0) if applied else x
+            y, path = _dense(xs.reshape(x2.shape), rows, scales, zeros, fmt, group_size), "dense"
+    elif decode and x2.numel() and unavailable(fmt) is None:
         # The bags come straight from the keep mask (|x| > t implies x != 0): no thresholded copy of x.
         keep = sparse_ops.keep_mask(x, threshold) if applied else x != 0
         if applied:
