@@ -73,24 +73,104 @@ static void group_sum(const uint8_t* panel, const int32_t* idx, const float* w, 
 #endif
 }
 
+#define BLOCK 4 /* activation rows converted together (AVX-512 build, 2+ rows) */
+#ifdef __AVX512F__
+#define QUAD0(X) X(0, _mm512_slli_epi32(d, 19)) X(1, _mm512_slli_epi32(d, 15)) X(2, _mm512_slli_epi32(d, 11)) X(3, _mm512_slli_epi32(d, 7))
+#define QUAD1(X) X(0, _mm512_slli_epi32(d, 3)) X(1, _mm512_srli_epi32(d, 1)) X(2, _mm512_srli_epi32(d, 5)) X(3, _mm512_srli_epi32(d, 9))
+
+/* R activation rows at once over the union of their kept inputs (w[BLOCK * i + r]: row r's x, 0 where it keeps
+   nothing): each code is converted once for R rows, in four passes of 64 outputs (16 accumulators for R = 4).
+   acc_out[r * 256 + j] = sum_i w (1 + q/16), as group_sum before its correction; xs_out[r] = sum_i w. */
+static inline __attribute__((always_inline)) void block_sum(const int R, const uint8_t* panel, const int32_t* idx,
+                                                            const float* w, int32_t begin, int32_t end,
+                                                            int32_t prefetch_end, float* acc_out, float* xs_out) {
+    const __m512i mask = _mm512_set1_epi32(0xF << 19), one = _mm512_set1_epi32(0x3F800000);
+    /* each row's sum of w, added in the order acc adds it, so that acc - xs cancels exactly what it should */
+    for (int r = 0; r < R; r++) {
+        float t = 0.f;
+        for (int32_t i = begin; i < end; i++) t += w[BLOCK * i + r];
+        xs_out[r] = t;
+    }
+    for (int q = 0; q < 4; q++) {
+        const int h = q >> 1;
+        __m512 acc[BLOCK][4];
+#pragma GCC unroll 4
+        for (int r = 0; r < R; r++)
+            for (int v = 0; v < 4; v++) acc[r][v] = _mm512_setzero_ps();
+#define STEP(v, t)                                                                                   \
+    {                                                                                                \
+        const __m512 f = _mm512_castsi512_ps(_mm512_ternarylogic_epi32(t, mask, one, 0xEA));         \
+        _Pragma("GCC unroll 4") for (int r = 0; r < R; r++)                                          \
+            acc[r][v] = _mm512_fmadd_ps(f, _mm512_set1_ps(w[BLOCK * i + r]), acc[r][v]);             \
+    }
+#define PASS(QUAD)                                                                                   \
+    for (int32_t i = begin; i < end; i++) {                                                          \
+        if (q == 0 && i + AHEAD < prefetch_end) {                                                    \
+            const char* a = (const char*)panel + (int64_t)idx[i + AHEAD] * ROW_BYTES;                \
+            _mm_prefetch(a, _MM_HINT_T0);                                                            \
+            _mm_prefetch(a + 64, _MM_HINT_T0);                                                       \
+        }                                                                                            \
+        const __m512i d = _mm512_loadu_si512((const void*)(panel + (int64_t)idx[i] * ROW_BYTES + 64 * h)); \
+        QUAD(STEP)                                                                                   \
+    }
+        if (q & 1) {
+            PASS(QUAD1)
+        } else {
+            PASS(QUAD0)
+        }
+#undef PASS
+#undef STEP
+#pragma GCC unroll 4
+        for (int r = 0; r < R; r++)
+            for (int v = 0; v < 4; v++) _mm512_storeu_ps(acc_out + r * OUTS + h * 128 + ((q & 1) * 4 + v) * 16, acc[r][v]);
+    }
+}
+#endif
+
+/* y[j] += scale_j * acc_j + zero_j * xs for one group's scales and zeros (acc as group_sum returns it). */
+static void epilogue(float* yr, const float* acc, float xs, const char* szg, int bf16, int64_t n) {
+    for (int64_t j = 0; j < n; j++) {
+        const float sc = bf16 ? bf16_to_float(((const uint16_t*)szg)[j]) : ((const float*)szg)[j];
+        const float ze = bf16 ? bf16_to_float(((const uint16_t*)szg)[OUTS + j]) : ((const float*)szg)[OUTS + j];
+        yr[j] += sc * acc[j] + ze * xs;
+    }
+}
+
 /* x [m, K] fp32; thr NULL (keep x != 0) or thr[k * thr_stride]; y [m, n_out] fp32.
  * Returns the number of kept inputs over all rows, or -1 if out of memory. */
 int64_t ec_int4_gemv(const float* x, int64_t m, int64_t K, const float* thr, int64_t thr_stride,
                      const uint8_t* panels, const void* sz, int sz_bf16, int64_t P, int64_t group, float* y,
                      int64_t n_out, int threads) {
     const int64_t G = K / group;
-    int32_t* idx = malloc(sizeof(int32_t) * (m * K + m * (G + 1)));
-    float* w = malloc(sizeof(float) * (m * K + m * G));
+#ifdef __AVX512F__
+    const int64_t blocks = m / BLOCK; /* full blocks of BLOCK rows; each runs block_sum if its rows keep alike */
+#else
+    const int64_t blocks = 0;
+#endif
+    int32_t* idx = malloc(sizeof(int32_t) * ((m + blocks) * K + (m + blocks) * (G + 1)) + blocks);
+    float* w = malloc(sizeof(float) * (m * K + blocks * K * BLOCK + m * G));
     if (!idx || !w) {
         free(idx);
         free(w);
         return -1;
     }
     int32_t* start = idx + m * K; /* start[r * (G + 1) + g]: row r's first kept input of group g */
-    float* xsum = w + m * K;
+    float* xsum = w + m * K;      /* xsum[r * G + g]: row r's kept x summed over group g */
+    int32_t* bidx = start + m * (G + 1); /* per block: the union of its rows' kept inputs, */
+    int32_t* bstart = bidx + blocks * K; /* its group starts, */
+    float* bw = xsum + m * G;            /* and BLOCK x values an entry (0 where a row does not keep it) */
+    char* blocked = (char*)(bstart + blocks * (G + 1));
+    const int64_t words = (K + 63) / 64;
+    uint64_t* seen = calloc(blocks * words + 1, sizeof(uint64_t)); /* per block: the inputs any of its rows keeps */
+    if (!seen) {
+        free(idx);
+        free(w);
+        return -1;
+    }
     int64_t kept = 0;
     for (int64_t r = 0; r < m; r++) {
         const float* xr = x + r * K;
+        uint64_t* mask = r / BLOCK < blocks ? seen + r / BLOCK * words : NULL;
         int32_t c = 0;
         for (int64_t g = 0; g < G; g++) {
             start[r * (G + 1) + g] = c;
@@ -104,6 +184,7 @@ int64_t ec_int4_gemv(const float* x, int64_t m, int64_t K, const float* thr, int
                     w[r * K + c] = v;
                     s += v;
                     c++;
+                    if (mask) mask[k / 64] |= 1ull << (k % 64);
                 }
             }
             xsum[r * G + g] = s;
@@ -111,29 +192,65 @@ int64_t ec_int4_gemv(const float* x, int64_t m, int64_t K, const float* thr, int
         start[r * (G + 1) + G] = c;
         kept += c;
     }
-    const int64_t sz_panel = G * 2 * OUTS * (sz_bf16 ? 2 : 4);
+    /* A block converts each code of the union once for its rows but multiplies the zeros of rows that dropped the
+       input: it pays where the rows keep nearly the same inputs (dense inputs, prefill), not at 40-50 % sparsity
+       (Llama-3.2-1B shapes: 4 dense rows 1.98 vs 2.26 ms one row at a time, 4 rows at 50 % 1.90 vs 1.51). */
+    for (int64_t b = 0; b < blocks; b++) {
+        int64_t sum = 0, both = 0;
+        for (int64_t r = 0; r < BLOCK; r++) sum += start[(b * BLOCK + r) * (G + 1) + G];
+        for (int64_t i = 0; i < words; i++) both += __builtin_popcountll(seen[b * words + i]);
+        blocked[b] = 5 * both < 2 * sum; /* union < 0.4 x the kept inputs of the BLOCK rows */
+        if (!blocked[b]) continue;
+        int32_t c = 0;
+        for (int64_t g = 0; g < G; g++) {
+            bstart[b * (G + 1) + g] = c;
+            for (int64_t k = g * group; k < (g + 1) * group; k++) {
+                int any = 0;
+                for (int64_t r = 0; r < BLOCK; r++) {
+                    const float v = x[(b * BLOCK + r) * K + k];
+                    const int keep = thr ? fabsf(v) > thr[k * thr_stride] : !(v == 0.f);
+                    bw[(b * K + c) * BLOCK + r] = keep ? v : 0.f;
+                    any |= keep;
+                }
+                if (any) bidx[b * K + c++] = (int32_t)k;
+            }
+        }
+        bstart[b * (G + 1) + G] = c;
+    }
+    free(seen);
+    const int64_t sz_panel = G * 2 * OUTS * (sz_bf16 ? 2 : 4), sz_group = 2 * OUTS * (sz_bf16 ? 2 : 4);
 #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && P > 1)
     for (int64_t p = 0; p < P; p++) {
         const uint8_t* panel = panels + p * K * ROW_BYTES;
         const char* szp = (const char*)sz + p * sz_panel;
         const int64_t width = n_out - p * OUTS < OUTS ? n_out - p * OUTS : OUTS;
-        float acc[OUTS];
+        float acc[BLOCK * OUTS], xs[BLOCK];
+        (void)xs;
         for (int64_t r = 0; r < m; r++)
             for (int64_t j = 0; j < width; j++) y[r * n_out + p * OUTS + j] = 0.f;
         for (int64_t g = 0; g < G; g++) {
+            const char* szg = szp + g * sz_group;
             for (int64_t r = 0; r < m; r++) {
+#ifdef __AVX512F__
+                if (r / BLOCK < blocks && blocked[r / BLOCK]) {
+                    if (r % BLOCK) continue; /* the block's first row runs all of it */
+                    const int64_t b = r / BLOCK;
+                    const int32_t* st = bstart + b * (G + 1);
+                    if (st[g] == st[g + 1]) continue;
+                    block_sum(BLOCK, panel, bidx + b * K, bw + b * K * BLOCK, st[g], st[g + 1], st[G], acc, xs);
+                    for (int64_t i = 0; i < BLOCK; i++) {
+                        /* acc sums x (1 + q/16) in fp32: its own sum of x (xs) cancels the 1s */
+                        float* a = acc + i * OUTS;
+                        for (int64_t j = 0; j < width; j++) a[j] = 16.f * (a[j] - xs[i]);
+                        epilogue(y + (r + i) * n_out + p * OUTS, a, xsum[(r + i) * G + g], szg, sz_bf16, width);
+                    }
+                    continue;
+                }
+#endif
                 const int32_t* st = start + r * (G + 1);
                 if (st[g] == st[g + 1]) continue;
                 group_sum(panel, idx + r * K, w + r * K, st[g], st[g + 1], st[G], acc);
-                const float xs = xsum[r * G + g];
-                float* yr = y + r * n_out + p * OUTS;
-                if (sz_bf16) {
-                    const uint16_t* s = (const uint16_t*)szp + g * 2 * OUTS;
-                    for (int64_t j = 0; j < width; j++) yr[j] += bf16_to_float(s[j]) * acc[j] + bf16_to_float(s[OUTS + j]) * xs;
-                } else {
-                    const float* s = (const float*)szp + g * 2 * OUTS;
-                    for (int64_t j = 0; j < width; j++) yr[j] += s[j] * acc[j] + s[OUTS + j] * xs;
-                }
+                epilogue(y + r * n_out + p * OUTS, acc, xsum[r * G + g], szg, sz_bf16, width);
             }
         }
     }

@@ -121,23 +121,25 @@ def run(x, threshold, panels, sz, bias, n: int, group: int, label: str, decode_o
 
 
 def _self_check(fn) -> None:
-    """Odd shapes (a partial last panel, two groups), each threshold form and both scale dtypes vs ``_dense``."""
+    """Odd shapes (a partial last panel, two groups), each threshold form, both scale dtypes and each row path (one
+    row; blocks of 2, 3 and 4 rows) vs ``_dense``."""
     gen = torch.Generator().manual_seed(0)
     k, n, group = 64, 300, 32
     wt = torch.randint(0, 256, (k, n // 2), dtype=torch.uint8, generator=gen)
-    x = torch.randn(3, k, generator=gen)
+    x = torch.randn(7, k, generator=gen)  # rows 0, 0-1, 0-6: one row, a block of 2, blocks of 4 and 3
     x[0, :5] = 0
     for dt in (torch.float32, torch.bfloat16):
         s = (torch.rand(k // group, n, generator=gen) * 0.1).to(dt)
         z = torch.randn(k // group, n, generator=gen).to(dt) * 0.1
         panels, sz = pack(wt, s, z)
         for thr in (None, torch.tensor(0.5), torch.rand(k, generator=gen)):
-            xs = x if thr is None else torch.where(x.abs() > thr, x, 0)
-            want, got = _dense(xs, panels, sz, n, group), _call(fn, x, thr, panels, sz, n, group)
-            err = (got - want).abs().max().item()
-            if not err <= 1e-4 * max(1.0, want.abs().max().item()):
-                raise RuntimeError(f"kernel disagrees with the reference (max err {err:.3g}, scales {dt}, "
-                                   f"threshold {None if thr is None else tuple(thr.shape)})")
+            for m in (1, 2, 7):
+                xs = x[:m] if thr is None else torch.where(x[:m].abs() > thr, x[:m], 0)
+                want, got = _dense(xs, panels, sz, n, group), _call(fn, x[:m], thr, panels, sz, n, group)
+                err = (got - want).abs().max().item()
+                if not err <= 1e-4 * max(1.0, want.abs().max().item()):
+                    raise RuntimeError(f"kernel disagrees with the reference (max err {err:.3g}, scales {dt}, "
+                                       f"threshold {None if thr is None else tuple(thr.shape)}, {m} rows)")
 
 
 sl.CPU_INT4_PROBE[:] = [lambda: unavailable()]  # late-bound: tests swap _STATE
