@@ -420,10 +420,11 @@ def _lower_cpu_bags(gm: fx.GraphModule, mode: int) -> tuple[list[KernelRecord], 
     records, fallbacks = [], []
     fake_mode = None
     for node in list(gm.graph.nodes):
-        if _one_row_int4(gm, node) and isinstance(plan := _bag_plan(gm, node), tuple):
-            # One activation row (a batch-1 decode graph): the C kernel beats torch's packed int4 matmul even
-            # reading every row, on fp32 x unrounded (Llama-3.2-1B shapes from DRAM, session 24: 1.08-1.63x; from
-            # 2 rows on it loses, 0.7-1.0x, so wider graphs keep the packed matmul).
+        if _int4_kernel_rows(gm, node) and isinstance(plan := _bag_plan(gm, node), tuple):
+            # The C kernel beats torch's packed int4 matmul even reading every row, on fp32 x unrounded, at one
+            # activation row (a batch-1 decode graph) and from 8 rows on, where blocks of 4 rows share each code's
+            # conversion (Llama-3.2-1B shapes and its LM head from DRAM, session 24: 1 row 1.08-1.63x, 8 rows
+            # 0.95-1.18x, 32 rows 1.06-1.38x); at 2-4 rows the packed matmul is 1.0-1.2x faster and keeps them.
             old = node.args[1:5]
             fake_mode = fake_mode or fake_mode_for(gm)
             records.append(_lower_int4_gemv(gm, node, plan, node.meta.get(TAG), fake_mode))
@@ -467,17 +468,18 @@ def _lower_cpu_bags(gm: fx.GraphModule, mode: int) -> tuple[list[KernelRecord], 
     return records, fallbacks
 
 
-def _one_row_int4(gm: fx.GraphModule, node) -> bool:
-    """A weight-only int4 wq_linear on CPU weights whose graph calls it with one activation row, the C kernel here."""
+def _int4_kernel_rows(gm: fx.GraphModule, node) -> bool:
+    """A weight-only int4 wq_linear on CPU weights whose graph calls it with 1 or at least 8 activation rows (or a
+    number only known per call, as prefill graphs with a dynamic length): the C kernel takes it."""
     if node.op != "call_function" or node.target is not wq_linear_op() or len(node.args) < 7 or node.args[5] != "int4":
         return False
-    q = attr_tensor(gm, node.args[1])
-    return q is not None and q.device.type == "cpu" and _static_rows(node.args[0]) == 1 \
+    q, rows = attr_tensor(gm, node.args[1]), _static_rows(node.args[0])
+    return q is not None and q.device.type == "cpu" and not (rows is not None and 1 < rows < 8) \
         and _int4_gemv.unavailable() is None
 
 
 def _lower_int4_gemv(gm: fx.GraphModule, node, plan: tuple, tag, fake_mode) -> KernelRecord:
-    """A thresholded int4 sparse_linear, or a one-row int4 wq_linear -> the C kernel's op on its panel layout."""
+    """A thresholded int4 sparse_linear, or an int4 wq_linear _int4_kernel_rows picks -> the C kernel's op."""
     x, thr, wt, st, zt, b, _, group, label, decode_only = plan
     panels, sz = _int4_gemv.pack(wt, st, zt)
     new_args = [add_buffer(gm, node, f"_ec_int4_{node.name}_{suffix}", t, tag, fake_mode)

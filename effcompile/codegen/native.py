@@ -13,12 +13,16 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import logging
 import os
 import platform
 import shutil
 import subprocess
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
 
@@ -72,3 +76,30 @@ def load(source: Path, symbol: str, argtypes: list, restype, check: Callable[[Ca
             except (OSError, RuntimeError) as e:
                 last = e
     raise RuntimeError(str(last))
+
+
+@dataclass
+class Kernel:
+    """One C function of a kernel module, loaded on first use and decided once per process: ``fn``, or ``why`` not."""
+
+    name: str  # "CPU int4 GEMV": how explain() and the log name it
+    source: Path
+    symbol: str
+    argtypes: list
+    restype: object
+    check: Callable[[Callable], None]
+    fallback: str  # what runs without it, for the log
+    fn: Callable | None = field(default=None, repr=False)
+    why: str | None = None
+    decided: bool = False
+
+    def unavailable(self) -> str | None:
+        """None when the kernel is built, loaded and agrees with its reference here, else why not."""
+        if not self.decided:
+            try:
+                self.fn, self.why = load(self.source, self.symbol, self.argtypes, self.restype, self.check), None
+            except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+                self.fn, self.why = None, f"{self.name} kernel unavailable: {e}"
+                log.warning("%s; %s", self.why, self.fallback)
+            self.decided = True
+        return self.why

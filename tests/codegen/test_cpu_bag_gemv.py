@@ -25,7 +25,8 @@ def _float_bags_at_test_sizes(monkeypatch):
 
 def _no_float_kernel(monkeypatch):
     """As where no C compiler is: one-row fp32 float calls take torch's float bag."""
-    monkeypatch.setattr(cpu_float_gemv, "_STATE", {"fn": None, "why": "CPU float GEMV kernel unavailable: test"})
+    for attr, value in (("decided", True), ("fn", None), ("why", "CPU float GEMV kernel unavailable: test")):
+        monkeypatch.setattr(cpu_float_gemv.KERNEL, attr, value)
 
 
 def _path(fmt, m, rows, kept_share) -> str:

@@ -34,9 +34,10 @@ def test_matches_torch(k, n, zero_frac, threshold, threads, monkeypatch):
 
 
 def test_a_kernel_that_disagrees_with_the_reference_is_refused(monkeypatch, tmp_path):
-    monkeypatch.setattr(F, "_STATE", {})
+    for attr, value in (("decided", False), ("fn", None), ("why", None)):  # restored after the test
+        monkeypatch.setattr(F.KERNEL, attr, value)
     monkeypatch.setenv("EFFCOMPILE_CACHE_DIR", str(tmp_path / "cache"))
     wrong = tmp_path / "wrong.c"
     wrong.write_text(F.SOURCE.read_text().replace("acc[j] += xk * row[j]", "acc[j] += xk * row[j] * 1.001f"))
-    monkeypatch.setattr(F, "SOURCE", wrong)
+    monkeypatch.setattr(F.KERNEL, "source", wrong)
     assert "disagrees with the reference" in F.unavailable()

@@ -106,7 +106,8 @@ def test_achieved_sparsity_is_counted():
 @pytest.fixture
 def fresh(monkeypatch, tmp_path):
     """A process that has not loaded the kernel yet, with its own cache directory."""
-    monkeypatch.setattr(M, "_STATE", {})
+    for attr, value in (("decided", False), ("fn", None), ("why", None)):  # restored after the test
+        monkeypatch.setattr(M.KERNEL, attr, value)
     monkeypatch.setenv("EFFCOMPILE_CACHE_DIR", str(tmp_path / "cache"))
     return tmp_path / "cache" / "native"
 
@@ -116,7 +117,7 @@ def test_library_is_cached_and_a_broken_one_is_rebuilt(fresh, monkeypatch, tmp_p
     (lib,) = fresh.glob("*.so")
     assert oct(fresh.stat().st_mode & 0o777) == "0o700"
     built = lib.stat().st_mtime_ns
-    monkeypatch.setattr(M, "_STATE", {})
+    M.KERNEL.decided = False  # the fixture restores it
     assert M.unavailable() is None and lib.stat().st_mtime_ns == built  # a second process loads the cached one
     # A broken library under the same name in another cache directory (one this process has not loaded: a loaded
     # library's path is dlopen's cache key) fails to load, so it is built again.
@@ -124,7 +125,7 @@ def test_library_is_cached_and_a_broken_one_is_rebuilt(fresh, monkeypatch, tmp_p
     (other / "native").mkdir(parents=True, mode=0o700)
     (other / "native" / lib.name).write_bytes(b"not a shared library")
     monkeypatch.setenv("EFFCOMPILE_CACHE_DIR", str(other))
-    monkeypatch.setattr(M, "_STATE", {})
+    M.KERNEL.decided = False
     assert M.unavailable() is None
     assert (other / "native" / lib.name).read_bytes()[:4] == b"\x7fELF"
 
@@ -133,7 +134,7 @@ def test_a_kernel_that_disagrees_with_the_reference_is_refused(fresh, monkeypatc
     wrong = tmp_path / "wrong.c"
     wrong.write_text(M.SOURCE.read_text().replace("_mm512_set1_ps(16.f)", "_mm512_set1_ps(15.f)")
                      .replace("& 15u", "& 7u"))  # both the AVX-512 and the plain-C variant go wrong
-    monkeypatch.setattr(M, "SOURCE", wrong)
+    monkeypatch.setattr(M.KERNEL, "source", wrong)
     assert "disagrees with the reference" in M.unavailable()
 
 
@@ -191,13 +192,14 @@ def test_thresholded_int4_decode_lowers_to_the_kernel(llama, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_one_row_int4_decode_takes_the_kernel_and_wider_graphs_the_packed_matmul(llama, dtype):
+def test_int4_decode_takes_the_kernel_at_one_and_eight_rows_and_the_packed_matmul_at_two(llama, dtype):
     if qops.packed_cpu_unavailable("int4", dtype, 64):
         pytest.skip(qops.packed_cpu_unavailable("int4", dtype, 64))
     model = copy.deepcopy(llama).to(dtype)
     cfg = [ec.Quantize(weights="int4", group_size=32, targets=("attn", "ffn", "head"))]
     gen = torch.Generator().manual_seed(3)
     one, two = torch.randint(0, 128, (1, 1), generator=gen), torch.randint(0, 128, (2, 1), generator=gen)
+    eight = torch.randint(0, 128, (8, 1), generator=gen)
     fast = ec.effcompile(model, passes=cfg, cache=False)
     ref = ec.effcompile(model, passes=cfg, cache=False, use_triton=True)  # the dequant kernel, interpreted
     with torch.no_grad():
@@ -206,8 +208,15 @@ def test_one_row_int4_decode_takes_the_kernel_and_wider_graphs_the_packed_matmul
     assert kinds == ["cpu-int4-gemv"] * 9  # 2 layers x (q/k/v, o, gate/up, down) and the head
     tol = 1e-4 if dtype == torch.float32 else 3e-2  # fp32: x is not rounded to bf16 as the packed matmul needs
     torch.testing.assert_close(out.float(), want.float(), rtol=tol, atol=tol)
+    torch._dynamo.reset()  # a static 2-row graph (dynamo would otherwise recompile the batch dimension dynamic)
     wide = ec.effcompile(model, passes=cfg, cache=False)
     with torch.no_grad():
         wide(two)
     kinds = {k.kind for k in ec.explain(wide).kernels if k.ops[:1] == ("wq_linear",)}
     assert kinds == {"cpu-int4pack-mm" + ("-bf16x" if dtype == torch.float32 else "")}
+    torch._dynamo.reset()
+    batch = ec.effcompile(model, passes=cfg, cache=False)
+    with torch.no_grad():
+        out, want = batch(eight).logits, ref(eight).logits
+    assert {k.kind for k in ec.explain(batch).kernels if k.ops[:1] == ("wq_linear",)} == {"cpu-int4-gemv"}
+    torch.testing.assert_close(out.float(), want.float(), rtol=tol, atol=tol)

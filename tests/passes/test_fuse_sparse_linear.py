@@ -155,7 +155,8 @@ def test_int4_on_cpu_without_the_c_kernel_stays_unfused_for_the_packed_matmul(dt
     from effcompile.codegen.kernels import cpu_int4_gemv
     from effcompile.compiler import ops as qops
 
-    monkeypatch.setattr(cpu_int4_gemv, "_STATE", {"fn": None, "why": "CPU int4 GEMV kernel unavailable: test"})
+    for attr, value in (("decided", True), ("fn", None), ("why", "CPU int4 GEMV kernel unavailable: test")):
+        monkeypatch.setattr(cpu_int4_gemv.KERNEL, attr, value)
     if qops.packed_cpu_unavailable("int4", dtype, 64):
         pytest.skip(qops.packed_cpu_unavailable("int4", dtype, 64))
     model = tiny_hf("llama", layers=2, hidden=64).to(dtype)

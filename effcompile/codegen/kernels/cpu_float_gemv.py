@@ -13,39 +13,27 @@ the dense matmul. bf16 / fp16 weights keep the bag, which was as fast or faster 
 from __future__ import annotations
 
 import ctypes
-import logging
-import subprocess
 from pathlib import Path
 
 import torch
 
 from effcompile.codegen import native
 
-log = logging.getLogger(__name__)
-
 SOURCE = Path(__file__).with_suffix(".c")
 _ARGTYPES = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
              ctypes.c_void_p, ctypes.c_int, ctypes.c_int64]
-_STATE: dict = {}  # "fn": the loaded kernel, or "why": the reason there is none (decided once per process)
 
 
 def unavailable() -> str | None:
     """None when the C kernel is built, loaded and agrees with the reference here, else why not."""
-    if not _STATE:
-        try:
-            _STATE["fn"] = native.load(SOURCE, "ec_float_gemv", _ARGTYPES, ctypes.c_int64, _self_check)
-            _STATE["why"] = None
-        except (OSError, RuntimeError, subprocess.SubprocessError) as e:
-            _STATE["fn"], _STATE["why"] = None, f"CPU float GEMV kernel unavailable: {e}"
-            log.warning("%s; fp32 sparse linears use torch's embedding bag", _STATE["why"])
-    return _STATE["why"]
+    return KERNEL.unavailable()
 
 
 def call(x: torch.Tensor, threshold: torch.Tensor | None, rows: torch.Tensor, max_kept: int,
          fn=None) -> torch.Tensor | None:
     """x [K] or [1, K] (any float dtype) @ rows [K, N] fp32 over the inputs kept (|x| > threshold, or x != 0 without
     one), in fp32; None (nothing computed) when more than ``max_kept`` inputs are kept."""
-    fn = fn or _STATE["fn"]
+    fn = fn or KERNEL.fn
     k, n = rows.shape
     xf = x.reshape(k).float().contiguous()
     # the reference compares |x| > threshold in x's dtype: round the threshold the same way
@@ -74,3 +62,7 @@ def _self_check(fn) -> None:
                 raise RuntimeError(f"kernel disagrees with the reference (max err {err:.3g}, {k}x{n})")
             if call(x, thr, rows, int(keep.sum()) - 1, fn) is not None:
                 raise RuntimeError("kernel ignored its kept-input limit")
+
+
+KERNEL = native.Kernel("CPU float GEMV", SOURCE, "ec_float_gemv", _ARGTYPES, ctypes.c_int64, _self_check,
+                       "fp32 sparse linears use torch's embedding bag")

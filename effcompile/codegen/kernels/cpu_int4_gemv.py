@@ -21,8 +21,6 @@ waited on memory (50 % kept: 1.22 -> 0.70 ms, 2048 x 16384 from DRAM).
 from __future__ import annotations
 
 import ctypes
-import logging
-import subprocess
 from pathlib import Path
 
 import torch
@@ -32,8 +30,6 @@ from effcompile.codegen import ops as _ops
 from effcompile.compiler import sparse_linear as sl
 from effcompile.compiler import sparse_ops
 
-log = logging.getLogger(__name__)
-
 NAME = "int4_gemv"  # the custom op (effcompile::int4_gemv) and its PATH_COUNTS key
 OUTS = 256  # outputs per panel (the C kernel's OUTS)
 ROW_BYTES = 128
@@ -41,19 +37,11 @@ SOURCE = Path(__file__).with_suffix(".c")
 _ARGTYPES = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
              ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
              ctypes.c_int]
-_STATE: dict = {}  # "fn": the loaded kernel, or "why": the reason there is none (decided once per process)
 
 
 def unavailable() -> str | None:
     """None when the C kernel is built, loaded and agrees with the reference here, else why not."""
-    if not _STATE:
-        try:
-            _STATE["fn"] = native.load(SOURCE, "ec_int4_gemv", _ARGTYPES, ctypes.c_int64, _self_check)
-            _STATE["why"] = None
-        except (OSError, RuntimeError, subprocess.SubprocessError) as e:
-            _STATE["fn"], _STATE["why"] = None, f"CPU int4 GEMV kernel unavailable: {e}"
-            log.warning("%s; int4 sparse linears fall back to slower paths", _STATE["why"])
-    return _STATE["why"]
+    return KERNEL.unavailable()
 
 
 def pack(weight_t: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -110,7 +98,7 @@ def run(x, threshold, panels, sz, bias, n: int, group: int, label: str, decode_o
     # Every row count takes the kernel: prefill too (50 rows of 2048 x 16384: 24.6 ms, torch's packed int4 matmul
     # 19.4; the dequantize + matmul below 222 ms, the path only for a graph loaded where the kernel cannot build).
     if x2.numel() and unavailable() is None:
-        y, path = _call(_STATE["fn"], x2, threshold if applied else None, panels, sz, n, group).to(x.dtype), "kernel"
+        y, path = _call(KERNEL.fn, x2, threshold if applied else None, panels, sz, n, group).to(x.dtype), "kernel"
     else:
         xs = torch.where(sparse_ops.keep_mask(x2, threshold), x2, 0) if applied else x2
         y, path = _dense(xs, panels, sz, n, group), "dense"
@@ -142,7 +130,9 @@ def _self_check(fn) -> None:
                                        f"threshold {None if thr is None else tuple(thr.shape)}, {m} rows)")
 
 
-sl.CPU_INT4_PROBE[:] = [lambda: unavailable()]  # late-bound: tests swap _STATE
+KERNEL = native.Kernel("CPU int4 GEMV", SOURCE, "ec_int4_gemv", _ARGTYPES, ctypes.c_int64, _self_check,
+                       "int4 sparse linears fall back to slower paths")
+sl.CPU_INT4_PROBE[:] = [unavailable]
 
 if not _ops.op_exists(NAME):
 
