@@ -263,3 +263,16 @@ def test_small_float_weights_take_sgemv(monkeypatch):
     got = B.run(x, torch.tensor(0.3), B.pack(wt, "float"), None, None, None, "float", 0, "", False)
     assert cg_ops.PATH_COUNTS[B.NAME]["dense"] == before + 1
     torch.testing.assert_close(got, sl.reference(x, torch.tensor(0.3), wt, None, None, None, "float", 0, "", False))
+
+
+def test_an_unlimited_float_kept_share_runs_the_row_skipping_path(monkeypatch):
+    # sparse_cpu.py --raw-bags lifts the limit with inf: every one-row fp32 call keeps the row-skipping path
+    monkeypatch.setattr(B, "FLOAT_BAG_MAX_KEPT", float("inf"))
+    wt, _, _ = _weights("float", 0, 200, 48)
+    x = _input(1, 200, 0.0, torch.float32, seed=4)
+    path = _path("float", 1, B.pack(wt, "float"), 0.0)
+    before = cg_ops.PATH_COUNTS[B.NAME][path]
+    got = B.run(x, torch.tensor(0.0), B.pack(wt, "float"), None, None, None, "float", 0, "t", False)
+    torch.testing.assert_close(got, sl.reference(x, torch.tensor(0.0), wt, None, None, None, "float", 0, "t", False),
+                               rtol=1e-5, atol=1e-5)
+    assert path != "dense" and cg_ops.PATH_COUNTS[B.NAME][path] == before + 1

@@ -175,7 +175,7 @@ def run(x, threshold, rows, scales, zeros, bias, fmt: str, group_size: int, labe
         # One row, fp32 weights: the C kernel on the same rows, faster than the float bag (cpu_float_gemv.py)
         if applied and sparse_ops.measuring():
             sparse_ops.record(label, sparse_ops.keep_mask(x, threshold), x.numel())
-        y = cpu_float_gemv.call(x2, threshold if applied else None, rows, int(FLOAT_BAG_MAX_KEPT * x2.shape[1]))
+        y = cpu_float_gemv.call(x2, threshold if applied else None, rows, int(min(FLOAT_BAG_MAX_KEPT, 1) * x2.shape[1]))
         if y is not None:
             y, path = y.view(1, -1).to(x.dtype), "kernel"
         else:
