@@ -421,10 +421,12 @@ def _lower_cpu_bags(gm: fx.GraphModule, mode: int) -> tuple[list[KernelRecord], 
     fake_mode = None
     for node in list(gm.graph.nodes):
         if _int4_kernel_rows(gm, node) and isinstance(plan := _bag_plan(gm, node), tuple):
-            # The C kernel beats torch's packed int4 matmul even reading every row, on fp32 x unrounded, at one
-            # activation row (a batch-1 decode graph) and from 8 rows on, where blocks of 4 rows share each code's
-            # conversion (Llama-3.2-1B shapes and its LM head from DRAM, session 24: 1 row 1.08-1.63x, 8 rows
-            # 0.95-1.18x, 32 rows 1.06-1.38x); at 2-4 rows the packed matmul is 1.0-1.2x faster and keeps them.
+            # The C kernel beats torch's packed int4 matmul even reading every row at one activation row (a batch-1
+            # decode graph) and from 8 rows on, where blocks of 4 rows share each code's conversion (Llama-3.2-1B
+            # shapes and its LM head from DRAM, session 24: 1 row 1.08-1.63x, 8 rows 0.95-1.18x, 32 rows
+            # 1.06-1.38x); at 2-4 rows the packed matmul is 1.0-1.2x faster and keeps 16-bit activations there.
+            # fp32 activations take the kernel at every row count: the packed matmul needs them rounded to bf16,
+            # and a model whose prefill and decode rounded differently would not agree with itself.
             old = node.args[1:5]
             fake_mode = fake_mode or fake_mode_for(gm)
             records.append(_lower_int4_gemv(gm, node, plan, node.meta.get(TAG), fake_mode))
@@ -469,12 +471,13 @@ def _lower_cpu_bags(gm: fx.GraphModule, mode: int) -> tuple[list[KernelRecord], 
 
 
 def _int4_kernel_rows(gm: fx.GraphModule, node) -> bool:
-    """A weight-only int4 wq_linear on CPU weights whose graph calls it with 1 or at least 8 activation rows (or a
-    number only known per call, as prefill graphs with a dynamic length): the C kernel takes it."""
+    """A weight-only int4 wq_linear on CPU weights the C kernel takes: fp32 activations, or a graph calling it with 1
+    or at least 8 activation rows (or a number only known per call, as prefill graphs with a dynamic length)."""
     if node.op != "call_function" or node.target is not wq_linear_op() or len(node.args) < 7 or node.args[5] != "int4":
         return False
-    q, rows = attr_tensor(gm, node.args[1]), _static_rows(node.args[0])
-    return q is not None and q.device.type == "cpu" and not (rows is not None and 1 < rows < 8) \
+    q, rows, val = attr_tensor(gm, node.args[1]), _static_rows(node.args[0]), tensor_val(node.args[0])
+    fp32 = val is not None and val.dtype == torch.float32
+    return q is not None and q.device.type == "cpu" and (fp32 or not (rows is not None and 1 < rows < 8)) \
         and _int4_gemv.unavailable() is None
 
 

@@ -41,3 +41,13 @@ def test_a_kernel_that_disagrees_with_the_reference_is_refused(monkeypatch, tmp_
     wrong.write_text(F.SOURCE.read_text().replace("acc[j] += xk * row[j]", "acc[j] += xk * row[j] * 1.001f"))
     monkeypatch.setattr(F.KERNEL, "source", wrong)
     assert "disagrees with the reference" in F.unavailable()
+
+
+def test_the_plain_c_variant_agrees_too(monkeypatch, tmp_path):
+    from effcompile.codegen import native
+
+    for attr, value in (("decided", False), ("fn", None), ("why", None)):  # restored after the test
+        monkeypatch.setattr(F.KERNEL, attr, value)
+    monkeypatch.setenv("EFFCOMPILE_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(native, "FLAGS", tuple("-march=x86-64-v2" if f == "-march=native" else f for f in native.FLAGS))
+    assert F.unavailable() is None

@@ -192,7 +192,7 @@ def test_thresholded_int4_decode_lowers_to_the_kernel(llama, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_int4_decode_takes_the_kernel_at_one_and_eight_rows_and_the_packed_matmul_at_two(llama, dtype):
+def test_int4_takes_the_kernel_at_one_and_eight_rows_and_bf16_the_packed_matmul_at_two(llama, dtype):
     if qops.packed_cpu_unavailable("int4", dtype, 64):
         pytest.skip(qops.packed_cpu_unavailable("int4", dtype, 64))
     model = copy.deepcopy(llama).to(dtype)
@@ -213,10 +213,19 @@ def test_int4_decode_takes_the_kernel_at_one_and_eight_rows_and_the_packed_matmu
     with torch.no_grad():
         wide(two)
     kinds = {k.kind for k in ec.explain(wide).kernels if k.ops[:1] == ("wq_linear",)}
-    assert kinds == {"cpu-int4pack-mm" + ("-bf16x" if dtype == torch.float32 else "")}
+    # bf16 at 2 rows: the packed matmul (faster there); fp32 x every row count: the kernel (no rounding to bf16)
+    assert kinds == {"cpu-int4-gemv" if dtype == torch.float32 else "cpu-int4pack-mm"}
     torch._dynamo.reset()
     batch = ec.effcompile(model, passes=cfg, cache=False)
     with torch.no_grad():
         out, want = batch(eight).logits, ref(eight).logits
     assert {k.kind for k in ec.explain(batch).kernels if k.ops[:1] == ("wq_linear",)} == {"cpu-int4-gemv"}
     torch.testing.assert_close(out.float(), want.float(), rtol=tol, atol=tol)
+
+
+def test_the_plain_c_variant_agrees_too(fresh, monkeypatch):
+    # Built for a CPU without AVX-512 (x86-64-v2): the plain loops pass the same self-check (1, 2 and 7 rows).
+    from effcompile.codegen import native
+
+    monkeypatch.setattr(native, "FLAGS", tuple("-march=x86-64-v2" if f == "-march=native" else f for f in native.FLAGS))
+    assert M.unavailable() is None

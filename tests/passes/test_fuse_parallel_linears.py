@@ -54,8 +54,10 @@ def test_qkv_and_gate_up_fuse_and_match_the_unfused_graph(llama, weights, group)
     assert _wq_nodes(fused) == 2 * 4 and _wq_nodes(plain) == 2 * 7  # qkv, o, gate_up, down per layer
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     # The per-projection packed weights are gone, not kept beside the concatenated ones (a copy would make
-    # it ~1.7x; per-linear side buffers of the CPU layout make it slightly less).
-    assert 0.9 * _buffer_bytes(plain) <= _buffer_bytes(fused) <= _buffer_bytes(plain)
+    # it ~1.7x; per-linear side buffers of the CPU layout make it slightly less; int4's CPU kernel pads each
+    # linear's outputs to 256, so three tiny unfused projections pad more than their fused one).
+    low = 0.5 if weights == "int4" else 0.9
+    assert low * _buffer_bytes(plain) <= _buffer_bytes(fused) <= _buffer_bytes(plain)
 
 
 @pytest.mark.interpreter
