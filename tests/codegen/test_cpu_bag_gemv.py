@@ -189,6 +189,11 @@ def test_row_splits_fill_the_threads_and_cap_the_inputs_per_bag(monkeypatch):
     assert B.row_splits(big, 8, "float", 10, threads=4) == 1  # as many rows as threads: a bag each already
     # Past BAG_INPUTS kept inputs, more bags: 1000 kept -> 32 bags of at most 32 (31.25) inputs
     assert B.row_splits(big, 1, "float", 1000, threads=2) == -(-1000 // B.BAG_INPUTS) == 32
+    # Several rows (chunk-major bags): CHUNK_INPUTS per bag instead, per format
+    assert B.row_splits(big, 8, "int8", B.CHUNK_INPUTS["int8"] + 1, threads=4) == 2
+    assert B.row_splits(big, 8, "int8", B.CHUNK_INPUTS["int8"], threads=4) == 1
+    assert B.row_splits(big, 4, "float", B.CHUNK_INPUTS["float"] + 1, threads=4) == 2
+    monkeypatch.setattr(B, "CHUNK_MAJOR", False)  # row-major bags: BAG_INPUTS again
     assert B.row_splits(big, 8, "int8", B.BAG_INPUTS + 1, threads=4) == 2
     assert B.row_splits(big, 1, "int4", 1000, threads=4) == 1  # one bag per K-group already
     assert B.row_splits(big[:1000], 1, "float", 1000, threads=4) == 1  # a cache-resident weight: one bag
@@ -276,3 +281,25 @@ def test_an_unlimited_float_kept_share_runs_the_row_skipping_path(monkeypatch):
     torch.testing.assert_close(got, sl.reference(x, torch.tensor(0.0), wt, None, None, None, "float", 0, "t", False),
                                rtol=1e-5, atol=1e-5)
     assert path != "dense" and cg_ops.PATH_COUNTS[B.NAME][path] == before + 1
+
+
+@pytest.mark.parametrize("fmt,dtype", [("float", torch.bfloat16), ("int8", torch.float32)])
+@pytest.mark.parametrize("m", [2, 4])
+def test_chunk_major_and_row_major_bags_agree(fmt, dtype, m, monkeypatch):
+    # Several rows: bags by input range then row (a range's weight rows read once for all rows), cut into ranges
+    # that do not divide K; row-major as before. Both take the bag and equal the reference.
+    monkeypatch.setattr(B, "ROW_SPLIT_MIN_WEIGHTS", 0)
+    monkeypatch.setattr(B, "CHUNK_INPUTS", {"float": 7, "int8": 7})  # ~15 ranges of 7 columns for K = 100
+    wt, s, z = _weights(fmt, 0, 100, 40, dtype)
+    rows = B.pack(wt, fmt)
+    x = _input(m, 100, 0.3, dtype, seed=m)
+    want = sl.reference(x.float(), torch.tensor(0.2), wt.float() if fmt == "float" else wt, s, z, None, fmt, 0, "t",
+                        False)
+    for chunk_major in (True, False):
+        monkeypatch.setattr(B, "CHUNK_MAJOR", chunk_major)
+        assert B.row_splits(rows, m, fmt, 70) > 1
+        before = cg_ops.PATH_COUNTS[B.NAME]["bag"]
+        got = B.run(x, torch.tensor(0.2), rows, s, z, None, fmt, 0, "t", False)
+        assert cg_ops.PATH_COUNTS[B.NAME]["bag"] == before + 1
+        tol = 1e-5 if dtype == torch.float32 else 6e-2  # bf16: each of ~15 partial sums is rounded to bf16
+        torch.testing.assert_close(got.float(), want, rtol=tol, atol=tol)

@@ -61,6 +61,13 @@ ROW_SPLIT_MIN_WEIGHTS = 1 << 21  # below this a bag takes ~0.1 ms: waking a seco
 # Kept inputs per float / int8 bag at most: llama-1b's layer shapes ran alike at 16-64 and slower from 128 up; its
 # 128256-wide int8 head only at 32 (7.6 ms at 50 % kept, 8.3 at 24, 12.6 at 48, from DRAM).
 BAG_INPUTS = 32
+# Several activation rows: bags ordered by input range, then row (_bags_by_chunk), so a range's weight rows come from
+# DRAM once for all the rows (row-major, each row re-read them); False: row-major. Whole model, A/B in one process
+# (session 24, cpu-bag-chunk-major-ab-*-s24.json): fp32 int8 at batch 8 0.85x -> 1.37x eager; bf16 50 % thresholds at
+# batch 4 0.73x -> 0.86x. Kept inputs per bag at most, then: int8 at 8 rows was 2x faster with 64 than with 32 (the
+# partial sums of 32-input bags, chunks x rows x N fp32, outgrew the caches), bf16 float best at 32.
+CHUNK_MAJOR = True
+CHUNK_INPUTS = {"float": 32, "int8": 64}
 FLOAT_KERNEL = True  # one fp32 float row runs cpu_float_gemv's C kernel where it builds (False: the float bag)
 _QOPS = {"int8": "embedding_bag_byte_rowwise_offsets", "int4": "embedding_bag_4bit_rowwise_offsets"}
 _INT8_TAIL = torch.tensor([1.0, -128.0], dtype=torch.float32).view(torch.uint8)  # (scale, bias) per row
@@ -87,7 +94,8 @@ def row_splits(rows: torch.Tensor, m: int, fmt: str, most_kept: int, threads: in
     BAG_INPUTS inputs, and at least one per thread (int4 has one bag per K-group already)."""
     if fmt == "int4" or rows.numel() < ROW_SPLIT_MIN_WEIGHTS:
         return 1
-    return max(1, (threads or torch.get_num_threads()) // max(m, 1), -(-most_kept // BAG_INPUTS))
+    per_bag = BAG_INPUTS if m <= 1 or not CHUNK_MAJOR else CHUNK_INPUTS[fmt]
+    return max(1, (threads or torch.get_num_threads()) // max(m, 1), -(-most_kept // per_bag))
 
 
 def pack(weight_t: torch.Tensor, fmt: str) -> torch.Tensor:
@@ -136,6 +144,23 @@ def _bags(x2: torch.Tensor, keep: torch.Tensor, width: int, splits: int = 1
     return idx, off, w
 
 
+def _bags_by_chunk(x2: torch.Tensor, keep: torch.Tensor, chunks: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(indices, offsets, per-sample weights) for the inputs ``keep`` marks, cut into ``chunks`` equal input ranges
+    and ordered chunk-major: bag c * m + r is row r's kept inputs of range c, so the weight rows of one range are
+    read from DRAM once and from cache for the other activation rows (row-major, every row re-read them)."""
+    m, k = x2.shape
+    width = -(-k // chunks)
+    pad = chunks * width - k
+    if pad:
+        keep, x2 = torch.nn.functional.pad(keep, (0, pad)), torch.nn.functional.pad(x2, (0, pad))
+    kt = keep.view(m, chunks, width).transpose(0, 1)  # [chunk, row, column]
+    flat = kt.reshape(-1).nonzero().squeeze(1)  # ascending (chunk, row, column)
+    w = x2.view(m, chunks, width).transpose(0, 1).reshape(-1).index_select(0, flat)
+    idx = flat // (m * width) * width + flat % width
+    counts = kt.sum(2).reshape(-1)
+    return idx, counts.cumsum(0) - counts, w
+
+
 def _bag(x2, keep, rows, scales, zeros, fmt, group_size) -> torch.Tensor:
     m, k = x2.shape
     if fmt == "int4":
@@ -152,12 +177,15 @@ def _bag(x2, keep, rows, scales, zeros, fmt, group_size) -> torch.Tensor:
         w = x2.view(-1).index_select(0, idx)
     else:
         splits = row_splits(rows, m, fmt, int(keep.sum(1).max()))
-        idx, off, w = _bags(x2, keep, k, splits)
+        chunked = CHUNK_MAJOR and splits > 1
+        idx, off, w = _bags_by_chunk(x2, keep, splits) if chunked else _bags(x2, keep, k, splits)
     if fmt == "float":
         y = torch.ops.aten._embedding_bag_forward_only(rows, idx, off, False, 0, False, w.to(rows.dtype))[0]
     else:
         y = torch.ops.quantized.embedding_bag_byte_rowwise_offsets(rows, idx, off, False, 0, False, w.float())
-    if splits > 1:
+    if m > 1 and chunked:
+        y = y.view(splits, m, -1).sum(0)
+    elif splits > 1:
         y = y.view(m, splits, -1).sum(1)
     return y if fmt == "float" else y * scales.float()
 
