@@ -6,7 +6,9 @@
  *   sz     [P, G, 2, 256] fp32 or bf16: per panel and K-group, the 256 scales then the 256 zeros
  *          (weight = scale * code + zero).
  * One pass over a panel per call: for each group, every activation row sums x_k * code_k over its kept inputs
- * (the group's rows stay in L1 for the next activation row), then adds scale * sum + zero * sum(x_k).
+ * (the group's rows stay in L1 for the next activation row), then adds scale * sum + zero * sum(x_k). A block of 4
+ * rows that keep nearly the same inputs (dense rows, prefill) sums over their union instead, converting each code
+ * once for the 4 (block_sum).
  */
 #include <math.h>
 #include <stdint.h>

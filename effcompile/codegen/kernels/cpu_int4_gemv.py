@@ -95,8 +95,8 @@ def run(x, threshold, panels, sz, bias, n: int, group: int, label: str, decode_o
     x2 = x.reshape(-1, x.shape[-1])
     if applied and sparse_ops.measuring():
         sparse_ops.record(label, sparse_ops.keep_mask(x, threshold), x.numel())
-    # Every row count takes the kernel: prefill too (50 rows of 2048 x 16384: 24.6 ms, torch's packed int4 matmul
-    # 19.4; the dequantize + matmul below 222 ms, the path only for a graph loaded where the kernel cannot build).
+    # Every row count takes the kernel: prefill too (50 rows of 2048 x 16384: 15.1 ms, torch's packed int4 matmul
+    # 19.3; the dequantize + matmul below 222 ms, the path only for a graph loaded where the kernel cannot build).
     if x2.numel() and unavailable() is None:
         y, path = _call(KERNEL.fn, x2, threshold if applied else None, panels, sz, n, group).to(x.dtype), "kernel"
     else:
@@ -109,12 +109,12 @@ def run(x, threshold, panels, sz, bias, n: int, group: int, label: str, decode_o
 
 
 def _self_check(fn) -> None:
-    """Odd shapes (a partial last panel, two groups), each threshold form, both scale dtypes and each row path (one
-    row; blocks of 2, 3 and 4 rows) vs ``_dense``."""
+    """Odd shapes (a partial last panel, two groups), each threshold form, both scale dtypes and each row path (rows
+    one at a time; a block of 4 rows keeping the same inputs) vs ``_dense``."""
     gen = torch.Generator().manual_seed(0)
     k, n, group = 64, 300, 32
     wt = torch.randint(0, 256, (k, n // 2), dtype=torch.uint8, generator=gen)
-    x = torch.randn(7, k, generator=gen)  # rows 0, 0-1, 0-6: one row, a block of 2, blocks of 4 and 3
+    x = torch.randn(7, k, generator=gen)  # 1, 2 and 7 rows: 7 unthresholded is a block of 4 and 3 single rows
     x[0, :5] = 0
     for dt in (torch.float32, torch.bfloat16):
         s = (torch.rand(k // group, n, generator=gen) * 0.1).to(dt)
