@@ -427,10 +427,8 @@ def _lower_cpu_bags(gm: fx.GraphModule, mode: int) -> tuple[list[KernelRecord], 
             # 1.06-1.38x); at 2-4 rows the packed matmul is 1.0-1.2x faster and keeps 16-bit activations there.
             # fp32 activations take the kernel at every row count: the packed matmul needs them rounded to bf16,
             # and a model whose prefill and decode rounded differently would not agree with itself.
-            old = node.args[1:5]
             fake_mode = fake_mode or fake_mode_for(gm)
             records.append(_lower_int4_gemv(gm, node, plan, node.meta.get(TAG), fake_mode))
-            drop_unused_attrs(gm, old)
             continue
         if (packed := _packed_kind(gm, node)) is not None:
             # 16-bit activations: wq_linear's eager path runs torch's packed int4 / int8 matmul (compiler/ops.py,
@@ -454,7 +452,6 @@ def _lower_cpu_bags(gm: fx.GraphModule, mode: int) -> tuple[list[KernelRecord], 
             why = _int4_gemv.unavailable()
             if why is None:  # FBGEMM's 4-bit bag converts codes too slowly to gain from skipping rows (module doc)
                 records.append(_lower_int4_gemv(gm, node, plan, tag, fake_mode))
-                drop_unused_attrs(gm, old)
                 continue
             fallbacks.append((node.name, f"{why}: the 4-bit embedding bag runs instead"))
         rows = _bag.pack(wt, fmt)
@@ -484,11 +481,13 @@ def _int4_kernel_rows(gm: fx.GraphModule, node) -> bool:
 def _lower_int4_gemv(gm: fx.GraphModule, node, plan: tuple, tag, fake_mode) -> KernelRecord:
     """A thresholded int4 sparse_linear, or an int4 wq_linear _int4_kernel_rows picks -> the C kernel's op."""
     x, thr, wt, st, zt, b, _, group, label, decode_only = plan
+    old = node.args[1:5]
     panels, sz = _int4_gemv.pack(wt, st, zt)
     new_args = [add_buffer(gm, node, f"_ec_int4_{node.name}_{suffix}", t, tag, fake_mode)
                 for suffix, t in (("panels", panels), ("sz", sz))]
     node.target = _ops.op_for(_int4_gemv.NAME)
     node.args, node.kwargs = (x, thr, *new_args, b, 2 * wt.shape[1], group, label, decode_only), {}
+    drop_unused_attrs(gm, old)  # the original layout is no longer read: do not keep (or cache) it
     return KernelRecord(_int4_gemv.NAME, f"torch.ops.effcompile.{_int4_gemv.NAME}.default", str(_int4_gemv.SOURCE),
                         "cpu-int4-gemv", ("wq_linear" if thr is None else "sparse_linear", f"int4g{group}"), (node.name,),
                         (str(tag),) if tag is not None else ())

@@ -78,6 +78,15 @@ def load(source: Path, symbol: str, argtypes: list, restype, check: Callable[[Ca
     raise RuntimeError(str(last))
 
 
+def threshold_arg(threshold, dtype) -> tuple:
+    """(fp32 thresholds or None, stride) for a kernel's ``thr[k * stride]``: one value (stride 0) or one per input.
+    Rounded to the activations' dtype first, as the reference compares |x| > threshold in x's dtype."""
+    if threshold is None:
+        return None, 0
+    thr = threshold.to(dtype).float().reshape(-1).contiguous()
+    return thr, int(thr.numel() > 1)
+
+
 @dataclass
 class Kernel:
     """One C function of a kernel module, loaded on first use and decided once per process: ``fn``, or ``why`` not."""

@@ -175,6 +175,7 @@ def _bag(x2, keep, rows, scales, zeros, fmt, group_size) -> torch.Tensor:
         step = max(1, -(-idx.numel() // splits))
         off = torch.arange(0, splits * step, step, device=idx.device).clamp_(max=idx.numel())
         w = x2.view(-1).index_select(0, idx)
+        chunked = False
     else:
         splits = row_splits(rows, m, fmt, int(keep.sum(1).max()))
         chunked = CHUNK_MAJOR and splits > 1
@@ -183,7 +184,7 @@ def _bag(x2, keep, rows, scales, zeros, fmt, group_size) -> torch.Tensor:
         y = torch.ops.aten._embedding_bag_forward_only(rows, idx, off, False, 0, False, w.to(rows.dtype))[0]
     else:
         y = torch.ops.quantized.embedding_bag_byte_rowwise_offsets(rows, idx, off, False, 0, False, w.float())
-    if m > 1 and chunked:
+    if chunked:
         y = y.view(splits, m, -1).sum(0)
     elif splits > 1:
         y = y.view(m, splits, -1).sum(1)

@@ -36,10 +36,9 @@ def call(x: torch.Tensor, threshold: torch.Tensor | None, rows: torch.Tensor, ma
     fn = fn or KERNEL.fn
     k, n = rows.shape
     xf = x.reshape(k).float().contiguous()
-    # the reference compares |x| > threshold in x's dtype: round the threshold the same way
-    thr = None if threshold is None else threshold.to(x.dtype).float().reshape(-1).contiguous()
+    thr, stride = native.threshold_arg(threshold, x.dtype)
     y = torch.empty(n, dtype=torch.float32)
-    kept = fn(xf.data_ptr(), k, None if thr is None else thr.data_ptr(), 0 if thr is None or thr.numel() == 1 else 1,
+    kept = fn(xf.data_ptr(), k, None if thr is None else thr.data_ptr(), stride,
               rows.data_ptr(), n, y.data_ptr(), torch.get_num_threads(), max_kept)
     if kept < 0:
         raise MemoryError(f"cpu_float_gemv: the C kernel could not allocate its kept-input list ({k} inputs)")

@@ -78,10 +78,9 @@ def _dense(x2: torch.Tensor, panels, sz, n: int, group: int) -> torch.Tensor:
 def _call(fn, x2: torch.Tensor, threshold: torch.Tensor | None, panels, sz, n: int, group: int) -> torch.Tensor:
     m, k = x2.shape
     xf = x2.float().contiguous()
-    # the reference compares |x| > threshold in x's dtype: round the threshold the same way
-    thr = None if threshold is None else threshold.to(x2.dtype).float().reshape(-1).contiguous()
+    thr, stride = native.threshold_arg(threshold, x2.dtype)
     y = torch.empty(m, n, dtype=torch.float32)
-    kept = fn(xf.data_ptr(), m, k, None if thr is None else thr.data_ptr(), 0 if thr is None or thr.numel() == 1 else 1,
+    kept = fn(xf.data_ptr(), m, k, None if thr is None else thr.data_ptr(), stride,
               panels.data_ptr(), sz.data_ptr(), int(sz.dtype == torch.bfloat16), panels.shape[0], group,
               y.data_ptr(), n, torch.get_num_threads())
     if kept < 0:
