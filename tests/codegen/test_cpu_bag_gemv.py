@@ -29,15 +29,16 @@ def _no_float_kernel(monkeypatch):
         monkeypatch.setattr(cpu_float_gemv.KERNEL, attr, value)
 
 
-def _path(fmt, m, rows, kept_share) -> str:
-    """Which path B.run takes: dense beyond max_rows or (fp32 float) past FLOAT_BAG_MAX_KEPT, the C kernel for one
-    fp32 float row where it builds, else the bag."""
-    if m > B.max_rows(fmt, rows.dtype) or (fmt == "float" and rows.dtype == torch.float32
-                                            and kept_share > B.FLOAT_BAG_MAX_KEPT):
+def _path(fmt, m, rows, kept_share, union_share=None) -> str:
+    """Which path B.run takes: dense beyond max_rows; float calls the C kernel where it builds (fp32 ones dense when
+    more than FLOAT_BAG_MAX_KEPT of the inputs are kept by some row), else the bag (fp32 float ones dense past that
+    share of all kept entries)."""
+    limit = B.FLOAT_BAG_MAX_KEPT if rows.dtype == torch.float32 else float("inf")
+    if m > B.max_rows(fmt, rows.dtype):
         return "dense"
-    if fmt == "float" and rows.dtype == torch.float32 and m == 1 and cpu_float_gemv.unavailable() is None:
-        return "kernel"
-    return "bag"
+    if fmt == "float" and B.float_kernel(rows.dtype, m):
+        return "dense" if (kept_share if union_share is None else union_share) > limit else "kernel"
+    return "dense" if fmt == "float" and kept_share > limit else "bag"
 
 
 def _weights(fmt, group, k, n, dtype=torch.float32):
@@ -96,8 +97,8 @@ def _check_reference(fmt, group, k, n, m, zero_frac, thresholded, threads, monke
     got = B.run(x, thr, rows, s, z, bias, fmt, group, "t", False)
     want = sl.reference(x, thr if thresholded else torch.tensor(0.0), wt, s, z, bias, fmt, group, "t", False)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    kept = float((x.abs() > (thr if thresholded else 0)).float().mean())
-    path = _path(fmt, m, rows, kept)
+    keep = x.abs() > (thr if thresholded else 0)
+    path = _path(fmt, m, rows, float(keep.float().mean()), float(keep.any(0).float().mean()))
     assert cg_ops.PATH_COUNTS[B.NAME][path] == before.get(path, 0) + 1
 
 
@@ -157,21 +158,23 @@ def test_a_float_call_keeping_most_inputs_runs_the_dense_matmul(float_kernel, mo
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_a_half_float_call_runs_the_bag_however_many_inputs_it_keeps(dtype):
-    # FLOAT_BAG_MAX_KEPT is for fp32 weights only: a half-precision bag beats the dense matmul with every input kept.
+@pytest.mark.parametrize("float_kernel", [True, False])
+def test_a_half_float_call_skips_rows_however_many_inputs_it_keeps(dtype, float_kernel, monkeypatch):
+    # FLOAT_BAG_MAX_KEPT is for fp32 weights only: a half-precision bag (or the C kernel) beats the dense matmul of
+    # the input-major half weight with every input kept.
+    if not float_kernel:
+        _no_float_kernel(monkeypatch)
+    path = "kernel" if B.float_kernel(dtype) else "bag"
     wt, _, _ = _weights("float", 0, 200, 48, dtype)
     x = _input(1, 200, 0.0, dtype, seed=3)
-    before = cg_ops.PATH_COUNTS[B.NAME]["bag"]
+    before = cg_ops.PATH_COUNTS[B.NAME][path]
     got = B.run(x, torch.tensor(0.0), B.pack(wt, "float"), None, None, None, "float", 0, "t", False)
     want = sl.reference(x.float(), torch.tensor(0.0), wt.float(), None, None, None, "float", 0, "t", False)
     torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=2e-2)
-    assert cg_ops.PATH_COUNTS[B.NAME]["bag"] == before + 1
+    assert cg_ops.PATH_COUNTS[B.NAME][path] == before + 1
 
 
-@pytest.mark.parametrize("dtype,m,path", [(torch.bfloat16, 4, "bag"), (torch.bfloat16, 5, "dense"),
-                                          (torch.float16, 2, "bag"), (torch.float32, 2, "dense")])
-def test_half_float_weights_take_the_bag_up_to_four_rows(dtype, m, path):
-    # The dense matmul of an input-major half weight is a slow path: one bag per row wins up to 4 rows
+def _check_float_rows(dtype, m, path):
     wt, _, _ = _weights("float", 0, 96, 40, dtype)
     x = _input(m, 96, 0.6, dtype, seed=m)
     before = cg_ops.PATH_COUNTS[B.NAME][path]
@@ -180,7 +183,25 @@ def test_half_float_weights_take_the_bag_up_to_four_rows(dtype, m, path):
     want = sl.reference(x.float(), thr, wt.float(), None, None, None, "float", 0, "t", False)
     torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=2e-2)
     assert cg_ops.PATH_COUNTS[B.NAME][path] == before + 1
-    assert B.kind_for(m, "float", dtype) == ("cpu-bag-gemv" if path == "bag" else "cpu-bag-gemv|dense")
+    assert B.kind_for(m, "float", dtype) == ("cpu-bag-gemv" if path != "dense" else "cpu-bag-gemv|dense")
+
+
+@pytest.mark.parametrize("dtype,m,path", [(torch.bfloat16, 4, "bag"), (torch.bfloat16, 5, "dense"),
+                                          (torch.float16, 2, "bag"), (torch.float32, 2, "dense")])
+def test_without_the_c_kernel_half_float_weights_take_the_bag_up_to_four_rows(dtype, m, path, monkeypatch):
+    # The dense matmul of an input-major half weight is a slow path: one bag per row wins up to 4 rows
+    _no_float_kernel(monkeypatch)
+    _check_float_rows(dtype, m, path)
+
+
+@pytest.mark.parametrize("dtype,m,path", [(torch.bfloat16, 5, "kernel"), (torch.float16, 8, "kernel"),
+                                          (torch.bfloat16, 9, "dense"), (torch.float32, 2, "kernel"),
+                                          (torch.float32, 9, "dense")])
+def test_float_weights_take_the_c_kernel_up_to_eight_rows(dtype, m, path):
+    # 0.6 zeros and |x| > 0.375: ~28 % kept a row, ~48 % by one of 2 rows, under FLOAT_BAG_MAX_KEPT
+    if B.float_kernel(dtype) is False:
+        pytest.skip(f"no C kernel here: {cpu_float_gemv.unavailable()}")
+    _check_float_rows(dtype, m, path)
 
 
 def test_row_splits_fill_the_threads_and_cap_the_inputs_per_bag(monkeypatch):
@@ -288,6 +309,7 @@ def test_an_unlimited_float_kept_share_runs_the_row_skipping_path(monkeypatch):
 def test_chunk_major_and_row_major_bags_agree(fmt, dtype, m, monkeypatch):
     # Several rows: bags by input range then row (a range's weight rows read once for all rows), cut into ranges
     # that do not divide K; row-major as before. Both take the bag and equal the reference.
+    _no_float_kernel(monkeypatch)  # float rows would take the C kernel
     monkeypatch.setattr(B, "ROW_SPLIT_MIN_WEIGHTS", 0)
     monkeypatch.setattr(B, "CHUNK_INPUTS", {"float": 7, "int8": 7})  # ~15 ranges of 7 columns for K = 100
     wt, s, z = _weights(fmt, 0, 100, 40, dtype)

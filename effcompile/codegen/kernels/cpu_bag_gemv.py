@@ -68,14 +68,22 @@ BAG_INPUTS = 32
 # partial sums of 32-input bags, chunks x rows x N fp32, outgrew the caches), bf16 float best at 32.
 CHUNK_MAJOR = True
 CHUNK_INPUTS = {"float": 32, "int8": 64}
-FLOAT_KERNEL = True  # one fp32 float row runs cpu_float_gemv's C kernel where it builds (False: the float bag)
+FLOAT_KERNEL = True  # float calls of 1-8 rows run cpu_float_gemv's C kernel where it builds (False: the float bag)
 _QOPS = {"int8": "embedding_bag_byte_rowwise_offsets", "int4": "embedding_bag_4bit_rowwise_offsets"}
 _INT8_TAIL = torch.tensor([1.0, -128.0], dtype=torch.float32).view(torch.uint8)  # (scale, bias) per row
 _INT4_TAIL = torch.tensor([1.0, 0.0], dtype=torch.float16).view(torch.uint8)
 
 
+def float_kernel(weight_dtype: torch.dtype, m: int = 1) -> bool:
+    """Whether a float call of ``m`` activation rows runs cpu_float_gemv's C kernel (else the float bag)."""
+    return FLOAT_KERNEL and weight_dtype in cpu_float_gemv.WEIGHT_TYPES and m <= cpu_float_gemv.MAX_ROWS \
+        and cpu_float_gemv.unavailable() is None
+
+
 def max_rows(fmt: str, weight_dtype: torch.dtype) -> int:
-    """Activation rows up to which a call of this format and weight dtype takes the bag path."""
+    """Activation rows up to which a call of this format and weight dtype takes the bag path (or the float kernel)."""
+    if fmt == "float" and float_kernel(weight_dtype):
+        return cpu_float_gemv.MAX_ROWS
     half = fmt == "float" and weight_dtype in (torch.bfloat16, torch.float16)
     return HALF_FLOAT_BAG_MAX_ROWS if half else BAG_MAX_ROWS[fmt]
 
@@ -199,14 +207,15 @@ def run(x, threshold, rows, scales, zeros, bias, fmt: str, group_size: int, labe
     decode = x2.shape[0] <= max_rows(fmt, rows.dtype) and (applied or threshold is None)
     if fmt == "float" and rows.numel() < FLOAT_BAG_MIN_WEIGHTS:
         decode = False  # a cache-resident sgemv beats the bag's ~0.07 ms of set-up (768 x 2048: 0.10 vs 0.13 ms)
-    if decode and fmt == "float" and rows.dtype == torch.float32 and x2.shape[0] == 1 and FLOAT_KERNEL \
-            and cpu_float_gemv.unavailable() is None:
-        # One row, fp32 weights: the C kernel on the same rows, faster than the float bag (cpu_float_gemv.py)
+    if decode and fmt == "float" and x2.numel() and float_kernel(rows.dtype, x2.shape[0]):
+        # The C kernel on the same rows, faster than the float bag (cpu_float_gemv.py). Past the kept-share limit an
+        # fp32 call runs sgemv / sgemm instead; a half one has no faster path (the input-major half matmul is slow).
         if applied and sparse_ops.measuring():
             sparse_ops.record(label, sparse_ops.keep_mask(x, threshold), x.numel())
-        y = cpu_float_gemv.call(x2, threshold if applied else None, rows, int(min(FLOAT_BAG_MAX_KEPT, 1) * x2.shape[1]))
+        share = FLOAT_BAG_MAX_KEPT if rows.dtype == torch.float32 else 1
+        y = cpu_float_gemv.call(x2, threshold if applied else None, rows, int(min(share, 1) * x2.shape[1]))
         if y is not None:
-            y, path = y.view(1, -1).to(x.dtype), "kernel"
+            y, path = y.to(x.dtype), "kernel"
         else:
             xs = torch.where(sparse_ops.keep_mask(x, threshold), x, 0) if applied else x
             y, path = _dense(xs.reshape(x2.shape), rows, scales, zeros, fmt, group_size), "dense"
