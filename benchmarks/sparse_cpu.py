@@ -1,12 +1,14 @@
 """CPU speed of decode-shaped linears: dense fp32 vs effcompile's embedding-bag GEMV, dense and sparse, float/int8/int4.
 
-Llama-7B projections (4096 -> 11008, 11008 -> 4096), fp32 activations, 1 and 8 rows. Per weight format:
-  fp32_ms     dense F.linear with the fp32 weight (the baseline every ratio is against)
+Llama-7B projections (4096 -> 11008, 11008 -> 4096), fp32 activations (--dtype: bf16 / fp16 activations and float
+weights), 1 and 8 rows (--rows). Per weight format:
+  fp32_ms     dense F.linear with the float weight, in --dtype (the baseline every ratio is against)
   packed_ms   the format's previous CPU path (torch's packed int8/int4 ops: wq_linear_eager)
   gather_ms   the row-gather sparse path (sparse_linear_eager) at the same sparsity
   bag_ms      the embedding-bag GEMV codegen lowers sparse_linear / wq_linear to on CPU
-  kernel_ms   int4: the C kernel (cpu_int4_gemv) codegen lowers an int4 sparse_linear to on CPU; float, one row:
-              bag_linear with its C kernel (cpu_float_gemv), where bag_ms is then torch's float bag
+  kernel_ms   int4: the C kernel (cpu_int4_gemv) codegen lowers an int4 sparse_linear to on CPU; float, 1-8 rows:
+              bag_linear with its C kernel (cpu_float_gemv), where bag_ms is then what runs without it (torch's
+              float bag, or past its rows the dense matmul of the input-major weight)
 at 0/25/40/50/60 % activation sparsity (thresholds = quantiles of |x|). Median of --reps calls.
 Writes benchmarks/results/sparse-cpu-<date>.json.
 
@@ -36,7 +38,6 @@ import torch.nn.functional as F
 from quantize import median_ms  # benchmarks/quantize.py: warm-up + median, no grad
 
 from effcompile.codegen.kernels import cpu_bag_gemv as bag
-from effcompile.codegen.kernels import cpu_float_gemv as float_gemv
 from effcompile.codegen.kernels import cpu_int4_gemv as int4_gemv
 from effcompile.compiler import ops as qops
 from effcompile.compiler import sparse_linear as sl
@@ -82,7 +83,11 @@ def main() -> None:
     ap.add_argument("--shapes", choices=sorted(SHAPE_SETS), default="7b")
     ap.add_argument("--weights", default="float,int8,int4", help="comma-separated weight formats to time")
     ap.add_argument("--raw-bags", action="store_true", help="float bags at every sparsity (no FLOAT_BAG_MAX_KEPT)")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                    help="activations and float weights (fp32_ms is then the dense F.linear in this dtype)")
+    ap.add_argument("--rows", default="1,8", help="comma-separated activation rows to time")
     a = ap.parse_args()
+    dtype = getattr(torch, a.dtype)
     if a.raw_bags:
         bag.FLOAT_BAG_MAX_KEPT = float("inf")
     llc = last_level_cache_bytes()
@@ -90,13 +95,13 @@ def main() -> None:
     gen = torch.Generator().manual_seed(0)
     for name, (n, k) in SHAPE_SETS[a.shapes].items():
         w = torch.randn(n, k, generator=gen) / k**0.5
-        formats = {"float": (w, None, None, 0)}
+        formats = {"float": (w.to(dtype), None, None, 0)}
         for fmt, g in (("int8", 0), ("int4", 128)):
             qw = qops.quantize_weight(w, fmt, g)
             formats[fmt] = (qw.qweight, qw.scales, qw.zeros, g)
-        ws = copies_of((w,), llc, a.stream)
-        for m in (1, 8):
-            x = torch.randn(m, k, generator=gen)
+        ws = copies_of((w.to(dtype),), llc, a.stream)
+        for m in map(int, a.rows.split(",")):
+            x = torch.randn(m, k, generator=gen).to(dtype)
             fp32 = timed_ms(lambda w, x=x: F.linear(x, w), ws, a.reps)
             for fmt, (q, s, z, g) in formats.items():
                 if fmt not in a.weights.split(","):
@@ -109,10 +114,10 @@ def main() -> None:
                 kernel = fmt == "int4" and int4_gemv.unavailable() is None
                 panels = copies_of(int4_gemv.pack(wt, st, zt), llc, a.stream) if kernel else None
                 for sp in SPARSITY:
-                    t = torch.quantile(x.abs().flatten(), sp) if sp else torch.tensor(0.0)
+                    t = torch.quantile(x.abs().flatten().float(), sp) if sp else torch.tensor(0.0)
                     run_bag = lambda r, st, zt, x=x, t=t, g=g, fmt=fmt: bag.run(x, t, r, st, zt, None, fmt, g, "bench",
                                                                                  False)
-                    float_kernel = fmt == "float" and m == 1 and float_gemv.unavailable() is None
+                    float_kernel = fmt == "float" and bag.float_kernel(q.dtype, m)
                     bag.FLOAT_KERNEL = False  # bag_ms: torch's bag, as where no C compiler is
                     bag_ms = timed_ms(run_bag, bags, a.reps)
                     bag.FLOAT_KERNEL = True
@@ -132,11 +137,11 @@ def main() -> None:
                                      kernel_vs_fp32=kernel_ms and round(fp32 / kernel_ms, 3),
                                      kernel_vs_packed=packed and kernel_ms and round(packed / kernel_ms, 3)))
                     print(rows[-1], flush=True)
-    tag = f"-{a.shapes}" + ("-stream" if a.stream else "") + ("" if a.weights == "float,int8,int4" else "-" + a.weights.replace(",", "-"))
+    tag = f"-{a.shapes}" + ("-stream" if a.stream else "") + ("" if a.dtype == "float32" else "-" + a.dtype) + ("" if a.weights == "float,int8,int4" else "-" + a.weights.replace(",", "-"))
     out = Path(__file__).parent / "results" / f"sparse-cpu{tag if tag != '-7b' else ''}-{datetime.date.today().isoformat()}.json"
     out.write_text(json.dumps({"benchmark": "sparse_cpu", "torch": torch.__version__, "threads": torch.get_num_threads(),
                                "date": datetime.date.today().isoformat(), "machine": "2-core CPU dev box",
-                               "stream": a.stream, "weights": a.weights, "raw_bags": a.raw_bags, "last_level_cache_bytes": llc,
+                               "stream": a.stream, "weights": a.weights, "dtype": a.dtype, "raw_bags": a.raw_bags, "last_level_cache_bytes": llc,
                                "load_avg_at_start": os.getloadavg(), "rows": rows}, indent=1))
 
 
