@@ -208,11 +208,12 @@ def run(x, threshold, rows, scales, zeros, bias, fmt: str, group_size: int, labe
     if fmt == "float" and rows.numel() < FLOAT_BAG_MIN_WEIGHTS:
         decode = False  # a cache-resident sgemv beats the bag's ~0.07 ms of set-up (768 x 2048: 0.10 vs 0.13 ms)
     if decode and fmt == "float" and x2.numel() and float_kernel(rows.dtype, x2.shape[0]):
-        # The C kernel on the same rows, faster than the float bag (cpu_float_gemv.py). Past the kept-share limit an
-        # fp32 call runs sgemv / sgemm instead; a half one has no faster path (the input-major half matmul is slow).
+        # The C kernel on the same rows, faster than the float bag (cpu_float_gemv.py). Past the kept-share limit one
+        # fp32 row runs sgemv instead. Several rows, or half weights, have no faster path at any share: the matmul
+        # of the input-major weight is slower than the kernel with every input kept (cpu_float_gemv.py).
         if applied and sparse_ops.measuring():
             sparse_ops.record(label, sparse_ops.keep_mask(x, threshold), x.numel())
-        share = FLOAT_BAG_MAX_KEPT if rows.dtype == torch.float32 else 1
+        share = FLOAT_BAG_MAX_KEPT if rows.dtype == torch.float32 and x2.shape[0] == 1 else 1
         y = cpu_float_gemv.call(x2, threshold if applied else None, rows, int(min(share, 1) * x2.shape[1]))
         if y is not None:
             y, path = y.to(x.dtype), "kernel"
