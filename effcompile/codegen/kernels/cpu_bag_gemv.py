@@ -41,7 +41,9 @@ from effcompile.compiler import sparse_ops
 
 NAME = "bag_linear"  # the custom op (effcompile::bag_linear) and its PATH_COUNTS key
 FORMATS = ("float", "int8", "int4")
-BAG_MAX_ROWS = {"float": 1, "int8": 8, "int4": 8}  # activation rows up to which the bag path runs
+# Activation rows up to which the bag path runs; float calls of up to cpu_float_gemv.MAX_ROWS (8) rows run its C kernel
+# instead where it builds, and these limits hold only where it does not.
+BAG_MAX_ROWS = {"float": 1, "int8": 8, "int4": 8}
 # bf16 / fp16 float weights: one bag per row still wins at 2-4 rows, since the dense matmul of the input-major half
 # weight is a slow path (llama-1b shapes, 50 % kept, from DRAM: gate_up 2 rows 2.70 vs 5.70 ms, 4 rows 4.47 vs 5.74,
 # 8 rows 7.95 vs 6.37; down 1.69 vs 3.60, 2.88 vs 3.36, 4.72 vs 3.02).
@@ -55,7 +57,9 @@ FLOAT_BAG_MIN_WEIGHTS = 1 << 21  # float weights smaller than this (8 MB fp32) s
 # fp16 bag beats the dense matmul even with every input kept (llama-1b gate_up, one row, from DRAM: bf16 1.03x,
 # fp16 1.95x), and the dense matmul on the input-major half weight is a slow path (bf16 at one row 2.2x slower than
 # F.linear on the output-major one); llama-1b bf16 decode at 25 % thresholds: 0.59x eager with the limit, 1.25x
-# without (same file).
+# without (same file). With the C kernel (session 25) the limit holds for one fp32 row only: with every input kept the
+# kernel is 0.81-0.84x sgemv there, ~1.0x at 75 % kept, 1.27-1.38x at 60 %; with several fp32 rows it beats the
+# input-major sgemm at any share (sparse-cpu-1b-stream-float-raw-2026-11-28-s25.json).
 FLOAT_BAG_MAX_KEPT = 0.65
 ROW_SPLIT_MIN_WEIGHTS = 1 << 21  # below this a bag takes ~0.1 ms: waking a second thread costs more than it saves
 # Kept inputs per float / int8 bag at most: llama-1b's layer shapes ran alike at 16-64 and slower from 128 up; its
@@ -68,7 +72,11 @@ BAG_INPUTS = 32
 # partial sums of 32-input bags, chunks x rows x N fp32, outgrew the caches), bf16 float best at 32.
 CHUNK_MAJOR = True
 CHUNK_INPUTS = {"float": 32, "int8": 64}
-FLOAT_KERNEL = True  # float calls of 1-8 rows run cpu_float_gemv's C kernel where it builds (False: the float bag)
+# Float calls of 1-8 rows run cpu_float_gemv's C kernel where it builds (False: the float bag). Whole model, llama-1b at
+# 50 % thresholds, A/B in one process (session 25, cpu-float-kernel-ab-*-s25.json), vs eager: bf16 batch 1 1.47x ->
+# 1.61x, batch 4 0.82x -> 1.12x, batch 8 0.66x -> 0.97x; fp32 batch 1 1.06x (the float bag) -> 1.29x, batch 8 (the
+# input-major sgemm) 1.20x -> 1.70x.
+FLOAT_KERNEL = True
 _QOPS = {"int8": "embedding_bag_byte_rowwise_offsets", "int4": "embedding_bag_4bit_rowwise_offsets"}
 _INT8_TAIL = torch.tensor([1.0, -128.0], dtype=torch.float32).view(torch.uint8)  # (scale, bias) per row
 _INT4_TAIL = torch.tensor([1.0, 0.0], dtype=torch.float16).view(torch.uint8)

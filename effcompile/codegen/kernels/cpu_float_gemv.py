@@ -1,13 +1,21 @@
-"""CPU one-row GEMV over an fp32 input-major weight that reads only the rows of kept inputs: a small C kernel.
+"""CPU GEMV of 1-8 activation rows over an input-major float weight (fp32 / bf16 / fp16), reading only the weight rows
+of inputs some row keeps: a small C kernel (cpu_float_gemv.c) that cpu_bag_gemv runs on its float buffer.
 
-cpu_bag_gemv runs it in place of torch's float embedding bag for one activation row and fp32 weights, on the same
-buffer. FBGEMM's bag walks its output in register-sized blocks, one pass over all of a bag's rows per block, so
-even cut into 32-input bags it reads short strided runs; this kernel gives each thread a slab of at most 1024
-outputs accumulated in L1 and reads each kept row's segment once, contiguously (cpu_float_gemv.c). Session 24,
-Llama-3.2-1B shapes, one row at 50 % sparsity, from DRAM: q/k/v 0.77 -> 0.68 ms, o 0.56 -> 0.37, gate/up 3.0 ->
-2.8, down 2.0 -> 1.45 against the 32-input bags (dense sgemv 0.88 / 0.59 / 4.5 / 2.2). With every input kept it
-is ~1.25x slower than sgemv, so the bag module's kept-share limit (FLOAT_BAG_MAX_KEPT) still sends such calls to
-the dense matmul. bf16 / fp16 weights keep the bag, which was as fast or faster there (gate/up 1.45 vs 1.68 ms).
+Why not torch's float embedding bag: FBGEMM's bag walks its output in register-sized blocks, one pass over all of a
+bag's rows per block, so it reads short strided runs; with several activation rows each row is its own bag and
+re-reads the weight rows; its bf16 / fp16 output rounds every partial sum. And the dense alternative, the matmul of
+the input-major weight, is a slow path in torch for half weights and for fp32 with several rows. The kernel reads
+each needed weight row once for all activation rows (the union of their kept inputs; a row that does not keep an
+input multiplies it by 0) and sums in fp32:
+  one fp32 row: 4 kept rows a step along a slab of <= 1024 outputs accumulated in L1 (session 24's loop);
+  otherwise: register tiles of rows x up to 8 vectors of outputs over chunks of 16 kept rows held in L2, each weight
+  converted once for all rows (session 25; for one bf16 row it beat the L1 loop by 5-15 %, for one fp32 row it lost
+  10-20 %).
+Per call, Llama-3.2-1B shapes, weights from DRAM, 2-core box (session 25, benchmarks/results/sparse-cpu-1b-stream-*-s25):
+  bf16 at 50 %, vs the dense F.linear: 1.5-2.4x at 1 row, 1.08-1.49x at 2, 0.96-1.17x at 4, 0.81-1.06x at 8; vs
+  what ran before (the bag to 4 rows, then the input-major matmul) 1.09-1.37x at 1 row, 1.64-1.84x at 8.
+  fp32, every input kept: 0.81-0.84x sgemv at 1 row (so one fp32 row past FLOAT_BAG_MAX_KEPT still runs sgemv),
+  but at 8 rows 1.85-2.8x torch's F.linear and 1.6-1.7x the input-major sgemm (torch's fp32 GEMM at 8 rows is slow here).
 """
 
 from __future__ import annotations
