@@ -6,9 +6,9 @@ weights), 1 and 8 rows (--rows). Per weight format:
   packed_ms   the format's previous CPU path (torch's packed int8/int4 ops: wq_linear_eager)
   gather_ms   the row-gather sparse path (sparse_linear_eager) at the same sparsity
   bag_ms      the embedding-bag GEMV codegen lowers sparse_linear / wq_linear to on CPU
-  kernel_ms   int4: the C kernel (cpu_int4_gemv) codegen lowers an int4 sparse_linear to on CPU; float, 1-8 rows:
+  kernel_ms   int4: the C kernel (cpu_int4_gemv) codegen lowers an int4 sparse_linear to on CPU; float / int8, 1-8 rows:
               bag_linear with its C kernel (cpu_float_gemv), where bag_ms is then what runs without it (torch's
-              float bag, or past its rows the dense matmul of the input-major weight)
+              float / byte bag, or past its rows the dense matmul of the input-major weight)
 at 0/25/40/50/60 % activation sparsity (thresholds = quantiles of |x|). Median of --reps calls.
 Writes benchmarks/results/sparse-cpu-<date>.json.
 
@@ -117,16 +117,16 @@ def main() -> None:
                     t = torch.quantile(x.abs().flatten().float(), sp) if sp else torch.tensor(0.0)
                     run_bag = lambda r, st, zt, x=x, t=t, g=g, fmt=fmt: bag.run(x, t, r, st, zt, None, fmt, g, "bench",
                                                                                  False)
-                    float_kernel = fmt == "float" and bag.float_kernel(q.dtype, m)
-                    bag.FLOAT_KERNEL = False  # bag_ms: torch's bag, as where no C compiler is
+                    row_kernel = bag.row_kernel(fmt, bags[0][0].dtype, m)
+                    bag.FLOAT_KERNEL = bag.INT8_KERNEL = False  # bag_ms: torch's bag, as where no C compiler is
                     bag_ms = timed_ms(run_bag, bags, a.reps)
-                    bag.FLOAT_KERNEL = True
+                    bag.FLOAT_KERNEL = bag.INT8_KERNEL = True
                     gather = None if a.stream else median_ms(
                         lambda x=x, t=t, wt=wt, st=st, zt=zt, g=g, fmt=fmt:
                         sl.sparse_linear_eager(x, t, wt, st, zt, None, fmt, g, "bench", False), a.reps)
                     kernel_ms = timed_ms(
                         lambda p, sz, x=x, t=t, g=g, n=n: int4_gemv.run(x, t, p, sz, None, n, g, "bench", False),
-                        panels, a.reps) if kernel else timed_ms(run_bag, bags, a.reps) if float_kernel else None
+                        panels, a.reps) if kernel else timed_ms(run_bag, bags, a.reps) if row_kernel else None
                     needed = float((x.abs() > t).any(0).float().mean())
                     rows.append(dict(shape=name, m=m, weights=fmt, sparsity=sp, rows_needed=round(needed, 3),
                                      fp32_ms=round(fp32, 3), packed_ms=packed and round(packed, 3),

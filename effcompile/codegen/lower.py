@@ -430,7 +430,7 @@ def _lower_cpu_bags(gm: fx.GraphModule, mode: int) -> tuple[list[KernelRecord], 
             fake_mode = fake_mode or fake_mode_for(gm)
             records.append(_lower_int4_gemv(gm, node, plan, node.meta.get(TAG), fake_mode))
             continue
-        if (packed := _packed_kind(gm, node)) is not None:
+        if (packed := _packed_kind(gm, node)) is not None and not _int8_kernel_rows(gm, node):
             # 16-bit activations: wq_linear's eager path runs torch's packed int4 / int8 matmul (compiler/ops.py,
             # checked against the reference), faster there than the bag (session 17, dev box, AVX512, bf16:
             # int4 3-9x at 1-8 rows, int8 1.5-3.7x. With fp32 activations they are slow: int8 4-15x slower than the
@@ -476,6 +476,17 @@ def _int4_kernel_rows(gm: fx.GraphModule, node) -> bool:
     fp32 = val is not None and val.dtype == torch.float32
     return q is not None and q.device.type == "cpu" and (fp32 or not (rows is not None and 1 < rows < 8)) \
         and _int4_gemv.unavailable() is None
+
+
+def _int8_kernel_rows(gm: fx.GraphModule, node) -> bool:
+    """A weight-only int8 wq_linear with 16-bit activations that the bag lowering takes instead of torch's packed int8
+    matmul, for cpu_float_gemv's kernel on the byte rows: a graph calling it with 1-8 activation rows, where the
+    kernel was 1.2-2.6x the packed matmul (Llama-3.2-1B shapes from DRAM, bf16, session 25). Prefill-sized or
+    per-call row counts keep the packed matmul: past 8 rows the bag path dequantizes the weight per call."""
+    if node.op != "call_function" or node.target is not wq_linear_op() or len(node.args) < 7 or node.args[5] != "int8":
+        return False
+    rows = _static_rows(node.args[0])
+    return rows is not None and rows >= 1 and _bag.row_kernel("int8", torch.uint8, rows)
 
 
 def _lower_int4_gemv(gm: fx.GraphModule, node, plan: tuple, tag, fake_mode) -> KernelRecord:

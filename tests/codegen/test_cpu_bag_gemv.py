@@ -23,8 +23,8 @@ def _float_bags_at_test_sizes(monkeypatch):
     monkeypatch.setattr(B, "FLOAT_BAG_MIN_WEIGHTS", 0)
 
 
-def _no_float_kernel(monkeypatch):
-    """As where no C compiler is: one-row fp32 float calls take torch's float bag."""
+def _no_row_kernel(monkeypatch):
+    """As where no C compiler is: float / int8 calls take torch's float / byte bag."""
     for attr, value in (("decided", True), ("fn", None), ("why", "CPU float GEMV kernel unavailable: test")):
         monkeypatch.setattr(cpu_float_gemv.KERNEL, attr, value)
 
@@ -35,8 +35,8 @@ def _path(fmt, m, rows, kept_share) -> str:
     limit = B.FLOAT_BAG_MAX_KEPT if rows.dtype == torch.float32 else float("inf")
     if m > B.max_rows(fmt, rows.dtype):
         return "dense"
-    if fmt == "float" and B.float_kernel(rows.dtype, m):
-        return "dense" if m == 1 and kept_share > limit else "kernel"
+    if B.row_kernel(fmt, rows.dtype, m):
+        return "dense" if fmt == "float" and m == 1 and kept_share > limit else "kernel"
     return "dense" if fmt == "float" and kept_share > limit else "bag"
 
 
@@ -80,8 +80,16 @@ def test_matches_reference(fmt, group, k, n, m, zero_frac, thresholded, threads,
 @pytest.mark.parametrize("threads", [1, 3])
 def test_one_fp32_float_row_without_the_c_kernel_takes_the_float_bag(k, n, zero_frac, thresholded, threads,
                                                                        monkeypatch):
-    _no_float_kernel(monkeypatch)
+    _no_row_kernel(monkeypatch)
     _check_reference("float", 0, k, n, 1, zero_frac, thresholded, threads, monkeypatch)
+
+
+@pytest.mark.parametrize("m", [1, 3, 8])
+@pytest.mark.parametrize("zero_frac", [0.0, 0.6])
+@pytest.mark.parametrize("thresholded", [False, True])
+def test_int8_without_the_c_kernel_takes_the_byte_bag(m, zero_frac, thresholded, monkeypatch):
+    _no_row_kernel(monkeypatch)
+    _check_reference("int8", 0, 160, 74, m, zero_frac, thresholded, 3, monkeypatch)
 
 
 def _check_reference(fmt, group, k, n, m, zero_frac, thresholded, threads, monkeypatch):
@@ -143,7 +151,7 @@ def test_a_float_call_keeping_most_inputs_runs_the_dense_matmul(float_kernel, mo
     # A float bag (or the C kernel in its place) pays only when few inputs are kept (FLOAT_BAG_MAX_KEPT): per call,
     # more kept -> dense matmul of the thresholded x, fewer -> the row-skipping path; both equal the reference.
     if not float_kernel:
-        _no_float_kernel(monkeypatch)
+        _no_row_kernel(monkeypatch)
     wt, _, _ = _weights("float", 0, 200, 48)
     rows = B.pack(wt, "float")
     for zero_frac, path in ((0.2, "dense"), (0.7, _path("float", 1, rows, 0.3))):
@@ -161,8 +169,8 @@ def test_a_half_float_call_skips_rows_however_many_inputs_it_keeps(dtype, float_
     # FLOAT_BAG_MAX_KEPT is for fp32 weights only: a half-precision bag (or the C kernel) beats the dense matmul of
     # the input-major half weight with every input kept.
     if not float_kernel:
-        _no_float_kernel(monkeypatch)
-    path = "kernel" if B.float_kernel(dtype) else "bag"
+        _no_row_kernel(monkeypatch)
+    path = "kernel" if B.row_kernel("float", dtype) else "bag"
     wt, _, _ = _weights("float", 0, 200, 48, dtype)
     x = _input(1, 200, 0.0, dtype, seed=3)
     before = cg_ops.PATH_COUNTS[B.NAME][path]
@@ -188,7 +196,7 @@ def _check_float_rows(dtype, m, path):
                                           (torch.float16, 2, "bag"), (torch.float32, 2, "dense")])
 def test_without_the_c_kernel_half_float_weights_take_the_bag_up_to_four_rows(dtype, m, path, monkeypatch):
     # The dense matmul of an input-major half weight is a slow path: one bag per row wins up to 4 rows
-    _no_float_kernel(monkeypatch)
+    _no_row_kernel(monkeypatch)
     _check_float_rows(dtype, m, path)
 
 
@@ -198,7 +206,7 @@ def test_without_the_c_kernel_half_float_weights_take_the_bag_up_to_four_rows(dt
 def test_float_weights_take_the_c_kernel_up_to_eight_rows(dtype, m, path):
     # 8 fp32 rows keep nearly every input between them and still take the kernel: the matmul of the input-major
     # weight is slower (FLOAT_BAG_MAX_KEPT is for one row)
-    if B.float_kernel(dtype) is False:
+    if B.row_kernel("float", dtype) is False:
         pytest.skip(f"no C kernel here: {cpu_float_gemv.unavailable()}")
     _check_float_rows(dtype, m, path)
 
@@ -236,7 +244,8 @@ def _bag_kernels(fast):
 def test_quantized_decode_lowers_to_bag_on_cpu(llama, weights, group):
     ids = torch.randint(0, 128, (1, 1), generator=torch.Generator().manual_seed(0))
     cfg = ec.Quantize(weights=weights, group_size=group)
-    before = cg_ops.PATH_COUNTS[B.NAME]["bag"]
+    path = "kernel" if B.row_kernel(weights, torch.uint8) else "bag"  # int8: the C kernel on the byte rows
+    before = cg_ops.PATH_COUNTS[B.NAME][path]
     fast = ec.effcompile(llama, passes=[cfg], cache=False)
     ref = ec.effcompile(llama, passes=[cfg], cache=False, use_triton=True)  # the dequant kernel, interpreted
     with torch.no_grad():
@@ -244,7 +253,7 @@ def test_quantized_decode_lowers_to_bag_on_cpu(llama, weights, group):
     kernels = _bag_kernels(fast)  # 2 layers x (q/k/v, o, gate/up, down): FuseParallelLinears is default
     assert len(kernels) == 8 and {k.kind for k in kernels} == {"cpu-bag-gemv"}
     assert {k.ops for k in kernels} == {("wq_linear", weights + (f"g{group}" if group else ""))}
-    assert cg_ops.PATH_COUNTS[B.NAME]["bag"] == before + 8
+    assert cg_ops.PATH_COUNTS[B.NAME][path] == before + 8
     assert not [k for k in ec.explain(fast).kernels if k.name == D.NAME]
     with torch.no_grad():
         torch.testing.assert_close(out, ref(ids).logits, rtol=1e-4, atol=1e-4)
@@ -308,7 +317,7 @@ def test_an_unlimited_float_kept_share_runs_the_row_skipping_path(monkeypatch):
 def test_chunk_major_and_row_major_bags_agree(fmt, dtype, m, monkeypatch):
     # Several rows: bags by input range then row (a range's weight rows read once for all rows), cut into ranges
     # that do not divide K; row-major as before. Both take the bag and equal the reference.
-    _no_float_kernel(monkeypatch)  # float rows would take the C kernel
+    _no_row_kernel(monkeypatch)  # float rows would take the C kernel
     monkeypatch.setattr(B, "ROW_SPLIT_MIN_WEIGHTS", 0)
     monkeypatch.setattr(B, "CHUNK_INPUTS", {"float": 7, "int8": 7})  # ~15 ranges of 7 columns for K = 100
     wt, s, z = _weights(fmt, 0, 100, 40, dtype)

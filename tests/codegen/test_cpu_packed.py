@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import effcompile as ec
+from effcompile.codegen import ops as cg_ops
 from effcompile.codegen.kernels import cpu_bag_gemv as B
 from effcompile.codegen.kernels import cpu_int4_gemv
 from effcompile.compiler import ops as qops
@@ -17,14 +18,16 @@ def _packed_kernels(fast):
     return [k for k in ec.explain(fast).kernels if k.kind.startswith(("cpu-int4pack-mm", "cpu-int8pack-mm"))]
 
 
-@pytest.mark.parametrize("weights,group", [("int4", 32), ("int8", None)])
-def test_bf16_linears_keep_torchs_packed_matmul_and_fp32_ones_take_the_bag(weights, group):
+# Rows where bf16 keeps wq_linear's eager path: int4 at 2-7 (the C kernel at 1 and 8+) runs the packed matmul; int8
+# past 8 (the row kernel to 8) its codes-in-x's-dtype matmul (the packed int8 matmul is for <= PACKED_MAX_ROWS).
+@pytest.mark.parametrize("weights,group,rows,path", [("int4", 32, 5, "int4pack"), ("int8", None, 12, "int8-dense")])
+def test_bf16_linears_keep_torchs_packed_matmul_and_fp32_ones_take_the_bag(weights, group, rows, path):
     cfg = ec.Quantize(weights=weights, group_size=group)
     if qops.packed_cpu_unavailable(weights, torch.bfloat16, 64):
         pytest.skip(qops.packed_cpu_unavailable(weights, torch.bfloat16, 64))
     bf16 = tiny_hf("llama", layers=2, hidden=64).to(torch.bfloat16)
-    ids = torch.randint(0, 128, (1, 5), generator=torch.Generator().manual_seed(0))
-    before = qops.PATH_COUNTS["wq_linear"][f"{weights}pack"]
+    ids = torch.randint(0, 128, (1, rows), generator=torch.Generator().manual_seed(0))
+    before = qops.PATH_COUNTS["wq_linear"][path]
     fast = ec.effcompile(bf16, passes=[cfg], cache=False)
     ref = ec.effcompile(bf16, passes=[cfg], cache=False, use_triton=True)  # the dequant kernel, interpreted
     with torch.no_grad():
@@ -33,7 +36,7 @@ def test_bf16_linears_keep_torchs_packed_matmul_and_fp32_ones_take_the_bag(weigh
     assert len(kernels) == 8 and {k.kind for k in kernels} == {f"cpu-{weights}pack-mm"}
     assert len([k for k in ec.explain(fast).kernels if k.ops[:1] == ("wq_linear",)]) == 8  # listed once each
     assert not [k for k in ec.explain(fast).kernels if k.name == B.NAME]
-    assert qops.PATH_COUNTS["wq_linear"][f"{weights}pack"] == before + 8  # 5 rows: the packed op ran
+    assert qops.PATH_COUNTS["wq_linear"][path] == before + 8
     err = ((out.float() - want.float()).norm() / want.float().norm()).item()
     assert err < 2e-2, err
     fp32 = ec.effcompile(tiny_hf("llama", layers=2, hidden=64), passes=[cfg], cache=False)
@@ -46,6 +49,26 @@ def test_bf16_linears_keep_torchs_packed_matmul_and_fp32_ones_take_the_bag(weigh
         kinds = {k.kind for k in ec.explain(fp32).kernels if k.ops[:1] == ("wq_linear",)}
         assert kinds == {"cpu-int4-gemv" if kernel else "cpu-int4pack-mm-bf16x"}
         assert not [k for k in ec.explain(fp32).kernels if k.name == B.NAME]
+
+
+@pytest.mark.parametrize("rows", [1, 5])
+def test_bf16_int8_decode_takes_the_row_kernel(rows):
+    # 1-8 rows: cpu_float_gemv's kernel on the byte rows beat torch's packed int8 matmul (lower._int8_kernel_rows)
+    if B.row_kernel("int8", torch.uint8) is False:
+        pytest.skip("no C kernel here")
+    cfg = ec.Quantize(weights="int8")
+    bf16 = tiny_hf("llama", layers=2, hidden=64).to(torch.bfloat16)
+    ids = torch.randint(0, 128, (1, rows), generator=torch.Generator().manual_seed(0))
+    before = cg_ops.PATH_COUNTS[B.NAME]["kernel"]
+    fast = ec.effcompile(bf16, passes=[cfg], cache=False)
+    ref = ec.effcompile(bf16, passes=[cfg], cache=False, use_triton=True)  # the dequant kernel, interpreted
+    with torch.no_grad():
+        out, want = fast(ids).logits, ref(ids).logits
+    assert not _packed_kernels(fast)
+    assert len([k for k in ec.explain(fast).kernels if k.name == B.NAME]) == 8
+    assert cg_ops.PATH_COUNTS[B.NAME]["kernel"] == before + 8
+    err = ((out.float() - want.float()).norm() / want.float().norm()).item()
+    assert err < 2e-2, err
 
 
 def test_fp32_int4_rounds_only_x_to_bf16_and_returns_fp32():

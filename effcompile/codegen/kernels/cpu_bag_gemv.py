@@ -77,20 +77,22 @@ CHUNK_INPUTS = {"float": 32, "int8": 64}
 # 1.61x, batch 4 0.82x -> 1.12x, batch 8 0.66x -> 0.97x; fp32 batch 1 1.06x (the float bag) -> 1.29x, batch 8 (the
 # input-major sgemm) 1.20x -> 1.70x.
 FLOAT_KERNEL = True
+INT8_KERNEL = True  # int8 calls of 1-8 rows run the same kernel on the byte rows (False: FBGEMM's byte bag)
 _QOPS = {"int8": "embedding_bag_byte_rowwise_offsets", "int4": "embedding_bag_4bit_rowwise_offsets"}
 _INT8_TAIL = torch.tensor([1.0, -128.0], dtype=torch.float32).view(torch.uint8)  # (scale, bias) per row
 _INT4_TAIL = torch.tensor([1.0, 0.0], dtype=torch.float16).view(torch.uint8)
 
 
-def float_kernel(weight_dtype: torch.dtype, m: int = 1) -> bool:
-    """Whether a float call of ``m`` activation rows runs cpu_float_gemv's C kernel (else the float bag)."""
-    return FLOAT_KERNEL and weight_dtype in cpu_float_gemv.WEIGHT_TYPES and m <= cpu_float_gemv.MAX_ROWS \
+def row_kernel(fmt: str, weight_dtype: torch.dtype, m: int = 1) -> bool:
+    """Whether a float / int8 call of ``m`` activation rows runs cpu_float_gemv's C kernel (else the bag)."""
+    on = {"float": FLOAT_KERNEL, "int8": INT8_KERNEL}.get(fmt, False)
+    return on and weight_dtype in cpu_float_gemv.WEIGHT_TYPES and m <= cpu_float_gemv.MAX_ROWS \
         and cpu_float_gemv.unavailable() is None
 
 
 def max_rows(fmt: str, weight_dtype: torch.dtype) -> int:
     """Activation rows up to which a call of this format and weight dtype takes the bag path (or the float kernel)."""
-    if fmt == "float" and float_kernel(weight_dtype):
+    if row_kernel(fmt, weight_dtype):
         return cpu_float_gemv.MAX_ROWS
     half = fmt == "float" and weight_dtype in (torch.bfloat16, torch.float16)
     return HALF_FLOAT_BAG_MAX_ROWS if half else BAG_MAX_ROWS[fmt]
@@ -215,16 +217,19 @@ def run(x, threshold, rows, scales, zeros, bias, fmt: str, group_size: int, labe
     decode = x2.shape[0] <= max_rows(fmt, rows.dtype) and (applied or threshold is None)
     if fmt == "float" and rows.numel() < FLOAT_BAG_MIN_WEIGHTS:
         decode = False  # a cache-resident sgemv beats the bag's ~0.07 ms of set-up (768 x 2048: 0.10 vs 0.13 ms)
-    if decode and fmt == "float" and x2.numel() and float_kernel(rows.dtype, x2.shape[0]):
-        # The C kernel on the same rows, faster than the float bag (cpu_float_gemv.py). Past the kept-share limit one
-        # fp32 row runs sgemv instead. Several rows, or half weights, have no faster path at any share: the matmul
-        # of the input-major weight is slower than the kernel with every input kept (cpu_float_gemv.py).
+    if decode and x2.numel() and row_kernel(fmt, rows.dtype, x2.shape[0]):
+        # The C kernel on the same rows, faster than the float / byte bag (cpu_float_gemv.py). Past the kept-share
+        # limit one fp32 row runs sgemv instead. Several rows, half weights or int8 codes have no faster path at any
+        # share: the matmul of the input-major weight (or its dequantization) is slower than the kernel with every
+        # input kept (cpu_float_gemv.py).
         if applied and sparse_ops.measuring():
             sparse_ops.record(label, sparse_ops.keep_mask(x, threshold), x.numel())
-        share = FLOAT_BAG_MAX_KEPT if rows.dtype == torch.float32 and x2.shape[0] == 1 else 1
-        y = cpu_float_gemv.call(x2, threshold if applied else None, rows, int(min(share, 1) * x2.shape[1]))
+        one_fp32 = fmt == "float" and rows.dtype == torch.float32 and x2.shape[0] == 1
+        share = min(FLOAT_BAG_MAX_KEPT, 1) if one_fp32 else 1
+        y = cpu_float_gemv.call(x2, threshold if applied else None, rows, int(share * x2.shape[1]),
+                                n=out_features(rows, fmt))
         if y is not None:
-            y, path = y.to(x.dtype), "kernel"
+            y, path = (y if fmt == "float" else y * scales.float()).to(x.dtype), "kernel"
         else:
             xs = torch.where(sparse_ops.keep_mask(x, threshold), x, 0) if applied else x
             y, path = _dense(xs.reshape(x2.shape), rows, scales, zeros, fmt, group_size), "dense"

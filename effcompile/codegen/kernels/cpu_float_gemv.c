@@ -1,6 +1,6 @@
-/* CPU GEMV y = x @ W for 1-8 activation rows and an input-major float weight W [K, N] (fp32, bf16 or fp16), reading
- * only the rows of inputs some activation row keeps (|x| > threshold). Built and loaded by codegen/native.py for
- * cpu_bag_gemv.py; cpu_float_gemv.py documents the measurements.
+/* CPU GEMV y = x @ W for 1-8 activation rows and an input-major weight W [K, N] (fp32, bf16, fp16 or int8 codes),
+ * reading only the rows of inputs some activation row keeps (|x| > threshold). Built and loaded by codegen/native.py
+ * for cpu_bag_gemv.py; cpu_float_gemv.py documents the measurements.
  *
  * The kept inputs are the union over the activation rows; a row that does not keep an input multiplies it by 0, so
  * each weight row is read once for all the activation rows. Each thread owns column slabs of the output. Two loops,
@@ -38,7 +38,9 @@
 #define ROWS 16       /* chunked: kept weight rows a chunk */
 #define MAX_ROWS 8
 
-enum { W_F32 = 0, W_BF16 = 1, W_F16 = 2 };
+enum { W_F32 = 0, W_BF16 = 1, W_F16 = 2, W_U8 = 3 }; /* W_U8: int8 codes stored + 128 (cpu_bag_gemv's int8 rows) */
+
+static inline int64_t elem_size(int wtype) { return wtype == W_F32 ? 4 : wtype == W_U8 ? 1 : 2; }
 
 static inline float half_to_float(uint16_t h, int wtype) {
     if (wtype == W_BF16) {
@@ -64,12 +66,16 @@ static inline float half_to_float(uint16_t h, int wtype) {
 }
 
 static inline float weight_at(const void* w, int wtype, int64_t i) {
+    if (wtype == W_U8) return (float)((int)((const uint8_t*)w)[i] - 128);
     return wtype == W_F32 ? ((const float*)w)[i] : half_to_float(((const uint16_t*)w)[i], wtype);
 }
 
 #ifdef EC_AVX512
 static inline __attribute__((always_inline)) __m512 load16(const void* p, int wtype, __mmask16 m) {
     if (wtype == W_F32) return _mm512_maskz_loadu_ps(m, p);
+    if (wtype == W_U8) /* byte ^ 0x80 is the signed code */
+        return _mm512_cvtepi32_ps(_mm512_maskz_cvtepi8_epi32(m, _mm_xor_si128(_mm_maskz_loadu_epi8(m, p),
+                                                                               _mm_set1_epi8((char)0x80))));
     const __m256i h = _mm256_maskz_loadu_epi16(m, p);
     if (wtype == W_F16) return _mm512_cvtph_ps(h);
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
@@ -112,7 +118,7 @@ static inline __attribute__((always_inline)) void chunk(int M, int wtype, const 
                                                         const int32_t* next, int64_t nnext, float* acc, int64_t n,
                                                         int64_t width) {
     const int T = M <= 2 ? 8 : M <= 4 ? 4 : 2; /* accumulators M x T <= 16 zmm */
-    const int64_t es = wtype == W_F32 ? 4 : 2, tw = 16 * T, tiles = (n + tw - 1) / tw;
+    const int64_t es = elem_size(wtype), tw = 16 * T, tiles = (n + tw - 1) / tw;
     const int64_t lines = (n * es + 63) / 64, share = (lines + tiles - 1) / tiles;
     for (int64_t t = 0; t < tiles; t++) {
         const int64_t j = t * tw;
@@ -137,12 +143,12 @@ static inline __attribute__((always_inline)) void chunk(int M, int wtype, const 
     }
 }
 
-#define CASE(M, T) case (M) * 3 + (T): chunk(M, T, base, stride, idx, v, i0, i1, next, nnext, acc, n, width); break;
-#define CASES(M) CASE(M, W_F32) CASE(M, W_BF16) CASE(M, W_F16)
+#define CASE(M, T) case (M) * 4 + (T): chunk(M, T, base, stride, idx, v, i0, i1, next, nnext, acc, n, width); break;
+#define CASES(M) CASE(M, W_F32) CASE(M, W_BF16) CASE(M, W_F16) CASE(M, W_U8)
 static void chunk_any(int M, int wtype, const char* base, int64_t stride, const int32_t* idx, const float* v,
                       int64_t i0, int64_t i1, const int32_t* next, int64_t nnext, float* acc, int64_t n,
                       int64_t width) {
-    switch (M * 3 + wtype) {
+    switch (M * 4 + wtype) {
         CASES(1) CASES(2) CASES(3) CASES(4) CASES(5) CASES(6) CASES(7) CASES(8)
     }
 }
@@ -171,12 +177,14 @@ static void chunk_any(int M, int wtype, const char* base, int64_t stride, const 
 }
 #endif
 
-/* x [M, K] fp32 (M <= 8); thr NULL (keep x != 0) or thr[k * thr_stride]; w [K, N] of wtype (0 fp32, 1 bf16,
- * 2 fp16); y [M, N] fp32. Returns the number of inputs kept by some row; when that is more than max_kept nothing
- * is computed (the caller runs the dense product). -1: out of memory, -2: M out of range. */
+/* x [M, K] fp32 (M <= 8); thr NULL (keep x != 0) or thr[k * thr_stride]; w [K, stride] of wtype (0 fp32, 1 bf16,
+ * 2 fp16, 3 int8 codes + 128), its first N columns used; y [M, N] fp32 (int8: in code units, the caller scales).
+ * Returns the number of inputs kept by some row; when that is more than max_kept nothing is computed (the caller
+ * runs the dense product). -1: out of memory, -2: M, -3: wtype or stride out of range. */
 int64_t ec_float_gemv(const float* x, int64_t M, int64_t K, const float* thr, int64_t thr_stride, const void* w,
-                      int wtype, int64_t N, float* y, int threads, int64_t max_kept) {
+                      int wtype, int64_t N, int64_t stride, float* y, int threads, int64_t max_kept) {
     if (M < 1 || M > MAX_ROWS) return -2;
+    if (wtype < W_F32 || wtype > W_U8 || stride < N) return -3;
     int32_t* idx = malloc(sizeof(int32_t) * K);
     float* v = malloc(sizeof(float) * K * M);
     if (!idx || !v) {
@@ -198,7 +206,7 @@ int64_t ec_float_gemv(const float* x, int64_t M, int64_t K, const float* thr, in
     }
     if (kept <= max_kept) {
         const int one = M == 1 && wtype == W_F32;
-        const int64_t es = wtype == W_F32 ? 4 : 2, align = one ? 16 : 128; /* 128: whole register tiles */
+        const int64_t es = elem_size(wtype), align = one ? 16 : 128; /* 128: whole register tiles */
         const int64_t most = one ? ONE_SLAB : (ACC / M < SLAB ? ACC / M : SLAB) / align * align;
         /* slabs: a multiple of the threads, each at most `most` wide, aligned */
         int64_t slabs = threads * ((N + most * threads - 1) / (most * threads));
@@ -215,14 +223,14 @@ int64_t ec_float_gemv(const float* x, int64_t M, int64_t K, const float* thr, in
             const int64_t n0 = s * width, n = N - n0 < width ? N - n0 : width;
             float* acc = accs + s * M * width;
             if (one) {
-                one_row_fp32((const float*)w + n0, N, idx, v, kept, acc, n);
+                one_row_fp32((const float*)w + n0, stride, idx, v, kept, acc, n);
             } else {
                 memset(acc, 0, sizeof(float) * M * width);
                 const char* base = (const char*)w + n0 * es;
                 for (int64_t i = 0; i < kept; i += ROWS) {
                     const int64_t i1 = i + ROWS < kept ? i + ROWS : kept;
                     const int64_t nnext = i1 + ROWS < kept ? ROWS : kept - i1;
-                    chunk_any((int)M, wtype, base, N * es, idx, v, i, i1, idx + i1, nnext, acc, n, width);
+                    chunk_any((int)M, wtype, base, stride * es, idx, v, i, i1, idx + i1, nnext, acc, n, width);
                 }
             }
             for (int64_t r = 0; r < M; r++) memcpy(y + r * N + n0, acc + r * width, sizeof(float) * n);

@@ -29,8 +29,9 @@ from effcompile.codegen import native
 
 SOURCE = Path(__file__).with_suffix(".c")
 _ARGTYPES = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
-             ctypes.c_int, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_int64]
-WEIGHT_TYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # the C kernel's wtype codes
+             ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_int64]
+# The C kernel's wtype codes; uint8: int8 codes stored + 128, cpu_bag_gemv's int8 rows (their scale tail not read)
+WEIGHT_TYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.uint8: 3}
 MAX_ROWS = 8
 
 
@@ -40,22 +41,26 @@ def unavailable() -> str | None:
 
 
 def call(x: torch.Tensor, threshold: torch.Tensor | None, rows: torch.Tensor, max_kept: int,
-         fn=None) -> torch.Tensor | None:
-    """x [M, K] (M <= 8, any float dtype) @ rows [K, N] (fp32 / bf16 / fp16) over the inputs kept (|x| > threshold,
-    or x != 0 without one), in fp32 [M, N]; None (nothing computed) when more than ``max_kept`` inputs are kept by some row."""
+         fn=None, n: int | None = None) -> torch.Tensor | None:
+    """x [M, K] (M <= 8, any float dtype) @ rows [K, N] (fp32 / bf16 / fp16, or uint8 int8-codes + 128, whose first
+    ``n`` columns are the codes) over the inputs kept (|x| > threshold, or x != 0 without one), in fp32 [M, N] (int8:
+    in code units, unscaled); None (nothing computed) when more than ``max_kept`` inputs are kept by some row."""
     fn = fn or KERNEL.fn
-    k, n = rows.shape
+    k, stride = rows.shape
+    n = stride if n is None else n
     xf = x.reshape(-1, k).float().contiguous()
     m = xf.shape[0]
-    if not 1 <= m <= MAX_ROWS or rows.dtype not in WEIGHT_TYPES or not rows.is_contiguous():
-        raise ValueError(f"cpu_float_gemv takes 1-{MAX_ROWS} rows and contiguous {list(WEIGHT_TYPES)} weights, "
-                         f"got {m} rows of {rows.dtype}")
-    thr, stride = native.threshold_arg(threshold, x.dtype)
+    if not 1 <= m <= MAX_ROWS or rows.dtype not in WEIGHT_TYPES or not rows.is_contiguous() or not 0 <= n <= stride:
+        raise ValueError(f"cpu_float_gemv takes 1-{MAX_ROWS} rows and contiguous {list(WEIGHT_TYPES)} weights of at "
+                         f"least n columns, got {m} rows of {rows.dtype} {list(rows.shape)}, n={n}")
+    thr, thr_stride = native.threshold_arg(threshold, x.dtype)
     y = torch.empty(m, n, dtype=torch.float32)
-    kept = fn(xf.data_ptr(), m, k, None if thr is None else thr.data_ptr(), stride, rows.data_ptr(),
-              WEIGHT_TYPES[rows.dtype], n, y.data_ptr(), torch.get_num_threads(), max_kept)
+    kept = fn(xf.data_ptr(), m, k, None if thr is None else thr.data_ptr(), thr_stride, rows.data_ptr(),
+              WEIGHT_TYPES[rows.dtype], n, stride, y.data_ptr(), torch.get_num_threads(), max_kept)
+    if kept == -1:
+        raise MemoryError(f"cpu_float_gemv: the C kernel could not allocate its buffers ({m}x{k} inputs, {n} outputs)")
     if kept < 0:
-        raise MemoryError(f"cpu_float_gemv: the C kernel could not allocate its kept-input list ({k} inputs)")
+        raise RuntimeError(f"cpu_float_gemv: the C kernel refused its arguments (code {kept})")
     return None if kept > max_kept else y
 
 
@@ -64,18 +69,19 @@ def _self_check(fn) -> None:
     weight dtype and threshold form, and the kept-input cut-off, vs torch."""
     gen = torch.Generator().manual_seed(0)
     for (k, n), m, dtype in (((70, 37), 1, torch.float32), ((256, 2500), 1, torch.float32),
-                             ((70, 37), 3, torch.bfloat16), ((129, 300), 8, torch.float16)):
-        rows = torch.randn(k, n, generator=gen).to(dtype)
+                             ((70, 37), 3, torch.bfloat16), ((129, 300), 8, torch.float16), ((70, 37), 2, torch.uint8)):
+        rows = torch.randn(k, n, generator=gen).to(dtype) if dtype != torch.uint8 else \
+            torch.randint(0, 256, (k, n + 8), dtype=torch.uint8, generator=gen)
         x = torch.randn(m, k, generator=gen)
         x[:, :5] = 0
         for thr in (None, torch.tensor(0.5), torch.rand(k, generator=gen)):
             keep = x != 0 if thr is None else x.abs() > thr
-            want = torch.where(keep, x, 0) @ rows.float()
-            got = call(x, thr, rows, k, fn)
+            want = torch.where(keep, x, 0) @ (rows[:, :n].float() - 128 if dtype == torch.uint8 else rows.float())
+            got = call(x, thr, rows, k, fn, n)
             err = (got - want).abs().max().item()
             if not err <= 1e-4 * max(1.0, want.abs().max().item()):
                 raise RuntimeError(f"kernel disagrees with the reference (max err {err:.3g}, {m}x{k}x{n} {dtype})")
-            if call(x, thr, rows, int(keep.any(0).sum()) - 1, fn) is not None:
+            if call(x, thr, rows, int(keep.any(0).sum()) - 1, fn, n) is not None:
                 raise RuntimeError("kernel ignored its kept-input limit")
 
 
