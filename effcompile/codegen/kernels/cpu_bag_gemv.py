@@ -77,7 +77,11 @@ CHUNK_INPUTS = {"float": 32, "int8": 64}
 # 1.61x, batch 4 0.82x -> 1.12x, batch 8 0.66x -> 0.97x; fp32 batch 1 1.06x (the float bag) -> 1.29x, batch 8 (the
 # input-major sgemm) 1.20x -> 1.70x.
 FLOAT_KERNEL = True
-INT8_KERNEL = True  # int8 calls of 1-8 rows run the same kernel on the byte rows (False: FBGEMM's byte bag)
+# int8 calls of 1-8 rows run the same kernel on the byte rows (False: FBGEMM's byte bag; lowering then keeps torch's
+# packed int8 matmul for 16-bit activations). Whole model, llama-1b, A/B in one process, a model compiled per variant
+# (session 25, cpu-int8-kernel-ab-*-s25.json), vs eager: int8 bf16 batch 1 1.36x -> 1.58x, batch 8 0.73x -> 1.06x;
+# fp32 batch 1 1.57x -> 1.69x, batch 8 1.31x -> 2.08x; 50 % thresholds + int8 bf16 batch 1 1.84x -> 2.15x.
+INT8_KERNEL = True
 _QOPS = {"int8": "embedding_bag_byte_rowwise_offsets", "int4": "embedding_bag_4bit_rowwise_offsets"}
 _INT8_TAIL = torch.tensor([1.0, -128.0], dtype=torch.float32).view(torch.uint8)  # (scale, bias) per row
 _INT4_TAIL = torch.tensor([1.0, 0.0], dtype=torch.float16).view(torch.uint8)

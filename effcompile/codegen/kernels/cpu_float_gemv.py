@@ -1,5 +1,6 @@
-"""CPU GEMV of 1-8 activation rows over an input-major float weight (fp32 / bf16 / fp16), reading only the weight rows
-of inputs some row keeps: a small C kernel (cpu_float_gemv.c) that cpu_bag_gemv runs on its float buffer.
+"""CPU GEMV of 1-8 activation rows over an input-major float weight (fp32 / bf16 / fp16) or int8 codes, reading only the
+weight rows of inputs some row keeps: a small C kernel (cpu_float_gemv.c) that cpu_bag_gemv runs on its float / int8
+buffers (int8: the byte rows as they are, codes + 128; cpu_bag_gemv applies the per-output scales after).
 
 Why not torch's float embedding bag: FBGEMM's bag walks its output in register-sized blocks, one pass over all of a
 bag's rows per block, so it reads short strided runs; with several activation rows each row is its own bag and
@@ -16,6 +17,10 @@ Per call, Llama-3.2-1B shapes, weights from DRAM, 2-core box (session 25, benchm
   what ran before (the bag to 4 rows, then the input-major matmul) 1.09-1.37x at 1 row, 1.64-1.84x at 8.
   fp32, every input kept: 0.81-0.84x sgemv at 1 row (so one fp32 row past FLOAT_BAG_MAX_KEPT still runs sgemv),
   but at 8 rows 1.85-2.8x torch's F.linear and 1.6-1.7x the input-major sgemm (torch's fp32 GEMM at 8 rows is slow here).
+  int8 codes, bf16 x, alternating in one process (two runs): every input kept, 1 row 1.1-2.9x torch's packed int8
+  matmul, 8 rows 1.2-1.9x (about the bf16 F.linear's time: the conversions bound it there); 50 % kept, 1 row 1.3-1.5x
+  FBGEMM's byte bag. fp32 x: 1.4-2.1x the byte bag at 1 row, 1.85-3.1x at 8. The streaming files
+  (sparse-cpu-1b-stream-*int8-2026-11-28-s25.json) time each path in turn and moved more between runs.
 """
 
 from __future__ import annotations
