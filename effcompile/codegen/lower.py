@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextvars
 import heapq
 import logging
 import math
@@ -38,6 +39,8 @@ from effcompile.compiler.ops import wq_linear_op
 from effcompile.compiler.sparse_linear import sparse_linear_op
 
 log = logging.getLogger(__name__)
+# {sympy symbol: largest size} of the shape bucket lower() is compiling for (see lower's symbol_bounds)
+_SYMBOL_BOUNDS: contextvars.ContextVar[dict | None] = contextvars.ContextVar("effcompile_symbol_bounds", default=None)
 
 
 @dataclass(frozen=True)
@@ -98,14 +101,25 @@ def _stable_toposort(graph: fx.Graph) -> None:
 
 
 def lower(
-    gm: fx.GraphModule, kernel_dir: str | os.PathLike, *, use_triton: bool | None = None
+    gm: fx.GraphModule, kernel_dir: str | os.PathLike, *, use_triton: bool | None = None,
+    symbol_bounds: dict | None = None,
 ) -> LoweringResult:
     """Fuse row-wise op groups of gm into generated Triton custom ops, rewriting gm in place.
 
     use_triton: None = decide per call (CUDA tensors or TRITON_INTERPRET=1 -> Triton, else eager
     reference); True = always the Triton kernel (interpreted on CPU); False = always the reference.
+    symbol_bounds: {sympy symbol: largest size} of the shape bucket this graph is compiled for, so a kernel choice
+    that depends on the row count can use a bound where the graph's sizes are symbolic (_max_rows).
     """
     mode = _mode(use_triton)
+    token = _SYMBOL_BOUNDS.set(dict(symbol_bounds or {}))
+    try:
+        return _lower(gm, kernel_dir, mode)
+    finally:
+        _SYMBOL_BOUNDS.reset(token)
+
+
+def _lower(gm: fx.GraphModule, kernel_dir: str | os.PathLike, mode: int) -> LoweringResult:
     bags, bag_fallbacks = _lower_cpu_bags(gm, mode)
     eora_fallbacks = _fuse_eora_side_paths(gm, mode)  # after the bags: only wq_linear left for Triton
     # Splitting a linear's bias into its consumer's kernel only pays when that kernel is Triton: on the
@@ -194,6 +208,27 @@ def _static_rows(x) -> int | None:
     val = tensor_val(x)
     static = val is not None and all(isinstance(d, int) for d in val.shape[:-1])
     return math.prod(val.shape[:-1]) if static else None
+
+
+def _max_rows(x) -> int | None:
+    """The most activation rows a call can have: the static count, else its symbolic sizes at the largest the
+    shape bucket being compiled allows (lower's symbol_bounds); None when some size has no bound."""
+    if (rows := _static_rows(x)) is not None:
+        return rows
+    val, bounds = tensor_val(x), _SYMBOL_BOUNDS.get()
+    if val is None or not bounds:
+        return None
+    total = 1
+    for d in val.shape[:-1]:
+        if isinstance(d, int):
+            total *= d
+            continue
+        expr = getattr(getattr(d, "node", None), "expr", None)
+        hi = expr.subs(bounds) if expr is not None else None
+        if hi is None or not getattr(hi, "is_Integer", False):
+            return None
+        total *= int(hi)
+    return total
 
 
 def _retarget(gm: fx.GraphModule, ir_op, kernel, describe) -> list[KernelRecord]:
@@ -462,7 +497,7 @@ def _lower_cpu_bags(gm: fx.GraphModule, mode: int) -> tuple[list[KernelRecord], 
         node.args, node.kwargs = (x, thr, *new_args, b, fmt, group, label, decode_only), {}
         drop_unused_attrs(gm, old)  # the original layout is no longer read: do not keep (or cache) it
         records.append(KernelRecord(_bag.NAME, f"torch.ops.effcompile.{_bag.NAME}.default", _bag.__file__,
-                                    _bag.kind_for(_static_rows(x), fmt, rows.dtype), (kind, fmt + (f"g{group}" if group else "")),
+                                    _bag.kind_for(_max_rows(x), fmt, rows.dtype), (kind, fmt + (f"g{group}" if group else "")),
                                     (node.name,), (str(tag),) if tag is not None else ()))
     return records, fallbacks
 
@@ -481,11 +516,12 @@ def _int4_kernel_rows(gm: fx.GraphModule, node) -> bool:
 def _int8_kernel_rows(gm: fx.GraphModule, node) -> bool:
     """A weight-only int8 wq_linear with 16-bit activations that the bag lowering takes instead of torch's packed int8
     matmul, for cpu_float_gemv's kernel on the byte rows: a graph calling it with 1-8 activation rows, where the
-    kernel was 1.2-2.6x the packed matmul (Llama-3.2-1B shapes from DRAM, bf16, session 25). Prefill-sized or
-    per-call row counts keep the packed matmul: past 8 rows the bag path dequantizes the weight per call."""
+    kernel was 1.1-2.9x the packed matmul (Llama-3.2-1B shapes from DRAM, bf16, session 25); with a dynamic batch, a
+    shape bucket of at most 8 rows (_max_rows). Larger or unbounded row counts keep wq_linear's eager path: past 8
+    rows the bag path dequantizes the weight per call."""
     if node.op != "call_function" or node.target is not wq_linear_op() or len(node.args) < 7 or node.args[5] != "int8":
         return False
-    rows = _static_rows(node.args[0])
+    rows = _max_rows(node.args[0])  # a dynamic batch's bucket (say 5-8 sequences of one token) counts as its largest
     return rows is not None and rows >= 1 and _bag.row_kernel("int8", torch.uint8, rows)
 
 

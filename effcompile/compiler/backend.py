@@ -123,6 +123,21 @@ def _dynamic_dims(gm: fx.GraphModule) -> list[tuple[int, int]]:
     return dims
 
 
+def _symbol_bounds(gm: fx.GraphModule, dynamic: list[tuple[int, int]], sig: tuple | None) -> dict:
+    """{sympy symbol: the largest size it takes} for the symbolic input dims of shape bucket ``sig`` (one "lo-hi"
+    string per ``dynamic`` entry): a variant compiled for a bucket only ever runs inputs inside it."""
+    if not sig:
+        return {}
+    vals = [ir.node_val(n) for n in gm.graph.nodes if n.op == "placeholder"]
+    bounds = {}
+    for (i, d), b in zip(dynamic, sig, strict=True):
+        size = vals[i].shape[d]
+        expr = getattr(getattr(size, "node", None), "expr", None)
+        if expr is not None and getattr(expr, "is_Symbol", False):
+            bounds[expr] = max(bounds.get(expr, 0), int(str(b).split("-")[-1]))
+    return bounds
+
+
 def _params(gm: fx.GraphModule, example_inputs) -> dict[str, torch.Tensor]:
     """Placeholder name -> real parameter/buffer tensor, for passes that transform weights."""
     out = {}
@@ -252,7 +267,7 @@ class CompiledGraph:
         self.report.buckets.append(str(sig) if sig else "static")
         run = self._load(store, key) if store is not None else None
         if run is None:
-            run = self._build(store, key)
+            run = self._build(store, key, _symbol_bounds(self.pristine, self.dynamic, sig))
         self.report.compile_seconds += time.perf_counter() - start
         self.variants[sig] = run
         if isinstance(getattr(run, "__self__", None), fx.GraphModule):
@@ -287,7 +302,7 @@ class CompiledGraph:
         self.report.fallbacks = [tuple(f) for f in entry.meta["fallbacks"]]
         return gm.forward
 
-    def _build(self, store, key):
+    def _build(self, store, key, bounds: dict | None = None):
         from effcompile.codegen.lower import lower
 
         gm = ir.copy_graph_module(self.pristine)
@@ -301,7 +316,7 @@ class CompiledGraph:
         kernel_dir = Path(store.root) / "kernels" if store is not None else Path(tempfile.mkdtemp(prefix="effcompile-"))
         backup = ir.copy_graph_module(gm)
         try:
-            lowered = lower(gm, kernel_dir, use_triton=self.settings.use_triton)
+            lowered = lower(gm, kernel_dir, use_triton=self.settings.use_triton, symbol_bounds=bounds)
         except Exception as e:  # never a crash: the rewritten graph still runs through torch
             reason = f"codegen failed ({type(e).__name__}: {e}); the graph runs through torch ops"
             log.warning("effcompile: FALLBACK for graph %s: %s", self.report.fingerprint[:12], reason)

@@ -71,6 +71,40 @@ def test_bf16_int8_decode_takes_the_row_kernel(rows):
     assert err < 2e-2, err
 
 
+def test_a_dynamic_batch_takes_the_row_kernel_in_buckets_of_at_most_8_rows():
+    # Batch 1 then 16 then 8 sequences of one token: dynamo makes the batch symbolic, and each power-of-two bucket
+    # compiles its own variant; lowering bounds the rows by the bucket (lower._max_rows): 9-16 keeps wq_linear's
+    # eager path, 5-8 takes the kernel.
+    if B.row_kernel("int8", torch.uint8) is False:
+        pytest.skip("no C kernel here")
+    bf16 = tiny_hf("llama", layers=2, hidden=64).to(torch.bfloat16)
+    fast = ec.effcompile(bf16, passes=[ec.Quantize(weights="int8")], cache=False)
+    counts = []
+    with torch.no_grad():
+        for batch in (1, 16, 8):
+            before = cg_ops.PATH_COUNTS[B.NAME]["kernel"]
+            fast(torch.randint(0, 128, (batch, 1), generator=torch.Generator().manual_seed(batch)))
+            counts.append(cg_ops.PATH_COUNTS[B.NAME]["kernel"] - before)
+    assert counts == [8, 0, 8]
+    dynamic = ec.explain(fast).graphs[-1]
+    assert dynamic.buckets == ["('9-16',)", "('5-8',)"]
+    assert {k.kind for k in dynamic.kernels} == {"cpu-bag-gemv"}  # the last variant compiled: 5-8
+
+
+def test_without_the_c_kernel_bf16_int8_decode_keeps_the_packed_matmul(monkeypatch):
+    from effcompile.codegen.kernels import cpu_float_gemv
+
+    if qops.packed_cpu_unavailable("int8", torch.bfloat16, 64):
+        pytest.skip(qops.packed_cpu_unavailable("int8", torch.bfloat16, 64))
+    for attr, value in (("decided", True), ("fn", None), ("why", "CPU float GEMV kernel unavailable: test")):
+        monkeypatch.setattr(cpu_float_gemv.KERNEL, attr, value)
+    bf16 = tiny_hf("llama", layers=2, hidden=64).to(torch.bfloat16)
+    fast = ec.effcompile(bf16, passes=[ec.Quantize(weights="int8")], cache=False)
+    with torch.no_grad():
+        fast(torch.randint(0, 128, (1, 1), generator=torch.Generator().manual_seed(0)))
+    assert {k.kind for k in _packed_kernels(fast)} == {"cpu-int8pack-mm"} and len(_packed_kernels(fast)) == 8
+
+
 def test_fp32_int4_rounds_only_x_to_bf16_and_returns_fp32():
     # The bf16 kernel's output against the reference with x rounded the same way: equal to bf16 accumulation's
     # error; against the fp32 reference, about 0.3 % (session 22: 0.28-0.29 % on Llama-3.2-1B shapes).
