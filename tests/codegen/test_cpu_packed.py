@@ -53,7 +53,7 @@ def test_bf16_linears_keep_torchs_packed_matmul_and_fp32_ones_take_the_bag(weigh
 
 @pytest.mark.parametrize("rows", [1, 5])
 def test_bf16_int8_decode_takes_the_row_kernel(rows):
-    # 1-8 rows: cpu_float_gemv's kernel on the byte rows beat torch's packed int8 matmul (lower._int8_kernel_rows)
+    # 1-8 rows: cpu_float_gemv's kernel on the byte rows beat torch's packed int8 matmul (lower_cpu._int8_kernel_rows)
     if B.row_kernel("int8", torch.uint8) is False:
         pytest.skip("no C kernel here")
     cfg = ec.Quantize(weights="int8")
@@ -73,7 +73,7 @@ def test_bf16_int8_decode_takes_the_row_kernel(rows):
 
 def test_a_dynamic_batch_takes_the_row_kernel_in_buckets_of_at_most_8_rows():
     # Batch 1 then 16 then 8 sequences of one token: dynamo makes the batch symbolic, and each power-of-two bucket
-    # compiles its own variant; lowering bounds the rows by the bucket (lower._max_rows): 9-16 keeps wq_linear's
+    # compiles its own variant; lowering bounds the rows by the bucket (lower_common.max_rows): 9-16 keeps wq_linear's
     # eager path, 5-8 takes the kernel.
     if B.row_kernel("int8", torch.uint8) is False:
         pytest.skip("no C kernel here")
