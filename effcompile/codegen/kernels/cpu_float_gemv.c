@@ -22,10 +22,7 @@
 #endif
 #ifdef __SSE__
 #include <xmmintrin.h>
-#ifndef HINT
-#define HINT _MM_HINT_T0
-#endif
-#define PREFETCH(p) _mm_prefetch((const char*)(p), HINT)
+#define PREFETCH(p) _mm_prefetch((const char*)(p), _MM_HINT_T0)
 #else
 #define PREFETCH(p) ((void)(p))
 #endif
@@ -143,7 +140,7 @@ static inline __attribute__((always_inline)) void chunk(int M, int wtype, const 
     }
 }
 
-#define CASE(M, T) case (M) * 4 + (T): chunk(M, T, base, stride, idx, v, i0, i1, next, nnext, acc, n, width); break;
+#define CASE(M, W) case (M) * 4 + (W): chunk(M, W, base, stride, idx, v, i0, i1, next, nnext, acc, n, width); break;
 #define CASES(M) CASE(M, W_F32) CASE(M, W_BF16) CASE(M, W_F16) CASE(M, W_U8)
 static void chunk_any(int M, int wtype, const char* base, int64_t stride, const int32_t* idx, const float* v,
                       int64_t i0, int64_t i1, const int32_t* next, int64_t nnext, float* acc, int64_t n,

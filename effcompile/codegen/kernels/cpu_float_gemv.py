@@ -70,8 +70,8 @@ def call(x: torch.Tensor, threshold: torch.Tensor | None, rows: torch.Tensor, ma
 
 
 def _self_check(fn) -> None:
-    """Odd shapes (slabs that do not divide N, blocks that do not divide the kept inputs), 1 / 3 / 8 rows, each
-    weight dtype and threshold form, and the kept-input cut-off, vs torch."""
+    """Odd shapes (slabs that do not divide N, blocks and chunks that do not divide the kept inputs), 1, 2, 3 and 8
+    rows (both loops), each weight type and threshold form, and the kept-input cut-off, vs torch."""
     gen = torch.Generator().manual_seed(0)
     for (k, n), m, dtype in (((70, 37), 1, torch.float32), ((256, 2500), 1, torch.float32),
                              ((70, 37), 3, torch.bfloat16), ((129, 300), 8, torch.float16), ((70, 37), 2, torch.uint8)):
