@@ -7,6 +7,10 @@ has (~10-15 % on the 2-core box). Prints one JSON line (tok/s per round, per var
 with the medians, their ratios to eager and the versions (benchmarks/results/cpu-bag-*-ab-*.json hold such runs).
 
     python benchmarks/bag_ab.py "threshold(sparsity=0.5)" '{"new": {"BAG_INPUTS": 32}, "old": {"BAG_INPUTS": 1073741824}}'
+
+A variant may also carry its own pass config under "spec" (compiled separately), to A/B two configs:
+
+    python benchmarks/bag_ab.py "threshold(sparsity=0.5)" '{"blocks": {}, "head": {"spec": "threshold(sparsity=0.5,targets=(all,head))"}}'
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ def main() -> None:
                     help="compile one model per variant with its knobs set (for knobs lowering reads, e.g. INT8_KERNEL)")
     a = ap.parse_args()
     variants = json.loads(a.variants)
+    specs = {name: knobs.pop("spec", a.spec) for name, knobs in variants.items()}
     for name, knobs in variants.items():
         for knob in knobs:
             if not hasattr(cpu_bag_gemv, knob):
@@ -47,18 +52,19 @@ def main() -> None:
     model = zm.model.eval()
     calib = [zm.make_inputs(batch=2, seq=64, seed=0)]
     prompt = zm.make_inputs(batch=a.batch, seq=32, seed=101)["input_ids"]
-    passes = pass_spec.parse_passes(a.spec)[1]
     tok_s: dict[str, list[float]] = {name: [] for name in [*variants, "eager"]}
     fast = {}
     with torch.no_grad():
         for name, knobs in variants.items():
             for knob, value in knobs.items():
                 setattr(cpu_bag_gemv, knob, value)
-            if a.compile_each or not fast:
+            same = next((f for n, f in fast.items() if specs[n] == specs[name]), None)
+            if a.compile_each or same is None:
+                passes = pass_spec.parse_passes(specs[name])[1]
                 fast[name] = ec.effcompile(model, passes=passes, calibration=calib, cache=False)
                 fast[name](**calib[0])  # compiles
             else:
-                fast[name] = next(iter(fast.values()))
+                fast[name] = same
         for _ in range(a.rounds):
             for name, knobs in variants.items():
                 for knob, value in knobs.items():
@@ -66,7 +72,7 @@ def main() -> None:
                 speed = timing.decode_speed(fast[name], model, prompt, a.steps, 3, "cpu")
                 tok_s[name].append(round(speed["tokens_per_s"], 2))
             tok_s["eager"].append(round(timing.decode_speed(model, model, prompt, a.steps, 3, "cpu")["tokens_per_s"], 2))
-    run = {"spec": a.spec, "model": a.model, "dtype": a.dtype, "batch": a.batch, "variants": variants,
+    run = {"spec": a.spec, "specs": specs, "model": a.model, "dtype": a.dtype, "batch": a.batch, "variants": variants,
            "compile_each": a.compile_each, "tok_s": tok_s}
     print(json.dumps(run), flush=True)
     if a.out:

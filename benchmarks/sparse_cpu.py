@@ -20,7 +20,7 @@ the weights to fill twice the last-level cache, so every call reads them from DR
 matmul where a call keeps more than cpu_bag_gemv.FLOAT_BAG_MAX_KEPT of its inputs (fp32, as shipped); --raw-bags lifts
 that limit so every float row times the bag itself (sparse-cpu-1b-stream-2026-11-28-s23.json ran so).
 
-    python benchmarks/sparse_cpu.py [--reps 20] [--stream] [--shapes 7b|1b] [--weights float,int8,int4] [--raw-bags]
+    python benchmarks/sparse_cpu.py [--reps 20] [--stream] [--shapes 7b|1b|small] [--weights float,int8,int4] [--raw-bags]
 """
 
 from __future__ import annotations
@@ -43,7 +43,12 @@ from effcompile.compiler import ops as qops
 from effcompile.compiler import sparse_linear as sl
 
 SHAPE_SETS = {"7b": {"7b.up": (11008, 4096), "7b.down": (4096, 11008)},
-              "1b": {"1b.qkv": (3072, 2048), "1b.o": (2048, 2048), "1b.gate_up": (16384, 2048), "1b.down": (2048, 8192)}}
+              "1b": {"1b.qkv": (3072, 2048), "1b.o": (2048, 2048), "1b.gate_up": (16384, 2048), "1b.down": (2048, 8192)},
+              # MiniLM-L6 (384 wide, ffn 1536) and the stdlib LM (256 wide, ffn 704; head 4096 x 256): weights under
+              # cpu_bag_gemv.FLOAT_BAG_MIN_WEIGHTS, which bag_linear runs dense (kernel_ms: its C kernel regardless)
+              "small": {"minilm.qkv": (1152, 384), "minilm.o": (384, 384), "minilm.up": (1536, 384),
+                        "minilm.down": (384, 1536), "lm.gate_up": (1408, 256), "lm.down": (256, 704),
+                        "lm.head": (4096, 256)}}
 SPARSITY = (0.0, 0.25, 0.4, 0.5, 0.6)
 
 
@@ -121,12 +126,14 @@ def main() -> None:
                     bag.FLOAT_KERNEL = bag.INT8_KERNEL = False  # bag_ms: torch's bag, as where no C compiler is
                     bag_ms = timed_ms(run_bag, bags, a.reps)
                     bag.FLOAT_KERNEL = bag.INT8_KERNEL = True
+                    min_weights, bag.FLOAT_BAG_MIN_WEIGHTS = bag.FLOAT_BAG_MIN_WEIGHTS, 0  # kernel_ms: the kernel at any size
                     gather = None if a.stream else median_ms(
                         lambda x=x, t=t, wt=wt, st=st, zt=zt, g=g, fmt=fmt:
                         sl.sparse_linear_eager(x, t, wt, st, zt, None, fmt, g, "bench", False), a.reps)
                     kernel_ms = timed_ms(
                         lambda p, sz, x=x, t=t, g=g, n=n: int4_gemv.run(x, t, p, sz, None, n, g, "bench", False),
                         panels, a.reps) if kernel else timed_ms(run_bag, bags, a.reps) if row_kernel else None
+                    bag.FLOAT_BAG_MIN_WEIGHTS = min_weights
                     needed = float((x.abs() > t).any(0).float().mean())
                     rows.append(dict(shape=name, m=m, weights=fmt, sparsity=sp, rows_needed=round(needed, 3),
                                      fp32_ms=round(fp32, 3), packed_ms=packed and round(packed, 3),

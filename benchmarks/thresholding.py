@@ -153,6 +153,12 @@ def _scalars(fast) -> dict:
     return record.jsonable(out)
 
 
+def _method(r) -> str:
+    """The method, with the targets when they are not the default ("all")."""
+    targets = (r.get("options") or {}).get("targets")
+    return r["method"] + (f" ({','.join(targets)})" if targets and list(targets) != ["all"] else "")
+
+
 def table(path: str) -> str:
     """Markdown tables of a results JSONL: quality and achieved sparsity per model, method and target."""
     recs = [json.loads(line) for line in open(path)]
@@ -167,7 +173,7 @@ def table(path: str) -> str:
             if r["method"] == "eager":
                 continue
             a = r["achieved"]
-            out.append(f"| {r['method']} | {r['target']:.2f} | {r['perplexity']:.2f} | {r['perplexity'] / dense:.3f} | "
+            out.append(f"| {_method(r)} | {r['target']:.2f} | {r['perplexity']:.2f} | {r['perplexity'] / dense:.3f} | "
                        f"{r['next_token']:.3f} | {a['weighted']:.4f} | {a['max_abs_layer_deviation']:.3f} |")
         out.append("")
     mini = [r for r in recs if r["model"] == "minilm"]
@@ -177,7 +183,7 @@ def table(path: str) -> str:
                 "|---|---|---|---|---|---|---|---|"]
         for r in mini:
             a, ra = r["achieved"], r["retrieval_agreement"]
-            out.append(f"| {r['method']} | {r['target']:.2f} | {r['cosine']['mean']:.4f} | {r['cosine']['min']:.4f} | "
+            out.append(f"| {_method(r)} | {r['target']:.2f} | {r['cosine']['mean']:.4f} | {r['cosine']['min']:.4f} | "
                        f"{ra['top1']:.3f} | {ra['top5']:.3f} | {a['weighted']:.4f} | "
                        f"{a['max_abs_layer_deviation']:.3f} |")
     return "\n".join(out) + "\n"
@@ -196,6 +202,8 @@ def main(argv=None) -> int:
     ap.add_argument("--greedy-metric", default=None, help="what greedy minimizes: cosine or mse (default: the pass's)")
     ap.add_argument("--keep-padding", action="store_true",
                     help="calibrate on padding positions too (skip_padding=False, the pass's behaviour before session 6)")
+    ap.add_argument("--pass-targets", default=None,
+                    help='ThresholdChannels.targets, comma-separated (default: the pass\'s, "all"); "all,head" adds the LM head')
     ap.add_argument("--windows", type=int, default=32)
     ap.add_argument("--queries", type=int, default=128)
     ap.add_argument("--docs", type=int, default=256)
@@ -210,6 +218,8 @@ def main(argv=None) -> int:
     with open(a.out, "a") as f:
         for m in a.models.split(","):
             common = {"skip_padding": False} if a.keep_padding else {}
+            if a.pass_targets:
+                common["targets"] = tuple(a.pass_targets.split(","))
             cases = (minilm_cases(methods, targets, a.calib, a.queries, a.docs, greedy, common=common) if m == "minilm"
                      else lm_cases(methods, targets, a.calib, a.windows, greedy, common))
             for rec in cases:

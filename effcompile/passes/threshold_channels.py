@@ -26,8 +26,12 @@ from effcompile.passes.calibration import (
 from effcompile.passes.threshold_greedy import GREEDY_METRICS
 from effcompile.passes.threshold_greedy import NO_THRESHOLD as _NO_THRESHOLD
 
-KINDS = ("attn_in", "attn_out", "mlp_in", "mlp_out")
-_ALIASES = {"all": KINDS, "attn": ("attn_in", "attn_out"), "ffn": ("mlp_in", "mlp_out"),
+BLOCK_KINDS = ("attn_in", "attn_out", "mlp_in", "mlp_out")
+# The LM head is opt-in: TEAL and CHESS leave it dense, and its input (the final norm's output) feeds every logit.
+# On a small decoder it is a large share of the bytes a step reads (Llama-3.2-1B's tied head: 21 % in bf16), which
+# caps what block thresholds alone can save (docs/thresholding.md).
+KINDS = (*BLOCK_KINDS, "head")
+_ALIASES = {"all": BLOCK_KINDS, "attn": ("attn_in", "attn_out"), "ffn": ("mlp_in", "mlp_out"),
             "mlp": ("mlp_in", "mlp_out"), "ffn_in": ("mlp_in",), "ffn_out": ("mlp_out",)}
 _TAG = re.compile(r"^layers\.\d+\.(attn|ffn)$")
 METHODS = ("tensor", "channel", "greedy", "greedy-channel")
@@ -45,7 +49,8 @@ class ThresholdChannels(PassConfig):
 
     sparsity: the fraction of targeted linear inputs zeroed (0 = none), model-wide, or per linear kind
         as a dict ``{"attn_in": 0.3, "mlp_in": 0.5}`` (kinds: attn_in = q/k/v, attn_out = o,
-        mlp_in = gate/up, mlp_out = down; aliases attn, ffn/mlp, all).
+        mlp_in = gate/up, mlp_out = down, head = the linears after the last block (the LM head); aliases attn,
+        ffn/mlp, all = the four block kinds, not the head).
     method: "tensor" - one threshold per linear, the |x| quantile giving the target (TEAL);
         "channel" - one threshold per input channel: |x_j| * ||W[:, j]|| (the channel's contribution
         to the output) is thresholded at its quantile (CHESS);
@@ -53,7 +58,8 @@ class ThresholdChannels(PassConfig):
         to meet the target (weighted by weight bytes, i.e. what decode skips reading) with the least
         output error on the calibration data (TEAL's greedy search, model-wide);
         "greedy-channel" - the same greedy allocation over per-channel (CHESS) thresholds.
-    targets: which linears: kinds, aliases, or exact sublayer tags ("layers.3.attn").
+    targets: which linears: kinds, aliases, or exact sublayer tags ("layers.3.attn"); the head only when named,
+        e.g. ``("all", "head")``.
     decode_only: True leaves prefill-shaped inputs (more than one token per sequence) dense.
     greedy_step: the sparsity grid of the greedy search; greedy_batches: calibration batches it scores on;
     greedy_metric: what it minimizes, "cosine" (per-row cosine distance of every output), "pooled" (the
@@ -221,12 +227,14 @@ def _sites(gm: fx.GraphModule, cfg: ThresholdChannels, ctx: PassContext) -> tupl
         if not _is_linear(node):
             continue
         tag = ir.sublayer(node)
-        if tag is None or tag.block is None or tag.part not in ("attn", "ffn"):
+        in_block = tag is not None and tag.block is not None and tag.part in ("attn", "ffn")
+        if not (in_block or (tag is not None and tag.part == "head")):
             continue
         x = node.args[0] if node.args else node.kwargs.get("input")
         if not isinstance(x, fx.Node):
             continue
-        kind = ("attn" if tag.part == "attn" else "mlp") + ("_out" if _reaches_linear(x, tag) else "_in")
+        kind = "head" if not in_block else (
+            ("attn" if tag.part == "attn" else "mlp") + ("_out" if _reaches_linear(x, tag) else "_in"))
         if not (kind in kinds or str(tag) in tags) or cfg.target_for(kind) == 0:
             continue
         label = tag.module or node.name
@@ -473,4 +481,4 @@ def thresholds(compiled) -> dict[str, torch.Tensor]:
     return out
 
 
-__all__ = ["KINDS", "METHODS", "ThresholdChannels", "threshold_channels", "thresholds"]
+__all__ = ["BLOCK_KINDS", "KINDS", "METHODS", "ThresholdChannels", "threshold_channels", "thresholds"]

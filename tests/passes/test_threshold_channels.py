@@ -294,11 +294,40 @@ def test_threshold_buffer_lives_on_the_weights_device():
     (ec.ThresholdChannels(sparsity=0.5, targets=("mlp_out",)), ["down_proj"] * 2),
     (ec.ThresholdChannels(sparsity={"attn_out": 0.5}), ["o_proj"] * 2),
     (ec.ThresholdChannels(sparsity=0.5, targets=("layers.1.ffn",)), ["gate_proj", "up_proj", "down_proj"]),
+    (ec.ThresholdChannels(sparsity=0.5, targets=("head",)), ["lm_head"]),
+    (ec.ThresholdChannels(sparsity={"head": 0.3, "mlp_out": 0.5}, targets=("all", "head")), ["down_proj"] * 2 + ["lm_head"]),
 ])
 def test_targets_select_linears(llama, cfg, expect):
     gm, _, (rec,) = _run_passes(llama, [cfg])
     assert [k.rsplit(".", 1)[-1] for k in rec.artifacts["layers"]] == expect
     assert sum(n.target is sparsify_op() for n in gm.graph.nodes) == len(expect)
+
+
+def test_the_head_is_thresholded_only_when_named(llama, dense_out):
+    """"all" is the block linears (TEAL leaves the head dense); naming "head" adds the LM head, whose input is the
+    final norm's output: kind "head", calibrated to its own target, sparse on held-out data, output changed."""
+    gm, before, (rec,) = _run_passes(llama, [ec.ThresholdChannels(sparsity=0.5, targets=("all", "head"))])
+    head = next(n for n in gm.graph.nodes if n.name == before[-1])
+    assert rec.count == 15 and head.args[0].target is sparsify_op()
+    assert rec.artifacts["layers"]["lm_head"]["kind"] == "head"
+    assert rec.artifacts["layers"]["lm_head"]["tag"] == "head"
+    torch._dynamo.reset()
+    fast = _compile(llama, ec.ThresholdChannels(sparsity={"head": 0.4}, targets=("head",)))
+    with measure_sparsity() as got:
+        out = _logits(fast)
+    assert set(got) == {"lm_head"} and abs(got["lm_head"] - 0.4) <= 0.05, got
+    assert not torch.equal(out, dense_out)
+
+
+def test_greedy_allocates_the_head_as_its_own_group(llama):
+    torch._dynamo.reset()
+    cfg = ec.ThresholdChannels(sparsity=0.5, method="greedy", targets=("all", "head"), greedy_step=0.1, greedy_batches=2)
+    fast = _compile(llama, cfg)
+    with measure_sparsity() as got:
+        _logits(fast)
+    a = _record(fast).artifacts
+    assert a["groups"] == 2 * 4 + 1 and "lm_head" in got
+    assert abs(a["weighted_target"] - 0.5) < 1e-3
 
 
 def test_targets_matching_nothing_do_not_fire(llama):
