@@ -700,6 +700,18 @@ def test_stdlib_lm_greedy_beats_uniform_and_quality_budget():
 
 
 @pytest.mark.slow
+def test_stdlib_lm_head_thresholds_quality_budget():
+    # Measured 2026-11-28 (threshold-head-lm-cpu-2026-11-28-s26.jsonl, 8 calibration batches, 32 windows): greedy
+    # with the head at 40 % x1.021 dense perplexity, the head at 25 %; tensor with the head at 40 % x1.053.
+    recs = {r["method"]: r for r in _bench().lm_cases(["greedy"], [0.4], n_calib=4, windows=16,
+                                                       common={"targets": ("all", "head")})}
+    assert recs["greedy"]["perplexity"] / recs["eager"]["perplexity"] < 1.05
+    per_layer = recs["greedy"]["achieved"]["per_layer"]
+    assert "lm_head" in per_layer and per_layer["lm_head"]["target"] < 0.4  # greedy spares the head
+    assert abs(recs["greedy"]["achieved"]["weighted"] - 0.4) <= 0.02
+
+
+@pytest.mark.slow
 def test_minilm_quality_budget_and_achieved_sparsity():
     # Measured 2026-11-26, real tokens only (skip_padding, count_rows; session 6): tensor at 40 % cosine
     # mean 0.962, top-1 agreement 0.797, achieved 0.392 (with padding counted, session 4: 0.969 / 0.797 / 0.394).
