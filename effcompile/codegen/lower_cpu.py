@@ -150,6 +150,16 @@ def _int8_kernel_rows(gm: fx.GraphModule, node) -> bool:
     return rows is not None and rows >= 1 and _bag.row_kernel("int8", torch.uint8, rows)
 
 
+def cached_kernels_unusable(kinds) -> str | None:
+    """Why a cached graph whose kernels have these kinds should be rebuilt here rather than run, or None. Its int4
+    linears on the C kernel hold only the kernel's panel layout, and where the kernel cannot build (no C compiler
+    on this machine) their fallback dequantizes every weight on every call (~200 ms a call on Llama-3.2-1B's
+    gate_up); a graph lowered here keeps torch's packed int4 matmul instead."""
+    if "cpu-int4-gemv" in set(kinds) and (why := _int4_gemv.unavailable()) is not None:
+        return f"its int4 linears are laid out for the CPU int4 C kernel, unavailable here ({why})"
+    return None
+
+
 def _lower_int4_gemv(gm: fx.GraphModule, node, plan: tuple, tag, fake_mode) -> KernelRecord:
     """A thresholded int4 sparse_linear, or an int4 wq_linear _int4_kernel_rows picks -> the C kernel's op."""
     x, thr, wt, st, zt, b, _, group, label, decode_only = plan

@@ -284,6 +284,10 @@ class CompiledGraph:
         if entry is None:
             return None
         try:
+            from effcompile.codegen.lower_cpu import cached_kernels_unusable
+
+            if why := cached_kernels_unusable(k.get("kind") for k in entry.meta["kernels"]):
+                raise RuntimeError(why)
             kernel_dir = Path(store.root) / "kernels"
             paths = _write_sources(kernel_dir, {n: s for n, s in entry.sources.items() if n.endswith(".py")})
             load_kernels(paths)

@@ -289,14 +289,26 @@ def test_fp16_large_activations_do_not_overflow_the_unscaled_sums(m):
     torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=0.5)
 
 
-def test_small_float_weights_take_sgemv(monkeypatch):
+@pytest.mark.parametrize("kernel", ["built", "missing", "size limit"])
+def test_small_float_weights_take_the_kernel_else_sgemv(kernel, monkeypatch):
+    # Under FLOAT_BAG_MIN_WEIGHTS the float bag never runs: the C kernel takes the call (any size since session 26:
+    # KERNEL_MIN_WEIGHTS 0), or without it (no compiler, or a weight under KERNEL_MIN_WEIGHTS) the dense matmul.
     monkeypatch.setattr(B, "FLOAT_BAG_MIN_WEIGHTS", 1 << 21)
+    if kernel == "missing":
+        _no_row_kernel(monkeypatch)
+    if kernel == "size limit":
+        monkeypatch.setattr(B, "KERNEL_MIN_WEIGHTS", 1 << 21)
+    if kernel == "built" and cpu_float_gemv.unavailable() is not None:
+        pytest.skip(cpu_float_gemv.unavailable())
     wt, _, _ = _weights("float", 0, 64, 32)
     x = _input(1, 64, 0.5, torch.float32)
-    before = cg_ops.PATH_COUNTS[B.NAME]["dense"]
+    path = "kernel" if kernel == "built" else "dense"
+    before = dict(cg_ops.PATH_COUNTS[B.NAME])
     got = B.run(x, torch.tensor(0.3), B.pack(wt, "float"), None, None, None, "float", 0, "", False)
-    assert cg_ops.PATH_COUNTS[B.NAME]["dense"] == before + 1
-    torch.testing.assert_close(got, sl.reference(x, torch.tensor(0.3), wt, None, None, None, "float", 0, "", False))
+    assert cg_ops.PATH_COUNTS[B.NAME][path] == before.get(path, 0) + 1
+    assert sum(cg_ops.PATH_COUNTS[B.NAME].values()) == sum(before.values()) + 1
+    torch.testing.assert_close(got, sl.reference(x, torch.tensor(0.3), wt, None, None, None, "float", 0, "", False),
+                               rtol=1e-5, atol=1e-5)
 
 
 def test_an_unlimited_float_kept_share_runs_the_row_skipping_path(monkeypatch):

@@ -229,3 +229,23 @@ def test_the_plain_c_variant_agrees_too(fresh, monkeypatch):
 
     monkeypatch.setattr(native, "FLAGS", tuple("-march=x86-64-v2" if f == "-march=native" else f for f in native.FLAGS))
     assert M.unavailable() is None
+
+
+def test_a_cached_int4_kernel_graph_is_rebuilt_where_the_kernel_is_missing(llama, tmp_path, monkeypatch):
+    # An entry lowered to the kernel holds only its panel layout; loaded where the kernel cannot build, its fallback
+    # would dequantize every weight per call. The entry is rebuilt instead (packed int4 matmul), and says so.
+    cfg = [ec.Quantize(weights="int4", group_size=32, targets=("attn", "ffn", "head"))]
+    ids = torch.randint(0, 128, (1, 1), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        want = ec.effcompile(llama, passes=cfg, cache=True, cache_dir=tmp_path)(ids).logits
+    torch._dynamo.reset()
+    for attr, value in (("decided", True), ("fn", None), ("why", "CPU int4 GEMV kernel unavailable: test")):
+        monkeypatch.setattr(M.KERNEL, attr, value)
+    fast = ec.effcompile(llama, passes=cfg, cache=True, cache_dir=tmp_path)
+    with torch.no_grad():
+        got = fast(ids).logits
+    (g,) = ec.explain(fast).graphs
+    assert "laid out for the CPU int4 C kernel, unavailable here" in g.cache_note, (g.cache, g.cache_note)
+    kinds = {k.kind for k in ec.explain(fast).kernels}
+    assert "cpu-int4-gemv" not in kinds and any(k.startswith("cpu-int4pack-mm") for k in kinds), kinds
+    torch.testing.assert_close(got, want, rtol=3e-2, atol=3e-2)  # the packed matmul rounds x to bf16

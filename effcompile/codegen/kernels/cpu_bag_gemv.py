@@ -48,7 +48,13 @@ BAG_MAX_ROWS = {"float": 1, "int8": 8, "int4": 8}
 # weight is a slow path (llama-1b shapes, 50 % kept, from DRAM: gate_up 2 rows 2.70 vs 5.70 ms, 4 rows 4.47 vs 5.74,
 # 8 rows 7.95 vs 6.37; down 1.69 vs 3.60, 2.88 vs 3.36, 4.72 vs 3.02).
 HALF_FLOAT_BAG_MAX_ROWS = 4
-FLOAT_BAG_MIN_WEIGHTS = 1 << 21  # float weights smaller than this (8 MB fp32) stay in cache: sgemv wins
+FLOAT_BAG_MIN_WEIGHTS = 1 << 21  # float weights smaller than this (8 MB fp32) stay in cache: sgemv beats the bag
+# Float weights smaller than this skip the C kernel too (0: any size takes it). Small weights took the dense branch
+# until session 26, whose matmul of the input-major weight plus the thresholding cost 2x the kernel's call there
+# (bf16, one row, MiniLM / stdlib-LM shapes, cache-resident: 0.09-0.19 vs 0.04-0.06 ms; fp32 0.05-0.18 vs 0.03-0.06).
+# Whole model, llama-small (256 wide) at 50 % thresholds, A/B in one process (cpu-small-weights-ab-*-s26.json), vs
+# eager: bf16 batch 1 0.79x -> 1.14x, batch 8 0.75x -> 0.99x; fp32 batch 1 0.70x -> 0.79x, batch 8 0.68x -> 0.74x.
+KERNEL_MIN_WEIGHTS = 0
 # A float bag reads a kept row at ~20 GB/s where sgemv streams every row at ~28 (2-core box, weights from DRAM), so it
 # pays only when few enough inputs are kept. Past this share of kept inputs a call runs the dense matmul of the
 # thresholded x instead (per call: the keep mask is computed anyway). Whole model, llama-1b fp32, 32-input bags
@@ -219,9 +225,10 @@ def run(x, threshold, rows, scales, zeros, bias, fmt: str, group_size: int, labe
     applied = threshold is not None and not (decode_only and sparse_ops.is_prefill(x))
     x2 = x.reshape(-1, x.shape[-1])
     decode = x2.shape[0] <= max_rows(fmt, rows.dtype) and (applied or threshold is None)
-    if fmt == "float" and rows.numel() < FLOAT_BAG_MIN_WEIGHTS:
-        decode = False  # a cache-resident sgemv beats the bag's ~0.07 ms of set-up (768 x 2048: 0.10 vs 0.13 ms)
-    if decode and x2.numel() and row_kernel(fmt, rows.dtype, x2.shape[0]):
+    small = fmt == "float" and rows.numel() < FLOAT_BAG_MIN_WEIGHTS  # a cache-resident sgemv beats the bag's ~0.07
+    # ms of set-up (768 x 2048: 0.10 vs 0.13 ms), not the kernel's call (KERNEL_MIN_WEIGHTS)
+    if decode and x2.numel() and row_kernel(fmt, rows.dtype, x2.shape[0]) and not (
+            fmt == "float" and rows.numel() < KERNEL_MIN_WEIGHTS):
         # The C kernel on the same rows, faster than the float / byte bag (cpu_float_gemv.py). Past the kept-share
         # limit one fp32 row runs sgemv instead. Several rows, half weights or int8 codes have no faster path at any
         # share: the matmul of the input-major weight (or its dequantization) is slower than the kernel with every
@@ -237,7 +244,7 @@ def run(x, threshold, rows, scales, zeros, bias, fmt: str, group_size: int, labe
         else:
             xs = torch.where(sparse_ops.keep_mask(x, threshold), x, 0) if applied else x
             y, path = _dense(xs.reshape(x2.shape), rows, scales, zeros, fmt, group_size), "dense"
-    elif decode and x2.numel() and unavailable(fmt) is None:
+    elif decode and not small and x2.numel() and unavailable(fmt) is None:
         # The bags come straight from the keep mask (|x| > t implies x != 0): no thresholded copy of x.
         keep = sparse_ops.keep_mask(x, threshold) if applied else x != 0
         if applied:
