@@ -9,7 +9,7 @@ import torch.fx as fx
 from effcompile.codegen import ops as _ops
 from effcompile.codegen.kernels import cpu_bag_gemv as _bag
 from effcompile.codegen.kernels import cpu_int4_gemv as _int4_gemv
-from effcompile.codegen.lower_common import KernelRecord, max_rows, static_rows
+from effcompile.codegen.lower_common import KernelRecord, max_rows
 from effcompile.compiler import ops as _qops
 from effcompile.compiler import sparse_linear as _sl
 from effcompile.compiler.ir import TAG, add_buffer, attr_tensor, drop_unused_attrs, fake_mode_for, tensor_val
@@ -129,10 +129,12 @@ def lower_cpu_bags(gm: fx.GraphModule, mode: int) -> tuple[list[KernelRecord], l
 
 def _int4_kernel_rows(gm: fx.GraphModule, node) -> bool:
     """A weight-only int4 wq_linear on CPU weights the C kernel takes: fp32 activations, or a graph calling it with 1
-    or at least 8 activation rows (or a number only known per call, as prefill graphs with a dynamic length)."""
+    or at least 8 activation rows. A dynamic row count counts as the largest of the shape bucket being compiled
+    (max_rows: a batch of 3-4 sequences takes the packed matmul, as a static 3 or 4 does), or as many rows when it
+    has no bound (prefill graphs with a dynamic length)."""
     if node.op != "call_function" or node.target is not wq_linear_op() or len(node.args) < 7 or node.args[5] != "int4":
         return False
-    q, rows, val = attr_tensor(gm, node.args[1]), static_rows(node.args[0]), tensor_val(node.args[0])
+    q, rows, val = attr_tensor(gm, node.args[1]), max_rows(node.args[0]), tensor_val(node.args[0])
     fp32 = val is not None and val.dtype == torch.float32
     return q is not None and q.device.type == "cpu" and (fp32 or not (rows is not None and 1 < rows < 8)) \
         and _int4_gemv.unavailable() is None

@@ -91,6 +91,24 @@ def test_a_dynamic_batch_takes_the_row_kernel_in_buckets_of_at_most_8_rows():
     assert {k.kind for k in dynamic.kernels} == {"cpu-bag-gemv"}  # the last variant compiled: 5-8
 
 
+def test_a_dynamic_int4_batch_takes_the_packed_matmul_in_a_bucket_of_3_4_rows():
+    # bf16 weight-only int4: the C kernel at 1 and 8+ rows, torch's packed matmul at 2-7 (faster there). A dynamic batch
+    # counts as its bucket's largest: 3-4 sequences the packed matmul, 5-8 the kernel.
+    if cpu_int4_gemv.unavailable() is not None or qops.packed_cpu_unavailable("int4", torch.bfloat16, 64):
+        pytest.skip("no C kernel or packed int4 matmul here")
+    bf16 = tiny_hf("llama", layers=2, hidden=64).to(torch.bfloat16)
+    fast = ec.effcompile(bf16, passes=[ec.Quantize(weights="int4", group_size=32)], cache=False)
+    counts = []
+    with torch.no_grad():
+        for batch in (1, 4, 8):
+            before = cg_ops.PATH_COUNTS[cpu_int4_gemv.NAME]["kernel"], qops.PATH_COUNTS["wq_linear"]["int4pack"]
+            fast(torch.randint(0, 128, (batch, 1), generator=torch.Generator().manual_seed(batch)))
+            counts.append((cg_ops.PATH_COUNTS[cpu_int4_gemv.NAME]["kernel"] - before[0],
+                           qops.PATH_COUNTS["wq_linear"]["int4pack"] - before[1]))
+    assert counts == [(8, 0), (0, 8), (8, 0)]
+    assert ec.explain(fast).graphs[-1].buckets == ["('3-4',)", "('5-8',)"]
+
+
 def test_without_the_c_kernel_bf16_int8_decode_keeps_the_packed_matmul(monkeypatch):
     from effcompile.codegen.kernels import cpu_float_gemv
 
