@@ -48,6 +48,9 @@ def main() -> None:
         for knob in knobs:
             if not hasattr(cpu_bag_gemv, knob):
                 raise ValueError(f"variant {name!r}: cpu_bag_gemv has no {knob!r}")
+    # Every compiled variant adds its own dynamo cache entries (prefill, decode) to the one forward's: past the
+    # default limit of 8 the later variants would run eagerly (effcompile warns).
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 8 * (len(variants) + 1))
     zm = zoo.get_model(a.model, device="cpu", dtype=getattr(torch, a.dtype))
     model = zm.model.eval()
     calib = [zm.make_inputs(batch=2, seq=64, seed=0)]

@@ -113,7 +113,14 @@ class _Compiler:
     def _call_locked(self, args, kwargs):
         self.calls += 1
         if self.calls > 1:
-            return self.compiled(*args, **kwargs)
+            # A call with inputs this wrapper has not seen: dynamo may run it without any of our graphs, e.g. once
+            # its recompile limit for this forward is used up (every torch.compile / effcompile wrapper of one model
+            # shares it), and then says so only in its own log. Count our graphs' calls to tell.
+            ran = sum(g.calls for g in self.report.graphs)
+            out = self.compiled(*args, **kwargs)
+            if not self.recording and self.report.graphs and sum(g.calls for g in self.report.graphs) == ran:
+                self._ran_eagerly("a call with new input shapes ran without any compiled graph")
+            return out
         from torch._dynamo.utils import counters
 
         before = dict(counters["graph_break"])
@@ -127,12 +134,24 @@ class _Compiler:
         if not self.report.graphs:
             # dynamo ran the call without handing us a graph: typically its recompile limit for this
             # code object is exhausted (torch._dynamo.config.recompile_limit), so it ran eagerly.
-            reason = ("dynamo compiled no graph on the first call (recompile limit reached for this "
-                      "forward? see torch._dynamo.config.recompile_limit); the model ran eagerly")
-            self.report.fallbacks.append(reason)
-            log.warning("effcompile: FALLBACK to eager: %s", reason)
-            warnings.warn(f"effcompile: {reason}", RuntimeWarning, stacklevel=4)
+            self._ran_eagerly("dynamo compiled no graph on the first call")
         return out
+
+    def _ran_eagerly(self, what: str) -> None:
+        """Record (once per reason) and warn that a call ran the model eagerly."""
+        from torch._dynamo.utils import counters
+
+        limit = torch._dynamo.config.recompile_limit
+        hit = any("recompile limit" in str(k).lower() for k in counters["unimplemented"])
+        why = (f"dynamo's recompile limit for this forward is used up (torch._dynamo.config.recompile_limit = {limit}; "
+               "every torch.compile / effcompile wrapper of one model counts against it: raise it to compile more)"
+               if hit else "recompile limit reached for this forward? see torch._dynamo.config.recompile_limit")
+        reason = f"{what} ({why}); the model ran eagerly"
+        if reason in self.report.fallbacks:
+            return
+        self.report.fallbacks.append(reason)
+        log.warning("effcompile: FALLBACK to eager: %s", reason)
+        warnings.warn(f"effcompile: {reason}", RuntimeWarning, stacklevel=5)
 
 
 def _pruned_chunk_hint(fn, args, kwargs) -> str | None:

@@ -154,6 +154,34 @@ def test_dynamo_recompile_limit_fallback_is_reported():
     assert "ran eagerly" in str(ec.explain(second))
 
 
+def test_a_later_call_that_runs_eagerly_is_reported_too():
+    # The first call compiled; a call with new input shapes then finds the recompile limit used up by another
+    # wrapper of the same model (as a sweep over configs does) and dynamo runs it eagerly: reported once, named.
+    model = tiny_hf("gpt2", layers=1)
+    short, long = _lm_inputs(), {k: torch.cat([v, v], -1) for k, v in _lm_inputs().items()}
+    with torch.no_grad(), torch._dynamo.config.patch(recompile_limit=2):
+        first = ec.effcompile(model, cache=False)
+        first(**short)
+        ec.effcompile(model, cache=False)(**short)  # a second backend: the second and last entry
+        first(**short)
+        assert not ec.explain(first).fallbacks  # warm calls run the compiled graph
+        with pytest.warns(RuntimeWarning, match="new input shapes ran without any compiled graph"):
+            out = first(**long)
+        first(**{k: v[:, :-1] for k, v in long.items()})  # the same reason again: not added twice
+    torch.testing.assert_close(out.logits, model(**long).logits)
+    (reason,) = ec.explain(first).fallbacks
+    assert "recompile_limit = 2" in reason and "ran eagerly" in reason
+
+
+def test_new_shapes_that_compile_report_no_fallback():
+    model = tiny_hf("gpt2", layers=1)
+    fast = ec.effcompile(model, cache=False)
+    with torch.no_grad():
+        for n in (1, 2, 3):
+            fast(**{k: v.repeat(1, n) for k, v in _lm_inputs().items()})
+    assert not ec.explain(fast).fallbacks
+
+
 def test_grad_mode_call_warns_that_outputs_do_not_require_grad():
     model = torch.nn.Linear(4, 4)
     fast = ec.effcompile(model, cache=False)
