@@ -75,7 +75,9 @@ def main() -> None:
                 speed = timing.decode_speed(fast[name], model, prompt, a.steps, 3, "cpu")
                 tok_s[name].append(round(speed["tokens_per_s"], 2))
             tok_s["eager"].append(round(timing.decode_speed(model, model, prompt, a.steps, 3, "cpu")["tokens_per_s"], 2))
-    run = {"spec": a.spec, "specs": specs, "model": a.model, "dtype": a.dtype, "batch": a.batch, "variants": variants,
+    # a variant dynamo ran eagerly (or with a graph left to torch) would time as something it is not: keep the record
+    fallbacks = {name: [str(f) for f in ec.explain(f).fallbacks] for name, f in fast.items()}
+    run = {"spec": a.spec, "specs": specs, "fallbacks": fallbacks, "model": a.model, "dtype": a.dtype, "batch": a.batch, "variants": variants,
            "compile_each": a.compile_each, "tok_s": tok_s}
     print(json.dumps(run), flush=True)
     if a.out:
