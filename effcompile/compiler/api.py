@@ -143,7 +143,7 @@ class _Compiler:
 
         limit = torch._dynamo.config.recompile_limit
         hit = any("recompile limit" in str(k).lower() for k in counters["unimplemented"])
-        why = (f"dynamo's recompile limit for this forward is used up (torch._dynamo.config.recompile_limit = {limit}; "
+        why = (f"dynamo hit its recompile limit in this process (torch._dynamo.config.recompile_limit = {limit}; "
                "every torch.compile / effcompile wrapper of one model counts against it: raise it to compile more)"
                if hit else "recompile limit reached for this forward? see torch._dynamo.config.recompile_limit")
         reason = f"{what} ({why}); the model ran eagerly"

@@ -53,7 +53,7 @@ FLOAT_BAG_MIN_WEIGHTS = 1 << 21  # float weights smaller than this (8 MB fp32) s
 # until session 26, whose matmul of the input-major weight plus the thresholding cost 2x the kernel's call there
 # (bf16, one row, MiniLM / stdlib-LM shapes, cache-resident: 0.09-0.19 vs 0.04-0.06 ms; fp32 0.05-0.18 vs 0.03-0.06).
 # Whole model, llama-small (256 wide) at 50 % thresholds, A/B in one process (cpu-small-weights-ab-*-s26.json), vs
-# eager: bf16 batch 1 0.79x -> 1.14x, batch 8 0.75x -> 0.99x; fp32 batch 1 0.70x -> 0.79x, batch 8 0.68x -> 0.74x.
+# eager: bf16 batch 1 0.81x -> 1.12x, batch 8 0.73x -> 0.98x; fp32 batch 1 0.71x -> 0.81x, batch 8 0.69x -> 0.76x.
 KERNEL_MIN_WEIGHTS = 0
 # A float bag reads a kept row at ~20 GB/s where sgemv streams every row at ~28 (2-core box, weights from DRAM), so it
 # pays only when few enough inputs are kept. Past this share of kept inputs a call runs the dense matmul of the
@@ -225,10 +225,11 @@ def run(x, threshold, rows, scales, zeros, bias, fmt: str, group_size: int, labe
     applied = threshold is not None and not (decode_only and sparse_ops.is_prefill(x))
     x2 = x.reshape(-1, x.shape[-1])
     decode = x2.shape[0] <= max_rows(fmt, rows.dtype) and (applied or threshold is None)
-    small = fmt == "float" and rows.numel() < FLOAT_BAG_MIN_WEIGHTS  # a cache-resident sgemv beats the bag's ~0.07
-    # ms of set-up (768 x 2048: 0.10 vs 0.13 ms), not the kernel's call (KERNEL_MIN_WEIGHTS)
-    if decode and x2.numel() and row_kernel(fmt, rows.dtype, x2.shape[0]) and not (
-            fmt == "float" and rows.numel() < KERNEL_MIN_WEIGHTS):
+    # Small float weights stay in cache, where sgemv beats the float bag's ~0.07 ms of set-up (768 x 2048: 0.10 vs
+    # 0.13 ms); the C kernel's call beats both (KERNEL_MIN_WEIGHTS).
+    small = fmt == "float" and rows.numel() < FLOAT_BAG_MIN_WEIGHTS
+    kernel_size = not (fmt == "float" and rows.numel() < KERNEL_MIN_WEIGHTS)
+    if decode and kernel_size and x2.numel() and row_kernel(fmt, rows.dtype, x2.shape[0]):
         # The C kernel on the same rows, faster than the float / byte bag (cpu_float_gemv.py). Past the kept-share
         # limit one fp32 row runs sgemv instead. Several rows, half weights or int8 codes have no faster path at any
         # share: the matmul of the input-major weight (or its dequantization) is slower than the kernel with every
