@@ -92,13 +92,21 @@ def _out_features(gm, node, ctx) -> int:
 
 
 def _cat(gm, nodes, index, ctx, n_rows, dim=0) -> torch.Tensor | None:
-    """The tensors at argument ``index`` of ``nodes`` stacked along ``dim`` (a missing bias counts as zeros)."""
+    """The tensors at argument ``index`` of ``nodes`` stacked along ``dim`` (a missing bias counts as zeros), once for
+    all of the model's graphs while one holds it (ir.shared_tensors; its parts are FuseSparseLinear's shared copies
+    or Quantize's shared weights, so the key names them however often they were made)."""
     ts = [ir.node_tensor(gm, n.args[index], ctx.params) for n in nodes]
     if all(t is None for t in ts):
         return None
-    like = next(t for t in ts if t is not None)
-    ts = [t if t is not None else like.new_zeros((rows, *like.shape[1:])) for t, rows in zip(ts, n_rows, strict=True)]
-    return torch.cat([t.detach() for t in ts], dim).contiguous()
+    key = (dim, *(("zeros", rows) if t is None else ir.tensor_key(t) for t, rows in zip(ts, n_rows, strict=True)))
+
+    def make():
+        like = next(t for t in ts if t is not None)
+        full = [t if t is not None else like.new_zeros((rows, *like.shape[1:])) for t, rows in zip(ts, n_rows, strict=True)]
+        return (torch.cat([t.detach() for t in full], dim).contiguous(),)
+
+    hold = tuple(t for t in ts if t is not None and not hasattr(t, "_ec_made_from"))
+    return ir.shared_tensors(ctx.shared, "fuse_parallel_linears.cat", key, make, hold)[0]
 
 
 def _fuse_group(gm, nodes, ctx, mode) -> None:

@@ -74,7 +74,11 @@ def fuse_sparse_linear(gm: fx.GraphModule, cfg: FuseSparseLinear, ctx: PassConte
             kept[label] = plan
             continue
         (w, s, z, b, fmt, group), _ = plan
-        wt, st, zt = sl.to_input_major(w, s, z, fmt, group)
+        # once for all of the model's graphs while one holds it (ir.shared_tensors)
+        key = (fmt, group, *(None if t is None else ir.tensor_key(t) for t in (w, s, z)))
+        wt, st, zt = ir.shared_tensors(ctx.shared, "fuse_sparse_linear.input_major", key,
+                                       lambda w=w, s=s, z=z, fmt=fmt, group=group: sl.to_input_major(w, s, z, fmt, group),
+                                       hold=(w, s, z))
         mode = mode or ir.fake_mode_for(gm, ctx.example_inputs)
         base = f"_ec_sp_{node.name}"
         wt_n = ir.add_buffer(gm, node, f"{base}_weight_t", wt, tag, mode)

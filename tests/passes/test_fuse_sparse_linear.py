@@ -181,3 +181,26 @@ def test_int4_on_cpu_without_the_c_kernel_stays_unfused_for_the_packed_matmul(dt
         ref(**calib[0])
         want = ref(ids).logits  # the same thresholds through the interpreted dequant kernel
     torch.testing.assert_close(out.float(), want.float(), rtol=3e-2, atol=3e-2)
+
+
+def _weight_storages(graph) -> set[int]:
+    return {b.untyped_storage().data_ptr() for gm in graph.graph_modules()
+            for name, b in gm.named_buffers() if name.startswith("_ec_") and b.dim() == 2}
+
+
+def test_the_models_graphs_share_one_copy_of_each_relaid_weight(llama):
+    # Prefill and decode compile two graphs; the input-major copies (and the Q/K/V, gate/up stacks made of them) are
+    # made once for both (ir.shared_tensors): each graph held its own before, twice the memory.
+    fast = ec.effcompile(llama, passes=[_FixedSparsify()], cache=False)
+    with torch.no_grad():
+        out = fast(torch.randint(0, 128, (1, 6), generator=torch.Generator().manual_seed(1)), use_cache=True)
+        fast(torch.randint(0, 128, (1, 1)), past_key_values=out.past_key_values, use_cache=True)
+    prefill, decode = ec.explain(fast).graphs[:2]
+    assert len(_weight_storages(prefill)) == 8  # 2 layers x (q/k/v, o, gate/up, down), fused
+    assert _weight_storages(prefill) == _weight_storages(decode)
+    # the memo lives with one compiled model: another compile of the same model makes its own copies
+    torch._dynamo.reset()
+    again = ec.effcompile(llama, passes=[_FixedSparsify()], cache=False)
+    with torch.no_grad():
+        again(torch.randint(0, 128, (1, 6)))
+    assert not _weight_storages(ec.explain(again).graphs[0]) & _weight_storages(prefill)
