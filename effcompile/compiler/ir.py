@@ -264,7 +264,8 @@ def shared_tensors(shared: dict, space: str, key: tuple, make: Callable[[], tupl
     weight a pass re-lays out (llama-1b bf16 at 50 % thresholds: 3.89 GB of input-major copies for 1.94 GB of
     weights). The memo holds them weakly, so a layout a later step replaced (lowering's packed copy) is freed, and
     ``hold`` strongly: the tensors whose ids ``key`` names (tensor_key), so those ids are not reused while it lives.
-    Each tensor made is tagged with its key, by which a later step keys what it makes from it."""
+    Each tensor made is tagged with its key, by which a later step keys what it makes from it; a tensor ``make``
+    passed through unchanged (int8's scales in sl.to_input_major) keeps its own name, so the next graph's key matches."""
     memo = shared.setdefault(space, {})
     if key in memo:
         out = tuple(r() if r is not None else None for r in memo[key][1])
@@ -272,7 +273,7 @@ def shared_tensors(shared: dict, space: str, key: tuple, make: Callable[[], tupl
             return out
     out = tuple(make())
     for i, t in enumerate(out):
-        if t is not None:
+        if t is not None and not any(t is h for h in hold) and not hasattr(t, "_ec_made_from"):
             t._ec_made_from = (space, key, i)
     memo[key] = (hold, tuple(weakref.ref(t) if t is not None else None for t in out))
     return out

@@ -118,3 +118,28 @@ def test_drop_unused_attrs_erases_a_node_listed_twice_once():
         warnings.simplefilter("error")
         ir.drop_unused_attrs(gm, [attr, attr, attr])
     assert not [n for n in gm.graph.nodes if n.op == "get_attr"] and "t" not in dict(gm.named_buffers())
+
+
+def test_shared_tensors_are_made_once_while_held_and_keep_passed_through_inputs_named():
+    from effcompile.compiler import ir
+
+    shared, w, s = {}, torch.randn(4, 3), torch.randn(4)
+    calls = []
+
+    def make():
+        calls.append(1)
+        return w.t().contiguous(), s  # s passed through unchanged, as int8 scales are
+
+    def key():
+        return ("k", ir.tensor_key(w), ir.tensor_key(s))
+
+    wt, st = ir.shared_tensors(shared, "space", key(), make, hold=(w, s))
+    assert st is s and not hasattr(s, "_ec_made_from")  # an input keeps its id key: the next lookup matches
+    again = ir.shared_tensors(shared, "space", key(), make, hold=(w, s))
+    assert again[0] is wt and len(calls) == 1
+    assert ir.tensor_key(wt) == ("space", key(), 0)  # what a stack of it is keyed by
+    del wt, again
+    fresh = ir.shared_tensors(shared, "space", key(), make, hold=(w, s))  # nothing held it: made again
+    assert len(calls) == 2 and torch.equal(fresh[0], w.t())
+    w.add_(1)  # changed in place: a new key, a new copy
+    assert torch.equal(ir.shared_tensors(shared, "space", key(), make, hold=(w, s))[0], w.t()) and len(calls) == 3
