@@ -73,7 +73,7 @@ def compile_launch(launch: Launch, cap: int = 90):
             sig[name], aligned = ("i64" if abs(int(v)) >= 2**31 else "i32"), int(v) % 16 == 0
         if aligned:  # what the JIT launcher specializes on: 16-byte-aligned pointers, ints divisible by 16
             attrs[(i,)] = [["tt.divisibility", 16]]
-    opts = {k: kw[k] for k in ("num_warps", "num_stages", "launch_pdl") if k in kw}
+    opts = {k: kw[k] for k in ("num_warps", "num_stages", "launch_pdl", "enable_fp_fusion") if k in kw}
     return triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=consts, attrs=attrs),
                           target=GPUTarget("cuda", cap, 32), options=opts)
 

@@ -24,6 +24,11 @@ ELEMENTS_PER_PROGRAM = 2048  # BLOCK_R x BLOCK_D of each of k and v: a decode st
 # where up to 4x the elements in as many more warps (16 per thread either way) make a step's update one
 # program, it takes them: that program advances the counter itself, with no arrival atomic after the copy.
 ROPE_WARPS = 16
+# No FMA contraction: with it (triton's default) LLVM narrows each rounded product to a 16-bit multiply and ptxas
+# fuses it with the sum into fma.rn.bf16 / fma.rn.f16, one rounding where eager rounds twice (the H200 GPU lane,
+# session 27: rotary q / k off by an ulp in fp16 and bf16; sm_90 PTX under triton 3.6 and 3.9). The copy-only
+# variant has no arithmetic to fuse.
+EXACT_ROUNDING = {"enable_fp_fusion": False}
 
 
 @triton.jit
@@ -143,7 +148,7 @@ def launch(keys, values, k, v, position, length, rope: tuple | None = None) -> t
         keys.shape[2], *keys.stride(), *values.stride(), *k.stride(), *v.stride(), *trig[3:],
         position.stride(0) if position is not None else 0,
         HAS_POS=position is not None, ONE_PROGRAM=grid == 1, ROPE=rope is not None, BLOCK_R=block_r,
-        BLOCK_D=block_d, num_warps=warps, **_ops.launch_options(k.device))
+        BLOCK_D=block_d, num_warps=warps, **_ops.launch_options(k.device), **EXACT_ROUNDING)
     return q
 
 
