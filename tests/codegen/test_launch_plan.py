@@ -229,8 +229,15 @@ def test_a_table_borrowed_from_another_gpu_says_so_until_a_measured_one_override
     where: dict[str, str] = {}
     table = plan.read_tables([borrowed, measured], "GPU X", where)
     assert table["dequant/int8/m1"].block_n == 64 and where == {"sparse/float/m1": "GPU Y"}
+    # A borrowed table's entries re-measured on its own GPU since lose the mark; a listed key it lacks is refused.
+    borrowed.write_text(json.dumps(json.loads(borrowed.read_text()) | {"measured_here": ["sparse/float/m1"]}))
+    where = {}
+    assert plan.read_tables([borrowed], "GPU X", where) and where == {"dequant/int8/m1": "GPU Y"}
+    borrowed.write_text(json.dumps(json.loads(borrowed.read_text()) | {"measured_here": ["sparse/int4/m1"]}))
+    assert plan.read_tables([borrowed], "GPU X") == {}
     shipped = json.loads((plan.TUNING_DIR / "NVIDIA_H200.json").read_text())
-    assert shipped["measured_on"] == "NVIDIA H100 80GB HBM3"  # session 18's copy: untimed on an H200
+    assert shipped["measured_on"] == "NVIDIA H100 80GB HBM3"  # session 18's copy, partly re-swept on an H200
+    assert set(shipped["measured_here"]) == {"sparse/int4/m1", "sparse/int4/m1/2048x2048", "dequant/int4/m1"}
 
 
 def test_a_weight_shapes_own_entry_wins_over_its_bucket(tmp_path, monkeypatch, caplog):

@@ -121,7 +121,8 @@ def device_file_name(name: str) -> str:
 def read_tables(paths, device_name: str, measured_on: dict[str, str] | None = None) -> dict[str, Config]:
     """Merge tuning tables (later files win); a file for another device or one that does not parse is
     ignored with a warning, never trusted. A table whose entries were measured on another GPU says so in
-    "measured_on"; ``measured_on`` (when given) receives that GPU per key it supplied."""
+    "measured_on", except for the keys listed in "measured_here" (re-measured on this GPU since);
+    ``measured_on`` (when given) receives that GPU per key it supplied."""
     table: dict[str, Config] = {}
     for path in map(Path, paths):
         if not path.is_file():
@@ -138,12 +139,15 @@ def read_tables(paths, device_name: str, measured_on: dict[str, str] | None = No
                 raise ValueError("block sizes must be positive integers")
             if not all(isinstance(f, bool) for c in configs.values() for f in (c.fma, c.compact, c.scale_words, c.flat)):
                 raise ValueError("fma, compact, scale_words and flat must be true or false")
+            here = data.get("measured_here", [])
+            if not (isinstance(here, list) and set(here) <= set(configs)):
+                raise ValueError("measured_here must list keys of the table's configs")
             table.update(configs)
             if measured_on is not None:
                 source = data.get("measured_on", device_name)
                 for k in configs:  # a later table's entry replaces the mark along with the config
                     measured_on.pop(k, None)
-                    if source != device_name:
+                    if source != device_name and k not in here:
                         measured_on[k] = source
         except (ValueError, TypeError, KeyError, AttributeError) as e:
             log.warning("kernel tuning %s is unreadable (%s): ignored", path, e)
