@@ -16,6 +16,13 @@ if "EFFCOMPILE_CACHE_DIR" not in os.environ or os.environ.get("_EFFCOMPILE_TEST_
     os.environ["_EFFCOMPILE_TEST_CACHE"] = "1"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# pytest-xdist workers share the cores: torch's default of one intra-op thread per core in every worker
+# oversubscribes them. The H200 lane (16 workers, 16 cores, session 27) spent ~40 s in each int4 test whose
+# kernel and int8 twin took ~1 s, in CPU-side setup as far as its timings show. Tests that exercise thread
+# splits set their own counts.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // _WORKERS))
 
 
 def pytest_collection_modifyitems(config, items):
