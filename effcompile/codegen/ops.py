@@ -112,11 +112,14 @@ PDL_SEEN: dict[str, bool] = {}
 
 
 def launch_options(device: torch.device) -> dict:
-    """The launch arguments every effcompile kernel takes for PDL: its PDL constexpr, and triton's launch_pdl."""
+    """The launch arguments every effcompile kernel takes: for PDL its PDL constexpr and triton's launch_pdl, and
+    FMA contraction on. The kernels' speed and the numerics their tests and tuning tables measured assume
+    contraction, triton's default up to 3.9, which 3.10 turns off (3.9 warns about it). A kernel that must round
+    as eager does turns it off itself (cache_write.EXACT_ROUNDING)."""
     on = pdl(device)
     if device.type == "cuda":
         PDL_SEEN[str(device)] = on
-    return {"PDL": True, "launch_pdl": True} if on else {"PDL": False}
+    return ({"PDL": True, "launch_pdl": True} if on else {"PDL": False}) | {"enable_fp_fusion": True}
 
 
 @kernel_helper

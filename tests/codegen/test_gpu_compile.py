@@ -468,19 +468,19 @@ def test_no_pdl_off_the_gpu_or_when_disabled(monkeypatch):
     from effcompile.codegen import ops as cg_ops
 
     monkeypatch.setattr(cg_ops, "PDL_SEEN", {})  # what explain() reports: not this test's fake devices
-    assert cg_ops.launch_options(torch.device("cpu")) == {"PDL": False}
+    assert cg_ops.launch_options(torch.device("cpu")) == {"PDL": False, "enable_fp_fusion": True}
     monkeypatch.setattr(cg_ops, "_capability", lambda index: (9, 0))
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    assert cg_ops.launch_options(torch.device("cuda", 0)) == {"PDL": True, "launch_pdl": True}
+    assert cg_ops.launch_options(torch.device("cuda", 0)) == {"PDL": True, "launch_pdl": True, "enable_fp_fusion": True}
     for major in (8, 12):  # griddepcontrol needs sm_90; sm_120 failed graph capture (ops.pdl)
         monkeypatch.setattr(cg_ops, "_capability", lambda index, major=major: (major, 0))
-        assert cg_ops.launch_options(torch.device("cuda", 0)) == {"PDL": False}
+        assert cg_ops.launch_options(torch.device("cuda", 0)) == {"PDL": False, "enable_fp_fusion": True}
     monkeypatch.setattr(cg_ops, "_capability", lambda index: (9, 0))
     monkeypatch.setattr(cg_ops, "PDL_ENABLED", False)  # EFFCOMPILE_PDL=0
-    assert cg_ops.launch_options(torch.device("cuda", 0)) == {"PDL": False}
+    assert cg_ops.launch_options(torch.device("cuda", 0)) == {"PDL": False, "enable_fp_fusion": True}
     monkeypatch.setattr(cg_ops, "PDL_ENABLED", True)
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # the interpreter cannot run griddepcontrol
-    assert cg_ops.launch_options(torch.device("cuda", 0)) == {"PDL": False}
+    assert cg_ops.launch_options(torch.device("cuda", 0)) == {"PDL": False, "enable_fp_fusion": True}
 
 
 @pytest.mark.parametrize("cap", [80, 90])

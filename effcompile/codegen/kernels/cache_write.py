@@ -148,7 +148,7 @@ def launch(keys, values, k, v, position, length, rope: tuple | None = None) -> t
         keys.shape[2], *keys.stride(), *values.stride(), *k.stride(), *v.stride(), *trig[3:],
         position.stride(0) if position is not None else 0,
         HAS_POS=position is not None, ONE_PROGRAM=grid == 1, ROPE=rope is not None, BLOCK_R=block_r,
-        BLOCK_D=block_d, num_warps=warps, **_ops.launch_options(k.device), **EXACT_ROUNDING)
+        BLOCK_D=block_d, num_warps=warps, **(_ops.launch_options(k.device) | EXACT_ROUNDING))
     return q
 
 
