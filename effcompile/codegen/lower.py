@@ -83,7 +83,7 @@ def _stable_toposort(graph: fx.Graph) -> None:
 
 def lower(
     gm: fx.GraphModule, kernel_dir: str | os.PathLike, *, use_triton: bool | None = None,
-    symbol_bounds: dict | None = None,
+    symbol_bounds: dict | None = None, shared: dict | None = None,
 ) -> LoweringResult:
     """Fuse row-wise op groups of gm into generated Triton custom ops, rewriting gm in place.
 
@@ -91,17 +91,18 @@ def lower(
     reference); True = always the Triton kernel (interpreted on CPU); False = always the reference.
     symbol_bounds: {sympy symbol: largest size} of the shape bucket this graph is compiled for, so a kernel choice
     that depends on the row count can use a bound where the graph's sizes are symbolic (lower_common.max_rows).
+    shared: the compiled model's PassContext.shared, so its graphs share one packed copy of each weight (ir.shared_tensors).
     """
     mode = _mode(use_triton)
     token = SYMBOL_BOUNDS.set(dict(symbol_bounds or {}))
     try:
-        return _lower(gm, kernel_dir, mode)
+        return _lower(gm, kernel_dir, mode, shared)
     finally:
         SYMBOL_BOUNDS.reset(token)
 
 
-def _lower(gm: fx.GraphModule, kernel_dir: str | os.PathLike, mode: int) -> LoweringResult:
-    bags, bag_fallbacks = lower_cpu_bags(gm, mode)
+def _lower(gm: fx.GraphModule, kernel_dir: str | os.PathLike, mode: int, shared: dict | None) -> LoweringResult:
+    bags, bag_fallbacks = lower_cpu_bags(gm, mode, shared)
     eora_fallbacks = _fuse_eora_side_paths(gm, mode)  # after the bags: only wq_linear left for Triton
     # Splitting a linear's bias into its consumer's kernel only pays when that kernel is Triton: on the
     # torch path it turns one addmm into a matmul plus a separate add (measured 7-13 % on MiniLM, CPU).

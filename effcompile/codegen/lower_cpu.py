@@ -12,7 +12,16 @@ from effcompile.codegen.kernels import cpu_int4_gemv as _int4_gemv
 from effcompile.codegen.lower_common import KernelRecord, max_rows
 from effcompile.compiler import ops as _qops
 from effcompile.compiler import sparse_linear as _sl
-from effcompile.compiler.ir import TAG, add_buffer, attr_tensor, drop_unused_attrs, fake_mode_for, tensor_val
+from effcompile.compiler.ir import (
+    TAG,
+    add_buffer,
+    attr_tensor,
+    drop_unused_attrs,
+    fake_mode_for,
+    shared_tensors,
+    tensor_key,
+    tensor_val,
+)
 from effcompile.compiler.ops import wq_linear_op
 from effcompile.compiler.sparse_linear import sparse_linear_op
 
@@ -37,9 +46,9 @@ def _packed_kind(gm: fx.GraphModule, node) -> str | None:
 
 
 def _bag_plan(gm: fx.GraphModule, node) -> tuple | str | None:
-    """(x, threshold, weight_t, scales, zeros, bias, fmt, group, label, decode_only) in sparse_linear's
-    input-major layout for a node the CPU bag GEMV can take; a reason string if it cannot; None if the
-    node is not a candidate at all."""
+    """(x, threshold, weight_t, scales, zeros, bias, fmt, group, label, decode_only, sources) in sparse_linear's
+    input-major layout for a node the CPU bag GEMV can take (sources: what the layout was made from, the key of
+    its packed copies); a reason string if it cannot; None if the node is not a candidate at all."""
     if node.op != "call_function":
         return None
     if _sl.linear_epilogue(node) not in (None, "none"):
@@ -49,6 +58,7 @@ def _bag_plan(gm: fx.GraphModule, node) -> tuple | str | None:
     if node.target is sparse_linear_op():
         x, thr, w, s, z, b, fmt, group, label, decode_only = node.args[:10]
         wt, st, zt = attr_tensor(gm, w), attr_tensor(gm, s), attr_tensor(gm, z)
+        sources = (wt, st, zt)
     elif node.target is wq_linear_op():
         x, q, s, z, b, fmt, group = node.args[:7]
         act = node.args[7] if len(node.args) > 7 else node.kwargs.get("act", "none")
@@ -59,6 +69,7 @@ def _bag_plan(gm: fx.GraphModule, node) -> tuple | str | None:
             return "quantized weight is not a buffer"
         if fmt == "int4" and q.shape[0] % 2:
             return f"int4 with odd out_features={q.shape[0]}"
+        sources = (q, st, zt, "input-major", group)
         wt, st, zt = _sl.to_input_major(q, st, zt, fmt, group)
         thr, label, decode_only = None, "", False
     else:
@@ -66,14 +77,27 @@ def _bag_plan(gm: fx.GraphModule, node) -> tuple | str | None:
     if wt is None or wt.device.type != "cpu":
         return "weight is not a CPU buffer"
     why = _bag.unavailable(fmt)
-    return why if why else (x, thr, wt, st, zt, b, fmt, group, label, decode_only)
+    return why if why else (x, thr, wt, st, zt, b, fmt, group, label, decode_only, sources)
 
 
-def lower_cpu_bags(gm: fx.GraphModule, mode: int) -> tuple[list[KernelRecord], list[tuple[str, str]]]:
+def _made_once(shared: dict | None, space: str, sources: tuple, make) -> tuple:
+    """make()'s tensors, once for all of a compiled model's graphs (``shared``: its PassContext.shared; None: made
+    here), keyed by the tensors they are made from. Those made by a pass's shared_tensors are named by how they were
+    made; any other is held while the entry lives, so its id cannot come back as another tensor's."""
+    if shared is None:
+        return tuple(make())
+    key = tuple(tensor_key(t) if isinstance(t, torch.Tensor) else t for t in sources)
+    hold = tuple(t for t in sources if isinstance(t, torch.Tensor) and not hasattr(t, "_ec_made_from"))
+    return shared_tensors(shared, space, key, make, hold)
+
+
+def lower_cpu_bags(gm: fx.GraphModule, mode: int,
+                   shared: dict | None = None) -> tuple[list[KernelRecord], list[tuple[str, str]]]:
     """On CPU, decode-time sparse_linear and weight-only int8/int4 wq_linear -> the embedding-bag GEMV.
 
     Only when the graph will not run Triton (CPU weights, not forced, no TRITON_INTERPRET): the bag
     rows are a CPU layout, and the Triton kernels (also interpreted in tests) take the original one.
+    shared: the compiled model's PassContext.shared; prefill and decode graphs then share the packed copies.
     """
     if mode == _ops.MODE_TRITON or _ops.env_interpret():
         return [], []
@@ -88,7 +112,7 @@ def lower_cpu_bags(gm: fx.GraphModule, mode: int) -> tuple[list[KernelRecord], l
             # fp32 activations take the kernel at every row count: the packed matmul needs them rounded to bf16,
             # and a model whose prefill and decode rounded differently would not agree with itself.
             fake_mode = fake_mode or fake_mode_for(gm)
-            records.append(_lower_int4_gemv(gm, node, plan, node.meta.get(TAG), fake_mode))
+            records.append(_lower_int4_gemv(gm, node, plan, node.meta.get(TAG), fake_mode, shared))
             continue
         if (packed := _packed_kind(gm, node)) is not None and not _int8_kernel_rows(gm, node):
             # 16-bit activations: wq_linear's eager path runs torch's packed int4 / int8 matmul (compiler/ops.py,
@@ -104,17 +128,17 @@ def lower_cpu_bags(gm: fx.GraphModule, mode: int) -> tuple[list[KernelRecord], l
         if isinstance(plan, str):
             fallbacks.append((node.name, f"CPU bag GEMV not used: {plan}"))
             continue
-        x, thr, wt, st, zt, b, fmt, group, label, decode_only = plan
+        x, thr, wt, st, zt, b, fmt, group, label, decode_only, _ = plan
         old = node.args[1:5]
         tag = node.meta.get(TAG)
         fake_mode = fake_mode or fake_mode_for(gm)
         if fmt == "int4" and thr is not None:
             why = _int4_gemv.unavailable()
             if why is None:  # FBGEMM's 4-bit bag converts codes too slowly to gain from skipping rows (module doc)
-                records.append(_lower_int4_gemv(gm, node, plan, tag, fake_mode))
+                records.append(_lower_int4_gemv(gm, node, plan, tag, fake_mode, shared))
                 continue
             fallbacks.append((node.name, f"{why}: the 4-bit embedding bag runs instead"))
-        rows = _bag.pack(wt, fmt)
+        rows = _made_once(shared, "cpu_bag_rows", (*plan[-1], fmt), lambda wt=wt, fmt=fmt: (_bag.pack(wt, fmt),))[0]
         new_args = [add_buffer(gm, node, f"_ec_bag_{node.name}_{suffix}", t, tag, fake_mode)
                     for suffix, t in (("rows", rows), ("scales", st), ("zeros", zt))]
         kind = "sparse_linear" if thr is not None else "wq_linear"
@@ -162,11 +186,11 @@ def cached_kernels_unusable(kinds) -> str | None:
     return None
 
 
-def _lower_int4_gemv(gm: fx.GraphModule, node, plan: tuple, tag, fake_mode) -> KernelRecord:
+def _lower_int4_gemv(gm: fx.GraphModule, node, plan: tuple, tag, fake_mode, shared: dict | None) -> KernelRecord:
     """A thresholded int4 sparse_linear, or an int4 wq_linear _int4_kernel_rows picks -> the C kernel's op."""
-    x, thr, wt, st, zt, b, _, group, label, decode_only = plan
+    x, thr, wt, st, zt, b, _, group, label, decode_only = plan[:10]
     old = node.args[1:5]
-    panels, sz = _int4_gemv.pack(wt, st, zt)
+    panels, sz = _made_once(shared, "cpu_int4_panels", plan[-1], lambda: _int4_gemv.pack(wt, st, zt))
     new_args = [add_buffer(gm, node, f"_ec_int4_{node.name}_{suffix}", t, tag, fake_mode)
                 for suffix, t in (("panels", panels), ("sz", sz))]
     node.target = _ops.op_for(_int4_gemv.NAME)

@@ -320,7 +320,7 @@ class CompiledGraph:
         kernel_dir = Path(store.root) / "kernels" if store is not None else Path(tempfile.mkdtemp(prefix="effcompile-"))
         backup = ir.copy_graph_module(gm)
         try:
-            lowered = lower(gm, kernel_dir, use_triton=self.settings.use_triton, symbol_bounds=bounds)
+            lowered = lower(gm, kernel_dir, use_triton=self.settings.use_triton, symbol_bounds=bounds, shared=self.shared)
         except Exception as e:  # never a crash: the rewritten graph still runs through torch
             reason = f"codegen failed ({type(e).__name__}: {e}); the graph runs through torch ops"
             log.warning("effcompile: FALLBACK for graph %s: %s", self.report.fingerprint[:12], reason)

@@ -204,3 +204,35 @@ def test_the_models_graphs_share_one_copy_of_each_relaid_weight(llama):
     with torch.no_grad():
         again(torch.randint(0, 128, (1, 6)))
     assert not _weight_storages(ec.explain(again).graphs[0]) & _weight_storages(prefill)
+
+
+@pytest.mark.parametrize("weights,thresholds", [("int4", True), ("int8", True), ("int4", False)],
+                         ids=["int4-thresholds", "int8-thresholds", "int4"])
+def test_lowerings_packed_copies_are_shared_by_the_models_graphs_too(llama, weights, thresholds):
+    # On the CPU lowering packs each quantized linear again (the int4 C kernel's panels, int8's bag rows): once per
+    # compiled model for prefill and decode alike (lower(..., shared=)), where each graph made its own copy.
+    from effcompile.codegen.kernels import cpu_int4_gemv as I4
+
+    if weights == "int4" and I4.unavailable():
+        pytest.skip(f"the int4 C kernel is unavailable here: {I4.unavailable()}")
+    suffix = "_panels" if weights == "int4" else "_rows"
+    passes = ([_FixedSparsify()] if thresholds else []) + [ec.Quantize(weights=weights, group_size=32 if weights == "int4" else None)]
+
+    def packed(graph) -> dict[int, torch.Tensor]:
+        return {b.untyped_storage().data_ptr(): b for gm in graph.graph_modules()
+                for name, b in gm.named_buffers() if name.startswith("_ec_") and name.endswith(suffix)}
+
+    def compiled():
+        fast = ec.effcompile(llama, passes=passes, cache=False)
+        with torch.no_grad():
+            out = fast(torch.randint(0, 128, (1, 6), generator=torch.Generator().manual_seed(1)), use_cache=True)
+            fast(torch.randint(0, 128, (1, 1)), past_key_values=out.past_key_values, use_cache=True)
+        return fast
+
+    fast = compiled()
+    prefill, decode = ec.explain(fast).graphs[:2]
+    assert len(packed(prefill)) == 8, sorted(packed(prefill))  # 2 layers x (q/k/v, o, gate/up, down), fused
+    assert packed(prefill).keys() == packed(decode).keys()
+    torch._dynamo.reset()
+    again = compiled()  # the memo lives with one compiled model: another compile packs its own
+    assert not packed(ec.explain(again).graphs[0]).keys() & packed(prefill).keys()
