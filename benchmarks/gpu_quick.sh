@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # A short GPU check for a session with ~15 minutes of device time (calls of at most 10 minutes). Steps, run in
 # the order STEPS names them (default: tests,kernels,decode):
-#   tests   the gpu test lane, 16 xdist workers (TESTS_S, 170 s; session 10's lane of ~340 tests took 146 s;
-#           TESTS_K: a pytest -k expression to run part of it);
+#   tests   the gpu test lane, 16 xdist workers (TESTS_S, 170 s; session 10's lane of ~340 tests took 146 s; session
+#           27's of 679 ran 252 in 134 s on an H200, its int4 tests ~40 s each against ~1 s for int8, before
+#           tests/conftest.py gave each worker one thread per core of its share; TESTS_K: a pytest -k expression to run
+#           part of it). Stopped at its limit by SIGINT, so pytest still names its failures and writes gpu-tests.xml;
 #   kernels the decode-kernel sweep (tl.dot, fma and compact tiles, K splits up to 128) for the cases in
 #           SWEEP_CASES, in that order (kernel/format at every SWEEP_BATCHES, 1,8, or kernel/format/mN at
 #           batch N; default: one-row sparse int4 first, never swept (session 10's compacted tiles, session 17's
@@ -73,7 +75,8 @@ STEPS=${STEPS:-tests,kernels,decode}
 tests() {
     # The whole log too: session 13's tail showed 19 failures but not the first, a device assert that poisoned
     # the rest of its worker's tests.
-    timeout "${TESTS_S:-170}" "$PY" -m pytest -q -m gpu -n 16 -p no:cacheprovider tests/gpu ${TESTS_K:+-k "$TESTS_K"} 2>&1 \
+    timeout -s INT "${TESTS_S:-170}" "$PY" -m pytest -q -rf -m gpu -n 16 -p no:cacheprovider tests/gpu \
+        ${TESTS_K:+-k "$TESTS_K"} --junitxml="$OUT/gpu-tests.xml" 2>&1 \
         | grep -v "Benchmark\|IndexKernel.cu" | tee "$OUT/gpu-tests-full.log" | tail -40 | tee "$OUT/gpu-tests.log"
 }
 pdlcheck() {
