@@ -31,12 +31,14 @@ def main() -> None:
     p.add_argument("--model", default="llama-1b")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--spec", required=True, help="pass spec, e.g. 'quantize(weights=int4,group_size=128)'")
+    p.add_argument("--cache-dir", default=None, help="compile through this disk cache (a second run is a warm start)")
     a = p.parse_args()
     zm = zoo.get_model(a.model, device="cpu", dtype=getattr(torch, a.dtype))
     model = zm.model.eval()
     calib = [zm.make_inputs(batch=2, seq=64, seed=0)]
     model_rss = _rss_gb()
-    fast = ec.effcompile(model, passes=pass_spec.parse_passes(a.spec)[1], calibration=calib, cache=False)
+    cache = {"cache_dir": a.cache_dir} if a.cache_dir else {"cache": False}
+    fast = ec.effcompile(model, passes=pass_spec.parse_passes(a.spec)[1], calibration=calib, **cache)
     with torch.no_grad():
         fast(**calib[0])
         out = fast(zm.make_inputs(batch=1, seq=16, seed=1)["input_ids"], use_cache=True)
@@ -48,6 +50,7 @@ def main() -> None:
     buffers = [b for g in rep.graphs for gm in g.graph_modules() for name, b in gm.named_buffers() if name.startswith("_ec_")]
     unique = {b.untyped_storage().data_ptr(): b.untyped_storage().nbytes() for b in buffers}
     print(json.dumps({"benchmark": "memory", "model": a.model, "dtype": a.dtype, "spec": a.spec, "graphs": len(rep.graphs),
+                      "cache": [g.cache for g in rep.graphs],
                       "ec_buffer_gb": round(sum(b.untyped_storage().nbytes() for b in buffers) / 1e9, 3),
                       "ec_buffer_unique_gb": round(sum(unique.values()) / 1e9, 3), "rss_gb": round(_rss_gb(), 2),
                       "rss_model_gb": round(model_rss, 2), "kernels": sorted({k.kind for k in rep.kernels}),

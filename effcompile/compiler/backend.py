@@ -291,6 +291,9 @@ class CompiledGraph:
             kernel_dir = Path(store.root) / "kernels"
             paths = _write_sources(kernel_dir, {n: s for n, s in entry.sources.items() if n.endswith(".py")})
             load_kernels(paths)
+            # One copy of a packed weight for all of this model's graphs, as a cold compile makes (ir.shared_tensors);
+            # in place, so the store's in-memory layer keeps the shared one too.
+            ir.share_loaded_tensors(self.shared, entry.tensors)
             gm = graph_from_json(entry.meta["graph"], entry.tensors)
         except Exception as e:  # a bad entry is a miss, never a crash
             log.warning("effcompile cache entry %s unusable (%s); recompiling", key.digest[:16], e)

@@ -279,6 +279,35 @@ def shared_tensors(shared: dict, space: str, key: tuple, make: Callable[[], tupl
     return out
 
 
+SHARE_LOADED_MIN_BYTES = 1 << 20  # smaller tensors (scales, thresholds, biases) are not worth a comparison
+
+
+def share_loaded_tensors(shared: dict, tensors: dict[str, torch.Tensor]) -> int:
+    """Replace, in ``tensors`` (a cache entry's, as loaded), each tensor equal to one another graph of the compiled
+    model loaded earlier (``shared``: PassContext.shared, a weak memo) by that one; returns the bytes freed. The disk
+    cache stores each graph's tensors apart, so a warm start held one copy of a packed weight per graph where the
+    cold compile held one for all (shared_tensors). Equal is checked with torch.equal, never taken from a stored
+    hash; a few strided samples of each tensor pick its candidates, so same-shaped layers are not all compared."""
+    memo = shared.setdefault("loaded.tensors", {})
+    freed = 0
+    for name, t in list(tensors.items()):
+        if t.untyped_storage().nbytes() < SHARE_LOADED_MIN_BYTES or not t.is_contiguous():
+            continue
+        flat = t.view(-1)
+        sample = flat[:: max(1, flat.numel() // 64)][:64].contiguous().cpu()
+        key = (t.dtype, tuple(t.shape), t.device, sample.view(torch.uint8).numpy().tobytes())
+        refs = memo.get(key, [])
+        refs = [r for r in refs if r() is not None]
+        other = next((o for o in (r() for r in refs) if o is not None and o is not t and torch.equal(o, t)), None)
+        if other is not None:
+            tensors[name] = other
+            freed += t.untyped_storage().nbytes()
+        else:
+            refs.append(weakref.ref(t))
+        memo[key] = refs
+    return freed
+
+
 def add_buffer(gm: fx.GraphModule, before: fx.Node, name: str, t: torch.Tensor | None, tag, mode) -> fx.Node | None:
     """Register ``t`` as a buffer of gm and read it with a get_attr node before ``before`` (meta filled).
 

@@ -143,3 +143,25 @@ def test_shared_tensors_are_made_once_while_held_and_keep_passed_through_inputs_
     assert len(calls) == 2 and torch.equal(fresh[0], w.t())
     w.add_(1)  # changed in place: a new key, a new copy
     assert torch.equal(ir.shared_tensors(shared, "space", key(), make, hold=(w, s))[0], w.t()) and len(calls) == 3
+
+
+def test_loaded_tensors_are_shared_only_when_equal(monkeypatch):
+    # A warm start's graphs each load their own copy of a packed weight; equal ones become one. Equal is torch.equal:
+    # a tensor that differs where the strided sample does not look stays its own, as does another dtype or shape.
+    monkeypatch.setattr(ir, "SHARE_LOADED_MIN_BYTES", 0)
+    shared: dict = {}
+    w = torch.randn(300, 70)
+    first = {"a": w.clone(), "small": torch.ones(3)}
+    assert ir.share_loaded_tensors(shared, first) == 0
+    near = w.clone()
+    near[0, 1] += 1  # the sample takes every 328th element: index 1 is not among them
+    second = {"same": w.clone(), "near": near, "other dtype": w.double(), "other shape": w.clone().view(70, 300)}
+    before = dict(second)
+    assert ir.share_loaded_tensors(shared, second) == w.numel() * 4
+    assert second["same"] is first["a"]
+    assert all(second[k] is before[k] for k in ("near", "other dtype", "other shape"))
+    del first  # held weakly: once no graph holds it, the next load keeps its own
+    third = {"same": w.clone()}
+    kept = third["same"]
+    del second
+    assert ir.share_loaded_tensors(shared, third) == 0 and third["same"] is kept

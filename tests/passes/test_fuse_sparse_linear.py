@@ -236,3 +236,31 @@ def test_lowerings_packed_copies_are_shared_by_the_models_graphs_too(llama, weig
     torch._dynamo.reset()
     again = compiled()  # the memo lives with one compiled model: another compile packs its own
     assert not packed(ec.explain(again).graphs[0]).keys() & packed(prefill).keys()
+
+
+def test_a_warm_start_shares_the_packed_copies_as_a_cold_compile_does(llama, tmp_path, monkeypatch):
+    # The disk cache stores each graph's tensors apart: loaded, equal ones become one (ir.share_loaded_tensors),
+    # checked with torch.equal, so a warm start holds what the cold compile held.
+    from effcompile.compiler import backend
+
+    monkeypatch.setattr(ir, "SHARE_LOADED_MIN_BYTES", 0)  # this model's packed rows are a few KB
+
+    passes = [_FixedSparsify(), ec.Quantize(weights="int8")]
+
+    def run():
+        fast = ec.effcompile(llama, passes=passes, cache_dir=tmp_path)
+        with torch.no_grad():
+            out = fast(torch.randint(0, 128, (1, 6), generator=torch.Generator().manual_seed(1)), use_cache=True)
+            logits = fast(torch.tensor([[5]]), past_key_values=out.past_key_values, use_cache=True).logits
+        prefill, decode = ec.explain(fast).graphs[:2]
+        rows = [{n: b for gm in g.graph_modules() for n, b in gm.named_buffers() if n.endswith("_rows")}
+                for g in (prefill, decode)]
+        return logits, [g.cache for g in (prefill, decode)], rows
+
+    cold_logits, cold_hits, _ = run()
+    torch._dynamo.reset()
+    backend._STORES.clear()  # a fresh process: only the disk layer is left
+    warm_logits, warm_hits, (prefill, decode) = run()
+    assert cold_hits == ["miss", "miss"] and warm_hits == ["disk hit", "disk hit"]
+    assert torch.equal(cold_logits, warm_logits)
+    assert len(prefill) == 8 and {id(t) for t in prefill.values()} == {id(t) for t in decode.values()}
