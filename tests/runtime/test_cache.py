@@ -162,6 +162,50 @@ def test_clear(cache_dir):
     assert store.entries() == [] and store.get(_key("g0")) is None
 
 
+def _blob_files(cache_dir):
+    return sorted((cache_dir / "blobs").rglob("*.safetensors"))
+
+
+def test_large_tensors_are_stored_once_for_all_entries(cache_dir, monkeypatch):
+    # A model's prefill and decode graphs hold the same packed weights: one blob per content, named by its SHA-256.
+    from effcompile.runtime import cache as C
+
+    monkeypatch.setattr(C, "BLOB_MIN_BYTES", 40)  # w (48 bytes) and the tied copy go to blobs; b (4 bytes) stays
+    store = CacheStore()
+    for name in ("prefill", "decode"):
+        store.put(_key(name), _entry())
+    (blob,) = _blob_files(cache_dir)  # w and its tied twin, in both entries: one content
+    for name in ("prefill", "decode"):
+        _check(CacheStore().get(_key(name)))
+        meta = json.loads((store.entry_path(_key(name)) / "meta.json").read_text())
+        assert set(meta["shared_tensors"]) == {"w", "tied"} and meta["shared_tensors"]["w"]["sha256"] == blob.stem
+    info = CacheStore().info()
+    assert info["entries"] == 2 and info["blob_bytes"] == blob.stat().st_size
+    assert CacheStore().clear() == 2 and not (cache_dir / "blobs").exists()
+
+
+@pytest.mark.parametrize("damage", ["flip", "delete"])
+def test_a_bad_blob_is_a_warned_miss_and_written_again(cache_dir, monkeypatch, damage):
+    from effcompile.runtime import cache as C
+
+    monkeypatch.setattr(C, "BLOB_MIN_BYTES", 40)
+    k = _key()
+    CacheStore().put(k, _entry())
+    (blob,) = _blob_files(cache_dir)
+    if damage == "flip":
+        data = bytearray(blob.read_bytes())
+        data[-1] ^= 1
+        blob.write_bytes(bytes(data))
+    else:
+        blob.unlink()
+    store = CacheStore()
+    with pytest.warns(CacheWarning, match="shared tensor (w|tied) .blob"):
+        assert store.get(k) is None
+    assert _blob_files(cache_dir) == [] and store.stats.corrupt == 1  # removed, so the next put writes it again
+    store.put(k, _entry())
+    _check(CacheStore().get(k))
+
+
 def test_dir_created_private(tmp_path, monkeypatch):
     d = tmp_path / "a" / "b"
     monkeypatch.setenv("EFFCOMPILE_CACHE_DIR", str(d))
