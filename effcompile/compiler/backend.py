@@ -293,7 +293,7 @@ class CompiledGraph:
             load_kernels(paths)
             # One copy of a packed weight for all of this model's graphs, as a cold compile makes (ir.shared_tensors);
             # in place, so the store's in-memory layer keeps the shared one too.
-            ir.share_loaded_tensors(self.shared, entry.tensors)
+            ir.share_loaded_tensors(self.shared, entry.tensors, entry.digests)
             gm = graph_from_json(entry.meta["graph"], entry.tensors)
         except Exception as e:  # a bad entry is a miss, never a crash
             log.warning("effcompile cache entry %s unusable (%s); recompiling", key.digest[:16], e)

@@ -279,32 +279,22 @@ def shared_tensors(shared: dict, space: str, key: tuple, make: Callable[[], tupl
     return out
 
 
-SHARE_LOADED_MIN_BYTES = 1 << 20  # smaller tensors (scales, thresholds, biases) are not worth a comparison
-
-
-def share_loaded_tensors(shared: dict, tensors: dict[str, torch.Tensor]) -> int:
-    """Replace, in ``tensors`` (a cache entry's, as loaded), each tensor equal to one another graph of the compiled
-    model loaded earlier (``shared``: PassContext.shared, a weak memo) by that one; returns the bytes freed. The disk
-    cache stores each graph's tensors apart, so a warm start held one copy of a packed weight per graph where the
-    cold compile held one for all (shared_tensors). Equal is checked with torch.equal, never taken from a stored
-    hash; a few strided samples of each tensor pick its candidates, so same-shaped layers are not all compared."""
+def share_loaded_tensors(shared: dict, tensors: dict[str, torch.Tensor], digests: dict[str, str]) -> int:
+    """Replace, in ``tensors`` (a cache entry's, as loaded), each tensor read from a blob (``digests``: name -> the
+    SHA-256 the cache checked its bytes against) by the tensor another graph of the compiled model loaded from the same
+    blob (``shared``: PassContext.shared, a weak memo), unless that one was changed in place since; returns the bytes
+    freed. The disk cache stores a blob per content, but each entry reads its own copy, so a warm start held one copy
+    of a packed weight per graph where the cold compile held one for all (shared_tensors)."""
     memo = shared.setdefault("loaded.tensors", {})
     freed = 0
-    for name, t in list(tensors.items()):
-        if t.untyped_storage().nbytes() < SHARE_LOADED_MIN_BYTES or not t.is_contiguous():
-            continue
-        flat = t.view(-1)
-        sample = flat[:: max(1, flat.numel() // 64)][:64].contiguous().cpu()
-        key = (t.dtype, tuple(t.shape), t.device, sample.view(torch.uint8).numpy().tobytes())
-        refs = memo.get(key, [])
-        refs = [r for r in refs if r() is not None]
-        other = next((o for o in (r() for r in refs) if o is not None and o is not t and torch.equal(o, t)), None)
-        if other is not None:
+    for name, sha in digests.items():
+        ref, version = memo.get(sha, (None, None))
+        other = ref() if ref is not None else None
+        if other is not None and other._version == version:
+            freed += tensors[name].untyped_storage().nbytes() if tensors[name] is not other else 0
             tensors[name] = other
-            freed += t.untyped_storage().nbytes()
         else:
-            refs.append(weakref.ref(t))
-        memo[key] = refs
+            memo[sha] = (weakref.ref(tensors[name]), tensors[name]._version)
     return freed
 
 

@@ -59,6 +59,8 @@ class CacheEntry:
     sources: dict[str, str] = field(default_factory=dict)  # file name -> generated source text
     tensors: dict[str, Any] = field(default_factory=dict)  # name -> torch.Tensor (stored as safetensors)
     path: Path | None = None  # where it lives on disk, once stored or loaded
+    # name -> SHA-256 of the blob a loaded tensor was read from, checked against its bytes (BLOBS)
+    digests: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -259,13 +261,14 @@ class CacheStore:
         if not isinstance(shared, dict):
             raise _Bad(f"{META} has a bad shared tensor list")
         for name, info in shared.items():
-            tensors[name] = self._read_blob(name, info)
+            tensors[name] = self._read_blob(name, info)  # verified against info["sha256"]
         sources = {}
         for name in meta.get("sources", []):
             if name not in blobs:
                 raise _Bad(f"source {name} not in the file list")
             sources[name] = blobs[name].decode("utf-8")
-        return CacheEntry(meta=meta.get("user", {}), sources=sources, tensors=tensors, path=path)
+        return CacheEntry(meta=meta.get("user", {}), sources=sources, tensors=tensors, path=path,
+                          digests={name: info["sha256"] for name, info in shared.items()})
 
     def _blob_path(self, sha: str) -> Path:
         return self._root() / BLOBS / sha[:2] / f"{sha}.safetensors"

@@ -145,23 +145,24 @@ def test_shared_tensors_are_made_once_while_held_and_keep_passed_through_inputs_
     assert torch.equal(ir.shared_tensors(shared, "space", key(), make, hold=(w, s))[0], w.t()) and len(calls) == 3
 
 
-def test_loaded_tensors_are_shared_only_when_equal(monkeypatch):
-    # A warm start's graphs each load their own copy of a packed weight; equal ones become one. Equal is torch.equal:
-    # a tensor that differs where the strided sample does not look stays its own, as does another dtype or shape.
-    monkeypatch.setattr(ir, "SHARE_LOADED_MIN_BYTES", 0)
+def test_loaded_tensors_from_one_blob_become_one_unless_changed_in_place():
+    # A warm start's graphs each read their own copy of a blob; the copies of one blob (by the SHA-256 the cache
+    # checked) become the first one loaded, held weakly, and not once that one was changed in place.
     shared: dict = {}
     w = torch.randn(300, 70)
     first = {"a": w.clone(), "small": torch.ones(3)}
-    assert ir.share_loaded_tensors(shared, first) == 0
-    near = w.clone()
-    near[0, 1] += 1  # the sample takes every 328th element: index 1 is not among them
-    second = {"same": w.clone(), "near": near, "other dtype": w.double(), "other shape": w.clone().view(70, 300)}
+    assert ir.share_loaded_tensors(shared, first, {"a": "sha-w"}) == 0
+    second = {"same": w.clone(), "other": w.clone(), "small": torch.ones(3)}
     before = dict(second)
-    assert ir.share_loaded_tensors(shared, second) == w.numel() * 4
+    assert ir.share_loaded_tensors(shared, second, {"same": "sha-w", "other": "sha-other"}) == w.numel() * 4
     assert second["same"] is first["a"]
-    assert all(second[k] is before[k] for k in ("near", "other dtype", "other shape"))
-    del first  # held weakly: once no graph holds it, the next load keeps its own
+    assert second["other"] is before["other"] and second["small"] is before["small"]  # another blob; not a blob
+    first["a"].add_(1)  # changed in place: no longer what blob sha-w holds
     third = {"same": w.clone()}
     kept = third["same"]
-    del second
-    assert ir.share_loaded_tensors(shared, third) == 0 and third["same"] is kept
+    assert ir.share_loaded_tensors(shared, third, {"same": "sha-w"}) == 0 and third["same"] is kept
+    del first, second, before  # held weakly: once no graph holds it, the next load keeps its own
+    fourth = {"same": w.clone()}
+    kept = fourth["same"]
+    del third
+    assert ir.share_loaded_tensors(shared, fourth, {"same": "sha-w"}) == 0 and fourth["same"] is kept

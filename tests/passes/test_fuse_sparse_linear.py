@@ -239,11 +239,12 @@ def test_lowerings_packed_copies_are_shared_by_the_models_graphs_too(llama, weig
 
 
 def test_a_warm_start_shares_the_packed_copies_as_a_cold_compile_does(llama, tmp_path, monkeypatch):
-    # The disk cache stores each graph's tensors apart: loaded, equal ones become one (ir.share_loaded_tensors),
-    # checked with torch.equal, so a warm start holds what the cold compile held.
+    # Each graph's cache entry reads its own copy of a shared blob: tensors loaded from the same blob become one
+    # (ir.share_loaded_tensors), so a warm start holds what the cold compile held.
     from effcompile.compiler import backend
+    from effcompile.runtime import cache
 
-    monkeypatch.setattr(ir, "SHARE_LOADED_MIN_BYTES", 0)  # this model's packed rows are a few KB
+    monkeypatch.setattr(cache, "BLOB_MIN_BYTES", 1)  # this model's packed rows are a few KB
 
     passes = [_FixedSparsify(), ec.Quantize(weights="int8")]
 
