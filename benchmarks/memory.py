@@ -13,6 +13,7 @@ import argparse
 import datetime
 import gc
 import json
+import time
 
 import torch
 
@@ -38,6 +39,7 @@ def main() -> None:
     calib = [zm.make_inputs(batch=2, seq=64, seed=0)]
     model_rss = _rss_gb()
     cache = {"cache_dir": a.cache_dir} if a.cache_dir else {"cache": False}
+    start = time.perf_counter()
     fast = ec.effcompile(model, passes=pass_spec.parse_passes(a.spec)[1], calibration=calib, **cache)
     with torch.no_grad():
         fast(**calib[0])
@@ -45,6 +47,7 @@ def main() -> None:
         tok = out.logits[:, -1:].argmax(-1)
         for _ in range(3):
             out = fast(tok, past_key_values=out.past_key_values, use_cache=True)
+    seconds = time.perf_counter() - start  # compile (or warm start) and the calls above
     gc.collect()
     rep = ec.explain(fast)
     buffers = [b for g in rep.graphs for gm in g.graph_modules() for name, b in gm.named_buffers() if name.startswith("_ec_")]
@@ -53,7 +56,7 @@ def main() -> None:
                       "cache": [g.cache for g in rep.graphs],
                       "ec_buffer_gb": round(sum(b.untyped_storage().nbytes() for b in buffers) / 1e9, 3),
                       "ec_buffer_unique_gb": round(sum(unique.values()) / 1e9, 3), "rss_gb": round(_rss_gb(), 2),
-                      "rss_model_gb": round(model_rss, 2), "kernels": sorted({k.kind for k in rep.kernels}),
+                      "rss_model_gb": round(model_rss, 2), "seconds": round(seconds, 1), "kernels": sorted({k.kind for k in rep.kernels}),
                       "torch": torch.__version__, "date": datetime.date.today().isoformat()}))
 
 

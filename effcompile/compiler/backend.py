@@ -228,7 +228,9 @@ class CompiledGraph:
             param_ids = {id(p) for p in self.params.values()}
             calib = {f"{b}.{i}": x for b, args in enumerate(self.calibration_inputs or [])
                      for i, x in enumerate(args) if isinstance(x, torch.Tensor) and id(x) not in param_ids}
-            data = {"calibration": K.calibration_hash(calib), "weights": K.calibration_hash(self.params)}
+            # The weights' digests are kept for the compiled model's other graphs (they key the same weights).
+            digests = self.shared.setdefault("key.digests", {})
+            data = {"calibration": K.calibration_hash(calib), "weights": K.calibration_hash(self.params, digests)}
             if not self.calibration_inputs and self.model_calibration:
                 # No data of its own: thresholds / smoothing scales / EoRA factors are reused from the
                 # graphs that had some (passes/calibration.py calibrated_for), so a cached entry built
@@ -280,7 +282,8 @@ class CompiledGraph:
         from effcompile.runtime.serialize import graph_from_json
 
         memory_hits = store.stats.memory_hits
-        entry = store.get(key)
+        # A blob another of this model's graphs already loaded is taken from it, not read and hashed again.
+        entry = store.get(key, reuse=lambda sha: ir.loaded_tensor(self.shared, sha))
         if entry is None:
             return None
         try:
@@ -294,7 +297,10 @@ class CompiledGraph:
             # One copy of a packed weight for all of this model's graphs, as a cold compile makes (ir.shared_tensors);
             # in place, so the store's in-memory layer keeps the shared one too.
             ir.share_loaded_tensors(self.shared, entry.tensors, entry.digests)
-            gm = graph_from_json(entry.meta["graph"], entry.tensors)
+            # And one device copy of each (safetensors loads to the CPU; each graph moved its own).
+            devices = {n: a.get("device", "cpu") for n, a in entry.meta["graph"].get("attrs", {}).items()}
+            tensors = ir.place_loaded_tensors(self.shared, entry.tensors, entry.digests, devices)
+            gm = graph_from_json(entry.meta["graph"], tensors)
         except Exception as e:  # a bad entry is a miss, never a crash
             log.warning("effcompile cache entry %s unusable (%s); recompiling", key.digest[:16], e)
             self.report.cache_note = f"entry unusable: {e}"

@@ -279,6 +279,15 @@ def shared_tensors(shared: dict, space: str, key: tuple, make: Callable[[], tupl
     return out
 
 
+def loaded_tensor(shared: dict, sha: str) -> torch.Tensor | None:
+    """The tensor another graph of the compiled model loaded from blob ``sha`` (share_loaded_tensors' memo), if it is
+    alive and unchanged since: the cache hands it to the next entry that names the blob instead of reading and hashing
+    the file again (a blob's bytes were checked against ``sha`` when first read)."""
+    ref, version = shared.get("loaded.tensors", {}).get(sha, (None, None))
+    t = ref() if ref is not None else None
+    return t if t is not None and t._version == version else None
+
+
 def share_loaded_tensors(shared: dict, tensors: dict[str, torch.Tensor], digests: dict[str, str]) -> int:
     """Replace, in ``tensors`` (a cache entry's, as loaded), each tensor read from a blob (``digests``: name -> the
     SHA-256 the cache checked its bytes against) by the tensor another graph of the compiled model loaded from the same
@@ -288,14 +297,39 @@ def share_loaded_tensors(shared: dict, tensors: dict[str, torch.Tensor], digests
     memo = shared.setdefault("loaded.tensors", {})
     freed = 0
     for name, sha in digests.items():
-        ref, version = memo.get(sha, (None, None))
-        other = ref() if ref is not None else None
-        if other is not None and other._version == version:
+        other = loaded_tensor(shared, sha)
+        if other is not None:
             freed += tensors[name].untyped_storage().nbytes() if tensors[name] is not other else 0
             tensors[name] = other
         else:
             memo[sha] = (weakref.ref(tensors[name]), tensors[name]._version)
     return freed
+
+
+def place_loaded_tensors(shared: dict, tensors: dict[str, torch.Tensor], digests: dict[str, str],
+                         devices: dict[str, str]) -> dict[str, torch.Tensor]:
+    """``tensors`` (a cache entry's, on the CPU as safetensors loads them) with each blob tensor (``digests``) moved to
+    its graph's device (``devices``: name -> device) once for all of the compiled model's graphs: each graph moved its
+    own copy, so a CUDA warm start held a device copy of every packed weight per graph (prefill and each decode shape)
+    where the cold compile held one. Weak memo by (blob, device), as share_loaded_tensors; a copy changed in place is
+    not handed out again. Other tensors are left to graph_from_json; a device this process lacks is left to it too
+    (it names the tensor). Returns a new dict: the store's in-memory layer keeps CPU tensors, not device ones."""
+    memo = shared.setdefault("loaded.placed", {})
+    out = dict(tensors)
+    for name, sha in digests.items():
+        device = devices.get(name, "cpu")
+        ref, version = memo.get((sha, device), (None, None))
+        moved = ref() if ref is not None else None
+        if moved is None or moved._version != version:
+            try:
+                moved = out[name].to(torch.device(device))
+            except Exception:  # noqa: BLE001 - graph_from_json reports the device this process cannot use
+                continue
+            if moved is out[name]:
+                continue  # already there (a CPU graph): nothing to share
+            memo[(sha, device)] = (weakref.ref(moved), moved._version)
+        out[name] = moved
+    return out
 
 
 def add_buffer(gm: fx.GraphModule, before: fx.Node, name: str, t: torch.Tensor | None, tag, mode) -> fx.Node | None:

@@ -15,6 +15,7 @@ import time
 import uuid
 import warnings
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -187,7 +188,9 @@ class CacheStore:
 
     # -- reading ------------------------------------------------------------------------------
 
-    def get(self, key: CacheKey) -> CacheEntry | None:
+    def get(self, key: CacheKey, reuse: Callable[[str], Any] | None = None) -> CacheEntry | None:
+        """The entry stored under ``key``, from memory or disk (checked), else None. ``reuse(sha)``: a tensor the
+        caller already holds from blob ``sha`` (read and checked earlier), taken instead of reading the blob again."""
         with self._lock:
             entry = self._memory.get(key.digest)
             if entry is not None:
@@ -201,7 +204,7 @@ class CacheStore:
                 self.stats.misses += 1
             return None
         try:
-            entry = self._read(path, key)
+            entry = self._read(path, key, reuse)
         except Exception as e:  # any failure to read back is a miss, never a crash
             reason = str(e) if isinstance(e, _Bad) else f"{type(e).__name__}: {e}"
             msg = f"effcompile cache: ignoring entry {path}: {reason}"
@@ -217,7 +220,7 @@ class CacheStore:
             self._remember(key.digest, entry)
         return entry
 
-    def _read(self, path: Path, key: CacheKey | None) -> CacheEntry:
+    def _read(self, path: Path, key: CacheKey | None, reuse: Callable[[str], Any] | None = None) -> CacheEntry:
         try:
             raw = (path / META).read_bytes()
         except FileNotFoundError:
@@ -261,7 +264,8 @@ class CacheStore:
         if not isinstance(shared, dict):
             raise _Bad(f"{META} has a bad shared tensor list")
         for name, info in shared.items():
-            tensors[name] = self._read_blob(name, info)  # verified against info["sha256"]
+            held = reuse(info["sha256"]) if reuse is not None and isinstance(info, dict) and info.get("sha256") else None
+            tensors[name] = held if held is not None else self._read_blob(name, info)  # verified against its sha256
         sources = {}
         for name in meta.get("sources", []):
             if name not in blobs:

@@ -166,3 +166,34 @@ def test_loaded_tensors_from_one_blob_become_one_unless_changed_in_place():
     kept = fourth["same"]
     del third
     assert ir.share_loaded_tensors(shared, fourth, {"same": "sha-w"}) == 0 and fourth["same"] is kept
+
+
+def test_loaded_tensor_is_the_memos_while_alive_and_unchanged():
+    shared: dict = {}
+    first = {"a": torch.randn(4, 3)}
+    assert ir.loaded_tensor(shared, "sha-w") is None
+    ir.share_loaded_tensors(shared, first, {"a": "sha-w"})
+    assert ir.loaded_tensor(shared, "sha-w") is first["a"] and ir.loaded_tensor(shared, "sha-x") is None
+    first["a"].mul_(2)  # no longer the blob's bytes
+    assert ir.loaded_tensor(shared, "sha-w") is None
+
+
+def test_blob_tensors_move_to_their_device_once_per_compiled_model():
+    # A CUDA warm start moved each graph's tensors to the GPU on its own: one device copy of every packed weight per
+    # graph. "meta" stands in for the GPU here: .to() makes a new tensor, as a CPU -> CUDA copy does.
+    shared: dict = {}
+    w, small = torch.randn(8, 5), torch.ones(2)
+    prefill = ir.place_loaded_tensors(shared, {"w": w, "s": small}, {"w": "sha-w"}, {"w": "meta", "s": "meta"})
+    decode = ir.place_loaded_tensors(shared, {"w": w, "s": small}, {"w": "sha-w"}, {"w": "meta", "s": "meta"})
+    assert prefill["w"].device.type == "meta" and decode["w"] is prefill["w"]
+    assert prefill["s"] is small and decode["s"] is small  # not a blob: graph_from_json moves it as before
+    on_cpu = ir.place_loaded_tensors(shared, {"w": w}, {"w": "sha-w"}, {"w": "cpu"})
+    assert on_cpu["w"] is w  # already where its graph runs
+    entry = {"w": w}
+    ir.place_loaded_tensors(shared, entry, {"w": "sha-w"}, {"w": "meta"})
+    assert entry["w"] is w  # a new dict: the store's in-memory layer keeps the CPU tensors
+    prefill["w"].add_(1)  # a device copy changed in place is not handed out again
+    again = ir.place_loaded_tensors(shared, {"w": w}, {"w": "sha-w"}, {"w": "meta"})
+    assert again["w"] is not prefill["w"] and again["w"].device.type == "meta"
+    bad = ir.place_loaded_tensors(shared, {"w": w}, {"w": "sha-w"}, {"w": "nodevice:0"})
+    assert bad["w"] is w  # left for graph_from_json to name

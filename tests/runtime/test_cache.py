@@ -184,6 +184,32 @@ def test_large_tensors_are_stored_once_for_all_entries(cache_dir, monkeypatch):
     assert CacheStore().clear() == 2 and not (cache_dir / "blobs").exists()
 
 
+def test_a_blob_the_caller_already_holds_is_not_read_again(cache_dir, monkeypatch):
+    # A warm start's later graphs name the blobs its first graph read: reuse(sha) hands back the tensor held, so each
+    # blob is read and hashed once per compiled model, not once per graph.
+    from effcompile.runtime import cache as C
+
+    monkeypatch.setattr(C, "BLOB_MIN_BYTES", 40)
+    for name in ("prefill", "decode"):
+        CacheStore().put(_key(name), _entry())
+    first = CacheStore().get(_key("prefill"))
+    (blob,) = _blob_files(cache_dir)
+    asked = []
+    held = {blob.stem: first.tensors["w"]}
+
+    def reuse(sha):
+        asked.append(sha)
+        return held.get(sha)
+
+    blob.unlink()  # so a read of it would be a miss
+    second = CacheStore().get(_key("decode"), reuse=reuse)
+    assert second is not None and second.tensors["w"] is first.tensors["w"] and second.tensors["tied"] is first.tensors["w"]
+    assert asked == [blob.stem, blob.stem] and second.digests == {"w": blob.stem, "tied": blob.stem}
+    held.clear()  # nothing held: the blob is read, and its absence is found
+    with pytest.warns(CacheWarning, match="blob .* missing"):
+        assert CacheStore().get(_key("decode"), reuse=reuse) is None
+
+
 @pytest.mark.parametrize("damage", ["flip", "delete"])
 def test_a_bad_blob_is_a_warned_miss_and_written_again(cache_dir, monkeypatch, damage):
     from effcompile.runtime import cache as C

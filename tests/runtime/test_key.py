@@ -156,6 +156,26 @@ def test_cpu_tensor_digest_is_the_bytes_digest():
     assert K.calibration_hash({"w": t[:, 1:]}) != K.calibration_hash({"w": t[:, :4]})  # strided views hashed as values
 
 
+def test_large_tensors_are_keyed_by_their_own_digest_which_a_memo_keeps(monkeypatch):
+    # A compiled model's graphs each key the same weights: a large tensor contributes its own SHA-256, which the
+    # caller's memo keeps while the tensor lives unchanged, so it is hashed once per compiled model, not per graph.
+    import hashlib
+
+    monkeypatch.setattr(K, "DIGEST_MIN_BYTES", 64)
+    w, small = torch.randn(4, 8), torch.randn(3)  # 128 bytes: digested; 12 bytes: hashed in line
+    h = hashlib.sha256()
+    h.update(b"D2|K5|small|" + f"T|{small.dtype}|[3]|".encode() + small.numpy().tobytes())
+    h.update(b"K1|w|" + f"T|{w.dtype}|[4, 8]|S|".encode() + hashlib.sha256(w.numpy().tobytes()).digest())
+    memo: dict = {}
+    assert K.calibration_hash({"w": w, "small": small}, memo) == h.hexdigest() == K.calibration_hash({"w": w, "small": small})
+    assert list(memo) == [id(w)]
+    first = K.calibration_hash({"w": w}, memo)
+    memo[id(w)] = (*memo[id(w)][:3], b"kept" * 8)  # the memo is what a second call reads
+    assert K.calibration_hash({"w": w}, memo) != first
+    w.add_(1)  # changed in place: hashed again
+    assert K.calibration_hash({"w": w}, memo) == K.calibration_hash({"w": w}) != first
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.uint8])
 def test_device_checksum_sees_every_change(dtype):
     t = (torch.randn(1031) * 100).to(dtype)  # an odd byte count for uint8: trailing bytes count too
