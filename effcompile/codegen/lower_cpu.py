@@ -3,6 +3,9 @@ packed matmuls (their eager path), decided per graph from the weights, the activ
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import NamedTuple
+
 import torch
 import torch.fx as fx
 
@@ -45,10 +48,27 @@ def _packed_kind(gm: fx.GraphModule, node) -> str | None:
     return f"cpu-{fmt}pack-mm" + ("-bf16x" if (fmt, val.dtype) in _qops.BF16_ACTIVATIONS else "")
 
 
-def _bag_plan(gm: fx.GraphModule, node) -> tuple | str | None:
-    """(x, threshold, weight_t, scales, zeros, bias, fmt, group, label, decode_only, sources) in sparse_linear's
-    input-major layout for a node the CPU bag GEMV can take (sources: what the layout was made from, the key of
-    its packed copies); a reason string if it cannot; None if the node is not a candidate at all."""
+class _BagPlan(NamedTuple):
+    """A linear the CPU bag GEMV or the int4 C kernel can take. ``layout()``: its (weight, scales, zeros) in
+    sparse_linear's input-major layout, made only when a packed copy is (a wq_linear's re-layout of its quantized
+    weight took 15 s of a profiled llama-1b int4 cold compile, once per graph, though all four share one packed copy);
+    ``sources``: what the layout is made from, the key of the packed copies."""
+
+    x: object
+    thr: object
+    bias: object
+    fmt: str
+    group: int
+    label: str
+    decode_only: bool
+    out_features: int
+    sources: tuple
+    layout: Callable[[], tuple]
+
+
+def _bag_plan(gm: fx.GraphModule, node) -> _BagPlan | str | None:
+    """The plan for a node the CPU bag GEMV can take; a reason string if it cannot; None if the node is not a
+    candidate at all."""
     if node.op != "call_function":
         return None
     if _sl.linear_epilogue(node) not in (None, "none"):
@@ -58,7 +78,12 @@ def _bag_plan(gm: fx.GraphModule, node) -> tuple | str | None:
     if node.target is sparse_linear_op():
         x, thr, w, s, z, b, fmt, group, label, decode_only = node.args[:10]
         wt, st, zt = attr_tensor(gm, w), attr_tensor(gm, s), attr_tensor(gm, z)
-        sources = (wt, st, zt)
+        if wt is None or wt.device.type != "cpu":
+            return "weight is not a CPU buffer"
+        sources, out_features = (wt, st, zt), wt.shape[1] * (2 if fmt == "int4" else 1)
+
+        def layout(wt=wt, st=st, zt=zt):
+            return wt, st, zt
     elif node.target is wq_linear_op():
         x, q, s, z, b, fmt, group = node.args[:7]
         act = node.args[7] if len(node.args) > 7 else node.kwargs.get("act", "none")
@@ -69,15 +94,17 @@ def _bag_plan(gm: fx.GraphModule, node) -> tuple | str | None:
             return "quantized weight is not a buffer"
         if fmt == "int4" and q.shape[0] % 2:
             return f"int4 with odd out_features={q.shape[0]}"
-        sources = (q, st, zt, "input-major", group)
-        wt, st, zt = _sl.to_input_major(q, st, zt, fmt, group)
+        if q.device.type != "cpu":
+            return "weight is not a CPU buffer"
+        sources, out_features = (q, st, zt, "input-major", group), q.shape[0]
         thr, label, decode_only = None, "", False
+
+        def layout(q=q, st=st, zt=zt, fmt=fmt, group=group):
+            return _sl.to_input_major(q, st, zt, fmt, group)
     else:
         return None
-    if wt is None or wt.device.type != "cpu":
-        return "weight is not a CPU buffer"
     why = _bag.unavailable(fmt)
-    return why if why else (x, thr, wt, st, zt, b, fmt, group, label, decode_only, sources)
+    return why if why else _BagPlan(x, thr, b, fmt, group, label, decode_only, out_features, sources, layout)
 
 
 def _made_once(shared: dict | None, space: str, sources: tuple, make) -> tuple:
@@ -128,25 +155,30 @@ def lower_cpu_bags(gm: fx.GraphModule, mode: int,
         if isinstance(plan, str):
             fallbacks.append((node.name, f"CPU bag GEMV not used: {plan}"))
             continue
-        x, thr, wt, st, zt, b, fmt, group, label, decode_only, _ = plan
         old = node.args[1:5]
         tag = node.meta.get(TAG)
         fake_mode = fake_mode or fake_mode_for(gm)
+        fmt, thr = plan.fmt, plan.thr
         if fmt == "int4" and thr is not None:
             why = _int4_gemv.unavailable()
             if why is None:  # FBGEMM's 4-bit bag converts codes too slowly to gain from skipping rows (module doc)
                 records.append(_lower_int4_gemv(gm, node, plan, tag, fake_mode, shared))
                 continue
             fallbacks.append((node.name, f"{why}: the 4-bit embedding bag runs instead"))
-        rows = _made_once(shared, "cpu_bag_rows", (*plan[-1], fmt), lambda wt=wt, fmt=fmt: (_bag.pack(wt, fmt),))[0]
+
+        def make(plan=plan):
+            wt, st, zt = plan.layout()
+            return _bag.pack(wt, plan.fmt), st, zt
+        rows, st, zt = _made_once(shared, "cpu_bag_rows", (*plan.sources, fmt), make)
         new_args = [add_buffer(gm, node, f"_ec_bag_{node.name}_{suffix}", t, tag, fake_mode)
                     for suffix, t in (("rows", rows), ("scales", st), ("zeros", zt))]
         kind = "sparse_linear" if thr is not None else "wq_linear"
         node.target = _ops.op_for(_bag.NAME)
-        node.args, node.kwargs = (x, thr, *new_args, b, fmt, group, label, decode_only), {}
+        node.args, node.kwargs = (plan.x, thr, *new_args, plan.bias, fmt, plan.group, plan.label, plan.decode_only), {}
         drop_unused_attrs(gm, old)  # the original layout is no longer read: do not keep (or cache) it
         records.append(KernelRecord(_bag.NAME, f"torch.ops.effcompile.{_bag.NAME}.default", _bag.__file__,
-                                    _bag.kind_for(max_rows(x), fmt, rows.dtype), (kind, fmt + (f"g{group}" if group else "")),
+                                    _bag.kind_for(max_rows(plan.x), fmt, rows.dtype),
+                                    (kind, fmt + (f"g{plan.group}" if plan.group else "")),
                                     (node.name,), (str(tag),) if tag is not None else ()))
     return records, fallbacks
 
@@ -188,14 +220,15 @@ def cached_kernels_unusable(kinds) -> str | None:
 
 def _lower_int4_gemv(gm: fx.GraphModule, node, plan: tuple, tag, fake_mode, shared: dict | None) -> KernelRecord:
     """A thresholded int4 sparse_linear, or an int4 wq_linear _int4_kernel_rows picks -> the C kernel's op."""
-    x, thr, wt, st, zt, b, _, group, label, decode_only = plan[:10]
     old = node.args[1:5]
-    panels, sz = _made_once(shared, "cpu_int4_panels", plan[-1], lambda: _int4_gemv.pack(wt, st, zt))
+    panels, sz = _made_once(shared, "cpu_int4_panels", plan.sources, lambda: _int4_gemv.pack(*plan.layout()))
     new_args = [add_buffer(gm, node, f"_ec_int4_{node.name}_{suffix}", t, tag, fake_mode)
                 for suffix, t in (("panels", panels), ("sz", sz))]
     node.target = _ops.op_for(_int4_gemv.NAME)
-    node.args, node.kwargs = (x, thr, *new_args, b, 2 * wt.shape[1], group, label, decode_only), {}
+    node.args, node.kwargs = (plan.x, plan.thr, *new_args, plan.bias, plan.out_features, plan.group, plan.label,
+                              plan.decode_only), {}
     drop_unused_attrs(gm, old)  # the original layout is no longer read: do not keep (or cache) it
     return KernelRecord(_int4_gemv.NAME, f"torch.ops.effcompile.{_int4_gemv.NAME}.default", str(_int4_gemv.SOURCE),
-                        "cpu-int4-gemv", ("wq_linear" if thr is None else "sparse_linear", f"int4g{group}"), (node.name,),
+                        "cpu-int4-gemv", ("wq_linear" if plan.thr is None else "sparse_linear", f"int4g{plan.group}"),
+                        (node.name,),
                         (str(tag),) if tag is not None else ())

@@ -208,7 +208,7 @@ def test_the_models_graphs_share_one_copy_of_each_relaid_weight(llama):
 
 @pytest.mark.parametrize("weights,thresholds", [("int4", True), ("int8", True), ("int4", False)],
                          ids=["int4-thresholds", "int8-thresholds", "int4"])
-def test_lowerings_packed_copies_are_shared_by_the_models_graphs_too(llama, weights, thresholds):
+def test_lowerings_packed_copies_are_shared_by_the_models_graphs_too(llama, weights, thresholds, monkeypatch):
     # On the CPU lowering packs each quantized linear again (the int4 C kernel's panels, int8's bag rows): once per
     # compiled model for prefill and decode alike (lower(..., shared=)), where each graph made its own copy.
     from effcompile.codegen.kernels import cpu_int4_gemv as I4
@@ -229,7 +229,16 @@ def test_lowerings_packed_copies_are_shared_by_the_models_graphs_too(llama, weig
             fast(torch.randint(0, 128, (1, 1)), past_key_values=out.past_key_values, use_cache=True)
         return fast
 
+    # A weight-only linear's input-major re-layout is made only for the packed copy: once, not per graph. (A
+    # thresholded one is re-laid out by FuseSparseLinear in each graph: its weak memo has lost the layout, which
+    # lowering replaced; lowering then finds the packed copy by the layout's key.)
+    from effcompile.compiler import sparse_linear as SL
+
+    relaid, real = [], SL.to_input_major
+    monkeypatch.setattr(SL, "to_input_major", lambda *a: relaid.append(a[0]) or real(*a))
     fast = compiled()
+    if not thresholds:
+        assert len(relaid) == len({id(w) for w in relaid}) == 8, "a quantized weight was re-laid out per graph"  # 2 x 4 fused
     prefill, decode = ec.explain(fast).graphs[:2]
     assert len(packed(prefill)) == 8, sorted(packed(prefill))  # 2 layers x (q/k/v, o, gate/up, down), fused
     assert packed(prefill).keys() == packed(decode).keys()

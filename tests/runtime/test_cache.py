@@ -184,6 +184,34 @@ def test_large_tensors_are_stored_once_for_all_entries(cache_dir, monkeypatch):
     assert CacheStore().clear() == 2 and not (cache_dir / "blobs").exists()
 
 
+def test_a_tensor_already_stored_is_not_serialized_again(cache_dir, monkeypatch):
+    # A model's graphs put the same packed weights: the store remembers which blob holds each tensor while it lives
+    # unchanged, so the second put does not serialize and hash it again; a changed or vanished blob is written anew.
+    from effcompile.runtime import cache as C
+
+    monkeypatch.setattr(C, "BLOB_MIN_BYTES", 40)
+    serialized = []
+    real = C._tensors_to_bytes
+    monkeypatch.setattr(C, "_tensors_to_bytes", lambda ts: serialized.append(sorted(ts)) or real(ts))
+    store, entry = CacheStore(), _entry()
+    store.put(_key("prefill"), entry)
+    assert serialized.count(["t"]) == 1  # w and its tied twin are one tensor: serialized once already
+    serialized.clear()
+    store.put(_key("decode"), entry)
+    assert ["t"] not in serialized
+    _check(CacheStore().get(_key("decode")))
+    (blob,) = _blob_files(cache_dir)
+    blob.unlink()  # gone from disk: written again
+    store.put(_key("again"), entry)
+    assert ["t"] in serialized and _blob_files(cache_dir) == [blob]
+    serialized.clear()
+    entry.tensors["w"].add_(1)  # changed in place: a new content, a new blob
+    store.put(_key("changed"), entry)
+    assert ["t"] in serialized and len(_blob_files(cache_dir)) == 2
+    got = CacheStore().get(_key("changed"))
+    assert torch.equal(got.tensors["w"], entry.tensors["w"])
+
+
 def test_a_blob_the_caller_already_holds_is_not_read_again(cache_dir, monkeypatch):
     # A warm start's later graphs name the blobs its first graph read: reuse(sha) hands back the tensor held, so each
     # blob is read and hashed once per compiled model, not once per graph.
