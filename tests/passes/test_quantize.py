@@ -325,6 +325,37 @@ def test_a_models_graphs_share_its_packed_weights(monkeypatch):
         assert calls[2 * first:] == [tuple(model.model.layers[0].mlp.down_proj.weight.shape)]
 
 
+def test_the_backend_forms_graphs_share_the_models_packed_weights_too(monkeypatch):
+    """torch.compile(backend="effcompile") hands over graphs, not a model: graphs over the same parameters share their
+    packed weights (a prefill and a decode shape here); a model with other weights quantizes its own."""
+    import gc
+
+    model = tiny_hf("llama", layers=2, hidden=64)
+    calls = []
+    real = qops.quantize_weight
+    monkeypatch.setattr(qops, "quantize_weight", lambda w, fmt, group: calls.append(id(w)) or real(w, fmt, group))
+    ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(0))
+    opts = {"passes": [ec.Quantize(weights="int4", group_size=32)], "cache": False}
+    torch._dynamo.reset()
+    fast = torch.compile(model, backend="effcompile", options=opts, dynamic=False)
+    with torch.no_grad():
+        fast(ids[:, :5])
+        first = len(calls)
+        out = fast(ids[:1, :7]).logits  # another shape: a second graph
+        graphs = ec.explain(fast).graphs
+        assert len(graphs) == 2 and first == 14 and len(calls) == first  # the second graph quantized nothing
+        assert [p.count for g in graphs for p in g.passes if p.name == "quantize"] == [14, 14]
+        torch.testing.assert_close(out, ec.effcompile(model, passes=opts["passes"], cache=False)(ids[:1, :7]).logits)
+        other = tiny_hf("llama", layers=2, hidden=64)
+        torch.compile(other, backend="effcompile", options=opts, dynamic=False)(ids[:1, :7])
+        assert len(calls) == 3 * first  # the call form above and another model: their own
+    del fast, graphs
+    torch._dynamo.reset()
+    gc.collect()  # the graphs are gone: so is their shared state, and a new compile quantizes again
+    torch.compile(model, backend="effcompile", options=opts, dynamic=False)(ids[:1, :4])
+    assert len(calls) == 4 * first
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_int4_quantizes_the_same_in_row_blocks(dtype, monkeypatch):
     """On the CPU int4 quantization runs a few rows at a time (cache-sized temporaries): bit for bit what one block
