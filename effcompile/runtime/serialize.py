@@ -243,7 +243,8 @@ def graph_to_json(gm: fx.GraphModule) -> tuple[dict, dict[str, torch.Tensor]]:
                 value = _fetch_attr(gm, target)
                 if type(value) not in (torch.Tensor, torch.nn.Parameter):
                     raise NotSerializable(f"get_attr {target} is a {type(value).__qualname__}, not a plain tensor")
-                tensors[target] = value.detach()
+                # The tensor itself where it needs no detaching, so the cache knows it again (CacheStore._stored).
+                tensors[target] = value.detach() if value.requires_grad else value
                 attrs[target] = {"kind": "parameter" if isinstance(value, torch.nn.Parameter) else "tensor",
                                  "requires_grad": bool(value.requires_grad), "device": str(value.device)}
         else:

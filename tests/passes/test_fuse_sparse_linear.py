@@ -267,7 +267,17 @@ def test_a_warm_start_shares_the_packed_copies_as_a_cold_compile_does(llama, tmp
                 for g in (prefill, decode)]
         return logits, [g.cache for g in (prefill, decode)], rows
 
+    serialized, real = [], cache._tensors_to_bytes
+
+    def counting(ts):
+        if list(ts) == ["t"]:  # a blob's
+            serialized.append(ts["t"])
+        return real(ts)
+    monkeypatch.setattr(cache, "_tensors_to_bytes", counting)
     cold_logits, cold_hits, _ = run()
+    # Each tensor the two graphs share is serialized and hashed once (CacheStore._stored), not once per graph.
+    views = [(t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype) for t in serialized]
+    assert len(views) == len(set(views)) > 0
     torch._dynamo.reset()
     backend._STORES.clear()  # a fresh process: only the disk layer is left
     warm_logits, warm_hits, (prefill, decode) = run()
