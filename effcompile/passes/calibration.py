@@ -109,18 +109,20 @@ def real_rows(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
 # activations, so it reuses what the graph that had data calibrated (thresholds, smoothing scales, EoRA
 # factors). Keyed by id with a weakref check: tensors compare elementwise, so they cannot be
 # WeakKeyDictionary keys.
-_DONE: dict[int, tuple[weakref.ref, dict]] = {}
+_DONE: dict[int, tuple[weakref.ref, tuple, dict]] = {}
 
 
 def calibrated_for(weight: torch.Tensor) -> dict:
-    """The mutable record of what was calibrated for this weight tensor so far in this process: fit_key
-    -> a tuple of tensors and JSON values (so export_fits can store it in a cache entry)."""
-    key = id(weight)
+    """The mutable record of what was calibrated for this weight tensor, as it is now, so far in this process: fit_key
+    -> a tuple of tensors and JSON values (so export_fits can store it in a cache entry). A weight changed in place
+    since (load_state_dict: its _version, or new storage) starts an empty record: fits made for its old values are
+    never reused for the new ones."""
+    key, state = id(weight), (weight._version, weight.data_ptr())
     entry = _DONE.get(key)
-    if entry is None or entry[0]() is not weight:
-        entry = (weakref.ref(weight, lambda _: _DONE.pop(key, None)), {})
+    if entry is None or entry[0]() is not weight or entry[1] != state:
+        entry = (weakref.ref(weight, lambda _: _DONE.pop(key, None)), state, {})
         _DONE[key] = entry
-    return entry[1]
+    return entry[2]
 
 
 def fit_key(kind: str, cfg, label: str = "") -> str:
@@ -183,7 +185,9 @@ class _Recorder(fx.Interpreter):
 def _no_data_error() -> ValueError:
     return ValueError(
         "this pass needs calibration data, but this graph received none: pass "
-        "effcompile(model, calibration=[batch, ...]) with batches shaped like real inputs"
+        "effcompile(model, calibration=[batch, ...]) with batches shaped like real inputs. If the model's weights "
+        "changed since it was calibrated (load_state_dict), call it first with inputs shaped like the calibration "
+        "batches (the prefill): that graph fits again, and the others (decode steps) reuse its fits"
     )
 
 

@@ -75,3 +75,49 @@ def test_exact_passes_do_not_guard_weights():
         model.load_state_dict(donor.state_dict())
         torch.testing.assert_close(fast(ids).logits, donor(ids).logits, rtol=1e-5, atol=1e-5)
     assert [r for g in ec.explain(fast).graphs for r in g.recompiles] == []
+
+
+def test_calibrated_fits_follow_weights_changed_in_place():
+    # A decode graph has no calibration data of its own: it reuses the fits the prefill graph made for each weight
+    # (passes/calibration.calibrated_for). After load_state_dict those fits are for the old values; the recompiled
+    # graphs must fit again and agree with a fresh compile on the new weights.
+    model, donor = tiny_hf("llama", seed=0), tiny_hf("llama", seed=2)
+    ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(3))
+    calib = [{"input_ids": ids}]
+    passes = [ec.ThresholdChannels(sparsity=0.5)]
+
+    def generate(fast):
+        with torch.no_grad():
+            out = fast(input_ids=ids, use_cache=True)  # the calibrated graph; the step's reuses its fits
+            step = fast(out.logits[:, -1:].argmax(-1), past_key_values=out.past_key_values, use_cache=True)
+        return out.logits, step.logits
+
+    torch._dynamo.reset()
+    want = generate(ec.effcompile(donor, passes=passes, calibration=calib, cache=False))
+    torch._dynamo.reset()
+    fast = ec.effcompile(model, passes=passes, calibration=calib, cache=False)
+    generate(fast)
+    model.load_state_dict(donor.state_dict())
+    got = generate(fast)
+    torch.testing.assert_close(got[0], want[0])
+    torch.testing.assert_close(got[1], want[1])
+
+
+def test_a_step_before_the_calibrated_graph_after_new_weights_says_what_to_do():
+    # The decode graph cannot fit by itself; with the old fits gone it says so, naming the way out, rather than use
+    # thresholds fitted on the old weights.
+    from effcompile.compiler.pass_manager import PassInputError
+
+    model, donor = tiny_hf("llama", seed=0), tiny_hf("llama", seed=2)
+    ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(3))
+    torch._dynamo.reset()
+    fast = ec.effcompile(model, passes=[ec.ThresholdChannels(sparsity=0.5)], calibration=[{"input_ids": ids}],
+                         cache=False)
+    with torch.no_grad():
+        past = fast(input_ids=ids, use_cache=True).past_key_values
+        step = ids[:, -1:]
+        fast(step, past_key_values=past, use_cache=True)
+        model.load_state_dict(donor.state_dict())
+        with pytest.raises(Exception, match="weights changed since it was calibrated") as err:
+            fast(step, past_key_values=past, use_cache=True)
+    assert isinstance(err.value, PassInputError) or isinstance(err.value.__cause__, PassInputError), repr(err.value)
