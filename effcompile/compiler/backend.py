@@ -165,13 +165,18 @@ def _symbol_bounds(gm: fx.GraphModule, dynamic: list[tuple[int, int]], sig: tupl
     return bounds
 
 
+def _source_name(node: fx.Node) -> str:
+    """Dynamo's name of what a placeholder reads (L['self']._modules['fc']._parameters['weight']), else the node's."""
+    source = getattr(node.meta.get("grapharg"), "source", None)
+    name = getattr(source, "name", node.name)
+    return name() if callable(name) else name  # a method before torch 2.13, a property since
+
+
 def _params(gm: fx.GraphModule, example_inputs) -> dict[str, torch.Tensor]:
     """Placeholder name -> real parameter/buffer tensor, for passes that transform weights."""
     out = {}
     for node, value in zip((n for n in gm.graph.nodes if n.op == "placeholder"), example_inputs, strict=False):
-        source = getattr(node.meta.get("grapharg"), "source", None)
-        name = getattr(source, "name", node.name)
-        name = name() if callable(name) else name  # a method before torch 2.13, a property since
+        name = _source_name(node)
         if isinstance(value, torch.nn.Parameter) or "_parameters" in name or "_buffers" in name:
             out[node.name] = value
     return out
@@ -207,10 +212,13 @@ class CompiledGraph:
         # load_state_dict leaves it as it was: both ran silently on the old weights. Checked on every call (~30 us for
         # 150 parameters on the 2-core box); other weights get their own variants, compiled for them.
         reads = any(getattr(c, "needs_calibration", False) or getattr(c, "reads_weights", False) for c in settings.passes)
-        names = {id(p): n for n, p in params.items()}
+        ids = {id(p) for p in params.values()}
         self._weight_slots = [i for i, x in enumerate(self.example_inputs)
-                              if reads and isinstance(x, torch.nn.Parameter) and id(x) in names]
-        self._weight_names = [names[id(self.example_inputs[i])] for i in self._weight_slots]
+                              if reads and isinstance(x, torch.nn.Parameter) and id(x) in ids]
+        placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        # Named as the model names them (model.layers.0.mlp.up_proj.weight), for explain().
+        self._weight_names = [ir.normalize_path(_source_name(placeholders[i]).replace("._parameters", ""))
+                              if i < len(placeholders) else f"input {i}" for i in self._weight_slots]
         self._weights = self._weights_of(self.example_inputs)
         self._other_weights: OrderedDict[tuple, tuple] = OrderedDict()  # weights -> (params, variants, inputs, calib)
         self._warned_grad = False

@@ -83,7 +83,7 @@ def qualified_target(node: fx.Node) -> str:
 _GETATTR = re.compile(r"getattr\((.*), ['\"]([^'\"]+)['\"]\)")
 
 
-def _normalize_path(path: str) -> str:
+def normalize_path(path: str) -> str:
     """Turn dynamo's module source strings (L['self'].encoder.layer[0]) into dotted paths."""
     while True:
         new = _GETATTR.sub(r"\1.\2", path)
@@ -102,7 +102,7 @@ def module_path(node: fx.Node) -> str:
     if not stack:
         return ""
     path = list(stack.values())[-1][0]
-    return _normalize_path(path if isinstance(path, str) else str(path))
+    return normalize_path(path if isinstance(path, str) else str(path))
 
 
 def _module_type(node: fx.Node) -> str:
