@@ -31,6 +31,7 @@ from effcompile import config
 from effcompile.codegen import ops as _ops
 from effcompile.compiler import ir
 from effcompile.compiler.pass_manager import PassContext, PassManager, lookup
+from effcompile.runtime.key import contents_version
 from effcompile.runtime.report import GraphReport
 
 log = logging.getLogger("effcompile")
@@ -232,7 +233,7 @@ class CompiledGraph:
 
     def _weights_of(self, args) -> tuple:
         """The parameters a call passes, as this graph's variants depend on them: identity, contents version, storage."""
-        return tuple((id(a), a._version, a.data_ptr()) for a in (args[i] for i in self._weight_slots))
+        return tuple((id(a), contents_version(a), a.data_ptr()) for a in (args[i] for i in self._weight_slots))
 
     def _use_weights(self, args, weights: tuple) -> None:
         """Switch to the variants compiled for the parameters in ``args`` (compiling one if there are none). Up to

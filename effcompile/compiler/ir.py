@@ -29,6 +29,7 @@ from effcompile.compiler.meta import (  # noqa: F401 - the IR's API
     propagate_meta,
     refresh_meta,
 )
+from effcompile.runtime.key import contents_version
 
 TAG = "ec_tag"
 
@@ -255,7 +256,7 @@ def sublayer(node: fx.Node) -> Sublayer | None:
 
 def tensor_key(t: torch.Tensor) -> tuple:
     """What a shared-tensor key calls ``t``: the key it was made under (shared_tensors), else its id and version."""
-    return getattr(t, "_ec_made_from", None) or ("id", id(t), t._version)
+    return getattr(t, "_ec_made_from", None) or ("id", id(t), contents_version(t))
 
 
 def shared_tensors(shared: dict, space: str, key: tuple, make: Callable[[], tuple], hold: tuple = ()) -> tuple:
@@ -285,7 +286,7 @@ def loaded_tensor(shared: dict, sha: str) -> torch.Tensor | None:
     the file again (a blob's bytes were checked against ``sha`` when first read)."""
     ref, version = shared.get("loaded.tensors", {}).get(sha, (None, None))
     t = ref() if ref is not None else None
-    return t if t is not None and t._version == version else None
+    return t if t is not None and contents_version(t) == version else None
 
 
 def share_loaded_tensors(shared: dict, tensors: dict[str, torch.Tensor], digests: dict[str, str]) -> int:
@@ -302,7 +303,7 @@ def share_loaded_tensors(shared: dict, tensors: dict[str, torch.Tensor], digests
             freed += tensors[name].untyped_storage().nbytes() if tensors[name] is not other else 0
             tensors[name] = other
         else:
-            memo[sha] = (weakref.ref(tensors[name]), tensors[name]._version)
+            memo[sha] = (weakref.ref(tensors[name]), contents_version(tensors[name]))
     return freed
 
 
@@ -320,14 +321,14 @@ def place_loaded_tensors(shared: dict, tensors: dict[str, torch.Tensor], digests
         device = devices.get(name, "cpu")
         ref, version = memo.get((sha, device), (None, None))
         moved = ref() if ref is not None else None
-        if moved is None or moved._version != version:
+        if moved is None or contents_version(moved) != version:
             try:
                 moved = out[name].to(torch.device(device))
             except Exception:  # noqa: BLE001 - graph_from_json reports the device this process cannot use
                 continue
             if moved is out[name]:
                 continue  # already there (a CPU graph): nothing to share
-            memo[(sha, device)] = (weakref.ref(moved), moved._version)
+            memo[(sha, device)] = (weakref.ref(moved), contents_version(moved))
         out[name] = moved
     return out
 

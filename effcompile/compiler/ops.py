@@ -11,6 +11,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from effcompile.runtime.key import contents_version
+
 # Weight formats the IR op understands -> the group sizes each accepts (0 = one scale per output row).
 # mx*: blocks of 32 along K sharing a power-of-two scale (MX-style; the int8 scales tensor holds exponents).
 FORMATS: dict[str, tuple[int, ...]] = {"int8": (0,), "int4": (32, 64, 128), "fp8": (0,), "mxint8": (32,),
@@ -224,7 +226,7 @@ def _has(name: str) -> bool:
 
 def _int4_cpu_packed(qweight, scales, zeros, group_size, dtype):
     """Repack our plain nibbles into the CPU tinygemm layout once per weight (cached, freed with it)."""
-    key = (id(qweight), qweight._version, dtype)
+    key = (id(qweight), contents_version(qweight), dtype)
     hit = _INT4_CPU.get(key)
     if hit is not None:
         return hit

@@ -16,6 +16,7 @@ import torch
 import torch.fx as fx
 
 from effcompile.compiler.pass_manager import PassContext
+from effcompile.runtime.key import contents_version
 
 
 @dataclass
@@ -117,7 +118,7 @@ def calibrated_for(weight: torch.Tensor) -> dict:
     -> a tuple of tensors and JSON values (so export_fits can store it in a cache entry). A weight changed in place
     since (load_state_dict: its _version, or new storage) starts an empty record: fits made for its old values are
     never reused for the new ones."""
-    key, state = id(weight), (weight._version, weight.data_ptr())
+    key, state = id(weight), (contents_version(weight), weight.data_ptr())
     entry = _DONE.get(key)
     if entry is None or entry[0]() is not weight or entry[1] != state:
         entry = (weakref.ref(weight, lambda _: _DONE.pop(key, None)), state, {})

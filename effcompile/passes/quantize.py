@@ -14,6 +14,7 @@ from effcompile.compiler import ops as qops
 from effcompile.compiler.pass_manager import PassConfig, PassContext, PassResult, register_pass
 from effcompile.passes.eora import compensate
 from effcompile.passes.smoothing import smooth
+from effcompile.runtime.key import contents_version
 
 PARTS = ("embedding", "attn", "ffn", "head", "other")
 _TAG = re.compile(r"^layers\.\d+\.(attn|ffn)$")
@@ -124,7 +125,7 @@ def _packed(real: torch.Tensor, fmt: str, group: int, shared: dict) -> tuple[qop
     before the row blocks of ops._quantize); a parameter changed in place since (its _version) is quantized again.
     An entry holds its parameter, so the id in its key is not reused while it is cached."""
     memo = shared.setdefault("quantize.packed", {})
-    key = (id(real), fmt, group, real._version, real.dtype, real.device)
+    key = (id(real), fmt, group, contents_version(real), real.dtype, real.device)
     if key not in memo:
         memo[key] = (real, *_quantized(real, fmt, group))
     return memo[key][1], memo[key][2]

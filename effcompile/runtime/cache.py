@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .key import CacheKey, digest_of
+from .key import CacheKey, contents_version, digest_of
 
 log = logging.getLogger("effcompile.cache")
 
@@ -306,7 +306,7 @@ class CacheStore:
         """Store one tensor under its content's SHA-256 unless a blob of that name and size is there (a bad one is
         removed by the reader that finds it); written to a temp file, then renamed into place."""
         seen = self._stored.get(id(t))
-        if seen is not None and seen[0]() is t and seen[1:3] == (t._version, t.data_ptr()):
+        if seen is not None and seen[0]() is t and seen[1:3] == (contents_version(t), t.data_ptr()):
             path = self._blob_path(seen[3]["sha256"])
             if path.is_file() and path.stat().st_size == seen[3]["size"]:
                 return dict(seen[3])  # this tensor, unchanged since it was stored there
@@ -315,7 +315,7 @@ class CacheStore:
         path = self._blob_path(sha)
         if len(self._stored) >= 4096:  # the store lives with the process: forget tensors since freed
             self._stored = {i: v for i, v in self._stored.items() if v[0]() is not None}
-        self._stored[id(t)] = (weakref.ref(t), t._version, t.data_ptr(), {"sha256": sha, "size": len(data)})
+        self._stored[id(t)] = (weakref.ref(t), contents_version(t), t.data_ptr(), {"sha256": sha, "size": len(data)})
         if not (path.is_file() and path.stat().st_size == len(data)):
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.parent / f"{_TMP_PREFIX}{uuid.uuid4().hex}"

@@ -229,6 +229,13 @@ def device_checksum(t: torch.Tensor) -> bytes:
     return b"".join(v.to_bytes(8, "little") for v in lanes) + bytes(b[n4 * 4:].tolist())
 
 
+def contents_version(t: torch.Tensor) -> int:
+    """``t._version``, the count of in-place changes memos check; -1 for an inference tensor (a model built under
+    torch.inference_mode()), which keeps none: reading ``_version`` there raises, and such a tensor cannot be
+    changed in place outside inference mode anyway."""
+    return -1 if t.is_inference() else t._version
+
+
 DIGEST_MIN_BYTES = 1 << 20  # a CPU tensor this large is keyed by its own SHA-256, which a memo can keep
 
 
@@ -242,11 +249,11 @@ def _tensor_digest(t: torch.Tensor, memo: dict | None) -> bytes:
     data pointer, digest) keeps it while the tensor lives unchanged: every graph of a compiled model keys the same
     weights, and hashing them per graph took 21.6 of a 66 s llama-1b fp32 warm start (four graphs, 5.4 GB each)."""
     hit = memo.get(id(t)) if memo is not None else None
-    if hit is not None and hit[0]() is t and hit[1] == t._version and hit[2] == t.data_ptr():
+    if hit is not None and hit[0]() is t and hit[1] == contents_version(t) and hit[2] == t.data_ptr():
         return hit[3]
     digest = device_checksum(t) if t.device.type != "cpu" else hashlib.sha256(_tensor_bytes(t)).digest()
     if memo is not None:
-        memo[id(t)] = (weakref.ref(t), t._version, t.data_ptr(), digest)
+        memo[id(t)] = (weakref.ref(t), contents_version(t), t.data_ptr(), digest)
     return digest
 
 
