@@ -277,7 +277,9 @@ class CompiledGraph:
                     self.report.recompiles.append(f"new shape bucket {sig} (have {list(self.variants)})")
                     run = self._compile_variant(sig)
             else:
-                run = next(iter(self.variants.values()))
+                run = next(iter(self.variants.values()), None)
+                if run is None:  # compiling for new weights failed last call (a calibrated pass without its fits)
+                    run = self._compile_variant(())
         if not self._warned_grad and torch.is_grad_enabled() and any(
             isinstance(a, torch.Tensor) and a.requires_grad for a in args
         ):
