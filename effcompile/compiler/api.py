@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch._dynamo.exc import BackendCompilerFailed
 
-from effcompile.compiler.backend import _BACKEND_REPORTS, CompiledGraph, Settings
+from effcompile.compiler.backend import CompiledGraph, Settings, backend_reports
 from effcompile.compiler.pass_manager import PassInputError
 from effcompile.runtime.report import Report
 
@@ -379,7 +379,7 @@ def explain(compiled: Any) -> Report:
     if isinstance(orig, nn.Module):
         # A torch.compile(..., backend="effcompile") module: find its graphs by the parameters they read.
         ids = {id(p) for p in orig.parameters()} | {id(b) for b in orig.buffers()}
-        graphs = [g for g in _BACKEND_REPORTS if g.param_ids & ids]
+        graphs = backend_reports(ids)
         if graphs:
             return Report(graphs=graphs)
         raise ValueError("no effcompile graphs found for this module: call it once before explain()")

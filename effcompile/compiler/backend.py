@@ -92,7 +92,7 @@ def effcompile_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], *, mod
     """``torch.compile(model, backend="effcompile", options={...})``. Returns a callable like gm.forward."""
     settings = Settings.from_options(options)
     compiled = CompiledGraph(gm, example_inputs, settings, shared=_backend_shared(_params(gm, example_inputs)))
-    _BACKEND_REPORTS.append(compiled.report)
+    _BACKEND_GRAPHS.append(weakref.ref(compiled))
     return compiled
 
 
@@ -123,8 +123,14 @@ def _backend_shared(params: dict[str, torch.Tensor]) -> dict:
     return state
 
 
-# explain() finds a torch.compile'd model's graphs here (bounded: a long-lived process compiles a lot).
-_BACKEND_REPORTS: deque[GraphReport] = deque(maxlen=4096)
+# explain() finds a torch.compile'd model's graphs here (bounded: a long-lived process compiles a lot). Weakly: a
+# graph dynamo dropped (torch._dynamo.reset()) is not listed, nor is a freed model's whose parameter ids came back.
+_BACKEND_GRAPHS: deque[weakref.ref] = deque(maxlen=4096)
+
+
+def backend_reports(param_ids: set[int]) -> list[GraphReport]:
+    """The reports of the live backend-form graphs that read any of these parameters, in compile order."""
+    return [g.report for r in _BACKEND_GRAPHS if (g := r()) is not None and g.report.param_ids & param_ids]
 
 
 _STORES: dict[str, Any] = {}  # one store per cache root, so its in-memory layer is shared

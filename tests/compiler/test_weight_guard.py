@@ -146,3 +146,21 @@ def test_a_model_built_under_inference_mode_compiles_with_passes_that_read_weigh
         torch.testing.assert_close(fast(ids).logits, want)
         torch.testing.assert_close(fast(ids).logits, want)
     assert [r for g in ec.explain(fast).graphs for r in g.recompiles] == []
+
+
+def test_explain_lists_only_the_backend_graphs_still_alive():
+    # explain() finds a torch.compile'd model's graphs by the parameters they read: once dynamo has dropped a graph
+    # (a reset), it is no longer listed with the new one.
+    import gc
+
+    model = tiny_hf("llama", seed=0)
+    torch._dynamo.reset()
+    opts = {"passes": QUANT, "cache": False}
+    with torch.no_grad():
+        torch.compile(model, backend="effcompile", options=opts)(_ids())
+        assert len(ec.explain(torch.compile(model, backend="effcompile", options=opts)).graphs) == 1
+        torch._dynamo.reset()
+        gc.collect()
+        fast = torch.compile(model, backend="effcompile", options=opts)
+        fast(_ids(5))
+    assert len(ec.explain(fast).graphs) == 1
