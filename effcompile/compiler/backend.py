@@ -18,7 +18,7 @@ import threading
 import time
 import warnings
 import weakref
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,9 +29,8 @@ import torch.fx as fx
 
 from effcompile import config
 from effcompile.codegen import ops as _ops
-from effcompile.compiler import ir
+from effcompile.compiler import ir, weights
 from effcompile.compiler.pass_manager import PassContext, PassManager, lookup
-from effcompile.runtime.key import contents_version
 from effcompile.runtime.report import GraphReport
 
 log = logging.getLogger("effcompile")
@@ -91,36 +90,9 @@ class Settings:
 def effcompile_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], *, mode=None, options=None):
     """``torch.compile(model, backend="effcompile", options={...})``. Returns a callable like gm.forward."""
     settings = Settings.from_options(options)
-    compiled = CompiledGraph(gm, example_inputs, settings, shared=_backend_shared(_params(gm, example_inputs)))
+    compiled = CompiledGraph(gm, example_inputs, settings, shared=weights.backend_shared(_params(gm, example_inputs)))
     _BACKEND_GRAPHS.append(weakref.ref(compiled))
     return compiled
-
-
-class _SharedState(dict):
-    """PassContext.shared of the backend graphs over one model's weights (a dict subclass, so it can be held weakly)."""
-
-
-MAX_WEIGHT_SETS = 4  # parameter sets a compiled graph keeps variants for (CompiledGraph._use_weights)
-_BACKEND_SHARED: dict[int, tuple] = {}  # id(parameter) -> (weakref to it, weakref to its graphs' _SharedState)
-
-
-def _backend_shared(params: dict[str, torch.Tensor]) -> dict:
-    """The shared state of the backend graphs already compiled over any of these parameters, else a new one. The call
-    form shares one per compiled model; the backend form sees only graphs, and a model's prefill and decode graphs
-    each quantized and packed every weight (llama-1b int4: ~15 s and 0.7 GB a graph). Held by the graphs, weakly here,
-    so it goes with the last graph that uses it."""
-    state = None
-    for p in params.values():
-        ref = _BACKEND_SHARED.get(id(p))
-        if ref is not None and ref[0]() is p and (state := ref[1]()) is not None:
-            break
-    state = _SharedState() if state is None else state
-    if len(_BACKEND_SHARED) > 65536:  # forget freed parameters and states now and then
-        for i in [i for i, (p, s) in _BACKEND_SHARED.items() if p() is None or s() is None]:
-            del _BACKEND_SHARED[i]
-    for p in params.values():
-        _BACKEND_SHARED[id(p)] = (weakref.ref(p), weakref.ref(state))
-    return state
 
 
 # explain() finds a torch.compile'd model's graphs here (bounded: a long-lived process compiles a lot). Weakly: a
@@ -213,21 +185,16 @@ class CompiledGraph:
         )
         self.params = params
         self.variants: dict[tuple, Any] = {}
-        # A graph whose passes read the weights (quantized copies, thresholds, packed layouts) holds what it made from
-        # them: it is only right for those parameters as they were. Dynamo guards neither their identity nor their
-        # contents (they are graph inputs), so another instance of the model's class reuses this graph, and
-        # load_state_dict leaves it as it was: both ran silently on the old weights. Checked on every call (~30 us for
-        # 150 parameters on the 2-core box); other weights get their own variants, compiled for them.
+        # The weights a pass reads are checked on every call; other weights get variants of their own (weights.py).
         reads = any(getattr(c, "needs_calibration", False) or getattr(c, "reads_weights", False) for c in settings.passes)
         ids = {id(p) for p in params.values()}
-        self._weight_slots = [i for i, x in enumerate(self.example_inputs)
-                              if reads and isinstance(x, torch.nn.Parameter) and id(x) in ids]
+        slots = [i for i, x in enumerate(self.example_inputs)
+                 if reads and isinstance(x, torch.nn.Parameter) and id(x) in ids]
         placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
         # Named as the model names them (model.layers.0.mlp.up_proj.weight), for explain().
-        self._weight_names = [ir.normalize_path(_source_name(placeholders[i]).replace("._parameters", ""))
-                              if i < len(placeholders) else f"input {i}" for i in self._weight_slots]
-        self._weights = self._weights_of(self.example_inputs)
-        self._other_weights: OrderedDict[tuple, tuple] = OrderedDict()  # weights -> (params, variants, inputs, calib)
+        names = [ir.normalize_path(_source_name(placeholders[i]).replace("._parameters", ""))
+                 if i < len(placeholders) else f"input {i}" for i in slots]
+        self.weights = weights.WeightSets(slots, names, self.example_inputs)
         self._warned_grad = False
         self._lock = threading.Lock()  # threads entering a new bucket together compile it once
         self._compile_variant(self._bucket_of(example_inputs))
@@ -237,36 +204,21 @@ class CompiledGraph:
 
         return tuple(bucket(int(args[i].shape[d])) for i, d in self.dynamic)
 
-    def _weights_of(self, args) -> tuple:
-        """The parameters a call passes, as this graph's variants depend on them: identity, contents version, storage."""
-        return tuple((id(a), contents_version(a), a.data_ptr()) for a in (args[i] for i in self._weight_slots))
-
-    def _use_weights(self, args, weights: tuple) -> None:
-        """Switch to the variants compiled for the parameters in ``args`` (compiling one if there are none). Up to
-        MAX_WEIGHT_SETS sets are kept: two models of one class alternating do not recompile on every call."""
-        old = [self.example_inputs[i] for i in self._weight_slots]
-        new = [args[i] for i in self._weight_slots]
-        changed = next(f"{name} is another tensor" if a is not b else f"{name} changed in place"
-                       for name, b, a, w0, w1 in zip(self._weight_names, old, new, self._weights, weights, strict=True)
-                       if w0 != w1)
-        if not all(a is b for a, b in zip(old, new, strict=True)):  # another model's: kept for when it comes back
-            self._other_weights[self._weights] = (self.params, self.variants, self.example_inputs,
-                                                  self.calibration_inputs)
-        # else changed in place (or new storage): what was compiled for the old contents is stale, and dropped
-        while len(self._other_weights) > MAX_WEIGHT_SETS:
-            self._other_weights.popitem(last=False)
-        self._weights = weights
-        if weights in self._other_weights:
-            self.params, self.variants, self.example_inputs, self.calibration_inputs = self._other_weights.pop(weights)
+    def _use_weights(self, args, new: tuple) -> None:
+        """Switch to the variants compiled for the parameters in ``args``, compiling one if there are none."""
+        state = (self.params, self.variants, self.example_inputs, self.calibration_inputs)
+        why, kept = self.weights.switch(self.example_inputs, args, new, state)
+        if kept is not None:
+            self.params, self.variants, self.example_inputs, self.calibration_inputs = kept
             return
-        swap = {id(o): n for o, n in zip(old, new, strict=True)}
+        swap = self.weights.swap(self.example_inputs, args)
         self.params = {k: swap.get(id(v), v) for k, v in self.params.items()}
         self.example_inputs = [swap.get(id(x), x) for x in self.example_inputs]
         if self.calibration_inputs:
             self.calibration_inputs = [[swap.get(id(x), x) for x in batch] for batch in self.calibration_inputs]
-        self.report.param_ids = self.report.param_ids | {id(p) for p in new}
+        self.report.param_ids = self.report.param_ids | {id(p) for p in swap.values()}
         self.variants = {}
-        msg = f"parameters changed ({changed}): recompiled for the new weights"
+        msg = f"parameters changed ({why}): recompiled for the new weights"
         log.info("effcompile graph %s: %s", self.report.fingerprint[:12], msg)
         self.report.recompiles.append(msg)
         self._compile_variant(self._bucket_of(args))
@@ -275,8 +227,8 @@ class CompiledGraph:
         sig = self._bucket_of(args) if self.dynamic else None
         with self._lock:  # held for the compile of a new bucket only; otherwise a dict lookup
             self.report.calls += 1
-            if self._weight_slots and (weights := self._weights_of(args)) != self._weights:
-                self._use_weights(args, weights)
+            if (new := self.weights.changed(args)) is not None:
+                self._use_weights(args, new)
             if self.dynamic:
                 run = self.variants.get(sig)
                 if run is None:
