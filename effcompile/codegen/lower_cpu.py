@@ -218,7 +218,7 @@ def cached_kernels_unusable(kinds) -> str | None:
     return None
 
 
-def _lower_int4_gemv(gm: fx.GraphModule, node, plan: tuple, tag, fake_mode, shared: dict | None) -> KernelRecord:
+def _lower_int4_gemv(gm: fx.GraphModule, node, plan: _BagPlan, tag, fake_mode, shared: dict | None) -> KernelRecord:
     """A thresholded int4 sparse_linear, or an int4 wq_linear _int4_kernel_rows picks -> the C kernel's op."""
     old = node.args[1:5]
     panels, sz = _made_once(shared, "cpu_int4_panels", plan.sources, lambda: _int4_gemv.pack(*plan.layout()))

@@ -273,7 +273,7 @@ class CompiledGraph:
             calib = {f"{b}.{i}": x for b, args in enumerate(self.calibration_inputs or [])
                      for i, x in enumerate(args) if isinstance(x, torch.Tensor) and id(x) not in param_ids}
             # The weights' digests are kept for the compiled model's other graphs (they key the same weights).
-            digests = self.shared.setdefault("key.digests", {})
+            digests = self.shared.setdefault("key.digests", K.TensorMemo())
             data = {"calibration": K.calibration_hash(calib), "weights": K.calibration_hash(self.params, digests)}
             if not self.calibration_inputs and self.model_calibration:
                 # No data of its own: thresholds / smoothing scales / EoRA factors are reused from the

@@ -7,7 +7,7 @@ from collections import OrderedDict
 
 import torch
 
-from effcompile.runtime.key import contents_version
+from effcompile.runtime.key import tensor_state
 
 MAX_WEIGHT_SETS = 4  # weight sets a graph keeps variants for: two models of one class alternating do not recompile
 
@@ -27,7 +27,7 @@ class WeightSets:
     def of(self, args) -> tuple:
         """The weight set a call passes: identity, contents version and storage of each parameter (~50 us for 146
         parameters on the 2-core box)."""
-        return tuple((id(a), contents_version(a), a.data_ptr()) for a in (args[i] for i in self.slots))
+        return tuple((id(a), *tensor_state(a)) for a in (args[i] for i in self.slots))
 
     def changed(self, args) -> tuple | None:
         """The call's weight set if it is not the current one, else None."""

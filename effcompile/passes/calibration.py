@@ -8,7 +8,6 @@ quantiles). Its decisions go into ``PassResult.artifacts`` so explain() and the 
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -16,7 +15,7 @@ import torch
 import torch.fx as fx
 
 from effcompile.compiler.pass_manager import PassContext
-from effcompile.runtime.key import contents_version
+from effcompile.runtime.key import TensorMemo
 
 
 @dataclass
@@ -108,9 +107,8 @@ def real_rows(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
 # chooses (its config and the layer). A decode graph (one token, a KV cache) gets no recordings from
 # prefill-shaped calibration batches; its linears read the same weights and see the same per-token
 # activations, so it reuses what the graph that had data calibrated (thresholds, smoothing scales, EoRA
-# factors). Keyed by id with a weakref check: tensors compare elementwise, so they cannot be
-# WeakKeyDictionary keys.
-_DONE: dict[int, tuple[weakref.ref, tuple, dict]] = {}
+# factors).
+_DONE = TensorMemo()
 
 
 def calibrated_for(weight: torch.Tensor) -> dict:
@@ -118,12 +116,8 @@ def calibrated_for(weight: torch.Tensor) -> dict:
     -> a tuple of tensors and JSON values (so export_fits can store it in a cache entry). A weight changed in place
     since (load_state_dict: its _version, or new storage) starts an empty record: fits made for its old values are
     never reused for the new ones."""
-    key, state = id(weight), (contents_version(weight), weight.data_ptr())
-    entry = _DONE.get(key)
-    if entry is None or entry[0]() is not weight or entry[1] != state:
-        entry = (weakref.ref(weight, lambda _: _DONE.pop(key, None)), state, {})
-        _DONE[key] = entry
-    return entry[2]
+    record = _DONE.get(weight)
+    return record if record is not None else _DONE.put(weight, {})
 
 
 def fit_key(kind: str, cfg, label: str = "") -> str:

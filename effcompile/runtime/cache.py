@@ -14,14 +14,13 @@ import threading
 import time
 import uuid
 import warnings
-import weakref
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .key import CacheKey, contents_version, digest_of
+from .key import CacheKey, TensorMemo, digest_of
 
 log = logging.getLogger("effcompile.cache")
 
@@ -172,9 +171,9 @@ class CacheStore:
         self._memory_entries = memory_entries
         self._lock = threading.Lock()
         self._checked = False
-        # id(tensor) -> (weakref, _version, data pointer, blob record): a model's graphs put the same packed weights,
-        # and each put serialized and hashed every one again (llama-1b int4, four graphs: 6.4 s of a profiled compile).
-        self._stored: dict[int, tuple] = {}
+        # tensor -> its blob record: a model's graphs put the same packed weights, and each put serialized and hashed
+        # every one again (llama-1b int4, four graphs: 6.4 s of a profiled compile).
+        self._stored = TensorMemo()
 
     # -- paths --------------------------------------------------------------------------------
 
@@ -305,17 +304,15 @@ class CacheStore:
     def _put_blob(self, t) -> dict:
         """Store one tensor under its content's SHA-256 unless a blob of that name and size is there (a bad one is
         removed by the reader that finds it); written to a temp file, then renamed into place."""
-        seen = self._stored.get(id(t))
-        if seen is not None and seen[0]() is t and seen[1:3] == (contents_version(t), t.data_ptr()):
-            path = self._blob_path(seen[3]["sha256"])
-            if path.is_file() and path.stat().st_size == seen[3]["size"]:
-                return dict(seen[3])  # this tensor, unchanged since it was stored there
+        seen = self._stored.get(t)
+        if seen is not None:
+            path = self._blob_path(seen["sha256"])
+            if path.is_file() and path.stat().st_size == seen["size"]:
+                return dict(seen)  # this tensor, unchanged since it was stored there
         data = _tensors_to_bytes({"t": t})
         sha = _sha(data)
         path = self._blob_path(sha)
-        if len(self._stored) >= 4096:  # the store lives with the process: forget tensors since freed
-            self._stored = {i: v for i, v in self._stored.items() if v[0]() is not None}
-        self._stored[id(t)] = (weakref.ref(t), contents_version(t), t.data_ptr(), {"sha256": sha, "size": len(data)})
+        self._stored.put(t, {"sha256": sha, "size": len(data)})
         if not (path.is_file() and path.stat().st_size == len(data)):
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.parent / f"{_TMP_PREFIX}{uuid.uuid4().hex}"

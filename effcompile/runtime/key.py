@@ -236,6 +236,40 @@ def contents_version(t: torch.Tensor) -> int:
     return -1 if t.is_inference() else t._version
 
 
+def tensor_state(t: torch.Tensor) -> tuple[int, int]:
+    """What says a tensor still holds what it held: its contents version and its storage (``p.data = other`` keeps
+    the version). Not seen: a change through ``p.data.copy_()``, which bumps neither."""
+    return contents_version(t), t.data_ptr()
+
+
+class TensorMemo:
+    """A value per tensor, kept while that tensor lives unchanged (the same object in the same tensor_state). Keyed by
+    id with a weakref check: tensors compare elementwise, so they cannot be WeakKeyDictionary keys."""
+
+    def __init__(self):
+        self._entries: dict[int, tuple] = {}  # id -> (weakref, tensor_state, value)
+
+    def get(self, t: torch.Tensor) -> Any:
+        e = self._entries.get(id(t))
+        return e[2] if e is not None and e[0]() is t and e[1] == tensor_state(t) else None
+
+    def put(self, t: torch.Tensor, value: Any) -> Any:
+        i, memo = id(t), weakref.ref(self)
+
+        def forget(ref):  # the tensor is freed: so is its value (memos can live as long as the process)
+            m = memo()
+            if m is not None and m._entries.get(i, (None,))[0] is ref:
+                del m._entries[i]
+        self._entries[i] = (weakref.ref(t, forget), tensor_state(t), value)
+        return value
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
 DIGEST_MIN_BYTES = 1 << 20  # a CPU tensor this large is keyed by its own SHA-256, which a memo can keep
 
 
@@ -244,20 +278,17 @@ def _tensor_bytes(t: torch.Tensor):
     return t.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
 
 
-def _tensor_digest(t: torch.Tensor, memo: dict | None) -> bytes:
-    """``device_checksum`` of an accelerator tensor, SHA-256 of a large CPU one; ``memo`` (id -> weakref, _version,
-    data pointer, digest) keeps it while the tensor lives unchanged: every graph of a compiled model keys the same
-    weights, and hashing them per graph took 21.6 of a 66 s llama-1b fp32 warm start (four graphs, 5.4 GB each)."""
-    hit = memo.get(id(t)) if memo is not None else None
-    if hit is not None and hit[0]() is t and hit[1] == contents_version(t) and hit[2] == t.data_ptr():
-        return hit[3]
+def _tensor_digest(t: torch.Tensor, memo: TensorMemo | None) -> bytes:
+    """``device_checksum`` of an accelerator tensor, SHA-256 of a large CPU one; ``memo`` keeps it while the tensor
+    lives unchanged: every graph of a compiled model keys the same weights, and hashing them per graph took 21.6 of a
+    66 s llama-1b fp32 warm start (four graphs, 5.4 GB each)."""
+    if memo is not None and (hit := memo.get(t)) is not None:
+        return hit
     digest = device_checksum(t) if t.device.type != "cpu" else hashlib.sha256(_tensor_bytes(t)).digest()
-    if memo is not None:
-        memo[id(t)] = (weakref.ref(t), contents_version(t), t.data_ptr(), digest)
-    return digest
+    return memo.put(t, digest) if memo is not None else digest
 
 
-def _feed_tensor(h, t: torch.Tensor, memo: dict | None = None) -> None:
+def _feed_tensor(h, t: torch.Tensor, memo: TensorMemo | None = None) -> None:
     h.update(f"T|{t.dtype}|{list(t.shape)}|".encode())
     if not t.numel():
         return
@@ -271,7 +302,7 @@ def _feed_tensor(h, t: torch.Tensor, memo: dict | None = None) -> None:
         h.update(_tensor_bytes(t))
 
 
-def _feed(h, v: Any, memo: dict | None = None) -> None:
+def _feed(h, v: Any, memo: TensorMemo | None = None) -> None:
     if isinstance(v, torch.Tensor):
         _feed_tensor(h, v, memo)
     elif isinstance(v, dict):
@@ -288,11 +319,11 @@ def _feed(h, v: Any, memo: dict | None = None) -> None:
         h.update(f"J{len(s)}|{s}".encode())
 
 
-def calibration_hash(artifacts: dict | None, memo: dict | None = None) -> str | None:
+def calibration_hash(artifacts: dict | None, memo: TensorMemo | None = None) -> str | None:
     """sha256 over sorted names + dtype + shape + bytes of calibration tensors (JSON for the rest); a tensor on
     an accelerator contributes its ``device_checksum`` instead of its bytes, a CPU one of DIGEST_MIN_BYTES or more its
-    SHA-256. ``memo`` (a dict the caller keeps, e.g. per compiled model) keeps those per-tensor digests: a tensor
-    changed in place (its _version) or given new storage is hashed again."""
+    SHA-256. ``memo`` (the caller's, e.g. per compiled model) keeps those per-tensor digests: a tensor changed in
+    place (its _version) or given new storage is hashed again."""
     if artifacts is None:
         return None
     h = hashlib.sha256()

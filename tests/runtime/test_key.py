@@ -166,14 +166,30 @@ def test_large_tensors_are_keyed_by_their_own_digest_which_a_memo_keeps(monkeypa
     h = hashlib.sha256()
     h.update(b"D2|K5|small|" + f"T|{small.dtype}|[3]|".encode() + small.numpy().tobytes())
     h.update(b"K1|w|" + f"T|{w.dtype}|[4, 8]|S|".encode() + hashlib.sha256(w.numpy().tobytes()).digest())
-    memo: dict = {}
+    memo = K.TensorMemo()
     assert K.calibration_hash({"w": w, "small": small}, memo) == h.hexdigest() == K.calibration_hash({"w": w, "small": small})
-    assert list(memo) == [id(w)]
+    assert len(memo) == 1 and memo.get(w) is not None and memo.get(small) is None  # the large one only
     first = K.calibration_hash({"w": w}, memo)
-    memo[id(w)] = (*memo[id(w)][:3], b"kept" * 8)  # the memo is what a second call reads
+    memo.put(w, b"kept" * 8)  # the memo is what a second call reads
     assert K.calibration_hash({"w": w}, memo) != first
     w.add_(1)  # changed in place: hashed again
     assert K.calibration_hash({"w": w}, memo) == K.calibration_hash({"w": w}) != first
+
+
+def test_tensor_memo_keeps_a_value_while_its_tensor_lives_unchanged():
+    import gc
+
+    memo, a, b = K.TensorMemo(), torch.ones(3), torch.ones(3)
+    assert memo.put(a, "A") == "A" and memo.get(a) == "A" and memo.get(b) is None  # by identity, not by value
+    a.add_(1)
+    assert memo.get(a) is None  # changed in place
+    memo.put(a, "A2")
+    a.data = torch.zeros(3)
+    assert memo.get(a) is None  # new storage, same version
+    memo.put(a, "A3")
+    del a
+    gc.collect()
+    assert len(memo) == 0  # freed with its tensor
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.uint8])
